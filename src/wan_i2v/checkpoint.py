@@ -1,0 +1,180 @@
+"""Reading the official Wan2.2-I2V-A14B checkpoint layout, strictly.
+
+Layout of the checkpoint directory::
+
+    high_noise_model/  config.json + diffusion_pytorch_model.safetensors
+    low_noise_model/     (or shards diffusion_pytorch_model-0000N-of-0000M.safetensors + .index.json)
+    Wan2.1_VAE.pth                     (+ optional vae_config.json for tiny test models)
+    models_t5_umt5-xxl-enc-bf16.pth    (+ optional t5_config.json)
+    google/umt5-xxl/                   tokenizer files
+
+Models are built on the meta device and every tensor goes from the memory-mapped
+file straight to its target device and dtype, one at a time, so loading never holds
+a full fp32 copy of a 14B model in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wan_i2v.errors import WanError
+
+HIGH_NOISE_DIR = "high_noise_model"
+LOW_NOISE_DIR = "low_noise_model"
+VAE_FILE = "Wan2.1_VAE.pth"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+SAFETENSORS_FILE = "diffusion_pytorch_model.safetensors"
+SAFETENSORS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+STATUS_HINT = "run `wan-i2v cache status` to see what is missing, `wan-i2v cache quick` to fetch it"
+
+
+def missing_file_error(path: Path, what: str) -> WanError:
+    return WanError(f"{what} not found: {path}", STATUS_HINT)
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise missing_file_error(path, what)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WanError(f"{what} is not valid JSON: {path} ({exc})", STATUS_HINT) from None
+
+
+class TensorSource:
+    """Named tensors of one checkpoint, read lazily; ``files`` names where each key lives."""
+
+    def __init__(self, readers: Mapping[str, Callable[[], torch.Tensor]], files: Mapping[str, str]):
+        self._readers = readers
+        self.files = files
+
+    def keys(self):
+        return self._readers.keys()
+
+    def read(self, key: str) -> torch.Tensor:
+        try:
+            return self._readers[key]()
+        except Exception as exc:  # a truncated or corrupt file surfaces here
+            raise WanError(f"cannot read tensor {key!r} from {self.files[key]}: {exc}", STATUS_HINT) from None
+
+    def renamed(self, mapping: Callable[[str], str]) -> "TensorSource":
+        """The same tensors under other names (a state-dict adapter)."""
+        readers, files = {}, {}
+        for key, reader in self._readers.items():
+            new = mapping(key)
+            readers[new], files[new] = reader, self.files[key]
+        return TensorSource(readers, files)
+
+
+def safetensors_source(model_dir: Path) -> TensorSource:
+    """All tensors of a diffusers-style model folder: one file, or shards with an index."""
+    from safetensors import safe_open
+
+    single = model_dir / SAFETENSORS_FILE
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WanError(f"safetensors index has no weight_map: {index}", STATUS_HINT)
+        shard_names = sorted(set(weight_map.values()))
+    elif single.is_file():
+        shard_names = [single.name]
+    else:
+        raise missing_file_error(model_dir / SAFETENSORS_FILE, "model weights")
+
+    readers: dict[str, Callable[[], torch.Tensor]] = {}
+    files: dict[str, str] = {}
+    for name in shard_names:
+        path = model_dir / name
+        if not path.is_file():
+            raise missing_file_error(path, "weight shard")
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            keys = list(handle.keys())
+        except Exception as exc:
+            raise WanError(f"cannot open {path}: {exc}", STATUS_HINT) from None
+        for key in keys:
+            readers[key] = lambda handle=handle, key=key: handle.get_tensor(key)
+            files[key] = str(path)
+    if index.is_file():
+        absent = sorted(k for k in weight_map if k not in readers)
+        if absent:
+            raise WanError(f"{index} lists {absent[0]!r} but its shard does not hold it", STATUS_HINT)
+    return TensorSource(readers, files)
+
+
+def torch_file_source(path: Path, what: str) -> TensorSource:
+    """A state dict saved with ``torch.save`` (loaded with ``weights_only``, memory-mapped)."""
+    if not path.is_file():
+        raise missing_file_error(path, what)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise WanError(f"cannot read {what} {path}: {exc}", STATUS_HINT) from None
+    if not isinstance(state, Mapping):
+        raise WanError(f"{path} does not hold a state dict", STATUS_HINT)
+    return TensorSource({k: (lambda v=v: v) for k, v in state.items()}, {k: str(path) for k in state})
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor, bool]]:
+    for module_name, sub in module.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, param in sub.named_parameters(recurse=False):
+            yield prefix + name, sub, name, param, True
+        for name, buf in sub.named_buffers(recurse=False):
+            if name not in sub._non_persistent_buffers_set:
+                yield prefix + name, sub, name, buf, False
+
+
+def load_strict(
+    module: nn.Module,
+    source: TensorSource,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    keep_fp32: Callable[[str], bool] = lambda name: False,
+) -> nn.Module:
+    """Fill every parameter of ``module`` (usually built on the meta device) from ``source``.
+
+    Every tensor in the source must land in a parameter and every parameter must be
+    filled with a tensor of its shape; otherwise a WanError names the file and key.
+    Floating tensors go to ``dtype`` except those ``keep_fp32`` selects, the fp32
+    islands the official model keeps.
+    """
+    targets = {full: (owner, name, tensor, is_param) for full, owner, name, tensor, is_param in _named_tensors(module)}
+    missing = sorted(set(targets) - set(source.keys()))
+    if missing:
+        some_file = next(iter(source.files.values()), "the checkpoint")
+        raise WanError(
+            f"{some_file}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
+            "the file is of another model or incomplete; " + STATUS_HINT,
+        )
+    extra = sorted(set(source.keys()) - set(targets))
+    if extra:
+        raise WanError(
+            f"{source.files[extra[0]]}: unexpected tensor {extra[0]!r}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""),
+            "the file is of another model or its config.json does not match it",
+        )
+    for full, (owner, name, target, is_param) in targets.items():
+        value = source.read(full)
+        if tuple(value.shape) != tuple(target.shape):
+            raise WanError(
+                f"{source.files[full]}: tensor {full!r} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}",
+                "the file is of another model or its config.json does not match it",
+            )
+        if value.is_floating_point():
+            value = value.to(device=device, dtype=torch.float32 if keep_fp32(full) else dtype)
+        else:
+            value = value.to(device=device)
+        if is_param:
+            owner._parameters[name] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[name] = value
+    return module.eval().requires_grad_(False)

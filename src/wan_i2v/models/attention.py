@@ -1,0 +1,91 @@
+"""The one attention entry point, with kernels registered by name.
+
+Every attention in the DiT goes through :class:`Attention`, a module holding no
+weights, so that sequence parallelism can wrap it from outside (the DiT does not
+know) and the kernel can be chosen per machine. Tensors are ``[batch, tokens,
+heads, head_dim]``, the layout the projections produce, so no kernel forces a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wan_i2v.errors import WanError
+
+# kernel(q, k, v, key_mask) -> out; key_mask is None or a bool [batch, keys] tensor (True = attend).
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+_KERNELS: dict[str, AttentionKernel] = {}
+
+
+def register_kernel(name: str, kernel: AttentionKernel) -> None:
+    _KERNELS[name] = kernel
+
+
+def _sdpa(q, k, v, key_mask, backends=None):
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    if backends is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        with torch.nn.attention.sdpa_kernel(backends):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def _cudnn(q, k, v, key_mask):
+    # cuDNN is the fastest exact bf16 kernel on Hopper (see shared/ANCHORS.md); a
+    # masked call falls back to the flash/efficient kernels, which accept masks.
+    from torch.nn.attention import SDPBackend
+
+    if key_mask is not None:
+        return _sdpa(q, k, v, key_mask, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+    return _sdpa(q, k, v, None, [SDPBackend.CUDNN_ATTENTION])
+
+
+register_kernel("sdpa", _sdpa)
+register_kernel("cudnn", _cudnn)
+
+
+def available_kernels() -> list[str]:
+    return sorted(_KERNELS)
+
+
+def default_kernel(device: torch.device) -> str:
+    """cuDNN on Hopper and newer GPUs, plain SDPA elsewhere."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return "cudnn"
+    return "sdpa"
+
+
+class Attention(nn.Module):
+    """Softmax attention with scale 1/sqrt(head_dim) over ``[B, L, H, D]`` tensors."""
+
+    def __init__(self, kernel: str = "sdpa"):
+        super().__init__()
+        self.kernel = kernel
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel_name
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        if name not in _KERNELS:
+            raise WanError(f"unknown attention kernel {name!r}", f"choose one of {', '.join(available_kernels())}")
+        self._kernel_name = name
+        self._kernel = _KERNELS[name]
+
+    def forward(self, q, k, v, key_mask: torch.Tensor | None = None):
+        return self._kernel(q, k, v, key_mask)
+
+
+def set_attention_kernel(model: nn.Module, name: str) -> None:
+    """Use kernel ``name`` in every attention of ``model``."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kernel = name

@@ -1,0 +1,307 @@
+"""The Wan2.2 image-to-video diffusion transformer (one expert), in plain PyTorch.
+
+Parameter names are the official ones, so the official safetensors load as they are.
+Numerics follow the official model run in bf16: the linear layers and attention run
+in the weights' dtype, while the residual stream, the norms, the timestep modulation
+and the output head stay in fp32 (the "fp32 islands"). Unlike the official code,
+RoPE runs in fp32 from float64-built tables and the timestep modulation is computed
+once per sample, not once per token.
+
+Two seams let parallelism be applied from outside without a branch in ``forward``:
+``DiT.sequence`` (how the token sequence is laid out over ranks) and each
+``SelfAttention.attention`` (the attention call). Both are identity-like modules here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wan_i2v.errors import WanError
+from wan_i2v.models.attention import Attention
+
+# Tensors kept in fp32 whatever the compute dtype, as the official model does under autocast.
+FP32_PARAMETER_MARKERS = ("modulation", "norm", "time_embedding.", "time_projection.", "head.")
+
+
+def keeps_fp32(parameter_name: str) -> bool:
+    return any(marker in parameter_name for marker in FP32_PARAMETER_MARKERS)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """One expert's shape; the defaults are Wan2.2-I2V-A14B's."""
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    freq_dim: int = 256
+    in_dim: int = 36
+    out_dim: int = 16
+    num_heads: int = 40
+    num_layers: int = 40
+    text_len: int = 512
+    text_dim: int = 4096
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_json_file(cls, path: Path) -> "DiTConfig":
+        from wan_i2v.checkpoint import read_json
+
+        raw = read_json(path, "expert config")
+        model_type = raw.get("model_type", "i2v")
+        if model_type != "i2v":
+            raise WanError(
+                f"{path} describes a {model_type!r} model, not image-to-video",
+                "point --ckpt-dir at a Wan2.2-I2V-A14B checkpoint",
+            )
+        # Keys the official config may carry that only restate the architecture we implement.
+        fixed = {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in raw.items():
+            if key.startswith("_") or key == "model_type":
+                continue
+            if key in fixed:
+                if json.loads(json.dumps(value)) != fixed[key]:
+                    raise WanError(f"{path}: unsupported {key}={value!r}", "this checkpoint is of another model")
+            elif key in known:
+                values[key] = tuple(value) if key == "patch_size" else value
+            else:
+                raise WanError(f"{path}: unknown config key {key!r}", "this checkpoint is of another model")
+        config = cls(**values)
+        if config.dim % config.num_heads or config.head_dim % 2:
+            raise WanError(f"{path}: dim {config.dim} does not split into {config.num_heads} heads of even size")
+        return config
+
+
+def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] timesteps -> [B, dim] fp32 as cat(cos, sin).
+
+    Built in float64 as the official model does: it is B x dim numbers, so the
+    cost is nil, while fp32 angles near t=1000 would be off by ~1e-4 rad.
+    """
+    half = dim // 2
+    exponent = torch.arange(half, device=timestep.device, dtype=torch.float64) / half
+    angles = timestep.to(torch.float64)[:, None] * torch.pow(10000.0, -exponent)[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """How the rotary pairs of a head split over (frame, height, width), as in the official model."""
+    pairs = head_dim // 2
+    return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float = 10000.0):
+    """cos and sin, each [F*H*W, head_dim/2] fp32, for tokens in (frame, height, width) order.
+
+    Angles are built per axis in float64 (a few hundred numbers) and only the
+    per-token expansion runs on the device, in fp32.
+    """
+    per_axis = []
+    for size, pairs in zip(grid, rope_axis_dims(head_dim)):
+        axis_dim = 2 * pairs
+        inv_freq = 1.0 / theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
+        angles = torch.arange(size, dtype=torch.float64)[:, None] * inv_freq[None]
+        per_axis.append(torch.stack([angles.cos(), angles.sin()]).float().to(device))
+    f, h, w = grid
+    table = torch.cat(
+        [
+            per_axis[0][:, :, None, None, :].expand(-1, f, h, w, -1),
+            per_axis[1][:, None, :, None, :].expand(-1, f, h, w, -1),
+            per_axis[2][:, None, None, :, :].expand(-1, f, h, w, -1),
+        ],
+        dim=-1,
+    ).flatten(1, 3)
+    return table[0], table[1]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of [B, L, H, D] by the per-token angles; returns fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalised in fp32, rounded to the input dtype, then scaled: the official order.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.attention = Attention()
+
+    def forward(self, x, rope, key_mask=None):
+        x = x.to(self.q.weight.dtype)
+        heads = (self.num_heads, -1)
+        v = self.v(x).unflatten(-1, heads)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope).to(v.dtype)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope).to(v.dtype)
+        return self.o(self.attention(q, k, v, key_mask).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to all ``text_len`` text positions, padding included (as official)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.attention = Attention()
+
+    def forward(self, x, context):
+        dtype = self.q.weight.dtype
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x.to(dtype))).unflatten(-1, heads).to(dtype)
+        k = self.norm_k(self.k(context)).unflatten(-1, heads).to(dtype)
+        v = self.v(context).unflatten(-1, heads)
+        return self.o(self.attention(q, k, v).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, config.num_heads, eps)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, config.num_heads, eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(self, x, time_modulation, context, rope, key_mask=None):
+        """x: fp32 residual stream [B, L, C]; time_modulation: fp32 [B, 6, C]."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_modulation).unsqueeze(2).unbind(1)
+        x = x + self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, rope, key_mask) * gate_sa
+        x = x + self.cross_attn(self.norm3(x), context)
+        ffn_in = (self.norm2(x) * (1 + scale_ff) + shift_ff).to(self.ffn[0].weight.dtype)
+        return x + self.ffn(ffn_in) * gate_ff
+
+
+class Head(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.norm = FP32LayerNorm(config.dim, config.eps, elementwise_affine=False)
+        self.head = nn.Linear(config.dim, math.prod(config.patch_size) * config.out_dim)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, config.dim))
+
+    def forward(self, x, time_embedding):
+        shift, scale = (self.modulation + time_embedding[:, None]).unsqueeze(2).unbind(1)
+        return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+class SequenceLayout(nn.Module):
+    """Where each rank's tokens come from: here, one rank holds them all.
+
+    Sequence parallelism replaces this module (``wan_i2v.parallel``); ``scatter``
+    returns the local tokens, their RoPE tables and a key mask (None: no padding).
+    """
+
+    def scatter(self, tokens, rope):
+        return tokens, rope, None
+
+    def gather(self, tokens):
+        return tokens
+
+
+class DiT(nn.Module):
+    """One Wan2.2 I2V expert: (noisy latent, image condition, timestep, text) -> flow."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        self.sequence = SequenceLayout()
+
+    def forward(self, latent, timestep, context, condition):
+        """
+        latent:    [B, out_dim, F, H, W] noisy latents
+        timestep:  [B] timesteps in [0, 1000]
+        context:   [B, text_len, text_dim] text features, zero-padded to text_len
+        condition: [B, in_dim - out_dim, F, H, W] first-frame mask and VAE latents
+        returns    [B, out_dim, F, H, W] fp32 flow prediction
+        """
+        cfg = self.config
+        compute_dtype = self.patch_embedding.weight.dtype
+        video = torch.cat([latent, condition], dim=1).to(compute_dtype)
+        patches = self.patch_embedding(video)
+        grid = tuple(patches.shape[2:])
+        tokens = patches.flatten(2).transpose(1, 2).float()
+
+        time_embedding = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim))
+        time_modulation = self.time_projection(time_embedding).unflatten(1, (6, cfg.dim))
+        context = self.text_embedding(context.to(compute_dtype))
+
+        rope = rope_tables(grid, cfg.head_dim, tokens.device)
+        tokens, rope, key_mask = self.sequence.scatter(tokens, rope)
+        for block in self.blocks:
+            tokens = block(tokens, time_modulation, context, rope, key_mask)
+        tokens = self.sequence.gather(tokens)
+        return self.unpatchify(self.head(tokens, time_embedding), grid)
+
+    def unpatchify(self, tokens, grid):
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        x = tokens.view(tokens.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
+
+
+def pad_context(features: torch.Tensor, text_len: int) -> torch.Tensor:
+    """[L, D] text features -> [text_len, D], zero rows after the real tokens (the official padding)."""
+    return F.pad(features, (0, 0, 0, text_len - features.shape[0]))
+
+
+def load_dit(model_dir: Path, *, device, dtype) -> DiT:
+    """One expert from its official folder (config.json + safetensors, sharded or not)."""
+    from wan_i2v.checkpoint import load_strict, safetensors_source
+
+    config = DiTConfig.from_json_file(model_dir / "config.json")
+    with torch.device("meta"):
+        model = DiT(config)
+    return load_strict(model, safetensors_source(model_dir), device=device, dtype=dtype, keep_fp32=keeps_fp32)

@@ -1,0 +1,171 @@
+"""The DiT against diffusers' WanTransformer3DModel, and its strict loading."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from wan_i2v.errors import WanError
+from wan_i2v.models.dit import DiT, DiTConfig, load_dit, rope_tables
+from wan_i2v.tiny import randomize_
+
+CONFIG = DiTConfig(dim=48, ffn_dim=96, freq_dim=32, num_heads=4, num_layers=2, text_len=16, text_dim=24)
+
+# Official parameter names -> diffusers' (the correspondence of diffusers' Wan conversion script).
+RENAMES = [
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"\.self_attn\.", ".attn1."),
+    (r"\.cross_attn\.", ".attn2."),
+    (r"\.attn(\d)\.([qkv])\.", r".attn\1.to_\2."),
+    (r"\.attn(\d)\.o\.", r".attn\1.to_out.0."),
+    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
+    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
+    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
+    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"^head\.modulation$", "scale_shift_table"),
+]
+
+
+def to_diffusers(name: str) -> str:
+    for pattern, replacement in RENAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def diffusers_twin(model: DiT):
+    from diffusers import WanTransformer3DModel
+
+    c = model.config
+    reference = WanTransformer3DModel(
+        patch_size=c.patch_size,
+        num_attention_heads=c.num_heads,
+        attention_head_dim=c.head_dim,
+        in_channels=c.in_dim,
+        out_channels=c.out_dim,
+        text_dim=c.text_dim,
+        freq_dim=c.freq_dim,
+        ffn_dim=c.ffn_dim,
+        num_layers=c.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=c.eps,
+    )
+    reference.load_state_dict({to_diffusers(k): v for k, v in model.state_dict().items()}, strict=True)
+    return reference.eval()
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("grid,timestep", [((3, 4, 6), 999.0), ((2, 6, 4), 420.0)])
+def test_matches_diffusers(grid, timestep):
+    torch.manual_seed(0)
+    model = randomize_(DiT(CONFIG), seed=1).eval()
+    reference = diffusers_twin(model)
+    f, h, w = grid
+    latent = torch.randn(2, CONFIG.out_dim, f, 2 * h, 2 * w)
+    condition = torch.randn(2, CONFIG.in_dim - CONFIG.out_dim, f, 2 * h, 2 * w)
+    context = torch.randn(2, CONFIG.text_len, CONFIG.text_dim)
+    context[:, 5:] = 0  # zero padding after the real tokens, as the pipeline feeds it
+    t = torch.tensor([timestep, timestep])
+    with torch.no_grad():
+        ours = model(latent, t, context, condition)
+        theirs = reference(torch.cat([latent, condition], 1), t, context, return_dict=False)[0]
+    assert ours.shape == latent.shape
+    assert relative_error(ours, theirs) <= 1e-5
+
+
+def test_rope_tables_follow_official_axis_split():
+    # head_dim 128 -> 64 rotary pairs split 22 (frames), 21 (height), 21 (width); the frame
+    # part of a token at frame 2 rotates by 2 * 10000^(-2j/44) for pair j.
+    cos, sin = rope_tables((3, 2, 2), 128, "cpu")
+    token = 2 * 4 + 1 * 2 + 1  # frame 2, row 1, column 1
+    angles = torch.atan2(sin[token], cos[token]).double()
+    frame_pairs = torch.arange(22, dtype=torch.float64)
+    expected_frame = torch.remainder(2 * 10000.0 ** (-2 * frame_pairs / 44) + torch.pi, 2 * torch.pi) - torch.pi
+    assert torch.allclose(angles[:22], expected_frame, atol=1e-6)
+    height_pairs = torch.arange(21, dtype=torch.float64)
+    assert torch.allclose(angles[22:43], 1 * 10000.0 ** (-2 * height_pairs / 42), atol=1e-6)
+
+
+def write_expert(directory, model, *, shards=1):
+    from wan_i2v.tiny import _save_dit
+
+    _save_dit(model, directory, shards=shards)
+    return directory
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_load_round_trip(tmp_path, shards):
+    model = randomize_(DiT(CONFIG), seed=2)
+    loaded = load_dit(write_expert(tmp_path / "expert", model, shards=shards), device="cpu", dtype=torch.float32)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_bf16_load_keeps_fp32_islands(tmp_path):
+    model = randomize_(DiT(CONFIG), seed=2)
+    loaded = load_dit(write_expert(tmp_path / "expert", model), device="cpu", dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    assert dtypes["blocks.0.self_attn.q.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.ffn.0.weight"] == torch.bfloat16
+    for fp32 in ("blocks.0.modulation", "head.head.weight", "time_projection.1.weight", "blocks.1.norm3.weight", "blocks.0.self_attn.norm_q.weight"):
+        assert dtypes[fp32] == torch.float32, fp32
+
+
+def test_bf16_forward_close_to_fp32(tmp_path):
+    model = randomize_(DiT(CONFIG), seed=3).eval()
+    bf16 = load_dit(write_expert(tmp_path / "expert", model), device="cpu", dtype=torch.bfloat16)
+    latent = torch.randn(1, 16, 2, 8, 8)
+    condition = torch.randn(1, 20, 2, 8, 8)
+    context = torch.randn(1, CONFIG.text_len, CONFIG.text_dim)
+    t = torch.tensor([900.0])
+    with torch.no_grad():
+        error = relative_error(bf16(latent, t, context, condition), model(latent, t, context, condition))
+    assert 0 < error < 0.05
+
+
+def test_strict_loading_errors_name_the_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = write_expert(tmp_path / "expert", randomize_(DiT(CONFIG), seed=2))
+    weights = directory / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+
+    missing = dict(state)
+    del missing["blocks.1.ffn.2.bias"]
+    save_file(missing, str(weights))
+    with pytest.raises(WanError, match=r"missing tensor 'blocks.1.ffn.2.bias'"):
+        load_dit(directory, device="cpu", dtype=torch.float32)
+
+    save_file({**state, "blocks.9.extra": torch.zeros(1)}, str(weights))
+    with pytest.raises(WanError, match=r"unexpected tensor 'blocks.9.extra'"):
+        load_dit(directory, device="cpu", dtype=torch.float32)
+
+    save_file({**state, "head.head.bias": torch.zeros(3)}, str(weights))
+    with pytest.raises(WanError, match=r"'head.head.bias' has shape \(3,\)"):
+        load_dit(directory, device="cpu", dtype=torch.float32)
+
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(WanError, match="diffusion_pytorch_model.safetensors"):
+        load_dit(directory, device="cpu", dtype=torch.float32)
+
+    weights.unlink()
+    with pytest.raises(WanError, match="not found.*cache status"):
+        load_dit(directory, device="cpu", dtype=torch.float32)
+
+
+def test_config_of_another_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t2v", "dim": 64}))
+    with pytest.raises(WanError, match="'t2v' model, not image-to-video"):
+        DiTConfig.from_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "i2v", "dim": 64, "foo": 1}))
+    with pytest.raises(WanError, match="unknown config key 'foo'"):
+        DiTConfig.from_json_file(tmp_path / "config.json")
