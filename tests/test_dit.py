@@ -1,62 +1,22 @@
 """The DiT against diffusers' WanTransformer3DModel, and its strict loading."""
 
 import json
-import re
 
 import pytest
 import torch
 
 from wan_i2v.errors import WanError
+from wan_i2v.models.diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
 from wan_i2v.models.dit import DiT, DiTConfig, load_dit, rope_tables
 from wan_i2v.tiny import randomize_
 
 CONFIG = DiTConfig(dim=48, ffn_dim=96, freq_dim=32, num_heads=4, num_layers=2, text_len=16, text_dim=24)
 
-# Official parameter names -> diffusers' (the correspondence of diffusers' Wan conversion script).
-RENAMES = [
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"\.self_attn\.", ".attn1."),
-    (r"\.cross_attn\.", ".attn2."),
-    (r"\.attn(\d)\.([qkv])\.", r".attn\1.to_\2."),
-    (r"\.attn(\d)\.o\.", r".attn\1.to_out.0."),
-    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
-    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
-    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
-    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^head\.modulation$", "scale_shift_table"),
-]
-
-
-def to_diffusers(name: str) -> str:
-    for pattern, replacement in RENAMES:
-        name = re.sub(pattern, replacement, name)
-    return name
-
-
 def diffusers_twin(model: DiT):
     from diffusers import WanTransformer3DModel
 
-    c = model.config
-    reference = WanTransformer3DModel(
-        patch_size=c.patch_size,
-        num_attention_heads=c.num_heads,
-        attention_head_dim=c.head_dim,
-        in_channels=c.in_dim,
-        out_channels=c.out_dim,
-        text_dim=c.text_dim,
-        freq_dim=c.freq_dim,
-        ffn_dim=c.ffn_dim,
-        num_layers=c.num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=c.eps,
-    )
-    reference.load_state_dict({to_diffusers(k): v for k, v in model.state_dict().items()}, strict=True)
+    reference = WanTransformer3DModel(**diffusers_transformer_kwargs(model.config))
+    reference.load_state_dict({official_to_diffusers(k): v for k, v in model.state_dict().items()}, strict=True)
     return reference.eval()
 
 

@@ -1,0 +1,330 @@
+"""The Wan2.1 video VAE (the VAE of Wan2.2-I2V-A14B), with the official parameter names.
+
+The network is causal in time: every temporal convolution sees only the current and
+earlier frames. Video goes through it in chunks (encode: the first frame alone, then one
+latent frame's worth of frames at a time; decode: one latent frame at a time), and a
+``CausalCache`` carries, for each temporal convolution, the last input frames of the
+previous chunk, so that no chunk needs the whole video in memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wan_i2v.checkpoint import load_strict, read_json, torch_file_source
+from wan_i2v.errors import WanError
+
+VAE_CONFIG_FILE = "vae_config.json"
+
+# Per-channel statistics of the latents (official Wan2_1_VAE); encode returns (mu - mean) / std.
+LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+# Each temporal convolution -> its input frames at the end of the previous chunk.
+CausalCache = dict[nn.Module, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)  # the official spelling
+
+    def __post_init__(self):
+        for name in ("dim_mult", "attn_scales", "temperal_downsample"):  # JSON gives lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.z_dim != len(LATENT_MEAN):
+            raise WanError(f"VAE z_dim is {self.z_dim}", f"the latent statistics are for z_dim {len(LATENT_MEAN)}")
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise WanError(
+                f"VAE temperal_downsample has {len(self.temperal_downsample)} entries for {len(self.dim_mult)} stages",
+                "it needs one entry per downsampling, len(dim_mult) - 1",
+            )
+
+    @classmethod
+    def from_json_file(cls, path) -> VAEConfig:
+        data = read_json(Path(path), "VAE config")
+        if not isinstance(data, dict):
+            raise WanError(f"{path} is not a JSON object", "write the VAE config as {\"key\": value, ...}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise WanError(f"{path}: unknown VAE config key {unknown[0]!r}", f"known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @property
+    def frames_per_latent(self) -> int:
+        return 2 ** sum(self.temperal_downsample)
+
+    @property
+    def pixels_per_latent(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+class CausalModule(nn.Module):
+    """A layer whose forward is ``forward(x, cache)``: it looks at frames of earlier chunks."""
+
+
+class CausalSequential(nn.Sequential, CausalModule):
+    """Layers in order; the causal ones also get the cache."""
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, cache) if isinstance(layer, CausalModule) else layer(x)
+        return x
+
+
+class CausalConv3d(nn.Conv3d, CausalModule):
+    """A 3D convolution over [B, C, T, H, W] whose outputs see only current and earlier frames.
+
+    Instead of symmetric padding in time, the input is preceded by its last
+    ``kernel - stride`` frames of the previous chunk (zeros before the first chunk), so
+    chunked processing computes what one pass over the whole video would.
+    Height and width keep their size.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size=(3, 3, 3), stride=(1, 1, 1)):
+        super().__init__(in_dim, out_dim, kernel_size, stride, padding=(0, kernel_size[1] // 2, kernel_size[2] // 2))
+        self.context = kernel_size[0] - stride[0]
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        past = cache.get(self)
+        x = F.pad(x, (0, 0, 0, 0, self.context, 0)) if past is None else torch.cat([past, x], dim=2)
+        cache[self] = x[:, :, -self.context :].clone()  # a copy, so the chunk can be freed
+        return super().forward(x)
+
+
+class FrameConv2d(nn.Conv2d):
+    """A 2D convolution applied to every frame of [B, C, T, H, W].
+
+    Done as a 3D convolution with a kernel one frame deep, which gives the same result
+    as folding time into the batch without transposing the video twice.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(x, self.weight.unsqueeze(2), self.bias, (1, *self.stride), (0, *self.padding))
+
+
+class RMSNorm(nn.Module):
+    """Normalizes each pixel's channel vector to length sqrt(dim), then scales it per channel."""
+
+    def __init__(self, dim: int, spatial_dims: int = 3):  # 3 for video [B, C, T, H, W], 2 for frames [N, C, H, W]
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *[1] * spatial_dims))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class ResidualBlock(CausalModule):
+    """x + two (norm, SiLU, causal 3x3x3 conv) steps; a 1x1x1 conv matches the channels of x."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.residual = CausalSequential(
+            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim),
+            RMSNorm(out_dim), nn.SiLU(),
+            nn.Identity(),  # the official model's dropout (p=0); keeps the parameter names' indices
+            CausalConv3d(out_dim, out_dim),
+        )  # fmt: skip
+        self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        return self.residual(x, cache) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention among the pixels of each frame; frames do not see each other."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, spatial_dims=2)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        qkv = self.to_qkv(self.norm(frames)).view(b * t, 1, 3 * c, h * w)
+        q, k, v = qkv.transpose(2, 3).contiguous().chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [b*t, 1, h*w, c]
+        out = self.proj(out.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        return x + out.view(b, t, c, h, w).transpose(1, 2)
+
+
+class Resample(CausalModule):
+    """Halves (``up=False``) or doubles height and width; with ``temporal`` also the frame count.
+
+    Upsampling halves the channels. The first chunk (the first frame alone) passes through
+    without temporal resampling, so T frames map to 1 + (T - 1) * 2 and back.
+    """
+
+    def __init__(self, dim: int, *, up: bool, temporal: bool):
+        super().__init__()
+        self.up, self.temporal = up, temporal
+        if up:
+            self.resample = nn.Sequential(
+                nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact"),
+                FrameConv2d(dim, dim // 2, 3, padding=1),
+            )
+        else:  # pad right and bottom only, as the official model does
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), FrameConv2d(dim, dim, 3, stride=2))
+        if temporal and up:  # each frame becomes two, stacked in the output channels
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
+        elif temporal:
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        if self.temporal and self.up:  # time first: the frames are still small
+            x = self._resample_time(x, cache)
+        x = self.resample(x)
+        if self.temporal and not self.up:
+            x = self._resample_time(x, cache)
+        return x
+
+    def _resample_time(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        conv = self.time_conv
+        if conv not in cache:  # the first chunk, the first frame alone: passed through
+            # Downsampling keeps that frame as the past of the next chunk; upsampling
+            # starts its past with zeros, as the official model does.
+            if self.up:
+                cache[conv] = x.new_zeros(*x.shape[:2], conv.context, *x.shape[3:])
+            else:
+                cache[conv] = x[:, :, -conv.context :].clone()
+            return x
+        x = conv(x, cache)
+        if self.up:  # [B, (2, C), T, H, W] -> [B, C, (T, 2), H, W]
+            b, c2, t, h, w = x.shape
+            x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, t * 2, h, w)
+        return x
+
+
+def _stage(in_dim: int, out_dim: int, num_blocks: int, attention: bool, resample: Resample | None) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for _ in range(num_blocks):
+        layers.append(ResidualBlock(in_dim, out_dim))
+        if attention:
+            layers.append(AttentionBlock(out_dim))
+        in_dim = out_dim
+    return layers + ([resample] if resample else [])
+
+
+def _middle(dim: int) -> CausalSequential:
+    return CausalSequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
+
+
+def _head(dim: int, out_dim: int) -> CausalSequential:
+    return CausalSequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out_dim))
+
+
+def _encoder(config: VAEConfig) -> CausalSequential:
+    """Video [B, 3, T, H, W] -> mean and log-variance [B, 2 * z_dim, T', H / 8, W / 8]."""
+    dims = [config.dim * m for m in (1, *config.dim_mult)]
+    layers, scale = [], 1.0  # scale: frame size relative to the input, which attn_scales selects by
+    for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        last = stage == len(config.dim_mult) - 1
+        down = None if last else Resample(out_dim, up=False, temporal=config.temperal_downsample[stage])
+        layers += _stage(in_dim, out_dim, config.num_res_blocks, scale in config.attn_scales, down)
+        scale /= 2
+    return CausalSequential(OrderedDict(
+        conv1=CausalConv3d(3, dims[0]),
+        downsamples=CausalSequential(*layers),
+        middle=_middle(dims[-1]),
+        head=_head(dims[-1], config.z_dim * 2),
+    ))  # fmt: skip
+
+
+def _decoder(config: VAEConfig) -> CausalSequential:
+    """Latents [B, z_dim, T', h, w] -> video [B, 3, T, 8h, 8w]; the mirror image of the encoder."""
+    dims = [config.dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])]
+    temporal = config.temperal_downsample[::-1]
+    layers, scale = [], 1.0 / 2 ** (len(config.dim_mult) - 2)  # the official start, one stage off the encoder's
+    for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        if stage > 0:
+            in_dim //= 2  # the previous stage's upsampling halved the channels
+        last = stage == len(config.dim_mult) - 1
+        up = None if last else Resample(out_dim, up=True, temporal=temporal[stage])
+        layers += _stage(in_dim, out_dim, config.num_res_blocks + 1, scale in config.attn_scales, up)
+        scale *= 2
+    return CausalSequential(OrderedDict(
+        conv1=CausalConv3d(config.z_dim, dims[0]),
+        middle=_middle(dims[0]),
+        upsamples=CausalSequential(*layers),
+        head=_head(dims[-1], 3),
+    ))  # fmt: skip
+
+
+class WanVAE(nn.Module):
+    """Video <-> normalized latents. Runs in the dtype of its weights; results are float32."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = _encoder(config)
+        self.conv1 = nn.Conv3d(config.z_dim * 2, config.z_dim * 2, 1)  # -> mean and log-variance
+        self.conv2 = nn.Conv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = _decoder(config)
+
+    def _latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and 1/std, shaped to broadcast over [B, z_dim, T, H, W]; 1/std as the official code has it."""
+        mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(LATENT_STD, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+        return mean, 1.0 / std
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Video [B, 3, F, H, W] in [-1, 1], F = 4n + 1 -> the latents' means, normalized, float32."""
+        step, pixels = self.config.frames_per_latent, self.config.pixels_per_latent
+        frames, height, width = video.shape[2:]
+        if video.shape[1] != 3 or (frames - 1) % step or height % pixels or width % pixels:
+            raise ValueError(
+                f"video of shape {tuple(video.shape)}: want [B, 3, {step}n+1 frames, H and W multiples of {pixels}]"
+            )
+        video = video.to(self.conv1.weight.dtype)
+        cache: CausalCache = {}
+        chunks = [video[:, :, :1]] + [video[:, :, i : i + step] for i in range(1, frames, step)]
+        moments = self.conv1(torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2))
+        mean, inv_std = self._latent_stats(video.device)
+        return (moments[:, : self.config.z_dim].float() - mean) * inv_std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Normalized latents [B, z_dim, f, h, w] -> video [B, 3, 4(f-1)+1, 8h, 8w] in [-1, 1], float32.
+
+        ``progress(done, total)`` is called after each latent frame.
+        """
+        mean, inv_std = self._latent_stats(latents.device)
+        x = self.conv2((latents.float() / inv_std + mean).to(self.conv2.weight.dtype))
+        cache: CausalCache = {}
+        total = x.shape[2]
+        frames = []
+        for i in range(total):
+            frames.append(self.decoder(x[:, :, i : i + 1], cache).float().clamp_(-1, 1))
+            if progress is not None:
+                progress(i + 1, total)
+        return torch.cat(frames, dim=2)
+
+
+def load_vae(path: Path, *, device: torch.device | str, dtype: torch.dtype) -> WanVAE:
+    """The VAE from an official ``Wan2.1_VAE.pth``; a ``vae_config.json`` beside it overrides the config."""
+    path = Path(path)
+    source = torch_file_source(path, "VAE weights")
+    config_path = path.parent / VAE_CONFIG_FILE
+    config = VAEConfig.from_json_file(config_path) if config_path.is_file() else VAEConfig()
+    with torch.device("meta"):
+        model = WanVAE(config)
+    load_strict(model, source, device=device, dtype=dtype)
+    return model
