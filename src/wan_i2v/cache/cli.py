@@ -1,0 +1,76 @@
+"""`wan-i2v cache ...`: the argparse side of the cache commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wan_i2v.cache import commands
+from wan_i2v.cache.layout import REPO_ID, cache_root, resolve_checkpoint_dir
+
+_CACHE_DIR_HELP = "cache root (default: $WAN_I2V_HOME, else the Hugging Face hub cache: $HF_HUB_CACHE or $HF_HOME/hub)"
+
+
+def add_cache_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `cache` and its sub-commands; each leaf sets `func(args) -> exit code`."""
+    cache = subparsers.add_parser(
+        "cache", help=f"download, check and relocate the {REPO_ID} checkpoint", description=_cache_description()
+    )
+    _add_cache_dir(cache)
+    leaves = cache.add_subparsers(dest="cache_command", metavar="COMMAND", required=True)
+
+    quick = leaves.add_parser("quick", help="download the files image-to-video needs, resuming partial downloads")
+    quick.add_argument("--source", choices=("hf", "modelscope"), default="hf", help="where to download from (default: hf)")
+    quick.set_defaults(func=_quick)
+
+    status = leaves.add_parser("status", help="table of the required files; exit code 0 only when complete")
+    status.add_argument("--ckpt-dir", type=Path, help="check this checkpoint folder instead of the cache")
+    status.set_defaults(func=lambda args: commands.status(_root(args), args.ckpt_dir))
+
+    verify = leaves.add_parser("verify", help="check sizes, and with --full the published SHA-256 hashes")
+    verify.add_argument("--full", action="store_true", help="hash every file (reads the whole checkpoint)")
+    verify.add_argument("--ckpt-dir", type=Path, help="check this checkpoint folder instead of the cache")
+    verify.set_defaults(func=lambda args: commands.verify(_root(args), args.ckpt_dir, args.full))
+
+    path = leaves.add_parser("path", help="print the checkpoint directory, for --ckpt-dir \"$(wan-i2v cache path)\"")
+    path.set_defaults(func=_path)
+
+    move = leaves.add_parser("move", help="move the cache to another disk, e.g. a persistent volume")
+    move.add_argument("dest", type=Path, metavar="DEST", help="the new cache root")
+    move.add_argument("--link", action="store_true", help="leave a symlink at the old place")
+    move.set_defaults(func=lambda args: commands.move(_root(args), args.dest, args.link))
+
+    for leaf in (quick, status, verify, path, move):
+        _add_cache_dir(leaf)
+    return cache
+
+
+def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given before or after the sub-command, and an absent one never overwrites a given one.
+    parser.add_argument("--cache-dir", type=Path, default=argparse.SUPPRESS, help=_CACHE_DIR_HELP)
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return cache_root(getattr(args, "cache_dir", None))
+
+
+def _quick(args: argparse.Namespace) -> int:
+    try:
+        return commands.quick(_root(args), args.source)
+    except KeyboardInterrupt:
+        print("\ninterrupted; `wan-i2v cache quick` resumes where it stopped", file=sys.stderr)
+        return 130
+
+
+def _path(args: argparse.Namespace) -> int:
+    print(resolve_checkpoint_dir(_root(args)))
+    return 0
+
+
+def _cache_description() -> str:
+    return (
+        f"Manage the {REPO_ID} checkpoint. The cache root is --cache-dir, else $WAN_I2V_HOME, else the "
+        "Hugging Face hub cache, so a snapshot downloaded with huggingface-cli is used as it is. "
+        "Downloads go to temporary files renamed when complete and verified; `quick` resumes them."
+    )

@@ -1,0 +1,231 @@
+"""The `wan-i2v cache` operations: quick, status, verify, move. Each returns the command's exit code."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from tqdm import tqdm
+
+from wan_i2v.cache.layout import (
+    CORRUPT, REPO_FOLDER, REPO_ID, USABLE, VERIFIED, WRONG_SIZE,
+    find_checkpoint_dir, inspect, repo_folder, resolve_checkpoint_dir,
+)
+from wan_i2v.cache.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
+from wan_i2v.errors import WanError
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def human_size(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while n >= 1024 and power < len(units) - 1:
+        n /= 1024
+        power += 1
+    return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
+
+
+def _bytes_bar(total: int, initial: int = 0, desc: str = REPO_ID) -> tqdm:
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+
+def quick(root: Path, source_name: str) -> int:
+    # Imported here so that status, verify and path never load the download stack.
+    from wan_i2v.cache.sources import make_source
+
+    source = make_source(source_name)
+    with _exclusive(root):
+        manifest = source.listing()
+        checkpoint_dir = source.prepare_checkpoint_dir(repo_folder(root), manifest)
+        manifest.keep_checks_from(Manifest.load(checkpoint_dir))
+        manifest.save(checkpoint_dir)
+        todo = _files_to_fetch(checkpoint_dir, manifest)
+        remaining = sum(entry.size - source.bytes_on_disk(checkpoint_dir, entry) for entry in todo)
+        _check_space(checkpoint_dir, remaining)
+        if todo:
+            total = sum(entry.size for entry in manifest.files)
+            with _bytes_bar(total, initial=total - remaining) as bar:
+                for entry in todo:
+                    checked = source.fetch(checkpoint_dir, entry, manifest.revision, bar)
+                    entry.corrupt = False
+                    entry.verified_mtime_ns = (checkpoint_dir / entry.path).stat().st_mtime_ns if checked else None
+                    manifest.save(checkpoint_dir)
+    print(f"{REPO_ID} is complete in {checkpoint_dir}")
+    return 0
+
+
+def _files_to_fetch(checkpoint_dir: Path, manifest: Manifest) -> list[FileEntry]:
+    """The files not usable yet. A wrong-sized or corrupt one is removed, with its blob, to be fetched anew."""
+    todo = []
+    for entry in manifest.files:
+        state, _ = inspect(checkpoint_dir, entry)
+        if state in (WRONG_SIZE, CORRUPT):
+            path = checkpoint_dir / entry.path
+            if path.is_symlink():
+                path.resolve().unlink(missing_ok=True)
+            path.unlink()
+        if state not in USABLE:
+            todo.append(entry)
+    return todo
+
+
+def _check_space(directory: Path, needed: int) -> None:
+    free = free_bytes(directory)
+    if needed > free:
+        raise WanError(
+            f"not enough disk space in {directory}: {human_size(needed)} to write, {human_size(free)} free",
+            hint="free space, or put the cache on a larger disk with --cache-dir or WAN_I2V_HOME",
+        )
+
+
+@contextmanager
+def _exclusive(root: Path):
+    """One writer per cache: two downloads appending to the same partial file would garble it."""
+    lock_dir = root / ".locks" / REPO_FOLDER  # beside huggingface_hub's own locks, outside what `move` moves
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_dir / "wan-i2v.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise WanError(f"another wan-i2v cache command is writing to {root}", hint="wait for it to finish") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def status(root: Path, checkpoint_dir: Path | None) -> int:
+    checkpoint_dir = checkpoint_dir or find_checkpoint_dir(root)
+    if checkpoint_dir is None:
+        print(f"No {REPO_ID} checkpoint in {root}; `wan-i2v cache quick` downloads it.")
+        return 1
+    manifest = _manifest_for(checkpoint_dir)
+    rows = [(entry, *inspect(checkpoint_dir, entry)) for entry in manifest.files]
+    width = max(len(entry.path) for entry, _, _ in rows)
+    print(f"{checkpoint_dir}  (from {manifest.source}, revision {manifest.revision[:12]})")
+    print(f"{'FILE':<{width}}  {'ON DISK':>10}  {'EXPECTED':>10}  STATE")
+    for entry, state, on_disk in rows:
+        print(f"{entry.path:<{width}}  {human_size(on_disk):>10}  {human_size(entry.size):>10}  {state}")
+    usable = sum(state in USABLE for _, state, _ in rows)
+    verified = sum(state == VERIFIED for _, state, _ in rows)
+    print(
+        f"total: {human_size(sum(on_disk for *_, on_disk in rows))} of {human_size(sum(e.size for e in manifest.files))}; "
+        f"{usable} of {len(rows)} files usable, {verified} verified"
+    )
+    if usable < len(rows):
+        print("incomplete: `wan-i2v cache quick` fetches what is missing")
+        return 1
+    print("complete")
+    return 0
+
+
+def verify(root: Path, checkpoint_dir: Path | None, full: bool) -> int:
+    checkpoint_dir = checkpoint_dir or resolve_checkpoint_dir(root)
+    manifest = _manifest_for(checkpoint_dir)
+    states = {entry.path: inspect(checkpoint_dir, entry)[0] for entry in manifest.files}
+    if full:
+        # Files marked corrupt are hashed again: they may have been replaced by hand.
+        to_hash = [e for e in manifest.files if e.digest and states[e.path] in (*USABLE, CORRUPT)]
+        with _bytes_bar(sum(e.size for e in to_hash), desc="verifying") as bar:
+            for entry in to_hash:
+                path = checkpoint_dir / entry.path
+                matches = hash_file(path, entry, bar)
+                entry.record_check(path, matches)
+                states[entry.path] = VERIFIED if matches else CORRUPT
+                _save_if_possible(manifest, checkpoint_dir)
+    problems = {path: state for path, state in states.items() if state not in USABLE}
+    for path, state in problems.items():
+        print(f"{state}: {path}")
+    if problems:
+        print(f"{len(problems)} of {len(states)} files need fetching: run `wan-i2v cache quick`")
+        return 1
+    print(f"all {len(states)} files " + ("match their published hashes" if full else "have their expected sizes"))
+    return 0
+
+
+def _manifest_for(checkpoint_dir: Path) -> Manifest:
+    """The checkpoint's manifest. A directory another tool downloaded gets one from the hub's listing."""
+    manifest = Manifest.load(checkpoint_dir)
+    if manifest is not None:
+        return manifest
+    if not checkpoint_dir.is_dir():
+        raise WanError(f"{checkpoint_dir} is not a directory", hint="pass the checkpoint folder with --ckpt-dir")
+    from wan_i2v.cache.sources import HubSource
+
+    # A hub snapshot folder is named after its commit: list exactly that one.
+    revision = checkpoint_dir.name if re.fullmatch(r"[0-9a-f]{40}", checkpoint_dir.name) else "main"
+    try:
+        manifest = HubSource().listing(revision)
+    except WanError as err:
+        raise WanError(f"{checkpoint_dir} has no {MANIFEST_NAME}, and {err.message}", hint=err.hint) from err
+    _save_if_possible(manifest, checkpoint_dir)
+    return manifest
+
+
+def _save_if_possible(manifest: Manifest, checkpoint_dir: Path) -> None:
+    try:
+        manifest.save(checkpoint_dir)
+    except OSError:
+        pass  # a read-only checkpoint can still be checked; the result is just not remembered
+
+
+def move(root: Path, dest: Path, link: bool) -> int:
+    old = repo_folder(root)
+    if not old.exists():
+        raise WanError(f"no {REPO_ID} cache in {root}", hint="nothing to move; pass --cache-dir if it is elsewhere")
+    source = old.resolve()  # an earlier `move --link` left a link here
+    target = repo_folder(dest.expanduser().resolve())
+    if target.exists() or target.is_symlink():
+        raise WanError(f"{target} already exists", hint="choose a destination without a copy of the checkpoint")
+    if source == target or source in target.parents:
+        raise WanError(f"{dest} is inside the cache being moved", hint="choose a destination on another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root):
+        try:
+            os.rename(source, target)
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise WanError(f"cannot move {source} to {target}: {err.strerror}") from err
+            _copy_across_disks(source, target)
+        if old.is_symlink():
+            old.unlink()
+        if link:
+            old.symlink_to(target, target_is_directory=True)
+    print(f"Moved {REPO_ID} to {target}")
+    if not link:
+        print(f"Set WAN_I2V_HOME={target.parent} (or pass --cache-dir {target.parent}) so later commands find it.")
+    return 0
+
+
+def _copy_across_disks(source: Path, target: Path) -> None:
+    """Copy under a name no command recognises, rename when whole, and only then delete the original."""
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted move
+    needed = sum(
+        (Path(folder) / name).lstat().st_size for folder, _, names in os.walk(source) for name in names
+    )
+    _check_space(target.parent, needed)
+    with _bytes_bar(needed, desc="moving") as bar:
+
+        def copy_and_count(src, dst):
+            shutil.copy2(src, dst)
+            bar.update(os.path.getsize(dst))
+
+        try:
+            shutil.copytree(source, staging, symlinks=True, copy_function=copy_and_count)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise WanError(f"copy to {target.parent} failed: {err}", hint="the original is untouched") from err
+    os.rename(staging, target)
+    # Renamed first, so an interrupted delete leaves nothing that looks like a cache.
+    doomed = source.with_name(f".{source.name}.deleting")
+    os.rename(source, doomed)
+    shutil.rmtree(doomed)

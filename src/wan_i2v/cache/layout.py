@@ -1,0 +1,123 @@
+"""Where the checkpoint lives, and what a complete one is.
+
+The cache root is found in this order: `--cache-dir`, then `WAN_I2V_HOME`, then the Hugging Face hub
+cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`). Every root uses the hub's
+cache layout, so a snapshot downloaded with `huggingface-cli` is found and completed, never fetched again:
+
+    <root>/models--Wan-AI--Wan2.2-I2V-A14B/
+        blobs/<sha256 or git oid>[.incomplete]
+        refs/main                        the commit of the newest listing
+        snapshots/<commit>/...           files from the hub (links into blobs/)
+        snapshots/modelscope/...         files from ModelScope
+        snapshots/*/wan-i2v-manifest.json
+
+The checkpoint directory (what `--ckpt-dir` takes) is one snapshot folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from huggingface_hub import constants
+from huggingface_hub.utils import filter_repo_objects
+
+from wan_i2v.cache.manifest import FileEntry, Manifest
+from wan_i2v.errors import WanError
+
+REPO_ID = "Wan-AI/Wan2.2-I2V-A14B"
+REPO_FOLDER = "models--Wan-AI--Wan2.2-I2V-A14B"  # the hub cache's folder name for REPO_ID
+
+# The files image-to-video needs; the rest of the repository (assets/, examples/, README) is left out.
+# The syntax is huggingface_hub's allow_patterns, so snapshot_download(allow_patterns=...) takes the same set.
+CHECKPOINT_PATTERNS = (
+    "high_noise_model/config.json",
+    "high_noise_model/diffusion_pytorch_model.safetensors.index.json",
+    "high_noise_model/diffusion_pytorch_model-*-of-*.safetensors",
+    "low_noise_model/config.json",
+    "low_noise_model/diffusion_pytorch_model.safetensors.index.json",
+    "low_noise_model/diffusion_pytorch_model-*-of-*.safetensors",
+    "Wan2.1_VAE.pth",
+    "models_t5_umt5-xxl-enc-bf16.pth",
+    "google/umt5-xxl/*",
+)
+
+# File states, as `status` shows them.
+MISSING, PARTIAL, WRONG_SIZE, CORRUPT, PRESENT, VERIFIED = (
+    "missing", "partial", "wrong size", "corrupt", "present", "verified"
+)
+USABLE = (PRESENT, VERIFIED)
+
+
+def required_paths(repo_paths) -> list[str]:
+    """The repository paths that make up the checkpoint; every pattern must match at least one."""
+    paths = sorted(repo_paths)
+    unmatched = [p for p in CHECKPOINT_PATTERNS if not list(filter_repo_objects(paths, allow_patterns=[p]))]
+    if unmatched:
+        raise WanError(f"{REPO_ID} lists no file for {', '.join(unmatched)}", hint="the repository layout changed; update wan-i2v")
+    return list(filter_repo_objects(paths, allow_patterns=list(CHECKPOINT_PATTERNS)))
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("WAN_I2V_HOME") or constants.HF_HUB_CACHE).expanduser()
+
+
+def repo_folder(root: Path) -> Path:
+    return root / REPO_FOLDER
+
+
+def blob_path(checkpoint_dir: Path, entry: FileEntry) -> Path | None:
+    """Where the hub layout keeps this file's content; None outside that layout (a plain --ckpt-dir)."""
+    if checkpoint_dir.parent.name != "snapshots" or entry.digest is None:
+        return None
+    return checkpoint_dir.parent.parent / "blobs" / entry.hex_digest
+
+
+def partial_path(blob: Path) -> Path:
+    # A stable name, unlike huggingface_hub's per-process one, so a later run resumes it.
+    return blob.with_name(blob.name + ".incomplete")
+
+
+def inspect(checkpoint_dir: Path, entry: FileEntry) -> tuple[str, int]:
+    """The file's state and how many of its bytes are on disk."""
+    try:
+        stat = (checkpoint_dir / entry.path).stat()
+    except FileNotFoundError:  # also a link whose blob is gone
+        blob = blob_path(checkpoint_dir, entry)
+        if blob is not None and partial_path(blob).is_file():
+            return PARTIAL, partial_path(blob).stat().st_size
+        return MISSING, 0
+    if stat.st_size != entry.size:
+        return WRONG_SIZE, stat.st_size
+    if entry.corrupt:
+        return CORRUPT, stat.st_size
+    return (VERIFIED if entry.verified_mtime_ns == stat.st_mtime_ns else PRESENT), stat.st_size
+
+
+def is_complete(checkpoint_dir: Path, manifest: Manifest) -> bool:
+    return all(inspect(checkpoint_dir, entry)[0] in USABLE for entry in manifest.files)
+
+
+def find_checkpoint_dir(root: Path) -> Path | None:
+    """The snapshot to use: the newest listing's (refs/main) unless only another one is complete."""
+    snapshots = repo_folder(root) / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo_folder(root) / "refs" / "main"
+    newest = snapshots / ref.read_text().strip() if ref.is_file() else None
+    others = sorted((d for d in snapshots.iterdir() if d.is_dir() and d != newest), key=lambda d: d.stat().st_mtime, reverse=True)
+    candidates = [d for d in [newest] if d is not None and d.is_dir()] + others
+    for candidate in candidates:
+        manifest = Manifest.load(candidate)
+        if manifest and is_complete(candidate, manifest):
+            return candidate
+    return candidates[0] if candidates else None
+
+
+def resolve_checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The checkpoint directory `generate` uses by default (see the module docstring for the order)."""
+    root = cache_root(cache_dir)
+    found = find_checkpoint_dir(root)
+    if found is None:
+        raise WanError(f"no {REPO_ID} checkpoint in {root}", hint="run `wan-i2v cache quick`, or pass --ckpt-dir")
+    return found

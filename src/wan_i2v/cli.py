@@ -1,0 +1,270 @@
+"""The `wan-i2v` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from wan_i2v.errors import WanError
+
+DEMO_FILE = "wan-i2v-demo.mp4"
+LATENTS_FORMAT = "wan-i2v-latents/1"
+
+
+def _home() -> Path:
+    return Path(os.environ.get("WAN_I2V_HOME") or Path.home() / ".cache" / "wan-i2v")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(name: str | None, device: str):
+    import torch
+
+    name = name or ("bf16" if device.startswith("cuda") else "fp32")
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _ckpt_dir(args) -> Path:
+    if args.ckpt_dir:
+        return Path(args.ckpt_dir)
+    from wan_i2v.cache import resolve_checkpoint_dir
+
+    return resolve_checkpoint_dir(None)
+
+
+def _print_summary(result, path: Path) -> None:
+    stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in result.timings.items())
+    print(f"time: {stages}; total {sum(result.timings.values()):.1f}s", file=sys.stderr)
+    if result.peak_memory_gb is not None:
+        print(f"peak GPU memory: {result.peak_memory_gb:.1f} GiB", file=sys.stderr)
+    print(f"seed: {result.settings.seed}", file=sys.stderr)
+    print(path)
+
+
+def _save_latents(path: Path, latents, settings: dict) -> None:
+    import torch
+
+    from wan_i2v.video import write_atomically
+
+    write_atomically(path, lambda tmp: torch.save({"format": LATENTS_FORMAT, "latents": latents, "settings": settings}, tmp))
+
+
+def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool):
+    """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4."""
+    from wan_i2v.config import FPS
+    from wan_i2v.video import write_mp4
+
+    def save(latents, settings):
+        if latents_file is not None:
+            _save_latents(latents_file, latents, settings.as_dict())
+
+    try:
+        result = pipe.generate(
+            image,
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            max_area=max_area,
+            frame_num=args.frame_num,
+            steps=args.steps,
+            shift=shift,
+            guide_scale=tuple(args.guide_scale) if len(args.guide_scale) == 2 else args.guide_scale[0],
+            seed=args.seed,
+            solver=args.solver,
+            progress=not args.quiet,
+            before_decode=save,
+        )
+    except BaseException as exc:
+        if latents_file is not None and latents_file.is_file() and not isinstance(exc, WanError):
+            print(f"wan-i2v: the latents are saved in {latents_file}; finish with: wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
+        raise
+    write_mp4(result.video, save_file, fps=FPS, metadata=result.settings.as_dict())
+    if latents_file is not None and not keep_latents:
+        latents_file.unlink(missing_ok=True)
+    _print_summary(result, save_file)
+    return result
+
+
+def cmd_generate(args) -> int:
+    from wan_i2v.config import GenerationSettings, parse_size
+    from wan_i2v.pipeline import I2VPipeline
+    from wan_i2v.video import check_writable, load_image
+
+    max_area, preset_shift = parse_size(args.size)
+    shift = args.shift if args.shift is not None else (preset_shift or 5.0)
+    if len(args.guide_scale) > 2:
+        raise WanError("--guide-scale takes one or two values", "LOW [HIGH], e.g. --guide-scale 3.5 3.5")
+    guide = tuple(args.guide_scale) * (2 // len(args.guide_scale))
+    # Everything the user typed is checked before minutes of model loading.
+    GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
+    image = load_image(args.image)
+    save_file = Path(args.save_file)
+    check_writable(save_file)
+    latents_file = Path(args.save_latents) if args.save_latents else save_file.with_suffix(".latents.pt")
+    check_writable(latents_file)
+    device = args.device or _default_device()
+    pipe = I2VPipeline.from_pretrained(
+        _ckpt_dir(args), device=device, dtype=_dtype(args.dtype, device), offload=args.offload, attention=args.attention
+    )
+    _run(pipe, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file, keep_latents=bool(args.save_latents))
+    return 0
+
+
+def cmd_decode(args) -> int:
+    import torch
+
+    from wan_i2v import checkpoint as ckpt
+    from wan_i2v.config import FPS
+    from wan_i2v.models.vae import load_vae
+    from wan_i2v.video import check_writable, write_mp4
+
+    source = Path(args.latents)
+    if not source.is_file():
+        raise WanError(f"latents file not found: {source}", "give the file written by --save-latents")
+    try:
+        saved = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WanError(f"cannot read latents file {source}: {exc}", "it may be incomplete; generate again") from None
+    if not isinstance(saved, dict) or saved.get("format") != LATENTS_FORMAT:
+        raise WanError(f"{source} is not a wan-i2v latents file", "give the file written by --save-latents")
+    save_file = Path(args.save_file)
+    check_writable(save_file)
+    device = args.device or _default_device()
+    vae = load_vae(_ckpt_dir(args) / ckpt.VAE_FILE, device=device, dtype=torch.float32)
+    from wan_i2v.pipeline import decode_latents
+
+    video = decode_latents(vae, saved["latents"], torch.device(device), progress=not args.quiet)
+    write_mp4(video, save_file, fps=FPS, metadata=saved.get("settings"))
+    print(save_file)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from wan_i2v.pipeline import I2VPipeline
+    from wan_i2v.tiny import ensure_tiny_checkpoint
+    from wan_i2v.video import check_writable, demo_image
+
+    save_file = Path(args.save_file)
+    check_writable(save_file)
+    ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")
+    print(f"demo: tiny random model in {ckpt_dir} (random weights: the video is noise-like, not a real video)", file=sys.stderr)
+    pipe = I2VPipeline.from_pretrained(ckpt_dir, device="cpu", dtype=torch.float32)
+    _run(pipe, demo_image(), args, max_area=args.max_area, shift=3.0, save_file=save_file, latents_file=None, keep_latents=False)
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from wan_i2v.tiny import write_tiny_checkpoint
+
+    target = Path(args.directory)
+    if target.exists():
+        raise WanError(f"{target} already exists", "give a new directory")
+    print(write_tiny_checkpoint(target, seed=args.seed))
+    return 0
+
+
+def _guide_scale(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wan_i2v.config import MAX_STEPS
+    from wan_i2v.sampling.schedulers import SOLVERS
+
+    parser = _Parser(prog="wan-i2v", description="Wan2.2-I2V-A14B image-to-video.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def sampling_options(p, *, frame_num, steps, prompt_required):
+        p.add_argument("--prompt", required=prompt_required, default="A small paper boat drifts on a calm pond.")
+        p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
+        p.add_argument("--frame-num", type=int, default=frame_num, help="a number of the form 4n+1")
+        p.add_argument("--steps", type=int, default=steps, help=f"1 to {MAX_STEPS}")
+        p.add_argument("--guide-scale", type=_guide_scale, nargs="+", default=[3.5, 3.5], metavar=("LOW", "HIGH"))
+        p.add_argument("--seed", type=int, default=None, help="default: random, printed and stored in the mp4")
+        p.add_argument("--solver", choices=SOLVERS, default="unipc")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    gen = sub.add_parser("generate", help="make a video from an image and a prompt")
+    gen.add_argument("--image", required=True)
+    sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
+    gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
+    gen.add_argument("--shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes)")
+    gen.add_argument("--ckpt-dir", default=None, help="default: the cache (`wan-i2v cache path`)")
+    gen.add_argument("--save-file", default="wan-i2v-output.mp4")
+    gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
+    gen.add_argument("--offload", action="store_true", help="only the active expert on the GPU, text encoder off it after encoding")
+    gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    gen.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    gen.add_argument("--attention", default=None, help="attention kernel (default: the fastest exact one for the device)")
+    gen.set_defaults(func=cmd_generate)
+
+    dec = sub.add_parser("decode", help="decode saved latents to mp4 again")
+    dec.add_argument("latents")
+    dec.add_argument("--save-file", required=True)
+    dec.add_argument("--ckpt-dir", default=None)
+    dec.add_argument("--device", default=None)
+    dec.add_argument("--quiet", action="store_true")
+    dec.set_defaults(func=cmd_decode)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny random model on the CPU")
+    sampling_options(demo, frame_num=17, steps=12, prompt_required=False)
+    demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
+    demo.add_argument("--save-file", default=DEMO_FILE)
+    demo.set_defaults(func=cmd_demo, seed=0)
+
+    tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the official layout")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    from wan_i2v.cache import add_cache_parser
+
+    add_cache_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code
+    try:
+        with warnings.catch_warnings():
+            # Warnings (a truncated prompt, ...) as one line each, like the errors.
+            warnings.showwarning = lambda message, *_args, **_kw: print(f"wan-i2v: warning: {message}", file=sys.stderr)
+            return args.func(args)
+    except WanError as exc:
+        print(f"wan-i2v: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wan-i2v: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("wan-i2v: error: out of host memory (try a smaller --size or fewer --frame-num)", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            print("wan-i2v: error: out of GPU memory (try --offload, --size 480P or fewer --frame-num)", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

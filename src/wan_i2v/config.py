@@ -1,0 +1,105 @@
+"""Generation settings: presets, defaults from the model card, and input validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from wan_i2v.errors import WanError
+from wan_i2v.sampling.schedulers import SOLVERS
+
+# The official default negative prompt (wan/configs/shared_config.py), used when none is given.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+BOUNDARY_TIMESTEP = 900  # the high-noise expert runs for timesteps >= this (boundary 0.900 of 1000)
+FPS = 16
+VAE_STRIDE = (4, 8, 8)
+PATCH_SIZE = (1, 2, 2)
+SIZE_MULTIPLE = VAE_STRIDE[1] * PATCH_SIZE[1]  # 16: one latent patch in pixels
+MIN_SIDE = 32
+MAX_STEPS = 1000
+MAX_GUIDE_SCALE = 30.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    max_area: int
+    shift: float
+
+
+PRESETS = {"720P": Preset(1280 * 720, 5.0), "480P": Preset(832 * 480, 3.0)}
+
+
+def parse_size(size: str) -> tuple[int, float | None]:
+    """``720P``, ``480P`` or ``A*B`` -> (max_area, preset shift or None)."""
+    preset = PRESETS.get(size.upper())
+    if preset is not None:
+        return preset.max_area, preset.shift
+    parts = size.replace("x", "*").split("*")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise WanError(f"unknown size {size!r}", f"use {', '.join(PRESETS)} or H*W such as 1280*720")
+    sides = [int(p) for p in parts]
+    if any(side % SIZE_MULTIPLE for side in sides):
+        raise WanError(f"size {size} has a side that is not a multiple of {SIZE_MULTIPLE}", "e.g. 1280*720, 832*480, 1024*576")
+    if min(sides) < MIN_SIDE:
+        raise WanError(f"size {size} is too small", f"each side must be at least {MIN_SIDE}")
+    return sides[0] * sides[1], None
+
+
+def check_frame_num(frame_num: int) -> None:
+    if frame_num < 5:
+        raise WanError(f"frame count {frame_num} is too small", "use at least 5 (a frame count of the form 4n+1)")
+    if (frame_num - 1) % 4:
+        below = (frame_num - 1) // 4 * 4 + 1
+        raise WanError(f"frame count {frame_num} is not of the form 4n+1", f"use {below} or {below + 4}")
+
+
+def video_size(image_height: int, image_width: int, max_area: int) -> tuple[int, int]:
+    """Pixel (height, width) of the video: the image's aspect ratio within ``max_area``, rounded
+    down to whole latent patches exactly as the official code rounds."""
+    aspect = image_height / image_width
+    lat_h = round(math.sqrt(max_area * aspect) // VAE_STRIDE[1] // PATCH_SIZE[1] * PATCH_SIZE[1])
+    lat_w = round(math.sqrt(max_area / aspect) // VAE_STRIDE[2] // PATCH_SIZE[2] * PATCH_SIZE[2])
+    if lat_h < PATCH_SIZE[1] or lat_w < PATCH_SIZE[2]:
+        raise WanError(
+            f"an image of {image_width}x{image_height} is too narrow for an area of {max_area} pixels",
+            "crop the image closer to a common aspect ratio or use a larger --size",
+        )
+    return lat_h * VAE_STRIDE[1], lat_w * VAE_STRIDE[2]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that, with the checkpoint and the image, determines the video."""
+
+    prompt: str
+    negative_prompt: str
+    max_area: int = PRESETS["720P"].max_area
+    frame_num: int = 81
+    steps: int = 40
+    shift: float = 5.0
+    guide_scale: tuple[float, float] = (3.5, 3.5)  # (low-noise expert, high-noise expert)
+    seed: int = 0
+    solver: str = "unipc"
+
+    def __post_init__(self):
+        check_frame_num(self.frame_num)
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise WanError(f"steps {self.steps} out of range", f"use 1 to {MAX_STEPS} (the model card uses 40)")
+        if len(self.guide_scale) != 2 or not all(0.0 <= g <= MAX_GUIDE_SCALE for g in self.guide_scale):
+            raise WanError(f"guide scale {self.guide_scale} out of range", f"use values from 0 to {MAX_GUIDE_SCALE} (default 3.5)")
+        if not 0.0 < self.shift <= 100.0:
+            raise WanError(f"shift {self.shift} out of range", "use a value above 0 (5.0 for 720P, 3.0 for 480P)")
+        if self.solver not in SOLVERS:
+            raise WanError(f"unknown solver {self.solver!r}", f"choose one of {', '.join(SOLVERS)}")
+        if self.max_area < MIN_SIDE * MIN_SIDE:
+            raise WanError(f"area {self.max_area} is too small", f"use at least {MIN_SIDE}*{MIN_SIDE}")
+        if not 0 <= self.seed < 2**63:
+            raise WanError(f"seed {self.seed} out of range", "use an integer from 0 to 2**63-1")
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,245 @@
+"""Image + prompt -> video: preprocessing, text and image encoding, sampling, decoding. Nothing else."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from wan_i2v import checkpoint as ckpt
+from wan_i2v.config import (
+    BOUNDARY_TIMESTEP,
+    DEFAULT_NEGATIVE_PROMPT,
+    PRESETS,
+    VAE_STRIDE,
+    GenerationSettings,
+    video_size,
+)
+from wan_i2v.errors import WanError
+from wan_i2v.models.attention import default_kernel, set_attention_kernel
+from wan_i2v.models.dit import DiT, load_dit, pad_context
+from wan_i2v.models.text_encoder import TextEncoder
+from wan_i2v.models.vae import WanVAE, load_vae
+from wan_i2v.offload import ExpertSwap
+from wan_i2v.sampling.loop import ClassifierFreeGuidance, Conditioning, Experts, denoise
+from wan_i2v.sampling.schedulers import official_schedule
+from wan_i2v.video import image_to_tensor, load_image
+
+
+@dataclass
+class GenerationResult:
+    video: torch.Tensor  # [3, F, H, W] float32 on CPU, in [-1, 1]
+    latents: torch.Tensor  # [16, (F-1)//4+1, H/8, W/8] float32 on CPU
+    settings: GenerationSettings
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    peak_memory_gb: float | None = None  # peak GPU memory allocated, None on CPU
+    experts_used: list[str] = field(default_factory=list)  # the expert of each step
+
+
+class I2VPipeline:
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        vae: WanVAE,
+        high_noise: DiT,
+        low_noise: DiT,
+        *,
+        device: torch.device,
+        offload: bool = False,
+        batch_cfg: bool = False,
+    ):
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.high_noise = high_noise
+        self.low_noise = low_noise
+        self.device = torch.device(device)
+        self.offload = offload
+        self.batch_cfg = batch_cfg
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        ckpt_dir: str | Path,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        *,
+        offload: bool = False,
+        attention: str | None = None,
+        batch_cfg: bool = False,
+    ) -> "I2VPipeline":
+        """Load the official checkpoint directory.
+
+        ``offload`` keeps only the active expert and, outside text encoding, no text
+        encoder on the GPU. ``attention`` names a kernel (default: the fastest exact
+        one for the device). ``batch_cfg`` runs both guidance branches as one batch.
+        """
+        root = Path(ckpt_dir)
+        if not root.is_dir():
+            raise WanError(f"checkpoint directory not found: {root}", ckpt.STATUS_HINT)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise WanError("CUDA was asked for but no GPU is visible", "use --device cpu, or check the driver")
+        host_or_device = torch.device("cpu") if offload else device
+        high = load_dit(root / ckpt.HIGH_NOISE_DIR, device=host_or_device, dtype=dtype)
+        low = load_dit(root / ckpt.LOW_NOISE_DIR, device=host_or_device, dtype=dtype)
+        if high.config != low.config:
+            raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.STATUS_HINT)
+        kernel = attention or default_kernel(device)
+        for expert in (high, low):
+            set_attention_kernel(expert, kernel)
+        text_encoder = TextEncoder.load(
+            root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=host_or_device, dtype=dtype
+        )
+        # The VAE runs in fp32, as the official code runs it.
+        vae = load_vae(root / ckpt.VAE_FILE, device=device, dtype=torch.float32)
+        return cls(text_encoder, vae, high, low, device=device, offload=offload, batch_cfg=batch_cfg)
+
+    @property
+    def text_len(self) -> int:
+        return self.high_noise.config.text_len
+
+    def generate(
+        self,
+        image: Image.Image | str | Path,
+        prompt: str,
+        negative_prompt: str | None = None,
+        max_area: int = PRESETS["720P"].max_area,
+        frame_num: int = 81,
+        steps: int = 40,
+        shift: float = 5.0,
+        guide_scale: float | tuple[float, float] = (3.5, 3.5),
+        seed: int | None = None,
+        solver: str = "unipc",
+        progress: bool = True,
+        before_decode: Callable[[torch.Tensor, GenerationSettings], None] | None = None,
+    ) -> GenerationResult:
+        """The official Wan2.2 I2V sampling. ``guide_scale`` is (low-noise, high-noise) or one value for both;
+        ``seed=None`` draws a random seed, reported in ``result.settings.seed``. ``before_decode(latents,
+        settings)`` sees the latents (CPU, fp32) before decoding, e.g. to save them."""
+        if isinstance(guide_scale, (int, float)):
+            guide_scale = (float(guide_scale), float(guide_scale))
+        settings = GenerationSettings(
+            prompt=prompt,
+            negative_prompt=DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
+            max_area=max_area,
+            frame_num=frame_num,
+            steps=steps,
+            shift=shift,
+            guide_scale=tuple(guide_scale),
+            seed=random.randint(0, sys.maxsize) if seed is None else seed,
+            solver=solver,
+        )
+        pixels = image_to_tensor(load_image(image))
+        timings: dict[str, float] = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        with _timed(timings, "text encoding", self.device):
+            context, context_null = self.encode_text([settings.prompt, settings.negative_prompt], progress)
+        with _timed(timings, "image encoding", self.device):
+            condition = self.encode_image(pixels, settings.max_area, settings.frame_num)
+
+        noise = self.initial_noise(condition.shape[1:], settings.seed)
+        conditioning = Conditioning(condition[None], context[None], context_null[None])
+        experts_used: list[str] = []
+        bar = tqdm(total=settings.steps, desc="denoising", unit="step", disable=not progress)
+
+        def on_step(index, total, t, expert, latent):
+            experts_used.append(expert)
+            bar.set_postfix(t=t, expert=expert)
+            bar.update()
+
+        with _timed(timings, "denoising", self.device):
+            latents = denoise(
+                noise[None],
+                experts=self._experts(),
+                guidance=ClassifierFreeGuidance(conditioning, batched=self.batch_cfg),
+                schedule=official_schedule(settings.solver, settings.steps, settings.shift),
+                solver=settings.solver,
+                guide_scale=settings.guide_scale,
+                on_step=on_step,
+            )[0]
+        bar.close()
+        latents_cpu = latents.float().cpu()
+        if before_decode is not None:
+            before_decode(latents_cpu, settings)
+        with _timed(timings, "decoding", self.device):
+            video = self.decode(latents, progress)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        return GenerationResult(video, latents_cpu, settings, timings, peak, experts_used)
+
+    def encode_text(self, prompts: list[str], progress: bool = False) -> list[torch.Tensor]:
+        """Each prompt -> [text_len, text_dim] on the run device, zero-padded after its real tokens."""
+        if self.offload:
+            self.text_encoder.to(self.device)
+        try:
+            features = [
+                self.text_encoder.encode([prompt])[0]
+                for prompt in tqdm(prompts, desc="text encoding", unit="prompt", disable=not progress)
+            ]
+        finally:
+            if self.offload:
+                self.text_encoder.to("cpu")
+        return [pad_context(f, self.text_len).to(self.device) for f in features]
+
+    def encode_image(self, pixels: torch.Tensor, max_area: int, frame_num: int) -> torch.Tensor:
+        """[3, h, w] image in [-1, 1] -> the [20, F', H/8, W/8] condition: first-frame mask, then the
+        VAE latents of the resized image followed by black frames."""
+        height, width = video_size(pixels.shape[1], pixels.shape[2], max_area)
+        # Resized on the CPU in fp32, bicubic without antialiasing, as the official code does.
+        first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
+        video = torch.cat([first[:, None], torch.zeros(3, frame_num - 1, height, width)], dim=1)
+        vae_dtype = next(self.vae.parameters()).dtype
+        with torch.no_grad():
+            latents = self.vae.encode(video[None].to(self.device, vae_dtype))[0].float()
+        mask = torch.zeros(VAE_STRIDE[0], *latents.shape[1:], device=self.device)
+        mask[:, 0] = 1
+        return torch.cat([mask, latents])
+
+    def initial_noise(self, latent_shape, seed: int) -> torch.Tensor:
+        """The official noise: one randn of [16, F', H', W'] from a generator on the run device."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        channels = self.high_noise.config.out_dim
+        return torch.randn(channels, *latent_shape, dtype=torch.float32, generator=generator, device=self.device)
+
+    def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        return decode_latents(self.vae, latents, self.device, progress)
+
+    def _experts(self) -> Experts:
+        if self.offload:
+            return ExpertSwap(self.high_noise, self.low_noise, BOUNDARY_TIMESTEP, self.device)
+        return Experts(self.high_noise, self.low_noise, BOUNDARY_TIMESTEP)
+
+
+def decode_latents(vae: WanVAE, latents: torch.Tensor, device: torch.device, progress: bool = False) -> torch.Tensor:
+    """[16, F', H', W'] latents -> [3, F, H, W] float32 video on CPU in [-1, 1]."""
+    vae_dtype = next(vae.parameters()).dtype
+    bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
+
+    def advance(done, total):
+        bar.update(done - bar.n)
+
+    try:
+        with torch.no_grad():
+            video = vae.decode(latents[None].to(device, vae_dtype), progress=advance)[0]
+    finally:
+        bar.close()
+    return video.float().cpu()
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str, device: torch.device):
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[stage] = time.perf_counter() - start

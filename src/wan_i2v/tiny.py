@@ -1,0 +1,108 @@
+"""A tiny random checkpoint in the official layout, for tests and the demo.
+
+Same classes as the real model, small shapes given by the config files the loaders
+read. The weights are random: the video it makes is noise-like, not a real video.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wan_i2v import checkpoint as ckpt
+from wan_i2v.models.dit import DiT, DiTConfig
+from wan_i2v.models.text_encoder import T5Config, build_umt5, transformers_to_official_key, write_tiny_tokenizer
+from wan_i2v.models.vae import VAEConfig, WanVAE
+
+TINY_T5 = T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, encoder_layers=2, num_buckets=32)
+TINY_DIT = DiTConfig(dim=64, ffn_dim=128, freq_dim=32, num_heads=4, num_layers=2, text_len=32, text_dim=TINY_T5.dim)
+TINY_VAE = VAEConfig(dim=8, num_res_blocks=1)
+MARKER = "wan-i2v-tiny.json"
+
+
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    """Fill every parameter with random values of a sensible scale (no zero-initialised layers).
+
+    Values are drawn in fp32 on each parameter's device from a generator seeded
+    per parameter, so the same seed gives the same weights in any dtype.
+    """
+    with torch.no_grad():
+        for index, (name, param) in enumerate(module.named_parameters()):
+            generator = torch.Generator(device=param.device).manual_seed(seed * 100_003 + index)
+            noise = torch.randn(param.shape, generator=generator, device=param.device)
+            if "norm" in name and param.dim() == 1 and name.endswith("weight"):
+                noise = 1 + 0.1 * noise
+            elif param.dim() >= 2:
+                fan_in = param[0].numel() if param.shape[0] != 1 else param.shape[-1]
+                noise = noise / math.sqrt(fan_in)
+            else:
+                noise = 0.05 * noise
+            param.copy_(noise)
+    return module
+
+
+def _save_dit(model: DiT, directory: Path, shards: int) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    config = {f: getattr(model.config, f) for f in ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim", "num_heads", "num_layers", "text_len", "eps", "text_dim")}
+    (directory / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "i2v", **config}, indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if shards == 1:
+        save_file(state, str(directory / ckpt.SAFETENSORS_FILE))
+        return
+    keys = sorted(state)
+    weight_map = {}
+    for index in range(shards):
+        name = f"diffusion_pytorch_model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[index::shards]
+        save_file({k: state[k] for k in part}, str(directory / name))
+        weight_map.update({k: name for k in part})
+    (directory / ckpt.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """Write a complete tiny checkpoint into ``directory`` (which must not exist yet)."""
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    try:
+        _save_dit(randomize_(DiT(TINY_DIT), seed + 1), staging / ckpt.HIGH_NOISE_DIR, shards=1)
+        _save_dit(randomize_(DiT(TINY_DIT), seed + 2), staging / ckpt.LOW_NOISE_DIR, shards=2)
+
+        torch.save(randomize_(WanVAE(TINY_VAE), seed + 3).state_dict(), staging / ckpt.VAE_FILE)
+        (staging / "vae_config.json").write_text(json.dumps(asdict(TINY_VAE)))
+
+        t5 = randomize_(build_umt5(TINY_T5), seed + 4)
+        official = {}
+        for key, value in t5.state_dict().items():
+            official.setdefault(transformers_to_official_key(key), value.clone())
+        torch.save(official, staging / ckpt.T5_FILE)
+        (staging / "t5_config.json").write_text(json.dumps(asdict(TINY_T5)))
+        write_tiny_tokenizer(staging / ckpt.TOKENIZER_DIR, TINY_T5.vocab_size)
+
+        (staging / MARKER).write_text(json.dumps({"seed": seed, "note": "random weights, for tests and the demo"}))
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def ensure_tiny_checkpoint(directory: Path) -> Path:
+    """The tiny checkpoint at ``directory``, made if missing (an interrupted one is redone)."""
+    directory = Path(directory)
+    if (directory / MARKER).is_file():
+        return directory
+    if directory.exists():
+        shutil.rmtree(directory)
+    return write_tiny_checkpoint(directory)

@@ -1,0 +1,130 @@
+"""Image in, mp4 out."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from wan_i2v.errors import WanError
+
+# A 100-megapixel RGB image is 300 MB decoded and far beyond any video size; larger inputs are refused.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
+    """An upright RGB image from a path or a PIL image.
+
+    Unlike the official code, EXIF rotation is applied, so a phone photo is not
+    sideways; other modes (RGBA, grayscale, palette, 16-bit) become RGB.
+    """
+    if not isinstance(image, Image.Image):
+        path = Path(image)
+        if not path.is_file():
+            raise WanError(f"image not found: {path}", "check the --image path")
+        try:
+            with Image.open(path) as opened:
+                if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                    raise WanError(
+                        f"image {path} is {opened.width}x{opened.height}, over {MAX_IMAGE_PIXELS // 1_000_000} megapixels",
+                        "downscale it first; the video is at most a few megapixels",
+                    )
+                opened.load()
+                image = opened.copy()
+        except WanError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise WanError(f"cannot read image {path}: {exc}", "use a PNG, JPEG or WebP file") from None
+    elif image.width * image.height > MAX_IMAGE_PIXELS:
+        raise WanError(f"image of {image.width}x{image.height} is over {MAX_IMAGE_PIXELS // 1_000_000} megapixels", "downscale it first")
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparency over white rather than letting hidden colours show through.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] float32 in [-1, 1], as the official preprocessing computes it."""
+    array = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
+    return array.float().div(255).sub_(0.5).div_(0.5)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before hours of work, not after, when the output cannot be written."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise WanError(f"output path {path} is a directory", "give a file name such as out.mp4")
+    if not directory.is_dir():
+        raise WanError(f"output directory {directory} does not exist", "create it or choose another --save-file")
+    if not os.access(directory, os.W_OK):
+        raise WanError(f"cannot write to {directory}", "choose another --save-file")
+
+
+def write_atomically(path: Path, write) -> Path:
+    """Run ``write(temporary_path)``, then rename into place: the file appears only when complete."""
+    path = Path(path)
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_mp4(video: torch.Tensor, path: Path, *, fps: int, metadata: dict | None = None) -> Path:
+    """[3, F, H, W] in [-1, 1] -> H.264 yuv420p mp4 that common players open."""
+    import av
+
+    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
+
+    def encode(tmp: Path) -> None:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            if metadata:
+                container.metadata["comment"] = json.dumps(metadata, ensure_ascii=False)
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "17", "preset": "medium"}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+
+    return write_atomically(path, encode)
+
+
+def read_mp4_metadata(path: Path) -> dict:
+    import av
+
+    with av.open(str(path)) as container:
+        comment = container.metadata.get("comment")
+    return json.loads(comment) if comment else {}
+
+
+def demo_image(width: int = 320, height: int = 192) -> Image.Image:
+    """A built-in picture for the demo: a sky gradient over a dark ground with a sun."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    sky = np.stack([90 + 80 * y / height, 140 + 60 * y / height, 230 - 40 * y / height], axis=-1)
+    ground = np.stack([40 + 20 * x / width, 90 + 30 * x / width, 40 + 0 * x], axis=-1)
+    pixels = np.where((y > height * 0.65)[..., None], ground, sky)
+    sun = (x - width * 0.7) ** 2 + (y - height * 0.3) ** 2 < (height * 0.12) ** 2
+    pixels[sun] = (250, 220, 120)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="RGB")

@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+from wan_i2v.tiny import write_tiny_checkpoint
+
+# The tests run on two CPU cores: more threads only add contention.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random checkpoint in the official layout (read-only: copy it to damage it)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_checkpoint):
+    from wan_i2v import I2VPipeline
+
+    return I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)

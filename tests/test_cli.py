@@ -1,0 +1,204 @@
+"""The `wan-i2v` command: real runs on the tiny checkpoint, and every bad input."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wan_i2v.cli import main
+from wan_i2v.video import read_mp4_metadata
+
+TINY_RUN = ["--size", "64*96", "--frame-num", "9", "--steps", "4", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "input.png"
+    Image.new("RGB", (120, 80), (200, 120, 40)).save(path)
+    return path
+
+
+def generate(ckpt, image, out, *extra):
+    return main(["generate", "--ckpt-dir", str(ckpt), "--image", str(image), "--prompt", "a boat", "--save-file", str(out), *TINY_RUN, *extra])
+
+
+def mp4_frames(path):
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        rate = container.streams.video[0].average_rate
+    return np.stack(frames), rate
+
+
+def test_generate_writes_a_playable_mp4_with_settings(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert generate(tiny_checkpoint, image_file, out, "--seed", "42") == 0
+    frames, rate = mp4_frames(out)
+    # 120x80 image in a 64*96 area: sqrt(6144*80/120)=64 -> 64 rows; sqrt(6144*1.5)=96 -> 96 columns.
+    assert frames.shape == (9, 64, 96, 3)
+    assert rate == 16
+    meta = read_mp4_metadata(out)
+    assert meta["seed"] == 42 and meta["prompt"] == "a boat" and meta["frame_num"] == 9
+    assert not list(tmp_path.glob(".out*"))  # no temporary left behind
+    assert not (tmp_path / "out.latents.pt").exists()  # the automatic latents are removed on success
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert "seed: 42" in captured.err and "denoising" in captured.err
+
+
+def test_random_seed_is_printed_and_stored(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert generate(tiny_checkpoint, image_file, out) == 0
+    seed = read_mp4_metadata(out)["seed"]
+    assert f"seed: {seed}" in capsys.readouterr().err
+
+
+def test_saved_latents_decode_again(tiny_checkpoint, image_file, tmp_path):
+    out, latents, again = tmp_path / "out.mp4", tmp_path / "run.pt", tmp_path / "again.mp4"
+    assert generate(tiny_checkpoint, image_file, out, "--seed", "1", "--save-latents", str(latents)) == 0
+    assert main(["decode", str(latents), "--save-file", str(again), "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu", "--quiet"]) == 0
+    first, _ = mp4_frames(out)
+    second, _ = mp4_frames(again)
+    # Same decoded video; the H.264 encoder's threads may round a few pixels differently.
+    assert first.shape == second.shape
+    assert np.abs(first.astype(int) - second).mean() < 0.5
+    assert read_mp4_metadata(again)["seed"] == 1
+
+
+def test_decoding_saved_latents_gives_the_generated_video(tiny_pipeline, tmp_path):
+    from wan_i2v.video import demo_image
+
+    latents_file = tmp_path / "run.pt"
+    result = tiny_pipeline.generate(
+        demo_image(), "a boat", max_area=64 * 96, frame_num=9, steps=3, seed=4, progress=False,
+        before_decode=lambda latents, settings: torch.save({"latents": latents}, latents_file),
+    )
+    saved = torch.load(latents_file, weights_only=True)["latents"]
+    assert torch.equal(tiny_pipeline.decode(saved), result.video)
+
+
+def test_a_decode_failure_keeps_the_latents(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    from wan_i2v.models.vae import WanVAE
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("simulated crash in the decoder")
+
+    monkeypatch.setattr(WanVAE, "decode", broken)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError):
+        generate(tiny_checkpoint, image_file, out, "--seed", "5")
+    assert not out.exists()
+    saved = torch.load(tmp_path / "out.latents.pt", weights_only=True)
+    assert saved["latents"].shape == (16, 3, 8, 12) and saved["settings"]["seed"] == 5
+    assert "wan-i2v decode" in capsys.readouterr().err
+
+
+def test_demo_runs_from_the_command_line(tmp_path):
+    out = tmp_path / "demo.mp4"
+    env = {"WAN_I2V_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "wan_i2v.cli", "demo", "--save-file", str(out), "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    assert "random weights" in proc.stderr
+    frames, _ = mp4_frames(out)
+    assert frames.shape[0] == 17
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--frame-num", "8"], "not of the form 4n\\+1 \\(use 5 or 9\\)"),
+        (["--frame-num", "1"], "too small"),
+        (["--size", "1000*720"], "not a multiple of 16"),
+        (["--size", "16*16"], "too small"),
+        (["--size", "999P"], "unknown size"),
+        (["--guide-scale", "-1"], "guide scale"),
+        (["--guide-scale", "1", "2", "3"], "one or two values"),
+        (["--steps", "0"], "steps 0 out of range"),
+        (["--steps", "99999"], "out of range"),
+        (["--solver", "euler"], "invalid choice"),
+    ],
+)
+def test_bad_settings(tiny_checkpoint, image_file, tmp_path, capsys, args, message):
+    out = tmp_path / "out.mp4"
+    assert generate(tiny_checkpoint, image_file, out, *args) == 2
+    assert re.search(message, error_line(capsys))
+    assert not out.exists()
+
+
+def test_bad_images(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out.mp4"
+    assert generate(tiny_checkpoint, tmp_path / "missing.png", out) == 2
+    assert "image not found" in error_line(capsys)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert generate(tiny_checkpoint, text, out) == 2
+    assert "cannot read image" in error_line(capsys)
+    truncated = tmp_path / "cut.png"
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "full.png")
+    truncated.write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    assert generate(tiny_checkpoint, truncated, out) == 2
+    assert "cannot read image" in error_line(capsys)
+    monkeypatch.setattr("wan_i2v.video.MAX_IMAGE_PIXELS", 1000)
+    assert generate(tiny_checkpoint, tmp_path / "full.png", out) == 2
+    assert "megapixels" in error_line(capsys)
+    assert not out.exists()
+
+
+def test_bad_checkpoints(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert generate(tmp_path / "nowhere", image_file, out) == 2
+    assert "checkpoint directory not found" in error_line(capsys)
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_checkpoint, incomplete)
+    (incomplete / "Wan2.1_VAE.pth").unlink()
+    assert generate(incomplete, image_file, out) == 2
+    line = error_line(capsys)
+    assert "Wan2.1_VAE.pth" in line and "cache status" in line
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other)
+    config = other / "high_noise_model" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "t2v"}))
+    assert generate(other, image_file, out) == 2
+    assert "not image-to-video" in error_line(capsys)
+
+    shard = next((tiny_checkpoint / "low_noise_model").glob("*-00001-of-*.safetensors"))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_checkpoint, truncated)
+    target = truncated / "low_noise_model" / shard.name
+    target.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert generate(truncated, image_file, out) == 2
+    assert shard.name in error_line(capsys)
+    assert not out.exists()
+
+
+def test_unwritable_output(tiny_checkpoint, image_file, tmp_path, capsys):
+    assert generate(tiny_checkpoint, image_file, tmp_path / "no" / "such" / "dir.mp4") == 2
+    assert "does not exist" in error_line(capsys)
+    assert generate(tiny_checkpoint, image_file, tmp_path) == 2
+    assert "is a directory" in error_line(capsys)
+
+
+def test_empty_prompt_is_allowed(tiny_checkpoint, image_file, tmp_path):
+    out = tmp_path / "out.mp4"
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "", "--save-file", str(out), *TINY_RUN]) == 0
+    assert out.is_file()
+
+
+def test_make_tiny_checkpoint_refuses_existing(tmp_path, capsys):
+    assert main(["make-tiny-checkpoint", str(tmp_path)]) == 2
+    assert "already exists" in error_line(capsys)

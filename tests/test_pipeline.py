@@ -1,0 +1,111 @@
+"""The whole pipeline on a tiny checkpoint, on the CPU in fp32."""
+
+import pytest
+import torch
+from PIL import Image
+
+from wan_i2v.config import BOUNDARY_TIMESTEP, video_size
+from wan_i2v.sampling.schedulers import official_schedule
+from wan_i2v.video import demo_image
+
+SMALL = dict(max_area=64 * 96, frame_num=9, steps=6, shift=3.0)
+
+
+def test_same_seed_same_video_other_seed_other_video(tiny_pipeline):
+    image = demo_image()
+    first = tiny_pipeline.generate(image, "a boat", seed=11, progress=False, **SMALL)
+    again = tiny_pipeline.generate(image, "a boat", seed=11, progress=False, **SMALL)
+    other = tiny_pipeline.generate(image, "a boat", seed=12, progress=False, **SMALL)
+    assert torch.equal(first.video, again.video)
+    assert torch.equal(first.latents, again.latents)
+    assert (first.latents - other.latents).abs().max() > 1e-2
+
+
+def test_shapes_range_and_both_experts(tiny_pipeline):
+    image = demo_image(320, 192)
+    result = tiny_pipeline.generate(image, "a boat", seed=3, progress=False, **SMALL)
+    height, width = video_size(192, 320, SMALL["max_area"])
+    assert (height, width) == (48, 96)  # sqrt(6144*0.6)=60.7 -> 56 rows of 8 -> 6 latents -> 48; 101.2 -> 96
+    assert result.video.shape == (3, 9, height, width)
+    assert result.latents.shape == (16, 3, height // 8, width // 8)
+    assert result.video.dtype == torch.float32 and result.video.device.type == "cpu"
+    assert result.video.min() >= -1 and result.video.max() <= 1
+    timesteps = official_schedule("unipc", SMALL["steps"], SMALL["shift"]).timesteps.tolist()
+    assert result.experts_used == ["high" if t >= BOUNDARY_TIMESTEP else "low" for t in timesteps]
+    assert {"high", "low"} <= set(result.experts_used)
+    assert set(result.timings) == {"text encoding", "image encoding", "denoising", "decoding"}
+
+
+def test_each_expert_matters(tiny_pipeline):
+    """Swapping in the other expert for the high-noise steps changes the result: both are really used."""
+    image = demo_image()
+    normal = tiny_pipeline.generate(image, "a boat", seed=5, progress=False, **SMALL)
+    high = tiny_pipeline.high_noise
+    tiny_pipeline.high_noise = tiny_pipeline.low_noise
+    try:
+        swapped = tiny_pipeline.generate(image, "a boat", seed=5, progress=False, **SMALL)
+    finally:
+        tiny_pipeline.high_noise = high
+    assert (normal.latents - swapped.latents).abs().max() > 1e-3
+
+
+def test_conditioning_follows_official_layout(tiny_pipeline):
+    pixels = torch.rand(3, 50, 70) * 2 - 1
+    condition = tiny_pipeline.encode_image(pixels, 64 * 64, 9)
+    height, width = video_size(50, 70, 64 * 64)
+    assert condition.shape == (20, 3, height // 8, width // 8)
+    mask = condition[:4]
+    assert torch.all(mask[:, 0] == 1) and torch.all(mask[:, 1:] == 0)
+
+
+def test_noise_is_the_official_draw(tiny_pipeline):
+    expected = torch.randn(16, 3, 6, 12, dtype=torch.float32, generator=torch.Generator().manual_seed(99))
+    assert torch.equal(tiny_pipeline.initial_noise((3, 6, 12), 99), expected)
+
+
+def test_text_is_padded_to_text_len_with_zeros(tiny_pipeline):
+    context, empty = tiny_pipeline.encode_text(["a small boat", ""])
+    assert context.shape == (tiny_pipeline.text_len, tiny_pipeline.high_noise.config.text_dim)
+    real = int((context.abs().sum(1) > 0).sum())
+    assert 2 <= real < tiny_pipeline.text_len
+    assert torch.all(context[real:] == 0)
+    assert int((empty.abs().sum(1) > 0).sum()) == 1  # the empty prompt is just EOS
+
+
+def test_batched_guidance_equals_sequential(tiny_pipeline):
+    image = demo_image()
+    sequential = tiny_pipeline.generate(image, "a boat", seed=4, progress=False, **SMALL)
+    tiny_pipeline.batch_cfg = True
+    try:
+        batched = tiny_pipeline.generate(image, "a boat", seed=4, progress=False, **SMALL)
+    finally:
+        tiny_pipeline.batch_cfg = False
+    assert ((batched.latents - sequential.latents).norm() / sequential.latents.norm()) < 1e-5
+
+
+def test_offload_gives_the_same_video(tiny_checkpoint):
+    from wan_i2v import I2VPipeline
+
+    kwargs = dict(seed=8, progress=False, **SMALL)
+    plain = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    offloaded = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, offload=True)
+    assert torch.equal(plain.generate(demo_image(), "x", **kwargs).latents, offloaded.generate(demo_image(), "x", **kwargs).latents)
+
+
+def test_guide_scale_and_prompt_change_the_video(tiny_pipeline):
+    image = demo_image()
+    base = tiny_pipeline.generate(image, "a boat", seed=2, progress=False, **SMALL)
+    scaled = tiny_pipeline.generate(image, "a boat", seed=2, guide_scale=(1.0, 6.0), progress=False, **SMALL)
+    prompt = tiny_pipeline.generate(image, "a red car", seed=2, progress=False, **SMALL)
+    assert (base.latents - scaled.latents).abs().max() > 1e-3
+    assert (base.latents - prompt.latents).abs().max() > 1e-3
+
+
+def test_dpm_solver_runs(tiny_pipeline):
+    result = tiny_pipeline.generate(Image.new("RGB", (90, 60), "white"), "", seed=1, solver="dpm++", progress=False, **SMALL)
+    assert torch.isfinite(result.video).all()
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline):
+    with pytest.warns(UserWarning, match="keeps only the first 32"):
+        tiny_pipeline.encode_text([" ".join(["boat"] * 200)])
