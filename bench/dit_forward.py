@@ -17,33 +17,22 @@ import argparse
 import datetime
 import gc
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
+from common import GB, measure, random_on_gpu
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from wan_i2v.compile import apply_compile  # noqa: E402
-from wan_i2v.models.attention import set_attention_kernel  # noqa: E402
-from wan_i2v.models.diffusers_names import diffusers_transformer_kwargs, official_to_diffusers  # noqa: E402
-from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32  # noqa: E402
-from wan_i2v.tiny import randomize_  # noqa: E402
+from wan_i2v.compile import apply_compile
+from wan_i2v.models.attention import set_attention_kernel
+from wan_i2v.models.diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
+from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
 
 LATENT_GRIDS = {"480P": (21, 60, 104), "720P": (21, 90, 160)}
-SEED = 1234
-GB = 2**30
 
 
 def build_ours(config: DiTConfig, dtype: torch.dtype) -> DiT:
-    with torch.device("meta"):
-        model = DiT(config)
-    for module_name, module in model.named_modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            param_dtype = torch.float32 if keeps_fp32(f"{module_name}.{name}") else dtype
-            module._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=param_dtype, device="cuda"), requires_grad=False)
-    return randomize_(model, SEED).eval()
+    return random_on_gpu(lambda: DiT(config), dtype, keeps_fp32)
 
 
 def build_diffusers(ours: DiT):
@@ -58,6 +47,45 @@ def build_diffusers(ours: DiT):
     # Its RoPE tables are buffers made in __init__: rebuild them off the meta device.
     reference.rope = type(reference.rope)(kwargs["attention_head_dim"], kwargs["patch_size"], 1024).cuda()
     return reference.eval().requires_grad_(False)
+
+
+def load_official_model(repo: Path, ours: DiT):
+    """The official WanModel from a Wan2.2 checkout, over our weights (same names, shared storage).
+
+    Its attention entry point needs flash-attn, which is not installed here; it is replaced by
+    torch SDPA with the official casts (q, k, v to bf16, output in q's dtype), as in shared/ANCHORS.md.
+    """
+    import importlib.util
+    import types
+
+    modules = repo / "wan" / "modules"
+    package = types.ModuleType("wan_official")
+    package.__path__ = [str(modules)]
+    sys.modules["wan_official"] = package
+    for name in ("attention", "model"):
+        spec = importlib.util.spec_from_file_location(f"wan_official.{name}", modules / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    official = sys.modules["wan_official.model"]
+
+    def sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None,
+                       causal=False, window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16, version=None):
+        out_dtype = q.dtype
+        q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).type(out_dtype)
+
+    official.flash_attention = sdpa_attention
+    c = ours.config
+    with torch.device("meta"):
+        model = official.WanModel(model_type="i2v", in_dim=c.in_dim, dim=c.dim, ffn_dim=c.ffn_dim, freq_dim=c.freq_dim,
+                                  text_dim=c.text_dim, out_dim=c.out_dim, num_heads=c.num_heads, num_layers=c.num_layers,
+                                  text_len=c.text_len, eps=c.eps)
+    model.load_state_dict(ours.state_dict(), strict=True, assign=True)
+    d = c.head_dim
+    model.freqs = torch.cat([official.rope_params(1024, d - 4 * (d // 6)), official.rope_params(1024, 2 * (d // 6)),
+                             official.rope_params(1024, 2 * (d // 6))], dim=1)
+    return model.eval().requires_grad_(False)
 
 
 def make_inputs(config: DiTConfig, grid, seed=7):
@@ -76,25 +104,27 @@ def runner(kind, model, inputs):
         hidden = torch.cat([latent, condition], 1).to(torch.bfloat16)
         ctx = context.to(torch.bfloat16)
         return lambda: model(hidden, t, ctx, return_dict=False)[0]
+    if kind == "official":
+        seq_len = latent.shape[2] * latent.shape[3] * latent.shape[4] // 4
+        real = int((context[0].abs().sum(-1) > 0).sum())
+
+        def official_forward():
+            # As wan/image2video.py calls it: bf16 autocast, unpadded text, the latent and condition as lists.
+            with torch.amp.autocast("cuda", dtype=torch.bfloat16):
+                return model([latent[0]], t=t, context=[context[0, :real].to(torch.bfloat16)], seq_len=seq_len, y=[condition[0]])[0][None]
+
+        return official_forward
     return lambda: model(latent, t, context, condition)
 
 
 @torch.no_grad()
-def measure(fn, warmup: int, repeats: int):
-    for _ in range(warmup):
+def print_profile(fn, rows: int = 25):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / GB
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90), flush=True)
 
 
 def forward_flops(config: DiTConfig, tokens: int):
@@ -124,6 +154,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison")
     parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"])
+    parser.add_argument("--official-repo", type=Path, default=None,
+                        help="a Wan2.2 checkout: adds the official WanModel (mode 'official') to the comparison")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per mode at the first size")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -145,13 +178,16 @@ def main():
     models = {"ours": ours}
     if "diffusers" in args.modes:
         models["diffusers"] = build_diffusers(ours)
+    if args.official_repo:
+        models["official"] = load_official_model(args.official_repo, ours)
+        args.modes = ["official", *args.modes]
     error_inputs = make_inputs(config, (args.error_frames, 60, 104))
     outputs = {}
 
     for mode in args.modes:
         if mode == "ours+compile":
             apply_compile(ours)
-        model = models["diffusers" if mode == "diffusers" else "ours"]
+        model = models["ours" if mode.startswith("ours") else mode]
         with torch.no_grad():
             outputs[mode] = runner(mode, model, error_inputs)().float().cpu()
         for size in args.sizes:
@@ -161,7 +197,9 @@ def main():
             row = {"mode": mode, "size": size, "tokens": tokens, "seconds": seconds, "activation_peak_gb": peak}
             report["results"].append(row)
             print(f"{mode:>14} {size}: {seconds:7.3f} s/forward, activations {peak:5.1f} GiB", flush=True)
-        torch._dynamo.reset() if mode == "ours+compile" else None
+        if args.profile:
+            print_profile(runner(mode, model, make_inputs(config, LATENT_GRIDS[args.sizes[0]])))
+    del model
 
     for size in args.sizes:
         grid = LATENT_GRIDS[size]
