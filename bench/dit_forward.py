@@ -24,6 +24,7 @@ import torch
 from common import GB, measure, random_on_gpu
 
 from wan_i2v.compile import apply_compile
+from wan_i2v.quantize import apply_fp8
 from wan_i2v.models.attention import set_attention_kernel
 from wan_i2v.models.diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
 from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
@@ -153,7 +154,8 @@ def main():
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison")
-    parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"])
+    parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"],
+                        help="any of ours, ours+compile, ours+fp8+compile (in that order), diffusers")
     parser.add_argument("--official-repo", type=Path, default=None,
                         help="a Wan2.2 checkout: adds the official WanModel (mode 'official') to the comparison")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per mode at the first size")
@@ -185,7 +187,10 @@ def main():
     outputs = {}
 
     for mode in args.modes:
-        if mode == "ours+compile":
+        # Modes change our model in place, in the order given: ours, ours+compile, ours+fp8+compile.
+        if "fp8" in mode:
+            apply_fp8(ours)
+        if "compile" in mode:
             apply_compile(ours)
         model = models["ours" if mode.startswith("ours") else mode]
         with torch.no_grad():

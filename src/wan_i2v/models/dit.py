@@ -166,7 +166,6 @@ class SelfAttention(nn.Module):
         self.attention = Attention()
 
     def forward(self, x, rope, key_mask=None):
-        x = x.to(self.q.weight.dtype)
         heads = (self.num_heads, -1)
         v = self.v(x).unflatten(-1, heads)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope).to(v.dtype)
@@ -189,10 +188,9 @@ class CrossAttention(nn.Module):
         self.attention = Attention()
 
     def forward(self, x, context):
-        dtype = self.q.weight.dtype
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x.to(dtype))).unflatten(-1, heads).to(dtype)
-        k = self.norm_k(self.k(context)).unflatten(-1, heads).to(dtype)
+        q = self.norm_q(self.q(x.to(context.dtype))).unflatten(-1, heads).to(context.dtype)
+        k = self.norm_k(self.k(context)).unflatten(-1, heads).to(context.dtype)
         v = self.v(context).unflatten(-1, heads)
         return self.o(self.attention(q, k, v).flatten(2))
 
@@ -210,11 +208,14 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
     def forward(self, x, time_modulation, context, rope, key_mask=None):
-        """x: fp32 residual stream [B, L, C]; time_modulation: fp32 [B, 6, C]."""
+        """x: fp32 residual stream [B, L, C]; time_modulation: fp32 [B, 6, C]; context: [B, text_len, C]
+        in the compute dtype, which the linear layers take their inputs in."""
+        compute_dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_modulation).unsqueeze(2).unbind(1)
-        x = x + self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, rope, key_mask) * gate_sa
+        attn_in = (self.norm1(x) * (1 + scale_sa) + shift_sa).to(compute_dtype)
+        x = x + self.self_attn(attn_in, rope, key_mask) * gate_sa
         x = x + self.cross_attn(self.norm3(x), context)
-        ffn_in = (self.norm2(x) * (1 + scale_ff) + shift_ff).to(self.ffn[0].weight.dtype)
+        ffn_in = (self.norm2(x) * (1 + scale_ff) + shift_ff).to(compute_dtype)
         return x + self.ffn(ffn_in) * gate_ff
 
 
