@@ -126,7 +126,7 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *[1] * spatial_dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        return F.normalize(x, dim=1).mul_(self.scale).mul_(self.gamma)  # in place: decode memory is the limit
 
 
 class ResidualBlock(CausalModule):
@@ -135,15 +135,15 @@ class ResidualBlock(CausalModule):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.residual = CausalSequential(
-            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim),
-            RMSNorm(out_dim), nn.SiLU(),
+            RMSNorm(in_dim), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim),
+            RMSNorm(out_dim), nn.SiLU(inplace=True),
             nn.Identity(),  # the official model's dropout (p=0); keeps the parameter names' indices
             CausalConv3d(out_dim, out_dim),
         )  # fmt: skip
         self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        return self.residual(x, cache) + self.shortcut(x)
+        return self.residual(x, cache).add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -227,7 +227,7 @@ def _middle(dim: int) -> CausalSequential:
 
 
 def _head(dim: int, out_dim: int) -> CausalSequential:
-    return CausalSequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out_dim))
+    return CausalSequential(RMSNorm(dim), nn.SiLU(inplace=True), CausalConv3d(dim, out_dim))
 
 
 def _encoder(config: VAEConfig) -> CausalSequential:
@@ -309,13 +309,18 @@ class WanVAE(nn.Module):
         mean, inv_std = self._latent_stats(latents.device)
         x = self.conv2((latents.float() / inv_std + mean).to(self.conv2.weight.dtype))
         cache: CausalCache = {}
-        total = x.shape[2]
-        frames = []
+        total, step = x.shape[2], self.config.frames_per_latent
+        # Filled in place chunk by chunk: a final concatenation would hold the video twice.
+        video = None
         for i in range(total):
-            frames.append(self.decoder(x[:, :, i : i + 1], cache).float().clamp_(-1, 1))
+            frames = self.decoder(x[:, :, i : i + 1], cache)
+            if video is None:
+                video = frames.new_empty(*frames.shape[:2], 1 + (total - 1) * step, *frames.shape[3:], dtype=torch.float32)
+            start = 0 if i == 0 else 1 + (i - 1) * step
+            video[:, :, start : start + frames.shape[2]] = frames.clamp_(-1, 1)
             if progress is not None:
                 progress(i + 1, total)
-        return torch.cat(frames, dim=2)
+        return video
 
 
 def load_vae(path: Path, *, device: torch.device | str, dtype: torch.dtype) -> WanVAE:
