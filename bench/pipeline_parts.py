@@ -45,6 +45,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="720P", choices=list(PIXELS))
     parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--no-steps", action="store_true", help="only the text encoder and the VAE")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     height, width = PIXELS[args.size]
@@ -95,6 +96,10 @@ def main():
     del vae, video, latents, decoded_fp32, decoded_bf16
     free()
 
+    if args.no_steps:
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return
     # The two experts, bf16 with the fp32 islands, compiled, cuDNN attention.
     config = DiTConfig()
     experts = {}
