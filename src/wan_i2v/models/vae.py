@@ -308,16 +308,26 @@ class WanVAE(nn.Module):
         """
         mean, inv_std = self._latent_stats(latents.device)
         x = self.conv2((latents.float() / inv_std + mean).to(self.conv2.weight.dtype))
+        # After the last temporal upsampling each latent frame has become several frames at
+        # 1/4 and then full resolution; decoding those one frame at a time (the causal cache
+        # makes that exact) keeps the largest activations a quarter of the size.
+        upsamples = self.decoder.upsamples
+        split = 1 + max((i for i, layer in enumerate(upsamples) if isinstance(layer, Resample) and layer.temporal), default=-1)
+        per_latent = CausalSequential(self.decoder.conv1, self.decoder.middle, *upsamples[:split])
+        per_frame = CausalSequential(*upsamples[split:], self.decoder.head)
         cache: CausalCache = {}
-        total, step = x.shape[2], self.config.frames_per_latent
-        # Filled in place chunk by chunk: a final concatenation would hold the video twice.
+        total = x.shape[2]
         video = None
+        frame = 0
         for i in range(total):
-            frames = self.decoder(x[:, :, i : i + 1], cache)
-            if video is None:
-                video = frames.new_empty(*frames.shape[:2], 1 + (total - 1) * step, *frames.shape[3:], dtype=torch.float32)
-            start = 0 if i == 0 else 1 + (i - 1) * step
-            video[:, :, start : start + frames.shape[2]] = frames.clamp_(-1, 1)
+            coarse = per_latent(x[:, :, i : i + 1], cache)
+            for j in range(coarse.shape[2]):
+                out = per_frame(coarse[:, :, j : j + 1], cache)
+                if video is None:  # filled in place: a final concatenation would hold the video twice
+                    frames = 1 + (total - 1) * self.config.frames_per_latent
+                    video = out.new_empty(*out.shape[:2], frames, *out.shape[3:], dtype=torch.float32)
+                video[:, :, frame : frame + 1] = out.clamp_(-1, 1)
+                frame += 1
             if progress is not None:
                 progress(i + 1, total)
         return video
