@@ -194,3 +194,13 @@ def test_load_missing_file_and_bad_config(tmp_path, saved):
     (tmp_path / "vae_config.json").write_text(json.dumps({"z_dim": 48}))
     with pytest.raises(WanError, match="z_dim"):
         load_vae(path, device="cpu", dtype=torch.float32)
+
+
+def test_frame_by_frame_decode_is_the_same_video():
+    from wan_i2v.tiny import randomize_
+
+    vae = randomize_(WanVAE(VAEConfig(dim=16, num_res_blocks=1)), seed=0).eval()
+    latents = torch.randn(1, 16, 3, 6, 8)
+    whole = vae.decode(latents, frame_by_frame=False)
+    assert torch.equal(vae.decode(latents, frame_by_frame=True), whole)
+    assert whole.shape == (1, 3, 9, 48, 64)

@@ -301,36 +301,55 @@ class WanVAE(nn.Module):
         return (moments[:, : self.config.z_dim].float() - mean) * inv_std
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        progress: Callable[[int, int], None] | None = None,
+        frame_by_frame: bool | None = None,
+    ) -> torch.Tensor:
         """Normalized latents [B, z_dim, f, h, w] -> video [B, 3, 4(f-1)+1, 8h, 8w] in [-1, 1], float32.
 
-        ``progress(done, total)`` is called after each latent frame.
+        ``progress(done, total)`` is called after each latent frame. ``frame_by_frame`` runs the
+        stages after the last temporal upsampling one output frame at a time: the same result
+        (the causal cache makes it exact) with the largest activations a quarter of the size,
+        ~20% slower. By default it is used only when the GPU's free memory is short.
         """
         mean, inv_std = self._latent_stats(latents.device)
         x = self.conv2((latents.float() / inv_std + mean).to(self.conv2.weight.dtype))
-        # After the last temporal upsampling each latent frame has become several frames at
-        # 1/4 and then full resolution; decoding those one frame at a time (the causal cache
-        # makes that exact) keeps the largest activations a quarter of the size.
+        if frame_by_frame is None:
+            frame_by_frame = self._memory_is_short(x)
         upsamples = self.decoder.upsamples
         split = 1 + max((i for i, layer in enumerate(upsamples) if isinstance(layer, Resample) and layer.temporal), default=-1)
         per_latent = CausalSequential(self.decoder.conv1, self.decoder.middle, *upsamples[:split])
-        per_frame = CausalSequential(*upsamples[split:], self.decoder.head)
+        to_pixels = CausalSequential(*upsamples[split:], self.decoder.head)
         cache: CausalCache = {}
         total = x.shape[2]
         video = None
         frame = 0
         for i in range(total):
             coarse = per_latent(x[:, :, i : i + 1], cache)
-            for j in range(coarse.shape[2]):
-                out = per_frame(coarse[:, :, j : j + 1], cache)
+            chunk = 1 if frame_by_frame else coarse.shape[2]
+            for j in range(0, coarse.shape[2], chunk):
+                out = to_pixels(coarse[:, :, j : j + chunk], cache)
                 if video is None:  # filled in place: a final concatenation would hold the video twice
                     frames = 1 + (total - 1) * self.config.frames_per_latent
                     video = out.new_empty(*out.shape[:2], frames, *out.shape[3:], dtype=torch.float32)
-                video[:, :, frame : frame + 1] = out.clamp_(-1, 1)
-                frame += 1
+                video[:, :, frame : frame + out.shape[2]] = out.clamp_(-1, 1)
+                frame += out.shape[2]
             if progress is not None:
                 progress(i + 1, total)
         return video
+
+    def _memory_is_short(self, latents: torch.Tensor) -> bool:
+        if latents.device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(latents.device)
+        free += torch.cuda.memory_reserved(latents.device) - torch.cuda.memory_allocated(latents.device)
+        height, width = (side * self.config.pixels_per_latent for side in latents.shape[3:])
+        # Measured on an H100 at 720P (bench/pipeline_parts.py): the whole-chunk decode peaks at
+        # about 14 full-resolution activations of one latent frame's 4 frames (9.9 GiB in bf16).
+        needed = 14 * self.config.frames_per_latent * self.config.dim * height * width * latents.element_size()
+        return free < needed
 
 
 def load_vae(path: Path, *, device: torch.device | str, dtype: torch.dtype) -> WanVAE:
