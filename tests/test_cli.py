@@ -202,3 +202,127 @@ def test_empty_prompt_is_allowed(tiny_checkpoint, image_file, tmp_path):
 def test_make_tiny_checkpoint_refuses_existing(tmp_path, capsys):
     assert main(["make-tiny-checkpoint", str(tmp_path)]) == 2
     assert "already exists" in error_line(capsys)
+
+
+def test_two_processes_write_the_single_process_video(tiny_checkpoint, image_file, tmp_path, capfd):
+    """`--gpus 2 --device cpu`: two gloo ranks (CFG parallel), one mp4 from rank 0, one summary;
+    and a second such run started alongside does not collide with it (each picks a free port)."""
+    single, double, beside = tmp_path / "single.mp4", tmp_path / "double.mp4", tmp_path / "beside.mp4"
+    assert generate(tiny_checkpoint, image_file, single, "--seed", "9") == 0
+    capfd.readouterr()
+    other = subprocess.Popen(
+        [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file),
+         "--prompt", "a boat", "--save-file", str(beside), *TINY_RUN, "--gpus", "2", "--seed", "9"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert generate(tiny_checkpoint, image_file, double, "--gpus", "2", "--seed", "9") == 0
+    _, other_err = other.communicate(timeout=120)
+    assert other.returncode == 0, other_err
+    out, err = capfd.readouterr()
+    assert out.strip() == str(double)  # printed once, by rank 0
+    assert err.count("seed: 9") == 1 and "error" not in err
+    first, _ = mp4_frames(single)
+    second, _ = mp4_frames(double)
+    assert first.shape == second.shape
+    assert np.abs(first.astype(int) - second).mean() < 0.5
+    assert read_mp4_metadata(double)["seed"] == 9
+    assert not (tmp_path / "double.latents.pt").exists()
+    third, _ = mp4_frames(beside)
+    assert np.abs(first.astype(int) - third).mean() < 0.5
+
+
+def test_a_failing_multi_process_run_prints_one_error_line(tiny_checkpoint, image_file, tmp_path, capfd):
+    shard = next((tiny_checkpoint / "low_noise_model").glob("*-00001-of-*.safetensors"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "low_noise_model" / shard.name).write_bytes(shard.read_bytes()[:100])
+    out = tmp_path / "out.mp4"
+    assert generate(broken, image_file, out, "--gpus", "2") == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wan-i2v: error: ") and shard.name in err[0], err
+    assert not out.exists()
+
+
+def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "plan: 4 GPUs, CFG parallel 2, Ulysses 2, experts unsharded, text encoder sharded"
+    assert re.match(r"memory: weights .* GiB \+ max\(DiT activations .* GiB, VAE decode .* GiB\) = .* GiB per GPU", lines[1])
+    assert lines[2] == "video: 96x64, 9 frames, 72 tokens per DiT forward"
+    assert not out.exists()
+    # Too little memory per GPU: the plan shards, and says that even so it does not fit.
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dry-run", "--gpu-memory", "0.0001") == 0
+    text = capsys.readouterr().out
+    assert "FSDP over experts and text encoder" in text and "warning: the estimate does not fit" in text
+    # A forced plan.
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--ulysses", "4", "--fsdp", "--dry-run") == 0
+    assert capsys.readouterr().out.startswith("plan: 4 GPUs, no CFG parallel, Ulysses 4, FSDP")
+
+
+def test_dry_run_without_a_checkpoint_plans_for_the_official_model(image_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    args = ["generate", "--image", str(image_file), "--prompt", "x", "--device", "cpu", "--dtype", "bf16", "--gpus", "2", "--gpu-memory", "48", "--dry-run"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "plan: 2 GPUs" in text and "FSDP" in text and "warning" not in text
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gpus", "3"], r"3 GPUs cannot split the model's 4 attention heads \(use --gpus 1, 2, 4, 8\)"),
+        (["--gpus", "2", "--ulysses", "3"], r"--ulysses 3 does not divide the model's 4 attention heads \(choose one of 1, 2, 4\)"),
+        (["--gpus", "4", "--ulysses", "4", "--cfg-parallel"], r"uses 8 GPUs, not 4 \(with 4 GPUs use --ulysses 2 --cfg-parallel or --ulysses 4\)"),
+        (["--gpus", "0"], r"--gpus 0"),
+        (["--fsdp"], r"--fsdp shards over several GPUs \(give --gpus 2 or more"),
+    ],
+)
+def test_impossible_plans(tiny_checkpoint, image_file, tmp_path, capsys, args, message):
+    out = tmp_path / "out.mp4"
+    assert generate(tiny_checkpoint, image_file, out, *args) == 2
+    assert re.search(message, error_line(capsys))
+    assert not out.exists()
+
+
+def test_more_gpus_than_the_machine_has(tiny_checkpoint, image_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args = ["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "x", "--save-file", str(tmp_path / "o.mp4")]
+    assert main([*args, "--device", "cuda", "--gpus", "2"]) == 2
+    assert "--gpus 2 but this machine has 1 GPU (use --gpus 1 or fewer)" in error_line(capsys)
+    assert main([*args, "--device", "cuda:1", "--gpus", "2"]) == 2
+    assert "--device cuda:1 names one GPU but --gpus is 2" in error_line(capsys)
+
+
+def test_ctrl_c_stops_every_rank(tiny_checkpoint, image_file, tmp_path):
+    """SIGINT to the terminal's process group (what Ctrl-C sends) ends the launcher and both ranks."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out.mp4"
+    command = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file),
+               "--prompt", "a boat", "--save-file", str(out), "--size", "128*128", "--frame-num", "17", "--steps", "1000",
+               "--device", "cpu", "--gpus", "2", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(5)  # started (an interrupt while starting must work as well)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "wan-i2v: interrupted"
+    for _ in range(100):  # every rank (and multiprocessing's helper) is gone within seconds
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("processes of the run are still alive")
+    assert not out.exists()

@@ -57,7 +57,8 @@ def _save_latents(path: Path, latents, settings: dict) -> None:
 
 
 def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool):
-    """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4."""
+    """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4.
+    In a multi-process run only rank 0 writes and prints."""
     from wan_i2v.config import FPS
     from wan_i2v.video import write_mp4
 
@@ -81,9 +82,11 @@ def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, lat
             before_decode=save,
         )
     except BaseException as exc:
-        if latents_file is not None and latents_file.is_file() and not isinstance(exc, WanError):
+        if latents_file is not None and _is_main() and latents_file.is_file() and not isinstance(exc, WanError):
             print(f"wan-i2v: the latents are saved in {latents_file}; finish with: wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
         raise
+    if result.video is None:  # a rank other than 0 of a parallel run
+        return result
     write_mp4(result.video, save_file, fps=FPS, metadata=result.settings.as_dict())
     if latents_file is not None and not keep_latents:
         latents_file.unlink(missing_ok=True)
@@ -91,8 +94,67 @@ def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, lat
     return result
 
 
+def _is_main() -> bool:
+    from wan_i2v.parallel.groups import env_rank
+
+    return env_rank() == 0
+
+
+def _plan(args, ckpt_dir: Path | None, image, max_area: int, device: str, query_gpu: bool = True):
+    """The parallel plan for this run (forced by --ulysses/--cfg-parallel/--fsdp, else chosen), its
+    memory estimate, whether it fits, and the per-GPU memory it was planned for (None: no limit,
+    also when ``query_gpu`` is false: a launcher checks the plan but leaves CUDA to its ranks)."""
+    from wan_i2v.config import video_size
+    from wan_i2v.parallel.plan import GiB, make_plan, model_sizes
+
+    dtype_bytes = _dtype(args.dtype, device).itemsize
+    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, dtype_bytes)
+    height, width = video_size(image.height, image.width, max_area)
+    tokens = ((args.frame_num - 1) // 4 + 1) * (height // 16) * (width // 16)
+    if args.gpu_memory is not None:
+        gpu_bytes = int(args.gpu_memory * GiB)
+    elif device.startswith("cuda") and query_gpu:
+        import torch
+
+        gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        gpu_bytes = None
+    dims, estimate, fits = make_plan(
+        args.gpus, sizes, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, gpu_bytes=gpu_bytes,
+        tokens=tokens, pixels=height * width, offload=args.offload, dtype_bytes=dtype_bytes,
+    )  # fmt: skip
+    return dims, estimate, fits, gpu_bytes, (height, width, tokens)
+
+
+def _explain(dims, estimate, fits, gpu_bytes, video, args) -> None:
+    from wan_i2v.parallel.plan import GiB
+
+    height, width, tokens = video
+    print(f"plan: {dims.describe(args.offload)}" + (", offload" if args.offload else ""))
+    budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else ""
+    print(f"memory: {estimate.describe()}{budget}")
+    print(f"video: {width}x{height}, {args.frame_num} frames, {tokens} tokens per DiT forward")
+    if not fits:
+        print("warning: the estimate does not fit; try --offload, --fsdp, more GPUs or a smaller --size")
+
+
+def _generate_rank(args) -> None:
+    """One rank of a ``--gpus N`` run (started by ``wan_i2v.parallel.launch``, which reports its errors)."""
+    with warnings.catch_warnings():
+        if _is_main():
+            warnings.showwarning = _warning_line
+        else:
+            warnings.simplefilter("ignore")  # rank 0 says it once
+        cmd_generate(args)
+
+
+def _warning_line(message, *_args, **_kwargs) -> None:
+    print(f"wan-i2v: warning: {message}", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     from wan_i2v.config import GenerationSettings, parse_size
+    from wan_i2v.parallel.groups import launched
     from wan_i2v.pipeline import I2VPipeline
     from wan_i2v.video import check_writable, load_image
 
@@ -105,15 +167,96 @@ def cmd_generate(args) -> int:
     GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
     image = load_image(args.image)
     save_file = Path(args.save_file)
-    check_writable(save_file)
     latents_file = Path(args.save_latents) if args.save_latents else save_file.with_suffix(".latents.pt")
-    check_writable(latents_file)
+    if _is_main():
+        check_writable(save_file)
+        check_writable(latents_file)
     device = args.device or _default_device()
-    pipe = I2VPipeline.from_pretrained(
-        _ckpt_dir(args), device=device, dtype=_dtype(args.dtype, device), offload=args.offload, attention=args.attention
-    )
-    _run(pipe, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file, keep_latents=bool(args.save_latents))
+    world = _world_size(args, device)
+    try:
+        ckpt_dir = _ckpt_dir(args)
+    except WanError:
+        if not args.dry_run:
+            raise
+        ckpt_dir = None  # a dry run plans for the official model's shapes
+    launching = world > 1 and not launched() and not args.dry_run
+    dims, estimate, fits, gpu_bytes, video = _plan(args, ckpt_dir, image, max_area, device, query_gpu=not launching)
+    if args.dry_run:
+        _explain(dims, estimate, fits, gpu_bytes, video, args)
+        return 0
+    if launching:  # start the ranks; each runs this command again
+        from wan_i2v.parallel.launch import launch
+
+        launch(_generate_rank, (args,), world)
+        return 0
+    groups = None
+    if launched():
+        from wan_i2v.parallel import ParallelGroups, init_distributed
+
+        _share_cpu_threads(device)
+        run_device = init_distributed(_device_type(device))
+        groups = ParallelGroups.build(_agreed(dims, run_device), run_device)
+        device = str(run_device)
+    try:
+        pipe = I2VPipeline.from_pretrained(
+            ckpt_dir, device=device, dtype=_dtype(args.dtype, device), offload=args.offload, attention=args.attention, parallel=groups
+        )
+        _run(pipe, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file, keep_latents=bool(args.save_latents))
+    finally:
+        if groups is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
+
+
+def _agreed(dims, device):
+    """Rank 0's plan on every rank: ranks on different GPUs could otherwise choose differently."""
+    import torch.distributed as dist
+
+    box = [dims]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
+def _device_type(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def _world_size(args, device: str) -> int:
+    """How many processes the run has: the launcher's WORLD_SIZE, else --gpus (checked against the machine)."""
+    from wan_i2v.parallel.groups import launched
+
+    if launched():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.gpus not in (None, world):
+            raise WanError(f"--gpus {args.gpus} but the launcher started {world} processes", "leave out --gpus under torchrun")
+        args.gpus = world
+        return world
+    args.gpus = 1 if args.gpus is None else args.gpus
+    if args.gpus < 1:
+        raise WanError(f"--gpus {args.gpus}", "give 1 or more")
+    if device.startswith("cuda:") and args.gpus > 1:
+        raise WanError(f"--device {device} names one GPU but --gpus is {args.gpus}", "use --device cuda, and CUDA_VISIBLE_DEVICES to pick the GPUs")
+    if device.startswith("cuda") and args.gpus > 1:
+        import torch
+
+        visible = torch.cuda.device_count()
+        if args.gpus > visible:
+            raise WanError(
+                f"--gpus {args.gpus} but this machine has {visible} GPU{'s' if visible != 1 else ''}",
+                f"use --gpus {visible} or fewer" if visible else "use --device cpu",
+            )
+    return args.gpus
+
+
+def _share_cpu_threads(device: str) -> None:
+    """CPU ranks on one machine split its cores rather than each taking them all."""
+    if not device.startswith("cuda"):
+        import torch
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def cmd_decode(args) -> int:
@@ -212,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     gen.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--attention", default=None, help="attention kernel (default: the fastest exact one for the device)")
+    par = gen.add_argument_group("several GPUs (see README: Several GPUs)")
+    par.add_argument("--gpus", type=int, default=None, help="start this many processes, one per GPU (default 1; under torchrun: its world size)")
+    par.add_argument("--ulysses", type=int, default=None, metavar="U", help="force the plan: sequence parallel degree (divides the heads)")
+    par.add_argument("--cfg-parallel", action="store_true", help="force the plan: guidance passes on two halves of the GPUs")
+    par.add_argument("--fsdp", action="store_true", help="force the plan: shard experts and text encoder over all GPUs")
+    par.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="plan for this much memory per GPU (default: the GPU's)")
+    par.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
     gen.set_defaults(func=cmd_generate)
 
     dec = sub.add_parser("decode", help="decode saved latents to mp4 again")
@@ -248,10 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             # Warnings (a truncated prompt, ...) as one line each, like the errors.
-            warnings.showwarning = lambda message, *_args, **_kw: print(f"wan-i2v: warning: {message}", file=sys.stderr)
+            warnings.showwarning = _warning_line
+            if not _is_main():
+                warnings.simplefilter("ignore")  # under torchrun: rank 0 says it once
             return args.func(args)
     except WanError as exc:
-        print(f"wan-i2v: error: {exc}", file=sys.stderr)
+        rank = "" if _is_main() else f"(rank {os.environ.get('RANK')}) "
+        print(f"wan-i2v: error: {rank}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wan-i2v: interrupted", file=sys.stderr)

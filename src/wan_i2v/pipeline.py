@@ -37,7 +37,7 @@ from wan_i2v.video import image_to_tensor, load_image
 
 @dataclass
 class GenerationResult:
-    video: torch.Tensor  # [3, F, H, W] float32 on CPU, in [-1, 1]
+    video: torch.Tensor | None  # [3, F, H, W] float32 on CPU, in [-1, 1]; None on ranks other than 0 of a parallel run
     latents: torch.Tensor  # [16, (F-1)//4+1, H/8, W/8] float32 on CPU
     settings: GenerationSettings
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
@@ -57,6 +57,7 @@ class I2VPipeline:
         offload: bool = False,
         batch_cfg: bool = False,
     ):
+        self.parallel = None  # a wan_i2v.parallel.ParallelGroups once parallelized
         self.text_encoder = text_encoder
         self.vae = vae
         self.high_noise = high_noise
@@ -75,12 +76,15 @@ class I2VPipeline:
         offload: bool = False,
         attention: str | None = None,
         batch_cfg: bool = False,
+        parallel=None,
     ) -> "I2VPipeline":
         """Load the official checkpoint directory.
 
         ``offload`` keeps only the active expert and, outside text encoding, no text
         encoder on the GPU. ``attention`` names a kernel (default: the fastest exact
         one for the device). ``batch_cfg`` runs both guidance branches as one batch.
+        ``parallel`` (a ``wan_i2v.parallel.ParallelGroups``, in a process group) spreads the run over
+        its ranks; every rank of the group calls this and ``generate`` with the same arguments.
         """
         root = Path(ckpt_dir)
         if not root.is_dir():
@@ -88,20 +92,37 @@ class I2VPipeline:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise WanError("CUDA was asked for but no GPU is visible", "use --device cpu, or check the driver")
-        host_or_device = torch.device("cpu") if offload else device
-        high = load_dit(root / ckpt.HIGH_NOISE_DIR, device=host_or_device, dtype=dtype)
-        low = load_dit(root / ckpt.LOW_NOISE_DIR, device=host_or_device, dtype=dtype)
+        # What FSDP will shard is loaded to host memory and sharded at once, moving to the GPU block by
+        # block: no GPU holds a whole model, and a rank's host memory one model at a time.
+        host = torch.device("cpu")
+        host_or_device = host if offload or (parallel is not None and parallel.dims.fsdp) else device
+        text_host_or_device = host if offload or (parallel is not None and parallel.shards_text_encoder(offload)) else device
+
+        def loaded(model, kind: str):
+            if parallel is None:
+                return model
+            from wan_i2v.parallel import parallelize_model
+
+            return parallelize_model(model, kind, parallel, offload)
+
+        high = loaded(load_dit(root / ckpt.HIGH_NOISE_DIR, device=host_or_device, dtype=dtype), "expert")
+        low = loaded(load_dit(root / ckpt.LOW_NOISE_DIR, device=host_or_device, dtype=dtype), "expert")
         if high.config != low.config:
             raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.STATUS_HINT)
         kernel = attention or default_kernel(device)
         for expert in (high, low):
             set_attention_kernel(expert, kernel)
         text_encoder = TextEncoder.load(
-            root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=host_or_device, dtype=dtype
+            root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=text_host_or_device, dtype=dtype
         )
+        text_encoder = loaded(text_encoder, "text encoder")
         # The VAE runs in fp32, as the official code runs it.
         vae = load_vae(root / ckpt.VAE_FILE, device=device, dtype=torch.float32)
-        return cls(text_encoder, vae, high, low, device=device, offload=offload, batch_cfg=batch_cfg)
+        # With FSDP, its own CPU offload replaces the expert swap and the text encoder's moves.
+        swap = offload and not (parallel is not None and parallel.dims.fsdp)
+        pipe = cls(text_encoder, vae, high, low, device=device, offload=swap, batch_cfg=batch_cfg)
+        pipe.parallel = parallel
+        return pipe
 
     @property
     def text_len(self) -> int:
@@ -124,7 +145,10 @@ class I2VPipeline:
     ) -> GenerationResult:
         """The official Wan2.2 I2V sampling. ``guide_scale`` is (low-noise, high-noise) or one value for both;
         ``seed=None`` draws a random seed, reported in ``result.settings.seed``. ``before_decode(latents,
-        settings)`` sees the latents (CPU, fp32) before decoding, e.g. to save them."""
+        settings)`` sees the latents (CPU, fp32) before decoding, e.g. to save them.
+
+        In a parallel run the seed is rank 0's, progress and ``before_decode`` are rank 0's only, and
+        only rank 0's result has the video (None elsewhere)."""
         if isinstance(guide_scale, (int, float)):
             guide_scale = (float(guide_scale), float(guide_scale))
         settings = GenerationSettings(
@@ -138,6 +162,10 @@ class I2VPipeline:
             seed=random.randint(0, sys.maxsize) if seed is None else seed,
             solver=solver,
         )
+        main = self.parallel is None or self.parallel.is_main
+        if self.parallel is not None:  # every rank must draw the same noise
+            settings = self.parallel.agree(settings)
+        progress = progress and main
         pixels = image_to_tensor(load_image(image))
         timings: dict[str, float] = {}
         if self.device.type == "cuda":
@@ -162,7 +190,7 @@ class I2VPipeline:
             latents = denoise(
                 noise[None],
                 experts=self._experts(),
-                guidance=ClassifierFreeGuidance(conditioning, batched=self.batch_cfg),
+                guidance=self._guidance(conditioning),
                 schedule=official_schedule(settings.solver, settings.steps, settings.shift),
                 solver=settings.solver,
                 guide_scale=settings.guide_scale,
@@ -170,7 +198,7 @@ class I2VPipeline:
             )[0]
         bar.close()
         latents_cpu = latents.float().cpu()
-        if before_decode is not None:
+        if before_decode is not None and main:
             before_decode(latents_cpu, settings)
         with _timed(timings, "decoding", self.device):
             video = self.decode(latents, progress)
@@ -211,8 +239,24 @@ class I2VPipeline:
         channels = self.high_noise.config.out_dim
         return torch.randn(channels, *latent_shape, dtype=torch.float32, generator=generator, device=self.device)
 
-    def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor | None:
+        """[16, f, h, w] latents -> [3, F, H, W] video (in a parallel run: split over the ranks, on rank 0)."""
+        if self.parallel is not None:
+            from wan_i2v import parallel
+
+            bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
+            try:
+                return parallel.decode(self.parallel, self.vae, latents, lambda done, total: bar.update(done - bar.n))
+            finally:
+                bar.close()
         return decode_latents(self.vae, latents, self.device, progress)
+
+    def _guidance(self, conditioning: Conditioning) -> ClassifierFreeGuidance:
+        if self.parallel is not None:
+            from wan_i2v import parallel
+
+            return parallel.guidance(self.parallel, conditioning, self.batch_cfg)
+        return ClassifierFreeGuidance(conditioning, batched=self.batch_cfg)
 
     def _experts(self) -> Experts:
         if self.offload:

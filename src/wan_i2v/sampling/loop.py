@@ -42,6 +42,10 @@ class ClassifierFreeGuidance:
         else:
             cond = model(latent, timestep, self.contexts[0], self.condition)
             uncond = model(latent, timestep, self.contexts[1], self.condition)
+        return self.combine(cond, uncond, scale)
+
+    @staticmethod
+    def combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
         return uncond + scale * (cond - uncond)
 
 

@@ -1,0 +1,71 @@
+"""Several GPUs for one video: CFG parallel x Ulysses sequence parallel, FSDP, a split VAE decode.
+
+Applied from outside the models, each technique as its own function, in a fixed order
+(torchtitan's shape): ``apply_ulysses`` (replaces the DiT's sequence and attention seams),
+then ``apply_fsdp``; ``parallelize_model`` applies a plan to each model as the pipeline loads
+it. The plan (``ParallelDims``) is pure data; ``ParallelGroups`` is the plan built into process
+groups for this rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from wan_i2v.parallel.fsdp import apply_fsdp
+from wan_i2v.parallel.groups import ParallelGroups, init_distributed, launched
+from wan_i2v.parallel.plan import MemoryEstimate, ModelSizes, ParallelDims, choose_plan, estimate_memory
+from wan_i2v.parallel.ulysses import apply_ulysses
+
+__all__ = [
+    "MemoryEstimate",
+    "ModelSizes",
+    "ParallelDims",
+    "ParallelGroups",
+    "apply_fsdp",
+    "apply_ulysses",
+    "choose_plan",
+    "decode",
+    "estimate_memory",
+    "guidance",
+    "init_distributed",
+    "launched",
+    "parallelize_model",
+]
+
+
+def parallelize_model(model, kind: str, groups: ParallelGroups, offload: bool = False):
+    """Apply ``groups``' plan to one loaded model of the pipeline: an ``"expert"`` (a DiT) gets
+    Ulysses and, in an FSDP plan, FSDP; the ``"text encoder"`` is sharded in every multi-rank run
+    unless it waits in host memory (``offload`` without FSDP). ``offload`` with FSDP keeps the
+    shards in pinned host memory (FSDP2's CPU offload; on the CPU there is nothing to offload)."""
+    dims = groups.dims
+    if kind == "expert":
+        if groups.ulysses is not None:
+            apply_ulysses(model, groups.ulysses)
+        if dims.fsdp:
+            apply_fsdp(model, model.blocks, groups.mesh, offload=offload and groups.device.type == "cuda")
+    elif kind == "text encoder":
+        if groups.shards_text_encoder(offload):
+            apply_fsdp(model.model, model.model.encoder.block, groups.mesh)
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    return model
+
+
+def guidance(groups: ParallelGroups, conditioning, batched: bool):
+    """The guidance of this rank: its half of a CFG-parallel pair, or both passes."""
+    from wan_i2v.parallel.cfg import ParallelGuidance
+    from wan_i2v.sampling.loop import ClassifierFreeGuidance
+
+    if groups.cfg is not None:
+        return ParallelGuidance(conditioning, groups.cfg, groups.cfg_index)
+    return ClassifierFreeGuidance(conditioning, batched)
+
+
+def decode(groups: ParallelGroups, vae, latents: torch.Tensor, progress=None) -> torch.Tensor | None:
+    """[16, f, h, w] latents -> [3, F, H, W] float32 video on the CPU on rank 0, None elsewhere."""
+    from wan_i2v.parallel.vae import decode_tiled
+
+    vae_dtype = next(vae.parameters()).dtype
+    video = decode_tiled(vae, latents[None].to(groups.device, vae_dtype), groups.group, progress)
+    return None if video is None else video[0]

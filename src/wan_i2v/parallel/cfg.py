@@ -1,0 +1,22 @@
+"""CFG parallelism: the conditional and unconditional passes on two halves of the ranks at once."""
+
+from __future__ import annotations
+
+from wan_i2v.parallel.ulysses import all_gather_into
+from wan_i2v.sampling.loop import ClassifierFreeGuidance, Conditioning
+
+
+class ParallelGuidance(ClassifierFreeGuidance):
+    """Half ``index`` (0: conditional, 1: unconditional) runs its pass; the two flows are exchanged
+    over ``group`` (this rank and its peer in the other half) and combined as on one GPU."""
+
+    def __init__(self, conditioning: Conditioning, group, index: int):
+        super().__init__(conditioning, batched=False)
+        self.group, self.index = group, index
+
+    def __call__(self, model, latent, timestep, scale):
+        mine = model(latent, timestep, self.contexts[self.index], self.condition).contiguous()
+        both = mine.new_empty(2 * mine.shape[0], *mine.shape[1:])
+        all_gather_into(both, mine, self.group)
+        cond, uncond = both.chunk(2)
+        return self.combine(cond, uncond, scale)

@@ -1,0 +1,124 @@
+"""``--gpus N``: start N local processes through torch.distributed.run's API, as ``torchrun
+--standalone`` would (rendezvous on a free port, so two runs side by side do not collide).
+
+If one rank raises or dies, the launcher stops the others at once and reports the first
+failure: each rank writes what it raised to a shared folder and the earliest record wins. A
+rank whose collective broke because a peer vanished records that as secondary and lingers a
+moment before exiting, so that the launcher sees the peer's death first. Ctrl-C stops every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+from wan_i2v.errors import WanError
+
+
+class RankFailed(WanError):
+    """A rank of a multi-process run failed; ``message`` is what it raised."""
+
+    def __init__(self, rank: int, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.rank = rank
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank is gone (a consequence, not a cause)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(s in text for s in ("Connection closed by peer", "Connection reset", "NCCL", "gloo"))
+
+
+def _record(error_dir: str, exc: BaseException) -> str:
+    rank = int(os.environ.get("RANK", "0"))
+    if isinstance(exc, KeyboardInterrupt):
+        kind, message = "interrupt", "interrupted"
+    elif isinstance(exc, WanError):
+        kind, message = "wan", str(exc)
+    elif type(exc).__name__ == "OutOfMemoryError":
+        kind, message = "wan", f"rank {rank} ran out of GPU memory (try --offload, --fsdp, more GPUs or --size 480P)"
+    elif _lost_peer(exc):
+        kind, message = "peer", f"{type(exc).__name__}: {exc}"
+    else:
+        kind, message = "crash", f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()  # a crash keeps its traceback, once, from the rank that had it
+    record = {"rank": rank, "time": time.time(), "kind": kind, "message": message}
+    path = Path(error_dir) / f"rank{rank}.json"
+    path.with_suffix(".tmp").write_text(json.dumps(record))
+    path.with_suffix(".tmp").replace(path)
+    return kind
+
+
+def _worker(fn, args: tuple, error_dir: str):
+    try:
+        return fn(*args)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):  # the launcher forwards Ctrl-C too: once is enough
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if _record(error_dir, exc) == "peer":
+            time.sleep(1)  # let the launcher (polling every 0.1 s) find the peer that died first
+        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
+
+
+def _first_failure(error_dir: str, failed_rank: int) -> dict | None:
+    """The earliest record of a rank's own failure; else None if ``failed_rank`` (the first the
+    launcher saw exit) left no record, having died hard; else the earliest lost-peer record."""
+    records = [json.loads(p.read_text()) for p in Path(error_dir).glob("rank*.json")]
+    order = sorted(records, key=lambda r: (r["kind"] == "peer", r["time"], r["rank"]))
+    if order and order[0]["kind"] != "peer":
+        return order[0]
+    if all(r["rank"] != failed_rank for r in records):
+        return None
+    return order[0]
+
+
+def launch(fn, args: tuple, nprocs: int) -> dict[int, object]:
+    """Run ``fn(*args)`` in ``nprocs`` new processes that form one process group (WORLD_SIZE,
+    RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, as torchrun sets them). Returns each
+    rank's return value; raises ``RankFailed`` with the first rank's error, or KeyboardInterrupt."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # failures are reported once, below
+    with tempfile.TemporaryDirectory(prefix="wan-i2v-run-") as tmp:
+        error_dir = Path(tmp, "errors")
+        error_dir.mkdir()
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nprocs,
+            run_id=str(uuid.uuid4()),
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",  # a free port
+            max_restarts=0,
+            monitor_interval=0.1,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=str(Path(tmp, "logs"))),
+            shutdown_timeout=10,  # seconds a stopped rank gets before SIGKILL
+        )
+        try:
+            return elastic_launch(config, _worker)(fn, args, str(error_dir))
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            first = _first_failure(str(error_dir), rank)
+            if first is None:
+                raise RankFailed(rank, f"rank {rank} exited with code {failure.exitcode}", "was it killed, out of host memory?") from None
+            if first["kind"] == "interrupt":
+                raise KeyboardInterrupt from None
+            if first["kind"] == "wan":
+                raise RankFailed(first["rank"], first["message"]) from None
+            raise RankFailed(first["rank"], f"rank {first['rank']} failed: {first['message']}", "its traceback is above") from None
+        except SignalException:
+            raise KeyboardInterrupt from None

@@ -1,0 +1,206 @@
+"""Several processes (gloo, on the CPU) make the single-process video: Ulysses, CFG parallel, FSDP,
+the split VAE decode, the plan, and a failing rank.
+
+One launch of 4 ranks runs every case (2-rank cases on ranks 0 and 1 while 2 and 3 wait), so the
+process start-up is paid once; the single-process references are computed in this process.
+"""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from wan_i2v.errors import WanError
+from wan_i2v.models.vae import VAEConfig, WanVAE
+from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
+from wan_i2v.parallel.launch import RankFailed, launch
+from wan_i2v.parallel.plan import GiB, choose_plan, model_sizes
+from wan_i2v.parallel.vae import decode_tiled, spatial_halo, temporal_warmup
+from wan_i2v.tiny import randomize_
+from wan_i2v.video import demo_image
+
+# demo_image() in 48*80 is 6x10 latents: 3 frames x 3 x 5 patches = 45 tokens, which neither 2 nor 4
+# divides; 64*96 with 5 frames is 2 x 3 x 6 = 36 tokens, which both divide.
+SIZES = {"odd": dict(max_area=48 * 80, frame_num=9), "even": dict(max_area=64 * 96, frame_num=5)}
+RUN = dict(steps=3, shift=3.0, seed=7)  # 3 steps: the high-noise expert, then the low-noise one
+
+# name -> (plan, size, dtype, other from_pretrained options)
+CASES = {
+    f"cfg{cfg}-u{u}{'-fsdp' if fsdp else ''}": (ParallelDims(cfg, u, fsdp), "odd", torch.float32, {})
+    for fsdp in (False, True)
+    for cfg, u in ((1, 2), (2, 1), (2, 2), (1, 4))
+}
+CASES["cfg2-u2-even"] = (ParallelDims(2, 2), "even", torch.float32, {})
+CASES["cfg1-u4-even"] = (ParallelDims(1, 4), "even", torch.float32, {})
+CASES["cfg1-u2-offload"] = (ParallelDims(1, 2), "odd", torch.float32, {"offload": True})
+CASES["cfg2-u1-fsdp-offload"] = (ParallelDims(2, 1, True), "odd", torch.float32, {"offload": True})
+CASES["cfg1-u4-batched-guidance"] = (ParallelDims(1, 4), "odd", torch.float32, {"batch_cfg": True})
+CASES["cfg2-u2-fsdp-bf16"] = (ParallelDims(2, 2, True), "odd", torch.bfloat16, {})
+
+# The decode split, on latents wide enough for real tiles: (VAE config, latents shape, ranks).
+REAL_SHAPED_VAE = VAEConfig(dim=4, num_res_blocks=2)  # the real decoder's depth, few channels
+DECODES = {
+    "tiny-4": (None, (1, 16, 3, 4, 40), 4),
+    "tiny-2": (None, (1, 16, 2, 36, 5), 2),  # the tiles along the height
+    "tiny-more-ranks-than-columns": (None, (1, 16, 2, 2, 3), 4),
+    "real-depth-4": (REAL_SHAPED_VAE, (1, 16, 3, 4, 64), 4),
+}
+
+
+def _vae(config, ckpt):
+    if config is None:
+        from wan_i2v import checkpoint as ckpt_layout
+        from wan_i2v.models.vae import load_vae
+
+        return load_vae(ckpt / ckpt_layout.VAE_FILE, device="cpu", dtype=torch.float32)
+    return randomize_(WanVAE(config), seed=5).eval()
+
+
+def _latents(shape):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(3))
+
+
+def _all_cases(ckpt):
+    """Each rank: every case it takes part in; rank 0 returns the results."""
+    from wan_i2v import I2VPipeline
+
+    torch.set_num_threads(1)
+    device = init_distributed("cpu")
+    results = {}
+    for name, (dims, size, dtype, options) in CASES.items():
+        groups = ParallelGroups.build(dims, device, ranks=range(dims.world))
+        if groups is not None:
+            pipe = I2VPipeline.from_pretrained(ckpt, device="cpu", dtype=dtype, parallel=groups, **options)
+            result = pipe.generate(demo_image(), "a boat", progress=False, **SIZES[size], **RUN)
+            if groups.is_main:
+                results[name] = (result.latents, result.video)
+            else:
+                assert result.video is None
+    groups = ParallelGroups.build(ParallelDims(2, 2), device)
+    agreed = [None] * 4
+    dist.all_gather_object(agreed, groups.agree(1000 + dist.get_rank()))  # a seed drawn on each rank
+    results["agreed"] = agreed
+    for name, (config, shape, ranks) in DECODES.items():
+        group = dist.new_group(list(range(ranks)))
+        if dist.get_rank() < ranks:
+            video = decode_tiled(_vae(config, ckpt), _latents(shape), group)
+            if dist.get_rank() == 0:
+                results[name] = video
+    dist.destroy_process_group()
+    return results
+
+
+@pytest.fixture(scope="module")
+def parallel_results(tiny_checkpoint):
+    start = time.perf_counter()
+    results = launch(_all_cases, (tiny_checkpoint,), 4)[0]
+    print(f"4-rank launch with {len(CASES)} generations and {len(DECODES)} decodes: {time.perf_counter() - start:.1f}s")
+    return results
+
+
+@pytest.fixture(scope="module")
+def references(tiny_checkpoint):
+    from wan_i2v import I2VPipeline
+
+    pipes = {dtype: I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    return {
+        (size, dtype): pipes[dtype].generate(demo_image(), "a boat", progress=False, **SIZES[size], **RUN)
+        for size, dtype in {(size, dtype) for _, size, dtype, _ in CASES.values()}
+    }
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parallel_run_equals_single_process(name, parallel_results, references):
+    dims, size, dtype, _ = CASES[name]
+    latents, video = parallel_results[name]
+    reference = references[(size, dtype)]
+    if dtype == torch.float32:
+        assert relative(latents, reference.latents) <= 1e-5
+        assert (video - reference.video).abs().max() <= 1e-4
+    else:  # FSDP's gathered weights sit elsewhere in memory, so bf16 matmuls may round differently
+        assert relative(latents, reference.latents) <= 2e-2
+
+
+def test_every_rank_takes_rank_0s_seed(parallel_results):
+    assert parallel_results["agreed"] == [1000] * 4
+
+
+@pytest.mark.parametrize("name", list(DECODES))
+def test_split_decode_equals_single_decode(name, parallel_results, tiny_checkpoint):
+    config, shape, ranks = DECODES[name]
+    single = _vae(config, tiny_checkpoint).decode(_latents(shape))
+    assert parallel_results[name].shape == single.shape
+    assert (parallel_results[name] - single).abs().max() <= 1e-5
+
+
+def test_halo_covers_the_decoders_receptive_field():
+    # The real decoder: stage 0 has 6 3x3 convs at latent size, each later stage 6 at 2, 4, 8x, plus
+    # the upsamplers' convs and the head: 6 + 3 + 1.5 + .75 + .5 + .25 + .125 + .125 = 12.25.
+    assert spatial_halo(_vae(REAL_SHAPED_VAE, None)) == 13
+
+
+def test_time_chunks_would_need_a_38_frame_warm_up():
+    """Why the decode is split in space: a time chunk is exact only after re-decoding the 38 latent
+    frames before it (the real decoder's temporal receptive field), more than a whole 81-frame video has."""
+    vae = _vae(REAL_SHAPED_VAE, None)
+    k = temporal_warmup(vae)
+    assert k == 38
+    latents = _latents((1, 16, k + 2, 1, 1))
+    last = vae.decode(latents)[:, :, -4:]  # the video frames of the last latent frame
+    assert torch.equal(vae.decode(latents[:, :, -1 - k :])[:, :, -4:], last)
+    assert not torch.equal(vae.decode(latents[:, :, -k:])[:, :, -4:], last)  # one frame short: not exact
+
+
+def _fail(kind):
+    device = init_distributed("cpu")
+    if dist.get_rank() == 1:
+        time.sleep(0.5)  # rank 0 is waiting in a collective by now
+        if kind == "crash":
+            raise ValueError("simulated failure on rank 1")
+        if kind == "wan":
+            raise WanError("bad input seen on rank 1", "fix it")
+        os._exit(3)
+    dist.barrier()
+    return device
+
+
+@pytest.mark.parametrize("kind", ["crash", "wan", "death"])
+def test_a_failing_rank_ends_the_run_with_its_error(kind):
+    start = time.perf_counter()
+    with pytest.raises(RankFailed) as failure:
+        launch(_fail, (kind,), 2)
+    assert time.perf_counter() - start < 60
+    assert failure.value.rank == 1
+    message = str(failure.value)
+    if kind == "crash":
+        assert "rank 1 failed: ValueError: simulated failure on rank 1" in message
+    elif kind == "wan":
+        assert message == "bad input seen on rank 1 (fix it)"
+    else:
+        assert "exited with code 3" in message
+    assert "WORLD_SIZE" not in os.environ  # the launching process is not made a rank
+
+
+def test_plan_choice_and_validation():
+    sizes = model_sizes(None)  # the official model: 40 heads, 2 experts of 14B, umT5-XXL
+    shape = dict(tokens=21 * 45 * 80, pixels=1280 * 720)
+    dims, estimate, fits = choose_plan(2, sizes, gpu_bytes=48 * GiB, **shape)
+    assert fits and dims.fsdp and dims.world == 2  # 2x48 GB holds everything only sharded
+    dims, _, fits = choose_plan(8, sizes, gpu_bytes=80 * GiB, **shape)
+    assert fits and (dims.cfg, dims.ulysses, dims.fsdp) == (2, 4, False)  # enough memory: unsharded
+    dims, _, fits = choose_plan(1, sizes, gpu_bytes=80 * GiB, **shape)
+    assert not fits  # one 80 GB GPU needs --offload, as with the official code
+    assert choose_plan(1, sizes, gpu_bytes=80 * GiB, offload=True, **shape)[2]
+    assert choose_plan(4, sizes, gpu_bytes=None, **shape)[0] == ParallelDims(2, 2, False)
+    with pytest.raises(WanError, match=r"3 GPUs cannot split the model's 40 attention heads \(use --gpus 1, 2, 4, 5, 8"):
+        choose_plan(3, sizes, gpu_bytes=None, **shape)
+    with pytest.raises(WanError, match="--ulysses 3 does not divide the model's 40 attention heads"):
+        ParallelDims(1, 3).validate(3, 40)
+    with pytest.raises(WanError, match="uses 8 GPUs, not 4.*--ulysses 2 --cfg-parallel or --ulysses 4"):
+        ParallelDims(2, 4).validate(4, 40)
