@@ -109,3 +109,17 @@ def test_dpm_solver_runs(tiny_pipeline):
 def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline):
     with pytest.warns(UserWarning, match="keeps only the first 32"):
         tiny_pipeline.encode_text([" ".join(["boat"] * 200)])
+
+
+def test_block_offload_and_fp8_through_the_pipeline(tiny_checkpoint, tiny_pipeline):
+    from wan_i2v import I2VPipeline, WanError
+
+    kwargs = dict(seed=8, progress=False, **SMALL)
+    reference = tiny_pipeline.generate(demo_image(), "x", **kwargs).latents
+    blocks = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, offload="blocks")
+    assert torch.equal(blocks.generate(demo_image(), "x", **kwargs).latents, reference)
+    fp8 = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, fp8=True)
+    quantized = fp8.generate(demo_image(), "x", **kwargs).latents
+    assert 0 < ((quantized - reference).norm() / reference.norm()) < 0.2
+    with pytest.raises(WanError, match="unknown offload mode 'gpu'"):
+        I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, offload="gpu")

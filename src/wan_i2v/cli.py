@@ -121,7 +121,7 @@ def _plan(args, ckpt_dir: Path | None, image, max_area: int, device: str, query_
         gpu_bytes = None
     dims, estimate, fits = make_plan(
         args.gpus, sizes, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, gpu_bytes=gpu_bytes,
-        tokens=tokens, pixels=height * width, offload=args.offload, dtype_bytes=dtype_bytes,
+        tokens=tokens, pixels=height * width, offload=bool(args.offload), dtype_bytes=dtype_bytes,
     )  # fmt: skip
     return dims, estimate, fits, gpu_bytes, (height, width, tokens)
 
@@ -130,7 +130,7 @@ def _explain(dims, estimate, fits, gpu_bytes, video, args) -> None:
     from wan_i2v.parallel.plan import GiB
 
     height, width, tokens = video
-    print(f"plan: {dims.describe(args.offload)}" + (", offload" if args.offload else ""))
+    print(f"plan: {dims.describe(bool(args.offload))}" + (f", offload {args.offload}" if args.offload else ""))
     budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else ""
     print(f"memory: {estimate.describe()}{budget}")
     print(f"video: {width}x{height}, {args.frame_num} frames, {tokens} tokens per DiT forward")
@@ -199,7 +199,8 @@ def cmd_generate(args) -> int:
         device = str(run_device)
     try:
         pipe = I2VPipeline.from_pretrained(
-            ckpt_dir, device=device, dtype=_dtype(args.dtype, device), offload=args.offload, attention=args.attention, parallel=groups
+            ckpt_dir, device=device, dtype=_dtype(args.dtype, device), offload=args.offload, attention=args.attention, parallel=groups,
+            compile=None if args.compile else False, fp8=args.fp8
         )
         _run(pipe, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file, keep_latents=bool(args.save_latents))
     finally:
@@ -351,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ckpt-dir", default=None, help="default: the cache (`wan-i2v cache path`)")
     gen.add_argument("--save-file", default="wan-i2v-output.mp4")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
-    gen.add_argument("--offload", action="store_true", help="only the active expert on the GPU, text encoder off it after encoding")
+    gen.add_argument("--offload", nargs="?", const="experts", choices=["experts", "blocks"], default=None,
+                     help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
+                          "blocks: each expert's blocks streamed from host memory, for 24-48 GB cards")
+    gen.add_argument("--fp8", action="store_true", help="FP8 linear layers in the transformer blocks: faster, less exact")
+    gen.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     gen.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--attention", default=None, help="attention kernel (default: the fastest exact one for the device)")

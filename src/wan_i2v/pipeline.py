@@ -29,7 +29,10 @@ from wan_i2v.models.attention import default_kernel, set_attention_kernel
 from wan_i2v.models.dit import DiT, load_dit, pad_context
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE, load_vae
-from wan_i2v.offload import ExpertSwap
+from wan_i2v.block_offload import BlockOffload
+from wan_i2v.compile import apply_compile
+from wan_i2v.offload import OFFLOAD_MODES, ExpertSwap, HostCopy
+from wan_i2v.quantize import apply_fp8
 from wan_i2v.sampling.loop import ClassifierFreeGuidance, Conditioning, Experts, denoise
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.video import image_to_tensor, load_image
@@ -65,6 +68,8 @@ class I2VPipeline:
         self.device = torch.device(device)
         self.offload = offload
         self.batch_cfg = batch_cfg
+        # Set when the text encoder waits in host memory and visits the GPU only to encode.
+        self.text_encoder_visits: HostCopy | None = None
 
     @classmethod
     def from_pretrained(
@@ -73,16 +78,23 @@ class I2VPipeline:
         device: str | torch.device = "cuda",
         dtype: torch.dtype = torch.bfloat16,
         *,
-        offload: bool = False,
+        offload: bool | str = False,
         attention: str | None = None,
         batch_cfg: bool = False,
         parallel=None,
+        compile: bool | None = None,
+        fp8: bool = False,
+        keep_text_encoder: bool = False,
     ) -> "I2VPipeline":
         """Load the official checkpoint directory.
 
-        ``offload`` keeps only the active expert and, outside text encoding, no text
-        encoder on the GPU. ``attention`` names a kernel (default: the fastest exact
-        one for the device). ``batch_cfg`` runs both guidance branches as one batch.
+        ``offload``: ``"experts"`` (or True) keeps only the active expert on the GPU, the official
+        single-GPU mode for 80 GB cards; ``"blocks"`` streams every expert's blocks from pinned host
+        memory, for 24-48 GB cards. On a GPU the text encoder waits in host memory and visits the GPU
+        to encode, unless ``keep_text_encoder`` (it is 11 GB; a server with room keeps it).
+        ``attention`` names a kernel (default: the fastest exact one for the device). ``batch_cfg``
+        runs both guidance branches as one batch. ``compile`` (default: on for a GPU) compiles each
+        transformer block. ``fp8`` runs the blocks' linear layers in FP8 (faster, less exact).
         ``parallel`` (a ``wan_i2v.parallel.ParallelGroups``, in a process group) spreads the run over
         its ranks; every rank of the group calls this and ``generate`` with the same arguments.
         """
@@ -92,35 +104,56 @@ class I2VPipeline:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise WanError("CUDA was asked for but no GPU is visible", "use --device cpu, or check the driver")
+        offload = "experts" if offload is True else (offload or None)
+        if offload not in (None, *OFFLOAD_MODES):
+            raise WanError(f"unknown offload mode {offload!r}", f"choose one of {', '.join(OFFLOAD_MODES)}")
+        fsdp = parallel is not None and parallel.dims.fsdp
+        if offload == "blocks" and fsdp:
+            raise WanError("--offload blocks does not combine with --fsdp", "FSDP's own offload is --fsdp --offload")
+        if fp8 and fsdp:
+            raise WanError("--fp8 does not combine with --fsdp yet", "drop one of them")
         # What FSDP will shard is loaded to host memory and sharded at once, moving to the GPU block by
         # block: no GPU holds a whole model, and a rank's host memory one model at a time.
         host = torch.device("cpu")
-        host_or_device = host if offload or (parallel is not None and parallel.dims.fsdp) else device
-        text_host_or_device = host if offload or (parallel is not None and parallel.shards_text_encoder(offload)) else device
+        host_or_device = host if offload or fsdp else device
+        sharded_text = parallel is not None and parallel.shards_text_encoder(bool(offload))
+        text_visits = not sharded_text and device.type == "cuda" and (bool(offload) or not keep_text_encoder)
+        text_host_or_device = host if sharded_text or text_visits or (offload and device.type != "cuda") else device
 
         def loaded(model, kind: str):
             if parallel is None:
                 return model
             from wan_i2v.parallel import parallelize_model
 
-            return parallelize_model(model, kind, parallel, offload)
+            return parallelize_model(model, kind, parallel, bool(offload))
 
-        high = loaded(load_dit(root / ckpt.HIGH_NOISE_DIR, device=host_or_device, dtype=dtype), "expert")
-        low = loaded(load_dit(root / ckpt.LOW_NOISE_DIR, device=host_or_device, dtype=dtype), "expert")
+        experts = []
+        for subdir in (ckpt.HIGH_NOISE_DIR, ckpt.LOW_NOISE_DIR):
+            expert = load_dit(root / subdir, device=host_or_device, dtype=dtype)
+            if fp8:
+                apply_fp8(expert)
+            experts.append(loaded(expert, "expert"))
+        high, low = experts
         if high.config != low.config:
             raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.STATUS_HINT)
         kernel = attention or default_kernel(device)
-        for expert in (high, low):
+        for expert in experts:
             set_attention_kernel(expert, kernel)
+            if offload == "blocks":
+                BlockOffload(expert, device)
+            # Collectives inside compiled blocks (Ulysses) are not validated yet: compile one-rank runs.
+            if compile if compile is not None else (device.type == "cuda" and parallel is None):
+                apply_compile(expert)
         text_encoder = TextEncoder.load(
             root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=text_host_or_device, dtype=dtype
         )
         text_encoder = loaded(text_encoder, "text encoder")
         # The VAE runs in fp32, as the official code runs it.
         vae = load_vae(root / ckpt.VAE_FILE, device=device, dtype=torch.float32)
-        # With FSDP, its own CPU offload replaces the expert swap and the text encoder's moves.
-        swap = offload and not (parallel is not None and parallel.dims.fsdp)
-        pipe = cls(text_encoder, vae, high, low, device=device, offload=swap, batch_cfg=batch_cfg)
+        # With FSDP, its own CPU offload replaces the expert swap.
+        pipe = cls(text_encoder, vae, high, low, device=device, offload=offload == "experts" and not fsdp, batch_cfg=batch_cfg)
+        if text_visits:
+            pipe.text_encoder_visits = HostCopy(text_encoder.model, device)
         pipe.parallel = parallel
         return pipe
 
@@ -207,16 +240,16 @@ class I2VPipeline:
 
     def encode_text(self, prompts: list[str], progress: bool = False) -> list[torch.Tensor]:
         """Each prompt -> [text_len, text_dim] on the run device, zero-padded after its real tokens."""
-        if self.offload:
-            self.text_encoder.to(self.device)
+        if self.text_encoder_visits is not None:
+            self.text_encoder_visits.to_device()
         try:
             features = [
                 self.text_encoder.encode([prompt])[0]
                 for prompt in tqdm(prompts, desc="text encoding", unit="prompt", disable=not progress)
             ]
         finally:
-            if self.offload:
-                self.text_encoder.to("cpu")
+            if self.text_encoder_visits is not None:
+                self.text_encoder_visits.to_host()
         return [pad_context(f, self.text_len).to(self.device) for f in features]
 
     def encode_image(self, pixels: torch.Tensor, max_area: int, frame_num: int) -> torch.Tensor:

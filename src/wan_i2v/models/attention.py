@@ -42,6 +42,8 @@ def _cudnn(q, k, v, key_mask):
     # masked call falls back to the flash/efficient kernels, which accept masks.
     from torch.nn.attention import SDPBackend
 
+    if q.dtype not in (torch.float16, torch.bfloat16):  # cuDNN has no fp32 kernel: let SDPA choose
+        return _sdpa(q, k, v, key_mask)
     if key_mask is not None:
         return _sdpa(q, k, v, key_mask, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
     # The token-major memory the projections produce is as fast as head-major for it
