@@ -326,3 +326,31 @@ def test_ctrl_c_stops_every_rank(tiny_checkpoint, image_file, tmp_path):
     else:
         pytest.fail("processes of the run are still alive")
     assert not out.exists()
+
+
+def test_an_interrupted_generate_resumes_with_the_same_command(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    from wan_i2v.models.dit import DiT
+
+    out = tmp_path / "out.mp4"
+    calls = {"n": 0}
+    forward = DiT.forward
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in the third step: two saved
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiT, "forward", interrupted)
+    assert generate(tiny_checkpoint, image_file, out) == 130
+    err = capsys.readouterr().err
+    assert "the same command resumes" in err and not out.exists()
+    state = tmp_path / "out.state.pt"
+    assert torch.load(state, weights_only=True)["step"] == 2
+    monkeypatch.setattr(DiT, "forward", forward)
+    assert generate(tiny_checkpoint, image_file, out) == 0
+    assert out.is_file() and not state.exists()
+    seed = read_mp4_metadata(out)["seed"]
+    again = tmp_path / "again.mp4"
+    assert generate(tiny_checkpoint, image_file, again, "--seed", str(seed)) == 0
+    assert np.abs(mp4_frames(out)[0].astype(int) - mp4_frames(again)[0]).mean() < 0.5

@@ -123,3 +123,53 @@ def test_block_offload_and_fp8_through_the_pipeline(tiny_checkpoint, tiny_pipeli
     assert 0 < ((quantized - reference).norm() / reference.norm()) < 0.2
     with pytest.raises(WanError, match="unknown offload mode 'gpu'"):
         I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, offload="gpu")
+
+
+class Crash(Exception):
+    pass
+
+
+class crash_after:
+    """Within the block, the experts raise Crash after ``calls`` forwards in all."""
+
+    def __init__(self, pipe, calls):
+        self.pipe, self.calls, self.count = pipe, calls, 0
+
+    def hook(self, module, args):
+        self.count += 1
+        if self.count > self.calls:
+            raise Crash
+
+    def __enter__(self):
+        self.handles = [m.register_forward_pre_hook(self.hook) for m in (self.pipe.high_noise, self.pipe.low_noise)]
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tiny_pipeline, tmp_path):
+    state = tmp_path / "run.state.pt"
+    image = demo_image()
+    settings = dict(progress=False, **{**SMALL, "steps": 8})
+    # Two guided forwards a step: crash in the fourth step, with three steps saved.
+    with crash_after(tiny_pipeline, 7), pytest.raises(Crash):
+        tiny_pipeline.generate(image, "a boat", state_file=state, **settings)
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == 3
+    resumed = tiny_pipeline.generate(image, "a boat", state_file=state, **settings)  # no seed: the saved one
+    assert resumed.settings.seed == saved["settings"]["seed"]
+    assert len(resumed.experts_used) == 8 - 3
+    straight = tiny_pipeline.generate(image, "a boat", seed=resumed.settings.seed, **settings)
+    assert torch.equal(resumed.latents, straight.latents)
+
+
+def test_a_state_for_other_settings_is_not_resumed(tiny_pipeline, tmp_path):
+    state = tmp_path / "run.state.pt"
+    settings = dict(progress=False, seed=6, **SMALL)
+    with crash_after(tiny_pipeline, 3), pytest.raises(Crash):
+        tiny_pipeline.generate(demo_image(), "a boat", state_file=state, **settings)
+    assert state.is_file()
+    other_prompt = tiny_pipeline.generate(demo_image(), "a car", state_file=state, **settings)
+    assert len(other_prompt.experts_used) == SMALL["steps"]
+    assert torch.equal(other_prompt.latents, tiny_pipeline.generate(demo_image(), "a car", **settings).latents)

@@ -56,9 +56,11 @@ def _save_latents(path: Path, latents, settings: dict) -> None:
     write_atomically(path, lambda tmp: torch.save({"format": LATENTS_FORMAT, "latents": latents, "settings": settings}, tmp))
 
 
-def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool):
+def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool,
+         state_file: Path | None = None):
     """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4.
-    In a multi-process run only rank 0 writes and prints."""
+    With ``state_file`` the denoising state is saved after every step and the same command resumes
+    a run that died. In a multi-process run only rank 0 writes and prints."""
     from wan_i2v.config import FPS
     from wan_i2v.video import write_mp4
 
@@ -80,16 +82,21 @@ def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, lat
             solver=args.solver,
             progress=not args.quiet,
             before_decode=save,
+            state_file=state_file,
         )
     except BaseException as exc:
         if latents_file is not None and _is_main() and latents_file.is_file() and not isinstance(exc, WanError):
             print(f"wan-i2v: the latents are saved in {latents_file}; finish with: wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
+        elif state_file is not None and _is_main() and state_file.is_file():
+            print(f"wan-i2v: the denoising state is saved in {state_file}; the same command resumes from it", file=sys.stderr)
         raise
     if result.video is None:  # a rank other than 0 of a parallel run
         return result
     write_mp4(result.video, save_file, fps=FPS, metadata=result.settings.as_dict())
     if latents_file is not None and not keep_latents:
         latents_file.unlink(missing_ok=True)
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
     _print_summary(result, save_file)
     return result
 
@@ -202,7 +209,8 @@ def cmd_generate(args) -> int:
             ckpt_dir, device=device, dtype=_dtype(args.dtype, device), offload=args.offload, attention=args.attention, parallel=groups,
             compile=None if args.compile else False, fp8=args.fp8
         )
-        _run(pipe, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file, keep_latents=bool(args.save_latents))
+        _run(pipe, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file, keep_latents=bool(args.save_latents),
+             state_file=save_file.with_suffix(".state.pt"))
     finally:
         if groups is not None:
             import torch.distributed as dist

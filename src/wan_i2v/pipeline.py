@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,9 +35,11 @@ from wan_i2v.block_offload import BlockOffload
 from wan_i2v.compile import apply_compile
 from wan_i2v.offload import OFFLOAD_MODES, ExpertSwap, HostCopy
 from wan_i2v.quantize import apply_fp8
-from wan_i2v.sampling.loop import ClassifierFreeGuidance, Conditioning, Experts, denoise
+from wan_i2v.sampling.loop import ClassifierFreeGuidance, Conditioning, Experts, LoopState, denoise
 from wan_i2v.sampling.schedulers import official_schedule
-from wan_i2v.video import image_to_tensor, load_image
+from wan_i2v.video import image_to_tensor, load_image, write_atomically
+
+STATE_FORMAT = "wan-i2v-loop-state/1"
 
 
 @dataclass
@@ -175,10 +179,15 @@ class I2VPipeline:
         solver: str = "unipc",
         progress: bool = True,
         before_decode: Callable[[torch.Tensor, GenerationSettings], None] | None = None,
+        state_file: str | Path | None = None,
     ) -> GenerationResult:
         """The official Wan2.2 I2V sampling. ``guide_scale`` is (low-noise, high-noise) or one value for both;
         ``seed=None`` draws a random seed, reported in ``result.settings.seed``. ``before_decode(latents,
         settings)`` sees the latents (CPU, fp32) before decoding, e.g. to save them.
+
+        ``state_file`` makes the run resumable: the denoising state is saved there after each step,
+        and a run started again with the same image and settings (a random seed is taken from the
+        file) goes on from the last saved step. Runs of several ranks do not save it yet.
 
         In a parallel run the seed is rank 0's, progress and ``before_decode`` are rank 0's only, and
         only rank 0's result has the video (None elsewhere)."""
@@ -200,6 +209,12 @@ class I2VPipeline:
             settings = self.parallel.agree(settings)
         progress = progress and main
         pixels = image_to_tensor(load_image(image))
+        resumable = state_file is not None and self.parallel is None
+        saved = load_loop_state(state_file, settings, pixels, seed_given=seed is not None) if resumable else None
+        resume = None
+        if saved is not None:
+            settings, state = saved
+            resume = LoopState(state.step, state.latent.to(self.device), _map_tensors(state.solver, lambda t: t.to(self.device)))
         timings: dict[str, float] = {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -212,7 +227,9 @@ class I2VPipeline:
         noise = self.initial_noise(condition.shape[1:], settings.seed)
         conditioning = Conditioning(condition[None], context[None], context_null[None])
         experts_used: list[str] = []
-        bar = tqdm(total=settings.steps, desc="denoising", unit="step", disable=not progress)
+        bar = tqdm(total=settings.steps, desc="denoising", unit="step", disable=not progress, initial=resume.step if resume else 0)
+        if resume is not None and progress:
+            tqdm.write(f"resuming from step {resume.step} of {settings.steps} ({state_file})")
 
         def on_step(index, total, t, expert, latent):
             experts_used.append(expert)
@@ -228,6 +245,8 @@ class I2VPipeline:
                 solver=settings.solver,
                 guide_scale=settings.guide_scale,
                 on_step=on_step,
+                resume=resume,
+                on_state=(lambda state: save_loop_state(state_file, state, settings, pixels)) if resumable else None,
             )[0]
         bar.close()
         latents_cpu = latents.float().cpu()
@@ -295,6 +314,54 @@ class I2VPipeline:
         if self.offload:
             return ExpertSwap(self.high_noise, self.low_noise, BOUNDARY_TIMESTEP, self.device)
         return Experts(self.high_noise, self.low_noise, BOUNDARY_TIMESTEP)
+
+
+def _map_tensors(state: dict, fn) -> dict:
+    """The solver state with ``fn`` applied to its tensors (alone or in lists)."""
+
+    def apply(value):
+        if isinstance(value, torch.Tensor):
+            return fn(value)
+        return [apply(v) for v in value] if isinstance(value, list) else value
+
+    return {key: apply(value) for key, value in state.items()}
+
+
+def _fingerprint(pixels: torch.Tensor) -> str:
+    return hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+
+
+def save_loop_state(path, state: LoopState, settings: GenerationSettings, pixels: torch.Tensor) -> None:
+    """The denoising state after a step, written atomically (a killed write leaves the previous one)."""
+    record = {"format": STATE_FORMAT, "settings": settings.as_dict(), "image": _fingerprint(pixels),
+              "step": state.step, "latent": state.latent.cpu(), "solver": _map_tensors(state.solver, torch.Tensor.cpu)}
+    write_atomically(Path(path), lambda tmp: torch.save(record, tmp))
+
+
+def load_loop_state(path, settings: GenerationSettings, pixels: torch.Tensor, *, seed_given: bool):
+    """(settings, LoopState) to resume from ``path``, or None when there is nothing to resume.
+
+    A state saved for another image or other settings is ignored (and overwritten by the run);
+    without an explicit seed, the saved run's seed is taken.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        warnings.warn(f"ignoring unreadable state file {path}; starting over")
+        return None
+    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT or record.get("image") != _fingerprint(pixels):
+        return None
+    try:
+        saved = GenerationSettings(**{**record["settings"], "guide_scale": tuple(record["settings"]["guide_scale"])})
+    except (TypeError, WanError):
+        return None
+    wanted = settings if seed_given else replace(settings, seed=saved.seed)
+    if saved != wanted:
+        return None
+    return saved, LoopState(record["step"], record["latent"], record["solver"])
 
 
 def decode_latents(vae: WanVAE, latents: torch.Tensor, device: torch.device, progress: bool = False) -> torch.Tensor:

@@ -70,6 +70,15 @@ class Experts:
 StepCallback = Callable[[int, int, int, str, torch.Tensor], None]
 
 
+@dataclass
+class LoopState:
+    """A run after ``step`` steps: the latent and the solver's memory, enough to go on from there."""
+
+    step: int
+    latent: torch.Tensor
+    solver: dict
+
+
 def denoise(
     noise: torch.Tensor,
     *,
@@ -79,12 +88,22 @@ def denoise(
     solver: str,
     guide_scale: tuple[float, float],
     on_step: StepCallback | None = None,
+    resume: LoopState | None = None,
+    on_state: Callable[[LoopState], None] | None = None,
 ) -> torch.Tensor:
-    """Run the sampler from ``noise`` [1, C, F, H, W] (fp32, run device) to clean latents."""
+    """Run the sampler from ``noise`` [1, C, F, H, W] (fp32, run device) to clean latents.
+
+    ``resume`` goes on from a saved state instead of from the noise; ``on_state`` sees the
+    state after each step (to save it).
+    """
     stepper = make_solver(solver, schedule)
     latent = noise
     timesteps = schedule.timesteps.tolist()
-    for index, t in enumerate(timesteps):
+    first = 0
+    if resume is not None:
+        first, latent = resume.step, resume.latent
+        stepper.load_state_dict(resume.solver)
+    for index, t in enumerate(timesteps[first:], start=first):
         name = experts.name_for(t)
         model = experts.activate(name)
         scale = guide_scale[1] if name == "high" else guide_scale[0]
@@ -94,5 +113,7 @@ def denoise(
         latent = stepper.step(flow, latent)
         if on_step is not None:
             on_step(index, len(timesteps), t, name, latent)
+        if on_state is not None:
+            on_state(LoopState(index + 1, latent, stepper.state_dict()))
     experts.release()
     return latent
