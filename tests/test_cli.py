@@ -63,11 +63,7 @@ def test_saved_latents_decode_again(tiny_checkpoint, image_file, tmp_path):
     out, latents, again = tmp_path / "out.mp4", tmp_path / "run.pt", tmp_path / "again.mp4"
     assert generate(tiny_checkpoint, image_file, out, "--seed", "1", "--save-latents", str(latents)) == 0
     assert main(["decode", str(latents), "--save-file", str(again), "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu", "--quiet"]) == 0
-    first, _ = mp4_frames(out)
-    second, _ = mp4_frames(again)
-    # Same decoded video; the H.264 encoder's threads may round a few pixels differently.
-    assert first.shape == second.shape
-    assert np.abs(first.astype(int) - second).mean() < 0.5
+    assert_same_video(out, again)
     assert read_mp4_metadata(again)["seed"] == 1
 
 
@@ -108,6 +104,15 @@ def test_demo_runs_from_the_command_line(tmp_path):
     assert "random weights" in proc.stderr
     frames, _ = mp4_frames(out)
     assert frames.shape[0] == 17
+
+
+def assert_same_video(first_path, second_path):
+    """Two mp4s of the same frames: libx264's threads may round pixels a level or two apart
+    (seen: up to ~1 on average), while different videos differ by tens of levels."""
+    first, _ = mp4_frames(first_path)
+    second, _ = mp4_frames(second_path)
+    assert first.shape == second.shape
+    assert np.abs(first.astype(int) - second).mean() < 2.0
 
 
 def error_line(capsys):
@@ -221,14 +226,10 @@ def test_two_processes_write_the_single_process_video(tiny_checkpoint, image_fil
     out, err = capfd.readouterr()
     assert out.strip() == str(double)  # printed once, by rank 0
     assert err.count("seed: 9") == 1 and "error" not in err
-    first, _ = mp4_frames(single)
-    second, _ = mp4_frames(double)
-    assert first.shape == second.shape
-    assert np.abs(first.astype(int) - second).mean() < 0.5
+    assert_same_video(single, double)
     assert read_mp4_metadata(double)["seed"] == 9
     assert not (tmp_path / "double.latents.pt").exists()
-    third, _ = mp4_frames(beside)
-    assert np.abs(first.astype(int) - third).mean() < 0.5
+    assert_same_video(single, beside)
 
 
 def test_a_failing_multi_process_run_prints_one_error_line(tiny_checkpoint, image_file, tmp_path, capfd):
@@ -348,9 +349,23 @@ def test_an_interrupted_generate_resumes_with_the_same_command(tiny_checkpoint, 
     state = tmp_path / "out.state.pt"
     assert torch.load(state, weights_only=True)["step"] == 2
     monkeypatch.setattr(DiT, "forward", forward)
-    assert generate(tiny_checkpoint, image_file, out) == 0
+    resumed = tmp_path / "resumed.pt"
+    assert generate(tiny_checkpoint, image_file, out, "--save-latents", str(resumed)) == 0
     assert out.is_file() and not state.exists()
     seed = read_mp4_metadata(out)["seed"]
-    again = tmp_path / "again.mp4"
-    assert generate(tiny_checkpoint, image_file, again, "--seed", str(seed)) == 0
-    assert np.abs(mp4_frames(out)[0].astype(int) - mp4_frames(again)[0]).mean() < 0.5
+    again, straight = tmp_path / "again.mp4", tmp_path / "straight.pt"
+    assert generate(tiny_checkpoint, image_file, again, "--seed", str(seed), "--save-latents", str(straight)) == 0
+    assert torch.equal(torch.load(resumed, weights_only=True)["latents"], torch.load(straight, weights_only=True)["latents"])
+
+
+def test_decode_refuses_other_files(tiny_checkpoint, tmp_path, capsys):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"format": "wan-i2v-latents/1", "latents": torch.zeros(8, 3, 4, 4)}, wrong)
+    assert main(["decode", str(wrong), "--save-file", str(tmp_path / "x.mp4"), "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu"]) == 2
+    assert "not a wan-i2v latents file" in error_line(capsys)
+
+
+def test_demo_checks_the_guide_scale_count(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "home"))
+    assert main(["demo", "--guide-scale", "1", "2", "3", "--save-file", str(tmp_path / "d.mp4")]) == 2
+    assert "one or two values" in error_line(capsys)

@@ -71,3 +71,12 @@ def test_frame_num_hints_nearest_valid():
     with pytest.raises(WanError, match="use 77 or 81"):
         check_frame_num(80)
     check_frame_num(81)
+
+
+def test_settings_want_whole_numbers():
+    from wan_i2v.config import GenerationSettings
+
+    with pytest.raises(WanError, match="steps must be a whole number"):
+        GenerationSettings("p", "n", steps=2.5)
+    with pytest.raises(WanError, match="frame_num must be a whole number"):
+        GenerationSettings("p", "n", frame_num=9.0)

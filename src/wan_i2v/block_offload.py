@@ -13,20 +13,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wan_i2v.offload import module_tensors
+
 
 class BlockOffload:
     def __init__(self, model: nn.Module, device: torch.device | str):
         self.device = torch.device(device)
         self.blocks = list(model.blocks)
         on_gpu = self.device.type == "cuda"
-        block_tensors = {id(t) for block in self.blocks for t in _tensors(block)}
-        for tensor in _tensors(model):
+        block_tensors = {id(t) for block in self.blocks for t in module_tensors(block)}
+        for tensor in module_tensors(model):
             if id(tensor) not in block_tensors:
                 tensor.data = tensor.data.to(self.device)
         self.host = []
         for block in self.blocks:
             copies = []
-            for tensor in _tensors(block):
+            for tensor in module_tensors(block):
                 data = tensor.data.to("cpu")
                 tensor.data = data.pin_memory() if on_gpu else data
                 copies.append(tensor.data)
@@ -49,14 +51,14 @@ class BlockOffload:
         if index in self.ready:
             return
         if self.copy_stream is None:
-            for tensor, host in zip(_tensors(self.blocks[index]), self.host[index]):
+            for tensor, host in zip(module_tensors(self.blocks[index]), self.host[index]):
                 tensor.data = host.to(self.device)
             self.ready[index] = None
             return
         # The copy must not start before the device memory it reuses is free of earlier kernels.
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            for tensor, host in zip(_tensors(self.blocks[index]), self.host[index]):
+            for tensor, host in zip(module_tensors(self.blocks[index]), self.host[index]):
                 tensor.data = host.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
@@ -68,14 +70,14 @@ class BlockOffload:
         if event is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(event)
-            for tensor in _tensors(self.blocks[index]):
+            for tensor in module_tensors(self.blocks[index]):
                 # Allocated on the copy stream, used on the compute stream: keep the memory
                 # from being reused before the compute stream is done with it.
                 tensor.data.record_stream(compute)
         self._fetch((index + 1) % len(self.blocks))
 
     def _after(self, index: int) -> None:
-        for tensor, host in zip(_tensors(self.blocks[index]), self.host[index]):
+        for tensor, host in zip(module_tensors(self.blocks[index]), self.host[index]):
             tensor.data = host
         del self.ready[index]
 
@@ -85,8 +87,3 @@ class BlockOffload:
             handle.remove()
         for index in list(self.ready):
             self._after(index)
-
-
-def _tensors(module: nn.Module):
-    yield from module.parameters()
-    yield from module.buffers()

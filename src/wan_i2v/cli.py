@@ -64,9 +64,12 @@ def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, lat
     from wan_i2v.config import FPS
     from wan_i2v.video import write_mp4
 
+    saved = []
+
     def save(latents, settings):
         if latents_file is not None:
             _save_latents(latents_file, latents, settings.as_dict())
+            saved.append(latents_file)
 
     try:
         result = pipe.generate(
@@ -77,7 +80,7 @@ def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, lat
             frame_num=args.frame_num,
             steps=args.steps,
             shift=shift,
-            guide_scale=tuple(args.guide_scale) if len(args.guide_scale) == 2 else args.guide_scale[0],
+            guide_scale=_guide_pair(args),
             seed=args.seed,
             solver=args.solver,
             progress=not args.quiet,
@@ -85,7 +88,7 @@ def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, lat
             state_file=state_file,
         )
     except BaseException as exc:
-        if latents_file is not None and _is_main() and latents_file.is_file() and not isinstance(exc, WanError):
+        if saved and _is_main() and not isinstance(exc, WanError):
             print(f"wan-i2v: the latents are saved in {latents_file}; finish with: wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
         elif state_file is not None and _is_main() and state_file.is_file():
             print(f"wan-i2v: the denoising state is saved in {state_file}; the same command resumes from it", file=sys.stderr)
@@ -99,6 +102,23 @@ def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, lat
         state_file.unlink(missing_ok=True)
     _print_summary(result, save_file)
     return result
+
+
+def _guide_pair(args) -> tuple[float, float]:
+    if len(args.guide_scale) > 2:
+        raise WanError("--guide-scale takes one or two values", "LOW [HIGH], e.g. --guide-scale 3.5 3.5")
+    return tuple(args.guide_scale) * (2 // len(args.guide_scale))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not _cuda_available():
+        raise WanError(f"--device {device} was asked for but no GPU is visible", "use --device cpu, or check the driver")
 
 
 def _is_main() -> bool:
@@ -120,10 +140,10 @@ def _plan(args, ckpt_dir: Path | None, image, max_area: int, device: str, query_
     tokens = ((args.frame_num - 1) // 4 + 1) * (height // 16) * (width // 16)
     if args.gpu_memory is not None:
         gpu_bytes = int(args.gpu_memory * GiB)
-    elif device.startswith("cuda") and query_gpu:
+    elif device.startswith("cuda") and query_gpu and _cuda_available():
         import torch
 
-        gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        gpu_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
     else:
         gpu_bytes = None
     dims, estimate, fits = make_plan(
@@ -167,9 +187,7 @@ def cmd_generate(args) -> int:
 
     max_area, preset_shift = parse_size(args.size)
     shift = args.shift if args.shift is not None else (preset_shift or 5.0)
-    if len(args.guide_scale) > 2:
-        raise WanError("--guide-scale takes one or two values", "LOW [HIGH], e.g. --guide-scale 3.5 3.5")
-    guide = tuple(args.guide_scale) * (2 // len(args.guide_scale))
+    guide = _guide_pair(args)
     # Everything the user typed is checked before minutes of model loading.
     GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
     image = load_image(args.image)
@@ -179,6 +197,8 @@ def cmd_generate(args) -> int:
         check_writable(save_file)
         check_writable(latents_file)
     device = args.device or _default_device()
+    if not args.dry_run:  # a dry run plans for GPUs this machine need not have
+        _check_device(device)
     world = _world_size(args, device)
     try:
         ckpt_dir = _ckpt_dir(args)
@@ -247,7 +267,7 @@ def _world_size(args, device: str) -> int:
         raise WanError(f"--gpus {args.gpus}", "give 1 or more")
     if device.startswith("cuda:") and args.gpus > 1:
         raise WanError(f"--device {device} names one GPU but --gpus is {args.gpus}", "use --device cuda, and CUDA_VISIBLE_DEVICES to pick the GPUs")
-    if device.startswith("cuda") and args.gpus > 1:
+    if device.startswith("cuda") and args.gpus > 1 and not args.dry_run:
         import torch
 
         visible = torch.cuda.device_count()
@@ -283,15 +303,17 @@ def cmd_decode(args) -> int:
         saved = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WanError(f"cannot read latents file {source}: {exc}", "it may be incomplete; generate again") from None
-    if not isinstance(saved, dict) or saved.get("format") != LATENTS_FORMAT:
+    latents = saved.get("latents") if isinstance(saved, dict) and saved.get("format") == LATENTS_FORMAT else None
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != 16:
         raise WanError(f"{source} is not a wan-i2v latents file", "give the file written by --save-latents")
     save_file = Path(args.save_file)
     check_writable(save_file)
     device = args.device or _default_device()
+    _check_device(device)
     vae = load_vae(_ckpt_dir(args) / ckpt.VAE_FILE, device=device, dtype=torch.float32)
     from wan_i2v.pipeline import decode_latents
 
-    video = decode_latents(vae, saved["latents"], torch.device(device), progress=not args.quiet)
+    video = decode_latents(vae, latents, torch.device(device), progress=not args.quiet)
     write_mp4(video, save_file, fps=FPS, metadata=saved.get("settings"))
     print(save_file)
     return 0
@@ -304,6 +326,7 @@ def cmd_demo(args) -> int:
     from wan_i2v.tiny import ensure_tiny_checkpoint
     from wan_i2v.video import check_writable, demo_image
 
+    _guide_pair(args)  # checked before the model is made
     save_file = Path(args.save_file)
     check_writable(save_file)
     ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")

@@ -87,6 +87,10 @@ class GenerationSettings:
     solver: str = "unipc"
 
     def __post_init__(self):
+        for name in ("frame_num", "steps", "max_area", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise WanError(f"{name} must be a whole number, not {value!r}")
         check_frame_num(self.frame_num)
         if not 1 <= self.steps <= MAX_STEPS:
             raise WanError(f"steps {self.steps} out of range", f"use 1 to {MAX_STEPS} (the model card uses 40)")

@@ -10,7 +10,7 @@ from wan_i2v.sampling.loop import Experts
 OFFLOAD_MODES = ("experts", "blocks")
 
 
-def _tensors(module: nn.Module):
+def module_tensors(module: nn.Module):
     yield from module.parameters()
     yield from module.buffers()
 
@@ -27,18 +27,18 @@ class HostCopy:
         self.device = torch.device(device)
         pin = self.device.type == "cuda"
         self.host = []
-        for tensor in _tensors(module):
+        for tensor in module_tensors(module):
             data = tensor.data.cpu()
             tensor.data = data.pin_memory() if pin and not data.is_pinned() else data
             self.host.append(tensor.data)
 
     def to_device(self) -> nn.Module:
-        for tensor in _tensors(self.module):
+        for tensor in module_tensors(self.module):
             tensor.data = tensor.data.to(self.device, non_blocking=True)
         return self.module
 
     def to_host(self) -> None:
-        for tensor, host in zip(_tensors(self.module), self.host):
+        for tensor, host in zip(module_tensors(self.module), self.host):
             tensor.data = host
 
 

@@ -74,6 +74,8 @@ class I2VPipeline:
         self.batch_cfg = batch_cfg
         # Set when the text encoder waits in host memory and visits the GPU only to encode.
         self.text_encoder_visits: HostCopy | None = None
+        # What, besides the generation settings, decides the video: a saved state must match it.
+        self.identity: dict = {}
 
     @classmethod
     def from_pretrained(
@@ -158,6 +160,7 @@ class I2VPipeline:
         pipe = cls(text_encoder, vae, high, low, device=device, offload=offload == "experts" and not fsdp, batch_cfg=batch_cfg)
         if text_visits:
             pipe.text_encoder_visits = HostCopy(text_encoder.model, device)
+        pipe.identity = {"checkpoint": str(root.resolve()), "dtype": str(dtype), "fp8": fp8, "attention": kernel, "device": device.type}
         pipe.parallel = parallel
         return pipe
 
@@ -210,7 +213,8 @@ class I2VPipeline:
         progress = progress and main
         pixels = image_to_tensor(load_image(image))
         resumable = state_file is not None and self.parallel is None
-        saved = load_loop_state(state_file, settings, pixels, seed_given=seed is not None) if resumable else None
+        run = {**self.identity, "image": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()} if resumable else None
+        saved = load_loop_state(state_file, settings, run, seed_given=seed is not None) if resumable else None
         resume = None
         if saved is not None:
             settings, state = saved
@@ -246,7 +250,7 @@ class I2VPipeline:
                 guide_scale=settings.guide_scale,
                 on_step=on_step,
                 resume=resume,
-                on_state=(lambda state: save_loop_state(state_file, state, settings, pixels)) if resumable else None,
+                on_state=(lambda state: save_loop_state(state_file, state, settings, run)) if resumable else None,
             )[0]
         bar.close()
         latents_cpu = latents.float().cpu()
@@ -327,22 +331,19 @@ def _map_tensors(state: dict, fn) -> dict:
     return {key: apply(value) for key, value in state.items()}
 
 
-def _fingerprint(pixels: torch.Tensor) -> str:
-    return hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
-
-
-def save_loop_state(path, state: LoopState, settings: GenerationSettings, pixels: torch.Tensor) -> None:
-    """The denoising state after a step, written atomically (a killed write leaves the previous one)."""
-    record = {"format": STATE_FORMAT, "settings": settings.as_dict(), "image": _fingerprint(pixels),
+def save_loop_state(path, state: LoopState, settings: GenerationSettings, run: dict) -> None:
+    """The denoising state after a step, written atomically (a killed write leaves the previous one).
+    ``run`` identifies the checkpoint, precision and input image the state belongs to."""
+    record = {"format": STATE_FORMAT, "settings": settings.as_dict(), "run": run,
               "step": state.step, "latent": state.latent.cpu(), "solver": _map_tensors(state.solver, torch.Tensor.cpu)}
     write_atomically(Path(path), lambda tmp: torch.save(record, tmp))
 
 
-def load_loop_state(path, settings: GenerationSettings, pixels: torch.Tensor, *, seed_given: bool):
+def load_loop_state(path, settings: GenerationSettings, run: dict, *, seed_given: bool):
     """(settings, LoopState) to resume from ``path``, or None when there is nothing to resume.
 
-    A state saved for another image or other settings is ignored (and overwritten by the run);
-    without an explicit seed, the saved run's seed is taken.
+    A state saved for another image, checkpoint, precision or other settings is ignored (and
+    overwritten by the run); without an explicit seed, the saved run's seed is taken.
     """
     path = Path(path)
     if not path.is_file():
@@ -352,7 +353,7 @@ def load_loop_state(path, settings: GenerationSettings, pixels: torch.Tensor, *,
     except Exception:
         warnings.warn(f"ignoring unreadable state file {path}; starting over")
         return None
-    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT or record.get("image") != _fingerprint(pixels):
+    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT or record.get("run") != run:
         return None
     try:
         saved = GenerationSettings(**{**record["settings"], "guide_scale": tuple(record["settings"]["guide_scale"])})

@@ -147,10 +147,12 @@ class RMSNorm(nn.Module):
 
 
 class FP32LayerNorm(nn.LayerNorm):
+    """Layer norm computed in fp32, returned in the input's dtype (as the official WanLayerNorm)."""
+
     def forward(self, x):
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -208,8 +210,8 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
     def forward(self, x, time_modulation, context, rope, key_mask=None):
-        """x: fp32 residual stream [B, L, C]; time_modulation: fp32 [B, 6, C]; context: [B, text_len, C]
-        in the compute dtype, which the linear layers take their inputs in."""
+        """x: residual stream [B, L, C] (fp32 after the first block); time_modulation: fp32 [B, 6, C];
+        context: [B, text_len, C] in the compute dtype, which the linear layers take their inputs in."""
         compute_dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_modulation).unsqueeze(2).unbind(1)
         attn_in = (self.norm1(x) * (1 + scale_sa) + shift_sa).to(compute_dtype)
@@ -273,7 +275,9 @@ class DiT(nn.Module):
         video = torch.cat([latent, condition], dim=1).to(compute_dtype)
         patches = self.patch_embedding(video)
         grid = tuple(patches.shape[2:])
-        tokens = patches.flatten(2).transpose(1, 2).float()
+        # Left in the compute dtype, as the official model leaves it: the first block's norm
+        # rounds to it, and the first residual add makes the stream fp32 from there on.
+        tokens = patches.flatten(2).transpose(1, 2)
 
         time_embedding = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim))
         time_modulation = self.time_projection(time_embedding).unflatten(1, (6, cfg.dim))

@@ -103,17 +103,20 @@ def denoise(
     if resume is not None:
         first, latent = resume.step, resume.latent
         stepper.load_state_dict(resume.solver)
-    for index, t in enumerate(timesteps[first:], start=first):
-        name = experts.name_for(t)
-        model = experts.activate(name)
-        scale = guide_scale[1] if name == "high" else guide_scale[0]
-        timestep = torch.full((1,), float(t), device=latent.device)
-        with torch.no_grad():
-            flow = guidance(model, latent, timestep, scale)
-        latent = stepper.step(flow, latent)
-        if on_step is not None:
-            on_step(index, len(timesteps), t, name, latent)
-        if on_state is not None:
-            on_state(LoopState(index + 1, latent, stepper.state_dict()))
-    experts.release()
+    try:
+        for index, t in enumerate(timesteps[first:], start=first):
+            name = experts.name_for(t)
+            model = experts.activate(name)
+            scale = guide_scale[1] if name == "high" else guide_scale[0]
+            timestep = torch.full((1,), float(t), device=latent.device)
+            with torch.no_grad():
+                flow = guidance(model, latent, timestep, scale)
+            latent = stepper.step(flow, latent)
+            if on_step is not None:
+                on_step(index, len(timesteps), t, name, latent)
+            if on_state is not None:
+                on_state(LoopState(index + 1, latent, stepper.state_dict()))
+    finally:
+        # Also after an error or Ctrl-C: an offloaded expert must not stay on the GPU.
+        experts.release()
     return latent
