@@ -314,20 +314,16 @@ class WanVAE(nn.Module):
         (the causal cache makes it exact) with the largest activations a quarter of the size,
         ~20% slower. By default it is used only when the GPU's free memory is short.
         """
-        mean, inv_std = self._latent_stats(latents.device)
-        x = self.conv2((latents.float() / inv_std + mean).to(self.conv2.weight.dtype))
+        x = self.decoder_input(latents)
         if frame_by_frame is None:
             frame_by_frame = self._memory_is_short(x)
-        upsamples = self.decoder.upsamples
-        split = 1 + max((i for i, layer in enumerate(upsamples) if isinstance(layer, Resample) and layer.temporal), default=-1)
-        per_latent = CausalSequential(self.decoder.conv1, self.decoder.middle, *upsamples[:split])
-        to_pixels = CausalSequential(*upsamples[split:], self.decoder.head)
+        whole_frames, to_last_temporal, to_pixels = self.decoder_stages()
         cache: CausalCache = {}
         total = x.shape[2]
         video = None
         frame = 0
         for i in range(total):
-            coarse = per_latent(x[:, :, i : i + 1], cache)
+            coarse = to_last_temporal(whole_frames(x[:, :, i : i + 1], cache), cache)
             chunk = 1 if frame_by_frame else coarse.shape[2]
             for j in range(0, coarse.shape[2], chunk):
                 out = to_pixels(coarse[:, :, j : j + chunk], cache)
@@ -339,6 +335,23 @@ class WanVAE(nn.Module):
             if progress is not None:
                 progress(i + 1, total)
         return video
+
+    def decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents -> what the decoder takes: de-normalized as the official code does, then conv2."""
+        mean, inv_std = self._latent_stats(latents.device)
+        return self.conv2((latents.float() / inv_std + mean).to(self.conv2.weight.dtype))
+
+    def decoder_stages(self) -> tuple[CausalSequential, CausalSequential, CausalSequential]:
+        """The decoder in three parts: the start that needs whole frames (conv1, and the middle block
+        with its per-frame attention), the rest up to the last temporal upsampling, and from there to
+        pixels, which can run one output frame (or one tile) at a time."""
+        upsamples = self.decoder.upsamples
+        split = 1 + max((i for i, layer in enumerate(upsamples) if isinstance(layer, Resample) and layer.temporal), default=-1)
+        return (
+            CausalSequential(self.decoder.conv1, self.decoder.middle),
+            CausalSequential(*upsamples[:split]),
+            CausalSequential(*upsamples[split:], self.decoder.head),
+        )
 
     def _memory_is_short(self, latents: torch.Tensor) -> bool:
         if latents.device.type != "cuda":

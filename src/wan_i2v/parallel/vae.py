@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from wan_i2v.models.vae import AttentionBlock, CausalCache, CausalConv3d, CausalSequential, Resample, WanVAE
+from wan_i2v.models.vae import AttentionBlock, CausalCache, CausalConv3d, Resample, WanVAE
 
 
 def temporal_warmup(vae: WanVAE) -> int:
@@ -75,7 +75,7 @@ def decode_tiled(
     """``WanVAE.decode`` of [B, z, f, h, w] split over ``group``: the video (float32, on the CPU) on
     the group's rank 0, None on the others. ``progress(done, total)`` after each latent frame."""
     ranks, me = dist.get_world_size(group), dist.get_rank(group)
-    decoder, up = vae.decoder, vae.config.pixels_per_latent
+    up = vae.config.pixels_per_latent
     axis = 3 if latents.shape[3] > latents.shape[4] else 4  # tile the longer side
     size = latents.shape[axis]
     spans = tiles(size, ranks)
@@ -87,16 +87,12 @@ def decode_tiled(
     width = max(e - s for s, e in spans) * up  # every rank sends this much, zero-padded
 
     # As WanVAE.decode does: after the last temporal upsampling, one video frame at a time.
-    upsamples = decoder.upsamples
-    split = 1 + max((i for i, layer in enumerate(upsamples) if isinstance(layer, Resample) and layer.temporal), default=-1)
-    per_latent, per_frame = CausalSequential(*upsamples[:split]), CausalSequential(*upsamples[split:], decoder.head)
-
-    mean, inv_std = vae._latent_stats(latents.device)
-    x = vae.conv2((latents.float() / inv_std + mean).to(vae.conv2.weight.dtype))
+    whole_frames, per_latent, per_frame = vae.decoder_stages()
+    x = vae.decoder_input(latents)
     cache: CausalCache = {}
     total, frames = x.shape[2], []
     for i in range(total):
-        whole = decoder.middle(decoder.conv1(x[:, :, i : i + 1], cache), cache)
+        whole = whole_frames(x[:, :, i : i + 1], cache)
         coarse = per_latent(whole.narrow(axis, lo, hi - lo), cache)
         out = torch.cat([per_frame(coarse[:, :, j : j + 1], cache).float().clamp_(-1, 1) for j in range(coarse.shape[2])], dim=2)
         out = out.narrow(axis, (start - lo) * up, (end - start) * up)
