@@ -159,10 +159,6 @@ class TextEncoder:
     def device(self) -> torch.device:
         return self.model.shared.weight.device
 
-    def to(self, device) -> "TextEncoder":
-        self.model.to(device)
-        return self
-
     def encode(self, prompts: list[str]) -> list[Tensor]:
         cleaned = [clean_prompt(prompt) for prompt in prompts]
         for prompt, ids in zip(prompts, self.tokenizer(cleaned, add_special_tokens=True)["input_ids"]):
