@@ -18,6 +18,7 @@ import datetime
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -153,7 +154,7 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["480P", "720P"], choices=list(LATENT_GRIDS))
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison")
+    parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison (0: skip it)")
     parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"],
                         help="any of ours, ours+compile, ours+fp8+compile (in that order), diffusers")
     parser.add_argument("--official-repo", type=Path, default=None,
@@ -183,7 +184,7 @@ def main():
     if args.official_repo:
         models["official"] = load_official_model(args.official_repo, ours)
         args.modes = ["official", *args.modes]
-    error_inputs = make_inputs(config, (args.error_frames, 60, 104))
+    error_inputs = make_inputs(config, (args.error_frames, 60, 104)) if args.error_frames else None
     outputs = {}
 
     for mode in args.modes:
@@ -193,15 +194,24 @@ def main():
         if "compile" in mode:
             apply_compile(ours)
         model = models["ours" if mode.startswith("ours") else mode]
-        with torch.no_grad():
-            outputs[mode] = runner(mode, model, error_inputs)().float().cpu()
+        if error_inputs is not None:
+            with torch.no_grad():
+                outputs[mode] = runner(mode, model, error_inputs)().float().cpu()
         for size in args.sizes:
             grid = LATENT_GRIDS[size]
             tokens = grid[0] * grid[1] * grid[2] // 4
-            seconds, peak = measure(runner(mode, model, make_inputs(config, grid)), warmup=1, repeats=args.repeats)
-            row = {"mode": mode, "size": size, "tokens": tokens, "seconds": seconds, "activation_peak_gb": peak}
+            run = runner(mode, model, make_inputs(config, grid))
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                run()  # the first call compiles
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
+            seconds, peak = measure(run, warmup=0, repeats=args.repeats)
+            row = {"mode": mode, "size": size, "tokens": tokens, "seconds": seconds, "first_call_seconds": first, "activation_peak_gb": peak}
             report["results"].append(row)
-            print(f"{mode:>14} {size}: {seconds:7.3f} s/forward, activations {peak:5.1f} GiB", flush=True)
+            print(f"{mode:>14} {size}: {seconds:7.3f} s/forward, activations {peak:5.1f} GiB, first call {first:.1f} s", flush=True)
+            del run
         if args.profile:
             print_profile(runner(mode, model, make_inputs(config, LATENT_GRIDS[args.sizes[0]])))
     del model
@@ -221,7 +231,11 @@ def main():
         print(f"floor {size}: {(linear + attention) / 1e15:.2f} PFLOP, matmul {matmul_rate / 1e12:.0f} TFLOP/s, "
               f"cuDNN attention {attention_rate / 1e12:.0f} TFLOP/s -> {floor:.3f} s", flush=True)
 
-    del models, ours
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if error_inputs is None:
+        return
+    del models, ours, model
     gc.collect()
     torch.cuda.empty_cache()
     torch.backends.cuda.matmul.allow_tf32 = False
