@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from wan_i2v.cli import main
-from wan_i2v.video import read_mp4_metadata
 
 TINY_RUN = ["--size", "64*96", "--frame-num", "9", "--steps", "4", "--quiet", "--device", "cpu"]
 
@@ -27,6 +26,12 @@ def image_file(tmp_path):
 
 def generate(ckpt, image, out, *extra):
     return main(["generate", "--ckpt-dir", str(ckpt), "--image", str(image), "--prompt", "a boat", "--save-file", str(out), *TINY_RUN, *extra])
+
+
+def read_mp4_metadata(path):
+    with av.open(str(path)) as container:
+        comment = container.metadata.get("comment")
+    return json.loads(comment) if comment else {}
 
 
 def mp4_frames(path):

@@ -111,14 +111,6 @@ def write_mp4(video: torch.Tensor, path: Path, *, fps: int, metadata: dict | Non
     return write_atomically(path, encode)
 
 
-def read_mp4_metadata(path: Path) -> dict:
-    import av
-
-    with av.open(str(path)) as container:
-        comment = container.metadata.get("comment")
-    return json.loads(comment) if comment else {}
-
-
 def demo_image(width: int = 320, height: int = 192) -> Image.Image:
     """A built-in picture for the demo: a sky gradient over a dark ground with a sun."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
