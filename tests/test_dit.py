@@ -1,5 +1,6 @@
 """The DiT against diffusers' WanTransformer3DModel, and its strict loading."""
 
+import importlib.util
 import json
 
 import pytest
@@ -129,3 +130,16 @@ def test_config_of_another_model_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "i2v", "dim": 64, "foo": 1}))
     with pytest.raises(WanError, match="unknown config key 'foo'"):
         DiTConfig.from_json_file(tmp_path / "config.json")
+
+
+def test_attention_kernels_are_checked_before_loading():
+    from wan_i2v.models.attention import check_kernel
+
+    check_kernel("sdpa", torch.device("cpu"))
+    with pytest.raises(WanError, match="unknown attention kernel 'flash3'"):
+        check_kernel("flash3", torch.device("cpu"))
+    with pytest.raises(WanError, match="needs a CUDA GPU"):
+        check_kernel("sage", torch.device("cpu"))
+    if importlib.util.find_spec("sageattention") is None:  # as on CI: the opt-in package is not a dependency
+        with pytest.raises(WanError, match="pip install sageattention"):
+            check_kernel("sage", torch.device("cuda"))

@@ -20,10 +20,14 @@ from wan_i2v.errors import WanError
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _KERNELS: dict[str, AttentionKernel] = {}
+# name -> check(device) that raises WanError when the kernel cannot run there.
+_REQUIREMENTS: dict[str, Callable[[torch.device], None]] = {}
 
 
-def register_kernel(name: str, kernel: AttentionKernel) -> None:
+def register_kernel(name: str, kernel: AttentionKernel, requirement: Callable[[torch.device], None] | None = None) -> None:
     _KERNELS[name] = kernel
+    if requirement is not None:
+        _REQUIREMENTS[name] = requirement
 
 
 def _sdpa(q, k, v, key_mask, backends=None):
@@ -51,12 +55,40 @@ def _cudnn(q, k, v, key_mask):
     return _sdpa(q, k, v, None, [SDPBackend.CUDNN_ATTENTION])
 
 
+@torch.compiler.disable  # Triton launches of its own: run eagerly between the compiled parts
+def _sage(q, k, v, key_mask):
+    # SageAttention 1: Q and K quantized to INT8 per block, P.V in 16 bits. Opt-in: not exact.
+    if key_mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
+        return _sdpa(q, k, v, key_mask)
+    from sageattention import sageattn
+
+    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+def _sage_requirement(device: torch.device) -> None:
+    import importlib.util
+
+    if device.type != "cuda":
+        raise WanError("attention kernel 'sage' needs a CUDA GPU", "drop --attention sage on this device")
+    if importlib.util.find_spec("sageattention") is None:
+        raise WanError("attention kernel 'sage' needs the SageAttention package", "pip install sageattention==1.0.6")
+
+
 register_kernel("sdpa", _sdpa)
 register_kernel("cudnn", _cudnn)
+register_kernel("sage", _sage, _sage_requirement)
 
 
 def available_kernels() -> list[str]:
     return sorted(_KERNELS)
+
+
+def check_kernel(name: str, device: torch.device) -> None:
+    """Raise WanError, before anything is loaded, if kernel ``name`` is unknown or cannot run on ``device``."""
+    if name not in _KERNELS:
+        raise WanError(f"unknown attention kernel {name!r}", f"choose one of {', '.join(available_kernels())}")
+    if name in _REQUIREMENTS:
+        _REQUIREMENTS[name](torch.device(device))
 
 
 def default_kernel(device: torch.device) -> str:
