@@ -139,6 +139,8 @@ def error_line(capsys):
         (["--steps", "0"], "steps 0 out of range"),
         (["--steps", "99999"], "out of range"),
         (["--solver", "euler"], "invalid choice"),
+        (["--attention", "fast"], "unknown attention kernel 'fast' \\(choose one of cudnn, sage, sdpa\\)"),
+        (["--attention", "sage"], "attention kernel 'sage' needs a CUDA GPU"),
     ],
 )
 def test_bad_settings(tiny_checkpoint, image_file, tmp_path, capsys, args, message):

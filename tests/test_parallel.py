@@ -136,7 +136,9 @@ def test_split_decode_equals_single_decode(name, parallel_results, tiny_checkpoi
     config, shape, ranks = DECODES[name]
     single = _vae(config, tiny_checkpoint).decode(_latents(shape))
     assert parallel_results[name].shape == single.shape
-    assert (parallel_results[name] - single).abs().max() <= 1e-5
+    # fp32 rounding only: on the CPU, tiles of other widths take other vectorized paths (a missing
+    # halo column shows as differences of 1e-2 and more).
+    assert (parallel_results[name] - single).abs().max() <= 5e-5
 
 
 def test_halo_covers_the_decoders_receptive_field():

@@ -203,4 +203,39 @@ def test_frame_by_frame_decode_is_the_same_video():
     latents = torch.randn(1, 16, 3, 6, 8)
     whole = vae.decode(latents, frame_by_frame=False)
     assert torch.equal(vae.decode(latents, frame_by_frame=True), whole)
-    assert whole.shape == (1, 3, 9, 48, 64)
+    assert whole.shape == (1, 3, 9, 48, 64) == vae.video_shape(latents.shape)
+    # Frames written as they come into a buffer the caller owns (the pipeline's is in host memory).
+    buffer = torch.full(whole.shape, float("nan"))
+    assert vae.decode(latents, out=buffer) is buffer and torch.equal(buffer, whole)
+
+
+def test_bf16_decoder_leaves_the_encode_as_it_was():
+    from wan_i2v.tiny import randomize_
+
+    vae = randomize_(WanVAE(VAEConfig(dim=16, num_res_blocks=1)), seed=0).eval()
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    latents = torch.randn(1, 16, 2, 4, 4)
+    encoded, decoded = vae.encode(video), vae.decode(latents)
+    vae.decode_in(torch.bfloat16)
+    assert torch.equal(vae.encode(video), encoded)
+    assert vae.decoder.conv1.weight.dtype == torch.bfloat16
+    bf16 = vae.decode(latents)
+    assert bf16.dtype == torch.float32 and 0 < relative_error(bf16, decoded) < 0.05
+
+
+def test_channels_last_decodes_the_same_video():
+    from wan_i2v.models.vae import layout_of
+    from wan_i2v.tiny import randomize_
+
+    vae = randomize_(WanVAE(VAEConfig(dim=16, num_res_blocks=1)), seed=0).eval()
+    latents = torch.randn(1, 16, 3, 6, 8)
+    expected = vae.decode(latents)
+    vae.to_channels_last()
+    assert layout_of(vae.decoder_input(latents)) == torch.channels_last_3d
+    torch.testing.assert_close(vae.decode(latents), expected, rtol=0, atol=1e-5)
+    # cuDNN keeps the layout through the convolutions (the CPU's do not); the padded inputs and
+    # the causal caches keep what they are given.
+    conv = vae.decoder.head[2]
+    cache = {}
+    padded = conv.padded_input(torch.randn(1, 16, 2, 6, 8).contiguous(memory_format=torch.channels_last_3d), cache)
+    assert layout_of(padded) == layout_of(cache[conv]) == torch.channels_last_3d

@@ -31,6 +31,9 @@ def _dtype(name: str | None, device: str):
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+DECODE_DTYPE_HELP = "the VAE decode's precision: fp32 as the official code (default), or bf16: about twice as fast in half the memory, ~1e-2 from fp32"
+
+
 def _ckpt_dir(args) -> Path:
     if args.ckpt_dir:
         return Path(args.ckpt_dir)
@@ -227,7 +230,7 @@ def cmd_generate(args) -> int:
     try:
         pipe = I2VPipeline.from_pretrained(
             ckpt_dir, device=device, dtype=_dtype(args.dtype, device), offload=args.offload, attention=args.attention, parallel=groups,
-            compile=None if args.compile else False, fp8=args.fp8
+            compile=None if args.compile else False, fp8=args.fp8, decode_dtype=_dtype(args.decode_dtype, device)
         )
         _run(pipe, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file, keep_latents=bool(args.save_latents),
              state_file=save_file.with_suffix(".state.pt"))
@@ -293,7 +296,6 @@ def cmd_decode(args) -> int:
 
     from wan_i2v import checkpoint as ckpt
     from wan_i2v.config import FPS
-    from wan_i2v.models.vae import load_vae
     from wan_i2v.video import check_writable, write_mp4
 
     source = Path(args.latents)
@@ -310,8 +312,9 @@ def cmd_decode(args) -> int:
     check_writable(save_file)
     device = args.device or _default_device()
     _check_device(device)
-    vae = load_vae(_ckpt_dir(args) / ckpt.VAE_FILE, device=device, dtype=torch.float32)
-    from wan_i2v.pipeline import decode_latents
+    from wan_i2v.pipeline import decode_latents, load_vae_for
+
+    vae = load_vae_for(_ckpt_dir(args) / ckpt.VAE_FILE, torch.device(device), _dtype(args.decode_dtype, device))
 
     video = decode_latents(vae, latents, torch.device(device), progress=not args.quiet)
     write_mp4(video, save_file, fps=FPS, metadata=saved.get("settings"))
@@ -390,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     gen.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    gen.add_argument("--attention", default=None, help="attention kernel (default: the fastest exact one for the device)")
+    gen.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
+    gen.add_argument("--attention", default=None, help="attention kernel: cudnn, sdpa, or sage (SageAttention 1, INT8, opt-in and not exact; pip install sageattention); default: the fastest exact one for the device")
     par = gen.add_argument_group("several GPUs (see README: Several GPUs)")
     par.add_argument("--gpus", type=int, default=None, help="start this many processes, one per GPU (default 1; under torchrun: its world size)")
     par.add_argument("--ulysses", type=int, default=None, metavar="U", help="force the plan: sequence parallel degree (divides the heads)")
@@ -405,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--save-file", required=True)
     dec.add_argument("--ckpt-dir", default=None)
     dec.add_argument("--device", default=None)
+    dec.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
     dec.add_argument("--quiet", action="store_true")
     dec.set_defaults(func=cmd_decode)
 
