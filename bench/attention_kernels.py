@@ -6,6 +6,8 @@ and cross-attention to the 512 text positions, for each SDPA backend and a plain
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from common import measure
@@ -38,6 +40,15 @@ def main():
                 with sdpa_kernel([backend]):
                     seconds, _ = measure(lambda: F.scaled_dot_product_attention(q, k, v), 2, 5)
                 print(f"{size} {kind:5} {name:9}: {seconds * 1e3:8.2f} ms  {flops / seconds / 1e12:6.0f} TFLOP/s", flush=True)
+            if kind == "self" and importlib.util.find_spec("sageattention"):
+                from sageattention import sageattn
+
+                seconds, _ = measure(lambda: sageattn(q, k, v, tensor_layout="HND"), 2, 5)
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    exact = F.scaled_dot_product_attention(q, k, v).float()
+                error = ((sageattn(q, k, v, tensor_layout="HND").float() - exact).norm() / exact.norm()).item()
+                print(f"{size} {kind:5} {'sage (int8)':9}: {seconds * 1e3:8.2f} ms  {flops / seconds / 1e12:6.0f} TFLOP/s, "
+                      f"relative difference from cuDNN {error:.1e}", flush=True)
             # The projections produce token-major [B, L, H, D] memory; cuDNN may prefer head-major.
             token_major = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):

@@ -90,6 +90,32 @@ def load_official_model(repo: Path, ours: DiT):
     return model.eval().requires_grad_(False)
 
 
+class LinearGELU(torch.nn.Linear):
+    """x @ W^T + b then tanh-GELU in the matmul's epilogue (cuBLASLt), instead of a second kernel."""
+
+    def forward(self, x):
+        return torch._addmm_activation(self.bias, x.flatten(0, -2), self.weight.t(), use_gelu=True).unflatten(0, x.shape[:-1])
+
+
+def fuse_gelu(model: DiT) -> None:
+    for block in model.blocks:
+        first = block.ffn[0]
+        fused = LinearGELU(first.in_features, first.out_features, device="meta")
+        fused.weight, fused.bias = first.weight, first.bias
+        block.ffn[0], block.ffn[1] = fused, torch.nn.Identity()
+
+
+@torch.no_grad()
+def gelu_epilogue_check() -> dict:
+    """Which GELU the fused epilogue computes: its difference from tanh-GELU and from erf-GELU, in fp32."""
+    x = torch.randn(4096, 1024, device="cuda")
+    layer = torch.nn.Linear(1024, 2048, device="cuda")
+    fused = torch._addmm_activation(layer.bias, x, layer.weight.t(), use_gelu=True)
+    plain = layer(x)
+    return {approximate: (fused - torch.nn.functional.gelu(plain, approximate=approximate)).abs().max().item()
+            for approximate in ("tanh", "none")}
+
+
 def make_inputs(config: DiTConfig, grid, seed=7):
     g = torch.Generator(device="cuda").manual_seed(seed)
     f, h, w = grid
@@ -156,7 +182,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison (0: skip it)")
     parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"],
-                        help="any of ours, ours+compile, ours+fp8+compile (in that order), diffusers")
+                        help="any of ours, ours+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order), diffusers")
     parser.add_argument("--official-repo", type=Path, default=None,
                         help="a Wan2.2 checkout: adds the official WanModel (mode 'official') to the comparison")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per mode at the first size")
@@ -191,6 +217,12 @@ def main():
         # Modes change our model in place, in the order given: ours, ours+compile, ours+fp8+compile.
         if "fp8" in mode:
             apply_fp8(ours)
+        if "gelu-epilogue" in mode:
+            report["gelu_epilogue_max_difference"] = gelu_epilogue_check()
+            print(f"GELU epilogue vs tanh / erf GELU (fp32): {report['gelu_epilogue_max_difference']}", flush=True)
+            fuse_gelu(ours)
+        if "sage" in mode:
+            set_attention_kernel(ours, "sage")
         if "compile" in mode:
             apply_compile(ours)
         model = models["ours" if mode.startswith("ours") else mode]
