@@ -241,10 +241,23 @@ class Resample(CausalModule):
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         if self.temporal and self.up:  # time first: the frames are still small
             x = self._resample_time(x, cache)
-        x = self.resample(x)
+        x = self._upsample_frame_by_frame(x) if self.up else self.resample(x)
         if self.temporal and not self.up:
             x = self._resample_time(x, cache)
         return x
+
+    def _upsample_frame_by_frame(self, x: torch.Tensor) -> torch.Tensor:
+        # A frame upsampled before its convolution holds 4x the pixels in all the input channels:
+        # the decoder's largest tensor (1.4 GB for 4 frames at 720P in bf16). Frames are
+        # independent here, so it is made for one frame at a time.
+        out = None
+        for t in range(x.shape[2]):
+            frame = self.resample(x[:, :, t : t + 1])
+            if out is None:
+                shape = (*frame.shape[:2], x.shape[2], *frame.shape[3:])
+                out = torch.empty(shape, dtype=frame.dtype, device=frame.device, memory_format=layout_of(frame))
+            out[:, :, t : t + 1] = frame
+        return out
 
     def _resample_time(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         conv = self.time_conv
@@ -434,9 +447,10 @@ class WanVAE(nn.Module):
         free, _ = torch.cuda.mem_get_info(latents.device)
         free += torch.cuda.memory_reserved(latents.device) - torch.cuda.memory_allocated(latents.device)
         height, width = (side * self.config.pixels_per_latent for side in latents.shape[3:])
-        # Measured on an H100 at 720P (bench/pipeline_parts.py): the whole-chunk decode peaks at
-        # about 14 full-resolution activations of one latent frame's 4 frames (9.9 GiB in bf16).
-        needed = 14 * self.config.frames_per_latent * self.config.dim * height * width * latents.element_size()
+        # Measured on an H100 at 720P in channels-last memory (bench/vae_decode.py): the whole-chunk
+        # decode peaks at about 11 full-resolution activations of one latent frame's 4 frames (7.1 GiB
+        # in bf16, 14.2 GiB in fp32); frame by frame at about 8.5.
+        needed = 11 * self.config.frames_per_latent * self.config.dim * height * width * latents.element_size()
         return free < needed
 
 
