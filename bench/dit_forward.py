@@ -25,6 +25,7 @@ import torch
 from common import GB, measure, random_on_gpu
 
 from wan_i2v.compile import apply_compile
+from wan_i2v.fused_norms import apply_fused_norms
 from wan_i2v.quantize import apply_fp8
 from wan_i2v.models.attention import set_attention_kernel
 from wan_i2v.models.diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
@@ -116,6 +117,35 @@ def gelu_epilogue_check() -> dict:
             for approximate in ("tanh", "none")}
 
 
+@torch.no_grad()
+def fused_norm_check(tokens: int = 32760, channels: int = 5120) -> dict:
+    """The one-pass kernel against the plain module it replaces, on each of the block's three uses:
+    largest relative difference of the sum and of the normed output."""
+    from wan_i2v.fused_norms import FusedResidualNorm
+    from wan_i2v.models.dit import FP32LayerNorm, ResidualNorm
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+    affine = FP32LayerNorm(channels, 1e-6, elementwise_affine=True).cuda()
+    affine.weight.copy_(rand(channels)), affine.bias.copy_(rand(channels))
+    plain_norm = FP32LayerNorm(channels, 1e-6, elementwise_affine=False)
+    shift, scale, gate = (rand(1, 1, channels) * 0.1 for _ in range(3))
+    uses = {
+        "norm1 (bf16 stream, modulated)": (rand(1, tokens, channels, dtype=torch.bfloat16), None, None, plain_norm, shift, scale),
+        "add gated + norm3 (affine)": (rand(1, tokens, channels), rand(1, tokens, channels, dtype=torch.bfloat16), gate, affine, None, None),
+        "add + norm2 (modulated)": (rand(1, tokens, channels), rand(1, tokens, channels, dtype=torch.bfloat16), None, plain_norm, shift, scale),
+    }
+    report = {}
+    for name, args in uses.items():
+        expected = ResidualNorm()(*args, torch.bfloat16)
+        got = FusedResidualNorm()(*args, torch.bfloat16)
+        report[name] = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, expected)]
+    return report
+
+
 def make_inputs(config: DiTConfig, grid, seed=7):
     g = torch.Generator(device="cuda").manual_seed(seed)
     f, h, w = grid
@@ -182,7 +212,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison (0: skip it)")
     parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"],
-                        help="any of ours, ours+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order), diffusers")
+                        help="any of ours, ours+compile, ours+fused+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order), diffusers")
     parser.add_argument("--official-repo", type=Path, default=None,
                         help="a Wan2.2 checkout: adds the official WanModel (mode 'official') to the comparison")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per mode at the first size")
@@ -217,6 +247,10 @@ def main():
         # Modes change our model in place, in the order given: ours, ours+compile, ours+fp8+compile.
         if "fp8" in mode:
             apply_fp8(ours)
+        if "fused" in mode:
+            report["fused_norm_relative_difference"] = fused_norm_check()
+            print(f"fused norms vs plain (sum, normed): {report['fused_norm_relative_difference']}", flush=True)
+            apply_fused_norms(ours)
         if "persistent" in mode:
             # Inductor's multi-kernel mode also generates single-pass (persistent) variants of the
             # row reductions over 5120 channels (norms) and keeps the faster at run time.

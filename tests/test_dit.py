@@ -143,3 +143,16 @@ def test_attention_kernels_are_checked_before_loading():
     if importlib.util.find_spec("sageattention") is None:  # as on CI: the opt-in package is not a dependency
         with pytest.raises(WanError, match="pip install sageattention"):
             check_kernel("sage", torch.device("cuda"))
+
+
+def test_fused_norms_leave_a_cpu_model_as_it_was():
+    from wan_i2v.fused_norms import FusedResidualNorm, apply_fused_norms
+
+    config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=2, text_len=8, text_dim=16)
+    model = randomize_(DiT(config), seed=0).eval()
+    inputs = (torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 16), torch.randn(1, 20, 2, 4, 4))
+    with torch.no_grad():
+        expected = model(*inputs)
+        apply_fused_norms(model)
+        assert all(isinstance(block.residual_norm, FusedResidualNorm) for block in model.blocks)
+        assert torch.equal(model(*inputs), expected)  # the kernel is for GPUs; bench/dit_forward.py checks it there
