@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +28,12 @@ def random_on_gpu(build, dtype: torch.dtype, keep_fp32=lambda name: False, seed:
             param_dtype = torch.float32 if keep_fp32(f"{module_name}.{name}") else dtype
             module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param_dtype, device="cuda"), requires_grad=False)
     return randomize_(model, seed).eval()
+
+
+def free() -> None:
+    """Give the GPU memory of dropped models back, so the next measurement starts clean."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 @torch.no_grad()

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import GB, measure, random_on_gpu
+from common import GB, free, measure, random_on_gpu
 
 from wan_i2v.compile import apply_compile
 from wan_i2v.fused_norms import apply_fused_norms
@@ -307,8 +306,7 @@ def main():
     if error_inputs is None:
         return
     del models, ours
-    gc.collect()
-    torch.cuda.empty_cache()
+    free()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     reference = build_ours(config, torch.float32)

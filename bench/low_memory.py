@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
-from common import GB, measure, random_on_gpu
+from common import GB, free, measure, random_on_gpu
 
 from wan_i2v.block_offload import BlockOffload
 from wan_i2v.compile import apply_compile
@@ -50,8 +49,7 @@ def main():
     print(f"resident expert: {resident_seconds:.3f} s/forward ({torch.cuda.memory_allocated() / GB:.1f} GiB allocated)", flush=True)
 
     BlockOffload(expert, "cuda")
-    gc.collect()
-    torch.cuda.empty_cache()
+    free()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(args.cap_gb * GB / total)
     torch.cuda.reset_peak_memory_stats()
@@ -64,8 +62,7 @@ def main():
     print(f"block offload under a {args.cap_gb:.0f} GiB cap: {offload_seconds:.3f} s/forward "
           f"({offload_seconds / resident_seconds - 1:+.1%}), peak {peak:.1f} GiB, same output: {report['dit']['outputs_equal']}", flush=True)
     del expert
-    gc.collect()
-    torch.cuda.empty_cache()
+    free()
 
     latents = torch.randn(1, 16, *GRID, device="cuda")
     for dtype in (torch.float32, torch.bfloat16):
@@ -76,8 +73,7 @@ def main():
         report[f"vae_decode_{str(dtype).removeprefix('torch.')}"] = {"seconds": seconds, "peak_gb": peak}
         print(f"VAE decode 480P {dtype}: {seconds:.2f} s, peak {peak:.1f} GiB (all allocations)", flush=True)
         del vae
-        gc.collect()
-        torch.cuda.empty_cache()
+        free()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import GB, random_on_gpu
+from common import GB, free, random_on_gpu
 
 from wan_i2v import pipeline
 from wan_i2v.config import PRESETS
@@ -62,11 +61,6 @@ def random_loaders(tokenizer_dir: Path) -> None:
     pipeline.load_dit = load_dit
     pipeline.TextEncoder.load = staticmethod(load_text_encoder)
     pipeline.load_vae = load_vae
-
-
-def free():
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from common import GB, measure, random_on_gpu
+from common import GB, free, measure, random_on_gpu
 
 from wan_i2v.compile import apply_compile
 from wan_i2v.config import BOUNDARY_TIMESTEP
@@ -34,11 +33,6 @@ from wan_i2v.sampling.schedulers import official_schedule
 
 PIXELS = {"720P": (720, 1280), "480P": (480, 832)}
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight. " * 3
-
-
-def free():
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def main():

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
-from common import GB, measure, random_on_gpu
+from common import GB, free, measure, random_on_gpu
 
 from wan_i2v.models.vae import VAEConfig, WanVAE
 
@@ -53,8 +52,7 @@ def main():
         print(f"{name:>44}: {seconds:5.2f} s, peak {peak:5.2f} GiB ({peak * GB / 1e9:5.2f} GB) above the weights, "
               f"error vs fp32 {error:.2e}", flush=True)
         del vae, out
-        gc.collect()
-        torch.cuda.empty_cache()
+        free()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
