@@ -93,8 +93,11 @@ def test_offload_gives_the_same_video(tiny_checkpoint):
     expected = plain.generate(demo_image(), "x", **kwargs).latents
     for _ in range(2):  # the swapper and its hooks are made once, not once per run
         assert torch.equal(offloaded.generate(demo_image(), "x", **kwargs).latents, expected)
-    assert all(len(block._forward_pre_hooks) == 1 for expert in offloaded.experts.models.values() for block in expert.blocks)
-    assert offloaded.experts.active is None and not offloaded.experts.pending
+    swap = offloaded.experts
+    assert all(len(block._forward_pre_hooks) == 1 for expert in swap.models.values() for block in expert.blocks)
+    assert swap.active is None
+    swap.remove()
+    assert all(not block._forward_pre_hooks for expert in swap.models.values() for block in expert.blocks)
 
 
 def test_guide_scale_and_prompt_change_the_video(tiny_pipeline):

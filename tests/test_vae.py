@@ -207,6 +207,8 @@ def test_frame_by_frame_decode_is_the_same_video():
     # Frames written as they come into a buffer the caller owns (the pipeline's is in host memory).
     buffer = torch.full(whole.shape, float("nan"))
     assert vae.decode(latents, out=buffer) is buffer and torch.equal(buffer, whole)
+    with pytest.raises(ValueError, match="want float32"):
+        vae.decode(latents, out=torch.empty(1, 3, 8, 48, 64))
 
 
 def test_bf16_decoder_leaves_the_encode_as_it_was():

@@ -18,7 +18,9 @@ RECOMPILE_LIMIT = 64
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the name before torch 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for block in model.blocks:
         block.compile(dynamic=False)
     return model

@@ -6,7 +6,8 @@ reduction that loops over a row twice, it reads the stream twice and reaches ~1.
 (profile in docs/benchmarks.md). Here one program holds one token's row in registers:
 the stream is read once and written once, and the normalized row (bf16) written once.
 
-The numbers are the official ones up to fp32 summation order: the sum in fp32, the
+The numbers are the official ones up to fp32 summation order (and the fused multiply-add
+the compiler may contract ``* (1 + scale) + shift`` into): the sum in fp32, the
 layer norm in fp32 (rounded to the stream's dtype when the stream is bf16, as the
 official first block does), then ``* (1 + scale) + shift`` in fp32 and the cast.
 Off the GPU, or without Triton, the module is the plain one it replaces.
@@ -113,16 +114,22 @@ def _(x, y, gate, weight, bias, shift, scale, eps, dtype):
 
 class FusedResidualNorm(ResidualNorm):
     def forward(self, x, y, gate, norm, shift, scale, dtype):
-        if not self._fits(x, y, gate):
+        if not self._fits(x, y, gate, shift, scale):
             return super().forward(x, y, gate, norm, shift, scale, dtype)
         if y is None:
             return x, norm_modulate(x, norm.weight, norm.bias, shift, scale, norm.eps, dtype)
         return add_norm_modulate(x, y, gate, norm.weight, norm.bias, shift, scale, norm.eps, dtype)
 
     @staticmethod
-    def _fits(x, y, gate) -> bool:
-        """On a GPU with Triton, and a sum that is fp32 (the kernel writes it so), as in the blocks."""
-        if triton is None or not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16):
+    def _fits(x, y, gate, shift, scale) -> bool:
+        """What the kernel assumes, as in the blocks: a GPU with Triton; x [B, L, C] and y alike; a sum
+        that is fp32 (the kernel writes it so); gate, shift and scale fp32 [B, 1, C], shift with scale."""
+        if triton is None or not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 3:
+            return False
+        if (shift is None) != (scale is None) or (y is not None and y.shape != x.shape):
+            return False
+        per_sample = (x.shape[0], 1, x.shape[2])
+        if any(t is not None and (t.dtype != torch.float32 or t.shape != per_sample) for t in (gate, shift, scale)):
             return False
         return y is None or torch.float32 in {t.dtype for t in (x, y, gate) if t is not None}
 

@@ -60,16 +60,20 @@ class ExpertSwap(Experts):
         self.pending: dict[nn.Module, torch.cuda.Event] = {}  # block -> the end of its copy
         self.active: str | None = None
         wait_for_copy = torch.compiler.disable(self._wait_for_copy)  # stream work, not graph material
-        for model in self.models.values():
-            for block in model.blocks:
-                block.register_forward_pre_hook(wait_for_copy)
+        self.hooks = [block.register_forward_pre_hook(wait_for_copy) for model in self.models.values() for block in model.blocks]
 
     def activate(self, name: str) -> nn.Module:
         if name != self.active:
             self.release()
+            self.active = name  # first: an arrival that fails half-way is still released
             self._arrive(self.models[name])
-            self.active = name
         return self.models[name]
+
+    def remove(self) -> None:
+        """Send the active expert back and take the hooks off the blocks."""
+        self.release()
+        for hook in self.hooks:
+            hook.remove()
 
     def release(self) -> None:
         if self.active is None:

@@ -68,8 +68,6 @@ class I2VPipeline:
         self.parallel = None  # a wan_i2v.parallel.ParallelGroups once parallelized
         self.text_encoder = text_encoder
         self.vae = vae
-        self.high_noise = high_noise
-        self.low_noise = low_noise
         self.device = torch.device(device)
         # One swapper for the pipeline's life: it hooks the experts' blocks once.
         self.experts = (
@@ -174,6 +172,14 @@ class I2VPipeline:
         pipe.identity = {"checkpoint": str(root.resolve()), "dtype": str(dtype), "fp8": fp8, "attention": kernel, "device": device.type}
         pipe.parallel = parallel
         return pipe
+
+    @property
+    def high_noise(self) -> DiT:
+        return self.experts.models["high"]
+
+    @property
+    def low_noise(self) -> DiT:
+        return self.experts.models["low"]
 
     @property
     def text_len(self) -> int:

@@ -250,6 +250,8 @@ class Resample(CausalModule):
         # A frame upsampled before its convolution holds 4x the pixels in all the input channels:
         # the decoder's largest tensor (1.4 GB for 4 frames at 720P in bf16). Frames are
         # independent here, so it is made for one frame at a time.
+        if x.shape[2] == 1:
+            return self.resample(x)
         out = None
         for t in range(x.shape[2]):
             frame = self.resample(x[:, :, t : t + 1])
@@ -397,6 +399,8 @@ class WanVAE(nn.Module):
         float32 tensor of the video's shape on any device (host memory, say), receives the frames
         as they are decoded, so the whole video never has to fit beside the decoder's activations.
         """
+        if out is not None and (tuple(out.shape) != self.video_shape(latents.shape) or out.dtype != torch.float32):
+            raise ValueError(f"out is {out.dtype} {tuple(out.shape)}: want float32 {self.video_shape(latents.shape)}")
         x = self.decoder_input(latents)
         if frame_by_frame is None:
             frame_by_frame = self._memory_is_short(x)
