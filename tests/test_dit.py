@@ -158,3 +158,22 @@ def test_fused_norms_apply_to_every_block_and_fall_back_on_the_cpu():
         apply_fused_norms(model)
         assert all(isinstance(block.residual_norm, FusedResidualNorm) for block in model.blocks)
         assert torch.equal(model(*inputs), expected)  # the kernel is for GPUs; bench/dit_forward.py checks it there
+
+
+def test_rope_tables_are_built_once_per_video_size():
+    config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=1, text_len=8, text_dim=16)
+    model = randomize_(DiT(config), seed=0).eval()
+
+    def inputs(frames):
+        return torch.randn(1, 16, frames, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 16), torch.randn(1, 20, frames, 4, 4)
+
+    with torch.no_grad():
+        small, large = inputs(2), inputs(3)
+        first = model(*small)
+        tables = model.rope_cache[((2, 2, 2), torch.device("cpu"))]
+        model(*large)
+        assert torch.equal(model(*small), first)
+        assert model.rope_cache[((2, 2, 2), torch.device("cpu"))] is tables and len(model.rope_cache) == 2
+        cos, sin = tables
+        expected_cos, expected_sin = rope_tables((2, 2, 2), config.head_dim, "cpu")
+        assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)

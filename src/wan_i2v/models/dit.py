@@ -279,6 +279,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self.sequence = SequenceLayout()
+        # (grid, device) -> RoPE tables: built once per video size, since copying them to the
+        # device from host memory would wait for the GPU at the start of every forward.
+        self.rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, latent, timestep, context, condition):
         """
@@ -301,7 +304,10 @@ class DiT(nn.Module):
         time_modulation = self.time_projection(time_embedding).unflatten(1, (6, cfg.dim))
         context = self.text_embedding(context.to(compute_dtype))
 
-        rope = rope_tables(grid, cfg.head_dim, tokens.device)
+        key = (grid, tokens.device)
+        if key not in self.rope_cache:
+            self.rope_cache[key] = rope_tables(grid, cfg.head_dim, tokens.device)
+        rope = self.rope_cache[key]
         tokens, rope, key_mask = self.sequence.scatter(tokens, rope)
         for block in self.blocks:
             tokens = block(tokens, time_modulation, context, rope, key_mask)
