@@ -70,6 +70,13 @@ def test_saved_latents_decode_again(tiny_checkpoint, image_file, tmp_path):
     assert main(["decode", str(latents), "--save-file", str(again), "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu", "--quiet"]) == 0
     assert_same_video(out, again)
     assert read_mp4_metadata(again)["seed"] == 1
+    # The decoder in bf16: the same picture within bf16 rounding (3.7 levels on average here), not another video.
+    bf16 = tmp_path / "bf16.mp4"
+    assert main(["decode", str(latents), "--save-file", str(bf16), "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu",
+                 "--quiet", "--decode-dtype", "bf16"]) == 0
+    first, _ = mp4_frames(out)
+    second, _ = mp4_frames(bf16)
+    assert first.shape == second.shape and 1.5 < np.abs(first.astype(int) - second).mean() < 8.0  # fp32 again: <= ~1
 
 
 def test_decoding_saved_latents_gives_the_generated_video(tiny_pipeline, tmp_path):
