@@ -15,6 +15,7 @@ a full fp32 copy of a 14B model in RAM.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -40,12 +41,26 @@ def missing_file_error(path: Path, what: str) -> WanError:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path`` (every file of the checkpoint that is JSON holds one)."""
     if not path.is_file():
         raise missing_file_error(path, what)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise WanError(f"{what} is not valid JSON: {path} ({exc})", STATUS_HINT) from None
+    if not isinstance(data, dict):
+        raise WanError(f"{what} {path} is not a JSON object", "write it as {\"key\": value, ...}")
+    return data
+
+
+def read_config(config_class, path: Path, what: str):
+    """A config dataclass from a JSON object of its fields; an unknown key is an error."""
+    values = read_json(Path(path), what)
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise WanError(f"{path}: unknown {what} key {unknown[0]!r}", f"known keys: {', '.join(sorted(known))}")
+    return config_class(**values)
 
 
 class TensorSource:

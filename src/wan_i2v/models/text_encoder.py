@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from wan_i2v.checkpoint import STATUS_HINT, load_strict, missing_file_error, read_json, torch_file_source
+from wan_i2v.checkpoint import STATUS_HINT, load_strict, missing_file_error, read_config, torch_file_source
 from wan_i2v.errors import WanError
 
 T5_CONFIG_FILE = "t5_config.json"
@@ -50,15 +50,7 @@ class T5Config:
 
     @classmethod
     def from_json_file(cls, path) -> "T5Config":
-        path = Path(path)
-        values = read_json(path, "T5 config")
-        if not isinstance(values, dict):
-            raise WanError(f"{path}: expected a JSON object")
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise WanError(f"{path}: unknown key {unknown[0]!r}", f"known keys: {', '.join(sorted(known))}")
-        return cls(**values)
+        return read_config(cls, path, "T5 config")
 
 
 def clean_prompt(text: str) -> str:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wan_i2v.checkpoint import load_strict, read_json, torch_file_source
+from wan_i2v.checkpoint import load_strict, read_config, torch_file_source
 from wan_i2v.errors import WanError
 
 VAE_CONFIG_FILE = "vae_config.json"
@@ -55,14 +55,7 @@ class VAEConfig:
 
     @classmethod
     def from_json_file(cls, path) -> VAEConfig:
-        data = read_json(Path(path), "VAE config")
-        if not isinstance(data, dict):
-            raise WanError(f"{path} is not a JSON object", "write the VAE config as {\"key\": value, ...}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise WanError(f"{path}: unknown VAE config key {unknown[0]!r}", f"known keys: {', '.join(sorted(known))}")
-        return cls(**data)
+        return read_config(cls, path, "VAE config")
 
     @property
     def frames_per_latent(self) -> int:
