@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wan_i2v.offload import module_tensors
+from wan_i2v.offload import module_tensors, tensors_outside_blocks
 
 
 class BlockOffload:
@@ -21,10 +21,8 @@ class BlockOffload:
         self.device = torch.device(device)
         self.blocks = list(model.blocks)
         on_gpu = self.device.type == "cuda"
-        block_tensors = {id(t) for block in self.blocks for t in module_tensors(block)}
-        for tensor in module_tensors(model):
-            if id(tensor) not in block_tensors:
-                tensor.data = tensor.data.to(self.device)
+        for tensor in tensors_outside_blocks(model):
+            tensor.data = tensor.data.to(self.device)
         self.host = []
         for block in self.blocks:
             copies = []

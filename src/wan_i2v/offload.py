@@ -15,6 +15,12 @@ def module_tensors(module: nn.Module):
     yield from module.buffers()
 
 
+def tensors_outside_blocks(model: nn.Module) -> list[torch.Tensor]:
+    """A DiT's embeddings and head: what stays put while its blocks move."""
+    in_blocks = {id(t) for block in model.blocks for t in module_tensors(block)}
+    return [t for t in module_tensors(model) if id(t) not in in_blocks]
+
+
 class HostCopy:
     """A module whose weights live in host memory (pinned for a GPU) and visit the device.
 
@@ -86,19 +92,17 @@ class ExpertSwap(Experts):
         self.active = None
 
     def _arrive(self, model: nn.Module) -> None:
-        blocks = list(model.blocks)
-        streamed = self.copy_stream is not None
-        in_blocks = {id(t) for block in blocks for t in module_tensors(block)}
-        for tensor in module_tensors(model):
-            if not streamed or id(tensor) not in in_blocks:  # embeddings and head: needed first, in stream order
-                tensor.data = tensor.data.to(self.device, non_blocking=True)
-        if not streamed:
+        if self.copy_stream is None:
+            for tensor in module_tensors(model):
+                tensor.data = tensor.data.to(self.device)
             return
+        for tensor in tensors_outside_blocks(model):  # embeddings and head: needed first, in stream order
+            tensor.data = tensor.data.to(self.device, non_blocking=True)
         compute = torch.cuda.current_stream(self.device)
         # The memory is allocated in the compute stream's order (the expert just released gave it
         # back there), so the copies start only once that expert's kernels are done with it.
         self.copy_stream.wait_stream(compute)
-        for block in blocks:
+        for block in model.blocks:
             tensors = list(module_tensors(block))
             targets = [torch.empty_like(t.data, device=self.device) for t in tensors]
             with torch.cuda.stream(self.copy_stream):
