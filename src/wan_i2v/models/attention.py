@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wan_i2v.errors import WanError
 
@@ -36,7 +37,7 @@ def _sdpa(q, k, v, key_mask, backends=None):
     if backends is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
-        with torch.nn.attention.sdpa_kernel(backends):
+        with sdpa_kernel(backends):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
 
@@ -44,8 +45,6 @@ def _sdpa(q, k, v, key_mask, backends=None):
 def _cudnn(q, k, v, key_mask):
     # cuDNN is the fastest exact bf16 kernel on Hopper (see shared/ANCHORS.md); a
     # masked call falls back to the flash/efficient kernels, which accept masks.
-    from torch.nn.attention import SDPBackend
-
     if q.dtype not in (torch.float16, torch.bfloat16):  # cuDNN has no fp32 kernel: let SDPA choose
         return _sdpa(q, k, v, key_mask)
     if key_mask is not None:
