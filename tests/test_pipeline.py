@@ -32,7 +32,6 @@ def test_shapes_range_and_both_experts(tiny_pipeline):
     # 6 steps at shift 3: t >= 900 while 3s/(1+2s) >= 0.9, i.e. s >= 0.75, with s_i = 0.999(1 - i/6):
     # i <= 1.49, so the first two steps are the high-noise expert's.
     assert result.experts_used == ["high", "high", "low", "low", "low", "low"]
-    assert {"high", "low"} <= set(result.experts_used)
     assert set(result.timings) == {"text encoding", "image encoding", "denoising", "decoding"}
 
 
@@ -53,8 +52,9 @@ def test_each_expert_matters(tiny_pipeline):
 def test_conditioning_follows_official_layout(tiny_pipeline):
     pixels = torch.rand(3, 50, 70) * 2 - 1
     condition = tiny_pipeline.encode_image(pixels, 64 * 64, 9)
-    height, width = video_size(50, 70, 64 * 64)
-    assert condition.shape == (20, 3, height // 8, width // 8)
+    # The official sizing: rows sqrt(4096 * 50/70) = 54.1 -> 6 latent rows (// 8, then even),
+    # columns sqrt(4096 * 70/50) = 75.7 -> 9 -> 8 latent columns.
+    assert condition.shape == (20, 3, 6, 8)
     mask = condition[:4]
     assert torch.all(mask[:, 0] == 1) and torch.all(mask[:, 1:] == 0)
 
