@@ -18,8 +18,8 @@ from torch import nn
 
 from wan_i2v import checkpoint as ckpt
 from wan_i2v.models.dit import DiT, DiTConfig
-from wan_i2v.models.text_encoder import T5Config, build_umt5, transformers_to_official_key, write_tiny_tokenizer
-from wan_i2v.models.vae import VAEConfig, WanVAE
+from wan_i2v.models.text_encoder import T5_CONFIG_FILE, T5Config, build_umt5, transformers_to_official_key, write_tiny_tokenizer
+from wan_i2v.models.vae import VAE_CONFIG_FILE, VAEConfig, WanVAE
 
 TINY_T5 = T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, encoder_layers=2, num_buckets=32)
 TINY_DIT = DiTConfig(dim=64, ffn_dim=128, freq_dim=32, num_heads=4, num_layers=2, text_len=32, text_dim=TINY_T5.dim)
@@ -52,8 +52,8 @@ def _save_dit(model: DiT, directory: Path, shards: int) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
-    config = {f: getattr(model.config, f) for f in ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim", "num_heads", "num_layers", "text_len", "eps", "text_dim")}
-    (directory / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "i2v", **config}, indent=2))
+    config = {"_class_name": "WanModel", "model_type": "i2v", **asdict(model.config)}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if shards == 1:
         save_file(state, str(directory / ckpt.SAFETENSORS_FILE))
@@ -80,14 +80,14 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
         _save_dit(randomize_(DiT(TINY_DIT), seed + 2), staging / ckpt.LOW_NOISE_DIR, shards=2)
 
         torch.save(randomize_(WanVAE(TINY_VAE), seed + 3).state_dict(), staging / ckpt.VAE_FILE)
-        (staging / "vae_config.json").write_text(json.dumps(asdict(TINY_VAE)))
+        (staging / VAE_CONFIG_FILE).write_text(json.dumps(asdict(TINY_VAE)))
 
         t5 = randomize_(build_umt5(TINY_T5), seed + 4)
         official = {}
         for key, value in t5.state_dict().items():
             official.setdefault(transformers_to_official_key(key), value.clone())
         torch.save(official, staging / ckpt.T5_FILE)
-        (staging / "t5_config.json").write_text(json.dumps(asdict(TINY_T5)))
+        (staging / T5_CONFIG_FILE).write_text(json.dumps(asdict(TINY_T5)))
         write_tiny_tokenizer(staging / ckpt.TOKENIZER_DIR, TINY_T5.vocab_size)
 
         (staging / MARKER).write_text(json.dumps({"seed": seed, "note": "random weights, for tests and the demo"}))

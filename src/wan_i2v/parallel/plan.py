@@ -126,7 +126,6 @@ def estimate_memory(
     tokens: int,
     pixels: int,
     offload: bool = False,
-    batch_cfg: bool = False,
     dtype_bytes: int = 2,
 ) -> MemoryEstimate:
     """A rough per-GPU peak: resident weights, the DiT's activations at ``tokens`` and the VAE.
@@ -143,12 +142,11 @@ def estimate_memory(
     else:
         weights = experts + t5 // dims.world
     weights += sizes.vae
-    batch = 2 if batch_cfg and dims.cfg == 1 else 1
     local = -(-tokens // dims.ulysses)
     # In a block: the fp32 residual stream and its temporaries, q/k/v and the attention output, the
     # FFN's hidden layer; after the blocks: the gathered full sequence for the output head.
     per_token = sizes.dim * 4 * 4 + sizes.ffn_dim * dtype_bytes * 2
-    activations = batch * max(local * per_token, tokens * sizes.dim * 4 * 3)
+    activations = max(local * per_token, tokens * sizes.dim * 4 * 3)
     # The VAE's last stage on one latent frame (4 video frames): a few full-resolution fp32 tensors,
     # tiled over the ranks (with halos).
     share = min(1.0, 1 / dims.world + (0.3 if dims.world > 1 else 0))
@@ -164,7 +162,6 @@ def choose_plan(
     tokens: int,
     pixels: int,
     offload: bool = False,
-    batch_cfg: bool = False,
     dtype_bytes: int = 2,
 ) -> tuple[ParallelDims, MemoryEstimate, bool]:
     """The default plan: CFG parallel when ``world`` is even, the rest as Ulysses; experts unsharded
@@ -180,7 +177,7 @@ def choose_plan(
     best = None
     for cfg, u, fsdp in options:
         dims = ParallelDims(cfg, u, fsdp)
-        estimate = estimate_memory(dims, sizes, tokens=tokens, pixels=pixels, offload=offload, batch_cfg=batch_cfg, dtype_bytes=dtype_bytes)
+        estimate = estimate_memory(dims, sizes, tokens=tokens, pixels=pixels, offload=offload, dtype_bytes=dtype_bytes)
         if estimate.fits(gpu_bytes):
             return dims, estimate, True
         if best is None or estimate.total < best[1].total:
