@@ -16,7 +16,7 @@ from wan_i2v.errors import WanError
 from wan_i2v.models.vae import VAEConfig, WanVAE
 from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
 from wan_i2v.parallel.launch import RankFailed, launch
-from wan_i2v.parallel.plan import GiB, choose_plan, model_sizes
+from wan_i2v.parallel.plan import GiB, choose_plan, estimate_memory, model_sizes
 from wan_i2v.parallel.vae import decode_tiled, spatial_halo, temporal_warmup
 from wan_i2v.tiny import randomize_
 from wan_i2v.video import demo_image
@@ -198,6 +198,9 @@ def test_plan_choice_and_validation():
     assert fits and (dims.cfg, dims.ulysses, dims.fsdp) == (2, 4, False)  # enough memory: unsharded
     dims, _, fits = choose_plan(1, sizes, gpu_bytes=80 * GiB, **shape)
     assert not fits  # one 80 GB GPU needs --offload, as with the official code
+    # FSDP's --offload keeps the experts' shards in host memory, not the text encoder's.
+    offloaded = estimate_memory(ParallelDims(1, 2, True), sizes, offload=True, **shape)
+    assert offloaded.weights == 2 * sizes.block + sizes.text_encoder // 2 + sizes.vae
     assert choose_plan(1, sizes, gpu_bytes=80 * GiB, offload=True, **shape)[2]
     assert choose_plan(4, sizes, gpu_bytes=None, **shape)[0] == ParallelDims(2, 2, False)
     with pytest.raises(WanError, match=r"3 GPUs cannot split the model's 40 attention heads \(use --gpus 1, 2, 4, 5, 8"):

@@ -131,7 +131,7 @@ class I2VPipeline:
         # block: no GPU holds a whole model, and a rank's host memory one model at a time.
         host = torch.device("cpu")
         host_or_device = host if offload or fsdp else device
-        sharded_text = parallel is not None and parallel.shards_text_encoder(bool(offload))
+        sharded_text = parallel is not None and parallel.dims.shards_text_encoder(bool(offload))
         text_visits = not sharded_text and device.type == "cuda" and (bool(offload) or not keep_text_encoder)
         text_host_or_device = host if sharded_text or text_visits or (offload and device.type != "cuda") else device
 

@@ -45,7 +45,7 @@ def parallelize_model(model, kind: str, groups: ParallelGroups, offload: bool = 
         if dims.fsdp:
             apply_fsdp(model, model.blocks, groups.mesh, offload=offload and groups.device.type == "cuda")
     elif kind == "text encoder":
-        if groups.shards_text_encoder(offload):
+        if groups.dims.shards_text_encoder(offload):
             apply_fsdp(model.model, model.model.encoder.block, groups.mesh)
     else:
         raise ValueError(f"unknown model kind {kind!r}")

@@ -67,12 +67,6 @@ class ParallelGroups:
         """0: this rank runs the conditional pass, 1: the unconditional one."""
         return self.rank // self.dims.ulysses
 
-    def shards_text_encoder(self, offload: bool) -> bool:
-        """The text encoder runs once per video, so sharding it costs one gather per block once and
-        frees (N-1)/N of its 11 GB on every GPU; only with ``--offload`` and unsharded experts does it
-        stay whole, in host memory, as on one GPU."""
-        return self.dims.world > 1 and (self.dims.fsdp or not offload)
-
     @property
     def mesh(self):
         from torch.distributed.device_mesh import DeviceMesh

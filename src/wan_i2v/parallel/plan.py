@@ -35,6 +35,12 @@ class ParallelDims:
     def world(self) -> int:
         return self.cfg * self.ulysses
 
+    def shards_text_encoder(self, offload: bool) -> bool:
+        """The text encoder runs once per video, so sharding it costs one gather per block once and
+        frees (N-1)/N of its 11 GB on every GPU; only with ``--offload`` and unsharded experts does it
+        stay whole, in host memory, as on one GPU."""
+        return self.world > 1 and (self.fsdp or not offload)
+
     def validate(self, world: int, num_heads: int) -> "ParallelDims":
         if self.cfg not in (1, 2):
             raise WanError(f"CFG parallel degree {self.cfg}", "it is 1 or 2 (--cfg-parallel)")
@@ -58,7 +64,7 @@ class ParallelDims:
         parts.append(f"Ulysses {self.ulysses}")
         if self.fsdp:
             parts.append("FSDP over experts and text encoder")
-        elif self.world > 1 and not offload:
+        elif self.shards_text_encoder(offload):
             parts.append("experts unsharded, text encoder sharded")
         else:
             parts.append("unsharded")
@@ -135,12 +141,17 @@ def estimate_memory(
     """
     experts, t5 = 2 * sizes.expert, sizes.text_encoder
     if dims.fsdp:
-        # Sharded storage plus the gathered current block and the prefetched next one.
-        weights = 2 * sizes.block + (0 if offload else (experts + t5) // dims.world)
+        # Sharded storage plus the gathered current block and the prefetched next one; with --offload
+        # the experts' shards wait in host memory, the text encoder's do not.
+        weights = 2 * sizes.block + (0 if offload else experts // dims.world)
     elif offload:
-        weights = max(sizes.expert, t5)  # one expert at a time; the text encoder only while encoding
+        weights = sizes.expert  # one expert at a time
     else:
-        weights = experts + t5 // dims.world
+        weights = experts
+    if dims.shards_text_encoder(offload):
+        weights += t5 // dims.world
+    else:  # whole, on the GPU or visiting it to encode
+        weights = max(weights, t5) if offload else weights + t5
     weights += sizes.vae
     local = -(-tokens // dims.ulysses)
     # In a block: the fp32 residual stream and its temporaries, q/k/v and the attention output, the
