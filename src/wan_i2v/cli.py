@@ -257,10 +257,10 @@ def _device_type(device: str) -> str:
 
 def _world_size(args, device: str) -> int:
     """How many processes the run has: the launcher's WORLD_SIZE, else --gpus (checked against the machine)."""
-    from wan_i2v.parallel.groups import launched
+    from wan_i2v.parallel.groups import env_world, launched
 
     if launched():
-        world = int(os.environ["WORLD_SIZE"])
+        world = env_world()
         if args.gpus not in (None, world):
             raise WanError(f"--gpus {args.gpus} but the launcher started {world} processes", "leave out --gpus under torchrun")
         args.gpus = world

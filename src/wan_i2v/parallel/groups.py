@@ -16,9 +16,14 @@ TIMEOUT_ENV = "WAN_I2V_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600
 
 
+def env_world() -> int:
+    """The launcher's WORLD_SIZE (1 outside a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """True in a process started by torchrun, ``--gpus N`` or a cluster launcher (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return env_world() > 1
 
 
 def env_rank() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import tempfile
 import time
@@ -20,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from wan_i2v.errors import WanError
+from wan_i2v.parallel.groups import env_rank
 
 
 class RankFailed(WanError):
@@ -39,7 +39,7 @@ def _lost_peer(exc: BaseException) -> bool:
 
 
 def _record(error_dir: str, exc: BaseException) -> str:
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     if isinstance(exc, KeyboardInterrupt):
         kind, message = "interrupt", "interrupted"
     elif isinstance(exc, WanError):
