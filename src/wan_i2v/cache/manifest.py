@@ -77,11 +77,17 @@ class Manifest:
                 entry.verified_mtime_ns, entry.corrupt = old.verified_mtime_ns, old.corrupt
 
 
+def hash_stream(hasher, file, progress=None) -> None:
+    """Feed the rest of an open binary file to ``hasher``; ``progress``, if given, gets the bytes read."""
+    while block := file.read(_READ_BLOCK):
+        hasher.update(block)
+        if progress is not None:
+            progress.update(len(block))
+
+
 def hash_file(path: Path, entry: FileEntry, progress) -> bool:
     """Whether the file's content matches the entry's published hash; `progress` gets the bytes read."""
     hasher = entry.new_hasher()
     with open(path, "rb") as file:
-        while block := file.read(_READ_BLOCK):
-            hasher.update(block)
-            progress.update(len(block))
+        hash_stream(hasher, file, progress)
     return hasher.hexdigest() == entry.hex_digest

@@ -15,7 +15,7 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 
 from wan_i2v.cache.layout import REPO_ID, blob_path, partial_path, required_paths
-from wan_i2v.cache.manifest import FileEntry, Manifest
+from wan_i2v.cache.manifest import FileEntry, Manifest, hash_stream
 from wan_i2v.errors import WanError
 
 LISTING_TIMEOUT_S = 30
@@ -66,7 +66,7 @@ class HubSource:
     def bytes_on_disk(self, checkpoint_dir: Path, entry: FileEntry) -> int:
         """Bytes of a not-yet-usable file already fetched: a complete blob or a partial download."""
         blob = blob_path(checkpoint_dir, entry)
-        if blob.is_file() and blob.stat().st_size == entry.size:
+        if _blob_complete(blob, entry):
             return entry.size
         partial = partial_path(blob)
         return min(partial.stat().st_size, entry.size) if partial.is_file() else 0
@@ -75,7 +75,7 @@ class HubSource:
         """Bring one file into the snapshot; True when its hash was checked on the way."""
         blob = blob_path(checkpoint_dir, entry)
         checked = False
-        if not (blob.is_file() and blob.stat().st_size == entry.size):
+        if not _blob_complete(blob, entry):
             self._download(entry, blob, revision, progress)
             checked = True
         _link(blob, checkpoint_dir / entry.path)
@@ -171,6 +171,10 @@ def _link(blob: Path, pointer: Path) -> None:
         os.replace(blob, pointer)
 
 
+def _blob_complete(blob: Path, entry: FileEntry) -> bool:
+    return blob.is_file() and blob.stat().st_size == entry.size
+
+
 class _HashingWriter:
     """The partial file as http_get sees it: every byte written also feeds the hash, so a finished
     download is verified without reading it back. Bytes from an earlier run are hashed first."""
@@ -180,8 +184,7 @@ class _HashingWriter:
         self._entry = entry
         self._hasher = entry.new_hasher()
         file.seek(0)
-        while block := file.read(8 << 20):
-            self._hasher.update(block)
+        hash_stream(self._hasher, file)
 
     def write(self, data: bytes) -> int:
         self._hasher.update(data)
