@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from wan_i2v.errors import WanError
@@ -170,12 +171,19 @@ def _explain(dims, estimate, fits, gpu_bytes, video, args) -> None:
 
 def _generate_rank(args) -> None:
     """One rank of a ``--gpus N`` run (started by ``wan_i2v.parallel.launch``, which reports its errors)."""
-    with warnings.catch_warnings():
-        if _is_main():
-            warnings.showwarning = _warning_line
-        else:
-            warnings.simplefilter("ignore")  # rank 0 says it once
+    with _one_line_warnings():
         cmd_generate(args)
+
+
+@contextmanager
+def _one_line_warnings():
+    """Warnings (a truncated prompt, ...) as one line each, like the errors, and only from rank 0
+    of a multi-process run, which says each once."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        if not _is_main():
+            warnings.simplefilter("ignore")
+        yield
 
 
 def _warning_line(message, *_args, **_kwargs) -> None:
@@ -437,11 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code
     try:
-        with warnings.catch_warnings():
-            # Warnings (a truncated prompt, ...) as one line each, like the errors.
-            warnings.showwarning = _warning_line
-            if not _is_main():
-                warnings.simplefilter("ignore")  # under torchrun: rank 0 says it once
+        with _one_line_warnings():
             return args.func(args)
     except WanError as exc:
         rank = "" if _is_main() else f"(rank {os.environ.get('RANK')}) "
