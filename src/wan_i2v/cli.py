@@ -230,10 +230,12 @@ def cmd_generate(args) -> int:
     groups = None
     if launched():
         from wan_i2v.parallel import ParallelGroups, init_distributed
+        from wan_i2v.parallel.groups import agree
 
         _share_cpu_threads(device)
         run_device = init_distributed(_device_type(device))
-        groups = ParallelGroups.build(_agreed(dims, run_device), run_device)
+        # Rank 0's plan everywhere: ranks on different GPUs could otherwise choose differently.
+        groups = ParallelGroups.build(agree(dims, run_device), run_device)
         device = str(run_device)
     try:
         pipe = I2VPipeline.from_pretrained(
@@ -248,15 +250,6 @@ def cmd_generate(args) -> int:
 
             dist.destroy_process_group()
     return 0
-
-
-def _agreed(dims, device):
-    """Rank 0's plan on every rank: ranks on different GPUs could otherwise choose differently."""
-    import torch.distributed as dist
-
-    box = [dims]
-    dist.broadcast_object_list(box, src=0, device=device)
-    return box[0]
 
 
 def _device_type(device: str) -> str:

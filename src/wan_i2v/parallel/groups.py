@@ -21,6 +21,13 @@ def env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def agree(value, device: torch.device, group=None, src: int = 0):
+    """Rank ``src``'s ``value`` (any picklable object) on every rank of ``group``."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src, group=group, device=device)
+    return box[0]
+
+
 def launched() -> bool:
     """True in a process started by torchrun, ``--gpus N`` or a cluster launcher (WORLD_SIZE > 1)."""
     return env_world() > 1
@@ -109,6 +116,4 @@ class ParallelGroups:
 
     def agree(self, value):
         """The run's rank 0's ``value`` on every rank (a random seed must be the same everywhere)."""
-        box = [value]
-        dist.broadcast_object_list(box, src=self.src, group=self.group, device=self.device)
-        return box[0]
+        return agree(value, self.device, self.group, self.src)
