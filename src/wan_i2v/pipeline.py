@@ -314,21 +314,14 @@ class I2VPipeline:
 
     def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor | None:
         """[16, f, h, w] latents -> [3, F, H, W] video (in a parallel run: split over the ranks, on rank 0)."""
-        if self.parallel is not None:
-            from wan_i2v import parallel
-
-            bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
-            try:
-                return parallel.decode(self.parallel, self.vae, latents, lambda done, total: bar.update(done - bar.n))
-            finally:
-                bar.close()
-        return decode_latents(self.vae, latents, self.device, progress)
+        group = self.parallel.group if self.parallel is not None else None
+        return decode_latents(self.vae, latents, self.device, progress, group)
 
     def _guidance(self, conditioning: Conditioning) -> ClassifierFreeGuidance:
-        if self.parallel is not None:
-            from wan_i2v import parallel
+        if self.parallel is not None and self.parallel.cfg is not None:  # this rank's half of the pair
+            from wan_i2v.parallel.cfg import ParallelGuidance
 
-            return parallel.guidance(self.parallel, conditioning, self.batch_cfg)
+            return ParallelGuidance(conditioning, self.parallel.cfg, self.parallel.cfg_index)
         return ClassifierFreeGuidance(conditioning, batched=self.batch_cfg)
 
 
@@ -384,22 +377,30 @@ def load_vae_for(path: Path, device: torch.device, decode_dtype: torch.dtype = t
     return vae.to_channels_last() if torch.device(device).type == "cuda" else vae
 
 
-def decode_latents(vae: WanVAE, latents: torch.Tensor, device: torch.device, progress: bool = False) -> torch.Tensor:
-    """[16, F', H', W'] latents -> [3, F, H, W] float32 video on CPU in [-1, 1]."""
-    vae_dtype = next(vae.parameters()).dtype
+def decode_latents(
+    vae: WanVAE, latents: torch.Tensor, device: torch.device, progress: bool = False, group=None
+) -> torch.Tensor | None:
+    """[16, F', H', W'] latents -> [3, F, H, W] float32 video on CPU in [-1, 1]. With a process
+    ``group``, the decode is split over its ranks and only its rank 0 gets the video (None elsewhere)."""
+    inputs = latents[None].to(device, next(vae.parameters()).dtype)
     bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
 
     def advance(done, total):
         bar.update(done - bar.n)
 
-    # Frames go to host memory as they come: the video (0.9 GB at 720P) never sits on the GPU.
-    video = torch.empty(vae.video_shape((1, *latents.shape)), dtype=torch.float32)
     try:
-        with torch.no_grad():
-            vae.decode(latents[None].to(device, vae_dtype), progress=advance, out=video)
+        if group is not None:
+            from wan_i2v.parallel.vae import decode_tiled
+
+            video = decode_tiled(vae, inputs, group, advance)
+        else:
+            # Frames go to host memory as they come: the video (0.9 GB at 720P) never sits on the GPU.
+            video = torch.empty(vae.video_shape(inputs.shape), dtype=torch.float32)
+            with torch.no_grad():
+                vae.decode(inputs, progress=advance, out=video)
     finally:
         bar.close()
-    return video[0]
+    return None if video is None else video[0]
 
 
 @contextmanager

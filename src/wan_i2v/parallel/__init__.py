@@ -9,8 +9,6 @@ groups for this rank.
 
 from __future__ import annotations
 
-import torch
-
 from wan_i2v.parallel.fsdp import apply_fsdp
 from wan_i2v.parallel.groups import ParallelGroups, init_distributed, launched
 from wan_i2v.parallel.plan import MemoryEstimate, ModelSizes, ParallelDims, choose_plan, estimate_memory
@@ -50,22 +48,3 @@ def parallelize_model(model, kind: str, groups: ParallelGroups, offload: bool = 
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     return model
-
-
-def guidance(groups: ParallelGroups, conditioning, batched: bool):
-    """The guidance of this rank: its half of a CFG-parallel pair, or both passes."""
-    from wan_i2v.parallel.cfg import ParallelGuidance
-    from wan_i2v.sampling.loop import ClassifierFreeGuidance
-
-    if groups.cfg is not None:
-        return ParallelGuidance(conditioning, groups.cfg, groups.cfg_index)
-    return ClassifierFreeGuidance(conditioning, batched)
-
-
-def decode(groups: ParallelGroups, vae, latents: torch.Tensor, progress=None) -> torch.Tensor | None:
-    """[16, f, h, w] latents -> [3, F, H, W] float32 video on the CPU on rank 0, None elsewhere."""
-    from wan_i2v.parallel.vae import decode_tiled
-
-    vae_dtype = next(vae.parameters()).dtype
-    video = decode_tiled(vae, latents[None].to(groups.device, vae_dtype), groups.group, progress)
-    return None if video is None else video[0]
