@@ -148,7 +148,7 @@ def test_attention_kernels_are_checked_before_loading():
 def test_fused_norms_apply_to_every_block_and_fall_back_on_the_cpu():
     """The Triton kernel itself runs only on a GPU (bench/dit_forward.py's fused_norm_check compares it
     with the plain module there); here: every block gets it, and a CPU model computes what it did."""
-    from wan_i2v.fused_norms import FusedResidualNorm, apply_fused_norms
+    from wan_i2v.fused_norms import FusedNormRope, FusedResidualNorm, apply_fused_norms
 
     config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=2, text_len=8, text_dim=16)
     model = randomize_(DiT(config), seed=0).eval()
@@ -157,6 +157,7 @@ def test_fused_norms_apply_to_every_block_and_fall_back_on_the_cpu():
         expected = model(*inputs)
         apply_fused_norms(model)
         assert all(isinstance(block.residual_norm, FusedResidualNorm) for block in model.blocks)
+        assert all(isinstance(attention.norm_rope, FusedNormRope) for block in model.blocks for attention in (block.self_attn, block.cross_attn))
         assert torch.equal(model(*inputs), expected)  # the kernel is for GPUs; bench/dit_forward.py checks it there
 
 

@@ -1,7 +1,8 @@
-"""The fused residual-norm kernel's own code, run by Triton's interpreter on the CPU, against the
-plain module it replaces: sums, norms, per-sample modulation (batch 2, different values), the
-affine norm and the rounding of a bf16 stream's norm. On a GPU, bench/dit_forward.py checks it
-at full size."""
+"""The fused norm kernels' own code, run by Triton's interpreter on the CPU, against the plain
+modules they replace. Residual norms: sums, norms, per-sample modulation (batch 2, different
+values), the affine norm and the rounding of a bf16 stream's norm. Query/key norms: the RMS norm
+with its weight, RoPE by each token's own angles in each sample of a batch, and without RoPE.
+On a GPU, bench/dit_forward.py checks them at full size."""
 
 import importlib.util
 import os
@@ -45,6 +46,31 @@ for name, (stream, update, g8, norm, sh, sc) in uses.items():
             assert error < 2 ** -7, (name, part, error)
         else:
             assert error < 1e-5, (name, part, error)
+
+# The in-place form: the sum written over an fp32 stream, the same numbers.
+stream = x.clone()
+expected_sum, expected_normed = ResidualNorm()(x, y, gate, plain, shift, scale, torch.float32)
+normed = fused_norms.add_norm_modulate_(stream, y, gate, None, None, shift, scale, plain.eps, torch.float32)
+for part, a, b in (("sum", stream, expected_sum), ("normed", normed, expected_normed)):
+    error = ((a - b).abs().max() / b.abs().max()).item()
+    assert error < 1e-5, ("in place", part, error)
+
+# Query/key norms: 3 heads of 16 channels (24 pairs: tiles of 16 and 8) over a 2x2x3 token grid, batch 2.
+from wan_i2v.models.dit import NormRope, RMSNorm, rope_tables
+heads, channels, grid = 3, 48, (2, 2, 3)
+tokens = grid[0] * grid[1] * grid[2]
+norm = RMSNorm(channels, 1e-6)
+norm.weight.data = rand(channels)
+rope = rope_tables(grid, channels // heads, "cpu")
+x = (rand(2, tokens, channels) * 3).bfloat16()
+for table in (rope, None):
+    expected = NormRope()(x, norm, table, heads, torch.bfloat16)
+    cos, sin = (None, None) if table is None else table
+    got = fused_norms.rms_norm_rope(x, norm.weight, cos, sin, norm.eps).unflatten(-1, (heads, -1))
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    error = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+    # The norm and the output are rounded to bf16; the interpreter truncates both (see above).
+    assert error < 2 ** -6, (table is None, error)
 print("ok")
 """
 

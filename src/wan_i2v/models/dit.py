@@ -155,6 +155,19 @@ class FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
+class NormRope(nn.Module):
+    """A query or key projection's RMS norm (over all heads' channels), then RoPE when ``rope`` is
+    given, in ``dtype``: [B, L, C] -> [B, L, heads, C / heads].
+
+    A seam, like ResidualNorm: on a GPU, ``wan_i2v.fused_norms`` swaps in one kernel that reads
+    the projection once, where the compiler's reduction reads it twice.
+    """
+
+    def forward(self, x, norm: RMSNorm, rope, heads: int, dtype: torch.dtype):
+        x = norm(x).unflatten(-1, (heads, -1))
+        return (x if rope is None else apply_rope(x, *rope)).to(dtype)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -165,13 +178,13 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        self.norm_rope = NormRope()
         self.attention = Attention()
 
     def forward(self, x, rope, key_mask=None):
-        heads = (self.num_heads, -1)
-        v = self.v(x).unflatten(-1, heads)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope).to(v.dtype)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope).to(v.dtype)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        q = self.norm_rope(self.q(x), self.norm_q, rope, self.num_heads, v.dtype)
+        k = self.norm_rope(self.k(x), self.norm_k, rope, self.num_heads, v.dtype)
         return self.o(self.attention(q, k, v, key_mask).flatten(2))
 
 
@@ -187,13 +200,13 @@ class CrossAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        self.norm_rope = NormRope()
         self.attention = Attention()
 
     def forward(self, x, context):
-        heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x.to(context.dtype))).unflatten(-1, heads).to(context.dtype)
-        k = self.norm_k(self.k(context)).unflatten(-1, heads).to(context.dtype)
-        v = self.v(context).unflatten(-1, heads)
+        q = self.norm_rope(self.q(x.to(context.dtype)), self.norm_q, None, self.num_heads, context.dtype)
+        k = self.norm_rope(self.k(context), self.norm_k, None, self.num_heads, context.dtype)
+        v = self.v(context).unflatten(-1, (self.num_heads, -1))
         return self.o(self.attention(q, k, v).flatten(2))
 
 
@@ -203,7 +216,8 @@ class ResidualNorm(nn.Module):
     given, in ``dtype``. Returns (sum, normed).
 
     A seam, like Attention: on a GPU, ``wan_i2v.fused_norms`` swaps in one kernel that reads the
-    stream once, where the compiler's reduction over 5120 channels reads it twice.
+    stream once, where the compiler's reduction over 5120 channels reads it twice. That kernel
+    may write the sum over ``x``: callers pass a stream they do not read again.
     """
 
     def forward(self, x, y, gate, norm: "FP32LayerNorm", shift, scale, dtype: torch.dtype):
@@ -228,15 +242,20 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
         self.residual_norm = ResidualNorm()
 
-    def forward(self, x, time_modulation, context, rope, key_mask=None):
-        """x: residual stream [B, L, C] (fp32 after the first block); time_modulation: fp32 [B, 6, C];
-        context: [B, text_len, C] in the compute dtype, which the linear layers take their inputs in."""
+    def forward(self, x, pending, time_modulation, context, rope, key_mask=None):
+        """x: residual stream [B, L, C] (fp32 after the first block); pending: the previous block's
+        last residual term as (update, gate), not yet added to x, or None; time_modulation: fp32
+        [B, 6, C]; context: [B, text_len, C] in the compute dtype, which the linear layers take
+        their inputs in. Returns (x, pending): this block's own last term (the gated FFN output) is
+        left for the next step that reads the stream to add, so that the add and the next norm
+        are one step (one pass over the stream with the fused kernels)."""
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_modulation).unsqueeze(2).unbind(1)
-        x, attn_in = self.residual_norm(x, None, None, self.norm1, shift_sa, scale_sa, dtype)
+        update, gate = (None, None) if pending is None else pending
+        x, attn_in = self.residual_norm(x, update, gate, self.norm1, shift_sa, scale_sa, dtype)
         x, cross_in = self.residual_norm(x, self.self_attn(attn_in, rope, key_mask), gate_sa, self.norm3, None, None, dtype)
         x, ffn_in = self.residual_norm(x, self.cross_attn(cross_in, context), None, self.norm2, shift_ff, scale_ff, dtype)
-        return x + self.ffn(ffn_in) * gate_ff
+        return x, (self.ffn(ffn_in), gate_ff)
 
 
 class Head(nn.Module):
@@ -309,9 +328,11 @@ class DiT(nn.Module):
             self.rope_cache[key] = rope_tables(grid, cfg.head_dim, tokens.device)
         rope = self.rope_cache[key]
         tokens, rope, key_mask = self.sequence.scatter(tokens, rope)
+        pending = None
         for block in self.blocks:
-            tokens = block(tokens, time_modulation, context, rope, key_mask)
-        tokens = self.sequence.gather(tokens)
+            tokens, pending = block(tokens, pending, time_modulation, context, rope, key_mask)
+        update, gate = pending
+        tokens = self.sequence.gather(tokens + update * gate)
         return self.unpatchify(self.head(tokens, time_embedding), grid)
 
     def unpatchify(self, tokens, grid):
