@@ -161,6 +161,27 @@ def test_fused_norms_apply_to_every_block_and_fall_back_on_the_cpu():
         assert torch.equal(model(*inputs), expected)  # the kernel is for GPUs; bench/dit_forward.py checks it there
 
 
+def test_fused_gelu_takes_each_plain_ffn_and_keeps_names_and_numbers():
+    """The cuBLASLt epilogue itself runs only on a GPU (bench/dit_forward.py compares it with the tanh
+    GELU there); here: which FFNs it takes, the parameter names, and the CPU path's numbers."""
+    from wan_i2v.fused_gelu import LinearGELU, apply_fused_gelu
+    from wan_i2v.quantize import FP8Linear
+
+    config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=2, text_len=8, text_dim=16)
+    model = randomize_(DiT(config), seed=0).eval()
+    names = list(model.state_dict())
+    model.blocks[1].ffn[0] = FP8Linear(model.blocks[1].ffn[0])  # not a plain Linear: left alone
+    inputs = (torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 16), torch.randn(1, 20, 2, 4, 4))
+    with torch.no_grad():
+        expected = model(*inputs)
+        apply_fused_gelu(model)
+        assert isinstance(model.blocks[0].ffn[0], LinearGELU) and isinstance(model.blocks[0].ffn[1], torch.nn.Identity)
+        assert isinstance(model.blocks[1].ffn[0], FP8Linear) and isinstance(model.blocks[1].ffn[1], torch.nn.GELU)
+        assert torch.equal(model(*inputs), expected)
+    model.blocks[1].ffn[0] = torch.nn.Linear(config.dim, config.ffn_dim)
+    assert list(model.state_dict()) == names
+
+
 def test_rope_tables_are_built_once_per_video_size():
     config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=1, text_len=8, text_dim=16)
     model = randomize_(DiT(config), seed=0).eval()

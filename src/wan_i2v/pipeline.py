@@ -33,6 +33,7 @@ from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE, load_vae
 from wan_i2v.block_offload import BlockOffload
 from wan_i2v.compile import apply_compile
+from wan_i2v.fused_gelu import apply_fused_gelu
 from wan_i2v.fused_norms import apply_fused_norms
 from wan_i2v.offload import OFFLOAD_MODES, ExpertSwap, HostCopy
 from wan_i2v.quantize import apply_fp8
@@ -154,7 +155,7 @@ class I2VPipeline:
         for expert in experts:
             set_attention_kernel(expert, kernel)
             if device.type == "cuda":
-                apply_fused_norms(expert)
+                apply_fused_gelu(apply_fused_norms(expert))
             if offload == "blocks":
                 BlockOffload(expert, device)
             # Collectives inside compiled blocks (Ulysses) are not validated yet: compile one-rank runs.
