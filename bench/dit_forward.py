@@ -24,11 +24,12 @@ import torch
 from common import GB, free, measure, random_on_gpu
 
 from wan_i2v.compile import apply_compile
+from wan_i2v.fused_gelu import apply_fused_gelu
 from wan_i2v.fused_norms import apply_fused_norms
 from wan_i2v.quantize import apply_fp8
 from wan_i2v.models.attention import set_attention_kernel
 from wan_i2v.models.diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
-from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
+from wan_i2v.models.dit import DiT, DiTConfig, NormRope, keeps_fp32
 
 LATENT_GRIDS = {"480P": (21, 60, 104), "720P": (21, 90, 160)}
 
@@ -90,21 +91,6 @@ def load_official_model(repo: Path, ours: DiT):
     return model.eval().requires_grad_(False)
 
 
-class LinearGELU(torch.nn.Linear):
-    """x @ W^T + b then tanh-GELU in the matmul's epilogue (cuBLASLt), instead of a second kernel."""
-
-    def forward(self, x):
-        return torch._addmm_activation(self.bias, x.flatten(0, -2), self.weight.t(), use_gelu=True).unflatten(0, x.shape[:-1])
-
-
-def fuse_gelu(model: DiT) -> None:
-    for block in model.blocks:
-        first = block.ffn[0]
-        fused = LinearGELU(first.in_features, first.out_features, device="meta")
-        fused.weight, fused.bias = first.weight, first.bias
-        block.ffn[0], block.ffn[1] = fused, torch.nn.Identity()
-
-
 @torch.no_grad()
 def gelu_epilogue_check() -> dict:
     """Which GELU the fused epilogue computes: its difference from tanh-GELU and from erf-GELU, in fp32."""
@@ -118,10 +104,10 @@ def gelu_epilogue_check() -> dict:
 
 @torch.no_grad()
 def fused_norm_check(tokens: int = 32760, channels: int = 5120) -> dict:
-    """The one-pass kernel against the plain module it replaces, on each of the block's three uses:
-    largest relative difference of the sum and of the normed output."""
-    from wan_i2v.fused_norms import FusedResidualNorm
-    from wan_i2v.models.dit import FP32LayerNorm, ResidualNorm
+    """The one-pass kernels against the plain modules they replace, on each of the block's uses:
+    relative difference of the sum and of the normed output (of the rotated query)."""
+    from wan_i2v.fused_norms import FusedNormRope, FusedResidualNorm
+    from wan_i2v.models.dit import FP32LayerNorm, ResidualNorm, RMSNorm, rope_tables
 
     g = torch.Generator(device="cuda").manual_seed(3)
 
@@ -142,6 +128,15 @@ def fused_norm_check(tokens: int = 32760, channels: int = 5120) -> dict:
         expected = ResidualNorm()(*args, torch.bfloat16)
         got = FusedResidualNorm()(*args, torch.bfloat16)
         report[name] = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, expected)]
+    heads = 40
+    rms = RMSNorm(channels, 1e-6).cuda()
+    rms.weight.copy_(rand(channels))
+    projection = rand(1, tokens, channels, dtype=torch.bfloat16) * 4
+    rope = rope_tables((21, 30, 52), channels // heads, "cuda")  # 480P's 32,760 tokens
+    for name, table in {"q norm + RoPE": rope, "cross-attention q norm": None}.items():
+        expected = NormRope()(projection, rms, table, heads, torch.bfloat16).float()
+        got = FusedNormRope()(projection, rms, table, heads, torch.bfloat16).float()
+        report[name] = [((got - expected).norm() / expected.norm()).item()]
     return report
 
 
@@ -176,12 +171,24 @@ def runner(kind, model, inputs):
 
 @torch.no_grad()
 def print_profile(fn, rows: int = 40):
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=110), flush=True)
+    # Where the GPU waits: the time between consecutive kernels, by size of gap.
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    span = (kernels[-1].time_range.end - kernels[0].time_range.start) / 1e6
+    gaps = sorted(((b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])), reverse=True)
+    print(f"{len(kernels)} kernels, busy {busy:.3f} s of a {span:.3f} s span", flush=True)
+    for low, high in ((0, 10), (10, 100), (100, 1e12)):
+        sizes = [gap for gap, _, _ in gaps if low <= gap < high]
+        print(f"  gaps of {low}-{high:.0f} us: {len(sizes)}, {sum(sizes) / 1e3:.1f} ms in all", flush=True)
+    for gap, before, after in gaps[:8]:
+        print(f"  {gap / 1e3:.2f} ms between {before[:70]} and {after[:70]}", flush=True)
 
 
 def forward_flops(config: DiTConfig, tokens: int):
@@ -211,7 +218,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison (0: skip it)")
     parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"],
-                        help="any of ours, ours+compile, ours+fused+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order), diffusers")
+                        help="any of ours, ours+compile, ours+fused-residual+compile, ours+fused+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order), diffusers")
     parser.add_argument("--official-repo", type=Path, default=None,
                         help="a Wan2.2 checkout: adds the official WanModel (mode 'official') to the comparison")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per mode at the first size")
@@ -250,6 +257,9 @@ def main():
             report["fused_norm_relative_difference"] = fused_norm_check()
             print(f"fused norms vs plain (sum, normed): {report['fused_norm_relative_difference']}", flush=True)
             apply_fused_norms(ours)
+            if "fused-residual" in mode:  # the residual norms' kernel alone, to measure each kernel's gain
+                for block in ours.blocks:
+                    block.self_attn.norm_rope, block.cross_attn.norm_rope = NormRope(), NormRope()
         if "persistent" in mode:
             # Inductor's multi-kernel mode also generates single-pass (persistent) variants of the
             # row reductions over 5120 channels (norms) and keeps the faster at run time.
@@ -258,7 +268,7 @@ def main():
         if "gelu-epilogue" in mode:
             report["gelu_epilogue_max_difference"] = gelu_epilogue_check()
             print(f"GELU epilogue vs tanh / erf GELU (fp32): {report['gelu_epilogue_max_difference']}", flush=True)
-            fuse_gelu(ours)
+            apply_fused_gelu(ours)
         if "sage" in mode:
             set_attention_kernel(ours, "sage")
         if "compile" in mode:

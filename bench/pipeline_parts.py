@@ -4,7 +4,7 @@
 
 Times the text encoder (umT5-XXL, both prompts), the VAE encode of the first frame plus
 black frames and the VAE decode of the latents (fp32 as the official code runs it, and
-bf16), and one denoising step of each expert (two guided forwards, compiled; also both
+bf16), and one denoising step of each expert (two guided forwards, fused norms and GELU, compiled; also both
 guidance branches as one batch). A full 40-step run is then the sum with the steps
 extrapolated from the schedule (15 high-noise and 25 low-noise steps at shift 5): the
 steps are measured, not all run, to fit one device call.
@@ -24,6 +24,8 @@ from common import GB, free, measure, random_on_gpu
 
 from wan_i2v.compile import apply_compile
 from wan_i2v.config import BOUNDARY_TIMESTEP
+from wan_i2v.fused_gelu import apply_fused_gelu
+from wan_i2v.fused_norms import apply_fused_norms
 from wan_i2v.models.attention import set_attention_kernel
 from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
 from wan_i2v.models.text_encoder import T5Config, TextEncoder, build_umt5, write_tiny_tokenizer
@@ -67,22 +69,24 @@ def main():
     del encoder
     free()
 
-    # VAE, fp32 as official, then bf16.
-    vae = random_on_gpu(lambda: WanVAE(VAEConfig()), torch.float32)
+    # VAE, fp32 as official, then the decoder in bf16; set up as the pipeline does on a GPU
+    # (channels-last weights, the frames written to host memory as they are decoded).
+    vae = random_on_gpu(lambda: WanVAE(VAEConfig()), torch.float32).to_channels_last()
     resident = torch.cuda.memory_allocated() / GB
     video = torch.zeros(1, 3, args.frames, height, width, device="cuda")
     video[:, :, 0].uniform_(-1, 1)
     seconds, peak = measure(lambda: vae.encode(video), 1, 1)
     record("VAE encode fp32", seconds, peak, resident)
     latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, device="cuda")
-    seconds, peak = measure(lambda: vae.decode(latents), 1, 1)
+    decoded = torch.empty(vae.video_shape(latents.shape))
+    seconds, peak = measure(lambda: vae.decode(latents, out=decoded), 1, 1)
     record("VAE decode fp32", seconds, peak, resident)
-    decoded_fp32 = vae.decode(latents).cpu()
-    vae.to(torch.bfloat16)
+    decoded_fp32 = decoded.clone()
+    vae.decode_in(torch.bfloat16)
     resident = torch.cuda.memory_allocated() / GB
-    seconds, peak = measure(lambda: vae.decode(latents.bfloat16()), 1, 1)
+    seconds, peak = measure(lambda: vae.decode(latents, out=decoded), 1, 1)
     record("VAE decode bf16", seconds, peak, resident)
-    decoded_bf16 = vae.decode(latents.bfloat16()).cpu()
+    decoded_bf16 = decoded
     report["vae_decode_bf16_relative_error"] = ((decoded_bf16 - decoded_fp32).norm() / decoded_fp32.norm()).item()
     report["vae_decode_fraction_clamped"] = (decoded_fp32.abs() >= 1).float().mean().item()
     print(f"VAE bf16 decode vs fp32: relative error {report['vae_decode_bf16_relative_error']:.2e} "
@@ -94,12 +98,14 @@ def main():
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
         return
-    # The two experts, bf16 with the fp32 islands, compiled, cuDNN attention.
+    # The two experts as the pipeline sets them up on a GPU: bf16 with the fp32 islands, cuDNN
+    # attention, the fused norms, compiled.
     config = DiTConfig()
     experts = {}
     for index, name in enumerate(("high", "low")):
-        experts[name] = apply_compile(random_on_gpu(lambda: DiT(config), torch.bfloat16, keeps_fp32, seed=index))
+        experts[name] = random_on_gpu(lambda: DiT(config), torch.bfloat16, keeps_fp32, seed=index)
         set_attention_kernel(experts[name], "cudnn")
+        apply_compile(apply_fused_gelu(apply_fused_norms(experts[name])))
     resident = torch.cuda.memory_allocated() / GB
     grid = (latent_frames, height // 8, width // 8)
     latent = torch.randn(1, 16, *grid, device="cuda")
