@@ -1,10 +1,10 @@
 """The whole pipeline end to end at full size with random weights, through the real API.
 
-    python bench/pipeline_e2e.py [--steps 4] [--cap-gb 24] [--json FILE]
+    python bench/pipeline_e2e.py [--size 480P] [--steps 4] [--cap-gb 24] [--json FILE]
 
 ``I2VPipeline.from_pretrained`` runs as a user calls it, with only its three loaders
 replaced by full-size models with random weights (no download; the tokenizer is a
-stand-in). At 480P, 81 frames, a few steps (both experts run), it times and compares:
+stand-in). At 480P (or 720P), 81 frames, a few steps (both experts run), it times and compares:
 
 - resident: both experts on the GPU (the default on an 80 GB card);
 - ``offload="experts"``: one expert at a time, the arriving one streamed behind compute;
@@ -69,17 +69,19 @@ def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="480P", choices=["480P", "720P"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cap-gb", type=float, default=24.0)
     parser.add_argument("--configs", nargs="+", default=["resident", "experts", "blocks", "fp8"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "command": " ".join(sys.argv), "size": "480P", "frames": 81, "steps": args.steps, "runs": {}}
+              "command": " ".join(sys.argv), "size": args.size, "frames": 81, "steps": args.steps, "runs": {}}
     workdir = Path(tempfile.mkdtemp())
     random_loaders(workdir / "tokenizer")
-    image = demo_image(832, 480)
-    settings = dict(max_area=PRESETS["480P"].max_area, frame_num=81, steps=args.steps, shift=PRESETS["480P"].shift, seed=7, progress=False)
+    preset = PRESETS[args.size]
+    image = demo_image(*{"480P": (832, 480), "720P": (1280, 720)}[args.size])
+    settings = dict(max_area=preset.max_area, frame_num=81, steps=args.steps, shift=preset.shift, seed=7, progress=False)
     options = {"resident": {}, "experts": {"offload": "experts"}, "blocks": {"offload": "blocks"}, "fp8": {"fp8": True}}
     results = {}
     for name in args.configs:
