@@ -1,5 +1,6 @@
 """FP8 linear layers: quantization error, which layers are converted, and the DiT close to bf16."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -45,3 +46,12 @@ def test_apply_fp8_converts_only_block_linears_and_stays_close():
     assert all(n.startswith("blocks.") for n in converted)
     assert isinstance(model.head.head, nn.Linear) and isinstance(model.time_projection[1], nn.Linear)
     assert 1e-3 < relative_error(after, before) < 0.1
+
+
+def test_fp8_refuses_a_model_whose_gelu_is_already_fused():
+    """FP8 replaces each Linear; a LinearGELU's GELU would go with it, so the order is FP8 first."""
+    from wan_i2v.fused_gelu import apply_fused_gelu
+
+    config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=1, text_len=8, text_dim=16)
+    with pytest.raises(ValueError, match="FP8 before the fused GELU"):
+        apply_fp8(apply_fused_gelu(DiT(config)))

@@ -27,7 +27,9 @@ class LinearGELU(nn.Linear):
 
 def apply_fused_gelu(model: nn.Module) -> nn.Module:
     """Each block's ``Linear -> tanh GELU`` becomes one LinearGELU over the same parameters (names
-    unchanged). FFNs of another shape (an FP8 linear, say) are left as they are."""
+    unchanged). FFNs of another shape (an FP8 linear, say) are left as they are. Apply it before
+    FSDP, which gathers the parameters of the modules it found when sharding; on the CPU the
+    modules compute the plain Linear + GELU."""
     for block in model.blocks:
         first, activation = block.ffn[0], block.ffn[1]
         if type(first) is not nn.Linear or first.bias is None:

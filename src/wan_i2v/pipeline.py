@@ -148,6 +148,8 @@ class I2VPipeline:
             expert = load_dit(root / subdir, device=host_or_device, dtype=dtype)
             if fp8:
                 apply_fp8(expert)
+            # Before sharding: FSDP gathers the parameters of the modules it finds (FP8 FFNs are skipped).
+            apply_fused_gelu(expert)
             experts.append(loaded(expert, "expert"))
         high, low = experts
         if high.config != low.config:
@@ -155,7 +157,7 @@ class I2VPipeline:
         for expert in experts:
             set_attention_kernel(expert, kernel)
             if device.type == "cuda":
-                apply_fused_gelu(apply_fused_norms(expert))
+                apply_fused_norms(expert)
             if offload == "blocks":
                 BlockOffload(expert, device)
             # Collectives inside compiled blocks (Ulysses) are not validated yet: compile one-rank runs.

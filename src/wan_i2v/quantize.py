@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wan_i2v.fused_gelu import LinearGELU
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -49,6 +51,8 @@ def apply_fp8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear inside ``model.blocks`` with an FP8Linear (in place)."""
     for block in model.blocks:
         for name, module in list(block.named_modules()):
+            if isinstance(module, LinearGELU):  # its GELU would be lost with it
+                raise ValueError("apply FP8 before the fused GELU (wan_i2v.fused_gelu), which leaves FP8 linears alone")
             if isinstance(module, nn.Linear):
                 parent_name, _, child = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
