@@ -28,6 +28,7 @@ plain = FP32LayerNorm(channels, 1e-6, elementwise_affine=False)
 uses = {
     "norm1 of a bf16 stream, modulated": (x.bfloat16(), None, None, plain, shift, scale),
     "gated add, affine norm3": (x, y, gate, affine, None, None),
+    "gated add onto a bf16 stream (the first block's norm3)": (x.bfloat16(), y, gate, affine, None, None),
     "add, norm2 modulated": (x, y, None, plain, shift, scale),
 }
 for name, (stream, update, g8, norm, sh, sc) in uses.items():
@@ -55,22 +56,25 @@ for part, a, b in (("sum", stream, expected_sum), ("normed", normed, expected_no
     error = ((a - b).abs().max() / b.abs().max()).item()
     assert error < 1e-5, ("in place", part, error)
 
-# Query/key norms: 3 heads of 16 channels (24 pairs: tiles of 16 and 8) over a 2x2x3 token grid, batch 2.
+# Query/key norms, batch 2 over a 2x2x3 token grid: 3 heads of 16 channels (24 pairs: tiles of 16
+# and 8, every lane used) and 3 heads of 20 (30 pairs: tiles of 16 and 16, two lanes masked).
 from wan_i2v.models.dit import NormRope, RMSNorm, rope_tables
-heads, channels, grid = 3, 48, (2, 2, 3)
+heads, grid = 3, (2, 2, 3)
 tokens = grid[0] * grid[1] * grid[2]
-norm = RMSNorm(channels, 1e-6)
-norm.weight.data = rand(channels)
-rope = rope_tables(grid, channels // heads, "cpu")
-x = (rand(2, tokens, channels) * 3).bfloat16()
-for table in (rope, None):
-    expected = NormRope()(x, norm, table, heads, torch.bfloat16)
-    cos, sin = (None, None) if table is None else table
-    got = fused_norms.rms_norm_rope(x, norm.weight, cos, sin, norm.eps).unflatten(-1, (heads, -1))
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    error = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
-    # The norm and the output are rounded to bf16; the interpreter truncates both (see above).
-    assert error < 2 ** -6, (table is None, error)
+for channels in (48, 60):
+    norm = RMSNorm(channels, 1e-6)
+    # At 60 channels the weight is a view 4 bytes into its storage: the op reads an aligned copy.
+    norm.weight.data = rand(channels) if channels == 48 else rand(channels + 1)[1:]
+    rope = rope_tables(grid, channels // heads, "cpu")
+    x = (rand(2, tokens, channels) * 3).bfloat16()
+    for table in (rope, None):
+        expected = NormRope()(x, norm, table, heads, torch.bfloat16)
+        cos, sin = (None, None) if table is None else table
+        got = fused_norms.rms_norm_rope(x, norm.weight, cos, sin, norm.eps).unflatten(-1, (heads, -1))
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        error = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+        # The norm and the output are rounded to bf16; the interpreter truncates both (see above).
+        assert error < 2 ** -6, (channels, table is None, error)
 print("ok")
 """
 

@@ -161,7 +161,9 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | Non
     """x [B, L, C] bf16 -> RMS norm (rounded to bf16) * weight [C] fp32, rotated by cos, sin
     [L, pairs per head] fp32 when given, in bf16."""
     x = x.contiguous()
-    out = torch.empty_like(x)
+    if weight.data_ptr() % 8 or not weight.is_contiguous():  # read as 64-bit pairs: an aligned copy
+        weight = weight.clone(memory_format=torch.contiguous_format)
+    out = x.new_empty(x.shape)
     batch, tokens, channels = x.shape
     pairs = channels // 2
     first = 1 << (pairs.bit_length() - 1)  # the largest power of two in the row's pairs
@@ -175,7 +177,7 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | Non
 
 @rms_norm_rope.register_fake
 def _(x, weight, cos, sin, eps):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("wan_i2v::add_norm_modulate_", mutates_args=("x",))
@@ -230,14 +232,13 @@ class FusedNormRope(NormRope):
     @staticmethod
     def _fits(x, norm, rope, heads, dtype) -> bool:
         """What the kernel assumes, as in the blocks: a GPU with Triton; x [B, L, C] bf16 and a bf16
-        result; an even head size; an fp32 weight [C] on an 8-byte boundary (read in pairs); cos and
-        sin fp32 [L, head size / 2]."""
+        result; an even head size; an fp32 weight [C]; cos and sin fp32 [L, head size / 2]. Only
+        what torch.compile can trace without a graph break: the weight's alignment (it is read in
+        8-byte pairs) is seen to inside the op."""
         if triton is None or not x.is_cuda or x.dtype != torch.bfloat16 or dtype != torch.bfloat16 or x.dim() != 3:
             return False
         channels, weight = x.shape[2], norm.weight
         if channels % (2 * heads) or weight.dtype != torch.float32 or weight.shape != (channels,):
-            return False
-        if not weight.is_contiguous() or weight.data_ptr() % 8:
             return False
         table = (x.shape[1], channels // heads // 2)
         return rope is None or all(t.dtype == torch.float32 and t.shape == table for t in rope)

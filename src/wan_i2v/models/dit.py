@@ -331,8 +331,10 @@ class DiT(nn.Module):
         pending = None
         for block in self.blocks:
             tokens, pending = block(tokens, pending, time_modulation, context, rope, key_mask)
-        update, gate = pending
-        tokens = self.sequence.gather(tokens + update * gate)
+        if pending is not None:
+            update, gate = pending
+            tokens = tokens + update * gate
+        tokens = self.sequence.gather(tokens)
         return self.unpatchify(self.head(tokens, time_embedding), grid)
 
     def unpatchify(self, tokens, grid):
