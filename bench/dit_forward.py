@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from common import GB, free, measure, random_on_gpu
+from torch._dynamo.utils import counters
 
 from wan_i2v.compile import apply_compile
 from wan_i2v.fused_gelu import apply_fused_gelu
@@ -218,7 +219,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison (0: skip it)")
     parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"],
-                        help="any of ours, ours+compile, ours+fused-residual+compile, ours+fused+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order), diffusers")
+                        help="any of ours, ours+compile, ours+fused-residual+compile, ours+fused+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order; the FP8 modes cannot follow the GELU one: FP8 goes first), diffusers")
     parser.add_argument("--official-repo", type=Path, default=None,
                         help="a Wan2.2 checkout: adds the official WanModel (mode 'official') to the comparison")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per mode at the first size")
@@ -292,6 +293,9 @@ def main():
             report["results"].append(row)
             print(f"{mode:>14} {size}: {seconds:7.3f} s/forward, activations {peak:5.1f} GiB, first call {first:.1f} s", flush=True)
             del run
+        breaks = sum(counters["graph_break"].values())
+        if "compile" in mode:  # a break splits a block into several compiled pieces
+            print(f"{mode}: {breaks} torch.compile graph breaks so far in this process", flush=True)
         if args.profile:
             print_profile(runner(mode, model, make_inputs(config, LATENT_GRIDS[args.sizes[0]])))
     del model

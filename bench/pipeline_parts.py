@@ -99,7 +99,7 @@ def main():
             args.json.write_text(json.dumps(report, indent=2))
         return
     # The two experts as the pipeline sets them up on a GPU: bf16 with the fp32 islands, cuDNN
-    # attention, the fused norms, compiled.
+    # attention, the fused norms and GELU, compiled.
     config = DiTConfig()
     experts = {}
     for index, name in enumerate(("high", "low")):
