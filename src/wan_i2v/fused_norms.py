@@ -34,7 +34,7 @@ if triton is not None:
 
     @triton.jit
     def _residual_norm_kernel(
-        x_ptr, y_ptr, gate_ptr, weight_ptr, bias_ptr, shift_ptr, scale_ptr, sum_ptr, out_ptr,
+        x_ptr, y_ptr, gate_ptr, weight_ptr, bias_ptr, shift_ptr, scale_ptr, out_ptr,
         tokens_per_sample, channels, eps,
         HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_MODULATION: tl.constexpr,
         ROUND_NORM: tl.constexpr, BLOCK: tl.constexpr,
@@ -51,7 +51,7 @@ if triton is not None:
             if HAS_GATE:
                 y = y * tl.load(gate_ptr + per_sample, mask=mask, other=0.0)
             x = x + y
-            tl.store(sum_ptr + offsets, x, mask=mask)
+            tl.store(x_ptr + offsets, x, mask=mask)  # the sum over the old stream (fp32)
         mean = tl.sum(x, axis=0) / channels
         centered = tl.where(mask, x - mean, 0.0)
         variance = tl.sum(centered * centered, axis=0) / channels
@@ -108,15 +108,15 @@ if triton is not None:
         tl.store(out_words + row_start + second, out, mask=second_mask)
 
 
-def _launch(x, y, gate, weight, bias, shift, scale, eps, total, out) -> None:
+def _launch(x, y, gate, weight, bias, shift, scale, eps, out) -> None:
     batch, tokens, channels = x.shape
     block = triton.next_power_of_2(channels)
     unused = x  # a valid pointer for the inputs a variant does not read
     _residual_norm_kernel[(batch * tokens,)](
-        x.contiguous(), unused if y is None else y.contiguous(), unused if gate is None else gate.contiguous(),
+        x, unused if y is None else y.contiguous(), unused if gate is None else gate.contiguous(),
         unused if weight is None else weight, unused if bias is None else bias,
         unused if shift is None else shift.contiguous(), unused if scale is None else scale.contiguous(),
-        unused if total is None else total, out, tokens, channels, eps,
+        out, tokens, channels, eps,
         HAS_Y=y is not None, HAS_GATE=gate is not None, HAS_AFFINE=weight is not None,
         HAS_MODULATION=scale is not None, ROUND_NORM=y is None and x.dtype == torch.bfloat16, BLOCK=block,
         num_warps=8 if block <= 8192 else 16,
@@ -130,30 +130,13 @@ def norm_modulate(
 ) -> torch.Tensor:  # fmt: skip
     """x [B, L, C] -> norm(x) (* (1 + scale) + shift) in dtype; weight, bias [C]; shift, scale [B, 1, C] fp32."""
     out = x.new_empty(x.shape, dtype=dtype)
-    _launch(x, None, None, weight, bias, shift, scale, eps, None, out)
+    _launch(x.contiguous(), None, None, weight, bias, shift, scale, eps, out)
     return out
 
 
 @norm_modulate.register_fake
 def _(x, weight, bias, shift, scale, eps, dtype):
     return x.new_empty(x.shape, dtype=dtype)
-
-
-@torch.library.custom_op("wan_i2v::add_norm_modulate", mutates_args=())
-def add_norm_modulate(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-    shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float, dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(x + y * gate in fp32, its norm_modulate in dtype); gate [B, 1, C] fp32 or None."""
-    total = x.new_empty(x.shape, dtype=torch.float32)
-    out = x.new_empty(x.shape, dtype=dtype)
-    _launch(x, y, gate, weight, bias, shift, scale, eps, total, out)
-    return total, out
-
-
-@add_norm_modulate.register_fake
-def _(x, y, gate, weight, bias, shift, scale, eps, dtype):
-    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=dtype)
 
 
 @torch.library.custom_op("wan_i2v::rms_norm_rope", mutates_args=())
@@ -185,9 +168,12 @@ def add_norm_modulate_(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
     shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float, dtype: torch.dtype,
 ) -> torch.Tensor:  # fmt: skip
-    """add_norm_modulate with the sum written over x (fp32, contiguous); returns the normed tensor."""
+    """x += y * gate (x fp32 and contiguous; gate [B, 1, C] fp32 or None), then returns norm(x)
+    (* (1 + scale) + shift) in dtype."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("add_norm_modulate_ writes the sum over x: x must be fp32 and contiguous")
     out = x.new_empty(x.shape, dtype=dtype)
-    _launch(x, y, gate, weight, bias, shift, scale, eps, x, out)
+    _launch(x, y, gate, weight, bias, shift, scale, eps, out)
     return out
 
 
@@ -202,11 +188,10 @@ class FusedResidualNorm(ResidualNorm):
             return super().forward(x, y, gate, norm, shift, scale, dtype)
         if y is None:
             return x, norm_modulate(x, norm.weight, norm.bias, shift, scale, norm.eps, dtype)
-        if x.dtype == torch.float32 and x.is_contiguous():
-            # The sum over the old stream, which no one reads again: the fp32 stream keeps one
-            # buffer through the blocks instead of a new one per residual add.
-            return x, add_norm_modulate_(x, y, gate, norm.weight, norm.bias, shift, scale, norm.eps, dtype)
-        return add_norm_modulate(x, y, gate, norm.weight, norm.bias, shift, scale, norm.eps, dtype)
+        # The sum goes over the old stream, which no one reads again: the fp32 stream keeps one
+        # buffer through the blocks. (Only the first block's stream is bf16 and is converted here.)
+        x = x.to(torch.float32).contiguous()
+        return x, add_norm_modulate_(x, y, gate, norm.weight, norm.bias, shift, scale, norm.eps, dtype)
 
     @staticmethod
     def _fits(x, y, gate, shift, scale) -> bool:
