@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wan_i2v.offload import module_tensors, tensors_outside_blocks
+from wan_i2v.offload import HostCopy, module_tensors, tensors_outside_blocks
 
 
 class BlockOffload:
@@ -23,14 +23,7 @@ class BlockOffload:
         on_gpu = self.device.type == "cuda"
         for tensor in tensors_outside_blocks(model):
             tensor.data = tensor.data.to(self.device)
-        self.host = []
-        for block in self.blocks:
-            copies = []
-            for tensor in module_tensors(block):
-                data = tensor.data.to("cpu")
-                tensor.data = data.pin_memory() if on_gpu else data
-                copies.append(tensor.data)
-            self.host.append(copies)
+        self.host = [HostCopy(block, self.device) for block in self.blocks]
         self.copy_stream = torch.cuda.Stream(self.device) if on_gpu else None
         self.ready: dict[int, torch.cuda.Event | None] = {}
         self.handles = []
@@ -49,15 +42,13 @@ class BlockOffload:
         if index in self.ready:
             return
         if self.copy_stream is None:
-            for tensor, host in zip(module_tensors(self.blocks[index]), self.host[index]):
-                tensor.data = host.to(self.device)
+            self.host[index].to_device()
             self.ready[index] = None
             return
         # The copy must not start before the device memory it reuses is free of earlier kernels.
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            for tensor, host in zip(module_tensors(self.blocks[index]), self.host[index]):
-                tensor.data = host.to(self.device, non_blocking=True)
+            self.host[index].to_device()
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         self.ready[index] = event
@@ -75,8 +66,7 @@ class BlockOffload:
         self._fetch((index + 1) % len(self.blocks))
 
     def _after(self, index: int) -> None:
-        for tensor, host in zip(module_tensors(self.blocks[index]), self.host[index]):
-            tensor.data = host
+        self.host[index].to_host()
         del self.ready[index]
 
     def remove(self) -> None:
