@@ -9,6 +9,7 @@ moment before exiting, so that the launcher sees the peer's death first. Ctrl-C 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -81,6 +82,19 @@ def _first_failure(error_dir: str, failed_rank: int) -> dict | None:
     return order[0]
 
 
+# Seconds a stopped rank gets before SIGKILL, where the launcher lets us say.
+SHUTDOWN_TIMEOUT_S = 10
+# Launcher options that older torch lacks, left out there: shutdown_timeout came in torch 2.12
+# (before it, a stopped rank gets the launcher's own 30 s).
+NEWER_LAUNCH_OPTIONS = {"shutdown_timeout"}
+
+
+def launch_config(config_class, **options):
+    """``config_class(**options)``, less the newer options that this torch's ``config_class`` lacks."""
+    known = {field.name for field in dataclasses.fields(config_class)}
+    return config_class(**{name: value for name, value in options.items() if name in known or name not in NEWER_LAUNCH_OPTIONS})
+
+
 def launch(fn, args: tuple, nprocs: int) -> dict[int, object]:
     """Run ``fn(*args)`` in ``nprocs`` new processes that form one process group (WORLD_SIZE,
     RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, as torchrun sets them). Returns each
@@ -95,7 +109,8 @@ def launch(fn, args: tuple, nprocs: int) -> dict[int, object]:
     with tempfile.TemporaryDirectory(prefix="wan-i2v-run-") as tmp:
         error_dir = Path(tmp, "errors")
         error_dir.mkdir()
-        config = LaunchConfig(
+        config = launch_config(
+            LaunchConfig,
             min_nodes=1,
             max_nodes=1,
             nproc_per_node=nprocs,
@@ -106,7 +121,7 @@ def launch(fn, args: tuple, nprocs: int) -> dict[int, object]:
             monitor_interval=0.1,
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=str(Path(tmp, "logs"))),
-            shutdown_timeout=10,  # seconds a stopped rank gets before SIGKILL
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         try:
             return elastic_launch(config, _worker)(fn, args, str(error_dir))
@@ -122,3 +137,8 @@ def launch(fn, args: tuple, nprocs: int) -> dict[int, object]:
             raise RankFailed(first["rank"], f"rank {first['rank']} failed: {first['message']}", "its traceback is above") from None
         except SignalException:
             raise KeyboardInterrupt from None
+        except Exception as exc:  # the launcher itself failed (rendezvous, spawning): no rank ran
+            raise WanError(
+                f"could not start {nprocs} processes: {type(exc).__name__}: {exc}",
+                "start them with torchrun instead (README: torchrun and clusters)",
+            ) from None
