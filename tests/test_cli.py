@@ -262,17 +262,17 @@ def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys
     out = tmp_path / "out.mp4"
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--dry-run") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "plan: 4 GPUs, CFG parallel 2, Ulysses 2, experts unsharded, text encoder sharded"
-    assert re.match(r"memory: weights .* GiB \+ max\(DiT activations .* GiB, VAE decode .* GiB\) = .* GiB per GPU", lines[1])
+    assert lines[0] == "plan: 4 GPUs, CFG parallel 2, Ulysses 2; both experts on the GPU, text encoder sharded; on CPU processes"
+    assert re.match(r"memory: peak .* GiB per GPU \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\)", lines[1])
     assert lines[2] == "video: 96x64, 9 frames, 72 tokens per DiT forward"
     assert not out.exists()
     # Too little memory per GPU: the plan shards, and says that even so it does not fit.
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dry-run", "--gpu-memory", "0.0001") == 0
     text = capsys.readouterr().out
-    assert "FSDP over experts and text encoder" in text and "warning: the estimate does not fit" in text
+    assert "experts and text encoder sharded (FSDP), the shards in host memory" in text and "warning: the estimate does not fit" in text
     # A forced plan.
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--ulysses", "4", "--fsdp", "--dry-run") == 0
-    assert capsys.readouterr().out.startswith("plan: 4 GPUs, no CFG parallel, Ulysses 4, FSDP")
+    assert capsys.readouterr().out.startswith("plan: 4 GPUs, no CFG parallel, Ulysses 4; experts and text encoder sharded (FSDP); on CPU processes")
 
 
 def test_dry_run_without_a_checkpoint_plans_for_the_official_model(image_file, tmp_path, capsys, monkeypatch):
@@ -282,6 +282,21 @@ def test_dry_run_without_a_checkpoint_plans_for_the_official_model(image_file, t
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "plan: 2 GPUs" in text and "FSDP" in text and "warning" not in text
+
+
+def test_dry_run_on_a_machine_without_a_gpu_plans_for_gpus(image_file, tmp_path, capsys, monkeypatch):
+    """No --device: the plan is for the GPUs the run is meant for, in their dtype (bf16), whatever this machine has."""
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    base = ["generate", "--image", str(image_file), "--prompt", "x", "--size", "1280*720", "--dry-run"]
+    assert main([*base, "--gpu-memory", "80"]) == 0
+    text = capsys.readouterr().out
+    # bf16 experts (26.6 GiB each) resident on one 80 GB card; fp32 ones (53 GiB each) would not fit.
+    assert text.startswith("plan: 1 GPU; both experts on the GPU; on a GPU\n") and "warning" not in text
+    assert main([*base, "--gpus", "2", "--gpu-memory", "22"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("plan: 2 GPUs, CFG parallel 2, Ulysses 1; experts and text encoder sharded (FSDP), the shards in host memory; on GPUs")
+    assert "warning" not in text
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from wan_i2v.errors import WanError
 from wan_i2v.models.vae import VAEConfig, WanVAE
 from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
 from wan_i2v.parallel.launch import RankFailed, launch
-from wan_i2v.parallel.plan import GiB, choose_plan, estimate_memory, model_sizes
+from wan_i2v.parallel.plan import GiB, Placement, choose_plan, estimate_memory, model_sizes
 from wan_i2v.parallel.vae import decode_tiled, spatial_halo, temporal_warmup
 from wan_i2v.tiny import randomize_
 from wan_i2v.video import demo_image
@@ -38,6 +38,9 @@ CASES["cfg1-u2-offload"] = (ParallelDims(1, 2), "odd", torch.float32, {"offload"
 CASES["cfg2-u1-fsdp-offload"] = (ParallelDims(2, 1, True), "odd", torch.float32, {"offload": True})
 CASES["cfg1-u4-batched-guidance"] = (ParallelDims(1, 4), "odd", torch.float32, {"batch_cfg": True})
 CASES["cfg2-u2-fsdp-bf16"] = (ParallelDims(2, 2, True), "odd", torch.bfloat16, {})
+# Compiled blocks (the default on GPUs): Ulysses' all-to-all inside the graph, FSDP's hooks around it.
+COMPILED = {"cfg1-u2-compiled": ParallelDims(1, 2), "cfg2-u1-fsdp-compiled": ParallelDims(2, 1, True), "cfg1-u2-fsdp-compiled": ParallelDims(1, 2, True)}
+CASES.update({name: (dims, "odd", torch.float32, {"compile": True}) for name, dims in COMPILED.items()})
 
 # The decode split, on latents wide enough for real tiles: (VAE config, latents shape, ranks).
 REAL_SHAPED_VAE = VAEConfig(dim=4, num_res_blocks=2)  # the real decoder's depth, few channels
@@ -64,6 +67,8 @@ def _latents(shape):
 
 def _all_cases(ckpt):
     """Each rank: every case it takes part in; rank 0 returns the results."""
+    from torch._dynamo.utils import counters
+
     from wan_i2v import I2VPipeline
 
     torch.set_num_threads(1)
@@ -72,10 +77,12 @@ def _all_cases(ckpt):
     for name, (dims, size, dtype, options) in CASES.items():
         groups = ParallelGroups.build(dims, device, ranks=range(dims.world))
         if groups is not None:
+            counters.clear()
             pipe = I2VPipeline.from_pretrained(ckpt, device="cpu", dtype=dtype, parallel=groups, **options)
             result = pipe.generate(demo_image(), "a boat", progress=False, **SIZES[size], **RUN)
             if groups.is_main:
                 results[name] = (result.latents, result.video)
+                results[name, "graphs"] = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
             else:
                 assert result.video is None
     groups = ParallelGroups.build(ParallelDims(2, 2), device)
@@ -125,6 +132,12 @@ def test_parallel_run_equals_single_process(name, parallel_results, references):
         assert (video - reference.video).abs().max() <= 1e-4
     else:  # FSDP's gathered weights sit elsewhere in memory, so bf16 matmuls may round differently
         assert relative(latents, reference.latents) <= 2e-2
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_compiled_parallel_blocks_have_no_graph_break(name, parallel_results):
+    graphs, breaks = parallel_results[name, "graphs"]
+    assert graphs >= 1 and breaks == 0
 
 
 def test_every_rank_takes_rank_0s_seed(parallel_results):
@@ -192,20 +205,63 @@ def test_a_failing_rank_ends_the_run_with_its_error(kind):
 def test_plan_choice_and_validation():
     sizes = model_sizes(None)  # the official model: 40 heads, 2 experts of 14B, umT5-XXL
     shape = dict(tokens=21 * 45 * 80, pixels=1280 * 720)
-    dims, estimate, fits = choose_plan(2, sizes, gpu_bytes=48 * GiB, **shape)
-    assert fits and dims.fsdp and dims.world == 2  # 2x48 GB holds everything only sharded
-    dims, _, fits = choose_plan(8, sizes, gpu_bytes=80 * GiB, **shape)
-    assert fits and (dims.cfg, dims.ulysses, dims.fsdp) == (2, 4, False)  # enough memory: unsharded
-    dims, _, fits = choose_plan(1, sizes, gpu_bytes=80 * GiB, **shape)
-    assert not fits  # one 80 GB GPU needs --offload, as with the official code
-    # FSDP's --offload keeps the experts' shards in host memory, not the text encoder's.
-    offloaded = estimate_memory(ParallelDims(1, 2, True), sizes, offload=True, **shape)
-    assert offloaded.weights == 2 * sizes.block + sizes.text_encoder // 2 + sizes.vae
-    assert choose_plan(1, sizes, gpu_bytes=80 * GiB, offload=True, **shape)[2]
-    assert choose_plan(4, sizes, gpu_bytes=None, **shape)[0] == ParallelDims(2, 2, False)
+    # 2x48 GB: the experts only fit sharded, and with the text encoder and the VAE's transients
+    # only with the shards in host memory (measured: CFG parallel + FSDP ran out of memory under 48).
+    dims, placement, estimate, fits = choose_plan(2, sizes, gpu_bytes=48 * GiB, **shape)
+    assert fits and (dims.cfg, dims.ulysses, placement) == (2, 1, Placement(fsdp=True, offload="experts"))
+    assert choose_plan(2, sizes, gpu_bytes=22 * GiB, **shape)[1:4:2] == (Placement(True, "experts"), True)
+    dims, placement, _, fits = choose_plan(2, sizes, gpu_bytes=80 * GiB, **shape)
+    assert fits and (dims.cfg, placement) == (2, Placement(fsdp=True))  # 80 GB: sharded on the GPU
+    dims, placement, _, fits = choose_plan(8, sizes, gpu_bytes=141 * GiB, **shape)
+    assert fits and (dims.cfg, dims.ulysses, placement) == (2, 4, Placement())  # enough memory: unsharded
+    # One GPU: both experts fit an 80 GB card (measured 68.9 GiB), one at a time a 48 GB one, streamed blocks a 24 GB one.
+    assert choose_plan(1, sizes, gpu_bytes=80 * GiB, **shape)[1:4:2] == (Placement(), True)
+    assert choose_plan(1, sizes, gpu_bytes=48 * GiB, **shape)[1:4:2] == (Placement(offload="experts"), True)
+    assert choose_plan(1, sizes, gpu_bytes=24 * GiB, tokens=21 * 30 * 52, pixels=832 * 480)[1:4:2] == (Placement(offload="blocks"), True)
+    # FSDP's host offload keeps no weights on the GPU outside the loop but the VAE.
+    stages = estimate_memory(ParallelDims(2, 1, True), sizes, offload="experts", **shape).stages
+    assert stages["decoding"] < stages["image encoding"] < 16 * GiB
+    assert choose_plan(4, sizes, gpu_bytes=None, **shape)[:2] == (ParallelDims(2, 2, False), Placement())
     with pytest.raises(WanError, match=r"3 GPUs cannot split the model's 40 attention heads \(use --gpus 1, 2, 4, 5, 8"):
         choose_plan(3, sizes, gpu_bytes=None, **shape)
     with pytest.raises(WanError, match="--ulysses 3 does not divide the model's 40 attention heads"):
         ParallelDims(1, 3).validate(3, 40)
     with pytest.raises(WanError, match="uses 8 GPUs, not 4.*--ulysses 2 --cfg-parallel or --ulysses 4"):
         ParallelDims(2, 4).validate(4, 40)
+
+
+def _rank_and_world():
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def test_launch_on_a_torch_whose_launcher_lacks_newer_options(monkeypatch):
+    """torch before 2.12 (the GPU machines' 2.11) has no LaunchConfig.shutdown_timeout and raises
+    TypeError for it: the launch must leave it out there and still run every rank."""
+    import dataclasses
+
+    from torch.distributed.launcher import api
+
+    real = api.LaunchConfig
+
+    class OlderLaunchConfig(real):
+        __dataclass_fields__ = {name: f for name, f in real.__dataclass_fields__.items() if name != "shutdown_timeout"}
+
+        def __init__(self, **options):
+            if "shutdown_timeout" in options:
+                raise TypeError("LaunchConfig.__init__() got an unexpected keyword argument 'shutdown_timeout'")
+            super().__init__(**options)
+
+    assert "shutdown_timeout" not in {f.name for f in dataclasses.fields(OlderLaunchConfig)}
+    monkeypatch.setattr(api, "LaunchConfig", OlderLaunchConfig)
+    assert launch(_rank_and_world, (), 2) == {0: (0, 2), 1: (1, 2)}
+
+
+def test_a_launcher_that_cannot_start_is_one_error(monkeypatch):
+    from torch.distributed.launcher import api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("rendezvous failed: address in use")
+
+    monkeypatch.setattr(api, "elastic_launch", broken)
+    with pytest.raises(WanError, match=r"^could not start 2 processes: RuntimeError: rendezvous failed: address in use \(start them with torchrun"):
+        launch(_rank_and_world, (), 2)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from wan_i2v.errors import WanError
 
@@ -64,28 +65,36 @@ def read_config(config_class, path: Path, what: str):
 
 
 class TensorSource:
-    """Named tensors of one checkpoint, read lazily; ``files`` names where each key lives."""
+    """Named tensors of one checkpoint, read lazily; ``files`` names where each key lives.
 
-    def __init__(self, readers: Mapping[str, Callable[[], torch.Tensor]], files: Mapping[str, str]):
+    Each reader takes a range of rows (``slice`` over dim 0, or None for the whole tensor), so a
+    rank that holds a shard reads only its rows from the memory-mapped file.
+    """
+
+    def __init__(self, readers: Mapping[str, Callable[[slice | None], torch.Tensor]], files: Mapping[str, str], shapes: Mapping[str, Callable[[], tuple]]):
         self._readers = readers
+        self._shapes = shapes
         self.files = files
 
     def keys(self):
         return self._readers.keys()
 
-    def read(self, key: str) -> torch.Tensor:
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._shapes[key]())
+
+    def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
         try:
-            return self._readers[key]()
+            return self._readers[key](rows)
         except Exception as exc:  # a truncated or corrupt file surfaces here
             raise WanError(f"cannot read tensor {key!r} from {self.files[key]}: {exc}", STATUS_HINT) from None
 
     def renamed(self, mapping: Callable[[str], str]) -> "TensorSource":
         """The same tensors under other names (a state-dict adapter)."""
-        readers, files = {}, {}
+        readers, files, shapes = {}, {}, {}
         for key, reader in self._readers.items():
             new = mapping(key)
-            readers[new], files[new] = reader, self.files[key]
-        return TensorSource(readers, files)
+            readers[new], files[new], shapes[new] = reader, self.files[key], self._shapes[key]
+        return TensorSource(readers, files, shapes)
 
 
 def safetensors_source(model_dir: Path) -> TensorSource:
@@ -104,8 +113,9 @@ def safetensors_source(model_dir: Path) -> TensorSource:
     else:
         raise missing_file_error(model_dir / SAFETENSORS_FILE, "model weights")
 
-    readers: dict[str, Callable[[], torch.Tensor]] = {}
+    readers: dict[str, Callable[[slice | None], torch.Tensor]] = {}
     files: dict[str, str] = {}
+    shapes: dict[str, Callable[[], tuple]] = {}
     for name in shard_names:
         path = model_dir / name
         if not path.is_file():
@@ -116,13 +126,14 @@ def safetensors_source(model_dir: Path) -> TensorSource:
         except Exception as exc:
             raise WanError(f"cannot open {path}: {exc}", STATUS_HINT) from None
         for key in keys:
-            readers[key] = lambda handle=handle, key=key: handle.get_tensor(key)
+            readers[key] = lambda rows, handle=handle, key=key: handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows]
+            shapes[key] = lambda handle=handle, key=key: handle.get_slice(key).get_shape()
             files[key] = str(path)
     if index.is_file():
         absent = sorted(k for k in weight_map if k not in readers)
         if absent:
             raise WanError(f"{index} lists {absent[0]!r} but its shard does not hold it", STATUS_HINT)
-    return TensorSource(readers, files)
+    return TensorSource(readers, files, shapes)
 
 
 def torch_file_source(path: Path, what: str) -> TensorSource:
@@ -135,7 +146,11 @@ def torch_file_source(path: Path, what: str) -> TensorSource:
         raise WanError(f"cannot read {what} {path}: {exc}", STATUS_HINT) from None
     if not isinstance(state, Mapping):
         raise WanError(f"{path} does not hold a state dict", STATUS_HINT)
-    return TensorSource({k: (lambda v=v: v) for k, v in state.items()}, {k: str(path) for k in state})
+    return TensorSource(
+        {k: (lambda rows, v=v: v if rows is None else v[rows]) for k, v in state.items()},
+        {k: str(path) for k in state},
+        {k: (lambda v=v: v.shape) for k, v in state.items()},
+    )
 
 
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor, bool]]:
@@ -146,6 +161,29 @@ def _named_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, tor
         for name, buf in sub.named_buffers(recurse=False):
             if name not in sub._non_persistent_buffers_set:
                 yield prefix + name, sub, name, buf, False
+
+
+def _local_rows(tensor: DTensor, name: str) -> slice:
+    """The rows of ``tensor`` (sharded over dim 0 as ``torch.chunk`` splits it) that this rank holds."""
+    placements = tuple(tensor.placements)
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"{name}: cannot load a tensor placed as {placements}, only sharded over dim 0")
+    rows, ranks = tensor.shape[0], tensor.device_mesh.size()
+    per_rank = -(-rows // ranks)
+    start = min(rows, tensor.device_mesh.get_local_rank() * per_rank)
+    stop = min(rows, start + per_rank)
+    if tensor.to_local().shape[0] != stop - start:
+        raise ValueError(f"{name}: local shard of {tensor.to_local().shape[0]} rows, expected rows {start}:{stop} of {rows}")
+    return slice(start, stop)
+
+
+def cast_parameters(module: nn.Module, dtype: torch.dtype, keep_fp32: Callable[[str], bool] = lambda name: False) -> nn.Module:
+    """Give ``module``'s floating parameters (on the meta device, before loading) the dtypes that
+    ``load_strict`` will load them in, for transforms that group parameters by dtype (FSDP)."""
+    for name, param in module.named_parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(torch.float32 if keep_fp32(name) else dtype)
+    return module
 
 
 def load_strict(
@@ -161,7 +199,8 @@ def load_strict(
     Every tensor in the source must land in a parameter and every parameter must be
     filled with a tensor of its shape; otherwise a WanError names the file and key.
     Floating tensors go to ``dtype`` except those ``keep_fp32`` selects, the fp32
-    islands the official model keeps.
+    islands the official model keeps. A parameter that is already a shard over several ranks
+    (FSDP applied on the meta device, then ``to_empty``) gets this rank's rows only, in place.
     """
     targets = {full: (owner, name, tensor, is_param) for full, owner, name, tensor, is_param in _named_tensors(module)}
     missing = sorted(set(targets) - set(source.keys()))
@@ -178,12 +217,18 @@ def load_strict(
             "the file is of another model or its config.json does not match it",
         )
     for full, (owner, name, target, is_param) in targets.items():
-        value = source.read(full)
-        if tuple(value.shape) != tuple(target.shape):
+        shape = source.shape(full)
+        if shape != tuple(target.shape):
             raise WanError(
-                f"{source.files[full]}: tensor {full!r} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}",
+                f"{source.files[full]}: tensor {full!r} has shape {shape}, the model expects {tuple(target.shape)}",
                 "the file is of another model or its config.json does not match it",
             )
+        if isinstance(target, DTensor):  # a shard (FSDP): this rank's rows, read into its storage
+            with torch.no_grad():
+                local = target.to_local()
+                local.copy_(source.read(full, _local_rows(target, full)).to(local.dtype))
+            continue
+        value = source.read(full)
         if value.is_floating_point():
             value = value.to(device=device, dtype=torch.float32 if keep_fp32(full) else dtype)
         else:

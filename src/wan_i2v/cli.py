@@ -132,14 +132,14 @@ def _is_main() -> bool:
 
 
 def _plan(args, ckpt_dir: Path | None, image, max_area: int, device: str, query_gpu: bool = True):
-    """The parallel plan for this run (forced by --ulysses/--cfg-parallel/--fsdp, else chosen), its
-    memory estimate, whether it fits, and the per-GPU memory it was planned for (None: no limit,
-    also when ``query_gpu`` is false: a launcher checks the plan but leaves CUDA to its ranks)."""
+    """The plan for this run: the parallel layout and where the weights live (forced by --ulysses,
+    --cfg-parallel, --fsdp, --offload, else chosen to fit), its memory estimate, whether it fits,
+    and the per-GPU memory it was planned for (None: no limit, also when ``query_gpu`` is false: a
+    launcher checks the plan but leaves CUDA to its ranks)."""
     from wan_i2v.config import SIZE_MULTIPLE, VAE_STRIDE, video_size
     from wan_i2v.parallel.plan import GiB, make_plan, model_sizes
 
-    dtype_bytes = _dtype(args.dtype, device).itemsize
-    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, dtype_bytes)
+    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, _dtype(args.dtype, device).itemsize)
     height, width = video_size(image.height, image.width, max_area)
     tokens = ((args.frame_num - 1) // VAE_STRIDE[0] + 1) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
     if args.gpu_memory is not None:
@@ -150,23 +150,25 @@ def _plan(args, ckpt_dir: Path | None, image, max_area: int, device: str, query_
         gpu_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
     else:
         gpu_bytes = None
-    dims, estimate, fits = make_plan(
-        args.gpus, sizes, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, gpu_bytes=gpu_bytes,
-        tokens=tokens, pixels=height * width, offload=bool(args.offload), dtype_bytes=dtype_bytes,
+    dims, placement, estimate, fits = make_plan(
+        args.gpus, sizes, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, offload=args.offload,
+        gpu_bytes=gpu_bytes, tokens=tokens, pixels=height * width, decode_bytes=_dtype(args.decode_dtype, device).itemsize,
     )  # fmt: skip
-    return dims, estimate, fits, gpu_bytes, (height, width, tokens)
+    return dims, placement, estimate, fits, gpu_bytes, (height, width, tokens)
 
 
-def _explain(dims, estimate, fits, gpu_bytes, video, args) -> None:
+def _explain(dims, placement, estimate, fits, gpu_bytes, video, args, device: str) -> None:
     from wan_i2v.parallel.plan import GiB
 
     height, width, tokens = video
-    print(f"plan: {dims.describe(bool(args.offload))}" + (f", offload {args.offload}" if args.offload else ""))
-    budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else ""
+    several = dims.world > 1
+    where = ("GPUs" if several else "a GPU") if device.startswith("cuda") else ("CPU processes" if several else "the CPU")
+    print(f"plan: {dims.describe()}; {placement.describe(dims)}; on {where}")
+    budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else " (no GPU memory given: --gpu-memory GiB plans for a card)"
     print(f"memory: {estimate.describe()}{budget}")
     print(f"video: {width}x{height}, {args.frame_num} frames, {tokens} tokens per DiT forward")
     if not fits:
-        print("warning: the estimate does not fit; try --offload, --fsdp, more GPUs or a smaller --size")
+        print("warning: the estimate does not fit; try more GPUs, a smaller --size or fewer --frame-num")
 
 
 def _generate_rank(args) -> None:
@@ -207,8 +209,9 @@ def cmd_generate(args) -> int:
     if _is_main():
         check_writable(save_file)
         check_writable(latents_file)
-    device = args.device or _default_device()
-    if not args.dry_run:  # a dry run plans for GPUs this machine need not have
+    # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
+    device = args.device or ("cuda" if args.dry_run else _default_device())
+    if not args.dry_run:
         _check_device(device)
     world = _world_size(args, device)
     try:
@@ -218,9 +221,9 @@ def cmd_generate(args) -> int:
             raise
         ckpt_dir = None  # a dry run plans for the official model's shapes
     launching = world > 1 and not launched() and not args.dry_run
-    dims, estimate, fits, gpu_bytes, video = _plan(args, ckpt_dir, image, max_area, device, query_gpu=not launching)
+    dims, placement, estimate, fits, gpu_bytes, video = _plan(args, ckpt_dir, image, max_area, device, query_gpu=not launching)
     if args.dry_run:
-        _explain(dims, estimate, fits, gpu_bytes, video, args)
+        _explain(dims, placement, estimate, fits, gpu_bytes, video, args, device)
         return 0
     if launching:  # start the ranks; each runs this command again
         from wan_i2v.parallel.launch import launch
@@ -235,11 +238,14 @@ def cmd_generate(args) -> int:
         _share_cpu_threads(device)
         run_device = init_distributed(_device_type(device))
         # Rank 0's plan everywhere: ranks on different GPUs could otherwise choose differently.
-        groups = ParallelGroups.build(agree(dims, run_device), run_device)
+        dims, placement = agree((dims, placement), run_device)
+        groups = ParallelGroups.build(dims, run_device)
         device = str(run_device)
+    if (placement.offload != args.offload or placement.fsdp != args.fsdp) and _is_main():
+        print(f"wan-i2v: {placement.describe(dims)}, to fit in the GPU's memory ({estimate.describe()})", file=sys.stderr)
     try:
         pipe = I2VPipeline.from_pretrained(
-            ckpt_dir, device=device, dtype=_dtype(args.dtype, device), offload=args.offload, attention=args.attention, parallel=groups,
+            ckpt_dir, device=device, dtype=_dtype(args.dtype, device), offload=placement.offload, attention=args.attention, parallel=groups,
             compile=None if args.compile else False, fp8=args.fp8, decode_dtype=_dtype(args.decode_dtype, device)
         )
         _run(pipe, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file, keep_latents=bool(args.save_latents),

@@ -36,6 +36,8 @@ from wan_i2v.compile import apply_compile
 from wan_i2v.fused_gelu import apply_fused_gelu
 from wan_i2v.fused_norms import apply_fused_norms
 from wan_i2v.offload import OFFLOAD_MODES, ExpertSwap, HostCopy
+from wan_i2v.parallel.fsdp import apply_fsdp
+from wan_i2v.parallel.ulysses import apply_ulysses
 from wan_i2v.quantize import apply_fp8
 from wan_i2v.sampling.loop import ClassifierFreeGuidance, Conditioning, Experts, LoopState, denoise
 from wan_i2v.sampling.schedulers import official_schedule
@@ -51,6 +53,7 @@ class GenerationResult:
     settings: GenerationSettings
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     peak_memory_gb: float | None = None  # peak GPU memory allocated, None on CPU
+    stage_peaks_gb: dict[str, float] = field(default_factory=dict)  # peak GPU memory allocated in each stage
     experts_used: list[str] = field(default_factory=list)  # the expert of each step
 
 
@@ -128,45 +131,51 @@ class I2VPipeline:
             raise WanError("--offload blocks does not combine with --fsdp", "FSDP's own offload is --fsdp --offload")
         if fp8 and fsdp:
             raise WanError("--fp8 does not combine with --fsdp yet", "drop one of them")
-        # What FSDP will shard is loaded to host memory and sharded at once, moving to the GPU block by
-        # block: no GPU holds a whole model, and a rank's host memory one model at a time.
+        # FSDP's shards live in pinned host memory with --offload (on the CPU there is nothing to offload).
+        fsdp_offload = fsdp and bool(offload) and device.type == "cuda"
         host = torch.device("cpu")
-        host_or_device = host if offload or fsdp else device
         sharded_text = parallel is not None and parallel.dims.shards_text_encoder(bool(offload))
         text_visits = not sharded_text and device.type == "cuda" and (bool(offload) or not keep_text_encoder)
-        text_host_or_device = host if sharded_text or text_visits or (offload and device.type != "cuda") else device
+        text_host_or_device = host if text_visits or (offload and device.type != "cuda") else device
+        compiled = compile if compile is not None else device.type == "cuda"
 
-        def loaded(model, kind: str):
-            if parallel is None:
-                return model
-            from wan_i2v.parallel import parallelize_model
-
-            return parallelize_model(model, kind, parallel, bool(offload))
-
-        experts = []
-        for subdir in (ckpt.HIGH_NOISE_DIR, ckpt.LOW_NOISE_DIR):
-            expert = load_dit(root / subdir, device=host_or_device, dtype=dtype)
-            if fp8:
-                apply_fp8(expert)
-            # Before sharding: FSDP gathers the parameters of the modules it finds (FP8 FFNs are skipped).
-            apply_fused_gelu(expert)
-            experts.append(loaded(expert, "expert"))
-        high, low = experts
-        if high.config != low.config:
-            raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.STATUS_HINT)
-        for expert in experts:
+        def transform(expert: DiT) -> None:
+            """Every transform that restructures an expert, in this order (torchtitan's: the
+            sequence split, then compile, then FSDP). With FSDP it runs on the meta device."""
+            apply_fused_gelu(expert)  # before FSDP, which gathers the parameters of the modules it finds
             set_attention_kernel(expert, kernel)
             if device.type == "cuda":
                 apply_fused_norms(expert)
-            if offload == "blocks":
-                BlockOffload(expert, device)
-            # Collectives inside compiled blocks (Ulysses) are not validated yet: compile one-rank runs.
-            if compile if compile is not None else (device.type == "cuda" and parallel is None):
+            if parallel is not None and parallel.ulysses is not None:
+                apply_ulysses(expert, parallel.ulysses)
+            if compiled:
                 apply_compile(expert)
+            if fsdp:
+                apply_fsdp(expert, expert.blocks, parallel.mesh, offload=fsdp_offload)
+
+        experts = []
+        for subdir in (ckpt.HIGH_NOISE_DIR, ckpt.LOW_NOISE_DIR):
+            if fsdp:  # sharded before the weights exist: each rank reads only its rows
+                expert = load_dit(root / subdir, device=device, dtype=dtype, before_weights=transform)
+            else:
+                expert = load_dit(root / subdir, device=host if offload else device, dtype=dtype)
+                if fp8:
+                    apply_fp8(expert)  # before the fused GELU, which leaves FP8 FFNs as they are
+                transform(expert)
+                if offload == "blocks":
+                    BlockOffload(expert, device)
+            experts.append(expert)
+        high, low = experts
+        if high.config != low.config:
+            raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.STATUS_HINT)
+
+        def shard_text_encoder(model) -> None:
+            apply_fsdp(model, model.encoder.block, parallel.mesh, offload=fsdp_offload)
+
         text_encoder = TextEncoder.load(
-            root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=text_host_or_device, dtype=dtype
-        )
-        text_encoder = loaded(text_encoder, "text encoder")
+            root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=text_host_or_device, dtype=dtype,
+            before_weights=shard_text_encoder if sharded_text else None, run_device=device if sharded_text else None,
+        )  # fmt: skip
         vae = load_vae_for(root / ckpt.VAE_FILE, device, decode_dtype)
         # With FSDP, its own CPU offload replaces the expert swap.
         pipe = cls(text_encoder, vae, high, low, device=device, offload=offload == "experts" and not fsdp, batch_cfg=batch_cfg)
@@ -210,7 +219,8 @@ class I2VPipeline:
 
         ``state_file`` makes the run resumable: the denoising state is saved there after each step,
         and a run started again with the same image and settings (a random seed is taken from the
-        file) goes on from the last saved step. Runs of several ranks do not save it yet.
+        file) goes on from the last saved step. In a run of several ranks, rank 0 reads and writes it
+        and hands what it read to the others.
 
         In a parallel run the seed is rank 0's, progress and ``before_decode`` are rank 0's only, and
         only rank 0's result has the video (None elsewhere)."""
@@ -232,20 +242,21 @@ class I2VPipeline:
             settings = self.parallel.agree(settings)
         progress = progress and main
         pixels = image_to_tensor(load_image(image))
-        resumable = state_file is not None and self.parallel is None
+        resumable = state_file is not None
         run = {**self.identity, "image": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()} if resumable else None
-        saved = load_loop_state(state_file, settings, run, seed_given=seed is not None) if resumable else None
+        saved = load_loop_state(state_file, settings, run, seed_given=seed is not None) if resumable and main else None
+        if resumable and self.parallel is not None:  # rank 0's file, read once, on every rank
+            saved = self.parallel.agree(saved)
         resume = None
         if saved is not None:
             settings, state = saved
             resume = LoopState(state.step, state.latent.to(self.device), _map_tensors(state.solver, lambda t: t.to(self.device)))
         timings: dict[str, float] = {}
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        peaks: dict[str, float] = {}
 
-        with _timed(timings, "text encoding", self.device):
+        with _timed(timings, peaks, "text encoding", self.device):
             context, context_null = self.encode_text([settings.prompt, settings.negative_prompt], progress)
-        with _timed(timings, "image encoding", self.device):
+        with _timed(timings, peaks, "image encoding", self.device):
             condition = self.encode_image(pixels, settings.max_area, settings.frame_num)
 
         noise = self.initial_noise(condition.shape[1:], settings.seed)
@@ -260,7 +271,7 @@ class I2VPipeline:
             bar.set_postfix(t=t, expert=expert)
             bar.update()
 
-        with _timed(timings, "denoising", self.device):
+        with _timed(timings, peaks, "denoising", self.device):
             latents = denoise(
                 noise[None],
                 experts=self.experts,
@@ -270,16 +281,16 @@ class I2VPipeline:
                 guide_scale=settings.guide_scale,
                 on_step=on_step,
                 resume=resume,
-                on_state=(lambda state: save_loop_state(state_file, state, settings, run)) if resumable else None,
+                on_state=(lambda state: save_loop_state(state_file, state, settings, run)) if resumable and main else None,
             )[0]
         bar.close()
         latents_cpu = latents.float().cpu()
         if before_decode is not None and main:
             before_decode(latents_cpu, settings)
-        with _timed(timings, "decoding", self.device):
+        with _timed(timings, peaks, "decoding", self.device):
             video = self.decode(latents, progress)
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-        return GenerationResult(video, latents_cpu, settings, timings, peak, experts_used)
+        peak = max(peaks.values()) if peaks else None
+        return GenerationResult(video, latents_cpu, settings, timings, peak, experts_used, peaks)
 
     def encode_text(self, prompts: list[str], progress: bool = False) -> list[torch.Tensor]:
         """Each prompt -> [text_len, text_dim] on the run device, zero-padded after its real tokens."""
@@ -407,9 +418,13 @@ def decode_latents(
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str, device: torch.device):
+def _timed(timings: dict[str, float], peaks: dict[str, float], stage: str, device: torch.device):
+    """Time a stage into ``timings`` and, on a GPU, its peak allocated memory (GiB) into ``peaks``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     yield
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        peaks[stage] = torch.cuda.max_memory_allocated(device) / 2**30
     timings[stage] = time.perf_counter() - start

@@ -349,11 +349,18 @@ def pad_context(features: torch.Tensor, text_len: int) -> torch.Tensor:
     return F.pad(features, (0, 0, 0, text_len - features.shape[0]))
 
 
-def load_dit(model_dir: Path, *, device, dtype) -> DiT:
-    """One expert from its official folder (config.json + safetensors, sharded or not)."""
-    from wan_i2v.checkpoint import load_strict, safetensors_source
+def load_dit(model_dir: Path, *, device, dtype, before_weights=None) -> DiT:
+    """One expert from its official folder (config.json + safetensors, sharded or not).
+
+    ``before_weights(model)``, if given, transforms the model while it is still on the meta device
+    (with its parameters in the dtypes they load in): FSDP shards it there, so that each rank then
+    reads only its own rows of each tensor."""
+    from wan_i2v.checkpoint import cast_parameters, load_strict, safetensors_source
 
     config = DiTConfig.from_json_file(model_dir / "config.json")
+    source = safetensors_source(model_dir)  # first: a missing file fails before any work
     with torch.device("meta"):
         model = DiT(config)
-    return load_strict(model, safetensors_source(model_dir), device=device, dtype=dtype, keep_fp32=keeps_fp32)
+    if before_weights is not None:
+        before_weights(cast_parameters(model, dtype, keeps_fp32))
+    return load_strict(model, source, device=device, dtype=dtype, keep_fp32=keeps_fp32)

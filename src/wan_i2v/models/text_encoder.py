@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from wan_i2v.checkpoint import STATUS_HINT, load_strict, missing_file_error, read_config, torch_file_source
+from wan_i2v.checkpoint import STATUS_HINT, cast_parameters, load_strict, missing_file_error, read_config, torch_file_source
 from wan_i2v.errors import WanError
 
 T5_CONFIG_FILE = "t5_config.json"
@@ -130,13 +130,15 @@ def build_umt5(config: T5Config) -> UMT5EncoderModel:
 class TextEncoder:
     """Prompts in, per-prompt umT5 features out (``[tokens, dim]``, padding cut off)."""
 
-    def __init__(self, model: UMT5EncoderModel, tokenizer, text_len: int):
+    def __init__(self, model: UMT5EncoderModel, tokenizer, text_len: int, run_device: torch.device | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.text_len = text_len
+        self.run_device = run_device  # where it computes, if not where its weights are (shards in host memory)
 
     @classmethod
-    def load(cls, t5_path: Path, tokenizer_dir: Path, *, text_len: int, device, dtype) -> "TextEncoder":
+    def load(cls, t5_path: Path, tokenizer_dir: Path, *, text_len: int, device, dtype, before_weights=None, run_device=None) -> "TextEncoder":
+        """``before_weights(model)`` transforms the umT5 model on the meta device (as ``load_dit``)."""
         t5_path, tokenizer_dir = Path(t5_path), Path(tokenizer_dir)
         tokenizer = _load_tokenizer(tokenizer_dir)  # first: it fails fast, the weights take minutes
         config_path = t5_path.with_name(T5_CONFIG_FILE)
@@ -144,12 +146,14 @@ class TextEncoder:
         with torch.device("meta"):
             model = build_umt5(config)
         source = torch_file_source(t5_path, "T5 weights").renamed(official_to_transformers_key)
+        if before_weights is not None:
+            before_weights(cast_parameters(model, dtype))
         load_strict(model, source, device=device, dtype=dtype)
-        return cls(model, tokenizer, text_len)
+        return cls(model, tokenizer, text_len, run_device)
 
     @property
     def device(self) -> torch.device:
-        return self.model.shared.weight.device
+        return self.run_device or self.model.shared.weight.device
 
     def encode(self, prompts: list[str]) -> list[Tensor]:
         cleaned = [clean_prompt(prompt) for prompt in prompts]

@@ -1,12 +1,18 @@
 """FSDP2 applied from outside: one unit per transformer block, the rest in the root unit.
 
 FSDP2 gathers a unit's parameters as one flat buffer, so a unit must hold one dtype. The DiT
-keeps its norms, modulations and head in fp32 beside bf16 linear layers, so each block becomes
-one unit per dtype: its compute-dtype layers as a group and the block itself holding the rest.
+keeps its norms, modulations and head in fp32 beside bf16 linear layers. A block is one unit of
+its bf16 weights, its few fp32 ones (245 KB) kept whole on every rank: the unit's hooks then run
+only where the block starts and ends, outside its compiled graph. On a torch whose FSDP cannot
+leave parameters out (before 2.7), and at the root, a module becomes one unit per dtype instead.
+
+Sharding happens on the meta device, before the weights exist (torchtitan's order): each rank
+then reads only its own rows of each tensor from the memory-mapped checkpoint.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 
 import torch
@@ -41,12 +47,17 @@ def _uniform_subtrees(module: nn.Module) -> dict[torch.dtype, list[nn.Module]]:
     return {dtype: list(units.values()) for dtype, units in found.items()}
 
 
-def shard_module(module: nn.Module, mesh, offload: bool = False) -> nn.Module:
-    """``fully_shard`` ``module`` so that each unit holds one dtype: if it mixes dtypes, its largest
-    one-dtype submodules of the dtypes its own parameters don't have become units of their own."""
+def _policy(mesh, offload: bool) -> dict:
     kwargs = dict(mesh=mesh, reshard_after_forward=True)
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
+    return kwargs
+
+
+def shard_module(module: nn.Module, mesh, offload: bool = False) -> nn.Module:
+    """``fully_shard`` ``module`` so that each unit holds one dtype: if it mixes dtypes, its largest
+    one-dtype submodules of the dtypes its own parameters don't have become units of their own."""
+    kwargs = _policy(mesh, offload)
     if len(_unsharded_dtypes(module)) > 1:
         own = {p.dtype for p in module.parameters(recurse=False)}
         for dtype, units in _uniform_subtrees(module).items():
@@ -56,13 +67,34 @@ def shard_module(module: nn.Module, mesh, offload: bool = False) -> nn.Module:
     return module
 
 
+CAN_LEAVE_OUT_PARAMETERS = "ignored_params" in inspect.signature(fully_shard).parameters
+
+
+def _shard_block(block: nn.Module, mesh, offload: bool) -> None:
+    """One unit of the block's main dtype, the parameters of other dtypes left whole (see above)."""
+    sizes: dict[torch.dtype, int] = defaultdict(int)
+    for param in block.parameters():
+        sizes[param.dtype] += param.numel()
+    if len(sizes) == 1 or not CAN_LEAVE_OUT_PARAMETERS:
+        shard_module(block, mesh, offload)
+        return
+    main = max(sizes, key=sizes.get)
+    fully_shard(block, ignored_params={p for p in block.parameters() if p.dtype != main}, **_policy(mesh, offload))
+
+
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, offload: bool = False) -> nn.Module:
-    """Shard ``model`` over ``mesh``: each of ``blocks`` as its own unit(s), then the rest.
+    """Shard ``model`` over ``mesh``: each of ``blocks`` as its own unit, then the rest.
 
     Parameters stay sharded between forwards (``reshard_after_forward``): in inference nothing
     else needs them, and the gathered block is freed as soon as it has run. ``offload`` keeps the
     shards in pinned host memory and brings each block up as it runs (FSDP2's CPU offload).
+    Applied to a model on the meta device, it then allocates this rank's storage: the shards
+    on the GPU (in host memory with ``offload``), the parameters left whole where ``load_strict``
+    will put them. The weights are loaded after (``checkpoint.load_strict`` reads each rank's rows).
     """
     for block in blocks:
-        shard_module(block, mesh, offload)
-    return shard_module(model, mesh, offload)
+        _shard_block(block, mesh, offload)
+    shard_module(model, mesh, offload)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device="cpu" if offload else mesh.device_type)
+    return model

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from wan_i2v.errors import WanError
 
 GiB = 2**30
-HEADROOM = 0.85  # plan for 85% of a GPU's memory: the CUDA context, allocator fragmentation and the estimate's roughness
+
+
+def fsdp_needs_ranks() -> WanError:
+    return WanError("--fsdp shards over several GPUs", "give --gpus 2 or more, or leave out --fsdp")
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class ParallelDims:
                 f"choose one of {', '.join(map(str, divisors(num_heads)))}",
             )
         if self.fsdp and world == 1:
-            raise WanError("--fsdp shards over several GPUs", "give --gpus 2 or more, or leave out --fsdp")
+            raise fsdp_needs_ranks()
         if self.world != world:
             raise WanError(
                 f"the plan cfg {self.cfg} x ulysses {self.ulysses} uses {self.world} GPUs, not {world}",
@@ -58,16 +61,11 @@ class ParallelDims:
             )
         return self
 
-    def describe(self, offload: bool = False) -> str:
+    def describe(self) -> str:
         parts = [f"{self.world} GPU{'s' if self.world > 1 else ''}"]
-        parts.append("CFG parallel 2" if self.cfg == 2 else "no CFG parallel")
-        parts.append(f"Ulysses {self.ulysses}")
-        if self.fsdp:
-            parts.append("FSDP over experts and text encoder")
-        elif self.shards_text_encoder(offload):
-            parts.append("experts unsharded, text encoder sharded")
-        else:
-            parts.append("unsharded")
+        if self.world > 1:
+            parts.append("CFG parallel 2" if self.cfg == 2 else "no CFG parallel")
+            parts.append(f"Ulysses {self.ulysses}")
         return ", ".join(parts)
 
 
@@ -94,35 +92,72 @@ class ModelSizes:
 
     expert: int  # one DiT expert
     block: int  # one transformer block of it
+    expert_root: int  # its weights outside the blocks (embeddings, head), gathered for a whole forward under FSDP
     text_encoder: int
-    vae: int
+    text_block: int  # one umT5 block
+    text_embedding: int  # umT5's token embedding (in FSDP's root unit, gathered while it encodes)
+    vae: int  # fp32, as it is kept
     dim: int
     ffn_dim: int
     num_heads: int
-    vae_dim: int  # channels of the VAE decoder's last stage
+    vae_dim: int  # channels of the VAE's full-resolution stages
+
+
+
+# Transient memory of each stage, in units measured on H100/H200 (docs/benchmarks.md), per GPU:
+# the DiT's activations in fp32 copies of its token stream (x tokens x dim x 4 bytes); the VAE's in
+# full-resolution activations of 4 frames (x 4 x vae_dim x height x width x bytes per element).
+DIT_STREAMS = 5.0  # one forward, compiled, fused norms: 7.2 GiB at 720P
+ULYSSES_STREAMS = 6.0  # the same on 1/u of the tokens, with the all-to-all's buffers
+GATHER_STREAMS = 2.0  # the whole sequence gathered for the output head (Ulysses)
+VAE_ENCODE_UNITS = 10.0  # the first frame and 80 black ones, fp32, every rank encodes
+VAE_DECODE_UNITS = 11.0  # one GPU, a whole latent frame at a time (14.2 GiB at 720P in fp32)
+VAE_DECODE_FRAME_UNITS = 8.5  # one GPU, frame by frame: what the decode falls back to when short
+VAE_TILE_UNITS = 8.5  # split over the ranks, frame by frame, on this rank's tile with its halo
+TEXT_ACTIVATIONS = 256 * 2**20  # umT5 over 512 tokens: small
+HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation and the estimate's roughness
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the weights live. ``fsdp``: the experts and the text encoder sharded over the ranks;
+    ``offload``: None (on the GPU), ``"experts"`` (one expert at a time on the GPU; with FSDP: every
+    shard in pinned host memory, each block gathered to the GPU as it runs) or ``"blocks"`` (one
+    GPU: each expert's blocks streamed from host memory)."""
+
+    fsdp: bool = False
+    offload: str | None = None
+
+    def describe(self, dims: ParallelDims) -> str:
+        if self.fsdp:
+            return "experts and text encoder sharded (FSDP)" + (", the shards in host memory" if self.offload else "")
+        experts = {None: "both experts on the GPU", "experts": "one expert on the GPU at a time",
+                   "blocks": "expert blocks streamed from host memory"}[self.offload]  # fmt: skip
+        return experts + (", text encoder sharded" if dims.shards_text_encoder(bool(self.offload)) else "")
+
+
+# What the planner tries, fastest first: FSDP's host offload gathers each block behind the compute
+# of the one before (no slower per step at 720P, docs/benchmarks.md); block streaming on one GPU costs ~3%.
+PLACEMENTS_ONE_GPU = (Placement(), Placement(offload="experts"), Placement(offload="blocks"))
+PLACEMENTS_SEVERAL = (Placement(), Placement(fsdp=True), Placement(fsdp=True, offload="experts"))
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU: resident weights (the VAE's included), the DiT's activations while denoising
-    and the VAE's while decoding; the two stages come one after the other."""
+    """Bytes per GPU at the peak of each stage of a run, which come one after the other."""
 
-    weights: int
-    activations: int
-    vae: int
+    stages: dict
 
     @property
     def total(self) -> int:
-        return self.weights + max(self.activations, self.vae)
+        return max(self.stages.values())
 
     def fits(self, gpu_bytes: int | None) -> bool:
         return gpu_bytes is None or self.total <= gpu_bytes * HEADROOM
 
     def describe(self) -> str:
-        return (
-            f"weights {self.weights / GiB:.1f} GiB + max(DiT activations {self.activations / GiB:.1f} GiB,"
-            f" VAE decode {self.vae / GiB:.1f} GiB) = {self.total / GiB:.1f} GiB per GPU"
-        )
+        parts = ", ".join(f"{stage} {value / GiB:.1f}" for stage, value in self.stages.items())
+        return f"peak {self.total / GiB:.1f} GiB per GPU ({parts} GiB)"
 
 
 def estimate_memory(
@@ -131,38 +166,52 @@ def estimate_memory(
     *,
     tokens: int,
     pixels: int,
-    offload: bool = False,
-    dtype_bytes: int = 2,
+    offload: str | None = None,
+    decode_bytes: int = 4,
+    keep_text_encoder: bool = False,
 ) -> MemoryEstimate:
-    """A rough per-GPU peak: resident weights, the DiT's activations at ``tokens`` and the VAE.
+    """The per-GPU peak of each stage: the weights on the GPU then, plus that stage's transients.
 
     ``tokens`` is the DiT's sequence length (latent frames x latent pixels / 4), ``pixels`` one
-    output frame's height x width. The estimate leans high; it is for choosing a plan, not a promise.
+    output frame's height x width, ``decode_bytes`` 4 for an fp32 decode, 2 for bf16.
     """
-    experts, t5 = 2 * sizes.expert, sizes.text_encoder
-    if dims.fsdp:
-        # Sharded storage plus the gathered current block and the prefetched next one; with --offload
-        # the experts' shards wait in host memory, the text encoder's do not.
-        weights = 2 * sizes.block + (0 if offload else experts // dims.world)
-    elif offload:
-        weights = sizes.expert  # one expert at a time
+    world, offloaded = dims.world, bool(offload)
+    # Text encoder: sharded (gathering a block ahead and its embedding while it encodes), visiting the GPU, or kept.
+    if dims.shards_text_encoder(offloaded):
+        text_kept = 0 if dims.fsdp and offloaded else sizes.text_encoder // world
+        text_running = text_kept + sizes.text_embedding + 2 * sizes.text_block
     else:
-        weights = experts
-    if dims.shards_text_encoder(offload):
-        weights += t5 // dims.world
-    else:  # whole, on the GPU or visiting it to encode
-        weights = max(weights, t5) if offload else weights + t5
-    weights += sizes.vae
+        text_kept = sizes.text_encoder if keep_text_encoder and not offloaded else 0
+        text_running = sizes.text_encoder
+    # Experts outside the loop, and in it.
+    if dims.fsdp:
+        experts_kept = 0 if offloaded else 2 * sizes.expert // world
+        experts_running = experts_kept + sizes.expert_root + 2 * sizes.block  # the root and a block ahead, gathered
+    elif offload == "blocks":
+        experts_kept, experts_running = 0, sizes.expert_root + 2 * sizes.block
+    elif offload:
+        experts_kept, experts_running = 0, sizes.expert
+    else:
+        experts_kept = experts_running = 2 * sizes.expert
     local = -(-tokens // dims.ulysses)
-    # In a block: the fp32 residual stream and its temporaries, q/k/v and the attention output, the
-    # FFN's hidden layer; after the blocks: the gathered full sequence for the output head.
-    per_token = sizes.dim * 4 * 4 + sizes.ffn_dim * dtype_bytes * 2
-    activations = max(local * per_token, tokens * sizes.dim * 4 * 3)
-    # The VAE's last stage on one latent frame (4 video frames): a few full-resolution fp32 tensors,
-    # tiled over the ranks (with halos).
-    share = min(1.0, 1 / dims.world + (0.3 if dims.world > 1 else 0))
-    vae = int(4 * pixels * sizes.vae_dim * 4 * 4 * share)
-    return MemoryEstimate(weights, activations, vae)
+    stream = sizes.dim * 4
+    if dims.ulysses > 1:
+        activations = max(ULYSSES_STREAMS * local * stream, GATHER_STREAMS * tokens * stream)
+    else:
+        activations = DIT_STREAMS * tokens * stream
+    unit = 4 * sizes.vae_dim * pixels  # elements of 4 full-resolution frames at the VAE's width
+    if world > 1:
+        share = min(1.0, 1 / world + 0.16)  # a tile and its halo (13 latent pixels of the longer side's 80 at 720P)
+        decode = VAE_TILE_UNITS * share * unit * decode_bytes
+    else:  # whole latent frames (the decode goes frame by frame, smaller, only when memory is short)
+        decode = VAE_DECODE_UNITS * unit * decode_bytes
+    stages = {
+        "text encoding": experts_kept + text_running + sizes.vae + TEXT_ACTIVATIONS,
+        "image encoding": experts_kept + text_kept + sizes.vae + int(VAE_ENCODE_UNITS * unit * 4),
+        "denoising": experts_running + text_kept + sizes.vae + int(activations),
+        "decoding": experts_kept + text_kept + sizes.vae + int(decode),
+    }
+    return MemoryEstimate(stages)
 
 
 def choose_plan(
@@ -170,30 +219,33 @@ def choose_plan(
     sizes: ModelSizes,
     *,
     gpu_bytes: int | None,
-    tokens: int,
-    pixels: int,
-    offload: bool = False,
-    dtype_bytes: int = 2,
-) -> tuple[ParallelDims, MemoryEstimate, bool]:
-    """The default plan: CFG parallel when ``world`` is even, the rest as Ulysses; experts unsharded
-    when they fit in ``gpu_bytes`` (None: no limit), FSDP otherwise. Returns (plan, estimate, fits)."""
-    layouts = candidate_layouts(world, sizes.num_heads)
+    layouts: list[tuple[int, int]] | None = None,
+    placements: tuple[Placement, ...] | None = None,
+    **shape,
+) -> tuple[ParallelDims, Placement, MemoryEstimate, bool]:
+    """The fastest plan that fits in ``gpu_bytes`` (None: no limit): CFG parallel when ``world`` is
+    even, the rest as Ulysses; for each layout, the weights on the GPU, else sharded, else sharded
+    in host memory (one GPU: on the GPU, else one expert at a time, else streamed blocks).
+    ``layouts`` and ``placements`` narrow the choice (what the user forced). Returns (plan,
+    placement, estimate, fits); when nothing fits, the plan of the smallest estimate."""
+    layouts = layouts if layouts is not None else candidate_layouts(world, sizes.num_heads)
     if not layouts:
         raise WanError(
             f"{world} GPUs cannot split the model's {sizes.num_heads} attention heads",
             f"use --gpus {', '.join(map(str, valid_gpu_counts(sizes.num_heads)))}",
         )
-    # CFG parallel first (it needs no communication inside a forward), each unsharded before sharded.
-    options = [(cfg, u, fsdp) for cfg, u in layouts for fsdp in ((False, True) if world > 1 else (False,))]
+    if placements is None:
+        placements = PLACEMENTS_SEVERAL if world > 1 else PLACEMENTS_ONE_GPU
     best = None
-    for cfg, u, fsdp in options:
-        dims = ParallelDims(cfg, u, fsdp)
-        estimate = estimate_memory(dims, sizes, tokens=tokens, pixels=pixels, offload=offload, dtype_bytes=dtype_bytes)
-        if estimate.fits(gpu_bytes):
-            return dims, estimate, True
-        if best is None or estimate.total < best[1].total:
-            best = (dims, estimate)
-    return best[0], best[1], False
+    for placement in placements:  # the placement decides the speed more than the layout
+        for cfg, u in layouts:
+            dims = ParallelDims(cfg, u, placement.fsdp)
+            estimate = estimate_memory(dims, sizes, offload=placement.offload, **shape)
+            if estimate.fits(gpu_bytes):
+                return dims, placement, estimate, True
+            if best is None or estimate.total < best[2].total:
+                best = (dims, placement, estimate)
+    return (*best, False)
 
 
 def make_plan(
@@ -203,17 +255,23 @@ def make_plan(
     ulysses: int | None = None,
     cfg_parallel: bool = False,
     fsdp: bool = False,
+    offload: str | None = None,
     gpu_bytes: int | None,
     **shape,
-) -> tuple[ParallelDims, MemoryEstimate, bool]:
-    """The plan the user forced (any of ``ulysses``, ``cfg_parallel``, ``fsdp`` given), checked, or
-    else the default one (``choose_plan``); with its estimate and whether it fits in ``gpu_bytes``."""
-    if ulysses is None and not cfg_parallel and not fsdp:
-        return choose_plan(world, sizes, gpu_bytes=gpu_bytes, **shape)
-    cfg = 2 if cfg_parallel else 1
-    dims = ParallelDims(cfg, ulysses or max(1, world // cfg), fsdp).validate(world, sizes.num_heads)
-    estimate = estimate_memory(dims, sizes, **shape)
-    return dims, estimate, estimate.fits(gpu_bytes)
+) -> tuple[ParallelDims, Placement, MemoryEstimate, bool]:
+    """The plan for ``world`` GPUs: what the user forced (``ulysses``, ``cfg_parallel``, ``fsdp``,
+    ``offload``), checked, with the rest chosen by ``choose_plan``; its estimate and whether it fits."""
+    layouts = None
+    if ulysses is not None or cfg_parallel:
+        cfg = 2 if cfg_parallel else 1
+        dims = ParallelDims(cfg, ulysses or max(1, world // cfg), fsdp).validate(world, sizes.num_heads)
+        layouts = [(dims.cfg, dims.ulysses)]
+    elif fsdp and world == 1:
+        raise fsdp_needs_ranks()
+    placements = None
+    if fsdp or offload is not None:
+        placements = (Placement(fsdp, offload),)
+    return choose_plan(world, sizes, gpu_bytes=gpu_bytes, layouts=layouts, placements=placements, **shape)
 
 
 def model_sizes(ckpt_dir, dtype_bytes: int = 2) -> ModelSizes:
@@ -242,7 +300,10 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2) -> ModelSizes:
     return ModelSizes(
         expert=count(expert) * dtype_bytes,
         block=count(expert.blocks[0]) * dtype_bytes,
+        expert_root=(count(expert) - count(expert.blocks)) * dtype_bytes,
         text_encoder=(t5.vocab_size * t5.dim + t5.encoder_layers * t5_layer + t5.dim) * dtype_bytes,
+        text_block=t5_layer * dtype_bytes,
+        text_embedding=t5.vocab_size * t5.dim * dtype_bytes,
         vae=count(wan_vae) * 4,
         dim=dit.dim,
         ffn_dim=dit.ffn_dim,

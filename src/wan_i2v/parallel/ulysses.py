@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,11 +26,9 @@ def all_gather_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """[u, ...] chunks, chunk j to rank j -> [u, ...], chunk j from rank j."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out
+    """[u, ...] chunks, chunk j to rank j -> [u, ...], chunk j from rank j. The functional
+    collective, which torch.compile traces into the block's graph on every supported torch."""
+    return funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), None, None, group))
 
 
 def sequence_to_heads(x: torch.Tensor, group, size: int) -> torch.Tensor:
