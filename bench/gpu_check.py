@@ -66,9 +66,20 @@ def main():
     image = args.out / "input.png"
     demo_image().save(image)
     cli = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(ckpt), "--image", str(image), "--prompt", "a boat",
-           "--size", "160*96", "--frame-num", "17", "--steps", "8", "--quiet", "--save-file", str(args.out / "gpu.mp4")]
-    proc = subprocess.run(cli, capture_output=True, text=True)
-    print("CLI:", proc.returncode, proc.stdout.strip(), proc.stderr.strip()[-400:], flush=True)
+           "--size", "160*96", "--frame-num", "17", "--steps", "8", "--seed", "3", "--quiet"]
+    runs = {"CLI": [], "CLI --gpus 2": ["--gpus", "2"], "CLI --gpus 2 --ulysses 2 --fsdp": ["--gpus", "2", "--ulysses", "2", "--fsdp"]}
+    latents = {}
+    for name, extra in runs.items():
+        if "--gpus" in extra and torch.cuda.device_count() < 2:
+            continue
+        out = args.out / f"{name.replace(' ', '').replace('-', '')}.mp4"
+        proc = subprocess.run([*cli, *extra, "--save-file", str(out), "--save-latents", str(out.with_suffix(".pt"))], capture_output=True, text=True)
+        print(f"{name}: exit {proc.returncode}", proc.stdout.strip(), proc.stderr.strip()[-600:], flush=True)
+        if proc.returncode == 0:
+            latents[name] = torch.load(out.with_suffix(".pt"))["latents"]
+    for name, value in latents.items():
+        reference = latents["CLI"]
+        print(f"{name}: latents relative difference from one GPU {((value - reference).norm() / reference.norm()).item():.2e}", flush=True)
 
 
 if __name__ == "__main__":
