@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -398,3 +399,59 @@ def test_demo_checks_the_guide_scale_count(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "home"))
     assert main(["demo", "--guide-scale", "1", "2", "3", "--save-file", str(tmp_path / "d.mp4")]) == 2
     assert "one or two values" in error_line(capsys)
+
+
+def _rank_pids(parent: int) -> list[int]:
+    """The pids of the ranks a launcher process started: its children started by multiprocessing's spawn."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_a_multi_gpu_run_whose_rank_is_killed_resumes_with_the_same_command(tiny_checkpoint, image_file, tmp_path):
+    """Rank 0 saves the state after each step; kill -9 of rank 1 mid-run ends the run with one error
+    line, and the same command goes on from the saved step to the latents of an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    out, state = tmp_path / "out.mp4", tmp_path / "out.state.pt"
+    steps = 60
+    command = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file),
+               "--prompt", "a boat", "--save-file", str(out), "--size", "128*128", "--frame-num", "17", "--steps", str(steps),
+               "--device", "cpu", "--gpus", "2", "--quiet", "--save-latents", str(tmp_path / "resumed.pt")]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        ranks = _rank_pids(proc.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[-1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert lines[0] == f"wan-i2v: the denoising state is saved in {state}; the same command resumes from it", err
+    assert re.match(r"wan-i2v: error: rank [01] exited with code -9", lines[1]), err
+    saved = torch.load(state, weights_only=True)
+    assert 0 < saved["step"] < steps and not out.exists()
+    resumed = subprocess.run([c for c in command if c != "--quiet"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {saved['step']} of {steps}" in resumed.stderr and out.is_file() and not state.exists()
+    straight = tmp_path / "straight.pt"
+    seed = str(saved["settings"]["seed"])
+    assert generate(tiny_checkpoint, image_file, tmp_path / "straight.mp4", "--size", "128*128", "--frame-num", "17", "--steps", str(steps),
+                    "--seed", seed, "--save-latents", str(straight)) == 0  # fmt: skip
+    first, second = torch.load(tmp_path / "resumed.pt", weights_only=True)["latents"], torch.load(straight, weights_only=True)["latents"]
+    assert float((first - second).norm() / second.norm()) <= 1e-5

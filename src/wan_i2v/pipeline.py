@@ -264,7 +264,7 @@ class I2VPipeline:
         experts_used: list[str] = []
         bar = tqdm(total=settings.steps, desc="denoising", unit="step", disable=not progress, initial=resume.step if resume else 0)
         if resume is not None and progress:
-            tqdm.write(f"resuming from step {resume.step} of {settings.steps} ({state_file})")
+            tqdm.write(f"resuming from step {resume.step} of {settings.steps} ({state_file})", file=sys.stderr)
 
         def on_step(index, total, t, expert, latent):
             experts_used.append(expert)
@@ -290,7 +290,7 @@ class I2VPipeline:
         with _timed(timings, peaks, "decoding", self.device):
             video = self.decode(latents, progress)
         peak = max(peaks.values()) if peaks else None
-        return GenerationResult(video, latents_cpu, settings, timings, peak, experts_used, peaks)
+        return GenerationResult(video, latents_cpu, settings, timings, peak, stage_peaks_gb=peaks, experts_used=experts_used)
 
     def encode_text(self, prompts: list[str], progress: bool = False) -> list[torch.Tensor]:
         """Each prompt -> [text_len, text_dim] on the run device, zero-padded after its real tokens."""
