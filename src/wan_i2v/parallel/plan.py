@@ -114,7 +114,7 @@ VAE_ENCODE_UNITS = 10.0  # the first frame and 80 black ones, fp32, every rank e
 VAE_DECODE_UNITS = 11.0  # one GPU, a whole latent frame at a time (14.2 GiB at 720P in fp32)
 VAE_DECODE_FRAME_UNITS = 8.5  # one GPU, frame by frame: what the decode falls back to when short
 VAE_TILE_UNITS = 8.5  # split over the ranks, frame by frame, on this rank's tile with its halo
-TEXT_ACTIVATIONS = 256 * 2**20  # umT5 over 512 tokens: small
+TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
 HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation and the estimate's roughness
 
 
@@ -178,8 +178,10 @@ def estimate_memory(
     world, offloaded = dims.world, bool(offload)
     # Text encoder: sharded (gathering a block ahead and its embedding while it encodes), visiting the GPU, or kept.
     if dims.shards_text_encoder(offloaded):
-        text_kept = 0 if dims.fsdp and offloaded else sizes.text_encoder // world
-        text_running = text_kept + sizes.text_embedding + 2 * sizes.text_block
+        in_host = dims.fsdp and offloaded  # then each gathered unit's shard is copied up first
+        text_kept = 0 if in_host else sizes.text_encoder // world
+        gathered = sizes.text_embedding + 2 * sizes.text_block
+        text_running = text_kept + gathered + (gathered // world if in_host else 0)
     else:
         text_kept = sizes.text_encoder if keep_text_encoder and not offloaded else 0
         text_running = sizes.text_encoder
