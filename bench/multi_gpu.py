@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wan_i2v import checkpoint as ckpt  # noqa: E402
-from wan_i2v.config import PRESETS, SIZE_MULTIPLE, VAE_STRIDE, video_size  # noqa: E402
+from wan_i2v.config import PRESETS, dit_tokens, video_size  # noqa: E402
 from wan_i2v.parallel.launch import launch  # noqa: E402
 from wan_i2v.parallel.plan import GiB, make_plan, model_sizes  # noqa: E402
 from wan_i2v.video import demo_image  # noqa: E402
@@ -61,26 +61,21 @@ def write_random_checkpoint(directory: Path, layers: int) -> Path:
     from dataclasses import replace
 
     from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
-    from wan_i2v.models.text_encoder import T5Config, build_umt5, transformers_to_official_key, write_tiny_tokenizer
+    from wan_i2v.models.text_encoder import T5Config, build_umt5, write_tiny_tokenizer
     from wan_i2v.models.vae import VAEConfig, WanVAE
-    from wan_i2v.tiny import _save_dit
+    from wan_i2v.tiny import save_dit, save_text_encoder
 
     started = time.perf_counter()
     directory.mkdir(parents=True)
     expert = random_on_gpu(lambda: DiT(replace(DiTConfig(), num_layers=layers)), torch.bfloat16, keeps_fp32, seed=0).cpu()
-    _save_dit(expert, directory / ckpt.HIGH_NOISE_DIR, shards=4)
+    save_dit(expert, directory / ckpt.HIGH_NOISE_DIR, shards=4)
     del expert
     low = directory / ckpt.LOW_NOISE_DIR
     low.mkdir()
     for path in (directory / ckpt.HIGH_NOISE_DIR).iterdir():
         os.link(path, low / path.name)
     t5_config = T5Config()
-    t5 = random_on_gpu(lambda: build_umt5(t5_config), torch.bfloat16, seed=2)
-    official = {}
-    for key, value in t5.state_dict().items():
-        official.setdefault(transformers_to_official_key(key), value.cpu())
-    torch.save(official, directory / ckpt.T5_FILE)
-    del t5, official
+    save_text_encoder(random_on_gpu(lambda: build_umt5(t5_config), torch.bfloat16, seed=2), directory / ckpt.T5_FILE)
     torch.save({k: v.cpu() for k, v in random_on_gpu(lambda: WanVAE(VAEConfig()), torch.float32, seed=3).state_dict().items()},
                directory / ckpt.VAE_FILE)  # fmt: skip
     write_tiny_tokenizer(directory / ckpt.TOKENIZER_DIR, t5_config.vocab_size)
@@ -112,7 +107,7 @@ def run_plan(ckpt_dir: Path, size: str, world: int, forced: dict, cap_gb: float 
     preset, image = PRESETS[size], demo_image(*{"480P": (832, 480), "720P": (1280, 720)}.get(size, (160, 96)))
     height, width = video_size(image.height, image.width, preset.max_area)
     frames = 81 if cuda else 5
-    tokens = ((frames - 1) // VAE_STRIDE[0] + 1) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+    tokens = dit_tokens(frames, height, width)
     dtype = torch.bfloat16 if cuda else torch.float32
     dims, placement, estimate, fits = make_plan(
         world, model_sizes(ckpt_dir, dtype.itemsize), gpu_bytes=int(cap_gb * GiB) if cap_gb else (total if cuda else None),

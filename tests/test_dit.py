@@ -57,9 +57,9 @@ def test_rope_tables_follow_official_axis_split():
 
 
 def write_expert(directory, model, *, shards=1):
-    from wan_i2v.tiny import _save_dit
+    from wan_i2v.tiny import save_dit
 
-    _save_dit(model, directory, shards=shards)
+    save_dit(model, directory, shards=shards)
     return directory
 
 

@@ -265,3 +265,32 @@ def test_a_launcher_that_cannot_start_is_one_error(monkeypatch):
     monkeypatch.setattr(api, "elastic_launch", broken)
     with pytest.raises(WanError, match=r"^could not start 2 processes: RuntimeError: rendezvous failed: address in use \(start them with torchrun"):
         launch(_rank_and_world, (), 2)
+
+
+def _elements_read(ckpt):
+    """Each rank: how many elements of the experts' files it read while loading an FSDP pipeline."""
+    from wan_i2v import I2VPipeline, checkpoint
+
+    device = init_distributed("cpu")
+    read = {"experts": 0}
+    original = checkpoint.TensorSource.read
+
+    def counting(self, key, rows=None):
+        tensor = original(self, key, rows)
+        if "noise_model" in self.files[key]:
+            read["experts"] += tensor.numel()
+        return tensor
+
+    checkpoint.TensorSource.read = counting
+    pipe = I2VPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32, parallel=ParallelGroups.build(ParallelDims(2, 1, True), device))
+    total = sum(p.numel() for expert in (pipe.high_noise, pipe.low_noise) for p in expert.parameters())
+    dist.destroy_process_group()
+    return read["experts"], total
+
+
+def test_fsdp_ranks_read_only_their_rows_of_the_experts(tiny_checkpoint):
+    counts = launch(_elements_read, (tiny_checkpoint,), 2)
+    (first, total), (second, _) = counts[0], counts[1]
+    # Each rank reads its half of every sharded tensor and the blocks' few fp32 tensors whole.
+    assert first + second < 1.1 * total
+    assert max(first, second) < 0.6 * total

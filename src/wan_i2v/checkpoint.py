@@ -163,8 +163,8 @@ def _named_tensors(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, tor
                 yield prefix + name, sub, name, buf, False
 
 
-def _local_rows(tensor: DTensor, name: str) -> slice:
-    """The rows of ``tensor`` (sharded over dim 0 as ``torch.chunk`` splits it) that this rank holds."""
+def _local_rows(tensor: DTensor, local: torch.Tensor, name: str) -> slice:
+    """The rows of ``tensor`` (sharded over dim 0 as ``torch.chunk`` splits it) that this rank holds as ``local``."""
     placements = tuple(tensor.placements)
     if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
         raise ValueError(f"{name}: cannot load a tensor placed as {placements}, only sharded over dim 0")
@@ -172,8 +172,8 @@ def _local_rows(tensor: DTensor, name: str) -> slice:
     per_rank = -(-rows // ranks)
     start = min(rows, tensor.device_mesh.get_local_rank() * per_rank)
     stop = min(rows, start + per_rank)
-    if tensor.to_local().shape[0] != stop - start:
-        raise ValueError(f"{name}: local shard of {tensor.to_local().shape[0]} rows, expected rows {start}:{stop} of {rows}")
+    if local.shape[0] != stop - start:
+        raise ValueError(f"{name}: local shard of {local.shape[0]} rows, expected rows {start}:{stop} of {rows}")
     return slice(start, stop)
 
 
@@ -226,7 +226,7 @@ def load_strict(
         if isinstance(target, DTensor):  # a shard (FSDP): this rank's rows, read into its storage
             with torch.no_grad():
                 local = target.to_local()
-                local.copy_(source.read(full, _local_rows(target, full)).to(local.dtype))
+                local.copy_(source.read(full, _local_rows(target, local, full)).to(local.dtype))
             continue
         value = source.read(full)
         if value.is_floating_point():

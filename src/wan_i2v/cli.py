@@ -136,12 +136,12 @@ def _plan(args, ckpt_dir: Path | None, image, max_area: int, device: str, query_
     --cfg-parallel, --fsdp, --offload, else chosen to fit), its memory estimate, whether it fits,
     and the per-GPU memory it was planned for (None: no limit, also when ``query_gpu`` is false: a
     launcher checks the plan but leaves CUDA to its ranks)."""
-    from wan_i2v.config import SIZE_MULTIPLE, VAE_STRIDE, video_size
+    from wan_i2v.config import dit_tokens, video_size
     from wan_i2v.parallel.plan import GiB, make_plan, model_sizes
 
     sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, _dtype(args.dtype, device).itemsize)
     height, width = video_size(image.height, image.width, max_area)
-    tokens = ((args.frame_num - 1) // VAE_STRIDE[0] + 1) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+    tokens = dit_tokens(args.frame_num, height, width)
     if args.gpu_memory is not None:
         gpu_bytes = int(args.gpu_memory * GiB)
     elif device.startswith("cuda") and query_gpu and _cuda_available():

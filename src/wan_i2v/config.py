@@ -107,3 +107,8 @@ class GenerationSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def dit_tokens(frame_num: int, height: int, width: int) -> int:
+    """The DiT's sequence length for a video of ``frame_num`` frames of ``height`` x ``width`` pixels."""
+    return ((frame_num - 1) // VAE_STRIDE[0] + 1) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)

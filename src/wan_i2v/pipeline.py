@@ -52,9 +52,13 @@ class GenerationResult:
     latents: torch.Tensor  # [16, (F-1)//4+1, H/8, W/8] float32 on CPU
     settings: GenerationSettings
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    peak_memory_gb: float | None = None  # peak GPU memory allocated, None on CPU
-    stage_peaks_gb: dict[str, float] = field(default_factory=dict)  # peak GPU memory allocated in each stage
+    stage_peaks_gb: dict[str, float] = field(default_factory=dict)  # peak GPU memory allocated in each stage; empty on CPU
     experts_used: list[str] = field(default_factory=list)  # the expert of each step
+
+    @property
+    def peak_memory_gb(self) -> float | None:
+        """Peak GPU memory allocated over the run, None on CPU."""
+        return max(self.stage_peaks_gb.values(), default=None)
 
 
 class I2VPipeline:
@@ -289,8 +293,7 @@ class I2VPipeline:
             before_decode(latents_cpu, settings)
         with _timed(timings, peaks, "decoding", self.device):
             video = self.decode(latents, progress)
-        peak = max(peaks.values()) if peaks else None
-        return GenerationResult(video, latents_cpu, settings, timings, peak, stage_peaks_gb=peaks, experts_used=experts_used)
+        return GenerationResult(video, latents_cpu, settings, timings, stage_peaks_gb=peaks, experts_used=experts_used)
 
     def encode_text(self, prompts: list[str], progress: bool = False) -> list[torch.Tensor]:
         """Each prompt -> [text_len, text_dim] on the run device, zero-padded after its real tokens."""

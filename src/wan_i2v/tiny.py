@@ -48,7 +48,8 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def _save_dit(model: DiT, directory: Path, shards: int) -> None:
+def save_dit(model: DiT, directory: Path, shards: int) -> None:
+    """An expert in its official folder layout: config.json and safetensors (one file or ``shards``)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
@@ -68,6 +69,14 @@ def _save_dit(model: DiT, directory: Path, shards: int) -> None:
     (directory / ckpt.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
+def save_text_encoder(model: nn.Module, path: Path) -> None:
+    """An umT5 encoder as the official .pth: official key names, the tied embedding saved once."""
+    official = {}
+    for key, value in model.state_dict().items():
+        official.setdefault(transformers_to_official_key(key), value.detach().to("cpu", copy=True))
+    torch.save(official, path)
+
+
 def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     """Write a complete tiny checkpoint into ``directory`` (which must not exist yet)."""
     directory = Path(directory)
@@ -76,17 +85,13 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
     try:
-        _save_dit(randomize_(DiT(TINY_DIT), seed + 1), staging / ckpt.HIGH_NOISE_DIR, shards=1)
-        _save_dit(randomize_(DiT(TINY_DIT), seed + 2), staging / ckpt.LOW_NOISE_DIR, shards=2)
+        save_dit(randomize_(DiT(TINY_DIT), seed + 1), staging / ckpt.HIGH_NOISE_DIR, shards=1)
+        save_dit(randomize_(DiT(TINY_DIT), seed + 2), staging / ckpt.LOW_NOISE_DIR, shards=2)
 
         torch.save(randomize_(WanVAE(TINY_VAE), seed + 3).state_dict(), staging / ckpt.VAE_FILE)
         (staging / VAE_CONFIG_FILE).write_text(json.dumps(asdict(TINY_VAE)))
 
-        t5 = randomize_(build_umt5(TINY_T5), seed + 4)
-        official = {}
-        for key, value in t5.state_dict().items():
-            official.setdefault(transformers_to_official_key(key), value.clone())
-        torch.save(official, staging / ckpt.T5_FILE)
+        save_text_encoder(randomize_(build_umt5(TINY_T5), seed + 4), staging / ckpt.T5_FILE)
         (staging / T5_CONFIG_FILE).write_text(json.dumps(asdict(TINY_T5)))
         write_tiny_tokenizer(staging / ckpt.TOKENIZER_DIR, TINY_T5.vocab_size)
 

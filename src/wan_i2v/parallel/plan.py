@@ -103,7 +103,6 @@ class ModelSizes:
     vae_dim: int  # channels of the VAE's full-resolution stages
 
 
-
 # Transient memory of each stage, in units measured on H100/H200 (docs/benchmarks.md), per GPU:
 # the DiT's activations in fp32 copies of its token stream (x tokens x dim x 4 bytes); the VAE's in
 # full-resolution activations of 4 frames (x 4 x vae_dim x height x width x bytes per element).
@@ -112,7 +111,6 @@ ULYSSES_STREAMS = 6.0  # the same on 1/u of the tokens, with the all-to-all's bu
 GATHER_STREAMS = 2.0  # the whole sequence gathered for the output head (Ulysses)
 VAE_ENCODE_UNITS = 10.0  # the first frame and 80 black ones, fp32, every rank encodes
 VAE_DECODE_UNITS = 11.0  # one GPU, a whole latent frame at a time (14.2 GiB at 720P in fp32)
-VAE_DECODE_FRAME_UNITS = 8.5  # one GPU, frame by frame: what the decode falls back to when short
 VAE_TILE_UNITS = 8.5  # split over the ranks, frame by frame, on this rank's tile with its halo
 TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
 HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation and the estimate's roughness
