@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from contextlib import contextmanager
@@ -451,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wan-i2v: error: {rank}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # Ctrl-C reaches the launcher's whole process group, and its ranks' ends can raise it once
+        # more here: a second interrupt during the exit would end the process by the signal instead of 130.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("wan-i2v: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
