@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the diffusers name mapping the references use
 
 from wan_i2v.tiny import randomize_  # noqa: E402
 

@@ -24,12 +24,13 @@ import torch
 from common import GB, free, measure, random_on_gpu
 from torch._dynamo.utils import counters
 
-from wan_i2v.compile import apply_compile
-from wan_i2v.fused_gelu import apply_fused_gelu
-from wan_i2v.fused_norms import apply_fused_norms
-from wan_i2v.quantize import apply_fp8
+from wan_i2v.transforms.compile import apply_compile
+from wan_i2v.transforms.fused_gelu import apply_fused_gelu
+from wan_i2v.transforms.fused_norms import apply_fused_norms
+from wan_i2v.transforms.fp8 import apply_fp8
 from wan_i2v.models.attention import set_attention_kernel
-from wan_i2v.models.diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
+from diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
+from wan_i2v.execution import ExecutionPlan, apply_plan
 from wan_i2v.models.dit import DiT, DiTConfig, NormRope, keeps_fp32
 
 LATENT_GRIDS = {"480P": (21, 60, 104), "720P": (21, 90, 160)}
@@ -107,7 +108,7 @@ def gelu_epilogue_check() -> dict:
 def fused_norm_check(tokens: int = 32760, channels: int = 5120) -> dict:
     """The one-pass kernels against the plain modules they replace, on each of the block's uses:
     relative difference of the sum and of the normed output (of the rotated query)."""
-    from wan_i2v.fused_norms import FusedNormRope, FusedResidualNorm
+    from wan_i2v.transforms.fused_norms import FusedNormRope, FusedResidualNorm
     from wan_i2v.models.dit import FP32LayerNorm, ResidualNorm, RMSNorm, rope_tables
 
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -219,7 +220,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison (0: skip it)")
     parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"],
-                        help="any of ours, ours+compile, ours+fused-residual+compile, ours+fused+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order; the FP8 modes cannot follow the GELU one: FP8 goes first), diffusers")
+                        help="plan (the stack a one-GPU run executes: the default execution plan's transforms), or any of ours, ours+compile, ours+fused-residual+compile, ours+fused+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order; the FP8 modes cannot follow the GELU one: FP8 goes first), diffusers")
     parser.add_argument("--official-repo", type=Path, default=None,
                         help="a Wan2.2 checkout: adds the official WanModel (mode 'official') to the comparison")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per mode at the first size")
@@ -242,6 +243,9 @@ def main():
     weights_gb = torch.cuda.memory_allocated() / GB
     print(f"our weights: {weights_gb:.1f} GiB", flush=True)
     models = {"ours": ours}
+    if "plan" in args.modes:  # what a one-GPU run executes: the default execution plan, on weights of its own
+        models["plan"] = build_ours(config, torch.bfloat16)
+        apply_plan(models["plan"], ExecutionPlan.for_device("cuda"))
     if "diffusers" in args.modes:
         models["diffusers"] = build_diffusers(ours)
     if args.official_repo:

@@ -4,8 +4,9 @@ forward with the expert resident, in one run; and the VAE decode under the same 
     python bench/low_memory.py [--cap-gb 24]
 
 The cap is simulated with torch.cuda.set_per_process_memory_fraction. The expert is
-built and timed resident first (above the cap), then its blocks move to pinned host
-memory and the cap is set.
+built with the default plan's transforms and timed resident first (above the cap), then
+an expert of the same weights with the plan of ``--offload blocks`` (the same transforms,
+then its blocks in pinned host memory) under the cap.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import argparse
 import datetime
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from common import GB, free, measure, random_on_gpu
 
-from wan_i2v.block_offload import BlockOffload
-from wan_i2v.compile import apply_compile
-from wan_i2v.models.attention import set_attention_kernel
+from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
 from wan_i2v.models.vae import VAEConfig, WanVAE
 
@@ -37,8 +37,9 @@ def main():
               "command": " ".join(sys.argv), "cap_gb": args.cap_gb}
 
     config = DiTConfig()
-    expert = apply_compile(random_on_gpu(lambda: DiT(config), torch.bfloat16, keeps_fp32))
-    set_attention_kernel(expert, "cudnn")
+    plan = ExecutionPlan.for_device("cuda")
+    expert = random_on_gpu(lambda: DiT(config), torch.bfloat16, keeps_fp32)
+    apply_plan(expert, plan)
     g = torch.Generator(device="cuda").manual_seed(0)
     inputs = (torch.randn(1, 16, *GRID, generator=g, device="cuda"), torch.tensor([900.0], device="cuda"),
               torch.randn(1, 512, 4096, generator=g, device="cuda", dtype=torch.bfloat16),
@@ -48,7 +49,10 @@ def main():
         expected = expert(*inputs).float().cpu()
     print(f"resident expert: {resident_seconds:.3f} s/forward ({torch.cuda.memory_allocated() / GB:.1f} GiB allocated)", flush=True)
 
-    BlockOffload(expert, "cuda")
+    del expert
+    free()
+    expert = random_on_gpu(lambda: DiT(config), torch.bfloat16, keeps_fp32)  # the same seed: the same weights
+    apply_plan(expert, replace(plan, offload=Offload.BLOCKS))
     free()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(args.cap_gb * GB / total)

@@ -29,20 +29,22 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wan_i2v import checkpoint as ckpt  # noqa: E402
-from wan_i2v.config import PRESETS, dit_tokens, video_size  # noqa: E402
+from wan_i2v.loading import checkpoint as ckpt  # noqa: E402
+from wan_i2v.config import PRESETS, video_size  # noqa: E402
 from wan_i2v.parallel.launch import launch  # noqa: E402
-from wan_i2v.parallel.plan import GiB, make_plan, model_sizes  # noqa: E402
+from wan_i2v.parallel.plan import GiB  # noqa: E402
+from wan_i2v.session import RunOptions, plan_for  # noqa: E402
 from wan_i2v.video import demo_image  # noqa: E402
 
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight."
-# name -> (GPUs, forced plan as make_plan takes it, memory cap in GiB or None)
+# name -> (GPUs, forced plan as RunOptions takes it, memory cap in GiB or None)
 PLANS = {
     "1gpu": (1, {}, None),
     "default": (2, {}, None),
@@ -61,7 +63,8 @@ def write_random_checkpoint(directory: Path, layers: int) -> Path:
     from dataclasses import replace
 
     from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
-    from wan_i2v.models.text_encoder import T5Config, build_umt5, write_tiny_tokenizer
+    from wan_i2v.models.text_encoder import T5Config, build_umt5
+    from wan_i2v.tiny import write_tiny_tokenizer
     from wan_i2v.models.vae import VAEConfig, WanVAE
     from wan_i2v.tiny import save_dit, save_text_encoder
 
@@ -94,7 +97,7 @@ def host_memory() -> dict:
 
 
 def run_plan(ckpt_dir: Path, size: str, world: int, forced: dict, cap_gb: float | None, steps: int, device_type: str) -> dict:
-    """One rank of one plan: plan as the CLI does, load, warm up, measure."""
+    """One rank of one plan: planned as the CLI plans (``session.plan_for``), loaded, warmed up, measured."""
     from wan_i2v import I2VPipeline
     from wan_i2v.parallel import ParallelGroups, init_distributed
 
@@ -107,15 +110,12 @@ def run_plan(ckpt_dir: Path, size: str, world: int, forced: dict, cap_gb: float 
     preset, image = PRESETS[size], demo_image(*{"480P": (832, 480), "720P": (1280, 720)}.get(size, (160, 96)))
     height, width = video_size(image.height, image.width, preset.max_area)
     frames = 81 if cuda else 5
-    tokens = dit_tokens(frames, height, width)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    dims, placement, estimate, fits = make_plan(
-        world, model_sizes(ckpt_dir, dtype.itemsize), gpu_bytes=int(cap_gb * GiB) if cap_gb else (total if cuda else None),
-        tokens=tokens, pixels=height * width, **forced,
-    )  # fmt: skip
+    options = RunOptions(ckpt_dir=ckpt_dir, device=device_type, gpus=world, gpu_memory=cap_gb, **forced)
+    planned = plan_for(options, height=height, width=width, frame_num=frames, device=device_type, world=world, ckpt_dir=ckpt_dir)
+    dims, estimate = planned.plan.dims, planned.estimate
     groups = ParallelGroups.build(dims, device) if world > 1 else None
     started = time.perf_counter()
-    pipe = I2VPipeline.from_pretrained(ckpt_dir, device=device, dtype=dtype, offload=placement.offload, parallel=groups)
+    pipe = I2VPipeline.load(ckpt_dir, replace(planned.plan, device=device), groups)
     load_seconds = time.perf_counter() - started
     memory = host_memory()
     settings = dict(max_area=preset.max_area, frame_num=frames, shift=preset.shift, seed=7, progress=False)
@@ -126,8 +126,8 @@ def run_plan(ckpt_dir: Path, size: str, world: int, forced: dict, cap_gb: float 
 
         dist.destroy_process_group()
     return {
-        "plan": f"{dims.describe()}; {placement.describe(dims)}",
-        "fits": fits,
+        "plan": f"{dims.describe()}; {planned.plan.placement.describe(dims)}",
+        "fits": planned.fits,
         "estimate_gb": {stage: value / GiB for stage, value in estimate.stages.items()},
         "load_seconds": load_seconds,
         **memory,

@@ -32,7 +32,8 @@ from common import GB, free, random_on_gpu
 from wan_i2v import pipeline
 from wan_i2v.config import PRESETS
 from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
-from wan_i2v.models.text_encoder import T5Config, TextEncoder, build_umt5, write_tiny_tokenizer
+from wan_i2v.models.text_encoder import T5Config, TextEncoder, build_umt5
+from wan_i2v.tiny import write_tiny_tokenizer
 from wan_i2v.models.vae import VAEConfig, WanVAE
 from wan_i2v.video import demo_image
 

@@ -22,16 +22,14 @@ from pathlib import Path
 import torch
 from common import GB, free, measure, random_on_gpu
 
-from wan_i2v.compile import apply_compile
 from wan_i2v.config import BOUNDARY_TIMESTEP
-from wan_i2v.fused_gelu import apply_fused_gelu
-from wan_i2v.fused_norms import apply_fused_norms
-from wan_i2v.models.attention import set_attention_kernel
+from wan_i2v.execution import ExecutionPlan, apply_plan
 from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
-from wan_i2v.models.text_encoder import T5Config, TextEncoder, build_umt5, write_tiny_tokenizer
+from wan_i2v.models.text_encoder import T5Config, TextEncoder, build_umt5
 from wan_i2v.models.vae import VAEConfig, WanVAE
-from wan_i2v.sampling.loop import ClassifierFreeGuidance, Conditioning
+from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.schedulers import official_schedule
+from wan_i2v.tiny import write_tiny_tokenizer
 
 PIXELS = {"720P": (720, 1280), "480P": (480, 832)}
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight. " * 3
@@ -98,14 +96,15 @@ def main():
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
         return
-    # The two experts as the pipeline sets them up on a GPU: bf16 with the fp32 islands, cuDNN
-    # attention, the fused norms and GELU, compiled.
+    # The two experts as a one-GPU run sets them up: bf16 with the fp32 islands, then the default
+    # plan's transforms (the fused GELU and norms, the device's attention kernel, compile).
     config = DiTConfig()
+    plan = ExecutionPlan.for_device("cuda")
+    report["plan"] = f"{plan.describe()}; {plan.describe_numerics()}"
     experts = {}
     for index, name in enumerate(("high", "low")):
         experts[name] = random_on_gpu(lambda: DiT(config), torch.bfloat16, keeps_fp32, seed=index)
-        set_attention_kernel(experts[name], "cudnn")
-        apply_compile(apply_fused_gelu(apply_fused_norms(experts[name])))
+        apply_plan(experts[name], plan)
     resident = torch.cuda.memory_allocated() / GB
     grid = (latent_frames, height // 8, width // 8)
     latent = torch.randn(1, 16, *grid, device="cuda")
@@ -118,7 +117,8 @@ def main():
             if batched and name == "low":
                 continue  # same cost as high
             timestep = torch.full((1,), t, device="cuda")
-            seconds, peak = measure(lambda: guidance(experts[name], latent, timestep, 3.5), 1, 1)
+            call = lambda branch, *inputs: experts[name](*inputs)  # noqa: E731
+            seconds, peak = measure(lambda: guidance(call, latent, timestep, 3.5), 1, 1)
             label = f"step {name}{' (batched CFG)' if batched else ''}"
             record(label, seconds, peak, resident)
             if not batched:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from wan_i2v.errors import WanError
-from wan_i2v.models.diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
-from wan_i2v.models.dit import DiT, DiTConfig, load_dit, rope_tables
+from diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
+from wan_i2v.models.dit import ROPE_CACHE_SIZES, DiT, DiTConfig, load_dit, rope_tables
 from wan_i2v.tiny import randomize_
 
 CONFIG = DiTConfig(dim=48, ffn_dim=96, freq_dim=32, num_heads=4, num_layers=2, text_len=16, text_dim=24)
@@ -133,7 +133,7 @@ def test_config_of_another_model_is_refused(tmp_path):
 
 
 def test_attention_kernels_are_checked_before_loading():
-    from wan_i2v.models.attention import check_kernel
+    from wan_i2v.kernels.attention import check_kernel
 
     check_kernel("sdpa", torch.device("cpu"))
     with pytest.raises(WanError, match="unknown attention kernel 'flash3'"):
@@ -148,7 +148,7 @@ def test_attention_kernels_are_checked_before_loading():
 def test_fused_norms_apply_to_every_block_and_fall_back_on_the_cpu():
     """The Triton kernel itself runs only on a GPU (bench/dit_forward.py's fused_norm_check compares it
     with the plain module there); here: every block gets it, and a CPU model computes what it did."""
-    from wan_i2v.fused_norms import FusedNormRope, FusedResidualNorm, apply_fused_norms
+    from wan_i2v.transforms.fused_norms import FusedNormRope, FusedResidualNorm, apply_fused_norms
 
     config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=2, text_len=8, text_dim=16)
     model = randomize_(DiT(config), seed=0).eval()
@@ -164,8 +164,8 @@ def test_fused_norms_apply_to_every_block_and_fall_back_on_the_cpu():
 def test_fused_gelu_takes_each_plain_ffn_and_keeps_names_and_numbers():
     """The cuBLASLt epilogue itself runs only on a GPU (bench/dit_forward.py compares it with the tanh
     GELU there); here: which FFNs it takes, the parameter names, and the CPU path's numbers."""
-    from wan_i2v.fused_gelu import LinearGELU, apply_fused_gelu
-    from wan_i2v.quantize import FP8Linear
+    from wan_i2v.transforms.fused_gelu import LinearGELU, apply_fused_gelu
+    from wan_i2v.transforms.fp8 import FP8Linear
 
     config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=2, text_len=8, text_dim=16)
     model = randomize_(DiT(config), seed=0).eval()
@@ -180,6 +180,16 @@ def test_fused_gelu_takes_each_plain_ffn_and_keeps_names_and_numbers():
         assert torch.equal(model(*inputs), expected)
     model.blocks[1].ffn[0] = torch.nn.Linear(config.dim, config.ffn_dim)
     assert list(model.state_dict()) == names
+
+
+def test_rope_cache_keeps_only_the_latest_sizes():
+    """A long-lived process (a server) sees many video sizes: the tables of the least recently used go."""
+    config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=1, text_len=8, text_dim=16)
+    model = randomize_(DiT(config), seed=0).eval()
+    with torch.no_grad():
+        for frames in (1, 2, 3, 4, 5, 6, 2):
+            model(torch.randn(1, 16, frames, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 16), torch.randn(1, 20, frames, 4, 4))
+    assert ROPE_CACHE_SIZES == 4 and [grid[0] for grid, _ in model.rope_cache] == [4, 5, 6, 2]
 
 
 def test_rope_tables_are_built_once_per_video_size():

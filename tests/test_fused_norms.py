@@ -13,7 +13,7 @@ import pytest
 
 CHECK = r"""
 import torch
-from wan_i2v import fused_norms
+from wan_i2v.kernels import norms as fused_norms
 from wan_i2v.models.dit import FP32LayerNorm, ResidualNorm
 
 g = torch.Generator().manual_seed(0)

@@ -5,6 +5,7 @@ One launch of 4 ranks runs every case (2-rank cases on ranks 0 and 1 while 2 and
 process start-up is paid once; the single-process references are computed in this process.
 """
 
+import math
 import os
 import time
 
@@ -13,11 +14,11 @@ import torch
 import torch.distributed as dist
 
 from wan_i2v.errors import WanError
-from wan_i2v.models.vae import VAEConfig, WanVAE
+from wan_i2v.models.vae import CausalConv3d, Resample, VAEConfig, WanVAE
 from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
 from wan_i2v.parallel.launch import RankFailed, launch
 from wan_i2v.parallel.plan import GiB, Placement, choose_plan, estimate_memory, model_sizes
-from wan_i2v.parallel.vae import decode_tiled, spatial_halo, temporal_warmup
+from wan_i2v.parallel.vae import decode_tiled, spatial_halo
 from wan_i2v.tiny import randomize_
 from wan_i2v.video import demo_image
 
@@ -54,7 +55,7 @@ DECODES = {
 
 def _vae(config, ckpt):
     if config is None:
-        from wan_i2v import checkpoint as ckpt_layout
+        from wan_i2v.loading import checkpoint as ckpt_layout
         from wan_i2v.models.vae import load_vae
 
         return load_vae(ckpt / ckpt_layout.VAE_FILE, device="cpu", dtype=torch.float32)
@@ -158,6 +159,20 @@ def test_halo_covers_the_decoders_receptive_field():
     # The real decoder: stage 0 has 6 3x3 convs at latent size, each later stage 6 at 2, 4, 8x, plus
     # the upsamplers' convs and the head: 6 + 3 + 1.5 + .75 + .5 + .25 + .125 + .125 = 12.25.
     assert spatial_halo(_vae(REAL_SHAPED_VAE, None)) == 13
+
+
+def temporal_warmup(vae: WanVAE) -> int:
+    """Latent frames a time chunk of the decode would have to decode first, and discard, for its
+    causal caches to be exact: the decoder's temporal receptive field (38 for the real decoder)."""
+    reach, rate, counted = 0.0, 1, set()
+    for module in vae.decoder.modules():  # registration order is forward order, but for Resample:
+        if isinstance(module, Resample) and module.temporal:  # its time conv runs before it upsamples
+            reach += module.time_conv.context / rate
+            counted.add(module.time_conv)
+            rate *= 2
+        elif isinstance(module, CausalConv3d) and module not in counted:
+            reach += module.context / rate
+    return math.ceil(reach)
 
 
 def test_time_chunks_would_need_a_38_frame_warm_up():
@@ -269,7 +284,8 @@ def test_a_launcher_that_cannot_start_is_one_error(monkeypatch):
 
 def _elements_read(ckpt):
     """Each rank: how many elements of the experts' files it read while loading an FSDP pipeline."""
-    from wan_i2v import I2VPipeline, checkpoint
+    from wan_i2v import I2VPipeline
+    from wan_i2v.loading import checkpoint
 
     device = init_distributed("cpu")
     read = {"experts": 0}

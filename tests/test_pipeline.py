@@ -1,10 +1,14 @@
 """The whole pipeline on a tiny checkpoint, on the CPU in fp32."""
 
+import threading
+
 import pytest
 import torch
 from PIL import Image
 
 from wan_i2v.config import video_size
+from wan_i2v.errors import WanError
+from wan_i2v.pipeline import Cancelled, LoopHook
 from wan_i2v.video import demo_image
 
 SMALL = dict(max_area=64 * 96, frame_num=9, steps=6, shift=3.0)
@@ -181,3 +185,88 @@ def test_a_state_for_other_settings_is_not_resumed(tiny_pipeline, tmp_path):
     other_prompt = tiny_pipeline.generate(demo_image(), "a car", state_file=state, **settings)
     assert len(other_prompt.experts_used) == SMALL["steps"]
     assert torch.equal(other_prompt.latents, tiny_pipeline.generate(demo_image(), "a car", **settings).latents)
+
+
+def test_the_stages_run_on_their_own_give_the_same_video(tiny_pipeline):
+    image = demo_image()
+    whole = tiny_pipeline.generate(image, "a boat", seed=4, progress=False, **SMALL)
+    prepared = tiny_pipeline.prepare(image, "a boat", seed=4, **SMALL)
+    latents = tiny_pipeline.sample(prepared)
+    assert torch.equal(latents.cpu(), whole.latents)
+    assert torch.equal(tiny_pipeline.decode(latents), whole.video)
+
+
+class Recorder(LoopHook):
+    """Sees every step and model call; its state (a running sum) must survive a resume."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.calls, self.total = [], 0.0
+
+    def on_step_begin(self, step):
+        self.calls.append(("step", step.index, step.timestep, step.expert, step.guide_scale))
+
+    def around_model(self, step, branch, run):
+        self.calls.append((branch, step.index))
+        return run()
+
+    def on_step_end(self, step, latent):
+        self.total += float(latent.double().sum())
+
+    def state_dict(self):
+        return {"total": self.total}
+
+    def load_state_dict(self, state):
+        self.total = state["total"]
+
+
+def test_hooks_see_step_timestep_expert_and_branch(tiny_pipeline):
+    recorder = Recorder()
+    tiny_pipeline.generate(demo_image(), "a boat", seed=2, progress=False, guide_scale=(2.0, 4.0), hooks=[recorder], **SMALL)
+    steps = [c for c in recorder.calls if c[0] == "step"]
+    assert [s[3] for s in steps] == ["high", "high", "low", "low", "low", "low"]
+    assert [s[4] for s in steps] == [4.0, 4.0, 2.0, 2.0, 2.0, 2.0]  # the high-noise expert's scale is the second
+    assert steps[0][2] > 900 > steps[2][2]
+    # Each step: its begin, then the conditional and the unconditional call, in the official order.
+    assert recorder.calls[:3] == [steps[0], ("cond", 0), ("uncond", 0)] and len(recorder.calls) == 6 * 3
+
+
+def test_a_cancelled_run_stops_within_a_step_and_resumes_exactly_with_its_hooks_state(tiny_pipeline, tmp_path):
+    state = tmp_path / "run.state.pt"
+    settings = dict(progress=False, seed=8, **{**SMALL, "steps": 8})
+    cancel = threading.Event()
+
+    def cancel_at_step_3(pipe, index, timestep, kwargs):
+        if index == 2:
+            cancel.set()  # asked for during step 3: the run stops before step 4
+        return {}
+
+    first = Recorder()
+    with pytest.raises(Cancelled) as stopped:
+        tiny_pipeline.generate(demo_image(), "a boat", state_file=state, cancel=cancel, hooks=[first],
+                               callback_on_step_end=cancel_at_step_3, **settings)  # fmt: skip
+    assert (stopped.value.step, stopped.value.total) == (3, 8) and str(stopped.value) == "cancelled after 3 of 8 steps"
+    assert torch.load(state, weights_only=True)["step"] == 3
+    resumed_hook = Recorder()
+    resumed = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, hooks=[resumed_hook], **settings)
+    assert len(resumed.experts_used) == 5
+    straight_hook = Recorder()
+    straight = tiny_pipeline.generate(demo_image(), "a boat", hooks=[straight_hook], **settings)
+    assert torch.equal(resumed.latents, straight.latents)
+    assert resumed_hook.total == straight_hook.total != 0  # the sum carried over the resume
+
+
+def test_step_callback_sees_and_may_replace_the_latents(tiny_pipeline):
+    seen = []
+
+    def callback(pipe, index, timestep, kwargs):
+        assert pipe is tiny_pipeline
+        seen.append((index, timestep, kwargs["latents"].clone()))
+        return {"latents": kwargs["latents"] * 0} if index == SMALL["steps"] - 1 else {}
+
+    result = tiny_pipeline.generate(demo_image(), "a boat", seed=1, progress=False, callback_on_step_end=callback, **SMALL)
+    assert [s[0] for s in seen] == list(range(SMALL["steps"])) and seen[0][1] > seen[-1][1]
+    assert torch.count_nonzero(result.latents) == 0 and torch.count_nonzero(seen[-1][2]) > 0
+    with pytest.raises(WanError, match="callback_on_step_end_tensor_inputs names noise"):
+        tiny_pipeline.generate(demo_image(), "a boat", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"], **SMALL)

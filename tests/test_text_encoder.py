@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from wan_i2v.errors import WanError
+from wan_i2v.tiny import write_tiny_tokenizer
 from wan_i2v.models.text_encoder import (
     T5Config,
     TextEncoder,
@@ -15,7 +16,6 @@ from wan_i2v.models.text_encoder import (
     clean_prompt,
     official_to_transformers_key,
     transformers_to_official_key,
-    write_tiny_tokenizer,
 )
 
 # Few buckets, so that a 24-token text reaches the logarithmic buckets and the last, clamped one.

@@ -13,35 +13,13 @@ from pathlib import Path
 from wan_i2v.errors import WanError
 
 DEMO_FILE = "wan-i2v-demo.mp4"
-LATENTS_FORMAT = "wan-i2v-latents/1"
 
 
 def _home() -> Path:
     return Path(os.environ.get("WAN_I2V_HOME") or Path.home() / ".cache" / "wan-i2v")
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _dtype(name: str | None, device: str):
-    import torch
-
-    name = name or ("bf16" if device.startswith("cuda") else "fp32")
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 DECODE_DTYPE_HELP = "the VAE decode's precision: fp32 as the official code (default), or bf16: about twice as fast in half the memory, ~1e-2 from fp32"
-
-
-def _ckpt_dir(args) -> Path:
-    if args.ckpt_dir:
-        return Path(args.ckpt_dir)
-    from wan_i2v.cache import resolve_checkpoint_dir
-
-    return resolve_checkpoint_dir(None)
 
 
 def _print_summary(result, path: Path) -> None:
@@ -53,31 +31,19 @@ def _print_summary(result, path: Path) -> None:
     print(path)
 
 
-def _save_latents(path: Path, latents, settings: dict) -> None:
-    import torch
-
-    from wan_i2v.video import write_atomically
-
-    write_atomically(path, lambda tmp: torch.save({"format": LATENTS_FORMAT, "latents": latents, "settings": settings}, tmp))
-
-
-def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool,
+def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool,
          state_file: Path | None = None):
     """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4.
     With ``state_file`` the denoising state is saved after every step and the same command resumes
     a run that died. In a multi-process run only rank 0 writes and prints."""
+    import time
+
     from wan_i2v.config import FPS
     from wan_i2v.video import write_mp4
 
-    saved = []
-
-    def save(latents, settings):
-        if latents_file is not None:
-            _save_latents(latents_file, latents, settings.as_dict())
-            saved.append(latents_file)
-
+    started = time.time()
     try:
-        result = pipe.generate(
+        result = session.generate(
             image,
             args.prompt,
             negative_prompt=args.negative_prompt,
@@ -89,13 +55,14 @@ def _run(pipe, image, args, *, max_area: int, shift: float, save_file: Path, lat
             seed=args.seed,
             solver=args.solver,
             progress=not args.quiet,
-            before_decode=save,
+            latents_file=latents_file,
             state_file=state_file,
         )
     except BaseException as exc:
-        if saved and _is_main() and not isinstance(exc, WanError):
+        saved = latents_file is not None and latents_file.is_file() and latents_file.stat().st_mtime >= started
+        if saved and session.is_main and not isinstance(exc, WanError):
             print(f"wan-i2v: the latents are saved in {latents_file}; finish with: wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
-        elif state_file is not None and _is_main() and state_file.is_file():
+        elif state_file is not None and session.is_main and state_file.is_file():
             print(f"wan-i2v: the denoising state is saved in {state_file}; the same command resumes from it", file=sys.stderr)
         raise
     if result.video is None:  # a rank other than 0 of a parallel run
@@ -115,67 +82,24 @@ def _guide_pair(args) -> tuple[float, float]:
     return tuple(args.guide_scale) * (2 // len(args.guide_scale))
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not _cuda_available():
-        raise WanError(f"--device {device} was asked for but no GPU is visible", "use --device cpu, or check the driver")
-
-
 def _is_main() -> bool:
     from wan_i2v.parallel.groups import env_rank
 
     return env_rank() == 0
 
 
-def _plan(args, ckpt_dir: Path | None, image, max_area: int, device: str, query_gpu: bool = True):
-    """The plan for this run: the parallel layout and where the weights live (forced by --ulysses,
-    --cfg-parallel, --fsdp, --offload, else chosen to fit), its memory estimate, whether it fits,
-    and the per-GPU memory it was planned for (None: no limit, also when ``query_gpu`` is false: a
-    launcher checks the plan but leaves CUDA to its ranks)."""
-    from wan_i2v.config import dit_tokens, video_size
-    from wan_i2v.parallel.plan import GiB, make_plan, model_sizes
-
-    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, _dtype(args.dtype, device).itemsize)
-    height, width = video_size(image.height, image.width, max_area)
-    tokens = dit_tokens(args.frame_num, height, width)
-    if args.gpu_memory is not None:
-        gpu_bytes = int(args.gpu_memory * GiB)
-    elif device.startswith("cuda") and query_gpu and _cuda_available():
-        import torch
-
-        gpu_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    else:
-        gpu_bytes = None
-    dims, placement, estimate, fits = make_plan(
-        args.gpus, sizes, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, offload=args.offload,
-        gpu_bytes=gpu_bytes, tokens=tokens, pixels=height * width, decode_bytes=_dtype(args.decode_dtype, device).itemsize,
-    )  # fmt: skip
-    return dims, placement, estimate, fits, gpu_bytes, (height, width, tokens)
-
-
-def _explain(dims, placement, estimate, fits, gpu_bytes, video, args, device: str) -> None:
+def _explain(planned, video, args) -> None:
     from wan_i2v.parallel.plan import GiB
 
     height, width, tokens = video
-    several = dims.world > 1
-    where = ("GPUs" if several else "a GPU") if device.startswith("cuda") else ("CPU processes" if several else "the CPU")
-    print(f"plan: {dims.describe()}; {placement.describe(dims)}; on {where}")
+    print(f"plan: {planned.plan.describe()}")
+    gpu_bytes = planned.gpu_bytes
     budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else " (no GPU memory given: --gpu-memory GiB plans for a card)"
-    print(f"memory: {estimate.describe()}{budget}")
+    print(f"memory: {planned.estimate.describe()}{budget}")
     print(f"video: {width}x{height}, {args.frame_num} frames, {tokens} tokens per DiT forward")
-    if not fits:
+    print(f"numerics: {planned.plan.describe_numerics()}")
+    if not planned.fits:
         print("warning: the estimate does not fit; try more GPUs, a smaller --size or fewer --frame-num")
-
-
-def _generate_rank(args) -> None:
-    """One rank of a ``--gpus N`` run (started by ``wan_i2v.parallel.launch``, which reports its errors)."""
-    with _one_line_warnings():
-        cmd_generate(args)
 
 
 @contextmanager
@@ -193,10 +117,22 @@ def _warning_line(message, *_args, **_kwargs) -> None:
     print(f"wan-i2v: warning: {message}", file=sys.stderr)
 
 
+def _run_options(args):
+    from wan_i2v.session import RunOptions
+
+    return RunOptions(
+        ckpt_dir=args.ckpt_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype,
+        offload=args.offload, fsdp=args.fsdp, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fp8=args.fp8,
+        compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory,
+    )  # fmt: skip
+
+
 def cmd_generate(args) -> int:
-    from wan_i2v.config import GenerationSettings, parse_size
+    from dataclasses import replace
+
+    from wan_i2v import session as runs
+    from wan_i2v.config import GenerationSettings, dit_tokens, parse_size, video_size
     from wan_i2v.parallel.groups import launched
-    from wan_i2v.pipeline import I2VPipeline
     from wan_i2v.video import check_writable, load_image
 
     max_area, preset_shift = parse_size(args.size)
@@ -210,100 +146,42 @@ def cmd_generate(args) -> int:
     if _is_main():
         check_writable(save_file)
         check_writable(latents_file)
+    options = _run_options(args)
     # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
-    device = args.device or ("cuda" if args.dry_run else _default_device())
+    device = args.device or ("cuda" if args.dry_run else runs.default_device())
     if not args.dry_run:
-        _check_device(device)
-    world = _world_size(args, device)
+        runs.check_device(device)
+    world = runs.world_size(options, device, planning_only=args.dry_run)
     try:
-        ckpt_dir = _ckpt_dir(args)
+        ckpt_dir = runs.checkpoint_dir(options)
     except WanError:
         if not args.dry_run:
             raise
         ckpt_dir = None  # a dry run plans for the official model's shapes
+    height, width = video_size(image.height, image.width, max_area)
     launching = world > 1 and not launched() and not args.dry_run
-    dims, placement, estimate, fits, gpu_bytes, video = _plan(args, ckpt_dir, image, max_area, device, query_gpu=not launching)
+    planned = runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
+                            ckpt_dir=ckpt_dir, query_gpu=not launching)  # fmt: skip
     if args.dry_run:
-        _explain(dims, placement, estimate, fits, gpu_bytes, video, args, device)
+        _explain(planned, (height, width, dit_tokens(args.frame_num, height, width)), args)
+        planned.plan.check()  # the refusal the run would give, after the plan it refuses
         return 0
-    if launching:  # start the ranks; each runs this command again
-        from wan_i2v.parallel.launch import launch
-
-        launch(_generate_rank, (args,), world)
-        return 0
-    groups = None
-    if launched():
-        from wan_i2v.parallel import ParallelGroups, init_distributed
-        from wan_i2v.parallel.groups import agree
-
-        _share_cpu_threads(device)
-        run_device = init_distributed(_device_type(device))
-        # Rank 0's plan everywhere: ranks on different GPUs could otherwise choose differently.
-        dims, placement = agree((dims, placement), run_device)
-        groups = ParallelGroups.build(dims, run_device)
-        device = str(run_device)
+    planned.plan.check()
+    placement = planned.plan.placement
     if (placement.offload != args.offload or placement.fsdp != args.fsdp) and _is_main():
-        print(f"wan-i2v: {placement.describe(dims)}, to fit in the GPU's memory ({estimate.describe()})", file=sys.stderr)
-    try:
-        pipe = I2VPipeline.from_pretrained(
-            ckpt_dir, device=device, dtype=_dtype(args.dtype, device), offload=placement.offload, attention=args.attention, parallel=groups,
-            compile=None if args.compile else False, fp8=args.fp8, decode_dtype=_dtype(args.decode_dtype, device)
-        )
-        _run(pipe, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file, keep_latents=bool(args.save_latents),
-             state_file=save_file.with_suffix(".state.pt"))
-    finally:
-        if groups is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        print(f"wan-i2v: {placement.describe(planned.plan.dims)}, to fit in the GPU's memory ({planned.estimate.describe()})", file=sys.stderr)
+    with runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned) as session:
+        _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
+             keep_latents=bool(args.save_latents), state_file=save_file.with_suffix(".state.pt"))  # fmt: skip
     return 0
-
-
-def _device_type(device: str) -> str:
-    return "cuda" if device.startswith("cuda") else "cpu"
-
-
-def _world_size(args, device: str) -> int:
-    """How many processes the run has: the launcher's WORLD_SIZE, else --gpus (checked against the machine)."""
-    from wan_i2v.parallel.groups import env_world, launched
-
-    if launched():
-        world = env_world()
-        if args.gpus not in (None, world):
-            raise WanError(f"--gpus {args.gpus} but the launcher started {world} processes", "leave out --gpus under torchrun")
-        args.gpus = world
-        return world
-    args.gpus = 1 if args.gpus is None else args.gpus
-    if args.gpus < 1:
-        raise WanError(f"--gpus {args.gpus}", "give 1 or more")
-    if device.startswith("cuda:") and args.gpus > 1:
-        raise WanError(f"--device {device} names one GPU but --gpus is {args.gpus}", "use --device cuda, and CUDA_VISIBLE_DEVICES to pick the GPUs")
-    if device.startswith("cuda") and args.gpus > 1 and not args.dry_run:
-        import torch
-
-        visible = torch.cuda.device_count()
-        if args.gpus > visible:
-            raise WanError(
-                f"--gpus {args.gpus} but this machine has {visible} GPU{'s' if visible != 1 else ''}",
-                f"use --gpus {visible} or fewer" if visible else "use --device cpu",
-            )
-    return args.gpus
-
-
-def _share_cpu_threads(device: str) -> None:
-    """CPU ranks on one machine split its cores rather than each taking them all."""
-    if not device.startswith("cuda"):
-        import torch
-
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def cmd_decode(args) -> int:
     import torch
 
-    from wan_i2v import checkpoint as ckpt
+    from wan_i2v import session as runs
     from wan_i2v.config import FPS
+    from wan_i2v.loading import checkpoint as ckpt
     from wan_i2v.video import check_writable, write_mp4
 
     source = Path(args.latents)
@@ -313,16 +191,17 @@ def cmd_decode(args) -> int:
         saved = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WanError(f"cannot read latents file {source}: {exc}", "it may be incomplete; generate again") from None
-    latents = saved.get("latents") if isinstance(saved, dict) and saved.get("format") == LATENTS_FORMAT else None
+    latents = saved.get("latents") if isinstance(saved, dict) and saved.get("format") == runs.LATENTS_FORMAT else None
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != 16:
         raise WanError(f"{source} is not a wan-i2v latents file", "give the file written by --save-latents")
     save_file = Path(args.save_file)
     check_writable(save_file)
-    device = args.device or _default_device()
-    _check_device(device)
+    device = args.device or runs.default_device()
+    runs.check_device(device)
     from wan_i2v.pipeline import decode_latents, load_vae_for
 
-    vae = load_vae_for(_ckpt_dir(args) / ckpt.VAE_FILE, torch.device(device), _dtype(args.decode_dtype, device))
+    ckpt_dir = runs.checkpoint_dir(runs.RunOptions(ckpt_dir=args.ckpt_dir))
+    vae = load_vae_for(ckpt_dir / ckpt.VAE_FILE, torch.device(device), runs.torch_dtype(args.decode_dtype, device))
 
     video = decode_latents(vae, latents, torch.device(device), progress=not args.quiet)
     write_mp4(video, save_file, fps=FPS, metadata=saved.get("settings"))
@@ -331,9 +210,7 @@ def cmd_decode(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import torch
-
-    from wan_i2v.pipeline import I2VPipeline
+    from wan_i2v.session import RunOptions, RunSession
     from wan_i2v.tiny import ensure_tiny_checkpoint
     from wan_i2v.video import check_writable, demo_image
 
@@ -342,8 +219,8 @@ def cmd_demo(args) -> int:
     check_writable(save_file)
     ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")
     print(f"demo: tiny random model in {ckpt_dir} (random weights: the video is noise-like, not a real video)", file=sys.stderr)
-    pipe = I2VPipeline.from_pretrained(ckpt_dir, device="cpu", dtype=torch.float32)
-    _run(pipe, demo_image(), args, max_area=args.max_area, shift=3.0, save_file=save_file, latents_file=None, keep_latents=False)
+    with RunSession.open(RunOptions(ckpt_dir=ckpt_dir, device="cpu", gpus=1, dtype="fp32")) as session:
+        _run(session, demo_image(), args, max_area=args.max_area, shift=3.0, save_file=save_file, latents_file=None, keep_latents=False)
     return 0
 
 

@@ -1,4 +1,6 @@
-"""Image + prompt -> video: preprocessing, text and image encoding, sampling, decoding. Nothing else."""
+"""Image + prompt -> video in three stages, each callable on its own: ``prepare`` (image, text,
+condition, noise), ``sample`` (the loop) and ``decode``. Where the models live and which transforms
+they get is the execution plan's (``execution.py``); this module wires the stages and nothing else."""
 
 from __future__ import annotations
 
@@ -6,10 +8,9 @@ import hashlib
 import random
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from wan_i2v import checkpoint as ckpt
 from wan_i2v.config import (
     BOUNDARY_TIMESTEP,
     DEFAULT_NEGATIVE_PROMPT,
@@ -27,23 +27,24 @@ from wan_i2v.config import (
     video_size,
 )
 from wan_i2v.errors import WanError
-from wan_i2v.models.attention import check_kernel, default_kernel, set_attention_kernel
+from wan_i2v.execution import ExecutionPlan, apply_plan
+from wan_i2v.kernels.attention import check_kernel
+from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.models.dit import DiT, load_dit, pad_context
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE, load_vae
-from wan_i2v.block_offload import BlockOffload
-from wan_i2v.compile import apply_compile
-from wan_i2v.fused_gelu import apply_fused_gelu
-from wan_i2v.fused_norms import apply_fused_norms
-from wan_i2v.offload import OFFLOAD_MODES, ExpertSwap, HostCopy
-from wan_i2v.parallel.fsdp import apply_fsdp
-from wan_i2v.parallel.ulysses import apply_ulysses
-from wan_i2v.quantize import apply_fp8
-from wan_i2v.sampling.loop import ClassifierFreeGuidance, Conditioning, Experts, LoopState, denoise
+from wan_i2v.parallel.plan import ParallelDims
+from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
+from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
+from wan_i2v.sampling.resume import load_loop_state, save_loop_state, state_to
 from wan_i2v.sampling.schedulers import official_schedule
-from wan_i2v.video import image_to_tensor, load_image, write_atomically
+from wan_i2v.transforms.streaming import ExpertSwap, HostCopy
+from wan_i2v.video import image_to_tensor, load_image
 
-STATE_FORMAT = "wan-i2v-loop-state/1"
+__all__ = ["Cancelled", "GenerationResult", "I2VPipeline", "LoopHook", "Prepared", "StepInfo"]
+
+# The tensors a step callback may ask for (diffusers' ``callback_on_step_end_tensor_inputs``).
+CALLBACK_TENSOR_INPUTS = ("latents",)
 
 
 @dataclass
@@ -53,12 +54,25 @@ class GenerationResult:
     settings: GenerationSettings
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     stage_peaks_gb: dict[str, float] = field(default_factory=dict)  # peak GPU memory allocated in each stage; empty on CPU
-    experts_used: list[str] = field(default_factory=list)  # the expert of each step
+    experts_used: list[str] = field(default_factory=list)  # the expert of each step run (after a resume: the rest)
 
     @property
     def peak_memory_gb(self) -> float | None:
         """Peak GPU memory allocated over the run, None on CPU."""
         return max(self.stage_peaks_gb.values(), default=None)
+
+
+@dataclass
+class Prepared:
+    """What ``prepare`` makes and ``sample`` needs: the settings (seed drawn, agreed over the ranks),
+    the conditioning on the run device, the initial noise, and where to resume from."""
+
+    settings: GenerationSettings
+    conditioning: Conditioning
+    noise: torch.Tensor  # [16, F', H', W'] fp32 on the run device
+    resume: LoopState | None = None
+    state_file: Path | None = None
+    run: dict | None = None  # what a saved state must match (checkpoint, precision, image)
 
 
 class I2VPipeline:
@@ -69,25 +83,24 @@ class I2VPipeline:
         high_noise: DiT,
         low_noise: DiT,
         *,
-        device: torch.device,
-        offload: bool = False,
-        batch_cfg: bool = False,
+        plan: ExecutionPlan,
+        parallel=None,
     ):
-        self.parallel = None  # a wan_i2v.parallel.ParallelGroups once parallelized
+        self.plan = plan
+        self.parallel = parallel  # a wan_i2v.parallel.ParallelGroups in a multi-rank run
         self.text_encoder = text_encoder
         self.vae = vae
-        self.device = torch.device(device)
+        self.device = plan.device
         # One swapper for the pipeline's life: it hooks the experts' blocks once.
         self.experts = (
             ExpertSwap(high_noise, low_noise, BOUNDARY_TIMESTEP, self.device)
-            if offload
+            if plan.expert_swap
             else Experts(high_noise, low_noise, BOUNDARY_TIMESTEP)
         )
-        self.batch_cfg = batch_cfg
         # Set when the text encoder waits in host memory and visits the GPU only to encode.
-        self.text_encoder_visits: HostCopy | None = None
+        self.text_encoder_visits = HostCopy(text_encoder.model, self.device) if plan.text_encoder_visits else None
         # What, besides the generation settings, decides the video: a saved state must match it.
-        self.identity: dict = {}
+        self.identity: dict = dict(plan.identity())
 
     @classmethod
     def from_pretrained(
@@ -104,6 +117,7 @@ class I2VPipeline:
         fp8: bool = False,
         keep_text_encoder: bool = False,
         decode_dtype: torch.dtype = torch.float32,
+        plan: ExecutionPlan | None = None,
     ) -> "I2VPipeline":
         """Load the official checkpoint directory.
 
@@ -117,76 +131,57 @@ class I2VPipeline:
         ``decode_dtype``: the VAE decode's precision, fp32 as the official code (bf16: about twice as
         fast in half the memory, ~1e-2 from fp32).
         ``parallel`` (a ``wan_i2v.parallel.ParallelGroups``, in a process group) spreads the run over
-        its ranks; every rank of the group calls this and ``generate`` with the same arguments.
+        its ranks; every rank of the group calls this and ``generate`` with the same arguments
+        (``wan_i2v.session.RunSession`` does that for you).
+        ``plan``: an ``ExecutionPlan`` decided already (``RunSession`` plans one to fit the GPUs);
+        it replaces every option above but ``parallel``.
         """
+        if plan is None:
+            plan = ExecutionPlan.for_device(
+                parallel.device if parallel is not None else device, dtype, attention=attention, compile=compile, offload=offload,
+                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype,
+                dims=parallel.dims if parallel is not None else ParallelDims(),
+            )  # fmt: skip
+        return cls.load(ckpt_dir, plan, parallel)
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None) -> "I2VPipeline":
+        """Load the checkpoint as ``plan`` says: each expert built, transformed by ``apply_plan`` (on
+        the meta device first with FSDP, so each rank reads only its rows) and filled."""
         root = Path(ckpt_dir)
         if not root.is_dir():
             raise WanError(f"checkpoint directory not found: {root}", ckpt.STATUS_HINT)
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
+        if plan.on_gpu and not torch.cuda.is_available():
             raise WanError("CUDA was asked for but no GPU is visible", "use --device cpu, or check the driver")
-        kernel = attention or default_kernel(device)
-        check_kernel(kernel, device)
-        offload = "experts" if offload is True else (offload or None)
-        if offload not in (None, *OFFLOAD_MODES):
-            raise WanError(f"unknown offload mode {offload!r}", f"choose one of {', '.join(OFFLOAD_MODES)}")
-        fsdp = parallel is not None and parallel.dims.fsdp
-        if offload == "blocks" and fsdp:
-            raise WanError("--offload blocks does not combine with --fsdp", "FSDP's own offload is --fsdp --offload")
-        if fp8 and fsdp:
-            raise WanError("--fp8 does not combine with --fsdp yet", "drop one of them")
-        # FSDP's shards live in pinned host memory with --offload (on the CPU there is nothing to offload).
-        fsdp_offload = fsdp and bool(offload) and device.type == "cuda"
-        host = torch.device("cpu")
-        sharded_text = parallel is not None and parallel.dims.shards_text_encoder(bool(offload))
-        text_visits = not sharded_text and device.type == "cuda" and (bool(offload) or not keep_text_encoder)
-        text_host_or_device = host if text_visits or (offload and device.type != "cuda") else device
-        compiled = compile if compile is not None else device.type == "cuda"
-
-        def transform(expert: DiT) -> None:
-            """Every transform that restructures an expert, in this order (torchtitan's: the
-            sequence split, then compile, then FSDP). With FSDP it runs on the meta device."""
-            apply_fused_gelu(expert)  # before FSDP, which gathers the parameters of the modules it finds
-            set_attention_kernel(expert, kernel)
-            if device.type == "cuda":
-                apply_fused_norms(expert)
-            if parallel is not None and parallel.ulysses is not None:
-                apply_ulysses(expert, parallel.ulysses)
-            if compiled:
-                apply_compile(expert)
-            if fsdp:
-                apply_fsdp(expert, expert.blocks, parallel.mesh, offload=fsdp_offload)
-
+        check_kernel(plan.attention, plan.device)
+        plan.check()
+        device, host = plan.device, torch.device("cpu")
         experts = []
         for subdir in (ckpt.HIGH_NOISE_DIR, ckpt.LOW_NOISE_DIR):
-            if fsdp:  # sharded before the weights exist: each rank reads only its rows
-                expert = load_dit(root / subdir, device=device, dtype=dtype, before_weights=transform)
+            if plan.fsdp:  # sharded before the weights exist: each rank reads only its rows
+                shard = lambda expert: apply_plan(expert, plan, parallel, meta=True)  # noqa: E731
+                expert = load_dit(root / subdir, device=device, dtype=plan.dtype, before_weights=shard)
             else:
-                expert = load_dit(root / subdir, device=host if offload else device, dtype=dtype)
-                if fp8:
-                    apply_fp8(expert)  # before the fused GELU, which leaves FP8 FFNs as they are
-                transform(expert)
-                if offload == "blocks":
-                    BlockOffload(expert, device)
+                expert = load_dit(root / subdir, device=host if plan.experts_load_on_host else device, dtype=plan.dtype)
+                apply_plan(expert, plan, parallel)
             experts.append(expert)
         high, low = experts
         if high.config != low.config:
             raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.STATUS_HINT)
 
         def shard_text_encoder(model) -> None:
-            apply_fsdp(model, model.encoder.block, parallel.mesh, offload=fsdp_offload)
+            from wan_i2v.parallel.fsdp import apply_fsdp
 
+            apply_fsdp(model, model.encoder.block, parallel.mesh, offload=plan.fsdp_offload)
+
+        sharded = plan.shards_text_encoder
         text_encoder = TextEncoder.load(
-            root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=text_host_or_device, dtype=dtype,
-            before_weights=shard_text_encoder if sharded_text else None, run_device=device if sharded_text else None,
+            root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=plan.text_encoder_device,
+            dtype=plan.dtype, before_weights=shard_text_encoder if sharded else None, run_device=device if sharded else None,
         )  # fmt: skip
-        vae = load_vae_for(root / ckpt.VAE_FILE, device, decode_dtype)
-        # With FSDP, its own CPU offload replaces the expert swap.
-        pipe = cls(text_encoder, vae, high, low, device=device, offload=offload == "experts" and not fsdp, batch_cfg=batch_cfg)
-        if text_visits:
-            pipe.text_encoder_visits = HostCopy(text_encoder.model, device)
-        pipe.identity = {"checkpoint": str(root.resolve()), "dtype": str(dtype), "fp8": fp8, "attention": kernel, "device": device.type}
-        pipe.parallel = parallel
+        vae = load_vae_for(root / ckpt.VAE_FILE, device, plan.decode_dtype)
+        pipe = cls(text_encoder, vae, high, low, plan=plan, parallel=parallel)
+        pipe.identity = {"checkpoint": str(root.resolve()), **pipe.identity}
         return pipe
 
     @property
@@ -216,18 +211,61 @@ class I2VPipeline:
         progress: bool = True,
         before_decode: Callable[[torch.Tensor, GenerationSettings], None] | None = None,
         state_file: str | Path | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        cancel=None,
+        hooks: list[LoopHook] | tuple[LoopHook, ...] = (),
     ) -> GenerationResult:
-        """The official Wan2.2 I2V sampling. ``guide_scale`` is (low-noise, high-noise) or one value for both;
-        ``seed=None`` draws a random seed, reported in ``result.settings.seed``. ``before_decode(latents,
-        settings)`` sees the latents (CPU, fp32) before decoding, e.g. to save them.
+        """The official Wan2.2 I2V sampling: ``prepare``, ``sample`` and ``decode`` in a row.
+
+        ``guide_scale`` is (low-noise, high-noise) or one value for both; ``seed=None`` draws a
+        random seed, reported in ``result.settings.seed``. ``before_decode(latents, settings)`` sees
+        the latents (CPU, fp32) before decoding, e.g. to save them.
 
         ``state_file`` makes the run resumable: the denoising state is saved there after each step,
         and a run started again with the same image and settings (a random seed is taken from the
         file) goes on from the last saved step. In a run of several ranks, rank 0 reads and writes it
         and hands what it read to the others.
 
+        ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict`` is called after
+        each step, as in diffusers: ``callback_kwargs`` holds the tensors named in
+        ``callback_on_step_end_tensor_inputs`` ("latents"); a returned "latents" replaces them.
+        ``cancel`` (anything with ``is_set()``, e.g. a ``threading.Event``) stops the run before its
+        next step once set: ``Cancelled`` is raised, and with ``state_file`` the same call resumes.
+        ``hooks`` are further ``LoopHook``s.
+
         In a parallel run the seed is rank 0's, progress and ``before_decode`` are rank 0's only, and
-        only rank 0's result has the video (None elsewhere)."""
+        only rank 0's result has the video (None elsewhere); a cancel on any rank stops every rank."""
+        timings: dict[str, float] = {}
+        peaks: dict[str, float] = {}
+        prepared = self.prepare(
+            image, prompt, negative_prompt, max_area=max_area, frame_num=frame_num, steps=steps, shift=shift,
+            guide_scale=guide_scale, seed=seed, solver=solver, state_file=state_file, progress=progress, timings=timings, peaks=peaks,
+        )  # fmt: skip
+        log = ExpertLog()
+        all_hooks = [*hooks, log]
+        if callback_on_step_end is not None:
+            all_hooks.append(StepEndCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs))
+        with _timed(timings, peaks, "denoising", self.device):
+            latents = self.sample(prepared, hooks=all_hooks, cancel=cancel, progress=progress)
+        latents_cpu = latents.float().cpu()
+        if before_decode is not None and self.is_main:
+            before_decode(latents_cpu, prepared.settings)
+        with _timed(timings, peaks, "decoding", self.device):
+            video = self.decode(latents, progress)
+        return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts)
+
+    @property
+    def is_main(self) -> bool:
+        """This process writes files and shows progress (rank 0 of a parallel run)."""
+        return self.parallel is None or self.parallel.is_main
+
+    def settings_for(
+        self, prompt: str, negative_prompt: str | None = None, *, max_area: int = PRESETS["720P"].max_area, frame_num: int = 81,
+        steps: int = 40, shift: float = 5.0, guide_scale: float | tuple[float, float] = (3.5, 3.5), seed: int | None = None,
+        solver: str = "unipc",
+    ) -> GenerationSettings:  # fmt: skip
+        """The checked settings of a run, with a random seed drawn if none is given (rank 0's in a parallel run)."""
         if isinstance(guide_scale, (int, float)):
             guide_scale = (float(guide_scale), float(guide_scale))
         settings = GenerationSettings(
@@ -241,59 +279,66 @@ class I2VPipeline:
             seed=random.randint(0, sys.maxsize) if seed is None else seed,
             solver=solver,
         )
-        main = self.parallel is None or self.parallel.is_main
-        if self.parallel is not None:  # every rank must draw the same noise
-            settings = self.parallel.agree(settings)
-        progress = progress and main
+        return settings if self.parallel is None else self.parallel.agree(settings)  # every rank must draw the same noise
+
+    def prepare(
+        self, image: Image.Image | str | Path, prompt: str, negative_prompt: str | None = None, *, state_file: str | Path | None = None,
+        progress: bool = False, timings: dict | None = None, peaks: dict | None = None, seed: int | None = None, **settings,
+    ) -> Prepared:  # fmt: skip
+        """Stage 1: the settings (``settings_for``'s keywords), the text and image encodings, the
+        noise, and with ``state_file`` the saved state to resume from (whose seed is taken when none is given)."""
+        timings = {} if timings is None else timings
+        peaks = {} if peaks is None else peaks
+        chosen = self.settings_for(prompt, negative_prompt, seed=seed, **settings)
         pixels = image_to_tensor(load_image(image))
-        resumable = state_file is not None
-        run = {**self.identity, "image": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()} if resumable else None
-        saved = load_loop_state(state_file, settings, run, seed_given=seed is not None) if resumable and main else None
-        if resumable and self.parallel is not None:  # rank 0's file, read once, on every rank
-            saved = self.parallel.agree(saved)
-        resume = None
-        if saved is not None:
-            settings, state = saved
-            resume = LoopState(state.step, state.latent.to(self.device), _map_tensors(state.solver, lambda t: t.to(self.device)))
-        timings: dict[str, float] = {}
-        peaks: dict[str, float] = {}
-
+        resume = run = None
+        if state_file is not None:
+            state_file = Path(state_file)
+            run = {**self.identity, "image": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()}
+            saved = load_loop_state(state_file, chosen, run, seed_given=seed is not None) if self.is_main else None
+            if self.parallel is not None:  # rank 0's file, read once, on every rank
+                saved = self.parallel.agree(saved)
+            if saved is not None:
+                chosen, resume = saved[0], state_to(saved[1], self.device)
         with _timed(timings, peaks, "text encoding", self.device):
-            context, context_null = self.encode_text([settings.prompt, settings.negative_prompt], progress)
+            context, context_null = self.encode_text([chosen.prompt, chosen.negative_prompt], progress and self.is_main)
         with _timed(timings, peaks, "image encoding", self.device):
-            condition = self.encode_image(pixels, settings.max_area, settings.frame_num)
-
-        noise = self.initial_noise(condition.shape[1:], settings.seed)
+            condition = self.encode_image(pixels, chosen.max_area, chosen.frame_num)
+        noise = self.initial_noise(condition.shape[1:], chosen.seed)
         conditioning = Conditioning(condition[None], context[None], context_null[None])
-        experts_used: list[str] = []
-        bar = tqdm(total=settings.steps, desc="denoising", unit="step", disable=not progress, initial=resume.step if resume else 0)
-        if resume is not None and progress:
-            tqdm.write(f"resuming from step {resume.step} of {settings.steps} ({state_file})", file=sys.stderr)
+        return Prepared(chosen, conditioning, noise, resume, state_file, run)
 
-        def on_step(index, total, t, expert, latent):
-            experts_used.append(expert)
-            bar.set_postfix(t=t, expert=expert)
-            bar.update()
-
-        with _timed(timings, peaks, "denoising", self.device):
+    def sample(self, prepared: Prepared, *, hooks=(), cancel=None, progress: bool = False) -> torch.Tensor:
+        """Stage 2: the denoising loop from ``prepared`` -> [16, F', H', W'] latents on the run device.
+        ``hooks`` are ``LoopHook``s; ``cancel`` as in ``generate``."""
+        settings, resume = prepared.settings, prepared.resume
+        bar = ProgressBar(settings.steps, resume.step if resume else 0, disable=not (progress and self.is_main))
+        if resume is not None and progress and self.is_main:
+            tqdm.write(f"resuming from step {resume.step} of {settings.steps} ({prepared.state_file})", file=sys.stderr)
+        saving = prepared.state_file is not None and self.is_main
+        try:
             latents = denoise(
-                noise[None],
+                prepared.noise[None],
                 experts=self.experts,
-                guidance=self._guidance(conditioning),
+                guidance=self._guidance(prepared.conditioning),
                 schedule=official_schedule(settings.solver, settings.steps, settings.shift),
                 solver=settings.solver,
                 guide_scale=settings.guide_scale,
-                on_step=on_step,
+                hooks=[*hooks, bar],
                 resume=resume,
-                on_state=(lambda state: save_loop_state(state_file, state, settings, run)) if resumable and main else None,
+                on_state=(lambda state: save_loop_state(prepared.state_file, state, settings, prepared.run)) if saving else None,
+                stop_requested=self._stop_requested(cancel),
             )[0]
-        bar.close()
-        latents_cpu = latents.float().cpu()
-        if before_decode is not None and main:
-            before_decode(latents_cpu, settings)
-        with _timed(timings, peaks, "decoding", self.device):
-            video = self.decode(latents, progress)
-        return GenerationResult(video, latents_cpu, settings, timings, stage_peaks_gb=peaks, experts_used=experts_used)
+        finally:
+            bar.close()
+        return latents
+
+    def _stop_requested(self, cancel) -> Callable[[], bool] | None:
+        """Asked before each step. In a parallel run every rank asks (one tiny all-reduce per step),
+        so a cancel seen by any rank stops them all at the same step."""
+        if self.parallel is None:
+            return None if cancel is None else cancel.is_set
+        return lambda: self.parallel.any(cancel is not None and cancel.is_set())
 
     def encode_text(self, prompts: list[str], progress: bool = False) -> list[torch.Tensor]:
         """Each prompt -> [text_len, text_dim] on the run device, zero-padded after its real tokens."""
@@ -339,52 +384,46 @@ class I2VPipeline:
             from wan_i2v.parallel.cfg import ParallelGuidance
 
             return ParallelGuidance(conditioning, self.parallel.cfg, self.parallel.cfg_index)
-        return ClassifierFreeGuidance(conditioning, batched=self.batch_cfg)
+        return ClassifierFreeGuidance(conditioning, batched=self.plan.batch_cfg)
 
 
-def _map_tensors(state: dict, fn) -> dict:
-    """The solver state with ``fn`` applied to its tensors (alone or in lists)."""
+class ProgressBar(LoopHook):
+    """The denoising progress bar: the step, its timestep and expert."""
 
-    def apply(value):
-        if isinstance(value, torch.Tensor):
-            return fn(value)
-        return [apply(v) for v in value] if isinstance(value, list) else value
+    def __init__(self, total: int, initial: int, disable: bool):
+        self.bar = tqdm(total=total, desc="denoising", unit="step", disable=disable, initial=initial)
 
-    return {key: apply(value) for key, value in state.items()}
+    def on_step_end(self, step: StepInfo, latent: torch.Tensor) -> None:
+        self.bar.set_postfix(t=step.timestep, expert=step.expert)
+        self.bar.update()
 
-
-def save_loop_state(path, state: LoopState, settings: GenerationSettings, run: dict) -> None:
-    """The denoising state after a step, written atomically (a killed write leaves the previous one).
-    ``run`` identifies the checkpoint, precision and input image the state belongs to."""
-    record = {"format": STATE_FORMAT, "settings": settings.as_dict(), "run": run,
-              "step": state.step, "latent": state.latent.cpu(), "solver": _map_tensors(state.solver, torch.Tensor.cpu)}
-    write_atomically(Path(path), lambda tmp: torch.save(record, tmp))
+    def close(self) -> None:
+        self.bar.close()
 
 
-def load_loop_state(path, settings: GenerationSettings, run: dict, *, seed_given: bool):
-    """(settings, LoopState) to resume from ``path``, or None when there is nothing to resume.
+class ExpertLog(LoopHook):
+    """The expert of each step run (``GenerationResult.experts_used``)."""
 
-    A state saved for another image, checkpoint, precision or other settings is ignored (and
-    overwritten by the run); without an explicit seed, the saved run's seed is taken.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        warnings.warn(f"ignoring unreadable state file {path}; starting over")
-        return None
-    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT or record.get("run") != run:
-        return None
-    try:
-        saved = GenerationSettings(**{**record["settings"], "guide_scale": tuple(record["settings"]["guide_scale"])})
-    except (TypeError, WanError):
-        return None
-    wanted = settings if seed_given else replace(settings, seed=saved.seed)
-    if saved != wanted:
-        return None
-    return saved, LoopState(record["step"], record["latent"], record["solver"])
+    def __init__(self):
+        self.experts: list[str] = []
+
+    def on_step_begin(self, step: StepInfo) -> None:
+        self.experts.append(step.expert)
+
+
+class StepEndCallback(LoopHook):
+    """diffusers' ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict``."""
+
+    def __init__(self, pipe: I2VPipeline, callback: Callable, tensor_inputs):
+        unknown = [name for name in tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise WanError(f"callback_on_step_end_tensor_inputs names {', '.join(unknown)}", f"choose from {', '.join(CALLBACK_TENSOR_INPUTS)}")
+        self.pipe, self.callback, self.tensor_inputs = pipe, callback, tuple(tensor_inputs)
+
+    def on_step_end(self, step: StepInfo, latent: torch.Tensor) -> torch.Tensor | None:
+        kwargs = {"latents": latent} if "latents" in self.tensor_inputs else {}
+        returned = self.callback(self.pipe, step.index, step.timestep, kwargs) or {}
+        return returned.get("latents")
 
 
 def load_vae_for(path: Path, device: torch.device, decode_dtype: torch.dtype = torch.float32) -> WanVAE:

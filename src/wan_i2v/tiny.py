@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wan_i2v import checkpoint as ckpt
+from wan_i2v.errors import WanError
+from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.models.dit import DiT, DiTConfig
-from wan_i2v.models.text_encoder import T5_CONFIG_FILE, T5Config, build_umt5, transformers_to_official_key, write_tiny_tokenizer
+from wan_i2v.models.text_encoder import T5_CONFIG_FILE, T5Config, build_umt5, transformers_to_official_key
 from wan_i2v.models.vae import VAE_CONFIG_FILE, VAEConfig, WanVAE
 
 TINY_T5 = T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, encoder_layers=2, num_buckets=32)
@@ -111,3 +112,37 @@ def ensure_tiny_checkpoint(directory: Path) -> Path:
     if directory.exists():
         shutil.rmtree(directory)
     return write_tiny_checkpoint(directory)
+
+
+# Lower-case text keeps the alphabet small: the trainer keeps every character of the
+# corpus (24 here) besides the three special tokens.
+_TINY_CORPUS = [
+    "a cat walks along the beach at sunset while waves roll in",
+    "the camera slowly pans across a quiet city street in the rain",
+    "a woman in a red dress dances in a field of flowers",
+    "close up of a dog running through the snow with its ears flapping",
+    "a small boat drifts on a calm lake under a grey sky",
+    "two birds fly over green hills and a river at dawn",
+]
+# Below this the trainer fails or overshoots the requested size; from here on it stays within it.
+TINY_TOKENIZER_MIN_VOCAB = 32
+
+
+def write_tiny_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """Train a small T5-style tokenizer (pad 0, eos ``</s>`` 1, unk 2) and save it to ``out_dir``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    if vocab_size < TINY_TOKENIZER_MIN_VOCAB:
+        raise WanError(f"a tiny tokenizer needs a vocabulary of at least {TINY_TOKENIZER_MIN_VOCAB}, got {vocab_size}")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    unigram = Tokenizer(models.Unigram())
+    # The pre-tokenizer T5Tokenizer uses, so that the trained pieces are the ones it will look up.
+    unigram.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    unigram.train_from_iterator(_TINY_CORPUS, trainer)
+    vocab = [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(str(out_dir))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from torch import nn
 
 from wan_i2v.errors import WanError
 from wan_i2v.models.attention import Attention
+
+# Video sizes whose RoPE tables a DiT keeps (the latest used).
+ROPE_CACHE_SIZES = 4
 
 # Tensors kept in fp32 whatever the compute dtype, as the official model does under autocast.
 FP32_PARAMETER_MARKERS = ("modulation", "norm", "time_embedding.", "time_projection.", "head.")
@@ -56,7 +60,7 @@ class DiTConfig:
 
     @classmethod
     def from_json_file(cls, path: Path) -> "DiTConfig":
-        from wan_i2v.checkpoint import read_json
+        from wan_i2v.loading.checkpoint import read_json
 
         raw = read_json(path, "expert config")
         model_type = raw.get("model_type", "i2v")
@@ -299,8 +303,9 @@ class DiT(nn.Module):
         self.head = Head(config)
         self.sequence = SequenceLayout()
         # (grid, device) -> RoPE tables: built once per video size, since copying them to the
-        # device from host memory would wait for the GPU at the start of every forward.
-        self.rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # device from host memory would wait for the GPU at the start of every forward. Only the
+        # latest few sizes are kept: a server sees many (720P tables are 39 MB).
+        self.rope_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def forward(self, latent, timestep, context, condition):
         """
@@ -326,6 +331,9 @@ class DiT(nn.Module):
         key = (grid, tokens.device)
         if key not in self.rope_cache:
             self.rope_cache[key] = rope_tables(grid, cfg.head_dim, tokens.device)
+            while len(self.rope_cache) > ROPE_CACHE_SIZES:
+                self.rope_cache.popitem(last=False)
+        self.rope_cache.move_to_end(key)
         rope = self.rope_cache[key]
         tokens, rope, key_mask = self.sequence.scatter(tokens, rope)
         pending = None
@@ -355,7 +363,7 @@ def load_dit(model_dir: Path, *, device, dtype, before_weights=None) -> DiT:
     ``before_weights(model)``, if given, transforms the model while it is still on the meta device
     (with its parameters in the dtypes they load in): FSDP shards it there, so that each rank then
     reads only its own rows of each tensor."""
-    from wan_i2v.checkpoint import cast_parameters, load_strict, safetensors_source
+    from wan_i2v.loading.checkpoint import cast_parameters, load_strict, safetensors_source
 
     config = DiTConfig.from_json_file(model_dir / "config.json")
     source = safetensors_source(model_dir)  # first: a missing file fails before any work

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wan_i2v.checkpoint import load_strict, read_config, torch_file_source
+from wan_i2v.loading.checkpoint import load_strict, read_config, torch_file_source
 from wan_i2v.errors import WanError
 
 VAE_CONFIG_FILE = "vae_config.json"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from wan_i2v.parallel.ulysses import all_gather_into
-from wan_i2v.sampling.loop import ClassifierFreeGuidance, Conditioning
+from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning, combine
 
 
 class ParallelGuidance(ClassifierFreeGuidance):
@@ -14,9 +14,10 @@ class ParallelGuidance(ClassifierFreeGuidance):
         super().__init__(conditioning, batched=False)
         self.group, self.index = group, index
 
-    def __call__(self, model, latent, timestep, scale):
-        mine = model(latent, timestep, self.contexts[self.index], self.condition).contiguous()
+    def __call__(self, call, latent, timestep, scale):
+        branch = ("cond", "uncond")[self.index]
+        mine = call(branch, latent, timestep, self.contexts[self.index], self.condition).contiguous()
         both = mine.new_empty(2 * mine.shape[0], *mine.shape[1:])
         all_gather_into(both, mine, self.group)
         cond, uncond = both.chunk(2)
-        return self.combine(cond, uncond, scale)
+        return combine(cond, uncond, scale)

@@ -114,6 +114,12 @@ class ParallelGroups:
             ranks[0],
         )
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank of the run."""
+        box = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(box.item())
+
     def agree(self, value):
         """The run's rank 0's ``value`` on every rank (a random seed must be the same everywhere)."""
         return agree(value, self.device, self.group, self.src)

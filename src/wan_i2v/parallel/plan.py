@@ -280,7 +280,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2) -> ModelSizes:
 
     import torch
 
-    from wan_i2v import checkpoint as ckpt
+    from wan_i2v.loading import checkpoint as ckpt
     from wan_i2v.models.dit import DiT, DiTConfig
     from wan_i2v.models.text_encoder import T5_CONFIG_FILE, T5Config
     from wan_i2v.models.vae import VAE_CONFIG_FILE, VAEConfig, WanVAE

@@ -6,7 +6,7 @@ causal decoder's temporal receptive field is finite, but it is long. Each 3-fram
 convolution looks 2 frames back at its own frame rate; the real decoder has 12 of them at the
 latent rate (conv1, the middle block, stage 0 and its time upsampler), 7 at twice it and 13 at
 four times it: 24 + 7 + 6.5 = 37.5, so a rank would need to re-decode the preceding 38 latent
-frames (``temporal_warmup``), more than the 21 of an 81-frame video: every rank would decode
+frames (``tests/test_parallel.py`` measures it), more than the 21 of an 81-frame video: every rank would decode
 (almost) everything. Nor is a shorter, inexact warm-up close: with 8 frames the first frames of a
 chunk are still off by ~1 (on a [-1, 1] scale).
 
@@ -33,21 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from wan_i2v.models.vae import AttentionBlock, CausalCache, CausalConv3d, Resample, WanVAE
-
-
-def temporal_warmup(vae: WanVAE) -> int:
-    """Latent frames a time chunk of the decode would have to decode first, and discard, for its
-    causal caches to be exact: the decoder's temporal receptive field (38 for the real decoder)."""
-    reach, rate, counted = 0.0, 1, set()
-    for module in vae.decoder.modules():  # registration order is forward order, but for Resample:
-        if isinstance(module, Resample) and module.temporal:  # its time conv runs before it upsamples
-            reach += module.time_conv.context / rate
-            counted.add(module.time_conv)
-            rate *= 2
-        elif isinstance(module, CausalConv3d) and module not in counted:
-            reach += module.context / rate
-    return math.ceil(reach)
+from wan_i2v.models.vae import AttentionBlock, CausalCache, WanVAE
 
 
 def spatial_halo(vae: WanVAE) -> int:

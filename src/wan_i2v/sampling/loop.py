@@ -1,52 +1,21 @@
-"""The denoising loop: the one place that picks the expert, applies guidance and steps the solver."""
+"""The denoising loop: the one place that picks the expert, applies guidance and steps the solver.
+
+Everything else that wants to act inside the loop is a hook (``LoopHook``): progress bars, step
+callbacks, caches that skip a model call. Hooks see each step's index, timestep, active expert
+and guide scale, and each model call with its guidance branch; a hook's state is saved with the
+loop's, so a resumed run goes on exactly as an uninterrupted one.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from wan_i2v.sampling.guidance import ClassifierFreeGuidance
 from wan_i2v.sampling.schedulers import Schedule, make_solver
-
-
-@dataclass
-class Conditioning:
-    """What stays fixed over the loop, on the run device."""
-
-    condition: torch.Tensor  # [1, 20, F, H, W]: first-frame mask and VAE latents
-    context: torch.Tensor  # [1, text_len, text_dim]: the prompt, zero-padded
-    context_null: torch.Tensor  # [1, text_len, text_dim]: the negative prompt
-
-
-class ClassifierFreeGuidance:
-    """flow = uncond + scale * (cond - uncond).
-
-    ``batched`` runs both branches as one batch of two (faster, more activation
-    memory); otherwise conditional then unconditional, as the official code does.
-    """
-
-    def __init__(self, conditioning: Conditioning, batched: bool):
-        self.batched = batched
-        self.condition = conditioning.condition
-        self.contexts = (conditioning.context, conditioning.context_null)
-        if batched:
-            self.batched_condition = conditioning.condition.expand(2, *conditioning.condition.shape[1:])
-            self.batched_context = torch.cat(self.contexts)
-
-    def __call__(self, model: nn.Module, latent: torch.Tensor, timestep: torch.Tensor, scale: float) -> torch.Tensor:
-        if self.batched:
-            pair = model(latent.expand(2, *latent.shape[1:]), timestep.expand(2), self.batched_context, self.batched_condition)
-            cond, uncond = pair.chunk(2)
-        else:
-            cond = model(latent, timestep, self.contexts[0], self.condition)
-            uncond = model(latent, timestep, self.contexts[1], self.condition)
-        return self.combine(cond, uncond, scale)
-
-    @staticmethod
-    def combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-        return uncond + scale * (cond - uncond)
 
 
 class Experts:
@@ -56,7 +25,7 @@ class Experts:
         self.models = {"high": high_noise, "low": low_noise}
         self.boundary = boundary
 
-    def name_for(self, timestep: int) -> str:
+    def name_for(self, timestep: float) -> str:
         return "high" if timestep >= self.boundary else "low"
 
     def activate(self, name: str) -> nn.Module:
@@ -66,17 +35,60 @@ class Experts:
         """Called once the loop is done with the experts."""
 
 
-# on_step(step_index, num_steps, timestep, expert_name, latent) after each step.
-StepCallback = Callable[[int, int, int, str, torch.Tensor], None]
+@dataclass(frozen=True)
+class StepInfo:
+    """One step as hooks see it."""
+
+    index: int  # 0-based
+    total: int
+    timestep: float
+    expert: str  # "high" or "low"
+    guide_scale: float
+
+
+class LoopHook:
+    """Override what you need. ``name`` (if set) keys the hook's ``state_dict`` in the saved loop
+    state; a hook with state must set it, or a resumed run would start it afresh."""
+
+    name: str | None = None
+
+    def on_step_begin(self, step: StepInfo) -> None:
+        pass
+
+    def around_model(self, step: StepInfo, branch: str, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One model call of the step (``branch``: "cond", "uncond" or "both"); ``run()`` makes it."""
+        return run()
+
+    def on_step_end(self, step: StepInfo, latent: torch.Tensor) -> torch.Tensor | None:
+        """After the solver step; a returned tensor replaces the latent."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Cancelled(Exception):
+    """The run was cancelled before step ``step`` (0-based); every step before it is saved."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__(step, total)  # the arguments, so that it pickles (it crosses from a rank to the caller)
+        self.step, self.total = step, total
+
+    def __str__(self) -> str:
+        return f"cancelled after {self.step} of {self.total} steps"
 
 
 @dataclass
 class LoopState:
-    """A run after ``step`` steps: the latent and the solver's memory, enough to go on from there."""
+    """A run after ``step`` steps: the latent, the solver's memory and the hooks' states."""
 
     step: int
     latent: torch.Tensor
     solver: dict
+    hooks: dict = field(default_factory=dict)
 
 
 def denoise(
@@ -87,14 +99,16 @@ def denoise(
     schedule: Schedule,
     solver: str,
     guide_scale: tuple[float, float],
-    on_step: StepCallback | None = None,
+    hooks: Sequence[LoopHook] = (),
     resume: LoopState | None = None,
     on_state: Callable[[LoopState], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Run the sampler from ``noise`` [1, C, F, H, W] (fp32, run device) to clean latents.
 
     ``resume`` goes on from a saved state instead of from the noise; ``on_state`` sees the
-    state after each step (to save it).
+    state after each step (to save it). ``stop_requested()`` is asked before each step: True
+    raises ``Cancelled``, the state of the steps done already seen by ``on_state``.
     """
     stepper = make_solver(solver, schedule)
     latent = noise
@@ -103,19 +117,35 @@ def denoise(
     if resume is not None:
         first, latent = resume.step, resume.latent
         stepper.load_state_dict(resume.solver)
+        for hook in hooks:
+            if hook.name is not None:
+                hook.load_state_dict(resume.hooks.get(hook.name, {}))
     try:
         for index, t in enumerate(timesteps[first:], start=first):
+            if stop_requested is not None and stop_requested():
+                raise Cancelled(index, len(timesteps))
             name = experts.name_for(t)
             model = experts.activate(name)
-            scale = guide_scale[1] if name == "high" else guide_scale[0]
+            step = StepInfo(index, len(timesteps), float(t), name, guide_scale[1] if name == "high" else guide_scale[0])
+            for hook in hooks:
+                hook.on_step_begin(step)
+
+            def call(branch, *inputs, step=step, model=model):
+                run = lambda: model(*inputs)  # noqa: E731
+                for hook in reversed(hooks):  # the first hook is the outermost
+                    run = (lambda hook, inner: lambda: hook.around_model(step, branch, inner))(hook, run)
+                return run()
+
             timestep = torch.full((1,), float(t), device=latent.device)
             with torch.no_grad():
-                flow = guidance(model, latent, timestep, scale)
+                flow = guidance(call, latent, timestep, step.guide_scale)
             latent = stepper.step(flow, latent)
-            if on_step is not None:
-                on_step(index, len(timesteps), t, name, latent)
+            for hook in hooks:
+                replaced = hook.on_step_end(step, latent)
+                latent = latent if replaced is None else replaced
             if on_state is not None:
-                on_state(LoopState(index + 1, latent, stepper.state_dict()))
+                states = {hook.name: hook.state_dict() for hook in hooks if hook.name is not None}
+                on_state(LoopState(index + 1, latent, stepper.state_dict(), states))
     finally:
         # Also after an error or Ctrl-C: an offloaded expert must not stay on the GPU.
         experts.release()

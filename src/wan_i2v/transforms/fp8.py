@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wan_i2v.fused_gelu import LinearGELU
+from wan_i2v.transforms.fused_gelu import LinearGELU
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448

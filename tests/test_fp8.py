@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from wan_i2v.models.dit import DiT, DiTConfig
-from wan_i2v.quantize import FP8Linear, apply_fp8
+from wan_i2v.transforms.fp8 import FP8Linear, apply_fp8
 from wan_i2v.tiny import randomize_
 
 
@@ -50,7 +50,7 @@ def test_apply_fp8_converts_only_block_linears_and_stays_close():
 
 def test_fp8_refuses_a_model_whose_gelu_is_already_fused():
     """FP8 replaces each Linear; a LinearGELU's GELU would go with it, so the order is FP8 first."""
-    from wan_i2v.fused_gelu import apply_fused_gelu
+    from wan_i2v.transforms.fused_gelu import apply_fused_gelu
 
     config = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=1, text_len=8, text_dim=16)
     with pytest.raises(ValueError, match="FP8 before the fused GELU"):

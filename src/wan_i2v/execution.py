@@ -1,0 +1,314 @@
+"""The execution plan: the user's options resolved into where every component lives and which
+transforms apply to each expert, in one checked order (torchtitan's ``parallelize_*`` shape).
+
+The pipeline loads by it, ``--dry-run`` prints it with its memory estimate and refusals, and the
+benchmarks build their stacks with it, so the estimate, the run and a published figure describe
+the same thing. A new transform (a LoRA merge, a cache) is one module in ``transforms/`` and one
+row of ``EXPERT_TRANSFORMS``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from wan_i2v.errors import WanError
+from wan_i2v.parallel.plan import MemoryEstimate, ModelSizes, ParallelDims, Placement, estimate_memory, make_plan
+
+
+class Offload(enum.Enum):
+    """Where the experts wait when they are not running (``--offload``)."""
+
+    NONE = "none"  # on the GPU, both
+    EXPERTS = "experts"  # one expert at a time on the GPU (with FSDP: every shard in pinned host memory)
+    BLOCKS = "blocks"  # each expert's blocks streamed from pinned host memory (one GPU)
+
+    @classmethod
+    def parse(cls, value) -> "Offload":
+        """An Offload from what users write: None/False (none), True (experts), or a mode's name."""
+        if isinstance(value, cls):
+            return value
+        if value is None or value is False:
+            return cls.NONE
+        if value is True:
+            return cls.EXPERTS
+        try:
+            return cls(value)
+        except ValueError:
+            raise WanError(f"unknown offload mode {value!r}", f"choose one of {', '.join(m.value for m in cls)}") from None
+
+    @property
+    def flag(self) -> str | None:
+        """The placement's name for it (None when the experts stay on the GPU)."""
+        return None if self is Offload.NONE else self.value
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Everything that decides how a run executes, resolved: nothing here is "auto".
+
+    ``device`` is the device type's run device (a rank's own GPU is set when its groups are built).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    dims: ParallelDims = ParallelDims()
+    offload: Offload = Offload.NONE
+    fp8: bool = False
+    compile: bool = False
+    attention: str = "sdpa"
+    decode_dtype: torch.dtype = torch.float32
+    batch_cfg: bool = False
+    keep_text_encoder: bool = False
+
+    @classmethod
+    def for_device(cls, device, dtype: torch.dtype | None = None, *, attention: str | None = None, compile: bool | None = None, **options) -> "ExecutionPlan":
+        """The plan with this device's defaults for what is not given: bf16 and compile on a GPU, fp32
+        and no compile on the CPU, the fastest exact attention kernel for the device."""
+        from wan_i2v.kernels.attention import default_kernel
+
+        device = torch.device(device)
+        gpu = device.type == "cuda"
+        options["offload"] = Offload.parse(options.get("offload"))
+        return cls(
+            device=device,
+            dtype=dtype if dtype is not None else (torch.bfloat16 if gpu else torch.float32),
+            compile=gpu if compile is None else compile,
+            attention=attention or (default_kernel(device) if gpu and torch.cuda.is_available() else "cudnn" if gpu else "sdpa"),
+            **options,
+        )
+
+    # -- where things live ------------------------------------------------------------------------
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dims.fsdp
+
+    @property
+    def fsdp_offload(self) -> bool:
+        """FSDP's shards in pinned host memory (on the CPU there is nothing to offload)."""
+        return self.fsdp and self.offload is not Offload.NONE and self.on_gpu
+
+    @property
+    def expert_swap(self) -> bool:
+        """One expert at a time on the GPU, swapped at the boundary (FSDP's own offload replaces it)."""
+        return self.offload is Offload.EXPERTS and not self.fsdp
+
+    @property
+    def experts_load_on_host(self) -> bool:
+        return self.offload is not Offload.NONE and not self.fsdp
+
+    @property
+    def shards_text_encoder(self) -> bool:
+        return self.dims.shards_text_encoder(self.offload is not Offload.NONE)
+
+    @property
+    def text_encoder_visits(self) -> bool:
+        """The text encoder waits in host memory and visits the GPU only to encode."""
+        return not self.shards_text_encoder and self.on_gpu and (self.offload is not Offload.NONE or not self.keep_text_encoder)
+
+    @property
+    def text_encoder_device(self) -> torch.device:
+        """Where the text encoder's weights are loaded."""
+        host = self.text_encoder_visits or (self.offload is not Offload.NONE and not self.on_gpu)
+        return torch.device("cpu") if host else self.device
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.fsdp, self.offload.flag)
+
+    def describe(self) -> str:
+        where = ("GPUs" if self.dims.world > 1 else "a GPU") if self.on_gpu else ("CPU processes" if self.dims.world > 1 else "the CPU")
+        return f"{self.dims.describe()}; {self.placement.describe(self.dims)}; on {where}"
+
+    def describe_numerics(self) -> str:
+        extras = [name for name, on in (("FP8 linear layers", self.fp8), ("compiled blocks", self.compile), ("batched guidance", self.batch_cfg)) if on]
+        return ", ".join([f"{_dtype_name(self.dtype)} weights", f"{self.attention} attention", f"{_dtype_name(self.decode_dtype)} decode", *extras])
+
+    def identity(self) -> dict:
+        """What in the plan changes the video's numbers: a saved state must match it to be resumed."""
+        return {"dtype": str(self.dtype), "fp8": self.fp8, "attention": self.attention, "device": self.device.type}
+
+    # -- checks and estimates ------------------------------------------------------------------------
+
+    def refusals(self) -> list[WanError]:
+        """Each combination of this plan that a run refuses, as its one-line error (empty: it runs)."""
+        return [WanError(message, hint) for refused, message, hint in INCOMPATIBLE if refused(self)]
+
+    def check(self) -> "ExecutionPlan":
+        refusals = self.refusals()
+        if refusals:
+            raise refusals[0]
+        return self
+
+    def estimate(self, sizes: ModelSizes, *, tokens: int, pixels: int) -> MemoryEstimate:
+        return estimate_memory(
+            self.dims, sizes, tokens=tokens, pixels=pixels, offload=self.offload.flag,
+            decode_bytes=self.decode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
+        )  # fmt: skip
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+# Combinations a run refuses: (refused(plan), message, what to do). --dry-run prints them too.
+INCOMPATIBLE: tuple[tuple[Callable[[ExecutionPlan], bool], str, str], ...] = (
+    (lambda p: p.fsdp and p.offload is Offload.BLOCKS, "--offload blocks does not combine with --fsdp", "FSDP's own offload is --fsdp --offload"),
+    (lambda p: p.fsdp and p.fp8, "--fp8 does not combine with --fsdp yet", "drop one of them"),
+    (lambda p: p.fsdp and p.dims.world == 1, "--fsdp shards over several GPUs", "give --gpus 2 or more, or leave out --fsdp"),
+)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A plan for a video of a given shape: the plan, its per-GPU memory estimate, and whether that fits."""
+
+    plan: ExecutionPlan
+    estimate: MemoryEstimate
+    fits: bool
+    gpu_bytes: int | None  # the per-GPU memory planned for (None: no limit)
+
+
+def plan_run(
+    base: ExecutionPlan,
+    sizes: ModelSizes,
+    *,
+    gpus: int,
+    tokens: int,
+    pixels: int,
+    gpu_bytes: int | None,
+    ulysses: int | None = None,
+    cfg_parallel: bool = False,
+    fsdp: bool = False,
+    offload: Offload | None = None,
+) -> PlannedRun:
+    """``base`` with its parallel layout and placement decided: what the user forced (``ulysses``,
+    ``cfg_parallel``, ``fsdp``, ``offload``; None: choose), the rest the fastest that fits in
+    ``gpu_bytes`` per GPU. The refusals are checked by the caller (``--dry-run`` prints them)."""
+    dims, placement, estimate, fits = make_plan(
+        gpus, sizes, ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp, offload=None if offload is None else offload.flag,
+        gpu_bytes=gpu_bytes, tokens=tokens, pixels=pixels, decode_bytes=base.decode_dtype.itemsize,
+        keep_text_encoder=base.keep_text_encoder,
+    )  # fmt: skip
+    plan = replace(base, dims=dims, offload=Offload.parse(placement.offload))
+    return PlannedRun(plan, estimate, fits, gpu_bytes)
+
+
+# -- the transforms of an expert, in order -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One step of ``apply_plan``. ``meta``: it may run before the weights exist (FSDP then shards
+    on the meta device and each rank reads only its rows); ``after``: steps that must come first."""
+
+    name: str
+    applies: Callable[[ExecutionPlan, object], bool]
+    apply: Callable[[nn.Module, ExecutionPlan, object], None]
+    meta: bool = True
+    after: tuple[str, ...] = ()
+
+
+def _fp8(expert, plan, groups):
+    from wan_i2v.transforms.fp8 import apply_fp8
+
+    apply_fp8(expert)
+
+
+def _fused_gelu(expert, plan, groups):
+    from wan_i2v.transforms.fused_gelu import apply_fused_gelu
+
+    apply_fused_gelu(expert)
+
+
+def _attention(expert, plan, groups):
+    from wan_i2v.models.attention import set_attention_kernel
+
+    set_attention_kernel(expert, plan.attention)
+
+
+def _fused_norms(expert, plan, groups):
+    from wan_i2v.transforms.fused_norms import apply_fused_norms
+
+    apply_fused_norms(expert)
+
+
+def _ulysses(expert, plan, groups):
+    from wan_i2v.parallel.ulysses import apply_ulysses
+
+    apply_ulysses(expert, groups.ulysses)
+
+
+def _compile(expert, plan, groups):
+    from wan_i2v.transforms.compile import apply_compile
+
+    apply_compile(expert)
+
+
+def _fsdp(expert, plan, groups):
+    from wan_i2v.parallel.fsdp import apply_fsdp
+
+    apply_fsdp(expert, expert.blocks, groups.mesh, offload=plan.fsdp_offload)
+
+
+def _block_offload(expert, plan, groups):
+    from wan_i2v.transforms.streaming import BlockOffload
+
+    BlockOffload(expert, plan.device)
+
+
+EXPERT_TRANSFORMS: tuple[Transform, ...] = (
+    # Needs the weights (it quantizes them), so never with FSDP, which shards before they load.
+    Transform("fp8", lambda plan, groups: plan.fp8, _fp8, meta=False),
+    # FSDP gathers the parameters of the modules it finds, so module swaps come before it.
+    Transform("fused GELU", lambda plan, groups: True, _fused_gelu, after=("fp8",)),
+    Transform("attention kernel", lambda plan, groups: True, _attention),
+    Transform("fused norms", lambda plan, groups: plan.on_gpu, _fused_norms),
+    # torchtitan's order: the sequence split, then compile, then FSDP.
+    Transform("ulysses", lambda plan, groups: groups is not None and groups.ulysses is not None, _ulysses, after=("attention kernel",)),
+    Transform("compile", lambda plan, groups: plan.compile, _compile, after=("fused GELU", "fused norms", "ulysses")),
+    Transform("fsdp", lambda plan, groups: plan.fsdp, _fsdp, after=("compile",)),
+    # Streaming hooks run eagerly around compiled blocks; they move storage, not graph material.
+    Transform("block offload", lambda plan, groups: plan.offload is Offload.BLOCKS, _block_offload, meta=False, after=("compile",)),
+)
+
+
+def check_order(transforms: tuple[Transform, ...]) -> None:
+    """Each transform comes after every step it names in ``after``; with FSDP (which runs on the meta
+    device) no step that needs the weights may come before it."""
+    seen: set[str] = set()
+    names = {t.name for t in transforms}
+    for transform in transforms:
+        late = [name for name in transform.after if name in names and name not in seen]
+        if late:
+            raise ValueError(f"transform {transform.name!r} must come after {', '.join(late)}")
+        seen.add(transform.name)
+
+
+check_order(EXPERT_TRANSFORMS)
+
+
+def apply_plan(expert: nn.Module, plan: ExecutionPlan, groups=None, *, meta: bool = False) -> list[str]:
+    """Apply the plan's transforms to one expert, in ``EXPERT_TRANSFORMS``' order; returns their names.
+
+    ``meta``: the expert has no weights yet (FSDP shards it before it loads): only the steps that
+    can run then are applied, and a step that needs the weights is an error. ``groups`` is the run's
+    ``ParallelGroups`` (None on one GPU)."""
+    applied = []
+    for transform in EXPERT_TRANSFORMS:
+        if not transform.applies(plan, groups):
+            continue
+        if meta and not transform.meta:
+            raise ValueError(f"{transform.name} needs the weights; it cannot run before they load (FSDP)")
+        transform.apply(expert, plan, groups)
+        applied.append(transform.name)
+    return applied

@@ -1,0 +1,1 @@
+"""GPU kernels the transforms swap in: Triton norms, attention backends."""

@@ -1,0 +1,1 @@
+"""Reading checkpoints: the official layout, strictly, tensor by tensor (later: adapters such as LoRA)."""

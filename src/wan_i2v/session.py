@@ -1,0 +1,383 @@
+"""A run session: plans a run for the machine, starts its ranks, loads the pipeline once and runs
+jobs on it, one after another, until closed. The CLI (and a server) are thin layers over it.
+
+Three ways a session runs, chosen by ``RunSession.open``:
+- one process (one GPU, or the CPU): the pipeline lives in the caller's process;
+- under a launcher (torchrun, a cluster): every rank opens the session in its own process and
+  calls ``generate``; rank 0's job is the one run, handed to the others;
+- ``gpus=N`` from a plain process: the session starts N ranks (``parallel.launch``) in the
+  background and hands each job to rank 0 over a queue, which hands it to the others. Progress
+  comes back as events, the video through shared memory, and a failed rank fails the session.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from wan_i2v.errors import WanError
+from wan_i2v.execution import ExecutionPlan, Offload, PlannedRun, plan_run
+
+LATENTS_FORMAT = "wan-i2v-latents/1"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the user asks of a run (the CLI's run options). None: chosen for the machine."""
+
+    ckpt_dir: str | Path | None = None  # None: the cache's checkpoint
+    device: str | None = None  # cuda, cuda:N or cpu; None: cuda if present
+    gpus: int | None = None  # None: 1, or the launcher's world size
+    dtype: str | None = None  # bf16 or fp32; None: bf16 on a GPU, fp32 on the CPU
+    decode_dtype: str = "fp32"
+    offload: str | None = None  # experts or blocks; None: chosen to fit
+    fsdp: bool = False
+    ulysses: int | None = None
+    cfg_parallel: bool = False
+    fp8: bool = False
+    compile: bool = True  # where it helps: on a GPU
+    attention: str | None = None
+    gpu_memory: float | None = None  # GiB per GPU to plan for; None: the GPU's
+    keep_text_encoder: bool = False
+
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def torch_dtype(name: str | None, device: str):
+    import torch
+
+    return getattr(torch, DTYPES[name or ("bf16" if device.startswith("cuda") else "fp32")])
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise WanError(f"--device {device} was asked for but no GPU is visible", "use --device cpu, or check the driver")
+
+
+def checkpoint_dir(options: RunOptions) -> Path:
+    if options.ckpt_dir:
+        return Path(options.ckpt_dir)
+    from wan_i2v.cache import resolve_checkpoint_dir
+
+    return resolve_checkpoint_dir(None)
+
+
+def world_size(options: RunOptions, device: str, *, planning_only: bool = False) -> int:
+    """How many processes the run has: the launcher's WORLD_SIZE, else ``gpus`` (checked against the machine)."""
+    from wan_i2v.parallel.groups import env_world, launched
+
+    if launched():
+        world = env_world()
+        if options.gpus not in (None, world):
+            raise WanError(f"--gpus {options.gpus} but the launcher started {world} processes", "leave out --gpus under torchrun")
+        return world
+    gpus = 1 if options.gpus is None else options.gpus
+    if gpus < 1:
+        raise WanError(f"--gpus {gpus}", "give 1 or more")
+    if device.startswith("cuda:") and gpus > 1:
+        raise WanError(f"--device {device} names one GPU but --gpus is {gpus}", "use --device cuda, and CUDA_VISIBLE_DEVICES to pick the GPUs")
+    if device.startswith("cuda") and gpus > 1 and not planning_only:
+        import torch
+
+        visible = torch.cuda.device_count()
+        if gpus > visible:
+            raise WanError(
+                f"--gpus {gpus} but this machine has {visible} GPU{'s' if visible != 1 else ''}",
+                f"use --gpus {visible} or fewer" if visible else "use --device cpu",
+            )
+    return gpus
+
+
+def plan_for(
+    options: RunOptions, *, height: int, width: int, frame_num: int, device: str, world: int, ckpt_dir: Path | None, query_gpu: bool = True
+) -> PlannedRun:
+    """The execution plan for videos of this shape: what ``options`` force, the rest chosen to fit
+    the GPUs' memory (``gpu_memory``, else the GPU's own when ``query_gpu``; else no limit). Shared
+    by the run, ``--dry-run`` and the benchmarks."""
+    import torch
+
+    from wan_i2v.config import dit_tokens
+    from wan_i2v.parallel.plan import GiB, model_sizes
+
+    dtype = torch_dtype(options.dtype, device)
+    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, dtype.itemsize)
+    if options.gpu_memory is not None:
+        gpu_bytes = int(options.gpu_memory * GiB)
+    elif device.startswith("cuda") and query_gpu and torch.cuda.is_available():
+        gpu_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        gpu_bytes = None
+    base = ExecutionPlan.for_device(
+        _device_type(device), dtype, attention=options.attention, compile=None if options.compile else False, fp8=options.fp8,
+        decode_dtype=torch_dtype(options.decode_dtype, device), keep_text_encoder=options.keep_text_encoder,
+    )  # fmt: skip
+    return plan_run(
+        base, sizes, gpus=world, tokens=dit_tokens(frame_num, height, width), pixels=height * width, gpu_bytes=gpu_bytes,
+        ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp,
+        offload=None if options.offload is None else Offload.parse(options.offload),
+    )  # fmt: skip
+
+
+def _device_type(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+@dataclass
+class Job:
+    """One video: ``generate``'s arguments as data, so that it can travel to the ranks. ``image`` is
+    a PIL image (read by the caller: every rank gets the same pixels)."""
+
+    image: object
+    prompt: str
+    options: dict  # generate's keywords: negative_prompt, max_area, frame_num, steps, shift, guide_scale, seed, solver, state_file, progress
+    latents_file: str | None = None  # the latents are saved there before decoding (a decode that dies loses nothing)
+
+
+def save_latents(path: Path, latents, settings: dict) -> None:
+    import torch
+
+    from wan_i2v.video import write_atomically
+
+    write_atomically(Path(path), lambda tmp: torch.save({"format": LATENTS_FORMAT, "latents": latents, "settings": settings}, tmp))
+
+
+def _run_job(pipe, job: Job, *, cancel=None, on_step=None):
+    from wan_i2v.sampling.loop import LoopHook
+
+    class StepEvents(LoopHook):
+        def on_step_end(self, step, latent):
+            on_step(step)
+
+    def before_decode(latents, settings):
+        if job.latents_file is not None:
+            save_latents(Path(job.latents_file), latents, settings.as_dict())
+
+    hooks = [StepEvents()] if on_step is not None and pipe.is_main else []
+    return pipe.generate(job.image, job.prompt, before_decode=before_decode, cancel=cancel, hooks=hooks, **job.options)
+
+
+class RunSession:
+    """A loaded pipeline on 1..N GPUs (or the CPU) that runs jobs until ``close``. Open with
+    ``RunSession.open``; use as a context manager."""
+
+    def __init__(self, planned: PlannedRun):
+        self.planned = planned
+
+    @property
+    def plan(self) -> ExecutionPlan:
+        return self.planned.plan
+
+    @property
+    def is_main(self) -> bool:
+        """This process gets the results (not a rank other than 0 under a launcher)."""
+        return True
+
+    @classmethod
+    def open(cls, options: RunOptions, *, planned: PlannedRun | None = None, height: int = 720, width: int = 1280, frame_num: int = 81) -> "RunSession":
+        """Plan (for videos up to ``height`` x ``width`` x ``frame_num``, unless ``planned`` is given),
+        start the ranks and load the pipeline on each."""
+        from wan_i2v.parallel.groups import launched
+
+        device = options.device or default_device()
+        check_device(device)
+        world = world_size(options, device)
+        ckpt_dir = checkpoint_dir(options)
+        if planned is None:
+            planned = plan_for(options, height=height, width=width, frame_num=frame_num, device=device, world=world,
+                               ckpt_dir=ckpt_dir, query_gpu=world == 1 or launched())  # fmt: skip
+        if launched():
+            return RankSession(planned, ckpt_dir, device)
+        if world > 1:
+            return SpawnedSession(planned, ckpt_dir, device)
+        import torch
+
+        from wan_i2v.pipeline import I2VPipeline
+
+        plan = replace(planned.plan, device=torch.device(device))
+        return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan))
+
+    def generate(self, image, prompt: str, *, latents_file=None, cancel=None, on_step: Callable | None = None, **options):
+        """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path or PIL image), plus
+        ``latents_file`` (the latents are saved there before decoding), ``cancel`` (``is_set()``:
+        stop before the next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
+        from wan_i2v.video import load_image
+
+        job = Job(load_image(image), prompt, options, None if latents_file is None else str(latents_file))
+        return self._run(job, cancel, on_step)
+
+    def _run(self, job: Job, cancel, on_step):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalSession(RunSession):
+    def __init__(self, planned: PlannedRun, pipe):
+        super().__init__(planned)
+        self.pipe = pipe
+
+    def _run(self, job, cancel, on_step):
+        return _run_job(self.pipe, job, cancel=cancel, on_step=on_step)
+
+
+def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str):
+    """In a rank: join the process group, take rank 0's plan (ranks on different GPUs could plan
+    differently), build the groups and load the pipeline."""
+    import torch
+
+    from wan_i2v.parallel import ParallelGroups, init_distributed
+    from wan_i2v.parallel.groups import agree
+    from wan_i2v.pipeline import I2VPipeline
+
+    if _device_type(device) == "cpu":  # CPU ranks on one machine split its cores rather than each taking them all
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    run_device = init_distributed(_device_type(device))
+    planned = agree(planned, run_device)
+    groups = ParallelGroups.build(planned.plan.dims, run_device)
+    plan = replace(planned.plan, device=run_device)
+    return planned, groups, I2VPipeline.load(ckpt_dir, plan, groups)
+
+
+class RankSession(RunSession):
+    """Under a launcher: this process is one rank. Every rank calls ``generate``; rank 0's job runs."""
+
+    def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str):
+        planned, self.groups, self.pipe = _join_ranks(planned, ckpt_dir, device)
+        super().__init__(planned)
+
+    @property
+    def is_main(self) -> bool:
+        return self.groups.is_main
+
+    def _run(self, job, cancel, on_step):
+        job = self.groups.agree(job)
+        return _run_job(self.pipe, job, cancel=cancel, on_step=on_step)
+
+    def follow(self) -> None:
+        """On a rank other than 0: run rank 0's jobs until rank 0 closes the session."""
+        while (job := self.groups.agree(None)) is not None:
+            _run_job(self.pipe, job)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            if self.groups.is_main:
+                self.groups.agree(None)  # ends the followers' loops
+            dist.destroy_process_group()
+
+
+def _rank_main(planned: PlannedRun, ckpt_dir: str, device: str, jobs, replies, acks, cancel) -> None:
+    """A rank started by ``SpawnedSession``: load, then run rank 0's jobs until it receives None."""
+    from wan_i2v.sampling.loop import Cancelled
+
+    import torch.distributed as dist
+
+    planned, groups, pipe = _join_ranks(planned, Path(ckpt_dir), device)
+    try:
+        if groups.is_main:
+            replies.put(("ready", None))
+        while True:
+            job = groups.agree(jobs.get() if groups.is_main else None)
+            if job is None:
+                return
+            on_step = None
+            if groups.is_main:
+
+                def on_step(step):
+                    # The caller's callback (which may cancel) has run before the next step starts:
+                    # a cancel from it stops the run at exactly that step, as in one process.
+                    replies.put(("step", step))
+                    acks.get()
+
+            try:
+                result = _run_job(pipe, job, cancel=cancel, on_step=on_step)
+            except (WanError, Cancelled) as exc:  # the same on every rank (settings, cancel): the session goes on
+                if groups.is_main:
+                    replies.put(("error", exc))
+                continue
+            if groups.is_main:
+                replies.put(("done", result))
+    finally:
+        dist.destroy_process_group()
+
+
+class SpawnedSession(RunSession):
+    """N ranks started from this process; it hands them jobs and gets back events and results."""
+
+    def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str):
+        import torch.multiprocessing as mp
+
+        from wan_i2v.parallel.launch import launch
+
+        super().__init__(planned)
+        context = mp.get_context("spawn")
+        self.jobs, self.replies, self.acks, self.cancel = context.Queue(), context.Queue(), context.Queue(), context.Event()
+        self.failure: BaseException | None = None
+        args = (planned, str(ckpt_dir), device, self.jobs, self.replies, self.acks, self.cancel)
+
+        def run_ranks():
+            try:
+                launch(_rank_main, args, planned.plan.dims.world)
+            except BaseException as exc:  # a rank failed, or was interrupted: the session is over
+                self.failure = exc
+            self.replies.put(("closed", None))
+
+        self.launcher = threading.Thread(target=run_ranks, name="wan-i2v-ranks", daemon=True)
+        self.launcher.start()
+        self._reply("ready")
+
+    def _reply(self, expected: str, cancel=None, on_step=None):
+        while True:
+            try:
+                kind, value = self.replies.get(timeout=0.1)
+            except queue.Empty:
+                kind = value = None
+            if kind == "step" and on_step is not None:
+                on_step(value)
+            if cancel is not None and cancel.is_set():
+                self.cancel.set()
+            if kind == "step":
+                self.acks.put(True)
+            elif kind == "error":
+                raise value
+            elif kind == "closed":
+                self.launcher.join()
+                raise self.failure or WanError("the ranks of the run have exited", "open a new session")
+            elif kind == expected:
+                return value
+
+    def _run(self, job, cancel, on_step):
+        if not self.launcher.is_alive():
+            raise self.failure or WanError("this session is closed", "open a new session")
+        self.cancel.clear()
+        self.jobs.put(job)
+        return self._reply("done", cancel, on_step)
+
+    def close(self) -> None:
+        """Stop the ranks: a job still running (the caller was interrupted) stops before its next
+        step, its state saved, then every rank exits."""
+        if self.launcher.is_alive():
+            self.cancel.set()
+            self.jobs.put(None)
+            self.launcher.join()

@@ -1,0 +1,52 @@
+"""The run session: one loaded pipeline, many jobs, on one process or on ranks it starts itself."""
+
+import threading
+
+import pytest
+import torch
+
+from wan_i2v.pipeline import Cancelled
+from wan_i2v.session import LATENTS_FORMAT, RunOptions, RunSession
+from wan_i2v.video import demo_image
+
+JOB = dict(max_area=64 * 96, frame_num=9, steps=6, shift=3.0, progress=False)
+
+
+def test_a_local_session_keeps_its_pipeline_across_jobs(tiny_checkpoint, tiny_pipeline, tmp_path):
+    steps = []
+    with RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu", dtype="fp32")) as session:
+        pipe = session.pipe
+        first = session.generate(demo_image(), "a boat", seed=3, on_step=steps.append, latents_file=tmp_path / "l.pt", **JOB)
+        second = session.generate(demo_image(), "a car", seed=4, **JOB)
+        assert session.pipe is pipe
+    assert [s.index for s in steps] == list(range(6)) and steps[0].expert == "high" and steps[-1].expert == "low"
+    assert torch.equal(first.latents, tiny_pipeline.generate(demo_image(), "a boat", seed=3, **JOB).latents)
+    assert torch.equal(second.latents, tiny_pipeline.generate(demo_image(), "a car", seed=4, **JOB).latents)
+    saved = torch.load(tmp_path / "l.pt", weights_only=True)
+    assert saved["format"] == LATENTS_FORMAT and torch.equal(saved["latents"], first.latents)
+
+
+def test_a_session_on_two_ranks_runs_jobs_cancels_and_resumes(tiny_checkpoint, tiny_pipeline, tmp_path):
+    """Started from this process: rank 0 gets each job over a queue and hands it to rank 1; the
+    video comes back through shared memory, progress as events; a cancel stops both ranks at one step."""
+    state = tmp_path / "run.state.pt"
+    cancel = threading.Event()
+    steps = []
+
+    def cancel_at_step_2(step):
+        steps.append(step.index)
+        if step.index == 1:
+            cancel.set()
+
+    with RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu", gpus=2, dtype="fp32")) as session:
+        assert session.plan.dims.world == 2 and session.plan.dims.cfg == 2
+        first = session.generate(demo_image(), "a boat", seed=3, **JOB)
+        with pytest.raises(Cancelled) as stopped:
+            session.generate(demo_image(), "a car", seed=5, state_file=state, cancel=cancel, on_step=cancel_at_step_2, **JOB)
+        assert stopped.value.step == 2 and torch.load(state, weights_only=True)["step"] == stopped.value.step
+        resumed = session.generate(demo_image(), "a car", seed=5, state_file=state, **JOB)
+    assert steps == [0, 1] and len(resumed.experts_used) == 6 - stopped.value.step
+    for result, prompt, seed in ((first, "a boat", 3), (resumed, "a car", 5)):
+        alone = tiny_pipeline.generate(demo_image(), prompt, seed=seed, **JOB)
+        torch.testing.assert_close(result.latents, alone.latents, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.video, alone.video, rtol=1e-5, atol=1e-5)
