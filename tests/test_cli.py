@@ -276,6 +276,18 @@ def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys
     assert capsys.readouterr().out.startswith("plan: 4 GPUs, no CFG parallel, Ulysses 4; experts and text encoder sharded (FSDP); on CPU processes")
 
 
+def test_dry_run_shows_the_plan_then_the_refusal_the_run_would_give(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--fsdp", "--offload", "blocks", "--dry-run") == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("plan: 2 GPUs") and "numerics: fp32 weights, sdpa attention, fp32 decode" in captured.out
+    assert captured.err.strip() == "wan-i2v: error: --offload blocks does not combine with --fsdp (FSDP's own offload is --fsdp --offload)"
+    # The run itself refuses it the same way, before loading anything.
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--fsdp", "--offload", "blocks") == 2
+    assert capsys.readouterr().err.strip() == "wan-i2v: error: --offload blocks does not combine with --fsdp (FSDP's own offload is --fsdp --offload)"
+    assert not out.exists()
+
+
 def test_dry_run_without_a_checkpoint_plans_for_the_official_model(image_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))

@@ -50,3 +50,24 @@ def test_a_session_on_two_ranks_runs_jobs_cancels_and_resumes(tiny_checkpoint, t
         alone = tiny_pipeline.generate(demo_image(), prompt, seed=seed, **JOB)
         torch.testing.assert_close(result.latents, alone.latents, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(result.video, alone.video, rtol=1e-5, atol=1e-5)
+
+
+def _ranks_of_a_launched_session(ckpt):
+    """Every rank opens the session as under torchrun; rank 0 runs two jobs, rank 1 follows them."""
+    session = RunSession.open(RunOptions(ckpt_dir=ckpt, device="cpu", dtype="fp32"))
+    try:
+        if not session.is_main:
+            session.follow()
+            return None
+        return [session.generate(demo_image(), prompt, seed=seed, **JOB).latents for prompt, seed in (("a boat", 3), ("a car", 4))]
+    finally:
+        session.close()
+
+
+def test_under_a_launcher_rank_0_hands_its_jobs_to_the_others(tiny_checkpoint, tiny_pipeline):
+    from wan_i2v.parallel.launch import launch
+
+    results = launch(_ranks_of_a_launched_session, (tiny_checkpoint,), 2)
+    assert results[1] is None
+    for latents, (prompt, seed) in zip(results[0], (("a boat", 3), ("a car", 4))):
+        torch.testing.assert_close(latents, tiny_pipeline.generate(demo_image(), prompt, seed=seed, **JOB).latents, rtol=1e-5, atol=1e-5)

@@ -85,6 +85,7 @@ class I2VPipeline:
         *,
         plan: ExecutionPlan,
         parallel=None,
+        checkpoint: Path | None = None,
     ):
         self.plan = plan
         self.parallel = parallel  # a wan_i2v.parallel.ParallelGroups in a multi-rank run
@@ -100,7 +101,7 @@ class I2VPipeline:
         # Set when the text encoder waits in host memory and visits the GPU only to encode.
         self.text_encoder_visits = HostCopy(text_encoder.model, self.device) if plan.text_encoder_visits else None
         # What, besides the generation settings, decides the video: a saved state must match it.
-        self.identity: dict = dict(plan.identity())
+        self.identity = {**({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else {}), **plan.identity()}
 
     @classmethod
     def from_pretrained(
@@ -180,9 +181,7 @@ class I2VPipeline:
             dtype=plan.dtype, before_weights=shard_text_encoder if sharded else None, run_device=device if sharded else None,
         )  # fmt: skip
         vae = load_vae_for(root / ckpt.VAE_FILE, device, plan.decode_dtype)
-        pipe = cls(text_encoder, vae, high, low, plan=plan, parallel=parallel)
-        pipe.identity = {"checkpoint": str(root.resolve()), **pipe.identity}
-        return pipe
+        return cls(text_encoder, vae, high, low, plan=plan, parallel=parallel, checkpoint=root)
 
     @property
     def high_noise(self) -> DiT:

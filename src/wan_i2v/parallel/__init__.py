@@ -2,8 +2,8 @@
 
 Applied from outside the models, each technique as its own function, in a fixed order
 (torchtitan's shape): ``apply_ulysses`` (replaces the DiT's sequence and attention seams),
-then compile, then ``apply_fsdp`` on the meta device, before the weights load (the pipeline's
-``transform`` of each expert holds the order). The plan (``ParallelDims``) is pure data;
+then compile, then ``apply_fsdp`` on the meta device, before the weights load (``execution.EXPERT_TRANSFORMS``
+holds the order). The plan (``ParallelDims``) is pure data;
 ``ParallelGroups`` is the plan built into process groups for this rank.
 """
 
