@@ -344,5 +344,18 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def run() -> None:
+    """The program (the `wan-i2v` command, ``python -m wan_i2v``): ``main``'s exit code. After Ctrl-C
+    the process ends at once with 130: CPython can remember an interrupt that struck while modules
+    were being imported as unhandled, and would then end the process by SIGINT at exit (seen with
+    ``python -m wan_i2v.cli`` interrupted while loading), which shells and launchers read differently."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -345,7 +345,11 @@ class SpawnedSession(RunSession):
 
         self.launcher = threading.Thread(target=run_ranks, name="wan-i2v-ranks", daemon=True)
         self.launcher.start()
-        self._reply("ready")
+        try:
+            self._reply("ready")
+        except BaseException:  # interrupted while the ranks load: they are stopped before this returns
+            self.close()
+            raise
 
     def _reply(self, expected: str, cancel=None, on_step=None):
         while True:
