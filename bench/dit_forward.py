@@ -29,7 +29,9 @@ from wan_i2v.transforms.fused_gelu import apply_fused_gelu
 from wan_i2v.transforms.fused_norms import apply_fused_norms
 from wan_i2v.transforms.fp8 import apply_fp8
 from wan_i2v.models.attention import set_attention_kernel
-from diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
+from diffusers_names import diffusers_transformer_kwargs
+
+from wan_i2v.loading.names import official_to_diffusers
 from wan_i2v.execution import ExecutionPlan, apply_plan
 from wan_i2v.models.dit import DiT, DiTConfig, NormRope, keeps_fp32
 

@@ -146,7 +146,7 @@ def error_line(capsys):
         (["--guide-scale", "1", "2", "3"], "one or two values"),
         (["--steps", "0"], "steps 0 out of range"),
         (["--steps", "99999"], "out of range"),
-        (["--solver", "euler"], "invalid choice"),
+        (["--solver", "heun"], "invalid choice"),
         (["--attention", "fast"], "unknown attention kernel 'fast' \\(choose one of cudnn, sage, sdpa\\)"),
         (["--attention", "sage"], "attention kernel 'sage' needs a CUDA GPU"),
     ],

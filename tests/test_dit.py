@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from wan_i2v.errors import WanError
-from diffusers_names import diffusers_transformer_kwargs, official_to_diffusers
+from diffusers_names import diffusers_transformer_kwargs
+
+from wan_i2v.loading.names import official_to_diffusers
 from wan_i2v.models.dit import ROPE_CACHE_SIZES, DiT, DiTConfig, load_dit, rope_tables
 from wan_i2v.tiny import randomize_
 

@@ -46,8 +46,8 @@ def test_dpm_schedule_is_official():
 
 
 def test_unknown_solver():
-    with pytest.raises(WanError, match="unknown solver 'euler'"):
-        official_schedule("euler", 10, 5.0)
+    with pytest.raises(WanError, match="unknown solver 'heun'"):
+        official_schedule("heun", 10, 5.0)
 
 
 def toy_flow(x, sigma):
@@ -95,3 +95,19 @@ def test_exact_flow_recovers_the_data(solver):
     for _ in schedule.timesteps:
         x = stepper.step(noise - x0, x)
     assert torch.allclose(x, x0, atol=1e-5)
+
+
+def test_euler_is_the_distilled_models_schedule():
+    """N = 4, shift 5: s = 1, .75, .5, .25; sigma = 5s / (1 + 4s); the model sees 1000 sigma, unrounded."""
+    schedule = official_schedule("euler", 4, 5.0)
+    assert schedule.timesteps.tolist() == pytest.approx([1000.0, 937.5, 833.3333333333334, 625.0], abs=1e-9)
+    assert schedule.sigmas.tolist() == pytest.approx([1.0, 0.9375, 0.8333333333333334, 0.625, 0.0], abs=1e-12)
+    # The high-noise expert while t >= 900: the first two steps (lightx2v's boundary_step_index 2).
+    assert [t >= 900 for t in schedule.timesteps.tolist()] == [True, True, False, False]
+    solver = make_solver("euler", schedule)
+    x, v = torch.ones(3), torch.full((3,), 2.0)
+    for sigma, next_sigma in zip([1.0, 0.9375, 0.8333333333333334, 0.625], [0.9375, 0.8333333333333334, 0.625, 0.0]):
+        expected = x + (next_sigma - sigma) * v
+        x = solver.step(v, x)
+        assert torch.allclose(x, expected, atol=1e-12)
+    assert torch.allclose(x, torch.full((3,), 1.0 - 2.0), atol=1e-6)  # from sigma 1 to 0 along a constant v

@@ -6,6 +6,7 @@ import torch
 
 from wan_i2v.errors import WanError
 from wan_i2v.models.vae import LATENT_MEAN, LATENT_STD, VAEConfig, WanVAE, load_vae
+from wan_i2v.tiny import randomize_
 
 TINY = VAEConfig(dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
 
@@ -241,3 +242,13 @@ def test_channels_last_decodes_the_same_video():
     cache = {}
     padded = conv.padded_input(torch.randn(1, 16, 2, 6, 8).contiguous(memory_format=torch.channels_last_3d), cache)
     assert layout_of(padded) == layout_of(cache[conv]) == torch.channels_last_3d
+
+
+def test_encode_in_bf16_changes_only_the_encoder():
+    vae = randomize_(WanVAE(VAEConfig(dim=8, num_res_blocks=1)), seed=0).eval()
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    exact = vae.encode(video)
+    vae.encode_in(torch.bfloat16)
+    assert vae.encoder.conv1.weight.dtype == torch.bfloat16 and vae.decoder.conv1.weight.dtype == torch.float32
+    approx = vae.encode(video)
+    assert approx.dtype == torch.float32 and 0 < ((approx - exact).norm() / exact.norm()) < 2e-2

@@ -67,13 +67,25 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
         raise
     if result.video is None:  # a rank other than 0 of a parallel run
         return result
-    write_mp4(result.video, save_file, fps=FPS, metadata=result.settings.as_dict())
+    write_mp4(result.video, save_file, fps=FPS, metadata=result.metadata)
     if latents_file is not None and not keep_latents:
         latents_file.unlink(missing_ok=True)
     if state_file is not None:
         state_file.unlink(missing_ok=True)
     _print_summary(result, save_file)
     return result
+
+
+# What --distilled sets, each unless given: lightx2v's recipe for the 4-step distilled models.
+DISTILLED = {"solver": "euler", "steps": 4, "guide_scale": [1.0], "shift": 5.0}
+
+
+def _sampling_defaults(args) -> None:
+    """Fill the sampling options not given: the official defaults, or the distilled recipe."""
+    recipe = DISTILLED if args.distilled else {"solver": "unipc", "steps": args.default_steps, "guide_scale": [3.5, 3.5]}
+    for name, value in recipe.items():
+        if getattr(args, name, None) is None and hasattr(args, name):
+            setattr(args, name, value)
 
 
 def _guide_pair(args) -> tuple[float, float]:
@@ -117,11 +129,25 @@ def _warning_line(message, *_args, **_kwargs) -> None:
     print(f"wan-i2v: warning: {message}", file=sys.stderr)
 
 
+def _loras(args):
+    """The --lora, --lora-high and --lora-low files, each checked to exist before any loading."""
+    from wan_i2v.loading.lora import Loras, LoraSpec
+
+    high = [LoraSpec.parse(text) for text in (args.lora or []) + (args.lora_high or [])]
+    low = [LoraSpec.parse(text) for text in (args.lora or []) + (args.lora_low or [])]
+    for spec in {*high, *low}:
+        if Path(spec.path).suffix != ".safetensors":
+            raise WanError(f"LoRA file {spec.path} is not a .safetensors file", "only .safetensors LoRAs are read")
+        if not Path(spec.path).is_file():
+            raise WanError(f"LoRA file not found: {spec.path}", "give the path of a .safetensors LoRA")
+    return Loras(tuple(high), tuple(low))
+
+
 def _run_options(args):
     from wan_i2v.session import RunOptions
 
     return RunOptions(
-        ckpt_dir=args.ckpt_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype,
+        ckpt_dir=args.ckpt_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype,
         offload=args.offload, fsdp=args.fsdp, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fp8=args.fp8,
         compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory,
     )  # fmt: skip
@@ -135,9 +161,11 @@ def cmd_generate(args) -> int:
     from wan_i2v.parallel.groups import launched
     from wan_i2v.video import check_writable, load_image
 
+    _sampling_defaults(args)
     max_area, preset_shift = parse_size(args.size)
     shift = args.shift if args.shift is not None else (preset_shift or 5.0)
     guide = _guide_pair(args)
+    loras = _loras(args)
     # Everything the user typed is checked before minutes of model loading.
     GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
     image = load_image(args.image)
@@ -146,7 +174,7 @@ def cmd_generate(args) -> int:
     if _is_main():
         check_writable(save_file)
         check_writable(latents_file)
-    options = _run_options(args)
+    options = replace(_run_options(args), loras=loras, guided=any(g != 1 for g in guide))
     # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
     device = args.device or ("cuda" if args.dry_run else runs.default_device())
     if not args.dry_run:
@@ -214,6 +242,7 @@ def cmd_demo(args) -> int:
     from wan_i2v.tiny import ensure_tiny_checkpoint
     from wan_i2v.video import check_writable, demo_image
 
+    _sampling_defaults(args)
     _guide_pair(args)  # checked before the model is made
     save_file = Path(args.save_file)
     check_writable(save_file)
@@ -257,28 +286,40 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prompt", required=prompt_required, default="A small paper boat drifts on a calm pond.")
         p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
         p.add_argument("--frame-num", type=int, default=frame_num, help="a number of the form 4n+1")
-        p.add_argument("--steps", type=int, default=steps, help=f"1 to {MAX_STEPS}")
-        p.add_argument("--guide-scale", type=_guide_scale, nargs="+", default=[3.5, 3.5], metavar=("LOW", "HIGH"))
+        p.add_argument("--steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps}; {DISTILLED['steps']} with --distilled)")
+        p.add_argument("--guide-scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"),
+                       help="one value for both experts, or the low-noise and high-noise expert's (default 3.5; 1 with --distilled: "
+                            "no guidance, one forward per step)")
         p.add_argument("--seed", type=int, default=None, help="default: random, printed and stored in the mp4")
-        p.add_argument("--solver", choices=SOLVERS, default="unipc")
+        p.add_argument("--solver", choices=SOLVERS, default=None,
+                       help="unipc (default, the official), dpm++, or euler (the distilled models' 4-step schedule; default with --distilled)")
+        p.add_argument("--distilled", action="store_true",
+                       help="sample as the 4-step distilled models (Lightning LoRAs, distilled checkpoints) are: "
+                            "--solver euler --steps 4 --guide-scale 1 --shift 5, each overridable")
+        p.set_defaults(default_steps=steps)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     gen = sub.add_parser("generate", help="make a video from an image and a prompt")
     gen.add_argument("--image", required=True)
     sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
     gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
-    gen.add_argument("--shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes)")
+    gen.add_argument("--shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
     gen.add_argument("--ckpt-dir", default=None, help="default: the cache (`wan-i2v cache path`)")
     gen.add_argument("--save-file", default="wan-i2v-output.mp4")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
     gen.add_argument("--offload", nargs="?", const="experts", choices=["experts", "blocks"], default=None,
                      help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
                           "blocks: each expert's blocks streamed from host memory, for 24-48 GB cards")
+    gen.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]", help="a LoRA .safetensors for both experts (strength 1 unless given); repeat for more, applied in order")
+    gen.add_argument("--lora-high", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the high-noise expert only")
+    gen.add_argument("--lora-low", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the low-noise expert only")
     gen.add_argument("--fp8", action="store_true", help="FP8 linear layers in the transformer blocks: faster, less exact")
     gen.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     gen.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
+    gen.add_argument("--encode-dtype", choices=["fp32", "bf16"], default="fp32",
+                     help="the VAE encode's precision: fp32 as the official code (default), or bf16: about twice as fast")
     gen.add_argument("--attention", default=None, help="attention kernel: cudnn, sdpa, or sage (SageAttention 1, INT8, opt-in and not exact; pip install sageattention); default: the fastest exact one for the device")
     par = gen.add_argument_group("several GPUs (see README: Several GPUs)")
     par.add_argument("--gpus", type=int, default=None, help="start this many processes, one per GPU (default 1; under torchrun: its world size)")

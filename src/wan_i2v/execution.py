@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from wan_i2v.errors import WanError
+from wan_i2v.loading.lora import Loras
 from wan_i2v.parallel.plan import MemoryEstimate, ModelSizes, ParallelDims, Placement, estimate_memory, make_plan
 
 
@@ -52,6 +53,7 @@ class ExecutionPlan:
     """Everything that decides how a run executes, resolved: nothing here is "auto".
 
     ``device`` is the device type's run device (a rank's own GPU is set when its groups are built).
+    ``loras`` are merged into each expert's weights as they load, before every transform.
     """
 
     device: torch.device
@@ -62,8 +64,10 @@ class ExecutionPlan:
     compile: bool = False
     attention: str = "sdpa"
     decode_dtype: torch.dtype = torch.float32
+    encode_dtype: torch.dtype = torch.float32
     batch_cfg: bool = False
     keep_text_encoder: bool = False
+    loras: Loras = Loras()
 
     @classmethod
     def for_device(cls, device, dtype: torch.dtype | None = None, *, attention: str | None = None, compile: bool | None = None, **options) -> "ExecutionPlan":
@@ -74,6 +78,7 @@ class ExecutionPlan:
         device = torch.device(device)
         gpu = device.type == "cuda"
         options["offload"] = Offload.parse(options.get("offload"))
+        options["loras"] = Loras.of(options.get("loras"))
         return cls(
             device=device,
             dtype=dtype if dtype is not None else (torch.bfloat16 if gpu else torch.float32),
@@ -131,7 +136,8 @@ class ExecutionPlan:
 
     def describe_numerics(self) -> str:
         extras = [name for name, on in (("FP8 linear layers", self.fp8), ("compiled blocks", self.compile), ("batched guidance", self.batch_cfg)) if on]
-        return ", ".join([f"{_dtype_name(self.dtype)} weights", f"{self.attention} attention", f"{_dtype_name(self.decode_dtype)} decode", *extras])
+        encode = [] if self.encode_dtype == torch.float32 else [f"{_dtype_name(self.encode_dtype)} encode"]
+        return ", ".join([f"{_dtype_name(self.dtype)} weights", f"{self.attention} attention", *encode, f"{_dtype_name(self.decode_dtype)} decode", *extras])
 
     def identity(self) -> dict:
         """What in the plan changes the video's numbers: a saved state must match it to be resumed."""
@@ -152,7 +158,7 @@ class ExecutionPlan:
     def estimate(self, sizes: ModelSizes, *, tokens: int, pixels: int) -> MemoryEstimate:
         return estimate_memory(
             self.dims, sizes, tokens=tokens, pixels=pixels, offload=self.offload.flag,
-            decode_bytes=self.decode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
+            decode_bytes=self.decode_dtype.itemsize, encode_bytes=self.encode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
         )  # fmt: skip
 
 
@@ -190,14 +196,16 @@ def plan_run(
     cfg_parallel: bool = False,
     fsdp: bool = False,
     offload: Offload | None = None,
+    guided: bool = True,
 ) -> PlannedRun:
     """``base`` with its parallel layout and placement decided: what the user forced (``ulysses``,
     ``cfg_parallel``, ``fsdp``, ``offload``; None: choose), the rest the fastest that fits in
-    ``gpu_bytes`` per GPU. The refusals are checked by the caller (``--dry-run`` prints them)."""
+    ``gpu_bytes`` per GPU; without guidance (``guided`` false: scale 1, one pass per step) every GPU
+    goes to Ulysses. The refusals are checked by the caller (``--dry-run`` prints them)."""
     dims, placement, estimate, fits = make_plan(
         gpus, sizes, ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp, offload=None if offload is None else offload.flag,
-        gpu_bytes=gpu_bytes, tokens=tokens, pixels=pixels, decode_bytes=base.decode_dtype.itemsize,
-        keep_text_encoder=base.keep_text_encoder,
+        gpu_bytes=gpu_bytes, tokens=tokens, pixels=pixels, decode_bytes=base.decode_dtype.itemsize, encode_bytes=base.encode_dtype.itemsize,
+        keep_text_encoder=base.keep_text_encoder, guided=guided,
     )  # fmt: skip
     plan = replace(base, dims=dims, offload=Offload.parse(placement.offload))
     return PlannedRun(plan, estimate, fits, gpu_bytes)
@@ -213,7 +221,7 @@ class Transform:
 
     name: str
     applies: Callable[[ExecutionPlan, object], bool]
-    apply: Callable[[nn.Module, ExecutionPlan, object], None]
+    apply: Callable[[nn.Module, ExecutionPlan, object], object]  # returns what the pipeline keeps of it, or None
     meta: bool = True
     after: tuple[str, ...] = ()
 
@@ -263,7 +271,7 @@ def _fsdp(expert, plan, groups):
 def _block_offload(expert, plan, groups):
     from wan_i2v.transforms.streaming import BlockOffload
 
-    BlockOffload(expert, plan.device)
+    return BlockOffload(expert, plan.device)
 
 
 EXPERT_TRANSFORMS: tuple[Transform, ...] = (
@@ -297,18 +305,18 @@ def check_order(transforms: tuple[Transform, ...]) -> None:
 check_order(EXPERT_TRANSFORMS)
 
 
-def apply_plan(expert: nn.Module, plan: ExecutionPlan, groups=None, *, meta: bool = False) -> list[str]:
-    """Apply the plan's transforms to one expert, in ``EXPERT_TRANSFORMS``' order; returns their names.
+def apply_plan(expert: nn.Module, plan: ExecutionPlan, groups=None, *, meta: bool = False) -> dict[str, object]:
+    """Apply the plan's transforms to one expert, in ``EXPERT_TRANSFORMS``' order; returns the name
+    of each applied, in order, with what it returned (the block offload's streamer, else None).
 
     ``meta``: the expert has no weights yet (FSDP shards it before it loads): only the steps that
     can run then are applied, and a step that needs the weights is an error. ``groups`` is the run's
     ``ParallelGroups`` (None on one GPU)."""
-    applied = []
+    applied = {}
     for transform in EXPERT_TRANSFORMS:
         if not transform.applies(plan, groups):
             continue
         if meta and not transform.meta:
             raise ValueError(f"{transform.name} needs the weights; it cannot run before they load (FSDP)")
-        transform.apply(expert, plan, groups)
-        applied.append(transform.name)
+        applied[transform.name] = transform.apply(expert, plan, groups)
     return applied

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +30,8 @@ from wan_i2v.errors import WanError
 from wan_i2v.execution import ExecutionPlan, apply_plan
 from wan_i2v.kernels.attention import check_kernel
 from wan_i2v.loading import checkpoint as ckpt
+from wan_i2v.loading.checkpoint import refill, safetensors_source
+from wan_i2v.loading.lora import LoraFile, Loras, adapted, read_lora
 from wan_i2v.models.dit import DiT, load_dit, pad_context
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE, load_vae
@@ -55,6 +57,12 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     stage_peaks_gb: dict[str, float] = field(default_factory=dict)  # peak GPU memory allocated in each stage; empty on CPU
     experts_used: list[str] = field(default_factory=list)  # the expert of each step run (after a resume: the rest)
+    loras: list[dict] = field(default_factory=list)  # each LoRA merged in: expert, file, sha256, strength
+
+    @property
+    def metadata(self) -> dict:
+        """What the mp4 records: the settings, and the LoRAs when there are any."""
+        return {**self.settings.as_dict(), **({"loras": self.loras} if self.loras else {})}
 
     @property
     def peak_memory_gb(self) -> float | None:
@@ -86,8 +94,15 @@ class I2VPipeline:
         plan: ExecutionPlan,
         parallel=None,
         checkpoint: Path | None = None,
+        block_streams: list | None = None,
+        loras: dict[str, list[LoraFile]] | None = None,
     ):
         self.plan = plan
+        self.checkpoint = checkpoint
+        self.block_streams = block_streams or []  # the experts' BlockOffload streamers (--offload blocks)
+        self._lora_parameters: dict[str, set[str]] = {}  # expert -> the parameters its LoRAs changed
+        self.loras: list[dict] = []  # a record of each LoRA merged in: expert, file, sha256, strength
+        self._note_loras(loras or {})
         self.parallel = parallel  # a wan_i2v.parallel.ParallelGroups in a multi-rank run
         self.text_encoder = text_encoder
         self.vae = vae
@@ -102,6 +117,12 @@ class I2VPipeline:
         self.text_encoder_visits = HostCopy(text_encoder.model, self.device) if plan.text_encoder_visits else None
         # What, besides the generation settings, decides the video: a saved state must match it.
         self.identity = {**({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else {}), **plan.identity()}
+        if self.loras:  # a run with LoRAs is another run (without, the identity is what it always was)
+            self.identity["loras"] = self.loras
+
+    def _note_loras(self, loras: dict[str, list[LoraFile]]) -> None:
+        self._lora_parameters = {name: {key for lora in files for key in lora.deltas} for name, files in loras.items()}
+        self.loras = [lora.record(name) for name, files in loras.items() for lora in files]
 
     @classmethod
     def from_pretrained(
@@ -118,6 +139,8 @@ class I2VPipeline:
         fp8: bool = False,
         keep_text_encoder: bool = False,
         decode_dtype: torch.dtype = torch.float32,
+        encode_dtype: torch.dtype = torch.float32,
+        loras=None,
         plan: ExecutionPlan | None = None,
     ) -> "I2VPipeline":
         """Load the official checkpoint directory.
@@ -130,7 +153,9 @@ class I2VPipeline:
         runs both guidance branches as one batch. ``compile`` (default: on for a GPU) compiles each
         transformer block. ``fp8`` runs the blocks' linear layers in FP8 (faster, less exact).
         ``decode_dtype``: the VAE decode's precision, fp32 as the official code (bf16: about twice as
-        fast in half the memory, ~1e-2 from fp32).
+        fast in half the memory, ~1e-2 from fp32); ``encode_dtype`` the image encode's (fp32 as the official).
+        ``loras``: ``{"high": [(path, strength), ...], "low": [...]}``, LoRA files merged into each
+        expert as it loads (``set_loras`` changes them later without reloading the pipeline).
         ``parallel`` (a ``wan_i2v.parallel.ParallelGroups``, in a process group) spreads the run over
         its ranks; every rank of the group calls this and ``generate`` with the same arguments
         (``wan_i2v.session.RunSession`` does that for you).
@@ -140,7 +165,7 @@ class I2VPipeline:
         if plan is None:
             plan = ExecutionPlan.for_device(
                 parallel.device if parallel is not None else device, dtype, attention=attention, compile=compile, offload=offload,
-                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype,
+                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype, encode_dtype=encode_dtype, loras=loras,
                 dims=parallel.dims if parallel is not None else ParallelDims(),
             )  # fmt: skip
         return cls.load(ckpt_dir, plan, parallel)
@@ -157,14 +182,18 @@ class I2VPipeline:
         check_kernel(plan.attention, plan.device)
         plan.check()
         device, host = plan.device, torch.device("cpu")
-        experts = []
-        for subdir in (ckpt.HIGH_NOISE_DIR, ckpt.LOW_NOISE_DIR):
+        experts, streams, merged = [], [], {}
+        for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):
+            merged[name] = []
+            specs = plan.loras.for_expert(name)
+            adapt = _merging(specs, merged[name], plan.device) if specs else None
             if plan.fsdp:  # sharded before the weights exist: each rank reads only its rows
                 shard = lambda expert: apply_plan(expert, plan, parallel, meta=True)  # noqa: E731
-                expert = load_dit(root / subdir, device=device, dtype=plan.dtype, before_weights=shard)
+                expert = load_dit(root / subdir, device=device, dtype=plan.dtype, before_weights=shard, adapt=adapt)
             else:
-                expert = load_dit(root / subdir, device=host if plan.experts_load_on_host else device, dtype=plan.dtype)
-                apply_plan(expert, plan, parallel)
+                expert = load_dit(root / subdir, device=host if plan.experts_load_on_host else device, dtype=plan.dtype, adapt=adapt)
+                applied = apply_plan(expert, plan, parallel)
+                streams += [applied["block offload"]] if "block offload" in applied else []
             experts.append(expert)
         high, low = experts
         if high.config != low.config:
@@ -180,8 +209,31 @@ class I2VPipeline:
             root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=plan.text_encoder_device,
             dtype=plan.dtype, before_weights=shard_text_encoder if sharded else None, run_device=device if sharded else None,
         )  # fmt: skip
-        vae = load_vae_for(root / ckpt.VAE_FILE, device, plan.decode_dtype)
-        return cls(text_encoder, vae, high, low, plan=plan, parallel=parallel, checkpoint=root)
+        vae = load_vae_for(root / ckpt.VAE_FILE, device, plan.decode_dtype, plan.encode_dtype)
+        return cls(text_encoder, vae, high, low, plan=plan, parallel=parallel, checkpoint=root, block_streams=streams, loras=merged)
+
+    def set_loras(self, loras) -> None:
+        """Change the LoRAs (as ``from_pretrained``'s ``loras``; None: none) without reloading: each
+        parameter the old or the new LoRAs change is read again from the checkpoint and the new
+        deltas merged, in place, wherever it lives (GPU, host memory, this rank's shard). In a
+        parallel run every rank calls it with the same LoRAs."""
+        if self.plan.fp8:
+            raise WanError("LoRAs cannot be switched on an FP8 pipeline (its weights are quantized)", "load the pipeline again with the new LoRAs")
+        loras = Loras.of(loras)
+        self.experts.release()  # every weight back where it waits: no device copy may go stale
+        for stream in self.block_streams:
+            stream.release()
+        merged = {}
+        for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):
+            base = safetensors_source(self.checkpoint / subdir)
+            merged[name] = [read_lora(spec, base) for spec in loras.for_expert(name)]
+            touched = self._lora_parameters.get(name, set()) | {key for lora in merged[name] for key in lora.deltas}
+            refill(self.experts.models[name], adapted(base, merged[name], self.device), sorted(touched))
+        self.plan = replace(self.plan, loras=loras)
+        self._note_loras(merged)
+        self.identity.pop("loras", None)
+        if self.loras:
+            self.identity["loras"] = self.loras
 
     @property
     def high_noise(self) -> DiT:
@@ -252,7 +304,7 @@ class I2VPipeline:
             before_decode(latents_cpu, prepared.settings)
         with _timed(timings, peaks, "decoding", self.device):
             video = self.decode(latents, progress)
-        return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts)
+        return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts, loras=self.loras)
 
     @property
     def is_main(self) -> bool:
@@ -360,9 +412,8 @@ class I2VPipeline:
         # Resized on the CPU in fp32, bicubic without antialiasing, as the official code does.
         first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
         video = torch.cat([first[:, None], torch.zeros(3, frame_num - 1, height, width)], dim=1)
-        vae_dtype = next(self.vae.parameters()).dtype
         with torch.no_grad():
-            latents = self.vae.encode(video[None].to(self.device, vae_dtype))[0].float()
+            latents = self.vae.encode(video[None].to(self.device))[0].float()
         mask = torch.zeros(VAE_STRIDE[0], *latents.shape[1:], device=self.device)
         mask[:, 0] = 1
         return torch.cat([mask, latents])
@@ -384,6 +435,17 @@ class I2VPipeline:
 
             return ParallelGuidance(conditioning, self.parallel.cfg, self.parallel.cfg_index)
         return ClassifierFreeGuidance(conditioning, batched=self.plan.batch_cfg)
+
+
+def _merging(specs, files: list[LoraFile], device: torch.device):
+    """``load_dit``'s ``adapt``: read the LoRA files against the checkpoint (into ``files``) and
+    merge them as the weights are read."""
+
+    def adapt(source):
+        files.extend(read_lora(spec, source) for spec in specs)
+        return adapted(source, files, device)
+
+    return adapt
 
 
 class ProgressBar(LoopHook):
@@ -425,10 +487,11 @@ class StepEndCallback(LoopHook):
         return returned.get("latents")
 
 
-def load_vae_for(path: Path, device: torch.device, decode_dtype: torch.dtype = torch.float32) -> WanVAE:
-    """The VAE in fp32, as the official code runs it, but for a decode in ``decode_dtype``; on a GPU
-    in channels-last memory, which cuDNN runs without layout conversions (less memory, faster)."""
-    vae = load_vae(path, device=device, dtype=torch.float32).decode_in(decode_dtype)
+def load_vae_for(path: Path, device: torch.device, decode_dtype: torch.dtype = torch.float32, encode_dtype: torch.dtype = torch.float32) -> WanVAE:
+    """The VAE in fp32, as the official code runs it, but for a decode in ``decode_dtype`` and an
+    encode in ``encode_dtype``; on a GPU in channels-last memory, which cuDNN runs without layout
+    conversions (less memory, faster)."""
+    vae = load_vae(path, device=device, dtype=torch.float32).decode_in(decode_dtype).encode_in(encode_dtype)
     return vae.to_channels_last() if torch.device(device).type == "cuda" else vae
 
 
@@ -437,7 +500,7 @@ def decode_latents(
 ) -> torch.Tensor | None:
     """[16, F', H', W'] latents -> [3, F, H, W] float32 video on CPU in [-1, 1]. With a process
     ``group``, the decode is split over its ranks and only its rank 0 gets the video (None elsewhere)."""
-    inputs = latents[None].to(device, next(vae.parameters()).dtype)
+    inputs = latents[None].to(device)  # the decoder casts them to its dtype after de-normalizing in fp32
     bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
 
     def advance(done, total):

@@ -34,6 +34,7 @@ class RunOptions:
     gpus: int | None = None  # None: 1, or the launcher's world size
     dtype: str | None = None  # bf16 or fp32; None: bf16 on a GPU, fp32 on the CPU
     decode_dtype: str = "fp32"
+    encode_dtype: str = "fp32"
     offload: str | None = None  # experts or blocks; None: chosen to fit
     fsdp: bool = False
     ulysses: int | None = None
@@ -43,6 +44,8 @@ class RunOptions:
     attention: str | None = None
     gpu_memory: float | None = None  # GiB per GPU to plan for; None: the GPU's
     keep_text_encoder: bool = False
+    guided: bool = True  # False: the videos run at guide scale 1 (one pass per step), so no GPU goes to CFG parallel
+    loras: object = None  # {"high": [(path, strength), ...], "low": [...]} or a Loras: merged into the experts as they load
 
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -122,12 +125,12 @@ def plan_for(
         gpu_bytes = None
     base = ExecutionPlan.for_device(
         _device_type(device), dtype, attention=options.attention, compile=None if options.compile else False, fp8=options.fp8,
-        decode_dtype=torch_dtype(options.decode_dtype, device), keep_text_encoder=options.keep_text_encoder,
+        decode_dtype=torch_dtype(options.decode_dtype, device), encode_dtype=torch_dtype(options.encode_dtype, device), keep_text_encoder=options.keep_text_encoder, loras=options.loras,
     )  # fmt: skip
     return plan_run(
         base, sizes, gpus=world, tokens=dit_tokens(frame_num, height, width), pixels=height * width, gpu_bytes=gpu_bytes,
         ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp,
-        offload=None if options.offload is None else Offload.parse(options.offload),
+        offload=None if options.offload is None else Offload.parse(options.offload), guided=options.guided,
     )  # fmt: skip
 
 

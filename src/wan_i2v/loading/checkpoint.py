@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -87,6 +87,10 @@ class TensorSource:
             return self._readers[key](rows)
         except Exception as exc:  # a truncated or corrupt file surfaces here
             raise WanError(f"cannot read tensor {key!r} from {self.files[key]}: {exc}", STATUS_HINT) from None
+
+    def with_readers(self, readers: Mapping[str, Callable[[slice | None], torch.Tensor]]) -> "TensorSource":
+        """The same tensors, those named in ``readers`` read by them instead (an adapter's merge)."""
+        return TensorSource({**self._readers, **readers}, self.files, self._shapes)
 
     def renamed(self, mapping: Callable[[str], str]) -> "TensorSource":
         """The same tensors under other names (a state-dict adapter)."""
@@ -184,6 +188,20 @@ def cast_parameters(module: nn.Module, dtype: torch.dtype, keep_fp32: Callable[[
         if param.is_floating_point():
             param.data = param.data.to(torch.float32 if keep_fp32(name) else dtype)
     return module
+
+
+def refill(module: nn.Module, source: TensorSource, names: Iterable[str]) -> None:
+    """Write the tensors ``names`` of an already loaded ``module`` again from ``source``, in place,
+    wherever each lives now (GPU, host memory, a shard's rows), in its dtype."""
+    targets = {full: tensor for full, _, _, tensor, _ in _named_tensors(module)}
+    with torch.no_grad():
+        for name in names:
+            target = targets[name]
+            if isinstance(target, DTensor):
+                local = target.to_local()
+                local.copy_(source.read(name, _local_rows(target, local, name)).to(local.dtype))
+            else:
+                target.copy_(source.read(name).to(target.dtype))
 
 
 def load_strict(

@@ -357,16 +357,19 @@ def pad_context(features: torch.Tensor, text_len: int) -> torch.Tensor:
     return F.pad(features, (0, 0, 0, text_len - features.shape[0]))
 
 
-def load_dit(model_dir: Path, *, device, dtype, before_weights=None) -> DiT:
+def load_dit(model_dir: Path, *, device, dtype, before_weights=None, adapt=None) -> DiT:
     """One expert from its official folder (config.json + safetensors, sharded or not).
 
     ``before_weights(model)``, if given, transforms the model while it is still on the meta device
     (with its parameters in the dtypes they load in): FSDP shards it there, so that each rank then
-    reads only its own rows of each tensor."""
+    reads only its own rows of each tensor. ``adapt(source)`` returns the tensor source to load
+    from instead of the checkpoint's (LoRAs merged as they are read)."""
     from wan_i2v.loading.checkpoint import cast_parameters, load_strict, safetensors_source
 
     config = DiTConfig.from_json_file(model_dir / "config.json")
     source = safetensors_source(model_dir)  # first: a missing file fails before any work
+    if adapt is not None:
+        source = adapt(source)
     with torch.device("meta"):
         model = DiT(config)
     if before_weights is not None:

@@ -346,6 +346,12 @@ class WanVAE(nn.Module):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
         return self
 
+    def encode_in(self, dtype: torch.dtype) -> "WanVAE":
+        """Run the encoder, and only it, in ``dtype`` (the latents still come out in fp32)."""
+        self.encoder.to(dtype)
+        self.conv1.to(dtype)
+        return self
+
     def decode_in(self, dtype: torch.dtype) -> "WanVAE":
         """Run the decoder, and only it, in ``dtype``: bf16 decodes in about half the time and memory
         of fp32 at a relative difference of ~1e-2, while the encode of the image stays as it was."""

@@ -8,7 +8,8 @@ from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning, comb
 
 class ParallelGuidance(ClassifierFreeGuidance):
     """Half ``index`` (0: conditional, 1: unconditional) runs its pass; the two flows are exchanged
-    over ``group`` (this rank and its peer in the other half) and combined as on one GPU."""
+    over ``group`` (this rank and its peer in the other half) and combined as on one GPU. (The
+    planner leaves CFG parallel out when guidance is off; a step at scale 1 here still runs both.)"""
 
     def __init__(self, conditioning: Conditioning, group, index: int):
         super().__init__(conditioning, batched=False)
@@ -20,4 +21,4 @@ class ParallelGuidance(ClassifierFreeGuidance):
         both = mine.new_empty(2 * mine.shape[0], *mine.shape[1:])
         all_gather_into(both, mine, self.group)
         cond, uncond = both.chunk(2)
-        return combine(cond, uncond, scale)
+        return cond if scale == 1 else combine(cond, uncond, scale)  # as on one GPU, which runs only cond then

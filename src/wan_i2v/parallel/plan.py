@@ -73,9 +73,10 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_layouts(world: int, num_heads: int) -> list[tuple[int, int]]:
-    """(cfg, ulysses) pairs for ``world`` ranks, CFG parallel first."""
-    return [(cfg, world // cfg) for cfg in (2, 1) if world % cfg == 0 and num_heads % (world // cfg) == 0]
+def candidate_layouts(world: int, num_heads: int, guided: bool = True) -> list[tuple[int, int]]:
+    """(cfg, ulysses) pairs for ``world`` ranks, CFG parallel first; without guidance (scale 1: one
+    pass per step) none with CFG parallel, whose second half would have nothing to run."""
+    return [(cfg, world // cfg) for cfg in ((2, 1) if guided else (1,)) if world % cfg == 0 and num_heads % (world // cfg) == 0]
 
 
 def describe_choices(world: int, num_heads: int) -> list[str]:
@@ -166,6 +167,7 @@ def estimate_memory(
     pixels: int,
     offload: str | None = None,
     decode_bytes: int = 4,
+    encode_bytes: int = 4,
     keep_text_encoder: bool = False,
 ) -> MemoryEstimate:
     """The per-GPU peak of each stage: the weights on the GPU then, plus that stage's transients.
@@ -207,7 +209,7 @@ def estimate_memory(
         decode = VAE_DECODE_UNITS * unit * decode_bytes
     stages = {
         "text encoding": experts_kept + text_running + sizes.vae + TEXT_ACTIVATIONS,
-        "image encoding": experts_kept + text_kept + sizes.vae + int(VAE_ENCODE_UNITS * unit * 4),
+        "image encoding": experts_kept + text_kept + sizes.vae + int(VAE_ENCODE_UNITS * unit * encode_bytes),
         "denoising": experts_running + text_kept + sizes.vae + int(activations),
         "decoding": experts_kept + text_kept + sizes.vae + int(decode),
     }
@@ -221,6 +223,7 @@ def choose_plan(
     gpu_bytes: int | None,
     layouts: list[tuple[int, int]] | None = None,
     placements: tuple[Placement, ...] | None = None,
+    guided: bool = True,
     **shape,
 ) -> tuple[ParallelDims, Placement, MemoryEstimate, bool]:
     """The fastest plan that fits in ``gpu_bytes`` (None: no limit): CFG parallel when ``world`` is
@@ -228,7 +231,7 @@ def choose_plan(
     in host memory (one GPU: on the GPU, else one expert at a time, else streamed blocks).
     ``layouts`` and ``placements`` narrow the choice (what the user forced). Returns (plan,
     placement, estimate, fits); when nothing fits, the plan of the smallest estimate."""
-    layouts = layouts if layouts is not None else candidate_layouts(world, sizes.num_heads)
+    layouts = layouts if layouts is not None else candidate_layouts(world, sizes.num_heads, guided)
     if not layouts:
         raise WanError(
             f"{world} GPUs cannot split the model's {sizes.num_heads} attention heads",

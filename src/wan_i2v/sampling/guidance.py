@@ -29,7 +29,8 @@ def combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Ten
 
 
 class ClassifierFreeGuidance:
-    """flow = uncond + scale * (cond - uncond).
+    """flow = uncond + scale * (cond - uncond); at scale 1 that is cond, and only the conditional
+    pass runs (the distilled models are sampled so: one forward per step).
 
     ``batched`` runs both branches as one batch of two (faster, more activation
     memory); otherwise conditional then unconditional, as the official code does.
@@ -44,6 +45,8 @@ class ClassifierFreeGuidance:
             self.batched_context = torch.cat(self.contexts)
 
     def __call__(self, call: ModelCall, latent: torch.Tensor, timestep: torch.Tensor, scale: float) -> torch.Tensor:
+        if scale == 1:
+            return call("cond", latent, timestep, self.contexts[0], self.condition)
         if self.batched:
             pair = call("both", latent.expand(2, *latent.shape[1:]), timestep.expand(2), self.batched_context, self.batched_condition)
             cond, uncond = pair.chunk(2)

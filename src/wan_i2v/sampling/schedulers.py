@@ -17,7 +17,7 @@ import torch
 from wan_i2v.errors import WanError
 
 NUM_TRAIN_TIMESTEPS = 1000
-SOLVERS = ("unipc", "dpm++")
+SOLVERS = ("unipc", "dpm++", "euler")
 
 
 def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
@@ -26,8 +26,8 @@ def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Schedule:
-    sigmas: torch.Tensor  # float32 [steps + 1], the last one 0
-    timesteps: torch.Tensor  # int64 [steps], what the model sees
+    sigmas: torch.Tensor  # [steps + 1], the last one 0: float32 (the official solvers), float64 (euler)
+    timesteps: torch.Tensor  # [steps], what the model sees: int64 (the official solvers), float64 (euler)
 
 
 def official_schedule(solver: str, steps: int, shift: float) -> Schedule:
@@ -38,6 +38,11 @@ def official_schedule(solver: str, steps: int, shift: float) -> Schedule:
         sigmas = shift_sigmas(np.linspace(sigma_max, 0.0, steps + 1)[:-1], shift)
     elif solver == "dpm++":
         sigmas = shift_sigmas(np.linspace(1.0, 0.0, steps + 1)[:steps], shift)
+    elif solver == "euler":
+        # The distilled models' schedule (lightx2v's): s_i = 1 - i/N, and the model sees the
+        # shifted sigma times 1000 unrounded (1000, 937.5, 833.33, 625 for 4 steps at shift 5).
+        sigmas = shift_sigmas(1.0 - np.arange(steps) / steps, shift)
+        return Schedule(torch.from_numpy(np.append(sigmas, 0.0)), torch.from_numpy(sigmas * NUM_TRAIN_TIMESTEPS))
     else:
         raise WanError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
     timesteps = torch.from_numpy(sigmas * NUM_TRAIN_TIMESTEPS).to(torch.int64)
@@ -162,5 +167,15 @@ class FlowDPMPlusPlus(FlowSolver):
         return out
 
 
+class FlowEuler(FlowSolver):
+    """First-order flow matching, as the distilled models were trained to be sampled:
+    x <- x + (sigma_{i+1} - sigma_i) * v, the step from the float64 schedule."""
+
+    def step(self, flow: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        i = self.step_index
+        self.step_index += 1
+        return sample + (self.sigmas[i + 1] - self.sigmas[i]).item() * flow
+
+
 def make_solver(name: str, schedule: Schedule) -> FlowSolver:
-    return {"unipc": FlowUniPC, "dpm++": FlowDPMPlusPlus}[name](schedule)
+    return {"unipc": FlowUniPC, "dpm++": FlowDPMPlusPlus, "euler": FlowEuler}[name](schedule)
