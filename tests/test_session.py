@@ -71,3 +71,13 @@ def test_under_a_launcher_rank_0_hands_its_jobs_to_the_others(tiny_checkpoint, t
     assert results[1] is None
     for latents, (prompt, seed) in zip(results[0], (("a boat", 3), ("a car", 4))):
         torch.testing.assert_close(latents, tiny_pipeline.generate(demo_image(), prompt, seed=seed, **JOB).latents, rtol=1e-5, atol=1e-5)
+
+
+def test_a_ranks_warning_reaches_the_caller_once(tiny_checkpoint):
+    """Rank 0's warnings (here: the prompt is longer than the tiny model's text length) are the caller's."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu", gpus=2, dtype="fp32")) as session:
+        warnings.simplefilter("always")
+        session.generate(demo_image(), "a boat " * 40, seed=1, **{**JOB, "steps": 1})
+    assert len([w for w in caught if "the text encoder keeps only the first 32" in str(w.message)]) == 1, [str(w.message) for w in caught]

@@ -7,12 +7,13 @@ import os
 import signal
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from wan_i2v.errors import WanError
 
 DEMO_FILE = "wan-i2v-demo.mp4"
+DEFAULT_OUTPUT = "wan-i2v-output.mp4"
 
 
 def _home() -> Path:
@@ -129,6 +130,50 @@ def _warning_line(message, *_args, **_kwargs) -> None:
     print(f"wan-i2v: warning: {message}", file=sys.stderr)
 
 
+def _fresh_output() -> Path:
+    """The default output: wan-i2v-output.mp4, or the first -N.mp4 free, so that runs never overwrite
+    each other's videos; a name whose run was interrupted (its state file is there) is taken again,
+    so that the same command resumes it."""
+    stem, n = Path(DEFAULT_OUTPUT).stem, 0
+    while True:
+        path = Path(f"{stem}-{n}.mp4" if n else DEFAULT_OUTPUT)
+        if path.with_suffix(".state.pt").is_file() or not path.exists():
+            if n and _is_main():
+                print(f"wan-i2v: writing {path} ({DEFAULT_OUTPUT} exists)", file=sys.stderr)
+            return path
+        n += 1
+
+
+@contextmanager
+def _exclusive(save_file: Path):
+    """Hold a lock on the output while the run writes it: two runs on one --save-file would share its
+    state file and one video would be lost. The lock is released (and its file removed) at the end."""
+    import fcntl
+
+    lock = save_file.with_name(f".{save_file.name}.lock")
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WanError(f"another run is writing {save_file}", "wait for it to finish, or give another --save-file") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _mp4_path(text: str, option: str) -> Path:
+    """An output video's path: a file name that ends in .mp4 (what is written there is an mp4)."""
+    path = Path(text)
+    if not text.strip():
+        raise WanError(f"{option} is empty", "give a file name such as out.mp4")
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise WanError(f"output path {text} is a directory", f"give a file name such as {path / 'out.mp4'}")
+    if path.suffix.lower() != ".mp4":
+        raise WanError(f"{option} {text} does not end in .mp4", f"the video is an mp4: use {path.with_suffix('.mp4')}")
+    return path
+
+
 def _loras(args):
     """The --lora, --lora-high and --lora-low files, each checked to exist before any loading."""
     from wan_i2v.loading.lora import Loras, LoraSpec
@@ -169,8 +214,10 @@ def cmd_generate(args) -> int:
     # Everything the user typed is checked before minutes of model loading.
     GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
     image = load_image(args.image)
-    save_file = Path(args.save_file)
+    save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output()
     latents_file = Path(args.save_latents) if args.save_latents else save_file.with_suffix(".latents.pt")
+    if args.save_latents and latents_file.resolve() == save_file.resolve():
+        raise WanError(f"--save-latents {args.save_latents} is the --save-file too", "give the latents another name, such as out.latents.pt")
     if _is_main():
         check_writable(save_file)
         check_writable(latents_file)
@@ -198,7 +245,7 @@ def cmd_generate(args) -> int:
     placement = planned.plan.placement
     if (placement.offload != args.offload or placement.fsdp != args.fsdp) and _is_main():
         print(f"wan-i2v: {placement.describe(planned.plan.dims)}, to fit in the GPU's memory ({planned.estimate.describe()})", file=sys.stderr)
-    with runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned) as session:
+    with _exclusive(save_file) if _is_main() else nullcontext(), runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned) as session:
         _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
              keep_latents=bool(args.save_latents), state_file=save_file.with_suffix(".state.pt"))  # fmt: skip
     return 0
@@ -222,7 +269,7 @@ def cmd_decode(args) -> int:
     latents = saved.get("latents") if isinstance(saved, dict) and saved.get("format") == runs.LATENTS_FORMAT else None
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != 16:
         raise WanError(f"{source} is not a wan-i2v latents file", "give the file written by --save-latents")
-    save_file = Path(args.save_file)
+    save_file = _mp4_path(args.save_file, "--save-file")
     check_writable(save_file)
     device = args.device or runs.default_device()
     runs.check_device(device)
@@ -244,7 +291,7 @@ def cmd_demo(args) -> int:
 
     _sampling_defaults(args)
     _guide_pair(args)  # checked before the model is made
-    save_file = Path(args.save_file)
+    save_file = _mp4_path(args.save_file, "--save-file")
     check_writable(save_file)
     ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")
     print(f"demo: tiny random model in {ckpt_dir} (random weights: the video is noise-like, not a real video)", file=sys.stderr)
@@ -263,11 +310,29 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def _seed(text: str) -> int | None:
+    """A seed; -1 means random, as in the official script."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    return None if value == -1 else value
+
+
 def _guide_scale(text: str) -> float:
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wan-i2v")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -280,17 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     from wan_i2v.sampling.schedulers import SOLVERS
 
     parser = _Parser(prog="wan-i2v", description="Wan2.2-I2V-A14B image-to-video.")
+    parser.add_argument("--version", action="version", version=f"wan-i2v {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def sampling_options(p, *, frame_num, steps, prompt_required):
         p.add_argument("--prompt", required=prompt_required, default="A small paper boat drifts on a calm pond.")
         p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
-        p.add_argument("--frame-num", type=int, default=frame_num, help="a number of the form 4n+1")
-        p.add_argument("--steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps}; {DISTILLED['steps']} with --distilled)")
-        p.add_argument("--guide-scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"),
+        # The official script's spellings (--frame_num, --sample_steps, ...) are aliases: the same meaning.
+        p.add_argument("--frame-num", "--frame_num", type=int, default=frame_num, help=f"a number of the form 4n+1 (default {frame_num})")
+        p.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps}; {DISTILLED['steps']} with --distilled)")
+        p.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"),
                        help="one value for both experts, or the low-noise and high-noise expert's (default 3.5; 1 with --distilled: "
                             "no guidance, one forward per step)")
-        p.add_argument("--seed", type=int, default=None, help="default: random, printed and stored in the mp4")
+        p.add_argument("--seed", "--base_seed", type=_seed, default=None, help="default (or -1): random, printed and stored in the mp4")
         p.add_argument("--solver", choices=SOLVERS, default=None,
                        help="unipc (default, the official), dpm++, or euler (the distilled models' 4-step schedule; default with --distilled)")
         p.add_argument("--distilled", action="store_true",
@@ -303,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True)
     sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
     gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
-    gen.add_argument("--shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
-    gen.add_argument("--ckpt-dir", default=None, help="default: the cache (`wan-i2v cache path`)")
-    gen.add_argument("--save-file", default="wan-i2v-output.mp4")
+    gen.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
+    gen.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache (`wan-i2v cache path`)")
+    gen.add_argument("--save-file", "--save_file", default=None,
+                     help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
     gen.add_argument("--offload", nargs="?", const="experts", choices=["experts", "blocks"], default=None,
                      help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
@@ -392,6 +460,9 @@ def run() -> None:
     ``python -m wan_i2v.cli`` interrupted while loading), which shells and launchers read differently."""
     code = main()
     if code == 130:
+        import atexit
+
+        atexit._run_exitfuncs()  # the exit's cleanup (multiprocessing's queues and semaphores), then the code
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)

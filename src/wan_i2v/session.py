@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wan_i2v.errors import WanError
 from wan_i2v.execution import ExecutionPlan, Offload, PlannedRun, plan_run
+from wan_i2v.parallel.groups import env_rank
 
 LATENTS_FORMAT = "wan-i2v-latents/1"
 
@@ -292,37 +294,46 @@ class RankSession(RunSession):
 
 def _rank_main(planned: PlannedRun, ckpt_dir: str, device: str, jobs, replies, acks, cancel) -> None:
     """A rank started by ``SpawnedSession``: load, then run rank 0's jobs until it receives None."""
-    from wan_i2v.sampling.loop import Cancelled
-
     import torch.distributed as dist
 
-    planned, groups, pipe = _join_ranks(planned, Path(ckpt_dir), device)
-    try:
+    with warnings.catch_warnings():
+        # Rank 0's warnings (a truncated prompt, skipped LoRA keys) go to the caller, which shows them
+        # as its own; the other ranks would only repeat them.
+        warnings.showwarning = lambda message, *args, **kwargs: replies.put(("warning", str(message))) if env_rank() == 0 else None
+        planned, groups, pipe = _join_ranks(planned, Path(ckpt_dir), device)
+        try:
+            _serve_jobs(groups, pipe, jobs, replies, acks, cancel)
+        finally:
+            dist.destroy_process_group()
+
+
+def _serve_jobs(groups, pipe, jobs, replies, acks, cancel) -> None:
+    """Rank 0 takes each job from the queue and hands it to the other ranks, until it gets None."""
+    from wan_i2v.sampling.loop import Cancelled
+
+    if groups.is_main:
+        replies.put(("ready", None))
+    while True:
+        job = groups.agree(jobs.get() if groups.is_main else None)
+        if job is None:
+            return
+        on_step = None
         if groups.is_main:
-            replies.put(("ready", None))
-        while True:
-            job = groups.agree(jobs.get() if groups.is_main else None)
-            if job is None:
-                return
-            on_step = None
-            if groups.is_main:
 
-                def on_step(step):
-                    # The caller's callback (which may cancel) has run before the next step starts:
-                    # a cancel from it stops the run at exactly that step, as in one process.
-                    replies.put(("step", step))
-                    acks.get()
+            def on_step(step):
+                # The caller's callback (which may cancel) has run before the next step starts:
+                # a cancel from it stops the run at exactly that step, as in one process.
+                replies.put(("step", step))
+                acks.get()
 
-            try:
-                result = _run_job(pipe, job, cancel=cancel, on_step=on_step)
-            except (WanError, Cancelled) as exc:  # the same on every rank (settings, cancel): the session goes on
-                if groups.is_main:
-                    replies.put(("error", exc))
-                continue
+        try:
+            result = _run_job(pipe, job, cancel=cancel, on_step=on_step)
+        except (WanError, Cancelled) as exc:  # the same on every rank (settings, cancel): the session goes on
             if groups.is_main:
-                replies.put(("done", result))
-    finally:
-        dist.destroy_process_group()
+                replies.put(("error", exc))
+            continue
+        if groups.is_main:
+            replies.put(("done", result))
 
 
 class SpawnedSession(RunSession):
@@ -360,6 +371,8 @@ class SpawnedSession(RunSession):
                 kind, value = self.replies.get(timeout=0.1)
             except queue.Empty:
                 kind = value = None
+            if kind == "warning":
+                warnings.warn(value)
             if kind == "step" and on_step is not None:
                 on_step(value)
             if cancel is not None and cancel.is_set():

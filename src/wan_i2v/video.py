@@ -75,6 +75,12 @@ def check_writable(path: Path) -> None:
         raise WanError(f"cannot write to {directory}", "choose another --save-file")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, write) -> Path:
     """Run ``write(temporary_path)``, then rename into place: the file appears only when complete."""
     path = Path(path)
@@ -83,6 +89,7 @@ def write_atomically(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets what any new file would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -53,13 +53,17 @@ def load_loop_state(path, settings: GenerationSettings, run: dict, *, seed_given
     except Exception:
         warnings.warn(f"ignoring unreadable state file {path}; starting over")
         return None
+    discarded = f"the saved state in {path} is of another run (image, checkpoint, precision, LoRAs or settings); starting over"
     if not isinstance(record, dict) or record.get("format") != STATE_FORMAT or record.get("run") != run:
+        warnings.warn(discarded)
         return None
     try:
         saved = GenerationSettings(**{**record["settings"], "guide_scale": tuple(record["settings"]["guide_scale"])})
     except (TypeError, WanError):
+        warnings.warn(discarded)
         return None
     wanted = settings if seed_given else replace(settings, seed=saved.seed)
     if saved != wanted:
+        warnings.warn(discarded)
         return None
     return saved, LoopState(record["step"], record["latent"], record["solver"], record.get("hooks", {}))

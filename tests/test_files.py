@@ -1,0 +1,104 @@
+"""What a newcomer meets around the outputs: names, modes, locks, the official script's spellings."""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import av
+import pytest
+from PIL import Image
+
+from wan_i2v.cli import main
+
+TINY = ["--size", "64*96", "--frame-num", "5", "--steps", "2", "--quiet", "--device", "cpu", "--prompt", "a boat"]
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "input.png"
+    Image.new("RGB", (120, 80), (200, 120, 40)).save(path)
+    return path
+
+
+def run(ckpt, image, *extra):
+    return main(["generate", "--ckpt-dir", str(ckpt), "--image", str(image), *TINY, *extra])
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_honour_the_umask(tiny_checkpoint, image_file, tmp_path, mask, mode):
+    out, latents = tmp_path / "out.mp4", tmp_path / "out.latents.pt"
+    old = os.umask(mask)
+    try:
+        assert run(tiny_checkpoint, image_file, "--save-file", str(out), "--save-latents", str(latents)) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == mode and latents.stat().st_mode & 0o777 == mode
+
+
+def test_default_outputs_never_overwrite_each_other_and_stdout_is_only_the_path(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run(tiny_checkpoint, image_file, "--seed", "1") == 0
+    first = capsys.readouterr()
+    assert first.out == "wan-i2v-output.mp4\n"
+    assert run(tiny_checkpoint, image_file, "--seed", "2") == 0
+    second = capsys.readouterr()
+    assert second.out == "wan-i2v-output-1.mp4\n" and "wan-i2v: writing wan-i2v-output-1.mp4 (wan-i2v-output.mp4 exists)" in second.err
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["wan-i2v-output-1.mp4", "wan-i2v-output.mp4"]
+    assert not list(tmp_path.glob(".*.lock"))  # the lock goes with the run
+
+
+def test_a_second_run_on_the_same_output_is_refused(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    with open(tmp_path / ".out.mp4.lock", "a") as held:  # what a run in progress holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run(tiny_checkpoint, image_file, "--save-file", str(out)) == 2
+    assert capsys.readouterr().err.strip() == f"wan-i2v: error: another run is writing {out} (wait for it to finish, or give another --save-file)"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--save-file", "out.mov"], "--save-file out.mov does not end in .mp4 (the video is an mp4: use out.mp4)"),
+        (["--save-file", ""], "--save-file is empty"),
+        (["--save-file", "clips/"], "output path clips/ is a directory"),
+        (["--save-file", "a.mp4", "--save-latents", "a.mp4"], "--save-latents a.mp4 is the --save-file too"),
+    ],
+)
+def test_output_names_that_cannot_be_right(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    assert run(tiny_checkpoint, image_file, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wan-i2v: error: {message}"), err
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_the_official_scripts_spellings(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    code = main(["generate", "--ckpt_dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "a", "--size", "64*96",
+                 "--frame_num", "5", "--sample_steps", "3", "--sample_shift", "4", "--sample_guide_scale", "2.5",
+                 "--base_seed", "-1", "--save_file", str(out), "--device", "cpu", "--quiet"])  # fmt: skip
+    assert code == 0
+    with av.open(str(out)) as container:
+        settings = json.loads(container.metadata["comment"])
+    assert (settings["frame_num"], settings["steps"], settings["shift"], settings["guide_scale"]) == (5, 3, 4.0, [2.5, 2.5])
+    assert f"seed: {settings['seed']}" in capsys.readouterr().err  # -1: a random seed, as in the official script
+
+
+def test_version_from_the_command_and_the_module(capsys):
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("wan-i2v 0.")
+    proc = subprocess.run([sys.executable, "-m", "wan_i2v", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("wan-i2v 0.")
+
+
+def test_a_state_of_other_settings_is_discarded_with_a_word(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    state = out.with_suffix(".state.pt")
+    import torch
+
+    torch.save({"format": "wan-i2v-loop-state/1", "run": {"other": True}}, state)
+    assert run(tiny_checkpoint, image_file, "--save-file", str(out)) == 0
+    err = capsys.readouterr().err
+    assert f"wan-i2v: warning: the saved state in {state} is of another run" in err
