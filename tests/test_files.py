@@ -102,3 +102,8 @@ def test_a_state_of_other_settings_is_discarded_with_a_word(tiny_checkpoint, ima
     assert run(tiny_checkpoint, image_file, "--save-file", str(out)) == 0
     err = capsys.readouterr().err
     assert f"wan-i2v: warning: the saved state in {state} is of another run" in err
+
+
+def test_a_directory_given_as_the_image_is_said_so(tiny_checkpoint, tmp_path, capsys):
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(tmp_path), *TINY, "--save-file", str(tmp_path / "o.mp4")]) == 2
+    assert capsys.readouterr().err.strip() == f"wan-i2v: error: image path {tmp_path} is a directory (give an image file (PNG, JPEG or WebP))"

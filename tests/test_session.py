@@ -81,3 +81,17 @@ def test_a_ranks_warning_reaches_the_caller_once(tiny_checkpoint):
         warnings.simplefilter("always")
         session.generate(demo_image(), "a boat " * 40, seed=1, **{**JOB, "steps": 1})
     assert len([w for w in caught if "the text encoder keeps only the first 32" in str(w.message)]) == 1, [str(w.message) for w in caught]
+
+
+def _every_rank_generates(ckpt):
+    """The CLI under torchrun: every rank calls generate with the same arguments, then close."""
+    with RunSession.open(RunOptions(ckpt_dir=ckpt, device="cpu", dtype="fp32")) as session:
+        latents = session.generate(demo_image(), "a boat", seed=3, **JOB).latents
+    return latents
+
+
+def test_under_a_launcher_every_rank_may_call_generate_and_close(tiny_checkpoint):
+    from wan_i2v.parallel.launch import launch
+
+    results = launch(_every_rank_generates, (tiny_checkpoint,), 2)
+    assert torch.equal(results[0], results[1])

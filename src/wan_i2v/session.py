@@ -268,6 +268,7 @@ class RankSession(RunSession):
 
     def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str):
         planned, self.groups, self.pipe = _join_ranks(planned, ckpt_dir, device)
+        self.ended_by_main = False  # a follower has seen rank 0 close
         super().__init__(planned)
 
     @property
@@ -282,13 +283,16 @@ class RankSession(RunSession):
         """On a rank other than 0: run rank 0's jobs until rank 0 closes the session."""
         while (job := self.groups.agree(None)) is not None:
             _run_job(self.pipe, job)
+        self.ended_by_main = True
 
     def close(self) -> None:
+        """Every rank calls it: rank 0's None ends the followers' loops, or meets the other ranks' own
+        ``close`` (when every rank called ``generate``, as the CLI under torchrun does)."""
         import torch.distributed as dist
 
         if dist.is_initialized():
-            if self.groups.is_main:
-                self.groups.agree(None)  # ends the followers' loops
+            if not self.ended_by_main:
+                self.groups.agree(None)
             dist.destroy_process_group()
 
 

@@ -25,6 +25,8 @@ def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
     """
     if not isinstance(image, Image.Image):
         path = Path(image)
+        if path.is_dir():
+            raise WanError(f"image path {path} is a directory", "give an image file (PNG, JPEG or WebP)")
         if not path.is_file():
             raise WanError(f"image not found: {path}", "check the --image path")
         try:
@@ -39,7 +41,7 @@ def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
         except WanError:
             raise
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise WanError(f"cannot read image {path}: {exc}", "use a PNG, JPEG or WebP file") from None
+            raise WanError(f"cannot read image {path}: {exc}", "the file is damaged or not an image; use a PNG, JPEG or WebP file") from None
     elif image.width * image.height > MAX_IMAGE_PIXELS:
         raise WanError(f"image of {image.width}x{image.height} is over {MAX_IMAGE_PIXELS // 1_000_000} megapixels", "downscale it first")
     image = ImageOps.exif_transpose(image)
