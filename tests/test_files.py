@@ -107,3 +107,58 @@ def test_a_state_of_other_settings_is_discarded_with_a_word(tiny_checkpoint, ima
 def test_a_directory_given_as_the_image_is_said_so(tiny_checkpoint, tmp_path, capsys):
     assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(tmp_path), *TINY, "--save-file", str(tmp_path / "o.mp4")]) == 2
     assert capsys.readouterr().err.strip() == f"wan-i2v: error: image path {tmp_path} is a directory (give an image file (PNG, JPEG or WebP))"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--size", "8192*8192"], "size 8192\\*8192 is too large"),
+        (["--frame-num", "10001"], "frame count 10001 is too large"),
+    ],
+)
+def test_sizes_no_machine_holds_are_refused_at_once(tiny_checkpoint, image_file, tmp_path, capsys, extra, message):
+    import re
+
+    assert run(tiny_checkpoint, image_file, "--save-file", str(tmp_path / "o.mp4"), *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_too_little_disk_for_the_outputs_is_refused_before_the_run(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    assert run(tiny_checkpoint, image_file, "--save-file", str(tmp_path / "o.mp4")) == 2
+    assert capsys.readouterr().err.startswith(f"wan-i2v: error: only 0 MiB free for the outputs in {tmp_path}")
+
+
+def test_a_full_disk_mid_run_is_one_line(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import wan_i2v.video
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o.mp4"))
+
+    monkeypatch.setattr(wan_i2v.video, "write_mp4", full)
+    assert run(tiny_checkpoint, image_file, "--save-file", str(tmp_path / "o.mp4")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"wan-i2v: error: no space left on the disk writing {tmp_path / 'o.mp4'} (free some space; a run's saved state lets the same command resume)"
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_cache_dir_finds_the_checkpoint_for_generate_and_decode(tiny_checkpoint, image_file, tmp_path, monkeypatch):
+    from wan_i2v.cache import REPO_ID
+
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "elsewhere"))
+    snapshot = tmp_path / "cache" / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / "abc"
+    snapshot.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(tiny_checkpoint, snapshot)
+    out, latents = tmp_path / "o.mp4", tmp_path / "o.latents.pt"
+    code = main(["generate", "--cache-dir", str(tmp_path / "cache"), "--image", str(image_file), *TINY, "--save-file", str(out), "--save-latents", str(latents)])
+    assert code == 0 and out.is_file()
+    assert main(["decode", str(latents), "--cache-dir", str(tmp_path / "cache"), "--save-file", str(tmp_path / "again.mp4"), "--device", "cpu", "--quiet"]) == 0
+    (tmp_path / "file").write_text("x")
+    assert main(["generate", "--cache-dir", str(tmp_path / "file"), "--image", str(image_file), *TINY, "--save-file", str(out)]) == 2

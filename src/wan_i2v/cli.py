@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -130,6 +131,19 @@ def _warning_line(message, *_args, **_kwargs) -> None:
     print(f"wan-i2v: warning: {message}", file=sys.stderr)
 
 
+def _check_free_space(save_file: Path, frame_num: int, height: int, width: int) -> None:
+    """Refuse a run whose outputs (latents, the state saved each step, the mp4, each written beside a
+    temporary copy) would not fit on the output's disk, before hours of work rather than after."""
+    import shutil
+
+    latent_bytes = 16 * ((frame_num - 1) // 4 + 1) * (height // 8) * (width // 8) * 4
+    needed = 6 * latent_bytes + frame_num * height * width // 4 + 16 * 2**20
+    free = shutil.disk_usage(save_file.parent if str(save_file.parent) else ".").free
+    if free < needed:
+        raise WanError(f"only {free / 2**20:.0f} MiB free for the outputs in {save_file.parent}, about {needed / 2**20:.0f} MiB needed",
+                       "free some space or choose another --save-file")  # fmt: skip
+
+
 def _fresh_output() -> Path:
     """The default output: wan-i2v-output.mp4, or the first -N.mp4 free, so that runs never overwrite
     each other's videos; a name whose run was interrupted (its state file is there) is taken again,
@@ -192,7 +206,7 @@ def _run_options(args):
     from wan_i2v.session import RunOptions
 
     return RunOptions(
-        ckpt_dir=args.ckpt_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype,
+        ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype,
         offload=args.offload, fsdp=args.fsdp, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fp8=args.fp8,
         compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory,
     )  # fmt: skip
@@ -234,6 +248,8 @@ def cmd_generate(args) -> int:
             raise
         ckpt_dir = None  # a dry run plans for the official model's shapes
     height, width = video_size(image.height, image.width, max_area)
+    if _is_main() and not args.dry_run:
+        _check_free_space(save_file, args.frame_num, height, width)
     launching = world > 1 and not launched() and not args.dry_run
     planned = runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
                             ckpt_dir=ckpt_dir, query_gpu=not launching)  # fmt: skip
@@ -275,7 +291,7 @@ def cmd_decode(args) -> int:
     runs.check_device(device)
     from wan_i2v.pipeline import decode_latents, load_vae_for
 
-    ckpt_dir = runs.checkpoint_dir(runs.RunOptions(ckpt_dir=args.ckpt_dir))
+    ckpt_dir = runs.checkpoint_dir(runs.RunOptions(ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir))
     vae = load_vae_for(ckpt_dir / ckpt.VAE_FILE, torch.device(device), runs.torch_dtype(args.decode_dtype, device))
 
     video = decode_latents(vae, latents, torch.device(device), progress=not args.quiet)
@@ -371,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
     gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
     gen.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
-    gen.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache (`wan-i2v cache path`)")
+    gen.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
+    gen.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
@@ -401,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec = sub.add_parser("decode", help="decode saved latents to mp4 again")
     dec.add_argument("latents")
     dec.add_argument("--save-file", required=True)
-    dec.add_argument("--ckpt-dir", default=None)
+    dec.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
+    dec.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
     dec.add_argument("--device", default=None)
     dec.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
     dec.add_argument("--quiet", action="store_true")
@@ -445,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MemoryError:
         print("wan-i2v: error: out of host memory (try a smaller --size or fewer --frame-num)", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"wan-i2v: error: no space left on the disk{where} (free some space; a run's saved state lets the same command resume)", file=sys.stderr)
         return 2
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":

@@ -22,6 +22,10 @@ PATCH_SIZE = (1, 2, 2)
 SIZE_MULTIPLE = VAE_STRIDE[1] * PATCH_SIZE[1]  # 16: one latent patch in pixels
 MIN_SIDE = 32
 MAX_STEPS = 1000
+# Far beyond what the model was trained for (720P, 81 frames), still short of what no machine holds:
+# a 8192*8192 request otherwise ran for a minute until the OS killed it.
+MAX_AREA = 2048 * 2048
+MAX_FRAMES = 321
 MAX_GUIDE_SCALE = 30.0
 
 
@@ -47,12 +51,16 @@ def parse_size(size: str) -> tuple[int, float | None]:
         raise WanError(f"size {size} has a side that is not a multiple of {SIZE_MULTIPLE}", "e.g. 1280*720, 832*480, 1024*576")
     if min(sides) < MIN_SIDE:
         raise WanError(f"size {size} is too small", f"each side must be at least {MIN_SIDE}")
+    if sides[0] * sides[1] > MAX_AREA:
+        raise WanError(f"size {size} is too large", "at most 2048*2048 pixels (the model is trained for 1280*720)")
     return sides[0] * sides[1], None
 
 
 def check_frame_num(frame_num: int) -> None:
     if frame_num < 5:
         raise WanError(f"frame count {frame_num} is too small", "use at least 5 (a frame count of the form 4n+1)")
+    if frame_num > MAX_FRAMES:
+        raise WanError(f"frame count {frame_num} is too large", f"use at most {MAX_FRAMES} (the model is trained for 81: 5 s at 16 fps)")
     if (frame_num - 1) % 4:
         below = (frame_num - 1) // 4 * 4 + 1
         raise WanError(f"frame count {frame_num} is not of the form 4n+1", f"use {below} or {below + 4}")
@@ -92,6 +100,8 @@ class GenerationSettings:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise WanError(f"{name} must be a whole number, not {value!r}")
         check_frame_num(self.frame_num)
+        if self.max_area > MAX_AREA:
+            raise WanError(f"max_area {self.max_area} is too large", f"at most {MAX_AREA} pixels (the model is trained for 1280*720)")
         if not 1 <= self.steps <= MAX_STEPS:
             raise WanError(f"steps {self.steps} out of range", f"use 1 to {MAX_STEPS} (the model card uses 40)")
         if len(self.guide_scale) != 2 or not all(0.0 <= g <= MAX_GUIDE_SCALE for g in self.guide_scale):

@@ -32,6 +32,7 @@ class RunOptions:
     """What the user asks of a run (the CLI's run options). None: chosen for the machine."""
 
     ckpt_dir: str | Path | None = None  # None: the cache's checkpoint
+    cache_dir: str | Path | None = None  # the cache to find it in (None: $WAN_I2V_HOME, else the hub's)
     device: str | None = None  # cuda, cuda:N or cpu; None: cuda if present
     gpus: int | None = None  # None: 1, or the launcher's world size
     dtype: str | None = None  # bf16 or fp32; None: bf16 on a GPU, fp32 on the CPU
@@ -77,7 +78,9 @@ def checkpoint_dir(options: RunOptions) -> Path:
         return Path(options.ckpt_dir)
     from wan_i2v.cache import resolve_checkpoint_dir
 
-    return resolve_checkpoint_dir(None)
+    if options.cache_dir is not None and Path(options.cache_dir).exists() and not Path(options.cache_dir).is_dir():
+        raise WanError(f"--cache-dir {options.cache_dir} is a file", "give the cache's directory")
+    return resolve_checkpoint_dir(options.cache_dir)
 
 
 def world_size(options: RunOptions, device: str, *, planning_only: bool = False) -> int:
