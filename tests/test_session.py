@@ -95,3 +95,30 @@ def test_under_a_launcher_every_rank_may_call_generate_and_close(tiny_checkpoint
 
     results = launch(_every_rank_generates, (tiny_checkpoint,), 2)
     assert torch.equal(results[0], results[1])
+
+
+def _replanned(ckpt):
+    """Each rank plans for its own GPU (here: rank 1 would choose otherwise); rank 0's plan is used by all."""
+    from dataclasses import replace
+
+    from wan_i2v.parallel.groups import env_rank
+    from wan_i2v.parallel.plan import ParallelDims
+    from wan_i2v.session import _join_ranks, plan_for
+
+    def replan():
+        planned = plan_for(RunOptions(ckpt_dir=ckpt, device="cpu", dtype="fp32"), height=64, width=96, frame_num=5, device="cpu", world=2, ckpt_dir=ckpt)
+        return planned if env_rank() == 0 else replace(planned, plan=replace(planned.plan, dims=ParallelDims(1, 2)))
+
+    planned, groups, pipe = _join_ranks(None, ckpt, "cpu", replan)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return planned.plan.dims, groups.dims
+
+
+def test_ranks_plan_for_their_gpus_and_take_rank_0s_plan(tiny_checkpoint):
+    from wan_i2v.parallel.launch import launch
+    from wan_i2v.parallel.plan import ParallelDims
+
+    results = launch(_replanned, (tiny_checkpoint,), 2)
+    assert results[0] == results[1] == (ParallelDims(2, 1), ParallelDims(2, 1))

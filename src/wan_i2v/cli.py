@@ -151,11 +151,30 @@ def _fresh_output() -> Path:
     stem, n = Path(DEFAULT_OUTPUT).stem, 0
     while True:
         path = Path(f"{stem}-{n}.mp4" if n else DEFAULT_OUTPUT)
-        if path.with_suffix(".state.pt").is_file() or not path.exists():
+        free = not path.exists() or path.with_suffix(".state.pt").is_file()
+        if free and not _locked(path):  # (a state file with its lock held is a run in progress)
             if n and _is_main():
                 print(f"wan-i2v: writing {path} ({DEFAULT_OUTPUT} exists)", file=sys.stderr)
             return path
         n += 1
+
+
+def _lock_path(save_file: Path) -> Path:
+    return save_file.with_name(f".{save_file.name}.lock")
+
+
+def _locked(save_file: Path) -> bool:
+    """Another run holds ``save_file``'s lock now."""
+    import fcntl
+
+    try:
+        with open(_lock_path(save_file)) as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
 
 
 @contextmanager
@@ -164,16 +183,23 @@ def _exclusive(save_file: Path):
     state file and one video would be lost. The lock is released (and its file removed) at the end."""
     import fcntl
 
-    lock = save_file.with_name(f".{save_file.name}.lock")
-    with open(lock, "a") as handle:
+    lock = _lock_path(save_file)
+    while True:
+        handle = open(lock, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise WanError(f"another run is writing {save_file}", "wait for it to finish, or give another --save-file") from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+        # The run before may have removed the file between our open and our lock: hold the one in place.
+        if lock.exists() and os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino:
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
 
 
 def _mp4_path(text: str, option: str) -> Path:
@@ -258,10 +284,14 @@ def cmd_generate(args) -> int:
         planned.plan.check()  # the refusal the run would give, after the plan it refuses
         return 0
     planned.plan.check()
-    placement = planned.plan.placement
-    if (placement.offload != args.offload or placement.fsdp != args.fsdp) and _is_main():
-        print(f"wan-i2v: {placement.describe(planned.plan.dims)}, to fit in the GPU's memory ({planned.estimate.describe()})", file=sys.stderr)
-    with _exclusive(save_file) if _is_main() else nullcontext(), runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned) as session:
+    with (
+        _exclusive(save_file) if _is_main() else nullcontext(),
+        runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned, height=height, width=width,
+                             frame_num=args.frame_num) as session,
+    ):  # fmt: skip
+        placement = session.planned.plan.placement  # the ranks' plan, for their GPUs' memory
+        if (placement.offload != args.offload or placement.fsdp != args.fsdp) and _is_main():
+            print(f"wan-i2v: {placement.describe(session.planned.plan.dims)}, to fit in the GPU's memory ({session.planned.estimate.describe()})", file=sys.stderr)
         _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
              keep_latents=bool(args.save_latents), state_file=save_file.with_suffix(".state.pt"))  # fmt: skip
     return 0

@@ -223,12 +223,13 @@ class I2VPipeline:
         self.experts.release()  # every weight back where it waits: no device copy may go stale
         for stream in self.block_streams:
             stream.release()
-        merged = {}
-        for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):
-            base = safetensors_source(self.checkpoint / subdir)
-            merged[name] = [read_lora(spec, base) for spec in loras.for_expert(name)]
+        bases, merged = {}, {}
+        for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):  # every file checked before any weight changes
+            bases[name] = safetensors_source(self.checkpoint / subdir)
+            merged[name] = [read_lora(spec, bases[name]) for spec in loras.for_expert(name)]
+        for name in merged:
             touched = self._lora_parameters.get(name, set()) | {key for lora in merged[name] for key in lora.deltas}
-            refill(self.experts.models[name], adapted(base, merged[name], self.device), sorted(touched))
+            refill(self.experts.models[name], adapted(bases[name], merged[name], self.device), sorted(touched))
         self.plan = replace(self.plan, loras=loras)
         self._note_loras(merged)
         self.identity.pop("loras", None)

@@ -17,6 +17,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -209,7 +210,11 @@ class RunSession:
         if launched():
             return RankSession(planned, ckpt_dir, device)
         if world > 1:
-            return SpawnedSession(planned, ckpt_dir, device)
+            # This process does not touch CUDA: the ranks plan again for their GPUs' memory (rank 0's wins).
+            replan = None
+            if device.startswith("cuda") and options.gpu_memory is None:
+                replan = partial(plan_for, options, height=height, width=width, frame_num=frame_num, device=device, world=world, ckpt_dir=ckpt_dir)
+            return SpawnedSession(planned, ckpt_dir, device, replan)
         import torch
 
         from wan_i2v.pipeline import I2VPipeline
@@ -248,9 +253,10 @@ class LocalSession(RunSession):
         return _run_job(self.pipe, job, cancel=cancel, on_step=on_step)
 
 
-def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str):
-    """In a rank: join the process group, take rank 0's plan (ranks on different GPUs could plan
-    differently), build the groups and load the pipeline."""
+def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str, replan=None):
+    """In a rank: join the process group, plan again with ``replan()`` if given (for this rank's GPU),
+    take rank 0's plan (ranks on different GPUs could plan differently), build the groups and load
+    the pipeline."""
     import torch
 
     from wan_i2v.parallel import ParallelGroups, init_distributed
@@ -260,7 +266,7 @@ def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str):
     if _device_type(device) == "cpu":  # CPU ranks on one machine split its cores rather than each taking them all
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     run_device = init_distributed(_device_type(device))
-    planned = agree(planned, run_device)
+    planned = agree(replan() if replan is not None else planned, run_device)
     groups = ParallelGroups.build(planned.plan.dims, run_device)
     plan = replace(planned.plan, device=run_device)
     return planned, groups, I2VPipeline.load(ckpt_dir, plan, groups)
@@ -284,8 +290,13 @@ class RankSession(RunSession):
 
     def follow(self) -> None:
         """On a rank other than 0: run rank 0's jobs until rank 0 closes the session."""
+        from wan_i2v.sampling.loop import Cancelled
+
         while (job := self.groups.agree(None)) is not None:
-            _run_job(self.pipe, job)
+            try:
+                _run_job(self.pipe, job)
+            except (WanError, Cancelled):  # rank 0 has the same and reports it; the session goes on
+                pass
         self.ended_by_main = True
 
     def close(self) -> None:
@@ -299,7 +310,7 @@ class RankSession(RunSession):
             dist.destroy_process_group()
 
 
-def _rank_main(planned: PlannedRun, ckpt_dir: str, device: str, jobs, replies, acks, cancel) -> None:
+def _rank_main(planned: PlannedRun, ckpt_dir: str, device: str, replan, jobs, replies, acks, cancel) -> None:
     """A rank started by ``SpawnedSession``: load, then run rank 0's jobs until it receives None."""
     import torch.distributed as dist
 
@@ -307,23 +318,32 @@ def _rank_main(planned: PlannedRun, ckpt_dir: str, device: str, jobs, replies, a
         # Rank 0's warnings (a truncated prompt, skipped LoRA keys) go to the caller, which shows them
         # as its own; the other ranks would only repeat them.
         warnings.showwarning = lambda message, *args, **kwargs: replies.put(("warning", str(message))) if env_rank() == 0 else None
-        planned, groups, pipe = _join_ranks(planned, Path(ckpt_dir), device)
+        planned, groups, pipe = _join_ranks(planned, Path(ckpt_dir), device, replan)
         try:
-            _serve_jobs(groups, pipe, jobs, replies, acks, cancel)
+            _serve_jobs(planned, groups, pipe, jobs, replies, acks, cancel)
         finally:
             dist.destroy_process_group()
 
 
-def _serve_jobs(groups, pipe, jobs, replies, acks, cancel) -> None:
-    """Rank 0 takes each job from the queue and hands it to the other ranks, until it gets None."""
+def _serve_jobs(planned, groups, pipe, jobs, replies, acks, cancel) -> None:
+    """Rank 0 takes each job from the queue and hands it to the other ranks, until it gets None.
+    While idle it hands them ``IDLE`` now and then: a rank waiting longer than the collectives'
+    timeout for the next job would end the session."""
     from wan_i2v.sampling.loop import Cancelled
 
     if groups.is_main:
-        replies.put(("ready", None))
+        replies.put(("ready", planned))
     while True:
-        job = groups.agree(jobs.get() if groups.is_main else None)
+        if groups.is_main:
+            try:
+                job = jobs.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                job = IDLE
+        job = groups.agree(job if groups.is_main else None)
         if job is None:
             return
+        if job == IDLE:
+            continue
         on_step = None
         if groups.is_main:
 
@@ -343,10 +363,15 @@ def _serve_jobs(groups, pipe, jobs, replies, acks, cancel) -> None:
             replies.put(("done", result))
 
 
+# How long rank 0 waits for a job before telling the other ranks it is idle (well under the collectives' timeout).
+IDLE_SECONDS = 60
+IDLE = "idle"
+
+
 class SpawnedSession(RunSession):
     """N ranks started from this process; it hands them jobs and gets back events and results."""
 
-    def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str):
+    def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str, replan=None):
         import torch.multiprocessing as mp
 
         from wan_i2v.parallel.launch import launch
@@ -355,7 +380,8 @@ class SpawnedSession(RunSession):
         context = mp.get_context("spawn")
         self.jobs, self.replies, self.acks, self.cancel = context.Queue(), context.Queue(), context.Queue(), context.Event()
         self.failure: BaseException | None = None
-        args = (planned, str(ckpt_dir), device, self.jobs, self.replies, self.acks, self.cancel)
+        self.lock = threading.Lock()  # one job at a time on the queues
+        args = (planned, str(ckpt_dir), device, replan, self.jobs, self.replies, self.acks, self.cancel)
 
         def run_ranks():
             try:
@@ -367,7 +393,7 @@ class SpawnedSession(RunSession):
         self.launcher = threading.Thread(target=run_ranks, name="wan-i2v-ranks", daemon=True)
         self.launcher.start()
         try:
-            self._reply("ready")
+            self.planned = self._reply("ready")  # the plan the ranks agreed on
         except BaseException:  # interrupted while the ranks load: they are stopped before this returns
             self.close()
             raise
@@ -380,31 +406,59 @@ class SpawnedSession(RunSession):
                 kind = value = None
             if kind == "warning":
                 warnings.warn(value)
-            if kind == "step" and on_step is not None:
-                on_step(value)
+            if kind == "step":
+                try:
+                    if on_step is not None:
+                        on_step(value)
+                except BaseException:  # the job cannot report any more: stop it, and wait for its end
+                    self.cancel.set()
+                    self.acks.put(True)
+                    self._drain()
+                    raise
+                if cancel is not None and cancel.is_set():
+                    self.cancel.set()  # before the word to go on: the job stops at the next step
+                self.acks.put(True)
+                continue
             if cancel is not None and cancel.is_set():
                 self.cancel.set()
-            if kind == "step":
-                self.acks.put(True)
-            elif kind == "error":
+            if kind == "error":
                 raise value
-            elif kind == "closed":
+            if kind == "closed":
                 self.launcher.join()
                 raise self.failure or WanError("the ranks of the run have exited", "open a new session")
-            elif kind == expected:
+            if kind == expected:
                 return value
 
+    def _drain(self) -> None:
+        """Read the replies of a job that is stopping until its end, so that none is taken for the next job's."""
+        while self.launcher.is_alive():
+            try:
+                kind, _ = self.replies.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if kind == "step":
+                self.acks.put(True)
+            elif kind in ("done", "error", "closed"):
+                return
+
     def _run(self, job, cancel, on_step):
-        if not self.launcher.is_alive():
-            raise self.failure or WanError("this session is closed", "open a new session")
-        self.cancel.clear()
-        self.jobs.put(job)
-        return self._reply("done", cancel, on_step)
+        from wan_i2v.video import check_writable
+
+        for path in (job.latents_file, job.options.get("state_file")):
+            if path is not None:  # rank 0 alone writes them: an error there would leave the other ranks behind
+                check_writable(Path(path))
+        with self.lock:
+            if not self.launcher.is_alive():
+                raise self.failure or WanError("this session is closed", "open a new session")
+            self.cancel.clear()
+            self.jobs.put(job)
+            return self._reply("done", cancel, on_step)
 
     def close(self) -> None:
         """Stop the ranks: a job still running (the caller was interrupted) stops before its next
         step, its state saved, then every rank exits."""
         if self.launcher.is_alive():
             self.cancel.set()
+            self.acks.put(True)  # rank 0 may wait for the caller's word on a step it reported
             self.jobs.put(None)
             self.launcher.join()

@@ -217,7 +217,7 @@ def adapted(base: TensorSource, loras: Iterable[LoraFile], device: torch.device 
         # whole expert took 19 s on the H200 host, the merge itself a fraction of a second.
         value = base.read(name, rows).to(device).float()
         for delta in by_name[name]:
-            value += delta.tensor(rows, device)
+            value = value + delta.tensor(rows, device)  # out of place: the read tensor may be the source's own
         return value
 
     return base.with_readers({name: (lambda rows, name=name: merged(name, rows)) for name in by_name})
