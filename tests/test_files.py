@@ -162,3 +162,30 @@ def test_cache_dir_finds_the_checkpoint_for_generate_and_decode(tiny_checkpoint,
     assert main(["decode", str(latents), "--cache-dir", str(tmp_path / "cache"), "--save-file", str(tmp_path / "again.mp4"), "--device", "cpu", "--quiet"]) == 0
     (tmp_path / "file").write_text("x")
     assert main(["generate", "--cache-dir", str(tmp_path / "file"), "--image", str(image_file), *TINY, "--save-file", str(out)]) == 2
+
+
+def test_a_garbage_latents_file_is_one_plain_line(tiny_checkpoint, tmp_path, capsys):
+    garbage = tmp_path / "x.latents.pt"
+    garbage.write_bytes(b"garbage\nmore")
+    assert main(["decode", str(garbage), "--ckpt-dir", str(tiny_checkpoint), "--save-file", str(tmp_path / "o.mp4"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wan-i2v: error: cannot read latents file {garbage}: not a wan-i2v latents file, or cut short (give the file written by --save-latents, or generate again)"]
+
+
+def test_the_demos_seed_is_fixed_and_said_so(capsys):
+    from wan_i2v.cli import build_parser
+
+    demo = build_parser().parse_args(["demo"])
+    assert demo.seed == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    assert "default 0: the same video each time" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_apis_default_dtype_on_the_cpu_is_fp32(tiny_checkpoint):
+    import torch
+
+    from wan_i2v import I2VPipeline
+
+    pipe = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu")
+    assert pipe.plan.dtype == torch.float32 and pipe.high_noise.blocks[0].ffn[0].weight.dtype == torch.float32

@@ -311,7 +311,8 @@ def cmd_decode(args) -> int:
     try:
         saved = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WanError(f"cannot read latents file {source}: {exc}", "it may be incomplete; generate again") from None
+        # (torch's own message spans lines and suggests unpickling untrusted code: not for users)
+        raise WanError(f"cannot read latents file {source}: not a wan-i2v latents file, or cut short", "give the file written by --save-latents, or generate again") from None
     latents = saved.get("latents") if isinstance(saved, dict) and saved.get("format") == runs.LATENTS_FORMAT else None
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != 16:
         raise WanError(f"{source} is not a wan-i2v latents file", "give the file written by --save-latents")
@@ -394,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wan-i2v {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def sampling_options(p, *, frame_num, steps, prompt_required):
+    def sampling_options(p, *, frame_num, steps, prompt_required, seed=None):
         p.add_argument("--prompt", required=prompt_required, default="A small paper boat drifts on a calm pond.")
         p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
         # The official script's spellings (--frame_num, --sample_steps, ...) are aliases: the same meaning.
@@ -403,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"),
                        help="one value for both experts, or the low-noise and high-noise expert's (default 3.5; 1 with --distilled: "
                             "no guidance, one forward per step)")
-        p.add_argument("--seed", "--base_seed", type=_seed, default=None, help="default (or -1): random, printed and stored in the mp4")
+        p.add_argument("--seed", "--base_seed", type=_seed, default=seed,
+                       help="default (or -1): random, printed and stored in the mp4" if seed is None else f"default {seed}: the same video each time (-1: random)")
         p.add_argument("--solver", choices=SOLVERS, default=None,
                        help="unipc (default, the official), dpm++, or euler (the distilled models' 4-step schedule; default with --distilled)")
         p.add_argument("--distilled", action="store_true",
@@ -456,10 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.set_defaults(func=cmd_decode)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny random model on the CPU")
-    sampling_options(demo, frame_num=17, steps=12, prompt_required=False)
+    sampling_options(demo, frame_num=17, steps=12, prompt_required=False, seed=0)
     demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
     demo.add_argument("--save-file", default=DEMO_FILE)
-    demo.set_defaults(func=cmd_demo, seed=0)
+    demo.set_defaults(func=cmd_demo)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the official layout")
     tiny.add_argument("directory")

@@ -129,7 +129,7 @@ class I2VPipeline:
         cls,
         ckpt_dir: str | Path,
         device: str | torch.device = "cuda",
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | None = None,
         *,
         offload: bool | str = False,
         attention: str | None = None,
@@ -143,7 +143,7 @@ class I2VPipeline:
         loras=None,
         plan: ExecutionPlan | None = None,
     ) -> "I2VPipeline":
-        """Load the official checkpoint directory.
+        """Load the official checkpoint directory, in ``dtype`` (default: bf16 on a GPU, fp32 on the CPU, as the CLI).
 
         ``offload``: ``"experts"`` (or True) keeps only the active expert on the GPU, the official
         single-GPU mode for 80 GB cards; ``"blocks"`` streams every expert's blocks from pinned host
