@@ -79,8 +79,6 @@ def checkpoint_dir(options: RunOptions) -> Path:
         return Path(options.ckpt_dir)
     from wan_i2v.cache import resolve_checkpoint_dir
 
-    if options.cache_dir is not None and Path(options.cache_dir).exists() and not Path(options.cache_dir).is_dir():
-        raise WanError(f"--cache-dir {options.cache_dir} is a file", "give the cache's directory")
     return resolve_checkpoint_dir(options.cache_dir)
 
 

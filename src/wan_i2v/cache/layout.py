@@ -117,6 +117,8 @@ def find_checkpoint_dir(root: Path) -> Path | None:
 def resolve_checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The checkpoint directory `generate` uses by default (see the module docstring for the order)."""
     root = cache_root(cache_dir)
+    if root.exists() and not root.is_dir():
+        raise WanError(f"the cache {root} is a file, not a directory", hint="give the cache's directory with --cache-dir or WAN_I2V_HOME")
     found = find_checkpoint_dir(root)
     if found is None:
         raise WanError(f"no {REPO_ID} checkpoint in {root}", hint="run `wan-i2v cache quick`, or pass --ckpt-dir")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from wan_i2v.cache.manifest import hash_stream
 from wan_i2v.errors import WanError
 from wan_i2v.loading.checkpoint import TensorSource
 from wan_i2v.loading.names import diffusers_to_official
@@ -128,14 +129,6 @@ class LoraFile:
         return {"expert": expert, "file": Path(self.spec.path).name, "sha256": self.sha256, "strength": self.spec.strength}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_lora(spec: LoraSpec, base: TensorSource) -> LoraFile:
     """Read ``spec``'s file and match each key to a parameter of the checkpoint ``base``; a key
     that matches none, or a delta whose shape does not fit, is a one-line error."""
@@ -170,7 +163,10 @@ def read_lora(spec: LoraSpec, base: TensorSource) -> LoraFile:
         parts.setdefault(name, {})[role] = value
     if skipped:
         warnings.warn(f"{path.name}: skipped {skipped} keys of image-embedding layers that Wan2.2-I2V does not have")
-    lora = LoraFile(spec, _sha256(path))
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        hash_stream(digest, file)
+    lora = LoraFile(spec, digest.hexdigest())
     for name, found in parts.items():
         if "diff" in found:
             delta = Delta(spec.strength, diff=found["diff"])
