@@ -232,6 +232,15 @@ class RunSession:
     def _run(self, job: Job, cancel, on_step):
         raise NotImplementedError
 
+    @property
+    def alive(self) -> bool:
+        """The session can run jobs (a spawned session whose ranks died cannot)."""
+        return True
+
+    def keep_alive(self) -> None:
+        """Call now and then while idle between jobs (a server does): ranks that wait longer than the
+        collectives' timeout for the next job would end the session."""
+
     def close(self) -> None:
         pass
 
@@ -291,11 +300,17 @@ class RankSession(RunSession):
         from wan_i2v.sampling.loop import Cancelled
 
         while (job := self.groups.agree(None)) is not None:
+            if job == IDLE:
+                continue
             try:
                 _run_job(self.pipe, job)
             except (WanError, Cancelled):  # rank 0 has the same and reports it; the session goes on
                 pass
         self.ended_by_main = True
+
+    def keep_alive(self) -> None:
+        if self.is_main:
+            self.groups.agree(IDLE)
 
     def close(self) -> None:
         """Every rank calls it: rank 0's None ends the followers' loops, or meets the other ranks' own
@@ -451,6 +466,10 @@ class SpawnedSession(RunSession):
             self.cancel.clear()
             self.jobs.put(job)
             return self._reply("done", cancel, on_step)
+
+    @property
+    def alive(self) -> bool:
+        return self.launcher.is_alive()
 
     def close(self) -> None:
         """Stop the ranks: a job still running (the caller was interrupted) stops before its next
