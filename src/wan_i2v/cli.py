@@ -297,6 +297,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from dataclasses import replace
+
+    from wan_i2v import session as runs
+    from wan_i2v.config import check_frame_num, parse_size, video_size
+    from wan_i2v.parallel.groups import launched
+    from wan_i2v.server import JobDefaults, check_binding, serve
+
+    _sampling_defaults(args)
+    max_area, _ = parse_size(args.size)
+    check_frame_num(args.frame_num)
+    guide = _guide_pair(args)
+    defaults = JobDefaults(size=args.size, frame_num=args.frame_num, steps=args.steps, guide_scale=guide, shift=args.shift, solver=args.solver)
+    token = args.token or os.environ.get("WAN_I2V_TOKEN") or None
+    if _is_main():
+        check_binding(args.host, args.port, token)
+    options = replace(_run_options(args), loras=_loras(args), guided=any(g != 1 for g in guide))
+    device = options.device or runs.default_device()
+    runs.check_device(device)
+    world = runs.world_size(options, device)
+    options = replace(options, ckpt_dir=runs.checkpoint_dir(options), device=device)
+    height, width = video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
+    planned = runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
+                            ckpt_dir=options.ckpt_dir, query_gpu=world == 1 or launched())  # fmt: skip
+    planned.plan.check()
+
+    def open_session():
+        return runs.RunSession.open(options, planned=planned, height=height, width=width, frame_num=args.frame_num)
+
+    if not _is_main():  # under torchrun: rank 0 serves, the other ranks run its jobs
+        with open_session() as session:
+            session.follow()
+        return 0
+    state_dir = Path(args.state_dir) if args.state_dir else _home() / "server"
+    return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, token=token, defaults=defaults,
+                 max_queued=args.max_queue, max_upload_mb=args.max_upload_mb)  # fmt: skip
+
+
 def cmd_decode(args) -> int:
     import torch
 
@@ -310,7 +348,7 @@ def cmd_decode(args) -> int:
         raise WanError(f"latents file not found: {source}", "give the file written by --save-latents")
     try:
         saved = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception:
         # (torch's own message spans lines and suggests unpickling untrusted code: not for users)
         raise WanError(f"cannot read latents file {source}: not a wan-i2v latents file, or cut short", "give the file written by --save-latents, or generate again") from None
     latents = saved.get("latents") if isinstance(saved, dict) and saved.get("format") == runs.LATENTS_FORMAT else None
@@ -387,6 +425,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def run_options(p) -> None:
+    """The options that say how runs go (the checkpoint, memory, precision, GPUs): `generate`'s, and `serve`'s for every job."""
+    p.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
+    p.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
+    p.add_argument("--offload", nargs="?", const="experts", choices=["experts", "blocks"], default=None,
+                   help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
+                        "blocks: each expert's blocks streamed from host memory, for 24-48 GB cards")
+    p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]", help="a LoRA .safetensors for both experts (strength 1 unless given); repeat for more, applied in order")
+    p.add_argument("--lora-high", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the high-noise expert only")
+    p.add_argument("--lora-low", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the low-noise expert only")
+    p.add_argument("--fp8", action="store_true", help="FP8 linear layers in the transformer blocks: faster, less exact")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
+    p.add_argument("--encode-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the VAE encode's precision: fp32 as the official code (default), or bf16: about twice as fast")
+    p.add_argument("--attention", default=None, help="attention kernel: cudnn, sdpa, or sage (SageAttention 1, INT8, opt-in and not exact; pip install sageattention); default: the fastest exact one for the device")
+    par = p.add_argument_group("several GPUs (see README: Several GPUs)")
+    par.add_argument("--gpus", type=int, default=None, help="start this many processes, one per GPU (default 1; under torchrun: its world size)")
+    par.add_argument("--ulysses", type=int, default=None, metavar="U", help="force the plan: sequence parallel degree (divides the heads)")
+    par.add_argument("--cfg-parallel", action="store_true", help="force the plan: guidance passes on two halves of the GPUs")
+    par.add_argument("--fsdp", action="store_true", help="force the plan: shard experts and text encoder over all GPUs")
+    par.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="plan for this much memory per GPU (default: the GPU's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wan_i2v.config import MAX_STEPS
     from wan_i2v.sampling.schedulers import SOLVERS
@@ -419,33 +483,30 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
     gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
     gen.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
-    gen.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
-    gen.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
-    gen.add_argument("--offload", nargs="?", const="experts", choices=["experts", "blocks"], default=None,
-                     help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
-                          "blocks: each expert's blocks streamed from host memory, for 24-48 GB cards")
-    gen.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]", help="a LoRA .safetensors for both experts (strength 1 unless given); repeat for more, applied in order")
-    gen.add_argument("--lora-high", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the high-noise expert only")
-    gen.add_argument("--lora-low", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the low-noise expert only")
-    gen.add_argument("--fp8", action="store_true", help="FP8 linear layers in the transformer blocks: faster, less exact")
-    gen.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
-    gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    gen.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    gen.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
-    gen.add_argument("--encode-dtype", choices=["fp32", "bf16"], default="fp32",
-                     help="the VAE encode's precision: fp32 as the official code (default), or bf16: about twice as fast")
-    gen.add_argument("--attention", default=None, help="attention kernel: cudnn, sdpa, or sage (SageAttention 1, INT8, opt-in and not exact; pip install sageattention); default: the fastest exact one for the device")
-    par = gen.add_argument_group("several GPUs (see README: Several GPUs)")
-    par.add_argument("--gpus", type=int, default=None, help="start this many processes, one per GPU (default 1; under torchrun: its world size)")
-    par.add_argument("--ulysses", type=int, default=None, metavar="U", help="force the plan: sequence parallel degree (divides the heads)")
-    par.add_argument("--cfg-parallel", action="store_true", help="force the plan: guidance passes on two halves of the GPUs")
-    par.add_argument("--fsdp", action="store_true", help="force the plan: shard experts and text encoder over all GPUs")
-    par.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="plan for this much memory per GPU (default: the GPU's)")
-    par.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
+    run_options(gen)
+    gen.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="an HTTP server (OpenAI videos API, web page) with a job queue that survives restarts")
+    srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only; another needs --token)")
+    srv.add_argument("--port", type=int, default=8000, help="default 8000")
+    srv.add_argument("--state-dir", default=None, help="the job queue, uploads and videos (default $WAN_I2V_HOME/server): keep it on a persistent volume")
+    srv.add_argument("--token", default=None, help="clients must send Authorization: Bearer TOKEN (default: $WAN_I2V_TOKEN; none on 127.0.0.1)")
+    srv.add_argument("--max-queue", type=int, default=1000, help="jobs that may wait; more are refused with 429 (default 1000)")
+    srv.add_argument("--max-upload-mb", type=float, default=50, help="the largest image accepted, in MiB (default 50)")
+    jobs = srv.add_argument_group("each job's defaults (a request may set its own)")
+    jobs.add_argument("--size", default="720P", help="720P, 480P or H*W (default 720P; the GPUs' plan is made for it)")
+    jobs.add_argument("--frame-num", "--frame_num", type=int, default=81, help="4n+1 (default 81; the GPUs' plan is made for it)")
+    jobs.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"default 40; {DISTILLED['steps']} with --distilled")
+    jobs.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"), help="default 3.5; 1 with --distilled")
+    jobs.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the size preset's (5.0 with --distilled)")
+    jobs.add_argument("--solver", choices=SOLVERS, default=None, help="default unipc; euler with --distilled")
+    jobs.add_argument("--distilled", action="store_true", help="jobs sample as the 4-step distilled models: euler, 4 steps, guide scale 1, shift 5")
+    srv.set_defaults(func=cmd_serve, default_steps=40)
+    run_options(srv)
 
     dec = sub.add_parser("decode", help="decode saved latents to mp4 again")
     dec.add_argument("latents")

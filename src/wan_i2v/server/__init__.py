@@ -1,0 +1,88 @@
+"""``wan-i2v serve``: the pipeline loaded once on 1..N GPUs behind an HTTP API and a web page, with a
+job queue that survives a kill (``store``), one worker thread (``runner``) and the app (``app``)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+
+from wan_i2v.errors import WanError
+from wan_i2v.server.app import JobDefaults, create_app, job_settings
+from wan_i2v.server.runner import Runner
+from wan_i2v.server.store import JobStore
+
+__all__ = ["JobDefaults", "JobStore", "Runner", "check_binding", "create_app", "job_settings", "serve"]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(host: str, port: int, token: str | None) -> None:
+    """Refuse, before anything loads, a server open to the network without a token, and a port taken."""
+    if not _loopback(host) and not token:
+        raise WanError(f"--host {host} would let anyone who reaches this machine run jobs",
+                       "give --token TOKEN (or set WAN_I2V_TOKEN), or leave --host at 127.0.0.1")  # fmt: skip
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise WanError(f"cannot listen on {host}:{port}: {exc.strerror}", "give another --port, or stop what uses it") from None
+
+
+def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | None, defaults: JobDefaults,
+          max_queued: int = 1000, max_upload_mb: float = 50) -> int:  # fmt: skip
+    """Run the server until interrupted; ``open_session()`` loads the pipeline (in the runner's
+    thread: the API answers, and takes jobs, while it loads). Returns the exit code."""
+    store = JobStore(state_dir, max_queued=max_queued)
+    logging.basicConfig(level=logging.INFO, format="wan-i2v: %(message)s", stream=sys.stderr)
+    failure: list[BaseException] = []
+    config = uvicorn.Config(None, host=host, port=port, log_level="warning", lifespan="off")
+    server = _Server(config)
+
+    def failed(exc: BaseException) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    runner = Runner(store, open_session, on_failure=failed)
+    config.app = create_app(store, runner, token=token, max_upload_bytes=int(max_upload_mb * 2**20), defaults=defaults)
+    counts = store.counts()
+    print(f"wan-i2v: serving on http://{host}:{port}/ (state in {state_dir}: {counts['queued'] + counts['in_progress']} jobs to run); "
+          "loading the pipeline", file=sys.stderr)  # fmt: skip
+    runner.start()
+    try:
+        server.run()
+    finally:
+        if not failure:
+            print("wan-i2v: stopping (a running job stops after its current step and resumes at the next start)", file=sys.stderr)
+        runner.stop()
+    if failure:
+        raise failure[0]
+    return 0
+
+
+class _Server(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self):
+        """SIGINT and SIGTERM stop the server and ``serve`` returns (uvicorn's own would raise the
+        signal again on the way out, ending the process before the running job is put back)."""
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

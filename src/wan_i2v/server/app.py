@@ -1,0 +1,250 @@
+"""The HTTP API (the OpenAI videos API's shape) and the web page, over the job store and the runner."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+from dataclasses import dataclass
+from importlib.resources import files
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from wan_i2v.errors import WanError
+from wan_i2v.server.store import FINISHED, JobStore, QueueFull
+
+TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
+OPEN_PATHS = {"/", "/health"}
+JSON_SAFE_SEEDS = 2**53  # drawn seeds stay exact in JavaScript's numbers (the page, most JSON clients)
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    """What a job gets for the fields its request leaves out (the server's command line sets them)."""
+
+    size: str = "720P"
+    frame_num: int = 81
+    steps: int = 40
+    guide_scale: tuple[float, float] = (3.5, 3.5)
+    shift: float | None = None  # None: the size preset's
+    solver: str = "unipc"
+
+
+def _number(form, name: str, kind, default):
+    text = form.get(name)
+    if text is None or str(text).strip() == "":
+        return default
+    try:
+        return kind(str(text).strip())
+    except ValueError:
+        raise WanError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {text!r}") from None
+
+
+def job_settings(form, defaults: JobDefaults) -> dict:
+    """A request's fields, checked as the CLI checks them, with the seed drawn when not given (or -1)."""
+    from wan_i2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationSettings, parse_size
+
+    size = str(form.get("size") or defaults.size).strip()
+    max_area, preset_shift = parse_size(size)
+    guide_text = form.get("guide_scale")
+    if guide_text is None or not str(guide_text).strip():
+        guide = defaults.guide_scale
+    else:
+        try:
+            values = [float(part) for part in str(guide_text).split(",")]
+        except ValueError:
+            raise WanError(f"guide_scale must be one number or two separated by a comma, not {guide_text!r}", "e.g. 3.5 or 3.5,3.5") from None
+        if len(values) > 2:
+            raise WanError(f"guide_scale takes one or two values, not {len(values)}", "LOW,HIGH, e.g. 3.5,3.5")
+        guide = tuple(values) * (2 // len(values))
+    seed = _number(form, "seed", int, None)
+    negative = form.get("negative_prompt")
+    settings = GenerationSettings(
+        prompt=str(form.get("prompt")),
+        negative_prompt=DEFAULT_NEGATIVE_PROMPT if negative is None else str(negative),
+        max_area=max_area,
+        frame_num=_number(form, "frame_num", int, defaults.frame_num),
+        steps=_number(form, "steps", int, defaults.steps),
+        shift=_number(form, "shift", float, defaults.shift or preset_shift or 5.0),
+        guide_scale=guide,
+        seed=random.randint(0, JSON_SAFE_SEEDS - 1) if seed in (None, -1) else seed,
+        solver=str(form.get("solver") or defaults.solver),
+    )
+    return {**settings.as_dict(), "size": size, "negative_prompt": None if negative is None else str(negative)}
+
+
+def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_bytes: int = 50 * 2**20,
+               defaults: JobDefaults = JobDefaults()) -> FastAPI:  # fmt: skip
+    """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``."""
+    app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None)
+
+    def fail(status: int, message: str):
+        raise HTTPException(status_code=status, detail=message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": {"message": str(exc.detail)}}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"][1:]) if exc.errors() else "request"
+        return JSONResponse({"error": {"message": f"{where}: {exc.errors()[0]['msg'] if exc.errors() else 'invalid'}"}}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):  # (the traceback goes to the server's log, not to the client)
+        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}"}}, status_code=500)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if token is not None and request.url.path not in OPEN_PATHS:
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(TOKEN_COOKIE, "")
+            if not secrets.compare_digest(given.encode(), token.encode()):
+                return JSONResponse({"error": {"message": "missing or wrong token (send Authorization: Bearer TOKEN)"}}, status_code=401)
+        return await call_next(request)
+
+    def found(job_id: str):
+        job = store.get(job_id)
+        if job is None:
+            fail(404, f"no video {job_id}")
+        return job
+
+    @app.post("/v1/videos")
+    async def create(request: Request):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_upload_bytes:
+            fail(413, f"the upload is {int(length) / 2**20:.1f} MiB, over the limit of {max_upload_bytes / 2**20:.0f} MiB")
+        try:
+            form = await request.form()
+        except Exception as exc:  # not multipart, or cut short
+            fail(400, f"send a multipart form with input_reference (the image) and prompt: {exc}")
+        upload = form.get("input_reference")
+        if upload is None or isinstance(upload, str):
+            fail(400, "input_reference is required: the image file (PNG, JPEG or WebP)")
+        if form.get("prompt") is None:
+            fail(400, "prompt is required (it may be empty)")
+        image = await upload.read()
+        if len(image) > max_upload_bytes:
+            fail(413, f"the image is {len(image) / 2**20:.1f} MiB, over the limit of {max_upload_bytes / 2**20:.0f} MiB")
+        try:
+            settings = job_settings(form, defaults)
+            await run_in_threadpool(_check_image, image, upload.filename, settings["max_area"])
+        except WanError as exc:
+            fail(400, str(exc))
+        key = request.headers.get("idempotency-key")
+        try:
+            job, created = await run_in_threadpool(store.submit, image, settings, key)
+        except QueueFull as exc:
+            fail(429, f"{exc}; try again later")
+        if created:
+            runner.notify()
+        return job.public()
+
+    @app.get("/v1/videos")
+    def listing(limit: int = 20, after: str | None = None):
+        if not 1 <= limit <= 100:
+            fail(400, f"limit {limit} out of range (1 to 100)")
+        try:
+            jobs, more = store.list(limit=limit, after=after)
+        except KeyError:
+            fail(404, f"no video {after} (the after= cursor)")
+        data = [job.public() for job in jobs]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
+
+    @app.get("/v1/videos/{job_id}")
+    def retrieve(job_id: str):
+        return found(job_id).public()
+
+    @app.get("/v1/videos/{job_id}/content")
+    def content(job_id: str):
+        job = found(job_id)
+        if job.status != "completed":
+            fail(404, f"video {job_id} has no content: it is {job.status.replace('_', ' ')}")
+        return FileResponse(store.video_path(job_id), media_type="video/mp4", filename=f"{job_id}.mp4")
+
+    @app.delete("/v1/videos/{job_id}")
+    def delete(job_id: str):
+        job = found(job_id)
+        if job.status in FINISHED:
+            if store.delete(job_id):
+                return {"id": job_id, "object": "video", "deleted": True}
+        return store.cancel(job_id).public()
+
+    @app.get("/v1/videos/{job_id}/events")
+    async def events(job_id: str):
+        found(job_id)
+
+        async def stream():
+            last = None
+            quiet = 0.0
+            while True:
+                job = await run_in_threadpool(store.get, job_id)
+                if job is None:
+                    yield "event: error\ndata: {\"error\": {\"message\": \"the video was deleted\"}}\n\n"
+                    return
+                seen = (job.status, job.step)
+                if seen != last:
+                    last, quiet = seen, 0.0
+                    yield f"event: {'done' if job.status in FINISHED else 'progress'}\ndata: {json.dumps(job.public())}\n\n"
+                    if job.status in FINISHED:
+                        return
+                elif quiet > 15:  # a comment now and then keeps proxies from closing a quiet stream
+                    quiet = 0.0
+                    yield ": waiting\n\n"
+                await asyncio.sleep(0.25)
+                quiet += 0.25
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    def health():
+        counts = store.counts()
+        body = {"status": runner.status, "queued": counts["queued"], "in_progress": counts["in_progress"]}
+        return JSONResponse(body, status_code=503 if runner.status == "failed" else 200)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(_metrics_text(store, runner), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    def page():
+        return HTMLResponse(files("wan_i2v.server").joinpath("page.html").read_text(encoding="utf-8"))
+
+    return app
+
+
+def _check_image(image: bytes, filename: str | None, max_area: int) -> None:
+    from wan_i2v.config import video_size
+    from wan_i2v.video import load_image
+
+    picture = load_image(image, name=f"image {filename or 'input_reference'}")
+    video_size(picture.height, picture.width, max_area)
+
+
+def _metrics_text(store: JobStore, runner) -> bytes:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    class QueueCollector:
+        def collect(self):
+            counts = store.counts()
+            yield GaugeMetricFamily("wan_i2v_queue_length", "Jobs waiting to run", value=counts["queued"])
+            jobs = GaugeMetricFamily("wan_i2v_jobs", "Jobs in the state directory, by status", labels=["status"])
+            for status, count in counts.items():
+                jobs.add_metric([status], count)
+            yield jobs
+            yield GaugeMetricFamily("wan_i2v_ready", "1 once the pipeline is loaded", value=float(runner.status == "ready"))
+            seconds, memory = store.latest_measures()
+            if seconds is not None:
+                yield GaugeMetricFamily("wan_i2v_seconds_per_step", "Seconds per denoising step of the latest job", value=seconds)
+            if memory is not None:
+                yield GaugeMetricFamily("wan_i2v_gpu_peak_memory_gib", "Peak GPU memory allocated by the latest completed job", value=memory)
+
+    registry = CollectorRegistry()
+    registry.register(QueueCollector())
+    return generate_latest(registry)

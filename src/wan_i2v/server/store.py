@@ -1,0 +1,310 @@
+"""The server's job queue: one SQLite database in WAL mode plus a folder per job, in the state
+directory. Every change is one transaction, so a ``kill -9`` at any moment leaves either the state
+before it or the state after it; files are written whole before the row that names them.
+
+Several servers on one machine may share a state directory: a job is claimed in one transaction,
+and a running job whose server process has died is taken over by the next claim (its saved
+denoising state lets the run go on from its last step). SQLite's locking does not hold on network
+file systems, so a state directory belongs to one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import time
+import uuid
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from wan_i2v.errors import WanError
+
+STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
+FINISHED = ("completed", "failed", "cancelled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    status TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    seconds_per_step REAL,
+    error TEXT,
+    owner TEXT,
+    completions INTEGER NOT NULL DEFAULT 0,
+    peak_memory_gb REAL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the queue."""
+
+    seq: int
+    id: str
+    idempotency_key: str | None
+    status: str
+    settings: dict  # the checked request, with the seed drawn at submission
+    step: int
+    seconds_per_step: float | None
+    error: str | None
+    owner: str | None
+    completions: int
+    peak_memory_gb: float | None
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+
+    @property
+    def progress(self) -> int:
+        if self.status == "completed":
+            return 100
+        return int(100 * self.step / self.settings["steps"])
+
+    def public(self) -> dict:
+        """The job as the API shows it (the OpenAI video object's fields, and ours)."""
+        remaining = None
+        if self.status == "in_progress" and self.seconds_per_step is not None:
+            remaining = round((self.settings["steps"] - self.step) * self.seconds_per_step, 1)
+        return {
+            "id": self.id,
+            "object": "video",
+            "model": "wan2.2-i2v-a14b",
+            "status": self.status,
+            "progress": self.progress,
+            "created_at": int(self.created_at),
+            "completed_at": None if self.completed_at is None else int(self.completed_at),
+            "error": None if self.error is None else {"message": self.error},
+            "prompt": self.settings["prompt"],
+            "seconds": f"{(self.settings['frame_num'] - 1) / 16:g}",
+            "size": self.settings["size"],
+            "seed": self.settings["seed"],
+            "step": self.step,
+            "seconds_per_step": None if self.seconds_per_step is None else round(self.seconds_per_step, 3),
+            "eta_seconds": remaining,
+            "settings": self.settings,
+        }
+
+
+def _started(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot), to tell it from a later process given
+    the same pid (a restarted container's server is often pid 1 again); "" where /proc is missing."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def this_process() -> str:
+    """A running job's owner: the server process, as host:pid:start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"
+
+
+def _owner_gone(owner: str | None) -> bool:
+    """The process that ran a job has died (a job owned on another host is never taken over)."""
+    if owner is None:
+        return True
+    host, pid, started = owner.rsplit(":", 2)
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return _started(int(pid)) != started
+
+
+class JobStore:
+    """The queue in ``state_dir``: ``queue.sqlite3`` and ``jobs/<id>/`` (the image, the saved
+    denoising state, the mp4)."""
+
+    def __init__(self, state_dir: str | Path, *, max_queued: int = 1000):
+        self.root = Path(state_dir)
+        try:
+            (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(self.root / "queue.sqlite3", timeout=60)) as db:
+                db.execute("PRAGMA journal_mode=WAL")  # kept by the file: readers and the writer never block each other
+                db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise WanError(f"cannot use state directory {self.root}: {exc}", "give a writable --state-dir") from None
+        self.max_queued = max_queued
+        self.owner = this_process()
+
+    @contextmanager
+    def _db(self, *, write: bool = False):
+        """A connection for one transaction (a writer takes the lock at once: no upgrade deadlocks)."""
+        db = sqlite3.connect(self.root / "queue.sqlite3", timeout=60, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut too
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id
+
+    def image_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "input"
+
+    def video_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "video.mp4"
+
+    def state_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "state.pt"
+
+    @staticmethod
+    def _job(row: sqlite3.Row | None) -> Job | None:
+        if row is None:
+            return None
+        values = dict(row)
+        values["settings"] = json.loads(values["settings"])
+        return Job(**values)
+
+    def submit(self, image: bytes, settings: dict, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Queue a job (its image written first); returns (job, created). A key seen before returns
+        that key's job instead; a full queue is refused."""
+        if idempotency_key is not None and (known := self.by_key(idempotency_key)) is not None:
+            return known, False
+        job_id = f"video_{uuid.uuid4().hex}"
+        directory = self.job_dir(job_id)
+        directory.mkdir()
+        from wan_i2v.video import write_atomically
+
+        write_atomically(self.image_path(job_id), lambda tmp: tmp.write_bytes(image))
+        try:
+            with self._db(write=True) as db:
+                queued = db.execute("SELECT count(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+                if queued >= self.max_queued:
+                    raise QueueFull(queued)
+                db.execute(
+                    "INSERT INTO jobs (id, idempotency_key, status, settings, created_at) VALUES (?, ?, 'queued', ?, ?)",
+                    (job_id, idempotency_key, json.dumps(settings), time.time()),
+                )
+        except sqlite3.IntegrityError:  # the same key, submitted at the same moment by another request
+            shutil.rmtree(directory, ignore_errors=True)
+            return self.by_key(idempotency_key), False
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return self.get(job_id), True
+
+    def by_key(self, key: str) -> Job | None:
+        with self._db() as db:
+            return self._job(db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone())
+
+    def get(self, job_id: str) -> Job | None:
+        with self._db() as db:
+            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def list(self, *, limit: int = 20, after: str | None = None) -> tuple[list[Job], bool]:
+        """Newest first, ``limit`` at a time, after the job ``after``; and whether more follow."""
+        with self._db() as db:
+            start = db.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone() if after else None
+            if after and start is None:
+                raise KeyError(after)
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (start[0] if start else 2**63 - 1, limit + 1)
+            ).fetchall()
+        return [self._job(row) for row in rows[:limit]], len(rows) > limit
+
+    def latest_measures(self) -> tuple[float | None, float | None]:
+        """(seconds per step, peak GPU memory in GiB) of the latest job that measured them."""
+        with self._db() as db:
+            speed = db.execute("SELECT seconds_per_step FROM jobs WHERE seconds_per_step IS NOT NULL"
+                               " ORDER BY coalesce(completed_at, started_at) DESC LIMIT 1").fetchone()  # fmt: skip
+            memory = db.execute("SELECT peak_memory_gb FROM jobs WHERE peak_memory_gb IS NOT NULL ORDER BY completed_at DESC LIMIT 1").fetchone()
+        return (speed and speed[0]), (memory and memory[0])
+
+    def counts(self) -> dict[str, int]:
+        with self._db() as db:
+            found = dict(db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+        return {status: found.get(status, 0) for status in STATUSES}
+
+    def claim(self) -> Job | None:
+        """The next job to run, now this process's: a running job whose process died (it resumes),
+        else the oldest queued one."""
+        with self._db(write=True) as db:
+            orphans = db.execute("SELECT id, owner FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall()
+            taken = next((row["id"] for row in orphans if _owner_gone(row["owner"])), None)
+            if taken is None:
+                row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+                taken = None if row is None else row["id"]
+            if taken is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status = 'in_progress', owner = ?, started_at = coalesce(started_at, ?) WHERE id = ?",
+                (self.owner, time.time(), taken),
+            )
+            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (taken,)).fetchone())
+
+    def still_mine(self, job_id: str) -> bool:
+        """The job is running here and nobody has cancelled it."""
+        with self._db() as db:
+            row = db.execute("SELECT status, owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is not None and row["status"] == "in_progress" and row["owner"] == self.owner
+
+    def progress(self, job_id: str, step: int, seconds_per_step: float | None) -> None:
+        with self._db(write=True) as db:
+            db.execute("UPDATE jobs SET step = ?, seconds_per_step = coalesce(?, seconds_per_step) WHERE id = ? AND owner = ?",
+                       (step, seconds_per_step, job_id, self.owner))  # fmt: skip
+
+    def finish(self, job_id: str, status: str, *, error: str | None = None, peak_memory_gb: float | None = None) -> bool:
+        """Record a running job's end; False if it was no longer this process's to finish (cancelled)."""
+        assert status in FINISHED
+        with self._db(write=True) as db:
+            changed = db.execute(
+                "UPDATE jobs SET status = ?, error = ?, completed_at = ?, peak_memory_gb = ?, owner = NULL,"
+                " completions = completions + (? = 'completed') WHERE id = ? AND status = 'in_progress' AND owner = ?",
+                (status, error, time.time(), peak_memory_gb, status, job_id, self.owner),
+            ).rowcount
+        self.state_path(job_id).unlink(missing_ok=True)
+        return bool(changed)
+
+    def release(self, job_id: str) -> None:
+        """Put a job this process stops running (the server is shutting down) back at the queue's head."""
+        with self._db(write=True) as db:
+            db.execute("UPDATE jobs SET status = 'queued', owner = NULL WHERE id = ? AND status = 'in_progress' AND owner = ?",
+                       (job_id, self.owner))  # fmt: skip
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued or running job (a running one stops at its next step: the runner sees it
+        is no longer its own)."""
+        with self._db(write=True) as db:
+            db.execute(
+                "UPDATE jobs SET status = 'cancelled', completed_at = ?, owner = NULL WHERE id = ? AND status IN ('queued', 'in_progress')",
+                (time.time(), job_id),
+            )
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> bool:
+        """Remove a finished job: its row and its files."""
+        with self._db(write=True) as db:
+            gone = db.execute(f"DELETE FROM jobs WHERE id = ? AND status IN {FINISHED}", (job_id,)).rowcount
+        if gone:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        return bool(gone)
+
+
+class QueueFull(Exception):
+    def __init__(self, queued: int):
+        super().__init__(f"the queue is full ({queued} jobs waiting)")

@@ -1,0 +1,96 @@
+"""A real `wan-i2v serve` process on the tiny checkpoint, for the server's tests."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+from PIL import Image
+
+TOKEN = "test-token"
+# Small videos with few steps: a job takes about a second on two CPU cores.
+JOB_OPTIONS = ["--size", "96*160", "--frame-num", "5", "--steps", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def png_bytes(width: int = 160, height: int = 96, colour=(200, 120, 60)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Server:
+    """``wan-i2v serve`` in a subprocess; ``start`` waits until it is ready, ``kill`` is a kill -9."""
+
+    def __init__(self, ckpt: Path, state_dir: Path, *extra: str, token: str | None = TOKEN, port: int | None = None):
+        self.ckpt, self.state_dir, self.extra, self.token = ckpt, state_dir, extra, token
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = state_dir.parent / f"server-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def client(self) -> httpx2.Client:
+        return httpx2.Client(base_url=self.url, headers=self.headers, timeout=30)
+
+    def start(self, timeout: float = 120) -> "Server":
+        command = [sys.executable, "-m", "wan_i2v", "serve", "--ckpt-dir", str(self.ckpt), "--device", "cpu",
+                   "--state-dir", str(self.state_dir), "--port", str(self.port), *JOB_OPTIONS, *self.extra]  # fmt: skip
+        if self.token:
+            command += ["--token", self.token]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx2.get(f"{self.url}/health", timeout=2).json()["status"] == "ready":
+                    return self
+            except (httpx2.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the server was not ready in {timeout} s:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def submit(self, client: httpx2.Client, prompt: str = "a boat", image: bytes | None = None, headers: dict | None = None, **fields):
+        files = {"input_reference": ("input.png", image if image is not None else png_bytes(), "image/png")}
+        data = {"prompt": prompt, **{key: str(value) for key, value in fields.items()}}
+        return client.post("/v1/videos", files=files, data=data, headers=headers or {})
+
+    def wait_for(self, client: httpx2.Client, job_id: str, statuses=("completed", "failed", "cancelled"), timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = client.get(f"/v1/videos/{job_id}").json()
+            if job["status"] in statuses:
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"{job_id} still {job['status']} after {timeout} s")

@@ -1,0 +1,316 @@
+"""`wan-i2v serve` as clients see it: a real server process on the tiny checkpoint, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import av
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server_process import Server, free_port, png_bytes
+from wan_i2v.cli import main
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    running = Server(tiny_checkpoint, tmp_path_factory.mktemp("serve") / "state", "--max-queue", "3", "--max-upload-mb", "1").start()
+    yield running
+    assert running.stop() == 0
+
+
+@pytest.fixture()
+def client(server):
+    with server.client() as http:
+        yield http
+
+
+def frames_of(path_or_bytes) -> np.ndarray:
+    import io
+
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+    with av.open(source) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_a_job_runs_to_an_mp4_with_its_settings(server, client):
+    answer = server.submit(client, "a red boat", seed=7, frame_num=9)
+    assert answer.status_code == 200
+    job = answer.json()
+    assert job["object"] == "video" and job["status"] == "queued" and job["progress"] == 0 and job["completed_at"] is None
+    assert job["seed"] == 7 and job["settings"]["frame_num"] == 9 and job["settings"]["steps"] == 2  # the server's default
+    done = server.wait_for(client, job["id"])
+    assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"] >= done["created_at"]
+    video = client.get(f"/v1/videos/{job['id']}/content")
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    frames = frames_of(video.content)
+    assert frames.shape == (9, 96, 160, 3)
+    with av.open(__import__("io").BytesIO(video.content)) as container:
+        recorded = json.loads(container.metadata["comment"])
+    assert recorded["seed"] == 7 and recorded["prompt"] == "a red boat"
+
+
+def test_a_seed_not_given_is_drawn_and_shown(server, client):
+    first, second = (server.submit(client, seed=-1).json() for _ in range(2))
+    assert isinstance(first["seed"], int) and first["seed"] != second["seed"]
+    assert 0 <= first["seed"] < 2**53  # exact in JSON clients (JavaScript's numbers)
+    server.wait_for(client, second["id"])
+
+
+def cli_error(capsys, *args) -> str:
+    """The CLI's one-line error for the same bad input."""
+    assert main(["generate", "--image", "missing.png", "--prompt", "x", *args]) == 2
+    line = capsys.readouterr().err.strip()
+    return line.removeprefix("wan-i2v: error: ")
+
+
+@pytest.mark.parametrize(
+    "fields,cli_args",
+    [
+        ({"frame_num": 6}, ["--frame-num", "6"]),
+        ({"frame_num": 10001}, ["--frame-num", "10001"]),
+        ({"size": "8192*8192"}, ["--size", "8192*8192"]),
+        ({"size": "huge"}, ["--size", "huge"]),
+        ({"steps": 0}, ["--steps", "0"]),
+        ({"steps": 5000}, ["--steps", "5000"]),
+        ({"guide_scale": "99"}, ["--guide-scale", "99"]),
+    ],
+)
+def test_bad_settings_get_the_clis_message(server, client, capsys, fields, cli_args):
+    answer = server.submit(client, **fields)
+    assert answer.status_code == 400
+    assert answer.json() == {"error": {"message": cli_error(capsys, *cli_args)}}
+
+
+@pytest.mark.parametrize(
+    "image,expected",
+    [
+        (b"not an image at all", "cannot read image input.png: not an image file"),
+        (png_bytes()[:200], "cannot read image input.png"),  # cut short
+        (png_bytes(2000, 20), "too narrow"),
+    ],
+)
+def test_bad_images_are_400_with_one_line(server, client, image, expected):
+    answer = server.submit(client, image=image)
+    assert answer.status_code == 400
+    message = answer.json()["error"]["message"]
+    assert expected in message and "\n" not in message and "Traceback" not in answer.text
+
+
+def test_bad_requests(server, client):
+    no_image = client.post("/v1/videos", data={"prompt": "x"})
+    assert no_image.status_code == 400 and "input_reference is required" in no_image.json()["error"]["message"]
+    no_prompt = client.post("/v1/videos", files={"input_reference": ("a.png", png_bytes(), "image/png")})
+    assert no_prompt.status_code == 400 and "prompt is required" in no_prompt.json()["error"]["message"]
+    words = server.submit(client, frame_num="many")
+    assert words.status_code == 400 and words.json()["error"]["message"] == "frame_num must be a whole number, not 'many'"
+    assert client.post("/v1/videos", content=b"{}", headers={"content-type": "application/json"}).status_code == 400
+    too_big = server.submit(client, image=b"\0" * (2 * 2**20))
+    assert too_big.status_code == 413 and "over the limit of 1 MiB" in too_big.json()["error"]["message"]
+    unknown = client.get("/v1/videos/video_nope")
+    assert unknown.status_code == 404 and unknown.json() == {"error": {"message": "no video video_nope"}}
+    assert client.get("/v1/videos/video_nope/content").status_code == 404
+    assert client.delete("/v1/videos/video_nope").status_code == 404
+    assert client.get("/v1/videos", params={"limit": 0}).status_code == 400
+
+
+def test_the_token_is_required_except_for_health_and_the_page(server):
+    import httpx2
+
+    with httpx2.Client(base_url=server.url) as anonymous:
+        for request in (anonymous.get("/v1/videos"), anonymous.get("/metrics"), server.submit(anonymous)):
+            assert request.status_code == 401 and "token" in request.json()["error"]["message"]
+        wrong = anonymous.get("/v1/videos", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+    with httpx2.Client(base_url=server.url, cookies={"wan_i2v_token": server.token}) as page:
+        assert page.get("/v1/videos").status_code == 200  # the page's way: a <video> cannot send a header
+    with httpx2.Client(base_url=server.url) as anonymous:
+        assert anonymous.get("/health").json()["status"] == "ready"
+        assert "<form" in anonymous.get("/").text
+
+
+def test_idempotency_key_returns_the_same_job(server, client):
+    key = {"Idempotency-Key": "upload-42"}
+    first = server.submit(client, headers=key).json()
+    again = server.submit(client, prompt="different", headers=key).json()
+    assert again["id"] == first["id"] and again["prompt"] == "a boat"
+    other = server.submit(client, headers={"Idempotency-Key": "upload-43"}).json()
+    assert other["id"] != first["id"]
+    server.wait_for(client, other["id"])
+
+
+def test_cancel_a_running_and_a_queued_job_then_a_full_queue(server, client):
+    running = server.submit(client, steps=1000).json()
+    server.wait_for(client, running["id"], statuses=("in_progress",))
+    waiting = [server.submit(client, steps=1000).json() for _ in range(3)]
+    full = server.submit(client)
+    assert full.status_code == 429 and "queue is full" in full.json()["error"]["message"]
+    while client.get(f"/v1/videos/{running['id']}").json()["step"] < 3:
+        time.sleep(0.05)
+    for job in waiting:
+        assert client.delete(f"/v1/videos/{job['id']}").json()["status"] == "cancelled"
+    stopped = client.delete(f"/v1/videos/{running['id']}").json()
+    assert stopped["status"] == "cancelled"
+    time.sleep(0.5)  # far longer than one step
+    step = client.get(f"/v1/videos/{running['id']}").json()["step"]
+    time.sleep(0.5)
+    after = client.get(f"/v1/videos/{running['id']}").json()
+    assert after["status"] == "cancelled" and after["step"] == step < 1000
+    assert client.get(f"/v1/videos/{running['id']}/content").status_code == 404
+    # The queue moves on: the next job runs.
+    assert server.wait_for(client, server.submit(client).json()["id"])["status"] == "completed"
+
+
+def test_delete_a_finished_job_removes_its_files(server, client):
+    job = server.submit(client).json()
+    server.wait_for(client, job["id"])
+    assert (server.state_dir / "jobs" / job["id"] / "video.mp4").is_file()
+    assert client.delete(f"/v1/videos/{job['id']}").json() == {"id": job["id"], "object": "video", "deleted": True}
+    assert not (server.state_dir / "jobs" / job["id"]).exists()
+    assert client.get(f"/v1/videos/{job['id']}").status_code == 404
+
+
+def test_progress_as_server_sent_events(server, client):
+    job = server.submit(client, steps=40).json()
+    events = []
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "done" and set(kinds[:-1]) == {"progress"}
+    steps = [body["step"] for _, body in events]
+    assert steps == sorted(steps) and len(set(steps)) > 3 and events[-1][1]["status"] == "completed"
+
+
+def test_list_pages_newest_first_and_metrics_agree(server, client):
+    listed, after = [], None
+    while True:
+        page = client.get("/v1/videos", params={"limit": 2, **({"after": after} if after else {})}).json()
+        assert page["object"] == "list" and len(page["data"]) <= 2
+        listed += page["data"]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    created = [job["created_at"] for job in listed]
+    assert created == sorted(created, reverse=True) and len({job["id"] for job in listed}) == len(listed) > 3
+    families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
+    by_status = {sample.labels["status"]: sample.value for sample in families["wan_i2v_jobs"].samples}
+    for status in ("completed", "cancelled", "queued", "in_progress", "failed"):
+        assert by_status[status] == sum(job["status"] == status for job in listed), status
+    assert families["wan_i2v_queue_length"].samples[0].value == by_status["queued"]
+    assert families["wan_i2v_seconds_per_step"].samples[0].value > 0
+
+
+def test_serve_refuses_the_network_without_a_token(capsys):
+    assert main(["serve", "--host", "0.0.0.0", "--port", str(free_port())]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("wan-i2v: error: --host 0.0.0.0 would let anyone") and "--token" in line
+
+
+def test_serve_refuses_a_port_in_use(server, capsys):
+    assert main(["serve", "--port", str(server.port)]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_kill_9_twice_during_200_jobs_loses_and_repeats_nothing(tiny_checkpoint, tmp_path):
+    state = tmp_path / "state"
+    # Jobs of a tenth of a second: the run is mostly the queue's work, and most kills land mid-job.
+    server = Server(tiny_checkpoint, state, "--max-queue", "500", "--steps", "1", "--size", "32*48").start()
+    with server.client() as client:
+        ids = [server.submit(client, headers={"Idempotency-Key": f"job-{n}"}, seed=n).json()["id"] for n in range(200)]
+        for threshold in (40, 110):
+            while _completed(client) < threshold:
+                time.sleep(0.05)
+            server.kill()
+            server.start()
+        # Submitted again after the kills (a client that retried): the same jobs, none added.
+        assert server.submit(client, headers={"Idempotency-Key": "job-5"}).json()["id"] == ids[5]
+        deadline = time.monotonic() + 600
+        while _completed(client) < 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        listed = client.get("/v1/videos", params={"limit": 100}).json()
+        listed = listed["data"] + client.get("/v1/videos", params={"limit": 100, "after": listed["last_id"]}).json()["data"]
+        assert sorted(job["id"] for job in listed) == sorted(ids)
+        assert all(job["status"] == "completed" for job in listed)
+        assert _completed(client) == 200
+    assert server.stop() == 0
+    with sqlite3.connect(state / "queue.sqlite3") as db:
+        assert db.execute("SELECT count(*), min(completions), max(completions) FROM jobs").fetchone() == (200, 1, 1)
+    assert sorted(path.name for path in (state / "jobs").iterdir()) == sorted(ids)
+    assert all((state / "jobs" / job_id / "video.mp4").is_file() for job_id in ids)
+
+
+def _completed(client) -> int:
+    families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
+    return int(next(s.value for s in families["wan_i2v_jobs"].samples if s.labels["status"] == "completed"))
+
+
+def test_a_killed_job_resumes_from_its_saved_step_to_the_same_video(tiny_checkpoint, tmp_path):
+    server = Server(tiny_checkpoint, tmp_path / "state").start()
+    with server.client() as client:
+        reference = server.submit(client, steps=200, seed=3).json()
+        server.wait_for(client, reference["id"])
+        job = server.submit(client, steps=200, seed=3).json()
+        while client.get(f"/v1/videos/{job['id']}").json()["step"] < 80:
+            time.sleep(0.05)
+        server.kill()
+        server.start()
+        killed_at = client.get(f"/v1/videos/{job['id']}").json()["step"]
+        seen = []  # the steps the restarted server reports: from the saved one on, never from the start
+        while (now := client.get(f"/v1/videos/{job['id']}").json())["status"] != "completed":
+            seen.append(now["step"])
+        assert killed_at >= 80 and seen and min(seen) >= killed_at
+        videos = [client.get(f"/v1/videos/{j['id']}/content").content for j in (reference, job)]
+    server.stop()
+    assert f"running {job['id']} (resuming)" in server.log.read_text()
+    np.testing.assert_array_equal(frames_of(videos[0]), frames_of(videos[1]))
+
+
+def test_two_servers_share_one_queue(tiny_checkpoint, tmp_path):
+    state = tmp_path / "state"
+    first = Server(tiny_checkpoint, state).start()
+    second = Server(tiny_checkpoint, state).start()
+    with first.client() as one, second.client() as two:
+        ids = [first.submit(one if n % 2 else two, seed=n).json()["id"] for n in range(16)]
+        # A job running on the first server when it dies is taken over by the second.
+        long = first.submit(one, steps=300).json()["id"]
+        while one.get(f"/v1/videos/{long}").json()["status"] != "in_progress":
+            time.sleep(0.05)
+        owner_log = first.log if f"running {long}" in first.log.read_text() else second.log
+        (first if owner_log == first.log else second).kill()
+        survivor = two if owner_log == first.log else one
+        for job_id in [*ids, long]:
+            assert first.wait_for(survivor, job_id)["status"] == "completed"
+    for running in (first, second):
+        if running.process.poll() is None:
+            running.stop()
+    ran = {log: log.read_text().count("running video_") for log in (first.log, second.log)}
+    assert all(count > 0 for count in ran.values()), ran  # both servers took jobs
+    with sqlite3.connect(state / "queue.sqlite3") as db:
+        assert db.execute("SELECT count(*), max(completions) FROM jobs WHERE status = 'completed'").fetchone() == (17, 1)
+
+
+def test_sigterm_stops_after_a_step_and_puts_the_job_back(tiny_checkpoint, tmp_path):
+    state = tmp_path / "state"
+    server = Server(tiny_checkpoint, state).start()
+    with server.client() as client:
+        job = server.submit(client, steps=1000).json()
+        while client.get(f"/v1/videos/{job['id']}").json()["step"] < 5:
+            time.sleep(0.05)
+        assert server.stop() == 0
+        with sqlite3.connect(state / "queue.sqlite3") as db:
+            assert db.execute("SELECT status, owner FROM jobs WHERE id = ?", (job["id"],)).fetchone() == ("queued", None)
+        assert (state / "jobs" / job["id"] / "state.pt").is_file()
+        server.start()
+        assert client.get(f"/v1/videos/{job['id']}").json()["step"] >= 5
+        client.delete(f"/v1/videos/{job['id']}")
+    server.stop()
+    assert "stopping (a running job stops after its current step" in server.log.read_text()
