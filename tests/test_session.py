@@ -53,13 +53,17 @@ def test_a_session_on_two_ranks_runs_jobs_cancels_and_resumes(tiny_checkpoint, t
 
 
 def _ranks_of_a_launched_session(ckpt):
-    """Every rank opens the session as under torchrun; rank 0 runs two jobs, rank 1 follows them."""
+    """Every rank opens the session as under torchrun; rank 0 runs two jobs, idle between them, and rank 1 follows."""
     session = RunSession.open(RunOptions(ckpt_dir=ckpt, device="cpu", dtype="fp32"))
     try:
         if not session.is_main:
             session.follow()
             return None
-        return [session.generate(demo_image(), prompt, seed=seed, **JOB).latents for prompt, seed in (("a boat", 3), ("a car", 4))]
+        results = []
+        for prompt, seed in (("a boat", 3), ("a car", 4)):
+            session.keep_alive()  # as a server does between jobs: the followers wait on, and run the next job
+            results.append(session.generate(demo_image(), prompt, seed=seed, **JOB).latents)
+        return results
     finally:
         session.close()
 
