@@ -100,10 +100,12 @@ class Runner:
         last_step_at: list[float] = []
 
         def on_step(step) -> None:
-            now = time.monotonic()
-            # (the first step after the start or a resume also carries the preparation: not a step's time)
-            self.store.progress(job.id, step.index + 1, now - last_step_at[-1] if last_step_at else None)
-            last_step_at.append(now)
+            last_step_at.append(time.monotonic())
+            # The mean over this run's steps; the first step after the start or a resume also carries
+            # the preparation, so its time is not a step's.
+            intervals = len(last_step_at) - 1
+            mean = (last_step_at[-1] - last_step_at[0]) / intervals if intervals else None
+            self.store.progress(job.id, step.index + 1, mean)
 
         try:
             result = session.generate(
