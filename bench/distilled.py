@@ -31,8 +31,11 @@ from wan_i2v.parallel.launch import launch
 from wan_i2v.video import demo_image
 
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight."
-# name -> (GPUs, the VAE's encode and decode dtype)
-CONFIGS = {"1gpu": (1, "fp32"), "1gpu-bf16-vae": (1, "bf16"), "2gpu": (2, "fp32"), "2gpu-bf16-vae": (2, "bf16")}
+# name -> (GPUs, the VAE's encode and decode dtype, FP8 linear layers)
+CONFIGS = {
+    "1gpu": (1, "fp32", False), "1gpu-bf16-vae": (1, "bf16", False), "2gpu": (2, "fp32", False), "2gpu-bf16-vae": (2, "bf16", False),
+    "1gpu-fp8-bf16-vae": (1, "bf16", True), "2gpu-fp8-bf16-vae": (2, "bf16", True),
+}  # fmt: skip
 LINEAR = re.compile(r"^blocks\.\d+\.((self|cross)_attn\.[qkvo]|ffn\.[02])\.weight$")
 
 
@@ -53,7 +56,7 @@ def write_random_lora(path: Path, ckpt_dir: Path, rank: int, seed: int) -> Path:
     return path
 
 
-def run_config(ckpt_dir: Path, world: int, vae_dtype: str, loras: dict) -> dict:
+def run_config(ckpt_dir: Path, world: int, vae_dtype: str, fp8: bool, loras: dict) -> dict:
     from dataclasses import replace
 
     from wan_i2v import I2VPipeline
@@ -63,7 +66,7 @@ def run_config(ckpt_dir: Path, world: int, vae_dtype: str, loras: dict) -> dict:
     device = init_distributed("cuda") if world > 1 else torch.device("cuda")
     image = demo_image(1280, 720)
     height, width = video_size(image.height, image.width, PRESETS["720P"].max_area)
-    options = RunOptions(ckpt_dir=ckpt_dir, device="cuda", gpus=world, decode_dtype=vae_dtype, encode_dtype=vae_dtype, guided=False, loras=loras)
+    options = RunOptions(ckpt_dir=ckpt_dir, device="cuda", gpus=world, decode_dtype=vae_dtype, encode_dtype=vae_dtype, fp8=fp8, guided=False, loras=loras)
     planned = plan_for(options, height=height, width=width, frame_num=81, device="cuda", world=world, ckpt_dir=ckpt_dir)
     groups = ParallelGroups.build(planned.plan.dims, device) if world > 1 else None
     torch.cuda.synchronize()
@@ -71,8 +74,8 @@ def run_config(ckpt_dir: Path, world: int, vae_dtype: str, loras: dict) -> dict:
     pipe = I2VPipeline.load(ckpt_dir, replace(planned.plan, device=device), groups)
     torch.cuda.synchronize()
     load_seconds = time.perf_counter() - started
-    switch_seconds = {}
-    for name, value in (("to none", None), ("to the LoRAs", loras)):  # each re-reads the weights the LoRAs change
+    switch_seconds = {"to none": float("nan"), "to the LoRAs": float("nan")}  # an FP8 pipeline cannot switch them (its weights are quantized)
+    for name, value in () if fp8 else (("to none", None), ("to the LoRAs", loras)):  # each re-reads the weights the LoRAs change
         started = time.perf_counter()
         pipe.set_loras(value)
         torch.cuda.synchronize()
@@ -117,8 +120,8 @@ def main():
     print(f"two rank-{args.lora_rank} LoRAs written in {time.perf_counter() - started:.0f} s", flush=True)
     reference = None
     for name in args.configs:
-        world, vae_dtype = CONFIGS[name]
-        row = launch(run_config, (args.ckpt, world, vae_dtype, loras), world)[0]
+        world, vae_dtype, fp8 = CONFIGS[name]
+        row = launch(run_config, (args.ckpt, world, vae_dtype, fp8, loras), world)[0]
         latents = row.pop("latents")
         if reference is None:
             reference = latents
