@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import socket
 import sys
 import time
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,16 +27,35 @@ from wan_i2v.cache.layout import REPO_FOLDER
 from wan_i2v.errors import WanError
 
 _noise = random.Random(0)
+
+
+def safetensors_bytes(size: int) -> bytes:
+    """A file whose safetensors header reads (one byte tensor), so that `status` counts it usable."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    return len(header).to_bytes(8, "little") + header + _noise.randbytes(size)
+
+
+def torch_zip_bytes(size: int) -> bytes:
+    """A zip with data.pkl, stored uncompressed, as torch.save writes it."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        archive.writestr("archive/data/0", _noise.randbytes(size))
+    return buffer.getvalue()
+
+
+HIGH_SHARDS = ("diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors")
+LOW_SHARD = "diffusion_pytorch_model-00001-of-00001.safetensors"
 FILES = {
     "high_noise_model/config.json": b'{"dim": 16, "num_layers": 2}',
-    "high_noise_model/diffusion_pytorch_model.safetensors.index.json": b'{"weight_map": {}}',
-    "high_noise_model/diffusion_pytorch_model-00001-of-00002.safetensors": _noise.randbytes(40_000),
-    "high_noise_model/diffusion_pytorch_model-00002-of-00002.safetensors": _noise.randbytes(30_000),
+    "high_noise_model/diffusion_pytorch_model.safetensors.index.json": json.dumps({"weight_map": dict(zip("ab", HIGH_SHARDS))}).encode(),
+    f"high_noise_model/{HIGH_SHARDS[0]}": safetensors_bytes(40_000),
+    f"high_noise_model/{HIGH_SHARDS[1]}": safetensors_bytes(30_000),
     "low_noise_model/config.json": b'{"dim": 16, "num_layers": 3}',
-    "low_noise_model/diffusion_pytorch_model.safetensors.index.json": b'{"weight_map": {"a": 1}}',
-    "low_noise_model/diffusion_pytorch_model-00001-of-00001.safetensors": _noise.randbytes(35_000),
-    "Wan2.1_VAE.pth": _noise.randbytes(20_000),
-    "models_t5_umt5-xxl-enc-bf16.pth": _noise.randbytes(50_000),
+    "low_noise_model/diffusion_pytorch_model.safetensors.index.json": json.dumps({"weight_map": {"a": LOW_SHARD}}).encode(),
+    f"low_noise_model/{LOW_SHARD}": safetensors_bytes(35_000),
+    "Wan2.1_VAE.pth": torch_zip_bytes(20_000),
+    "models_t5_umt5-xxl-enc-bf16.pth": torch_zip_bytes(50_000),
     "google/umt5-xxl/spiece.model": _noise.randbytes(5_000),
     "google/umt5-xxl/tokenizer.json": b'{"model": "unigram"}',
     "google/umt5-xxl/tokenizer_config.json": b'{"model_max_length": 512}',
@@ -168,6 +189,20 @@ def test_verify_full_names_a_corrupt_file_and_quick_refetches_it(hub, tmp_path, 
     assert_checkpoint(folder)
 
 
+def test_a_damaged_file_of_the_right_size_is_named_and_fetched_again(hub, tmp_path, capsys):
+    assert cache("quick") == 0
+    (snapshot(tmp_path / "cache") / SHARD).resolve().write_bytes(bytes(len(FILES[SHARD])))
+    capsys.readouterr()
+    assert cache("status") == 1
+    out = capsys.readouterr().out
+    assert any(SHARD in line and "not a safetensors header" in line for line in out.splitlines())
+    assert "`wan-i2v cache verify --full` marks them" in out
+    assert cache("verify", "--full") == 1
+    assert cache("quick") == 0
+    assert len(hub.content_gets(SHARD)) == 2
+    assert cache("status") == 0
+
+
 def test_status_of_a_missing_cache(tmp_path, capsys):
     assert cache("status") == 1
     assert "No Wan-AI/Wan2.2-I2V-A14B checkpoint" in capsys.readouterr().out
@@ -241,7 +276,8 @@ def test_a_huggingface_cli_snapshot_is_used_as_it_is(hub, tmp_path, monkeypatch,
     )
     fetched = len(hub.requests)
     assert resolve_checkpoint_dir() == Path(downloaded) == snapshot(Path(constants.HF_HUB_CACHE))
-    assert cache("status") == 0  # no manifest yet: it is taken from the hub's listing
+    assert cache("status") == 0  # no manifest yet: presence and headers, on the disk alone
+    assert len(hub.requests) == fetched
     assert cache("quick") == 0
     assert not any(method == "GET" and not url.startswith("/api/") for method, url, _ in hub.requests[fetched:])
     capsys.readouterr()

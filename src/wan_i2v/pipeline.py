@@ -176,7 +176,7 @@ class I2VPipeline:
         the meta device first with FSDP, so each rank reads only its rows) and filled."""
         root = Path(ckpt_dir)
         if not root.is_dir():
-            raise WanError(f"checkpoint directory not found: {root}", ckpt.STATUS_HINT)
+            raise WanError(f"checkpoint directory not found: {root}", "check the path; `wan-i2v cache path` prints the cache's checkpoint")
         if plan.on_gpu and not torch.cuda.is_available():
             raise WanError("CUDA was asked for but no GPU is visible", "use --device cpu, or check the driver")
         check_kernel(plan.attention, plan.device)
@@ -197,7 +197,7 @@ class I2VPipeline:
             experts.append(expert)
         high, low = experts
         if high.config != low.config:
-            raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.STATUS_HINT)
+            raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.checkpoint_hint(root / ckpt.LOW_NOISE_DIR / "config.json"))
 
         def shard_text_encoder(model) -> None:
             from wan_i2v.parallel.fsdp import apply_fsdp

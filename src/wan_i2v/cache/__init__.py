@@ -1,7 +1,8 @@
 """The model cache: download, manifest, verify, status, relocate (`wan-i2v cache`).
 
-Independent of the engine. The engine uses `resolve_checkpoint_dir()` for its default checkpoint and
-`CHECKPOINT_PATTERNS` for what a complete checkpoint is.
+Independent of the engine, but for the loader's file names: `status` checks the files it opens.
+The engine uses `resolve_checkpoint_dir()` for its default checkpoint and `CHECKPOINT_PATTERNS` for
+what a complete checkpoint is.
 """
 
 from wan_i2v.cache.cli import add_cache_parser

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from wan_i2v.cache import commands
 from wan_i2v.cache.layout import REPO_ID, cache_root, resolve_checkpoint_dir
+from wan_i2v.cache.manifest import MANIFEST_NAME
 
 _CACHE_DIR_HELP = "cache root (default: $WAN_I2V_HOME, else the Hugging Face hub cache: $HF_HUB_CACHE or $HF_HOME/hub)"
 
@@ -24,7 +25,11 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     quick.add_argument("--source", choices=("hf", "modelscope"), default="hf", help="where to download from (default: hf)")
     quick.set_defaults(func=_quick)
 
-    status = leaves.add_parser("status", help="table of the required files; exit code 0 only when complete")
+    status = leaves.add_parser(
+        "status", help="table of the required files, from the disk alone (works offline); exit code 0 only when all are there and read",
+        description="Check each file image-to-video needs without the network: there or missing, its size (compared with the "
+        f"published one where `quick` or `verify` left a {MANIFEST_NAME}), and whether its header reads.",
+    )  # fmt: skip
     status.add_argument("--ckpt-dir", type=Path, help="check this checkpoint folder instead of the cache")
     status.set_defaults(func=lambda args: commands.status(_root(args), args.ckpt_dir))
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from wan_i2v.cache.check import READS, check_checkpoint
 from wan_i2v.cache.layout import (
     CORRUPT, REPO_FOLDER, REPO_ID, USABLE, VERIFIED, WRONG_SIZE,
-    find_checkpoint_dir, inspect, repo_folder, resolve_checkpoint_dir,
+    cache_root_of, find_checkpoint_dir, hub_offline, inspect, repair_advice, repo_folder, resolve_checkpoint_dir,
 )
 from wan_i2v.cache.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
 from wan_i2v.errors import WanError
@@ -103,25 +104,38 @@ def _exclusive(root: Path):
 
 
 def status(root: Path, checkpoint_dir: Path | None) -> int:
+    """The table of the files image-to-video needs, from the disk alone: never the network, so it works offline."""
     checkpoint_dir = checkpoint_dir or find_checkpoint_dir(root)
     if checkpoint_dir is None:
         print(f"No {REPO_ID} checkpoint in {root}; `wan-i2v cache quick` downloads it.")
         return 1
-    manifest = _manifest_for(checkpoint_dir)
-    rows = [(entry, *inspect(checkpoint_dir, entry)) for entry in manifest.files]
-    width = max(len(entry.path) for entry, _, _ in rows)
-    print(f"{checkpoint_dir}  (from {manifest.source}, revision {manifest.revision[:12]})")
-    print(f"{'FILE':<{width}}  {'ON DISK':>10}  {'EXPECTED':>10}  STATE")
-    for entry, state, on_disk in rows:
-        print(f"{entry.path:<{width}}  {human_size(on_disk):>10}  {human_size(entry.size):>10}  {state}")
-    usable = sum(state in USABLE for _, state, _ in rows)
-    verified = sum(state == VERIFIED for _, state, _ in rows)
-    print(
-        f"total: {human_size(sum(on_disk for *_, on_disk in rows))} of {human_size(sum(e.size for e in manifest.files))}; "
-        f"{usable} of {len(rows)} files usable, {verified} verified"
-    )
-    if usable < len(rows):
-        print("incomplete: `wan-i2v cache quick` fetches what is missing")
+    if not checkpoint_dir.is_dir():
+        raise WanError(f"{checkpoint_dir} is not a directory", hint="pass the checkpoint folder with --ckpt-dir")
+    manifest = Manifest.load(checkpoint_dir)
+    checks = check_checkpoint(checkpoint_dir, manifest)
+    if manifest is None:
+        # A plain folder, or a snapshot another tool downloaded: the published sizes are on the hub only.
+        print(f"{checkpoint_dir}  (no {MANIFEST_NAME}: sizes not compared)")
+    else:
+        print(f"{checkpoint_dir}  (from {manifest.source}, revision {manifest.revision[:12]})")
+    width = max(len(check.path) for check in checks)
+    print(f"{'FILE':<{width}}  {'ON DISK':>10}  {'EXPECTED':>10}  {'STATE':<10}  HEADER")
+    for check in checks:
+        expected = "-" if check.expected is None else human_size(check.expected)
+        print(f"{check.path:<{width}}  {human_size(check.on_disk):>10}  {expected:>10}  {check.state:<10}  {check.header}")
+    usable = sum(check.usable for check in checks)
+    on_disk = human_size(sum(check.on_disk for check in checks))
+    if manifest is None:
+        print(f"total: {on_disk}; {usable} of {len(checks)} files usable")
+    else:
+        verified = sum(check.state == VERIFIED for check in checks)
+        print(f"total: {on_disk} of {human_size(sum(e.size for e in manifest.files))}; {usable} of {len(checks)} files usable, {verified} verified")
+    if usable < len(checks):
+        print(f"incomplete: {repair_advice(checkpoint_dir)}")
+        unreadable = [check.path for check in checks if check.state in USABLE and check.header != READS]
+        if unreadable and manifest is not None and cache_root_of(checkpoint_dir) is not None:
+            # `quick` goes by sizes: a damaged file of the right size is fetched again once a hash check marks it corrupt.
+            print(f"{len(unreadable)} of the right size do not read: `wan-i2v cache verify --full` marks them corrupt, for `quick` to fetch again")
         return 1
     print("complete")
     return 0
@@ -145,7 +159,7 @@ def verify(root: Path, checkpoint_dir: Path | None, full: bool) -> int:
     for path, state in problems.items():
         print(f"{state}: {path}")
     if problems:
-        print(f"{len(problems)} of {len(states)} files need fetching: run `wan-i2v cache quick`")
+        print(f"{len(problems)} of {len(states)} files missing or wrong: {repair_advice(checkpoint_dir)}")
         return 1
     print(f"all {len(states)} files " + ("match their published hashes" if full else "have their expected sizes"))
     return 0
@@ -158,6 +172,12 @@ def _manifest_for(checkpoint_dir: Path) -> Manifest:
         return manifest
     if not checkpoint_dir.is_dir():
         raise WanError(f"{checkpoint_dir} is not a directory", hint="pass the checkpoint folder with --ckpt-dir")
+    offline_check = f"`wan-i2v cache status --ckpt-dir {checkpoint_dir}` checks presence and headers offline"
+    if hub_offline():
+        raise WanError(
+            f"{checkpoint_dir} has no {MANIFEST_NAME}: the published sizes and hashes are on the hub, and HF_HUB_OFFLINE is set",
+            hint=offline_check,
+        )
     from wan_i2v.cache.sources import HubSource
 
     # A hub snapshot folder is named after its commit: list exactly that one.
@@ -165,7 +185,7 @@ def _manifest_for(checkpoint_dir: Path) -> Manifest:
     try:
         manifest = HubSource().listing(revision)
     except WanError as err:
-        raise WanError(f"{checkpoint_dir} has no {MANIFEST_NAME}, and {err.message}", hint=err.hint) from err
+        raise WanError(f"{checkpoint_dir} has no {MANIFEST_NAME}, and {err.message}", hint=f"{err.hint}; {offline_check}") from err
     _save_if_possible(manifest, checkpoint_dir)
     return manifest
 

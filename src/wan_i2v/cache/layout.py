@@ -114,6 +114,40 @@ def find_checkpoint_dir(root: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
+def hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it again, as HF_ENDPOINT is, so a setting made later counts.
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+
+
+def cache_root_of(checkpoint_dir: Path) -> Path | None:
+    """The cache root this checkpoint directory is a snapshot of; None for a folder of the user's own."""
+    snapshots = checkpoint_dir.absolute().parent
+    if snapshots.name == "snapshots" and snapshots.parent.name == REPO_FOLDER:
+        return snapshots.parent.parent
+    return None
+
+
+def repair_advice(checkpoint_dir: Path) -> str:
+    """What mends missing or cut-short files of this checkpoint directory."""
+    root = cache_root_of(checkpoint_dir)
+    if root is None:
+        # wan-i2v downloads only into its cache, and a 100 GB download is no answer for one file anyway.
+        return f"copy complete files into {checkpoint_dir} again"
+    when = ", once HF_HUB_OFFLINE is unset" if hub_offline() else ""
+    return f"`wan-i2v cache quick{_cache_dir_option(root)}` fetches the files missing or wrong, resuming partial ones{when}"
+
+
+def loading_hint(checkpoint_dir: Path) -> str:
+    """The hint of a loading error about one file of this checkpoint directory: where to see them all, what mends them."""
+    root = cache_root_of(checkpoint_dir)
+    status = f"status{_cache_dir_option(root)}" if root is not None else f"status --ckpt-dir {checkpoint_dir}"
+    return f"`wan-i2v cache {status}` lists every missing or unreadable file; {repair_advice(checkpoint_dir)}"
+
+
+def _cache_dir_option(root: Path) -> str:
+    return "" if root.resolve() == cache_root().resolve() else f" --cache-dir {root}"
+
+
 def resolve_checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The checkpoint directory `generate` uses by default (see the module docstring for the order)."""
     root = cache_root(cache_dir)

@@ -60,7 +60,7 @@ class Manifest:
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError) as err:
-            raise WanError(f"unreadable manifest {path}: {err}", hint="delete it; `wan-i2v cache quick` writes a new one") from err
+            raise WanError(f"unreadable manifest {path}: {err}", hint="delete it: `wan-i2v cache status` checks the files without it") from err
 
     def save(self, checkpoint_dir: Path) -> None:
         # Written aside and renamed, so a crash never leaves half a manifest.

@@ -34,11 +34,35 @@ TOKENIZER_DIR = "google/umt5-xxl"
 SAFETENSORS_FILE = "diffusion_pytorch_model.safetensors"
 SAFETENSORS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
-STATUS_HINT = "run `wan-i2v cache status` to see what is missing, `wan-i2v cache quick` to fetch it"
+# For errors about the checkpoint as a whole, where no file tells whose folder it is.
+STATUS_HINT = "`wan-i2v cache status` checks the cache's checkpoint, `wan-i2v cache status --ckpt-dir DIR` a folder of your own"
+
+
+def checkpoint_hint(path: str | Path) -> str:
+    """The hint of an error about one file: only the cache's own checkpoint is mended by `wan-i2v cache quick`;
+    a folder the user gave is theirs, and offline a download is no answer either."""
+    # Imported on failure only: loading needs nothing else of the cache.
+    from wan_i2v.cache.layout import loading_hint
+
+    return loading_hint(_checkpoint_dir_of(Path(path)))
+
+
+def _checkpoint_dir_of(path: Path) -> Path:
+    # Every file of the layout lies in the checkpoint directory itself, in an expert's folder, or in the tokenizer's.
+    if path.parent.name in (HIGH_NOISE_DIR, LOW_NOISE_DIR):
+        return path.parent.parent
+    if path.as_posix().endswith(TOKENIZER_DIR):
+        return path.parents[1]
+    return path.parent
+
+
+def first_line(exc: Exception) -> str:
+    # torch's and safetensors' messages may run over several lines; the error stays one.
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def missing_file_error(path: Path, what: str) -> WanError:
-    return WanError(f"{what} not found: {path}", STATUS_HINT)
+    return WanError(f"{what} not found: {path}", checkpoint_hint(path))
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -48,7 +72,7 @@ def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise WanError(f"{what} is not valid JSON: {path} ({exc})", STATUS_HINT) from None
+        raise WanError(f"{what} is not valid JSON: {path} ({first_line(exc)})", checkpoint_hint(path)) from None
     if not isinstance(data, dict):
         raise WanError(f"{what} {path} is not a JSON object", "write it as {\"key\": value, ...}")
     return data
@@ -86,7 +110,7 @@ class TensorSource:
         try:
             return self._readers[key](rows)
         except Exception as exc:  # a truncated or corrupt file surfaces here
-            raise WanError(f"cannot read tensor {key!r} from {self.files[key]}: {exc}", STATUS_HINT) from None
+            raise WanError(f"cannot read tensor {key!r} from {self.files[key]}: {first_line(exc)}", checkpoint_hint(self.files[key])) from None
 
     def with_readers(self, readers: Mapping[str, Callable[[slice | None], torch.Tensor]]) -> "TensorSource":
         """The same tensors, those named in ``readers`` read by them instead (an adapter's merge)."""
@@ -110,7 +134,7 @@ def safetensors_source(model_dir: Path) -> TensorSource:
     if index.is_file():
         weight_map = read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise WanError(f"safetensors index has no weight_map: {index}", STATUS_HINT)
+            raise WanError(f"safetensors index has no weight_map: {index}", checkpoint_hint(index))
         shard_names = sorted(set(weight_map.values()))
     elif single.is_file():
         shard_names = [single.name]
@@ -128,7 +152,7 @@ def safetensors_source(model_dir: Path) -> TensorSource:
             handle = safe_open(str(path), framework="pt", device="cpu")
             keys = list(handle.keys())
         except Exception as exc:
-            raise WanError(f"cannot open {path}: {exc}", STATUS_HINT) from None
+            raise WanError(f"cannot open {path}: {first_line(exc)}", checkpoint_hint(path)) from None
         for key in keys:
             readers[key] = lambda rows, handle=handle, key=key: handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows]
             shapes[key] = lambda handle=handle, key=key: handle.get_slice(key).get_shape()
@@ -136,7 +160,7 @@ def safetensors_source(model_dir: Path) -> TensorSource:
     if index.is_file():
         absent = sorted(k for k in weight_map if k not in readers)
         if absent:
-            raise WanError(f"{index} lists {absent[0]!r} but its shard does not hold it", STATUS_HINT)
+            raise WanError(f"{index} lists {absent[0]!r} but its shard does not hold it", checkpoint_hint(index))
     return TensorSource(readers, files, shapes)
 
 
@@ -147,9 +171,9 @@ def torch_file_source(path: Path, what: str) -> TensorSource:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise WanError(f"cannot read {what} {path}: {exc}", STATUS_HINT) from None
+        raise WanError(f"cannot read {what} {path}: {first_line(exc)}", checkpoint_hint(path)) from None
     if not isinstance(state, Mapping):
-        raise WanError(f"{path} does not hold a state dict", STATUS_HINT)
+        raise WanError(f"{path} does not hold a state dict", checkpoint_hint(path))
     return TensorSource(
         {k: (lambda rows, v=v: v if rows is None else v[rows]) for k, v in state.items()},
         {k: str(path) for k in state},
@@ -223,10 +247,10 @@ def load_strict(
     targets = {full: (owner, name, tensor, is_param) for full, owner, name, tensor, is_param in _named_tensors(module)}
     missing = sorted(set(targets) - set(source.keys()))
     if missing:
-        some_file = next(iter(source.files.values()), "the checkpoint")
+        some_file = next(iter(source.files.values()), None)
         raise WanError(
-            f"{some_file}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
-            "the file is of another model or incomplete; " + STATUS_HINT,
+            f"{some_file or 'the checkpoint'}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
+            "the file is of another model or incomplete; " + (checkpoint_hint(some_file) if some_file else STATUS_HINT),
         )
     extra = sorted(set(source.keys()) - set(targets))
     if extra:

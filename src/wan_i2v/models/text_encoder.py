@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from wan_i2v.loading.checkpoint import STATUS_HINT, cast_parameters, load_strict, missing_file_error, read_config, torch_file_source
+from wan_i2v.loading.checkpoint import cast_parameters, checkpoint_hint, first_line, load_strict, missing_file_error, read_config, torch_file_source
 from wan_i2v.errors import WanError
 
 T5_CONFIG_FILE = "t5_config.json"
@@ -183,4 +183,4 @@ def _load_tokenizer(tokenizer_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError) as exc:
-        raise WanError(f"cannot load the umT5 tokenizer from {tokenizer_dir}: {exc}", STATUS_HINT) from None
+        raise WanError(f"cannot load the umT5 tokenizer from {tokenizer_dir}: {first_line(exc)}", checkpoint_hint(tokenizer_dir)) from None
