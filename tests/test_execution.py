@@ -1,5 +1,7 @@
 """The execution plan: options resolved in one place, refusals from one table, transforms in one checked order."""
 
+import re
+
 import pytest
 import torch
 
@@ -33,18 +35,22 @@ def test_where_things_live_follows_the_placement():
 
 
 @pytest.mark.parametrize(
-    "plan, refusal",
+    "plan, on_the_command_line, in_python",
     [
-        (dict(dims=ParallelDims(2, 1, fsdp=True), offload=Offload.BLOCKS), "--offload blocks does not combine with --fsdp"),
-        (dict(dims=ParallelDims(1, 2, fsdp=True), fp8=True), "--fp8 does not combine with --fsdp"),
-        (dict(dims=ParallelDims(1, 1, fsdp=True)), "--fsdp shards over several GPUs"),
+        (dict(dims=ParallelDims(2, 1, fsdp=True), offload=Offload.BLOCKS), "--offload blocks does not combine with --fsdp", "offload='blocks' does not combine with fsdp"),
+        (dict(dims=ParallelDims(1, 2, fsdp=True), fp8=True), "--fp8 does not combine with --fsdp", "fp8 does not combine with fsdp"),
+        (dict(dims=ParallelDims(1, 1, fsdp=True)), "--fsdp shards over several GPUs (give --gpus 2 or more", "fsdp shards over several GPUs (give gpus=2 or more"),
     ],
 )
-def test_refused_combinations_come_from_one_table(plan, refusal):
+def test_refused_combinations_come_from_one_table_spelled_for_the_reader(plan, on_the_command_line, in_python):
+    from wan_i2v.errors import on_the_command_line as command_line
+
     plan = ExecutionPlan(torch.device("cuda"), torch.bfloat16, **plan)
-    assert [str(e) for e in plan.refusals()][0].startswith(refusal)
-    with pytest.raises(WanError, match=refusal):
+    assert [str(e) for e in plan.refusals()][0].startswith(in_python)
+    with pytest.raises(WanError, match=re.escape(in_python)):
         plan.check()
+    with command_line():
+        assert [str(e) for e in plan.refusals()][0].startswith(on_the_command_line)
     assert ExecutionPlan(torch.device("cuda"), torch.bfloat16, dims=ParallelDims(2, 1, fsdp=True), offload=Offload.EXPERTS).refusals() == []
 
 

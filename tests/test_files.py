@@ -203,3 +203,74 @@ def test_the_same_frames_give_the_same_mp4_bytes(tiny_pipeline, tmp_path):
         path = write_mp4(video, tmp_path / f"copy-{attempt}.mp4", fps=16, metadata={"seed": 3})
         digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_with_no_gpu_a_small_model_runs_on_the_cpu_and_says_so(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    without_device = [arg for arg in TINY if arg not in ("--device", "cpu")]
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), *without_device, "--save-file", str(tmp_path / "o.mp4")]) == 0
+    assert "wan-i2v: no GPU is visible: running on the CPU" in capsys.readouterr().err
+
+
+def test_with_no_gpu_the_real_model_is_refused_unless_the_cpu_is_asked_for(image_file, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    official = tmp_path / "Wan2.2-I2V-A14B"  # no configs: the official model's sizes
+    official.mkdir()
+    for gpus in ([], ["--gpus", "2"]):
+        args = ["generate", "--ckpt-dir", str(official), "--image", str(image_file), "--prompt", "a boat", *gpus]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no GPU is visible, and a video of this 14B-parameter model takes hours on the CPU" in err[0] and "--device cpu" in err[0]
+    # Asked for, the CPU is tried (and here the empty folder is what stops it).
+    assert main(["generate", "--ckpt-dir", str(official), "--image", str(image_file), "--prompt", "a boat", "--device", "cpu", "--quiet"]) == 2
+    assert "hours" not in capsys.readouterr().err
+
+
+def test_fp8_and_offload_on_the_cpu_say_they_do_nothing(tiny_checkpoint, image_file, tmp_path, capsys):
+    plain, flagged = tmp_path / "plain.mp4", tmp_path / "flagged.mp4"
+    assert run(tiny_checkpoint, image_file, "--seed", "5", "--save-file", str(plain)) == 0
+    capsys.readouterr()
+    assert run(tiny_checkpoint, image_file, "--seed", "5", "--save-file", str(flagged), "--fp8", "--offload", "blocks") == 0
+    err = capsys.readouterr().err
+    assert "warning: --fp8 does nothing on the CPU" in err and "warning: --offload does nothing on the CPU" in err
+    assert flagged.read_bytes() == plain.read_bytes()  # ignored, not half-applied
+
+
+def test_the_summary_has_the_loading_time_and_loading_shows_progress(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    from wan_i2v import pipeline
+
+    monkeypatch.setattr(pipeline, "LOADING_BAR_DELAY_S", 0)  # the tiny model loads faster than the bar's delay
+    quiet_free = [arg for arg in TINY if arg != "--quiet"]
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), *quiet_free, "--save-file", str(tmp_path / "o.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert "loading: 100%" in err and "4/4" in err and "image encoding: 100%" in err
+    assert any(line.startswith("time: loading ") for line in err.splitlines())
+
+
+def test_the_apis_errors_spell_keywords_and_the_clis_spell_flags(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from wan_i2v import I2VPipeline
+    from wan_i2v.errors import WanError
+    from wan_i2v.session import RunOptions, RunSession
+    from wan_i2v.video import check_writable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(WanError) as raised:
+        I2VPipeline.from_pretrained(tiny_checkpoint, device="cuda")
+    assert "use device='cpu'" in str(raised.value) and "--" not in str(raised.value)
+    with pytest.raises(WanError) as raised:
+        RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu", gpus=0))
+    assert str(raised.value) == "gpus=0 (give 1 or more)"
+    with pytest.raises(WanError) as raised:
+        check_writable(tmp_path / "nowhere" / "out.mp4")
+    assert "choose another save_file" in str(raised.value)
+    # The same mistakes on the command line name the flags.
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "a", "--device", "cuda"]) == 2
+    assert "use --device cpu" in capsys.readouterr().err
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), *TINY, "--image", str(image_file), "--gpus", "0"]) == 2
+    assert "wan-i2v: error: --gpus 0 (give 1 or more)" in capsys.readouterr().err

@@ -237,11 +237,18 @@ def test_plan_choice_and_validation():
     stages = estimate_memory(ParallelDims(2, 1, True), sizes, offload="experts", **shape).stages
     assert stages["decoding"] < stages["image encoding"] < 16 * GiB
     assert choose_plan(4, sizes, gpu_bytes=None, **shape)[:2] == (ParallelDims(2, 2, False), Placement())
-    with pytest.raises(WanError, match=r"3 GPUs cannot split the model's 40 attention heads \(use --gpus 1, 2, 4, 5, 8"):
-        choose_plan(3, sizes, gpu_bytes=None, **shape)
-    with pytest.raises(WanError, match="--ulysses 3 does not divide the model's 40 attention heads"):
+    from wan_i2v.errors import on_the_command_line
+
+    with on_the_command_line():  # the CLI's spelling; from Python, the keywords'
+        with pytest.raises(WanError, match=r"3 GPUs cannot split the model's 40 attention heads \(use --gpus 1, 2, 4, 5, 8"):
+            choose_plan(3, sizes, gpu_bytes=None, **shape)
+        with pytest.raises(WanError, match="--ulysses 3 does not divide the model's 40 attention heads"):
+            ParallelDims(1, 3).validate(3, 40)
+        with pytest.raises(WanError, match="uses 8 GPUs, not 4.*--ulysses 2 --cfg-parallel or --ulysses 4"):
+            ParallelDims(2, 4).validate(4, 40)
+    with pytest.raises(WanError, match="ulysses=3 does not divide the model's 40 attention heads"):
         ParallelDims(1, 3).validate(3, 40)
-    with pytest.raises(WanError, match="uses 8 GPUs, not 4.*--ulysses 2 --cfg-parallel or --ulysses 4"):
+    with pytest.raises(WanError, match="uses 8 GPUs, not 4.*ulysses=2, cfg_parallel=True or ulysses=4"):
         ParallelDims(2, 4).validate(4, 40)
 
 

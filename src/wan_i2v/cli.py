@@ -7,11 +7,12 @@ import errno
 import os
 import signal
 import sys
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, on_the_command_line
 
 DEMO_FILE = "wan-i2v-demo.mp4"
 DEFAULT_OUTPUT = "wan-i2v-output.mp4"
@@ -24,9 +25,10 @@ def _home() -> Path:
 DECODE_DTYPE_HELP = "the VAE decode's precision: fp32 as the official code (default), or bf16: about twice as fast in half the memory, ~1e-2 from fp32"
 
 
-def _print_summary(result, path: Path) -> None:
-    stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in result.timings.items())
-    print(f"time: {stages}; total {sum(result.timings.values()):.1f}s", file=sys.stderr)
+def _print_summary(result, path: Path, loading_seconds: float) -> None:
+    timings = {"loading": loading_seconds, **result.timings}
+    stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items())
+    print(f"time: {stages}; total {sum(timings.values()):.1f}s", file=sys.stderr)
     if result.peak_memory_gb is not None:
         print(f"peak GPU memory: {result.peak_memory_gb:.1f} GiB", file=sys.stderr)
     print(f"seed: {result.settings.seed}", file=sys.stderr)
@@ -34,11 +36,10 @@ def _print_summary(result, path: Path) -> None:
 
 
 def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool,
-         state_file: Path | None = None):
+         loading_seconds: float, state_file: Path | None = None):
     """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4.
     With ``state_file`` the denoising state is saved after every step and the same command resumes
     a run that died. In a multi-process run only rank 0 writes and prints."""
-    import time
 
     from wan_i2v.config import FPS
     from wan_i2v.video import write_mp4
@@ -74,7 +75,7 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
         latents_file.unlink(missing_ok=True)
     if state_file is not None:
         state_file.unlink(missing_ok=True)
-    _print_summary(result, save_file)
+    _print_summary(result, save_file, loading_seconds)
     return result
 
 
@@ -234,8 +235,51 @@ def _run_options(args):
     return RunOptions(
         ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype,
         offload=args.offload, fsdp=args.fsdp, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fp8=args.fp8,
-        compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory,
+        compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory, progress=not getattr(args, "quiet", False),
     )  # fmt: skip
+
+
+# Expert size (parameters) past which a run on the CPU takes hours: the real model's 14B, not a test's tiny one.
+CPU_PARAMETERS_LIMIT = 2e9
+
+
+def _run_device(asked: str | None, ckpt_dir: Path) -> str:
+    """``--device``, else the GPU. With no GPU visible the run goes to the CPU only for a small model
+    (a tiny test checkpoint), and says so; the real model there would take hours, so it needs --device cpu."""
+    from wan_i2v import session as runs
+
+    if asked:
+        runs.check_device(asked)
+        return asked
+    device = runs.default_device()
+    if device == "cpu":
+        from wan_i2v.parallel.plan import model_sizes
+
+        # (a folder that is not there is the loader's to report)
+        parameters = model_sizes(ckpt_dir, dtype_bytes=1).expert if ckpt_dir.is_dir() else 0
+        if parameters > CPU_PARAMETERS_LIMIT:
+            raise WanError(f"no GPU is visible, and a video of this {parameters / 1e9:.0f}B-parameter model takes hours on the CPU",
+                           "check the GPU driver (nvidia-smi), or give --device cpu to run on the CPU all the same")  # fmt: skip
+        if _is_main():
+            print("wan-i2v: no GPU is visible: running on the CPU (--device cpu says so and silences this)", file=sys.stderr)
+    return device
+
+
+def _checked_plan(options, device: str, plan_with):
+    """``plan_with(options)``, its refusal raised. Then, on the CPU, --fp8 and --offload, which would
+    only slow the run there (FP8 emulated, host-to-host copies), are dropped with a word."""
+    from dataclasses import replace
+
+    planned = plan_with(options)
+    planned.plan.check()
+    if device != "cpu" or not (options.fp8 or options.offload):
+        return options, planned
+    if options.fp8:
+        warnings.warn("--fp8 does nothing on the CPU (FP8 matmuls need an NVIDIA GPU); ignored")
+    if options.offload:
+        warnings.warn("--offload does nothing on the CPU (the weights are in host memory already); ignored")
+    options = replace(options, fp8=False, offload=None)
+    return options, plan_with(options)
 
 
 def cmd_generate(args) -> int:
@@ -262,38 +306,40 @@ def cmd_generate(args) -> int:
         check_writable(save_file)
         check_writable(latents_file)
     options = replace(_run_options(args), loras=loras, guided=any(g != 1 for g in guide))
-    # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
-    device = args.device or ("cuda" if args.dry_run else runs.default_device())
-    if not args.dry_run:
-        runs.check_device(device)
-    world = runs.world_size(options, device, planning_only=args.dry_run)
     try:
         ckpt_dir = runs.checkpoint_dir(options)
     except WanError:
         if not args.dry_run:
             raise
         ckpt_dir = None  # a dry run plans for the official model's shapes
+    # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
+    device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir)
+    world = runs.world_size(options, device, planning_only=args.dry_run)
     height, width = video_size(image.height, image.width, max_area)
     if _is_main() and not args.dry_run:
         _check_free_space(save_file, args.frame_num, height, width)
     launching = world > 1 and not launched() and not args.dry_run
-    planned = runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
-                            ckpt_dir=ckpt_dir, query_gpu=not launching)  # fmt: skip
+    def plan_with(options):
+        return runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
+                             ckpt_dir=ckpt_dir, query_gpu=not launching)  # fmt: skip
+
     if args.dry_run:
+        planned = plan_with(options)
         _explain(planned, (height, width, dit_tokens(args.frame_num, height, width)), args)
         planned.plan.check()  # the refusal the run would give, after the plan it refuses
         return 0
-    planned.plan.check()
+    options, planned = _checked_plan(options, device, plan_with)
+    loading_started = time.perf_counter()
     with (
         _exclusive(save_file) if _is_main() else nullcontext(),
         runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned, height=height, width=width,
                              frame_num=args.frame_num) as session,
     ):  # fmt: skip
         placement = session.planned.plan.placement  # the ranks' plan, for their GPUs' memory
-        if (placement.offload != args.offload or placement.fsdp != args.fsdp) and _is_main():
+        if (placement.offload != options.offload or placement.fsdp != options.fsdp) and _is_main():
             print(f"wan-i2v: {placement.describe(session.planned.plan.dims)}, to fit in the GPU's memory ({session.planned.estimate.describe()})", file=sys.stderr)
         _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
-             keep_latents=bool(args.save_latents), state_file=save_file.with_suffix(".state.pt"))  # fmt: skip
+             keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=save_file.with_suffix(".state.pt"))  # fmt: skip
     return 0
 
 
@@ -314,14 +360,14 @@ def cmd_serve(args) -> int:
     if _is_main():
         check_binding(args.host, args.port, token)
     options = replace(_run_options(args), loras=_loras(args), guided=any(g != 1 for g in guide))
-    device = options.device or runs.default_device()
-    runs.check_device(device)
+    options = replace(options, ckpt_dir=runs.checkpoint_dir(options))
+    device = _run_device(options.device, options.ckpt_dir)
+    options = replace(options, device=device)
     world = runs.world_size(options, device)
-    options = replace(options, ckpt_dir=runs.checkpoint_dir(options), device=device)
     height, width = video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
-    planned = runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
-                            ckpt_dir=options.ckpt_dir, query_gpu=world == 1 or launched())  # fmt: skip
-    planned.plan.check()
+    options, planned = _checked_plan(options, device, lambda options: runs.plan_for(
+        options, height=height, width=width, frame_num=args.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
+        query_gpu=world == 1 or launched()))  # fmt: skip
 
     def open_session():
         return runs.RunSession.open(options, planned=planned, height=height, width=width, frame_num=args.frame_num)
@@ -380,8 +426,10 @@ def cmd_demo(args) -> int:
     check_writable(save_file)
     ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")
     print(f"demo: tiny random model in {ckpt_dir} (random weights: the video is noise-like, not a real video)", file=sys.stderr)
-    with RunSession.open(RunOptions(ckpt_dir=ckpt_dir, device="cpu", gpus=1, dtype="fp32")) as session:
-        _run(session, demo_image(), args, max_area=args.max_area, shift=3.0, save_file=save_file, latents_file=None, keep_latents=False)
+    loading_started = time.perf_counter()
+    with RunSession.open(RunOptions(ckpt_dir=ckpt_dir, device="cpu", gpus=1, dtype="fp32", progress=not args.quiet)) as session:
+        _run(session, demo_image(), args, max_area=args.max_area, shift=3.0, save_file=save_file, latents_file=None, keep_latents=False,
+             loading_seconds=time.perf_counter() - loading_started)  # fmt: skip
     return 0
 
 
@@ -542,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code
     try:
-        with _one_line_warnings():
+        with _one_line_warnings(), on_the_command_line():
             return args.func(args)
     except WanError as exc:
         rank = "" if _is_main() else f"(rank {os.environ.get('RANK')}) "

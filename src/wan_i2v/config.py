@@ -75,7 +75,7 @@ def video_size(image_height: int, image_width: int, max_area: int) -> tuple[int,
     if lat_h < PATCH_SIZE[1] or lat_w < PATCH_SIZE[2]:
         raise WanError(
             f"an image of {image_width}x{image_height} is too narrow for an area of {max_area} pixels",
-            "crop the image closer to a common aspect ratio or use a larger --size",
+            "crop the image closer to a common aspect ratio, or ask for a larger video",
         )
     return lat_h * VAE_STRIDE[1], lat_w * VAE_STRIDE[2]
 

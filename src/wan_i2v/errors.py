@@ -1,5 +1,8 @@
 """User-facing errors: one line that says what is wrong and what to do."""
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 
 class WanError(Exception):
     """An error the CLI prints as one line (exit code 2) instead of a traceback.
@@ -14,3 +17,31 @@ class WanError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+# Who reads the errors: the command line (`wan-i2v ...`, set by cli.main) or Python code (the default).
+_COMMAND_LINE: ContextVar[bool] = ContextVar("wan_i2v_command_line", default=False)
+_NO_VALUE = object()
+
+
+def command_line() -> bool:
+    """The errors raised now are read on the command line."""
+    return _COMMAND_LINE.get()
+
+
+def option(name: str, value: object = _NO_VALUE) -> str:
+    """Option ``name`` (its keyword, e.g. ``frame_num``) as the reader of the error spells it:
+    ``--frame-num 6`` on the command line, ``frame_num=6`` in Python."""
+    if command_line():
+        return f"--{name.replace('_', '-')}" + ("" if value is _NO_VALUE else f" {value}")
+    return name + ("" if value is _NO_VALUE else f"={value!r}")
+
+
+@contextmanager
+def on_the_command_line():
+    """Errors raised inside spell options as command-line flags."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)

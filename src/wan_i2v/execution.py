@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, command_line, option
 from wan_i2v.loading.lora import Loras
 from wan_i2v.parallel.plan import MemoryEstimate, ModelSizes, ParallelDims, Placement, estimate_memory, make_plan
 
@@ -147,7 +147,7 @@ class ExecutionPlan:
 
     def refusals(self) -> list[WanError]:
         """Each combination of this plan that a run refuses, as its one-line error (empty: it runs)."""
-        return [WanError(message, hint) for refused, message, hint in INCOMPATIBLE if refused(self)]
+        return [WanError(message(), hint()) for refused, message, hint in INCOMPATIBLE if refused(self)]
 
     def check(self) -> "ExecutionPlan":
         refusals = self.refusals()
@@ -166,12 +166,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-# Combinations a run refuses: (refused(plan), message, what to do). --dry-run prints them too.
-INCOMPATIBLE: tuple[tuple[Callable[[ExecutionPlan], bool], str, str], ...] = (
-    (lambda p: p.fsdp and p.offload is Offload.BLOCKS, "--offload blocks does not combine with --fsdp", "FSDP's own offload is --fsdp --offload"),
-    (lambda p: p.fsdp and p.fp8, "--fp8 does not combine with --fsdp yet", "drop one of them"),
-    (lambda p: p.fsdp and p.dims.world == 1, "--fsdp shards over several GPUs", "give --gpus 2 or more, or leave out --fsdp"),
-)
+# Combinations a run refuses: (refused(plan), message, what to do), the options spelled for the
+# reader when the plan is checked (errors.option). --dry-run prints them too.
+INCOMPATIBLE: tuple[tuple[Callable[[ExecutionPlan], bool], Callable[[], str], Callable[[], str]], ...] = (
+    (lambda p: p.fsdp and p.offload is Offload.BLOCKS,
+     lambda: f"{option('offload', 'blocks')} does not combine with {option('fsdp')}",
+     lambda: "FSDP's own offload is " + ("--fsdp --offload" if command_line() else "fsdp=True with offload='experts'")),
+    (lambda p: p.fsdp and p.fp8, lambda: f"{option('fp8')} does not combine with {option('fsdp')} yet", lambda: "drop one of them"),
+    (lambda p: p.fsdp and p.dims.world == 1, lambda: f"{option('fsdp')} shards over several GPUs", lambda: f"give {option('gpus', 2)} or more, or leave out {option('fsdp')}"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

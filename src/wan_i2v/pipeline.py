@@ -26,7 +26,7 @@ from wan_i2v.config import (
     GenerationSettings,
     video_size,
 )
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, apply_plan
 from wan_i2v.kernels.attention import check_kernel
 from wan_i2v.loading import checkpoint as ckpt
@@ -45,6 +45,7 @@ from wan_i2v.video import image_to_tensor, load_image
 
 __all__ = ["Cancelled", "GenerationResult", "I2VPipeline", "LoopHook", "Prepared", "StepInfo"]
 
+LOADING_BAR_DELAY_S = 2.0
 # The tensors a step callback may ask for (diffusers' ``callback_on_step_end_tensor_inputs``).
 CALLBACK_TENSOR_INPUTS = ("latents",)
 
@@ -171,18 +172,22 @@ class I2VPipeline:
         return cls.load(ckpt_dir, plan, parallel)
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None) -> "I2VPipeline":
+    def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None, progress: bool = False) -> "I2VPipeline":
         """Load the checkpoint as ``plan`` says: each expert built, transformed by ``apply_plan`` (on
-        the meta device first with FSDP, so each rank reads only its rows) and filled."""
+        the meta device first with FSDP, so each rank reads only its rows) and filled. ``progress``:
+        a bar over the four parts (minutes for the real model)."""
         root = Path(ckpt_dir)
         if not root.is_dir():
             raise WanError(f"checkpoint directory not found: {root}", "check the path; `wan-i2v cache path` prints the cache's checkpoint")
         if plan.on_gpu and not torch.cuda.is_available():
-            raise WanError("CUDA was asked for but no GPU is visible", "use --device cpu, or check the driver")
+            raise WanError("CUDA was asked for but no GPU is visible", f"use {option('device', 'cpu')}, or check the driver")
         check_kernel(plan.attention, plan.device)
         plan.check()
         device, host = plan.device, torch.device("cpu")
         experts, streams, merged = [], [], {}
+        # Shown once loading takes a while (the real model: minutes), so a quick load, or one that
+        # fails at once, leaves no bar before its one-line error.
+        bar = tqdm(total=4, desc="loading", unit="part", disable=not progress, delay=LOADING_BAR_DELAY_S)
         for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):
             merged[name] = []
             specs = plan.loras.for_expert(name)
@@ -195,6 +200,7 @@ class I2VPipeline:
                 applied = apply_plan(expert, plan, parallel)
                 streams += [applied["block offload"]] if "block offload" in applied else []
             experts.append(expert)
+            bar.update()
         high, low = experts
         if high.config != low.config:
             raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.checkpoint_hint(root / ckpt.LOW_NOISE_DIR / "config.json"))
@@ -209,7 +215,10 @@ class I2VPipeline:
             root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=plan.text_encoder_device,
             dtype=plan.dtype, before_weights=shard_text_encoder if sharded else None, run_device=device if sharded else None,
         )  # fmt: skip
+        bar.update()
         vae = load_vae_for(root / ckpt.VAE_FILE, device, plan.decode_dtype, plan.encode_dtype)
+        bar.update()
+        bar.close()
         return cls(text_encoder, vae, high, low, plan=plan, parallel=parallel, checkpoint=root, block_streams=streams, loras=merged)
 
     def set_loras(self, loras) -> None:
@@ -355,7 +364,7 @@ class I2VPipeline:
         with _timed(timings, peaks, "text encoding", self.device):
             context, context_null = self.encode_text([chosen.prompt, chosen.negative_prompt], progress and self.is_main)
         with _timed(timings, peaks, "image encoding", self.device):
-            condition = self.encode_image(pixels, chosen.max_area, chosen.frame_num)
+            condition = self.encode_image(pixels, chosen.max_area, chosen.frame_num, progress and self.is_main)
         noise = self.initial_noise(condition.shape[1:], chosen.seed)
         conditioning = Conditioning(condition[None], context[None], context_null[None])
         return Prepared(chosen, conditioning, noise, resume, state_file, run)
@@ -406,15 +415,19 @@ class I2VPipeline:
                 self.text_encoder_visits.to_host()
         return [pad_context(f, self.text_len).to(self.device) for f in features]
 
-    def encode_image(self, pixels: torch.Tensor, max_area: int, frame_num: int) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, max_area: int, frame_num: int, progress: bool = False) -> torch.Tensor:
         """[3, h, w] image in [-1, 1] -> the [20, F', H/8, W/8] condition: first-frame mask, then the
         VAE latents of the resized image followed by black frames."""
         height, width = video_size(pixels.shape[1], pixels.shape[2], max_area)
         # Resized on the CPU in fp32, bicubic without antialiasing, as the official code does.
         first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
         video = torch.cat([first[:, None], torch.zeros(3, frame_num - 1, height, width)], dim=1)
-        with torch.no_grad():
-            latents = self.vae.encode(video[None].to(self.device))[0].float()
+        bar = tqdm(total=(frame_num - 1) // VAE_STRIDE[0] + 1, desc="image encoding", unit="latent frame", disable=not progress)
+        try:
+            with torch.no_grad():
+                latents = self.vae.encode(video[None].to(self.device), progress=lambda done, total: bar.update(done - bar.n))[0].float()
+        finally:
+            bar.close()
         mask = torch.zeros(VAE_STRIDE[0], *latents.shape[1:], device=self.device)
         mask[:, 0] = 1
         return torch.cat([mask, latents])

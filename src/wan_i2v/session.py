@@ -21,7 +21,7 @@ from functools import partial
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, Offload, PlannedRun, plan_run
 from wan_i2v.parallel.groups import env_rank
 
@@ -50,6 +50,7 @@ class RunOptions:
     keep_text_encoder: bool = False
     guided: bool = True  # False: the videos run at guide scale 1 (one pass per step), so no GPU goes to CFG parallel
     loras: object = None  # {"high": [(path, strength), ...], "low": [...]} or a Loras: merged into the experts as they load
+    progress: bool = False  # a loading bar on stderr (rank 0's)
 
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -71,7 +72,7 @@ def check_device(device: str) -> None:
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise WanError(f"--device {device} was asked for but no GPU is visible", "use --device cpu, or check the driver")
+        raise WanError(f"{option('device', device)} was asked for but no GPU is visible", f"use {option('device', 'cpu')}, or check the driver")
 
 
 def checkpoint_dir(options: RunOptions) -> Path:
@@ -89,21 +90,22 @@ def world_size(options: RunOptions, device: str, *, planning_only: bool = False)
     if launched():
         world = env_world()
         if options.gpus not in (None, world):
-            raise WanError(f"--gpus {options.gpus} but the launcher started {world} processes", "leave out --gpus under torchrun")
+            raise WanError(f"{option('gpus', options.gpus)} but the launcher started {world} processes", f"leave out {option('gpus')} under torchrun")
         return world
     gpus = 1 if options.gpus is None else options.gpus
     if gpus < 1:
-        raise WanError(f"--gpus {gpus}", "give 1 or more")
+        raise WanError(option("gpus", gpus), "give 1 or more")
     if device.startswith("cuda:") and gpus > 1:
-        raise WanError(f"--device {device} names one GPU but --gpus is {gpus}", "use --device cuda, and CUDA_VISIBLE_DEVICES to pick the GPUs")
+        raise WanError(f"{option('device', device)} names one GPU but {option('gpus')} is {gpus}",
+                       f"use {option('device', 'cuda')}, and CUDA_VISIBLE_DEVICES to pick the GPUs")  # fmt: skip
     if device.startswith("cuda") and gpus > 1 and not planning_only:
         import torch
 
         visible = torch.cuda.device_count()
         if gpus > visible:
             raise WanError(
-                f"--gpus {gpus} but this machine has {visible} GPU{'s' if visible != 1 else ''}",
-                f"use --gpus {visible} or fewer" if visible else "use --device cpu",
+                f"{option('gpus', gpus)} but this machine has {visible} GPU{'s' if visible != 1 else ''}",
+                f"use {option('gpus', visible)} or fewer" if visible else f"use {option('device', 'cpu')}",
             )
     return gpus
 
@@ -206,19 +208,19 @@ class RunSession:
             planned = plan_for(options, height=height, width=width, frame_num=frame_num, device=device, world=world,
                                ckpt_dir=ckpt_dir, query_gpu=world == 1 or launched())  # fmt: skip
         if launched():
-            return RankSession(planned, ckpt_dir, device)
+            return RankSession(planned, ckpt_dir, device, options.progress)
         if world > 1:
             # This process does not touch CUDA: the ranks plan again for their GPUs' memory (rank 0's wins).
             replan = None
             if device.startswith("cuda") and options.gpu_memory is None:
                 replan = partial(plan_for, options, height=height, width=width, frame_num=frame_num, device=device, world=world, ckpt_dir=ckpt_dir)
-            return SpawnedSession(planned, ckpt_dir, device, replan)
+            return SpawnedSession(planned, ckpt_dir, device, replan, options.progress)
         import torch
 
         from wan_i2v.pipeline import I2VPipeline
 
         plan = replace(planned.plan, device=torch.device(device))
-        return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan))
+        return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan, progress=options.progress))
 
     def generate(self, image, prompt: str, *, latents_file=None, cancel=None, on_step: Callable | None = None, **options):
         """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path or PIL image), plus
@@ -260,7 +262,7 @@ class LocalSession(RunSession):
         return _run_job(self.pipe, job, cancel=cancel, on_step=on_step)
 
 
-def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str, replan=None):
+def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str, replan=None, progress: bool = False):
     """In a rank: join the process group, plan again with ``replan()`` if given (for this rank's GPU),
     take rank 0's plan (ranks on different GPUs could plan differently), build the groups and load
     the pipeline."""
@@ -276,14 +278,14 @@ def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str, replan=None):
     planned = agree(replan() if replan is not None else planned, run_device)
     groups = ParallelGroups.build(planned.plan.dims, run_device)
     plan = replace(planned.plan, device=run_device)
-    return planned, groups, I2VPipeline.load(ckpt_dir, plan, groups)
+    return planned, groups, I2VPipeline.load(ckpt_dir, plan, groups, progress=progress and groups.is_main)
 
 
 class RankSession(RunSession):
     """Under a launcher: this process is one rank. Every rank calls ``generate``; rank 0's job runs."""
 
-    def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str):
-        planned, self.groups, self.pipe = _join_ranks(planned, ckpt_dir, device)
+    def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str, progress: bool = False):
+        planned, self.groups, self.pipe = _join_ranks(planned, ckpt_dir, device, progress=progress)
         self.ended_by_main = False  # a follower has seen rank 0 close
         super().__init__(planned)
 
@@ -323,7 +325,7 @@ class RankSession(RunSession):
             dist.destroy_process_group()
 
 
-def _rank_main(planned: PlannedRun, ckpt_dir: str, device: str, replan, jobs, replies, acks, cancel) -> None:
+def _rank_main(planned: PlannedRun, ckpt_dir: str, device: str, replan, progress: bool, jobs, replies, acks, cancel) -> None:
     """A rank started by ``SpawnedSession``: load, then run rank 0's jobs until it receives None."""
     import torch.distributed as dist
 
@@ -331,7 +333,7 @@ def _rank_main(planned: PlannedRun, ckpt_dir: str, device: str, replan, jobs, re
         # Rank 0's warnings (a truncated prompt, skipped LoRA keys) go to the caller, which shows them
         # as its own; the other ranks would only repeat them.
         warnings.showwarning = lambda message, *args, **kwargs: replies.put(("warning", str(message))) if env_rank() == 0 else None
-        planned, groups, pipe = _join_ranks(planned, Path(ckpt_dir), device, replan)
+        planned, groups, pipe = _join_ranks(planned, Path(ckpt_dir), device, replan, progress)
         try:
             _serve_jobs(planned, groups, pipe, jobs, replies, acks, cancel)
         finally:
@@ -384,7 +386,7 @@ IDLE = "idle"
 class SpawnedSession(RunSession):
     """N ranks started from this process; it hands them jobs and gets back events and results."""
 
-    def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str, replan=None):
+    def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str, replan=None, progress: bool = False):
         import torch.multiprocessing as mp
 
         from wan_i2v.parallel.launch import launch
@@ -394,7 +396,7 @@ class SpawnedSession(RunSession):
         self.jobs, self.replies, self.acks, self.cancel = context.Queue(), context.Queue(), context.Queue(), context.Event()
         self.failure: BaseException | None = None
         self.lock = threading.Lock()  # one job at a time on the queues
-        args = (planned, str(ckpt_dir), device, replan, self.jobs, self.replies, self.acks, self.cancel)
+        args = (planned, str(ckpt_dir), device, replan, progress, self.jobs, self.replies, self.acks, self.cancel)
 
         def run_ranks():
             try:

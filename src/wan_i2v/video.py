@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, option
 
 # A 100-megapixel RGB image is 300 MB decoded and far beyond any video size; larger inputs are refused.
 MAX_IMAGE_PIXELS = 100_000_000
@@ -32,7 +32,7 @@ def load_image(image: str | os.PathLike | bytes | Image.Image, *, name: str | No
         if path.is_dir():
             raise WanError(f"image path {path} is a directory", "give an image file (PNG, JPEG or WebP)")
         if not path.is_file():
-            raise WanError(f"image not found: {path}", "check the --image path")
+            raise WanError(f"image not found: {path}", f"check the {option('image')} path")
         image = _decode(path, f"image {path}")
     elif image.width * image.height > MAX_IMAGE_PIXELS:
         raise WanError(f"image of {image.width}x{image.height} is over {MAX_IMAGE_PIXELS // 1_000_000} megapixels", "downscale it first")
@@ -83,9 +83,9 @@ def check_writable(path: Path) -> None:
     if path.is_dir():
         raise WanError(f"output path {path} is a directory", "give a file name such as out.mp4")
     if not directory.is_dir():
-        raise WanError(f"output directory {directory} does not exist", "create it or choose another --save-file")
+        raise WanError(f"output directory {directory} does not exist", f"create it or choose another {option('save_file')}")
     if not os.access(directory, os.W_OK):
-        raise WanError(f"cannot write to {directory}", "choose another --save-file")
+        raise WanError(f"cannot write to {directory}", f"choose another {option('save_file')}")
 
 
 def _umask() -> int:

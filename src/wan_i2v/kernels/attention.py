@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, option
 
 # kernel(q, k, v, key_mask) -> out; key_mask is None or a bool [batch, keys] tensor (True = attend).
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -65,7 +65,7 @@ def _sage_requirement(device: torch.device) -> None:
     import importlib.util
 
     if device.type != "cuda":
-        raise WanError("attention kernel 'sage' needs a CUDA GPU", "drop --attention sage on this device")
+        raise WanError("attention kernel 'sage' needs a CUDA GPU", f"leave out {option('attention', 'sage')} on this device")
     if importlib.util.find_spec("sageattention") is None:
         raise WanError("attention kernel 'sage' needs the SageAttention package", "pip install sageattention==1.0.6")
 

@@ -67,7 +67,7 @@ class DiTConfig:
         if model_type != "i2v":
             raise WanError(
                 f"{path} describes a {model_type!r} model, not image-to-video",
-                "point --ckpt-dir at a Wan2.2-I2V-A14B checkpoint",
+                "use a Wan2.2-I2V-A14B checkpoint",
             )
         # Keys the official config may carry that only restate the architecture we implement.
         fixed = {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}

@@ -366,8 +366,9 @@ class WanVAE(nn.Module):
         return mean, 1.0 / std
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Video [B, 3, F, H, W] in [-1, 1], F = 4n + 1 -> the latents' means, normalized, float32."""
+    def encode(self, video: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Video [B, 3, F, H, W] in [-1, 1], F = 4n + 1 -> the latents' means, normalized, float32.
+        ``progress(done, total)`` is called after each latent frame."""
         step, pixels = self.config.frames_per_latent, self.config.pixels_per_latent
         frames, height, width = video.shape[2:]
         if video.shape[1] != 3 or (frames - 1) % step or height % pixels or width % pixels:
@@ -377,7 +378,12 @@ class WanVAE(nn.Module):
         video = video.to(self.conv1.weight.dtype).contiguous(memory_format=layout_of(self.encoder.conv1.weight))
         cache: CausalCache = {}
         chunks = [video[:, :, :1]] + [video[:, :, i : i + step] for i in range(1, frames, step)]
-        moments = self.conv1(torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2))
+        encoded = []
+        for chunk in chunks:
+            encoded.append(self.encoder(chunk, cache))
+            if progress is not None:
+                progress(len(encoded), len(chunks))
+        moments = self.conv1(torch.cat(encoded, dim=2))
         mean, inv_std = self._latent_stats(video.device)
         return (moments[:, : self.config.z_dim].float() - mean) * inv_std
 

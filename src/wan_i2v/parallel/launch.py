@@ -9,6 +9,7 @@ moment before exiting, so that the launcher sees the peer's death first. Ctrl-C 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,7 +20,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, command_line, on_the_command_line, option
 from wan_i2v.parallel.groups import env_rank
 
 
@@ -46,7 +47,7 @@ def _record(error_dir: str, exc: BaseException) -> str:
     elif isinstance(exc, WanError):
         kind, message = "wan", str(exc)
     elif type(exc).__name__ == "OutOfMemoryError":
-        kind, message = "wan", f"rank {rank} ran out of GPU memory (try --offload, --fsdp, more GPUs or --size 480P)"
+        kind, message = "wan", f"rank {rank} ran out of GPU memory (try {option('offload')}, {option('fsdp')}, more GPUs or a smaller video)"
     elif _lost_peer(exc):
         kind, message = "peer", f"{type(exc).__name__}: {exc}"
     else:
@@ -59,9 +60,10 @@ def _record(error_dir: str, exc: BaseException) -> str:
     return kind
 
 
-def _worker(fn, args: tuple, error_dir: str):
+def _worker(fn, args: tuple, error_dir: str, for_command_line: bool):
     try:
-        return fn(*args)
+        with on_the_command_line() if for_command_line else contextlib.nullcontext():  # errors spelled as in the caller
+            return fn(*args)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):  # the launcher forwards Ctrl-C too: once is enough
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -124,7 +126,7 @@ def launch(fn, args: tuple, nprocs: int) -> dict[int, object]:
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         try:
-            return elastic_launch(config, _worker)(fn, args, str(error_dir))
+            return elastic_launch(config, _worker)(fn, args, str(error_dir), command_line())
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
             first = _first_failure(str(error_dir), rank)

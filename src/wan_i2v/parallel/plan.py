@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, command_line, option
 
 GiB = 2**30
 
 
 def fsdp_needs_ranks() -> WanError:
-    return WanError("--fsdp shards over several GPUs", "give --gpus 2 or more, or leave out --fsdp")
+    return WanError(f"{option('fsdp')} shards over several GPUs", f"give {option('gpus', 2)} or more, or leave out {option('fsdp')}")
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,10 @@ class ParallelDims:
 
     def validate(self, world: int, num_heads: int) -> "ParallelDims":
         if self.cfg not in (1, 2):
-            raise WanError(f"CFG parallel degree {self.cfg}", "it is 1 or 2 (--cfg-parallel)")
+            raise WanError(f"CFG parallel degree {self.cfg}", f"it is 1 or 2 ({option('cfg_parallel')})")
         if self.ulysses < 1 or num_heads % self.ulysses:
             raise WanError(
-                f"--ulysses {self.ulysses} does not divide the model's {num_heads} attention heads",
+                f"{option('ulysses', self.ulysses)} does not divide the model's {num_heads} attention heads",
                 f"choose one of {', '.join(map(str, divisors(num_heads)))}",
             )
         if self.fsdp and world == 1:
@@ -57,7 +57,7 @@ class ParallelDims:
         if self.world != world:
             raise WanError(
                 f"the plan cfg {self.cfg} x ulysses {self.ulysses} uses {self.world} GPUs, not {world}",
-                f"with {world} GPUs use {' or '.join(describe_choices(world, num_heads)) or 'another --gpus'}",
+                f"with {world} GPUs use {' or '.join(describe_choices(world, num_heads)) or 'another number of GPUs'}",
             )
         return self
 
@@ -80,7 +80,9 @@ def candidate_layouts(world: int, num_heads: int, guided: bool = True) -> list[t
 
 
 def describe_choices(world: int, num_heads: int) -> list[str]:
-    return [f"--ulysses {u}" + (" --cfg-parallel" if cfg == 2 else "") for cfg, u in candidate_layouts(world, num_heads)]
+    separator = " " if command_line() else ", "
+    return [option("ulysses", u) + (separator + (option("cfg_parallel") if command_line() else "cfg_parallel=True") if cfg == 2 else "")
+            for cfg, u in candidate_layouts(world, num_heads)]  # fmt: skip
 
 
 def valid_gpu_counts(num_heads: int, up_to: int = 16) -> list[int]:
@@ -235,7 +237,7 @@ def choose_plan(
     if not layouts:
         raise WanError(
             f"{world} GPUs cannot split the model's {sizes.num_heads} attention heads",
-            f"use --gpus {', '.join(map(str, valid_gpu_counts(sizes.num_heads)))}",
+            f"use {option('gpus')} {', '.join(map(str, valid_gpu_counts(sizes.num_heads)))}",
         )
     if placements is None:
         placements = PLACEMENTS_SEVERAL if world > 1 else PLACEMENTS_ONE_GPU
