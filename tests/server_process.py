@@ -14,9 +14,19 @@ from pathlib import Path
 import httpx2
 from PIL import Image
 
-TOKEN = "test-token"
+TOKEN = "test+token/="  # characters a cookie carries percent-encoded
 # Small videos with few steps: a job takes about a second on two CPU cores.
 JOB_OPTIONS = ["--size", "96*160", "--frame-num", "5", "--steps", "2"]
+
+
+def wait_until(condition, timeout: float = 120, every: float = 0.05):
+    """Poll ``condition()`` until it is true (returned); fail after ``timeout`` seconds rather than hang."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout} s: {condition}")
+        time.sleep(every)
+    return value
 
 
 def free_port() -> int:
@@ -87,10 +97,11 @@ class Server:
         return client.post("/v1/videos", files=files, data=data, headers=headers or {})
 
     def wait_for(self, client: httpx2.Client, job_id: str, statuses=("completed", "failed", "cancelled"), timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = client.get(f"/v1/videos/{job_id}").json()
-            if job["status"] in statuses:
-                return job
-            time.sleep(0.1)
-        raise AssertionError(f"{job_id} still {job['status']} after {timeout} s")
+        return wait_until(lambda: (job := client.get(f"/v1/videos/{job_id}").json())["status"] in statuses and job, timeout)
+
+    def step_of(self, client: httpx2.Client, job_id: str) -> int:
+        return client.get(f"/v1/videos/{job_id}").json()["step"]
+
+    def completions(self, job_id: str) -> int:
+        """How many times a server of this log recorded the job's completion."""
+        return self.log.read_text().count(f"completed {job_id}\n")

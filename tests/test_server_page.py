@@ -36,10 +36,12 @@ def test_submit_from_the_page_see_progress_and_play_the_video(browser, tiny_chec
     image.write_bytes(png_bytes(320, 192))
     try:
         page = browser.new_page()
-        page.context.add_cookies([{"name": "wan_i2v_token", "value": server.token, "url": server.url}])
-        page.goto(server.url)
+        asked = []
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept(server.token)))
+        page.goto(server.url)  # the page asks for the token once, and keeps it (percent-encoded) in a cookie
+        page.wait_for_function("() => document.cookie.includes('wan_i2v_token=')")
         page.set_input_files("#image", str(image))
-        assert page.locator("#preview").is_visible()
+        page.locator("#preview").wait_for(state="visible")  # the chosen image, shown
         page.fill("#prompt", "a paper boat on a pond")
         page.select_option("#size", "custom")
         page.fill("#custom-size", "96*160")
@@ -64,6 +66,7 @@ def test_submit_from_the_page_see_progress_and_play_the_video(browser, tiny_chec
         settings = row.locator(".settings").inner_text()
         assert "seed: 11" in settings and "steps: 300" in settings and "frame_num: 5" in settings
         assert row.locator("a[download]").get_attribute("href").endswith("/content")
+        assert asked == ["This server needs its token:"]
 
         # A bad request shows the server's one-line message on the page.
         page.fill("#custom-size", "100*100")

@@ -479,7 +479,7 @@ def run_options(p) -> None:
     p.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
     p.add_argument("--offload", nargs="?", const="experts", choices=["experts", "blocks"], default=None,
                    help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
-                        "blocks: each expert's blocks streamed from host memory, for 24-48 GB cards")
+                        "blocks: each expert's blocks streamed from host memory, for 24-48 GB cards (default: chosen to fit the GPU's memory)")
     p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]", help="a LoRA .safetensors for both experts (strength 1 unless given); repeat for more, applied in order")
     p.add_argument("--lora-high", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the high-noise expert only")
     p.add_argument("--lora-low", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the low-noise expert only")
@@ -508,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def sampling_options(p, *, frame_num, steps, prompt_required, seed=None):
-        p.add_argument("--prompt", required=prompt_required, default="A small paper boat drifts on a calm pond.")
+        demo_prompt = "A small paper boat drifts on a calm pond."
+        p.add_argument("--prompt", required=prompt_required, default=None if prompt_required else demo_prompt,
+                       help="what happens in the video" if prompt_required else f"default: {demo_prompt!r}")
         p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
         # The official script's spellings (--frame_num, --sample_steps, ...) are aliases: the same meaning.
         p.add_argument("--frame-num", "--frame_num", type=int, default=frame_num, help=f"a number of the form 4n+1 (default {frame_num})")
@@ -527,9 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     gen = sub.add_parser("generate", help="make a video from an image and a prompt")
-    gen.add_argument("--image", required=True)
+    gen.add_argument("--image", required=True, help="the first frame: a PNG, JPEG or WebP file")
     sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
-    gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
+    gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
     gen.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
@@ -561,20 +563,20 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--save-file", required=True)
     dec.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
     dec.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
-    dec.add_argument("--device", default=None)
+    dec.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     dec.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
-    dec.add_argument("--quiet", action="store_true")
+    dec.add_argument("--quiet", action="store_true", help="no progress bar")
     dec.set_defaults(func=cmd_decode)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny random model on the CPU")
     sampling_options(demo, frame_num=17, steps=12, prompt_required=False, seed=0)
     demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
-    demo.add_argument("--save-file", default=DEMO_FILE)
+    demo.add_argument("--save-file", default=DEMO_FILE, help=f"default {DEMO_FILE}")
     demo.set_defaults(func=cmd_demo)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the official layout")
     tiny.add_argument("directory")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0)")
     tiny.set_defaults(func=cmd_make_tiny)
 
     from wan_i2v.cache import add_cache_parser

@@ -44,7 +44,7 @@ def parse_size(size: str) -> tuple[int, float | None]:
     if preset is not None:
         return preset.max_area, preset.shift
     parts = size.replace("x", "*").split("*")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
         raise WanError(f"unknown size {size!r}", f"use {', '.join(PRESETS)} or H*W such as 1280*720")
     sides = [int(p) for p in parts]
     if any(side % SIZE_MULTIPLE for side in sides):

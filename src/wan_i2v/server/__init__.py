@@ -32,6 +32,8 @@ def _loopback(host: str) -> bool:
 
 def check_binding(host: str, port: int, token: str | None) -> None:
     """Refuse, before anything loads, a server open to the network without a token, and a port taken."""
+    if not 0 < port < 65536:
+        raise WanError(f"--port {port} is not a port", "give a number from 1 to 65535")
     if not _loopback(host) and not token:
         raise WanError(f"--host {host} would let anyone who reaches this machine run jobs",
                        "give --token TOKEN (or set WAN_I2V_TOKEN), or leave --host at 127.0.0.1")  # fmt: skip
@@ -51,7 +53,8 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
     store = JobStore(state_dir, max_queued=max_queued)
     logging.basicConfig(level=logging.INFO, format="wan-i2v: %(message)s", stream=sys.stderr)
     failure: list[BaseException] = []
-    config = uvicorn.Config(None, host=host, port=port, log_level="warning", lifespan="off")
+    # Open event streams are cut after a few seconds of a stop, which would otherwise wait for them.
+    config = uvicorn.Config(None, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=3)
     server = _Server(config)
 
     def failed(exc: BaseException) -> None:
@@ -71,7 +74,10 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
             print("wan-i2v: stopping (a running job stops after its current step and resumes at the next start)", file=sys.stderr)
         runner.stop()
     if failure:
-        raise failure[0]
+        if isinstance(failure[0], (WanError, KeyboardInterrupt, MemoryError)) or type(failure[0]).__name__ == "OutOfMemoryError":
+            raise failure[0]  # the CLI's own one-line errors
+        first_line = (str(failure[0]).strip().splitlines() or [""])[0]
+        raise WanError(f"the server stopped: {type(failure[0]).__name__}: {first_line}", "its log is above; the same command resumes every job")
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import secrets
+from urllib.parse import unquote
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -102,7 +103,8 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     async def authenticate(request: Request, call_next):
         if token is not None and request.url.path not in OPEN_PATHS:
             header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(TOKEN_COOKIE, "")
+            # (the page stores the cookie percent-encoded, as cookies must be)
+            given = header[7:] if header.lower().startswith("bearer ") else unquote(request.cookies.get(TOKEN_COOKIE, ""))
             if not secrets.compare_digest(given.encode(), token.encode()):
                 return JSONResponse({"error": {"message": "missing or wrong token (send Authorization: Bearer TOKEN)"}}, status_code=401)
         return await call_next(request)
@@ -135,7 +137,7 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
             await run_in_threadpool(_check_image, image, upload.filename, settings["max_area"])
         except WanError as exc:
             fail(400, str(exc))
-        key = request.headers.get("idempotency-key")
+        key = request.headers.get("idempotency-key") or None
         try:
             job, created = await run_in_threadpool(store.submit, image, settings, key)
         except QueueFull as exc:
@@ -170,10 +172,12 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     @app.delete("/v1/videos/{job_id}")
     def delete(job_id: str):
         job = found(job_id)
-        if job.status in FINISHED:
-            if store.delete(job_id):
-                return {"id": job_id, "object": "video", "deleted": True}
-        return store.cancel(job_id).public()
+        if job.status in FINISHED and store.delete(job_id):
+            return {"id": job_id, "object": "video", "deleted": True}
+        cancelled = store.cancel(job_id)
+        if cancelled is None:  # deleted meanwhile, by another request
+            fail(404, f"no video {job_id}")
+        return cancelled.public()
 
     @app.get("/v1/videos/{job_id}/events")
     async def events(job_id: str):

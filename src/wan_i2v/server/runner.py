@@ -4,6 +4,7 @@ GPUs) and runs the queue's jobs one after another, recording progress, results a
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,10 @@ class _JobCancel:
         self.store, self.job_id, self.stopping = store, job_id, stopping
 
     def is_set(self) -> bool:
-        return self.stopping.is_set() or not self.store.still_mine(self.job_id)
+        try:
+            return self.stopping.is_set() or not self.store.still_mine(self.job_id)
+        except sqlite3.Error:  # the queue unreadable for a moment: go on, and ask again at the next step
+            return False
 
 
 class Runner:
@@ -69,7 +73,7 @@ class Runner:
             while not self.stopping.is_set():
                 try:
                     job = self.store.claim()
-                except Exception:  # the state directory unreadable for a moment (a full disk): keep trying
+                except sqlite3.Error:  # the state directory unreadable for a moment (a full disk): keep trying
                     log.exception("cannot read the queue")
                     job = None
                     time.sleep(POLL_SECONDS)
@@ -82,6 +86,12 @@ class Runner:
                 if time.monotonic() - idle_since > IDLE_SECONDS:
                     session.keep_alive()
                     idle_since = time.monotonic()
+        except BaseException as exc:
+            # The runner cannot go on (its ranks are gone and will not load again, the queue cannot be
+            # written): the server says so and stops, so that a supervisor's restart takes over.
+            log.exception("the runner stopped")
+            self.status = "failed"
+            self.on_failure(exc)
         finally:
             session.close()
 
@@ -93,7 +103,8 @@ class Runner:
 
         video = self.store.video_path(job.id)
         if video.is_file():  # written before a kill, its completion not yet recorded
-            self.store.finish(job.id, "completed")
+            if self.store.finish(job.id, "completed"):
+                log.info("completed %s", job.id)
             return session
         log.info("running %s (%s)", job.id, "resuming" if self.store.state_path(job.id).is_file() else "new")
         settings = job.settings
@@ -115,14 +126,16 @@ class Runner:
                 state_file=self.store.state_path(job.id), cancel=_JobCancel(self.store, job.id, self.stopping), on_step=on_step,
             )  # fmt: skip
             write_mp4(result.video, video, fps=FPS, metadata=result.metadata)
-            if not self.store.finish(job.id, "completed", peak_memory_gb=result.peak_memory_gb):
+            if self.store.finish(job.id, "completed", peak_memory_gb=result.peak_memory_gb):
+                log.info("completed %s", job.id)
+            else:
                 video.unlink(missing_ok=True)  # cancelled as its last step ended
         except Cancelled:
             if self.stopping.is_set():
                 self.store.release(job.id)  # the next start resumes it from its saved state
             else:
                 self.store.state_path(job.id).unlink(missing_ok=True)
-        except WanError as exc:
+        except WanError as exc:  # a rank's failure included
             self.store.finish(job.id, "failed", error=str(exc))
         except Exception as exc:
             self.store.finish(job.id, "failed", error=_one_line(exc))
@@ -132,10 +145,10 @@ class Runner:
                 torch.cuda.empty_cache()
             else:
                 log.exception("job %s failed", job.id)
-            if not session.alive:
-                log.warning("the session's ranks have exited: loading the pipeline again")
-                session.close()
-                session = self.open_session()
+        if not session.alive:  # the job took the session's ranks down with it: the next job gets new ones
+            log.warning("the session's ranks have exited: loading the pipeline again")
+            session.close()
+            session = self.open_session()
         return session
 
 

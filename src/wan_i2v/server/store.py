@@ -10,10 +10,9 @@ file systems, so a state directory belongs to one machine.
 
 from __future__ import annotations
 
+import fcntl
 import json
-import os
 import shutil
-import socket
 import sqlite3
 import time
 import uuid
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from wan_i2v.errors import WanError
 
+MAX_RUNS = 3
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seconds_per_step REAL,
     error TEXT,
     owner TEXT,
-    completions INTEGER NOT NULL DEFAULT 0,
+    runs INTEGER NOT NULL DEFAULT 0,
     peak_memory_gb REAL,
     created_at REAL NOT NULL,
     started_at REAL,
@@ -60,7 +60,7 @@ class Job:
     seconds_per_step: float | None
     error: str | None
     owner: str | None
-    completions: int
+    runs: int  # times a server started it (a resume counts)
     peak_memory_gb: float | None
     created_at: float
     started_at: float | None
@@ -97,34 +97,32 @@ class Job:
         }
 
 
-def _started(pid: int) -> str:
-    """When process ``pid`` started (clock ticks since boot), to tell it from a later process given
-    the same pid (a restarted container's server is often pid 1 again); "" where /proc is missing."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return ""
+class Liveness:
+    """Whether the server that owns a job still runs: each server holds an exclusive lock on its own
+    file in ``owners/`` for as long as its process lives (the kernel drops it when the process ends,
+    however it ends), so a lock that can be taken is a server that is gone. Unlike host names and pids
+    this survives a pod or container restart, whose host name and pids are new."""
 
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(exist_ok=True)
+        self.owner = uuid.uuid4().hex
+        self._held = open(directory / f"{self.owner}.lock", "w")  # kept open: the lock lives with the process
+        fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-def this_process() -> str:
-    """A running job's owner: the server process, as host:pid:start."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"
-
-
-def _owner_gone(owner: str | None) -> bool:
-    """The process that ran a job has died (a job owned on another host is never taken over)."""
-    if owner is None:
+    def gone(self, owner: str | None) -> bool:
+        if owner is None or owner == self.owner:
+            return owner is None
+        path = self.directory / f"{owner}.lock"
+        try:
+            with open(path) as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except FileNotFoundError:
+            return True
+        except BlockingIOError:
+            return False
+        path.unlink(missing_ok=True)  # its server is gone: nobody needs the file any more
         return True
-    host, pid, started = owner.rsplit(":", 2)
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        pass
-    return _started(int(pid)) != started
 
 
 class JobStore:
@@ -141,7 +139,8 @@ class JobStore:
         except (OSError, sqlite3.Error) as exc:
             raise WanError(f"cannot use state directory {self.root}: {exc}", "give a writable --state-dir") from None
         self.max_queued = max_queued
-        self.owner = this_process()
+        self.liveness = Liveness(self.root / "owners")
+        self.owner = self.liveness.owner
 
     @contextmanager
     def _db(self, *, write: bool = False):
@@ -241,20 +240,27 @@ class JobStore:
         return {status: found.get(status, 0) for status in STATUSES}
 
     def claim(self) -> Job | None:
-        """The next job to run, now this process's: a running job whose process died (it resumes),
-        else the oldest queued one."""
+        """The next job to run, now this process's: a running job whose server died (it resumes from
+        its saved step), else the oldest queued one. A job whose server died ``MAX_RUNS`` times while
+        running it (it may be what kills them) fails instead of starving the queue."""
         with self._db(write=True) as db:
-            orphans = db.execute("SELECT id, owner FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall()
-            taken = next((row["id"] for row in orphans if _owner_gone(row["owner"])), None)
+            taken, now = None, time.time()
+            for row in db.execute("SELECT id, owner, runs FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall():
+                if not self.liveness.gone(row["owner"]):
+                    continue
+                if row["runs"] >= MAX_RUNS:
+                    db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?",
+                               (f"the server stopped {row['runs']} times while running this job (a crash, or out of host memory?)", now, row["id"]))  # fmt: skip
+                    continue
+                taken = row["id"]
+                break
             if taken is None:
                 row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
                 taken = None if row is None else row["id"]
             if taken is None:
                 return None
-            db.execute(
-                "UPDATE jobs SET status = 'in_progress', owner = ?, started_at = coalesce(started_at, ?) WHERE id = ?",
-                (self.owner, time.time(), taken),
-            )
+            db.execute("UPDATE jobs SET status = 'in_progress', owner = ?, runs = runs + 1, started_at = coalesce(started_at, ?) WHERE id = ?",
+                       (self.owner, now, taken))  # fmt: skip
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (taken,)).fetchone())
 
     def still_mine(self, job_id: str) -> bool:
@@ -273,9 +279,9 @@ class JobStore:
         assert status in FINISHED
         with self._db(write=True) as db:
             changed = db.execute(
-                "UPDATE jobs SET status = ?, error = ?, completed_at = ?, peak_memory_gb = ?, owner = NULL,"
-                " completions = completions + (? = 'completed') WHERE id = ? AND status = 'in_progress' AND owner = ?",
-                (status, error, time.time(), peak_memory_gb, status, job_id, self.owner),
+                "UPDATE jobs SET status = ?, error = ?, completed_at = ?, peak_memory_gb = ?, owner = NULL"
+                " WHERE id = ? AND status = 'in_progress' AND owner = ?",
+                (status, error, time.time(), peak_memory_gb, job_id, self.owner),
             ).rowcount
         self.state_path(job_id).unlink(missing_ok=True)
         return bool(changed)
@@ -283,8 +289,8 @@ class JobStore:
     def release(self, job_id: str) -> None:
         """Put a job this process stops running (the server is shutting down) back at the queue's head."""
         with self._db(write=True) as db:
-            db.execute("UPDATE jobs SET status = 'queued', owner = NULL WHERE id = ? AND status = 'in_progress' AND owner = ?",
-                       (job_id, self.owner))  # fmt: skip
+            db.execute("UPDATE jobs SET status = 'queued', owner = NULL, runs = runs - 1 WHERE id = ? AND status = 'in_progress' AND owner = ?",
+                       (job_id, self.owner))  # fmt: skip (a stop asked for is not a run that died)
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued or running job (a running one stops at its next step: the runner sees it
