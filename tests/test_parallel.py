@@ -18,7 +18,7 @@ from wan_i2v.models.vae import CausalConv3d, Resample, VAEConfig, WanVAE
 from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
 from wan_i2v.parallel.launch import RankFailed, launch
 from wan_i2v.parallel.plan import GiB, Placement, choose_plan, estimate_memory, model_sizes
-from wan_i2v.parallel.vae import decode_tiled, spatial_halo
+from wan_i2v.parallel.vae import decode_tiled, encode_tiled, encoder_halo, spatial_halo
 from wan_i2v.tiny import randomize_
 from wan_i2v.video import demo_image
 
@@ -51,6 +51,19 @@ DECODES = {
     "tiny-more-ranks-than-columns": (None, (1, 16, 2, 2, 3), 4),
     "real-depth-4": (REAL_SHAPED_VAE, (1, 16, 3, 4, 64), 4),
 }
+
+
+# The encode split: (VAE config, video shape [B, 3, F, H, W], ranks).
+ENCODES = {
+    "encode-tiny-4": (None, (1, 3, 9, 32, 320), 4),
+    "encode-tiny-2-height": (None, (1, 3, 5, 288, 40), 2),
+    "encode-tiny-more-ranks-than-columns": (None, (1, 3, 5, 16, 24), 4),
+    "encode-real-depth-2": (REAL_SHAPED_VAE, (1, 3, 5, 32, 512), 2),
+}
+
+
+def _video(shape):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(4)) * 2 - 1
 
 
 def _vae(config, ckpt):
@@ -96,6 +109,14 @@ def _all_cases(ckpt):
             video = decode_tiled(_vae(config, ckpt), _latents(shape), group)
             if dist.get_rank() == 0:
                 results[name] = video
+    for name, (config, shape, ranks) in ENCODES.items():
+        group = dist.new_group(list(range(ranks)))
+        if dist.get_rank() < ranks:
+            latents = encode_tiled(_vae(config, ckpt), _video(shape), group)
+            gathered = [torch.empty_like(latents) for _ in range(ranks)] if dist.get_rank() == 0 else None
+            dist.gather(latents, gathered, group_dst=0, group=group)
+            if dist.get_rank() == 0:
+                results[name] = gathered
     dist.destroy_process_group()
     return results
 
@@ -153,6 +174,22 @@ def test_split_decode_equals_single_decode(name, parallel_results, tiny_checkpoi
     # fp32 rounding only: on the CPU, tiles of other widths take other vectorized paths (a missing
     # halo column shows as differences of 1e-2 and more).
     assert (parallel_results[name] - single).abs().max() <= 5e-5
+
+
+@pytest.mark.parametrize("name", ENCODES)
+def test_split_encode_equals_single_encode_on_every_rank(name, parallel_results, tiny_checkpoint):
+    config, shape, ranks = ENCODES[name]
+    single = _vae(config, tiny_checkpoint).encode(_video(shape))
+    for rank_latents in parallel_results[name]:
+        assert rank_latents.shape == single.shape
+        assert (rank_latents - single).abs().max() <= 5e-5  # fp32 rounding only (see the decode's)
+
+
+def test_encoder_halo_covers_its_receptive_field():
+    # The real encoder before its middle block: conv1 and 4 3x3 convs at full size (5 pixels), a
+    # downsampling (1 + 1 for its padding), 4 convs at half size (8), a downsampling (2 + 2), 4 at a
+    # quarter (16), a downsampling (4 + 4), 4 at an eighth (32): 75 pixels, rounded up to 80.
+    assert encoder_halo(_vae(REAL_SHAPED_VAE, None)) == 80
 
 
 def test_halo_covers_the_decoders_receptive_field():

@@ -423,9 +423,15 @@ class I2VPipeline:
         first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
         video = torch.cat([first[:, None], torch.zeros(3, frame_num - 1, height, width)], dim=1)
         bar = tqdm(total=(frame_num - 1) // VAE_STRIDE[0] + 1, desc="image encoding", unit="latent frame", disable=not progress)
+        advance = lambda done, total: bar.update(done - bar.n)  # noqa: E731
         try:
             with torch.no_grad():
-                latents = self.vae.encode(video[None].to(self.device), progress=lambda done, total: bar.update(done - bar.n))[0].float()
+                if self.parallel is not None:  # each rank encodes a tile of the frames
+                    from wan_i2v.parallel.vae import encode_tiled
+
+                    latents = encode_tiled(self.vae, video[None].to(self.device), self.parallel.group, advance)[0].float()
+                else:
+                    latents = self.vae.encode(video[None].to(self.device), progress=advance)[0].float()
         finally:
             bar.close()
         mask = torch.zeros(VAE_STRIDE[0], *latents.shape[1:], device=self.device)

@@ -375,16 +375,32 @@ class WanVAE(nn.Module):
             raise ValueError(
                 f"video of shape {tuple(video.shape)}: want [B, 3, {step}n+1 frames, H and W multiples of {pixels}]"
             )
-        video = video.to(self.conv1.weight.dtype).contiguous(memory_format=layout_of(self.encoder.conv1.weight))
+        video = self.encoder_input(video)
         cache: CausalCache = {}
-        chunks = [video[:, :, :1]] + [video[:, :, i : i + step] for i in range(1, frames, step)]
         encoded = []
-        for chunk in chunks:
-            encoded.append(self.encoder(chunk, cache))
+        for start, end in self.encoder_chunks(frames):
+            encoded.append(self.encoder(video[:, :, start:end], cache))
             if progress is not None:
-                progress(len(encoded), len(chunks))
-        moments = self.conv1(torch.cat(encoded, dim=2))
-        mean, inv_std = self._latent_stats(video.device)
+                progress(len(encoded), frames // step + 1)
+        return self.latents_of(torch.cat(encoded, dim=2))
+
+    def encoder_input(self, video: torch.Tensor) -> torch.Tensor:
+        return video.to(self.conv1.weight.dtype).contiguous(memory_format=layout_of(self.encoder.conv1.weight))
+
+    def encoder_chunks(self, frames: int) -> list[tuple[int, int]]:
+        """The frames the encoder takes at a time, as the official code chunks them: the first alone, then 4 by 4."""
+        step = self.config.frames_per_latent
+        return [(0, 1)] + [(i, i + step) for i in range(1, frames, step)]
+
+    def encoder_stages(self) -> tuple[CausalSequential, CausalSequential]:
+        """The encoder in two parts: the downsampling, local in space (it can run on a tile), and
+        the middle block, whose attention needs whole frames, with the head."""
+        return CausalSequential(self.encoder.conv1, self.encoder.downsamples), CausalSequential(self.encoder.middle, self.encoder.head)
+
+    def latents_of(self, encoded: torch.Tensor) -> torch.Tensor:
+        """The encoder's output -> the latents' means, normalized, float32."""
+        moments = self.conv1(encoded)
+        mean, inv_std = self._latent_stats(encoded.device)
         return (moments[:, : self.config.z_dim].float() - mean) * inv_std
 
     @torch.no_grad()

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from wan_i2v.models.vae import AttentionBlock, CausalCache, WanVAE
+from wan_i2v.models.vae import AttentionBlock, CausalCache, WanVAE, layout_of
 
 
 def spatial_halo(vae: WanVAE) -> int:
@@ -91,3 +91,53 @@ def decode_tiled(
         if progress is not None:
             progress(i + 1, total)
     return torch.cat(frames, dim=2) if me == 0 else None
+
+
+def encoder_halo(vae: WanVAE) -> int:
+    """Pixels of context a tile needs on each side for the encoder's downsampling stages, rounded up
+    to whole latent pixels (so that every tile's stride-2 grids fall where the whole frame's do)."""
+    reach, scale = 0.0, 1.0
+    for module in [*vae.encoder.conv1.modules(), *vae.encoder.downsamples.modules()]:
+        if isinstance(module, AttentionBlock):
+            raise ValueError("this VAE has attention before its middle block: spatial tiles would not be exact")
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            stride = module.stride[-1]
+            # (a downsampling pads its right and bottom edge by one pixel: one more of reach)
+            reach += (module.kernel_size[-1] // 2 + (stride > 1)) * scale
+            scale *= stride
+    per_latent = vae.config.pixels_per_latent
+    return math.ceil(reach / per_latent) * per_latent
+
+
+@torch.no_grad()
+def encode_tiled(vae: WanVAE, video: torch.Tensor, group, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """``WanVAE.encode`` of [B, 3, F, H, W] split over ``group``; every rank gets the latents. Each
+    rank runs the downsampling stages on its own tile of the frames (with a halo of
+    ``encoder_halo`` pixels), the tiles are gathered at latent size, and every rank runs the middle
+    block (its attention needs whole frames) and the head on them: a few percent of the work."""
+    ranks, me = dist.get_world_size(group), dist.get_rank(group)
+    per_latent = vae.config.pixels_per_latent
+    axis = 3 if video.shape[3] > video.shape[4] else 4  # tile the longer side
+    size = video.shape[axis] // per_latent
+    spans = tiles(size, ranks)
+    halo = encoder_halo(vae)
+    start, end = spans[me]
+    if end == start:  # more ranks than columns: encode a dummy column, so the collectives stay uniform
+        start, end = size - 1, size
+    lo, hi = max(0, start * per_latent - halo), min(size * per_latent, end * per_latent + halo)
+    width = max(e - s for s, e in spans)  # latent columns every rank sends, zero-padded
+    tile = vae.encoder_input(video).narrow(axis, lo, hi - lo)
+    downsampling, rest = vae.encoder_stages()
+    cache: CausalCache = {}
+    chunks, encoded = vae.encoder_chunks(video.shape[2]), []
+    for first, last in chunks:
+        features = downsampling(tile[:, :, first:last], cache)
+        mine = features.narrow(axis, start - lo // per_latent, end - start)
+        padded = F.pad(mine, [0, 0] * (4 - axis) + [0, width - mine.shape[axis]]).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(ranks)]
+        dist.all_gather(parts, padded, group=group)
+        whole = torch.cat([part.narrow(axis, 0, e - s) for part, (s, e) in zip(parts, spans)], dim=axis)
+        encoded.append(rest(whole.contiguous(memory_format=layout_of(features)), cache))
+        if progress is not None:
+            progress(len(encoded), len(chunks))
+    return vae.latents_of(torch.cat(encoded, dim=2))
