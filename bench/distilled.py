@@ -31,10 +31,10 @@ from wan_i2v.parallel.launch import launch
 from wan_i2v.video import demo_image
 
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight."
-# name -> (GPUs, the VAE's encode and decode dtype, FP8 linear layers)
+# name -> (GPUs, the VAE's encode and decode dtype, FP8 linear layers, the encode split over the GPUs)
 CONFIGS = {
-    "1gpu": (1, "fp32", False), "1gpu-bf16-vae": (1, "bf16", False), "2gpu": (2, "fp32", False), "2gpu-bf16-vae": (2, "bf16", False),
-    "1gpu-fp8-bf16-vae": (1, "bf16", True), "2gpu-fp8-bf16-vae": (2, "bf16", True),
+    "1gpu": (1, "fp32", False, False), "1gpu-bf16-vae": (1, "bf16", False, False), "2gpu": (2, "fp32", False, False), "2gpu-bf16-vae": (2, "bf16", False, False),
+    "1gpu-fp8-bf16-vae": (1, "bf16", True, False), "2gpu-fp8-bf16-vae": (2, "bf16", True, False), "2gpu-bf16-vae-split-encode": (2, "bf16", False, True),
 }  # fmt: skip
 LINEAR = re.compile(r"^blocks\.\d+\.((self|cross)_attn\.[qkvo]|ffn\.[02])\.weight$")
 
@@ -56,7 +56,7 @@ def write_random_lora(path: Path, ckpt_dir: Path, rank: int, seed: int) -> Path:
     return path
 
 
-def run_config(ckpt_dir: Path, world: int, vae_dtype: str, fp8: bool, loras: dict) -> dict:
+def run_config(ckpt_dir: Path, world: int, vae_dtype: str, fp8: bool, split_encode: bool, loras: dict) -> dict:
     from dataclasses import replace
 
     from wan_i2v import I2VPipeline
@@ -66,7 +66,7 @@ def run_config(ckpt_dir: Path, world: int, vae_dtype: str, fp8: bool, loras: dic
     device = init_distributed("cuda") if world > 1 else torch.device("cuda")
     image = demo_image(1280, 720)
     height, width = video_size(image.height, image.width, PRESETS["720P"].max_area)
-    options = RunOptions(ckpt_dir=ckpt_dir, device="cuda", gpus=world, decode_dtype=vae_dtype, encode_dtype=vae_dtype, fp8=fp8, guided=False, loras=loras)
+    options = RunOptions(ckpt_dir=ckpt_dir, device="cuda", gpus=world, decode_dtype=vae_dtype, encode_dtype=vae_dtype, fp8=fp8, split_encode=split_encode, guided=False, loras=loras)
     planned = plan_for(options, height=height, width=width, frame_num=81, device="cuda", world=world, ckpt_dir=ckpt_dir)
     groups = ParallelGroups.build(planned.plan.dims, device) if world > 1 else None
     torch.cuda.synchronize()
@@ -120,8 +120,8 @@ def main():
     print(f"two rank-{args.lora_rank} LoRAs written in {time.perf_counter() - started:.0f} s", flush=True)
     reference = None
     for name in args.configs:
-        world, vae_dtype, fp8 = CONFIGS[name]
-        row = launch(run_config, (args.ckpt, world, vae_dtype, fp8, loras), world)[0]
+        world, vae_dtype, fp8, split_encode = CONFIGS[name]
+        row = launch(run_config, (args.ckpt, world, vae_dtype, fp8, split_encode, loras), world)[0]
         latents = row.pop("latents")
         if reference is None:
             reference = latents

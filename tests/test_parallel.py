@@ -38,6 +38,7 @@ CASES["cfg1-u4-even"] = (ParallelDims(1, 4), "even", torch.float32, {})
 CASES["cfg1-u2-offload"] = (ParallelDims(1, 2), "odd", torch.float32, {"offload": True})
 CASES["cfg2-u1-fsdp-offload"] = (ParallelDims(2, 1, True), "odd", torch.float32, {"offload": True})
 CASES["cfg1-u4-batched-guidance"] = (ParallelDims(1, 4), "odd", torch.float32, {"batch_cfg": True})
+CASES["cfg1-u2-split-encode"] = (ParallelDims(1, 2), "odd", torch.float32, {"split_encode": True})
 CASES["cfg2-u2-fsdp-bf16"] = (ParallelDims(2, 2, True), "odd", torch.bfloat16, {})
 # Compiled blocks (the default on GPUs): Ulysses' all-to-all inside the graph, FSDP's hooks around it.
 COMPILED = {"cfg1-u2-compiled": ParallelDims(1, 2), "cfg2-u1-fsdp-compiled": ParallelDims(2, 1, True), "cfg1-u2-fsdp-compiled": ParallelDims(1, 2, True)}

@@ -233,7 +233,7 @@ def _run_options(args):
     from wan_i2v.session import RunOptions
 
     return RunOptions(
-        ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype,
+        ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype, split_encode=args.split_encode,
         offload=args.offload, fsdp=args.fsdp, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fp8=args.fp8,
         compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory, progress=not getattr(args, "quiet", False),
     )  # fmt: skip
@@ -497,6 +497,9 @@ def run_options(p) -> None:
     par.add_argument("--cfg-parallel", action="store_true", help="force the plan: guidance passes on two halves of the GPUs")
     par.add_argument("--fsdp", action="store_true", help="force the plan: shard experts and text encoder over all GPUs")
     par.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="plan for this much memory per GPU (default: the GPU's)")
+    par.add_argument("--split-encode", action="store_true",
+                     help="split the VAE encode over the GPUs (0.8 s less at 720P on two H200s); the video then differs from one GPU's "
+                          "by rounding (default: off, the same video as one GPU to the bit)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,6 +141,7 @@ class I2VPipeline:
         keep_text_encoder: bool = False,
         decode_dtype: torch.dtype = torch.float32,
         encode_dtype: torch.dtype = torch.float32,
+        split_encode: bool = False,
         loras=None,
         plan: ExecutionPlan | None = None,
     ) -> "I2VPipeline":
@@ -155,6 +156,8 @@ class I2VPipeline:
         transformer block. ``fp8`` runs the blocks' linear layers in FP8 (faster, less exact).
         ``decode_dtype``: the VAE decode's precision, fp32 as the official code (bf16: about twice as
         fast in half the memory, ~1e-2 from fp32); ``encode_dtype`` the image encode's (fp32 as the official).
+        ``split_encode``: with ``parallel``, each rank encodes a tile of the frames (faster; the result
+        then differs from one GPU's by rounding, where by default it is the same to the bit).
         ``loras``: ``{"high": [(path, strength), ...], "low": [...]}``, LoRA files merged into each
         expert as it loads (``set_loras`` changes them later without reloading the pipeline).
         ``parallel`` (a ``wan_i2v.parallel.ParallelGroups``, in a process group) spreads the run over
@@ -166,7 +169,7 @@ class I2VPipeline:
         if plan is None:
             plan = ExecutionPlan.for_device(
                 parallel.device if parallel is not None else device, dtype, attention=attention, compile=compile, offload=offload,
-                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype, encode_dtype=encode_dtype, loras=loras,
+                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype, encode_dtype=encode_dtype, split_encode=split_encode, loras=loras,
                 dims=parallel.dims if parallel is not None else ParallelDims(),
             )  # fmt: skip
         return cls.load(ckpt_dir, plan, parallel)
@@ -426,7 +429,7 @@ class I2VPipeline:
         advance = lambda done, total: bar.update(done - bar.n)  # noqa: E731
         try:
             with torch.no_grad():
-                if self.parallel is not None:  # each rank encodes a tile of the frames
+                if self.parallel is not None and self.plan.split_encode:  # each rank encodes a tile of the frames
                     from wan_i2v.parallel.vae import encode_tiled
 
                     latents = encode_tiled(self.vae, video[None].to(self.device), self.parallel.group, advance)[0].float()

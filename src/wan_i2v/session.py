@@ -39,6 +39,7 @@ class RunOptions:
     dtype: str | None = None  # bf16 or fp32; None: bf16 on a GPU, fp32 on the CPU
     decode_dtype: str = "fp32"
     encode_dtype: str = "fp32"
+    split_encode: bool = False  # the VAE encode split over the GPUs (faster; rounding then differs from one GPU's)
     offload: str | None = None  # experts or blocks; None: chosen to fit
     fsdp: bool = False
     ulysses: int | None = None
@@ -131,7 +132,7 @@ def plan_for(
         gpu_bytes = None
     base = ExecutionPlan.for_device(
         _device_type(device), dtype, attention=options.attention, compile=None if options.compile else False, fp8=options.fp8,
-        decode_dtype=torch_dtype(options.decode_dtype, device), encode_dtype=torch_dtype(options.encode_dtype, device), keep_text_encoder=options.keep_text_encoder, loras=options.loras,
+        decode_dtype=torch_dtype(options.decode_dtype, device), encode_dtype=torch_dtype(options.encode_dtype, device), split_encode=options.split_encode, keep_text_encoder=options.keep_text_encoder, loras=options.loras,
     )  # fmt: skip
     return plan_run(
         base, sizes, gpus=world, tokens=dit_tokens(frame_num, height, width), pixels=height * width, gpu_bytes=gpu_bytes,
