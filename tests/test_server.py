@@ -374,3 +374,26 @@ def test_a_job_whose_server_keeps_dying_fails_instead_of_starving_the_queue(tmp_
     assert servers[-1].claim().id == waiting
     failed = servers[-1].get(doomed)
     assert failed.status == "failed" and failed.error.startswith("the server stopped 3 times while running this job")
+
+
+def test_what_a_kill_left_half_written_is_swept_at_the_next_start(tmp_path):
+    import os
+
+    from wan_i2v.server import JobDefaults, JobStore, job_settings
+
+    store = JobStore(tmp_path / "state")
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    kept = store.submit(png_bytes(), settings)[0].id
+    jobs = tmp_path / "state" / "jobs"
+    orphan, fresh_orphan = jobs / "video_killed_before_its_row", jobs / "video_being_written_by_another_server"
+    for folder in (orphan, fresh_orphan):
+        folder.mkdir()
+        (folder / "input").write_bytes(png_bytes())
+    partial = jobs / kept / ".video.abc123.mp4"  # a write cut short
+    partial.write_bytes(b"half an mp4")
+    an_hour_ago = time.time() - 3600
+    for path in (orphan, partial):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    JobStore(tmp_path / "state")  # the next start
+    assert not orphan.exists() and not partial.exists()
+    assert fresh_orphan.exists() and store.image_path(kept).is_file()

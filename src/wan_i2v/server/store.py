@@ -23,6 +23,7 @@ from pathlib import Path
 from wan_i2v.errors import WanError
 
 MAX_RUNS = 3
+SWEEP_AFTER_SECONDS = 600
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -141,6 +142,22 @@ class JobStore:
         self.max_queued = max_queued
         self.liveness = Liveness(self.root / "owners")
         self.owner = self.liveness.owner
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove what a kill left behind: a job's folder written before its row was (the row never
+        came) and the temporary files of writes cut short. Only old ones: another server sharing the
+        directory may be writing a new one now."""
+        with self._db() as db:
+            known = {row[0] for row in db.execute("SELECT id FROM jobs")}
+        old = time.time() - SWEEP_AFTER_SECONDS
+        for folder in (self.root / "jobs").iterdir():
+            if folder.name not in known and folder.stat().st_mtime < old:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif folder.is_dir():
+                for partial in folder.glob(".*"):  # write_atomically's temporary names
+                    if partial.stat().st_mtime < old:
+                        partial.unlink(missing_ok=True)
 
     @contextmanager
     def _db(self, *, write: bool = False):
