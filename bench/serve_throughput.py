@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import httpx2
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -80,8 +79,10 @@ def start_servers(ckpt: Path, state: Path, layout: str, recipe: str, device: str
 
 
 def image_bytes(size: str) -> bytes:
-    width, height = (1280, 720) if size == "720P" else (832, 480)
+    """The demo picture at the size's landscape shape (``720P``, ``480P`` or ``H*W``)."""
     from wan_i2v.video import demo_image
+
+    height, width = {"720P": (720, 1280), "480P": (480, 832)}.get(size) or map(int, size.split("*"))
 
     buffer = io.BytesIO()
     demo_image(width, height).save(buffer, format="PNG")
@@ -159,7 +160,6 @@ def main() -> None:
 
         args.ckpt = write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
         args.sizes, args.frames = ["96*160"], 5
-        globals()["image_bytes"] = lambda size: _png(160, 96)
     elif args.ckpt is None or not args.ckpt.exists():
         from multi_gpu import write_random_checkpoint
 
@@ -173,12 +173,6 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-
-
-def _png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (90, 140, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from wan_i2v.errors import WanError, on_the_command_line
+from wan_i2v.errors import WanError, is_out_of_memory, on_the_command_line
 
 DEMO_FILE = "wan-i2v-demo.mp4"
 DEFAULT_OUTPUT = "wan-i2v-output.mp4"
@@ -92,9 +92,9 @@ def _sampling_defaults(args) -> None:
 
 
 def _guide_pair(args) -> tuple[float, float]:
-    if len(args.guide_scale) > 2:
-        raise WanError("--guide-scale takes one or two values", "LOW [HIGH], e.g. --guide-scale 3.5 3.5")
-    return tuple(args.guide_scale) * (2 // len(args.guide_scale))
+    from wan_i2v.config import guide_pair
+
+    return guide_pair(args.guide_scale)
 
 
 def _is_main() -> bool:
@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wan-i2v: error: no space left on the disk{where} (free some space; a run's saved state lets the same command resume)", file=sys.stderr)
         return 2
     except Exception as exc:
-        if type(exc).__name__ == "OutOfMemoryError":
+        if is_out_of_memory(exc):
             print("wan-i2v: error: out of GPU memory (try --offload, --size 480P or fewer --frame-num)", file=sys.stderr)
             return 2
         raise

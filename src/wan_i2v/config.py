@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, option
 from wan_i2v.sampling.schedulers import SOLVERS
 
 # The official default negative prompt (wan/configs/shared_config.py), used when none is given.
@@ -64,6 +64,14 @@ def check_frame_num(frame_num: int) -> None:
     if (frame_num - 1) % 4:
         below = (frame_num - 1) // 4 * 4 + 1
         raise WanError(f"frame count {frame_num} is not of the form 4n+1", f"use {below} or {below + 4}")
+
+
+def guide_pair(values) -> tuple[float, float]:
+    """One guide scale for both experts, or the (low-noise, high-noise) pair."""
+    values = tuple(float(value) for value in values)
+    if not 1 <= len(values) <= 2:
+        raise WanError(f"{option('guide_scale')} takes one or two values, not {len(values)}", "the low-noise and the high-noise expert's, e.g. 3.5 and 3.5")
+    return values * (2 // len(values))
 
 
 def video_size(image_height: int, image_width: int, max_area: int) -> tuple[int, int]:

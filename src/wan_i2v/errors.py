@@ -19,6 +19,16 @@ class WanError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's and others' run over several), else its type's name."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA out-of-memory error, known by its name (so that callers need not import torch)."""
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
 # Who reads the errors: the command line (`wan-i2v ...`, set by cli.main) or Python code (the default).
 _COMMAND_LINE: ContextVar[bool] = ContextVar("wan_i2v_command_line", default=False)
 _NO_VALUE = object()

@@ -426,7 +426,7 @@ class I2VPipeline:
         first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
         video = torch.cat([first[:, None], torch.zeros(3, frame_num - 1, height, width)], dim=1)
         bar = tqdm(total=(frame_num - 1) // VAE_STRIDE[0] + 1, desc="image encoding", unit="latent frame", disable=not progress)
-        advance = lambda done, total: bar.update(done - bar.n)  # noqa: E731
+        advance = _advancing(bar)
         try:
             with torch.no_grad():
                 if self.parallel is not None and self.plan.split_encode:  # each rank encodes a tile of the frames
@@ -525,9 +525,7 @@ def decode_latents(
     ``group``, the decode is split over its ranks and only its rank 0 gets the video (None elsewhere)."""
     inputs = latents[None].to(device)  # the decoder casts them to its dtype after de-normalizing in fp32
     bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
-
-    def advance(done, total):
-        bar.update(done - bar.n)
+    advance = _advancing(bar)
 
     try:
         if group is not None:
@@ -542,6 +540,11 @@ def decode_latents(
     finally:
         bar.close()
     return None if video is None else video[0]
+
+
+def _advancing(bar: tqdm) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that moves ``bar`` to ``done``."""
+    return lambda done, total: bar.update(done - bar.n)
 
 
 @contextmanager

@@ -16,14 +16,10 @@ from huggingface_hub.utils import build_hf_headers
 
 from wan_i2v.cache.layout import REPO_ID, blob_path, partial_path, required_paths
 from wan_i2v.cache.manifest import FileEntry, Manifest, hash_stream
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, first_line
 
 LISTING_TIMEOUT_S = 30
 _RESUME_HINT = "run `wan-i2v cache quick` again; it resumes where it stopped"
-
-
-def _one_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def disk_full(path: str, err: OSError) -> WanError:
@@ -49,7 +45,7 @@ class HubSource:
             )
         except (httpx2.HTTPError, OSError) as err:
             raise WanError(
-                f"cannot list {REPO_ID} on {self.endpoint}: {_one_line(err)}", hint="check the network, HF_ENDPOINT and HF_TOKEN"
+                f"cannot list {REPO_ID} on {self.endpoint}: {first_line(err)}", hint="check the network, HF_ENDPOINT and HF_TOKEN"
             ) from err
         siblings = {s.rfilename: s for s in info.siblings or []}
         files = [FileEntry(path, siblings[path].size, _hub_digest(siblings[path])) for path in required_paths(siblings)]
@@ -97,7 +93,7 @@ class HubSource:
         except (OSError, httpx2.HTTPError) as err:
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 raise disk_full(entry.path, err) from err
-            raise WanError(f"download of {entry.path} stopped: {_one_line(err)}", hint=_RESUME_HINT) from err
+            raise WanError(f"download of {entry.path} stopped: {first_line(err)}", hint=_RESUME_HINT) from err
         if writer.hexdigest() != entry.hex_digest:
             partial.unlink()
             raise WanError(
@@ -125,7 +121,7 @@ class ModelScopeSource:
         try:
             listed = self._api.get_model_files(REPO_ID, revision=revision, recursive=True)
         except Exception as err:  # its client raises requests' and its own error types, varying by version
-            raise WanError(f"cannot list {REPO_ID} on ModelScope: {_one_line(err)}", hint="check the network") from err
+            raise WanError(f"cannot list {REPO_ID} on ModelScope: {first_line(err)}", hint="check the network") from err
         by_path = {f["Path"]: f for f in listed if f.get("Type") != "tree"}
         files = [
             FileEntry(path, int(by_path[path]["Size"]), f"sha256:{sha}" if (sha := by_path[path].get("Sha256")) else None)
@@ -147,7 +143,7 @@ class ModelScopeSource:
         except Exception as err:  # see listing()
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 raise disk_full(entry.path, err) from err
-            raise WanError(f"download of {entry.path} stopped: {_one_line(err)}", hint=_RESUME_HINT) from err
+            raise WanError(f"download of {entry.path} stopped: {first_line(err)}", hint=_RESUME_HINT) from err
         progress.update(entry.size)
         return False
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, first_line
 
 HIGH_NOISE_DIR = "high_noise_model"
 LOW_NOISE_DIR = "low_noise_model"
@@ -54,11 +54,6 @@ def _checkpoint_dir_of(path: Path) -> Path:
     if path.as_posix().endswith(TOKENIZER_DIR):
         return path.parents[1]
     return path.parent
-
-
-def first_line(exc: Exception) -> str:
-    # torch's and safetensors' messages may run over several lines; the error stays one.
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def missing_file_error(path: Path, what: str) -> WanError:

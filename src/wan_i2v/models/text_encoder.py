@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from wan_i2v.loading.checkpoint import cast_parameters, checkpoint_hint, first_line, load_strict, missing_file_error, read_config, torch_file_source
-from wan_i2v.errors import WanError
+from wan_i2v.loading.checkpoint import cast_parameters, checkpoint_hint, load_strict, missing_file_error, read_config, torch_file_source
+from wan_i2v.errors import WanError, first_line
 
 T5_CONFIG_FILE = "t5_config.json"
 

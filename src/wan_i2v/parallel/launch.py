@@ -20,7 +20,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from wan_i2v.errors import WanError, command_line, on_the_command_line, option
+from wan_i2v.errors import WanError, command_line, is_out_of_memory, on_the_command_line, option
 from wan_i2v.parallel.groups import env_rank
 
 
@@ -46,7 +46,7 @@ def _record(error_dir: str, exc: BaseException) -> str:
         kind, message = "interrupt", "interrupted"
     elif isinstance(exc, WanError):
         kind, message = "wan", str(exc)
-    elif type(exc).__name__ == "OutOfMemoryError":
+    elif is_out_of_memory(exc):
         kind, message = "wan", f"rank {rank} ran out of GPU memory (try {option('offload')}, {option('fsdp')}, more GPUs or a smaller video)"
     elif _lost_peer(exc):
         kind, message = "peer", f"{type(exc).__name__}: {exc}"

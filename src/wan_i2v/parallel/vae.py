@@ -36,17 +36,26 @@ from torch import nn
 from wan_i2v.models.vae import AttentionBlock, CausalCache, WanVAE, layout_of
 
 
+def _reach(layers, where: str) -> float:
+    """How far, in the input's pixels, an output pixel of ``layers`` sees to each side: each
+    convolution adds its kernel's half at the resolution it runs at (a stride-2 one also its one
+    pixel of right and bottom padding), upsampling and striding change that resolution."""
+    reach, scale = 0.0, 1.0  # scale: input pixels per pixel at the current layer
+    for module in [module for layer in layers for module in layer.modules()]:
+        if isinstance(module, AttentionBlock):
+            raise ValueError(f"this VAE has attention {where}: spatial tiles would not be exact")
+        if isinstance(module, nn.Upsample):
+            scale /= module.scale_factor[-1]
+        elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            stride = module.stride[-1]
+            reach += (module.kernel_size[-1] // 2 + (stride > 1)) * scale
+            scale *= stride
+    return reach
+
+
 def spatial_halo(vae: WanVAE) -> int:
     """Latent pixels of context a tile needs on each side for the decoder after its middle block."""
-    reach, scale = 0.0, 1.0
-    for module in [*vae.decoder.upsamples.modules(), *vae.decoder.head.modules()]:
-        if isinstance(module, AttentionBlock):
-            raise ValueError("this VAE has attention after its middle block: spatial tiles would not be exact")
-        if isinstance(module, nn.Upsample):
-            scale *= module.scale_factor[-1]
-        elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            reach += (module.kernel_size[-1] // 2) / scale
-    return math.ceil(reach)
+    return math.ceil(_reach([vae.decoder.upsamples, vae.decoder.head], "after its middle block"))
 
 
 def tiles(size: int, parts: int) -> list[tuple[int, int]]:
@@ -96,17 +105,8 @@ def decode_tiled(
 def encoder_halo(vae: WanVAE) -> int:
     """Pixels of context a tile needs on each side for the encoder's downsampling stages, rounded up
     to whole latent pixels (so that every tile's stride-2 grids fall where the whole frame's do)."""
-    reach, scale = 0.0, 1.0
-    for module in [*vae.encoder.conv1.modules(), *vae.encoder.downsamples.modules()]:
-        if isinstance(module, AttentionBlock):
-            raise ValueError("this VAE has attention before its middle block: spatial tiles would not be exact")
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            stride = module.stride[-1]
-            # (a downsampling pads its right and bottom edge by one pixel: one more of reach)
-            reach += (module.kernel_size[-1] // 2 + (stride > 1)) * scale
-            scale *= stride
     per_latent = vae.config.pixels_per_latent
-    return math.ceil(reach / per_latent) * per_latent
+    return math.ceil(_reach([vae.encoder.conv1, vae.encoder.downsamples], "before its middle block") / per_latent) * per_latent
 
 
 @torch.no_grad()

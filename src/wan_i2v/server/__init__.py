@@ -13,7 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, first_line
 from wan_i2v.server.app import JobDefaults, create_app, job_settings
 from wan_i2v.server.runner import Runner
 from wan_i2v.server.store import JobStore
@@ -74,10 +74,9 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
             print("wan-i2v: stopping (a running job stops after its current step and resumes at the next start)", file=sys.stderr)
         runner.stop()
     if failure:
-        if isinstance(failure[0], (WanError, KeyboardInterrupt, MemoryError)) or type(failure[0]).__name__ == "OutOfMemoryError":
-            raise failure[0]  # the CLI's own one-line errors
-        first_line = (str(failure[0]).strip().splitlines() or [""])[0]
-        raise WanError(f"the server stopped: {type(failure[0]).__name__}: {first_line}", "its log is above; the same command resumes every job")
+        if isinstance(failure[0], WanError) or not isinstance(failure[0], Exception):
+            raise failure[0]  # a one-line error already, or an interrupt
+        raise WanError(f"the server stopped: {type(failure[0]).__name__}: {first_line(failure[0])}", "its log is above; the same command resumes every job")
     return 0
 
 

@@ -15,6 +15,7 @@ from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError
 from wan_i2v.server.store import FINISHED, JobStore, QueueFull
 
@@ -25,14 +26,15 @@ JSON_SAFE_SEEDS = 2**53  # drawn seeds stay exact in JavaScript's numbers (the p
 
 @dataclass(frozen=True)
 class JobDefaults:
-    """What a job gets for the fields its request leaves out (the server's command line sets them)."""
+    """What a job gets for the fields its request leaves out (the server's command line sets them;
+    otherwise the model card's, as ``GenerationSettings`` has them)."""
 
     size: str = "720P"
-    frame_num: int = 81
-    steps: int = 40
-    guide_scale: tuple[float, float] = (3.5, 3.5)
+    frame_num: int = GenerationSettings.frame_num
+    steps: int = GenerationSettings.steps
+    guide_scale: tuple[float, float] = GenerationSettings.guide_scale
     shift: float | None = None  # None: the size preset's
-    solver: str = "unipc"
+    solver: str = GenerationSettings.solver
 
 
 def _number(form, name: str, kind, default):
@@ -47,7 +49,7 @@ def _number(form, name: str, kind, default):
 
 def job_settings(form, defaults: JobDefaults) -> dict:
     """A request's fields, checked as the CLI checks them, with the seed drawn when not given (or -1)."""
-    from wan_i2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationSettings, parse_size
+    from wan_i2v.config import DEFAULT_NEGATIVE_PROMPT, guide_pair, parse_size
 
     size = str(form.get("size") or defaults.size).strip()
     max_area, preset_shift = parse_size(size)
@@ -56,12 +58,9 @@ def job_settings(form, defaults: JobDefaults) -> dict:
         guide = defaults.guide_scale
     else:
         try:
-            values = [float(part) for part in str(guide_text).split(",")]
+            guide = guide_pair(str(guide_text).split(","))
         except ValueError:
             raise WanError(f"guide_scale must be one number or two separated by a comma, not {guide_text!r}", "e.g. 3.5 or 3.5,3.5") from None
-        if len(values) > 2:
-            raise WanError(f"guide_scale takes one or two values, not {len(values)}", "LOW,HIGH, e.g. 3.5,3.5")
-        guide = tuple(values) * (2 // len(values))
     seed = _number(form, "seed", int, None)
     negative = form.get("negative_prompt")
     settings = GenerationSettings(

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, first_line, is_out_of_memory
 from wan_i2v.server.store import Job, JobStore
 
 log = logging.getLogger("wan_i2v.server")
@@ -139,7 +139,7 @@ class Runner:
             self.store.finish(job.id, "failed", error=str(exc))
         except Exception as exc:
             self.store.finish(job.id, "failed", error=_one_line(exc))
-            if type(exc).__name__ == "OutOfMemoryError":
+            if is_out_of_memory(exc):
                 import torch
 
                 torch.cuda.empty_cache()
@@ -153,7 +153,6 @@ class Runner:
 
 
 def _one_line(exc: Exception) -> str:
-    if type(exc).__name__ == "OutOfMemoryError":
+    if is_out_of_memory(exc):
         return "out of GPU memory (try a smaller size or fewer frames, or start the server with --offload)"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"internal error: {type(exc).__name__}{': ' + first if first else ''}"
+    return f"internal error: {type(exc).__name__}: {first_line(exc)}"
