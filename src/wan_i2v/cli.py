@@ -85,7 +85,10 @@ DISTILLED = {"solver": "euler", "steps": 4, "guide_scale": [1.0], "shift": 5.0}
 
 def _sampling_defaults(args) -> None:
     """Fill the sampling options not given: the official defaults, or the distilled recipe."""
-    recipe = DISTILLED if args.distilled else {"solver": "unipc", "steps": args.default_steps, "guide_scale": [3.5, 3.5]}
+    from wan_i2v.config import GenerationSettings
+
+    official = {"solver": GenerationSettings.solver, "steps": args.default_steps, "guide_scale": list(GenerationSettings.guide_scale)}
+    recipe = DISTILLED if args.distilled else official
     for name, value in recipe.items():
         if getattr(args, name, None) is None and hasattr(args, name):
             setattr(args, name, value)

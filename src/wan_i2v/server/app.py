@@ -210,13 +210,19 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         body = {"status": runner.status, "queued": counts["queued"], "in_progress": counts["in_progress"]}
         return JSONResponse(body, status_code=503 if runner.status == "failed" else 200)
 
+    registry = _metrics_registry(store, runner)
+
     @app.get("/metrics")
     def metrics():
-        return Response(_metrics_text(store, runner), media_type="text/plain; version=0.0.4; charset=utf-8")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    page_html = files("wan_i2v.server").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.get("/")
     def page():
-        return HTMLResponse(files("wan_i2v.server").joinpath("page.html").read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     return app
 
@@ -229,8 +235,9 @@ def _check_image(image: bytes, filename: str | None, max_area: int) -> None:
     video_size(picture.height, picture.width, max_area)
 
 
-def _metrics_text(store: JobStore, runner) -> bytes:
-    from prometheus_client import CollectorRegistry, generate_latest
+def _metrics_registry(store: JobStore, runner):
+    """The server's metrics, read from the queue at each scrape (so that every server sharing it agrees)."""
+    from prometheus_client import CollectorRegistry
     from prometheus_client.core import GaugeMetricFamily
 
     class QueueCollector:
@@ -250,4 +257,4 @@ def _metrics_text(store: JobStore, runner) -> bytes:
 
     registry = CollectorRegistry()
     registry.register(QueueCollector())
-    return generate_latest(registry)
+    return registry
