@@ -18,3 +18,25 @@ def tiny_pipeline(tiny_checkpoint):
     from wan_i2v import I2VPipeline
 
     return I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session (Debian's package; CI installs it)."""
+    import os
+
+    from postgres_process import Postgres, binary
+
+    if binary("initdb") is None:
+        message = "PostgreSQL is not installed (apt-get install postgresql)"
+        assert not os.environ.get("CI"), message  # CI installs it (.ci/run): there a missing server is a failure
+        pytest.skip(message)
+    server = Postgres().start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture()
+def queue_url(postgres) -> str:
+    """A new, empty PostgreSQL database for one test's queue."""
+    return postgres.new_database()

@@ -317,10 +317,17 @@ def test_a_killed_job_resumes_from_its_saved_step_to_the_same_video(tiny_checkpo
     np.testing.assert_array_equal(frames_of(videos[0]), frames_of(videos[1]))
 
 
-def test_two_servers_share_one_queue(tiny_checkpoint, tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue(request) -> list[str]:
+    """The serve options of a queue that several servers share: SQLite in their state directory (one
+    machine), or a PostgreSQL database (several machines, the state directory a shared folder)."""
+    return [] if request.param == "sqlite" else ["--queue", request.getfixturevalue("queue_url")]
+
+
+def test_two_servers_share_one_queue(tiny_checkpoint, tmp_path, queue):
     state = tmp_path / "state"
-    first = Server(tiny_checkpoint, state).start()
-    second = Server(tiny_checkpoint, state).start()
+    first = Server(tiny_checkpoint, state, *queue).start()
+    second = Server(tiny_checkpoint, state, *queue).start()
     with first.client() as one, second.client() as two:
         ids = [first.submit(one if n % 2 else two, seed=n).json()["id"] for n in range(16)]
         # A job running on the first server when it dies is taken over by the second.
@@ -331,15 +338,76 @@ def test_two_servers_share_one_queue(tiny_checkpoint, tmp_path):
         with survivor.client() as client:
             for job_id in [*ids, long]:
                 assert survivor.wait_for(client, job_id)["status"] == "completed"
+                assert client.get(f"/v1/videos/{job_id}/content").content[4:8] == b"ftyp"  # whichever server made it
+            listed = client.get("/v1/videos", params={"limit": 100}).json()["data"]
         assert f"running {long} (resuming)" in survivor.log.read_text()
     for running in (first, second):
         if running.process.poll() is None:
             running.stop()
     ran = {log: log.read_text().count("running video_") for log in (first.log, second.log)}
     assert all(count > 0 for count in ran.values()), ran  # both servers took jobs
-    with sqlite3.connect(state / "queue.sqlite3") as db:
-        assert db.execute("SELECT count(*) FROM jobs WHERE status = 'completed'").fetchone() == (17,)
+    assert sorted(job["id"] for job in listed) == sorted([*ids, long]) and {job["status"] for job in listed} == {"completed"}
     assert all(first.completions(job_id) + second.completions(job_id) == 1 for job_id in [*ids, long])
+
+
+def test_a_server_whose_database_connection_drops_loses_its_job_and_takes_its_lock_again(tmp_path, queue_url):
+    import psycopg
+
+    from wan_i2v.server import JobDefaults, JobStore, job_settings
+
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    cut_off, other = JobStore(tmp_path / "shared", queue_url=queue_url), JobStore(tmp_path / "shared", queue_url=queue_url)
+    job = cut_off.submit(png_bytes(), settings)[0].id
+    assert cut_off.claim().id == job and other.claim() is None  # a live server's job is not taken
+    name = cut_off.owner
+    with psycopg.connect(queue_url, autocommit=True) as admin:  # what a lost machine or a network cut does
+        admin.execute("SELECT pg_terminate_backend(%s)", (cut_off.liveness._held.info.backend_pid,))
+    assert other.claim().id == job  # taken over (from its saved step)
+    assert not cut_off.still_mine(job)  # so the cut-off server's run stops at its next step
+    assert cut_off.claim() is None and cut_off.owner == name  # it goes on, its lock taken again
+    second = cut_off.submit(png_bytes(), settings)[0].id
+    assert cut_off.claim().id == second and other.claim() is None  # held again: its new job is not taken
+
+
+def test_a_database_restart_mid_job_loses_nothing_and_the_server_goes_on(tiny_checkpoint, tmp_path, postgres):
+    from postgres_process import Postgres
+
+    database = Postgres().start()  # its own: this test restarts it
+    try:
+        server = Server(tiny_checkpoint, tmp_path / "state", "--queue", database.new_database()).start()
+        with server.client() as client:
+            job = server.submit(client, steps=40).json()["id"]
+            wait_until(lambda: server.step_of(client, job) >= 3)
+            database.stop()
+            answer = client.get(f"/v1/videos/{job}")
+            assert answer.status_code == 503 and answer.json()["error"]["message"].startswith("the job queue is unreachable for now")
+            time.sleep(3)  # the job runs on meanwhile
+            database.start()
+            wait_until(lambda: client.get(f"/v1/videos/{job}").status_code == 200, timeout=60, every=0.2)  # the pool reconnects
+            assert server.wait_for(client, job)["status"] == "completed"
+            after = server.submit(client).json()["id"]
+            assert server.wait_for(client, after)["status"] == "completed"
+        assert server.stop() == 0
+        assert server.completions(job) == 1 and "running " + job + " (resuming)" not in server.log.read_text()
+    finally:
+        database.remove()
+
+
+def test_serve_refuses_a_queue_it_cannot_use(tiny_checkpoint, tmp_path, queue_url, capsys):
+    from wan_i2v.server import JobStore
+
+    JobStore(tmp_path / "shared", queue_url=queue_url)  # the queue's servers share this folder
+    serve = ["serve", "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu", "--port", str(free_port())]
+    cases = [
+        (["--state-dir", str(tmp_path / "local"), "--queue", queue_url], "is not the folder the other servers of the queue"),
+        (["--state-dir", str(tmp_path / "shared"), "--queue", queue_url.replace("/queue", "/missing")], "cannot reach the queue database"),
+        (["--queue", "sqlite:///jobs.db"], "--queue takes a PostgreSQL URL"),
+    ]
+    for options, message in cases:
+        assert main([*serve, *options]) == 2
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1, error
+    assert not (tmp_path / "local" / "queue-id").exists()
 
 
 def test_sigterm_stops_after_a_step_and_puts_the_job_back(tiny_checkpoint, tmp_path):
@@ -359,18 +427,19 @@ def test_sigterm_stops_after_a_step_and_puts_the_job_back(tiny_checkpoint, tmp_p
     assert "stopping (a running job stops after its current step" in server.log.read_text()
 
 
-def test_a_job_whose_server_keeps_dying_fails_instead_of_starving_the_queue(tmp_path):
+def test_a_job_whose_server_keeps_dying_fails_instead_of_starving_the_queue(tmp_path, queue):
     from wan_i2v.server import JobDefaults, JobStore, job_settings
 
     settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
-    first = JobStore(tmp_path / "state")
+    queue_url = queue[1] if queue else None
+    first = JobStore(tmp_path / "state", queue_url=queue_url)
     doomed = first.submit(png_bytes(), settings)[0].id
     waiting = first.submit(png_bytes(), settings)[0].id
     servers = [first]
     for run in range(3):
         assert servers[-1].claim().id == doomed  # taken over after each death, from its saved step
-        servers[-1].liveness._held.close()  # the server dies: the kernel drops its lock
-        servers.append(JobStore(tmp_path / "state"))
+        servers[-1].liveness.release()  # the server dies: the kernel (or the database) drops its lock
+        servers.append(JobStore(tmp_path / "state", queue_url=queue_url))
     assert servers[-1].claim().id == waiting
     failed = servers[-1].get(doomed)
     assert failed.status == "failed" and failed.error.startswith("the server stopped 3 times while running this job")

@@ -360,8 +360,12 @@ def cmd_serve(args) -> int:
     guide = _guide_pair(args)
     defaults = JobDefaults(size=args.size, frame_num=args.frame_num, steps=args.steps, guide_scale=guide, shift=args.shift, solver=args.solver)
     token = args.token or os.environ.get("WAN_I2V_TOKEN") or None
+    queue = args.queue or os.environ.get("WAN_I2V_QUEUE") or None
     if _is_main():
         check_binding(args.host, args.port, token)
+        if queue is not None and not queue.startswith(("postgresql://", "postgres://")):
+            raise WanError("--queue takes a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
+                           "leave it out for the queue in --state-dir (the servers of one machine)")  # fmt: skip
     options = replace(_run_options(args), loras=_loras(args), guided=any(g != 1 for g in guide))
     options = replace(options, ckpt_dir=runs.checkpoint_dir(options))
     device = _run_device(options.device, options.ckpt_dir)
@@ -381,7 +385,7 @@ def cmd_serve(args) -> int:
         return 0
     state_dir = Path(args.state_dir) if args.state_dir else _home() / "server"
     return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, token=token, defaults=defaults,
-                 max_queued=args.max_queue, max_upload_mb=args.max_upload_mb)  # fmt: skip
+                 max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue)  # fmt: skip
 
 
 def cmd_decode(args) -> int:
@@ -550,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only; another needs --token)")
     srv.add_argument("--port", type=int, default=8000, help="default 8000")
     srv.add_argument("--state-dir", default=None, help="the job queue, uploads and videos (default $WAN_I2V_HOME/server): keep it on a persistent volume")
+    srv.add_argument("--queue", default=None, metavar="URL", help="a PostgreSQL database (postgresql://...) that servers on several machines share, "
+                     "--state-dir then being a folder they all mount (default: $WAN_I2V_QUEUE, else SQLite in --state-dir: the servers of one machine)")
     srv.add_argument("--token", default=None, help="clients must send Authorization: Bearer TOKEN (default: $WAN_I2V_TOKEN; none on 127.0.0.1)")
     srv.add_argument("--max-queue", type=int, default=1000, help="jobs that may wait; more are refused with 429 (default 1000)")
     srv.add_argument("--max-upload-mb", type=float, default=50, help="the largest image accepted, in MiB (default 50)")

@@ -47,10 +47,12 @@ def check_binding(host: str, port: int, token: str | None) -> None:
 
 
 def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | None, defaults: JobDefaults,
-          max_queued: int = 1000, max_upload_mb: float = 50) -> int:  # fmt: skip
+          max_queued: int = 1000, max_upload_mb: float = 50, queue_url: str | None = None) -> int:  # fmt: skip
     """Run the server until interrupted; ``open_session()`` loads the pipeline (in the runner's
-    thread: the API answers, and takes jobs, while it loads). Returns the exit code."""
-    store = JobStore(state_dir, max_queued=max_queued)
+    thread: the API answers, and takes jobs, while it loads). ``queue_url``: a PostgreSQL database
+    that servers on several machines share (``state_dir`` is then their shared folder). Returns the
+    exit code."""
+    store = JobStore(state_dir, max_queued=max_queued, queue_url=queue_url)
     logging.basicConfig(level=logging.INFO, format="wan-i2v: %(message)s", stream=sys.stderr)
     failure: list[BaseException] = []
     # Open event streams are cut after a few seconds of a stop, which would otherwise wait for them.
@@ -64,7 +66,8 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
     runner = Runner(store, open_session, on_failure=failed)
     config.app = create_app(store, runner, token=token, max_upload_bytes=int(max_upload_mb * 2**20), defaults=defaults)
     counts = store.counts()
-    print(f"wan-i2v: serving on http://{host}:{port}/ (state in {state_dir}: {counts['queued'] + counts['in_progress']} jobs to run); "
+    print(f"wan-i2v: serving on http://{host}:{port}/ (queue {store.database.describe()}, files in {state_dir}: "
+          f"{counts['queued'] + counts['in_progress']} jobs to run); "
           "loading the pipeline", file=sys.stderr)  # fmt: skip
     runner.start()
     try:
@@ -73,6 +76,7 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
         if not failure:
             print("wan-i2v: stopping (a running job stops after its current step and resumes at the next start)", file=sys.stderr)
         runner.stop()
+        store.close()
     if failure:
         if isinstance(failure[0], WanError) or not isinstance(failure[0], Exception):
             raise failure[0]  # a one-line error already, or an interrupt

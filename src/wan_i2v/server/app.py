@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError
-from wan_i2v.server.store import FINISHED, JobStore, QueueFull
+from wan_i2v.server.store import FINISHED, JobStore, QueueFull, QueueUnreachable
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
 OPEN_PATHS = {"/", "/health"}
@@ -93,6 +93,10 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     async def invalid(request: Request, exc: RequestValidationError):
         where = ".".join(str(part) for part in exc.errors()[0]["loc"][1:]) if exc.errors() else "request"
         return JSONResponse({"error": {"message": f"{where}: {exc.errors()[0]['msg'] if exc.errors() else 'invalid'}"}}, status_code=400)
+
+    @app.exception_handler(QueueUnreachable)
+    async def unreachable(request: Request, exc: QueueUnreachable):  # a database restarting: the client may retry
+        return JSONResponse({"error": {"message": f"the job queue is unreachable for now: {exc}"}}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):  # (the traceback goes to the server's log, not to the client)

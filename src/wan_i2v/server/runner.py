@@ -4,13 +4,12 @@ GPUs) and runs the queue's jobs one after another, recording progress, results a
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 
 from wan_i2v.errors import WanError, first_line, is_out_of_memory
-from wan_i2v.server.store import Job, JobStore
+from wan_i2v.server.store import Job, JobStore, QueueUnreachable
 
 log = logging.getLogger("wan_i2v.server")
 
@@ -28,7 +27,7 @@ class _JobCancel:
     def is_set(self) -> bool:
         try:
             return self.stopping.is_set() or not self.store.still_mine(self.job_id)
-        except sqlite3.Error:  # the queue unreadable for a moment: go on, and ask again at the next step
+        except QueueUnreachable:  # the queue unreadable for a moment: go on, and ask again at the next step
             return False
 
 
@@ -73,7 +72,7 @@ class Runner:
             while not self.stopping.is_set():
                 try:
                     job = self.store.claim()
-                except sqlite3.Error:  # the state directory unreadable for a moment (a full disk): keep trying
+                except QueueUnreachable:  # unreadable for a moment (a full disk, a database restarting): keep trying
                     log.exception("cannot read the queue")
                     job = None
                     time.sleep(POLL_SECONDS)
@@ -103,8 +102,7 @@ class Runner:
 
         video = self.store.video_path(job.id)
         if video.is_file():  # written before a kill, its completion not yet recorded
-            if self.store.finish(job.id, "completed"):
-                log.info("completed %s", job.id)
+            self._recorded(lambda: self._record(job.id, "completed", error=None, peak_memory_gb=None))
             return session
         log.info("running %s (%s)", job.id, "resuming" if self.store.state_path(job.id).is_file() else "new")
         settings = job.settings
@@ -116,8 +114,12 @@ class Runner:
             # the preparation, so its time is not a step's.
             intervals = len(last_step_at) - 1
             mean = (last_step_at[-1] - last_step_at[0]) / intervals if intervals else None
-            self.store.progress(job.id, step.index + 1, mean)
+            try:
+                self.store.progress(job.id, step.index + 1, mean)
+            except QueueUnreachable:  # progress is shown, not needed: the next step writes it again
+                pass
 
+        peak_memory_gb, error = None, None
         try:
             result = session.generate(
                 self.store.image_path(job.id), settings["prompt"], negative_prompt=settings["negative_prompt"],
@@ -126,30 +128,53 @@ class Runner:
                 state_file=self.store.state_path(job.id), cancel=_JobCancel(self.store, job.id, self.stopping), on_step=on_step,
             )  # fmt: skip
             write_mp4(result.video, video, fps=FPS, metadata=result.metadata)
-            if self.store.finish(job.id, "completed", peak_memory_gb=result.peak_memory_gb):
-                log.info("completed %s", job.id)
-            else:
-                video.unlink(missing_ok=True)  # cancelled as its last step ended
+            outcome, peak_memory_gb = "completed", result.peak_memory_gb
         except Cancelled:
-            if self.stopping.is_set():
-                self.store.release(job.id)  # the next start resumes it from its saved state
-            else:
-                self.store.state_path(job.id).unlink(missing_ok=True)
+            outcome = "stopped"
         except WanError as exc:  # a rank's failure included
-            self.store.finish(job.id, "failed", error=str(exc))
+            outcome, error = "failed", str(exc)
         except Exception as exc:
-            self.store.finish(job.id, "failed", error=_one_line(exc))
+            outcome, error = "failed", _one_line(exc)
             if is_out_of_memory(exc):
                 import torch
 
                 torch.cuda.empty_cache()
             else:
                 log.exception("job %s failed", job.id)
+        self._recorded(lambda: self._record(job.id, outcome, error=error, peak_memory_gb=peak_memory_gb))
         if not session.alive:  # the job took the session's ranks down with it: the next job gets new ones
             log.warning("the session's ranks have exited: loading the pipeline again")
             session.close()
             session = self.open_session()
         return session
+
+
+    def _record(self, job_id: str, outcome: str, *, error: str | None, peak_memory_gb: float | None) -> None:
+        """Write a run's end to the queue (``outcome``: completed, failed, or stopped by a cancel)."""
+        if outcome == "stopped":
+            if self.stopping.is_set():
+                self.store.release(job_id)  # the next start resumes it from its saved state
+            elif self.store.cancelled(job_id):
+                self.store.state_path(job_id).unlink(missing_ok=True)
+            else:  # another server took it over (this one had lost its lock): its saved state is that server's now
+                log.warning("%s was taken over by another server", job_id)
+        elif self.store.finish(job_id, outcome, error=error, peak_memory_gb=peak_memory_gb):
+            if outcome == "completed":
+                log.info("completed %s", job_id)
+        elif self.store.cancelled(job_id):  # as its last step ended
+            self.store.video_path(job_id).unlink(missing_ok=True)
+
+    def _recorded(self, write: Callable[[], None]) -> None:
+        """Do ``write``, waiting out a queue that is unreachable for a while (a database restarting): the
+        job's end must be recorded before the next job, or nobody would run it again while this server lives."""
+        while True:
+            try:
+                return write()
+            except QueueUnreachable as exc:
+                if self.stopping.is_set():
+                    raise
+                log.warning("cannot record a job's end (%s); trying again", exc)
+                time.sleep(POLL_SECONDS)
 
 
 def _one_line(exc: Exception) -> str:

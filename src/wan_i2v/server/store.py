@@ -1,11 +1,12 @@
-"""The server's job queue: one SQLite database in WAL mode plus a folder per job, in the state
-directory. Every change is one transaction, so a ``kill -9`` at any moment leaves either the state
-before it or the state after it; files are written whole before the row that names them.
+"""The server's job queue: a table of jobs plus a folder per job in the state directory. Every change
+is one transaction, so a ``kill -9`` at any moment leaves either the state before it or the state
+after it; files are written whole before the row that names them.
 
-Several servers on one machine may share a state directory: a job is claimed in one transaction,
-and a running job whose server process has died is taken over by the next claim (its saved
-denoising state lets the run go on from its last step). SQLite's locking does not hold on network
-file systems, so a state directory belongs to one machine.
+Several servers may share one queue: a job is claimed in one transaction, and a running job whose
+server has died is taken over by the next claim (its saved denoising state lets the run go on from
+its last step). The table lives in SQLite in the state directory (servers on one machine: SQLite's
+locking does not hold on network file systems) or in PostgreSQL (``server.postgres``: servers on
+several machines, whose state directory is then one shared folder).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,25 +28,34 @@ SWEEP_AFTER_SECONDS = 600
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+# One schema for both databases; each names its own auto-increment key and 64-bit float.
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS jobs (
+    seq {serial},
     id TEXT NOT NULL UNIQUE,
     idempotency_key TEXT UNIQUE,
     status TEXT NOT NULL,
     settings TEXT NOT NULL,
     step INTEGER NOT NULL DEFAULT 0,
-    seconds_per_step REAL,
+    seconds_per_step {real},
     error TEXT,
     owner TEXT,
     runs INTEGER NOT NULL DEFAULT 0,
-    peak_memory_gb REAL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    completed_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
-"""
+    peak_memory_gb {real},
+    created_at {real} NOT NULL,
+    started_at {real},
+    completed_at {real}
+)""",
+    "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",
+)
+
+
+class QueueUnreachable(Exception):
+    """The queue's database cannot be read or written for now (a full disk, a lost connection)."""
+
+
+class DuplicateKey(Exception):
+    """An insert clashed with a unique key (the same idempotency key, submitted twice at once)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ class Job:
         }
 
 
-class Liveness:
+class FileLiveness:
     """Whether the server that owns a job still runs: each server holds an exclusive lock on its own
     file in ``owners/`` for as long as its process lives (the kernel drops it when the process ends,
     however it ends), so a lock that can be taken is a server that is gone. Unlike host names and pids
@@ -111,9 +121,13 @@ class Liveness:
         self._held = open(directory / f"{self.owner}.lock", "w")  # kept open: the lock lives with the process
         fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-    def gone(self, owner: str | None) -> bool:
-        if owner is None or owner == self.owner:
-            return owner is None
+    def release(self) -> None:
+        self._held.close()
+
+    def hold(self) -> None:
+        """The lock lives as long as the process: nothing to renew."""
+
+    def gone(self, owner: str, db) -> bool:
         path = self.directory / f"{owner}.lock"
         try:
             with open(path) as handle:
@@ -126,43 +140,32 @@ class Liveness:
         return True
 
 
-class JobStore:
-    """The queue in ``state_dir``: ``queue.sqlite3`` and ``jobs/<id>/`` (the image, the saved
-    denoising state, the mp4)."""
+class SQLiteQueue:
+    """The queue in ``queue.sqlite3`` in the state directory, for the servers of one machine (WAL:
+    readers and the writer never block each other; a writer takes the lock at once, so there are no
+    upgrade deadlocks)."""
 
-    def __init__(self, state_dir: str | Path, *, max_queued: int = 1000):
-        self.root = Path(state_dir)
+    serial, real = "INTEGER PRIMARY KEY AUTOINCREMENT", "REAL"
+
+    def __init__(self, root: Path):
+        self.path = root / "queue.sqlite3"
         try:
-            (self.root / "jobs").mkdir(parents=True, exist_ok=True)
-            with closing(sqlite3.connect(self.root / "queue.sqlite3", timeout=60)) as db:
-                db.execute("PRAGMA journal_mode=WAL")  # kept by the file: readers and the writer never block each other
-                db.executescript(SCHEMA)
+            root.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=60)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")  # kept by the file
+            finally:
+                db.close()
         except (OSError, sqlite3.Error) as exc:
-            raise WanError(f"cannot use state directory {self.root}: {exc}", "give a writable --state-dir") from None
-        self.max_queued = max_queued
-        self.liveness = Liveness(self.root / "owners")
-        self.owner = self.liveness.owner
-        self._sweep()
-
-    def _sweep(self) -> None:
-        """Remove what a kill left behind: a job's folder written before its row was (the row never
-        came) and the temporary files of writes cut short. Only old ones: another server sharing the
-        directory may be writing a new one now."""
-        with self._db() as db:
-            known = {row[0] for row in db.execute("SELECT id FROM jobs")}
-        old = time.time() - SWEEP_AFTER_SECONDS
-        for folder in (self.root / "jobs").iterdir():
-            if folder.name not in known and folder.stat().st_mtime < old:
-                shutil.rmtree(folder, ignore_errors=True)
-            elif folder.is_dir():
-                for partial in folder.glob(".*"):  # write_atomically's temporary names
-                    if partial.stat().st_mtime < old:
-                        partial.unlink(missing_ok=True)
+            raise WanError(f"cannot use state directory {root}: {exc}", "give a writable --state-dir") from None
+        self.liveness = FileLiveness(root / "owners")
 
     @contextmanager
-    def _db(self, *, write: bool = False):
-        """A connection for one transaction (a writer takes the lock at once: no upgrade deadlocks)."""
-        db = sqlite3.connect(self.root / "queue.sqlite3", timeout=60, isolation_level=None)
+    def transaction(self, *, write: bool):
+        try:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise QueueUnreachable(exc) from exc
         db.row_factory = sqlite3.Row
         try:
             db.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut too
@@ -173,8 +176,76 @@ class JobStore:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+        except sqlite3.IntegrityError as exc:
+            raise DuplicateKey(exc) from exc
+        except sqlite3.Error as exc:
+            raise QueueUnreachable(exc) from exc
         finally:
             db.close()
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def close(self) -> None:
+        self.liveness.release()
+
+
+class JobStore:
+    """The queue (``queue_url``: PostgreSQL, else SQLite in ``state_dir``) and ``state_dir/jobs/<id>/``
+    (the image, the saved denoising state, the mp4)."""
+
+    def __init__(self, state_dir: str | Path, *, max_queued: int = 1000, queue_url: str | None = None):
+        self.root = Path(state_dir)
+        try:
+            (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WanError(f"cannot use state directory {self.root}: {exc}", "give a writable --state-dir") from None
+        if queue_url is None:
+            self.database = SQLiteQueue(self.root)
+        else:
+            from wan_i2v.server.postgres import PostgresQueue
+
+            self.database = PostgresQueue(queue_url, self.root)
+        self.max_queued = max_queued
+        self.liveness = self.database.liveness
+        self.owner = self.liveness.owner  # this server's name in the jobs it runs
+        try:
+            with self._db(write=True) as db:
+                for statement in SCHEMA:
+                    db.execute(statement.format(serial=self.database.serial, real=self.database.real))
+        except QueueUnreachable as exc:
+            raise WanError(f"cannot use the queue {self.database.describe()}: {exc}", "check that it is writable") from None
+        self._sweep()
+
+    def close(self) -> None:
+        """Let go of the database (another server may then take over this one's running job)."""
+        self.database.close()
+
+
+    def _sweep(self) -> None:
+        """Remove what a kill left behind: a job's folder written before its row was (the row never
+        came) and the temporary files of writes cut short. Only old ones: another server sharing the
+        directory may be writing a new one now."""
+        with self._db() as db:
+            known = {row["id"] for row in db.execute("SELECT id FROM jobs")}
+        old = time.time() - SWEEP_AFTER_SECONDS
+        for folder in (self.root / "jobs").iterdir():
+            if folder.name not in known and folder.stat().st_mtime < old:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif folder.is_dir():
+                for partial in folder.glob(".*"):  # write_atomically's temporary names
+                    if partial.stat().st_mtime < old:
+                        partial.unlink(missing_ok=True)
+
+    def _db(self, *, write: bool = False):
+        """One transaction; ``write`` serializes it with every other writer of the queue."""
+        return self.database.transaction(write=write)
+
+    def _gone(self, db, owner: str | None) -> bool:
+        """The server that owned a job has stopped (its lock is free)."""
+        if owner is None or owner == self.owner:
+            return owner is None
+        return self.liveness.gone(owner, db)
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id
@@ -189,7 +260,7 @@ class JobStore:
         return self.job_dir(job_id) / "state.pt"
 
     @staticmethod
-    def _job(row: sqlite3.Row | None) -> Job | None:
+    def _job(row) -> Job | None:
         if row is None:
             return None
         values = dict(row)
@@ -209,14 +280,14 @@ class JobStore:
         write_atomically(self.image_path(job_id), lambda tmp: tmp.write_bytes(image))
         try:
             with self._db(write=True) as db:
-                queued = db.execute("SELECT count(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+                queued = db.execute("SELECT count(*) AS n FROM jobs WHERE status = 'queued'").fetchone()["n"]
                 if queued >= self.max_queued:
                     raise QueueFull(queued)
                 db.execute(
                     "INSERT INTO jobs (id, idempotency_key, status, settings, created_at) VALUES (?, ?, 'queued', ?, ?)",
                     (job_id, idempotency_key, json.dumps(settings), time.time()),
                 )
-        except sqlite3.IntegrityError:  # the same key, submitted at the same moment by another request
+        except DuplicateKey:  # the same key, submitted at the same moment by another request
             shutil.rmtree(directory, ignore_errors=True)
             return self.by_key(idempotency_key), False
         except BaseException:
@@ -239,7 +310,7 @@ class JobStore:
             if after and start is None:
                 raise KeyError(after)
             rows = db.execute(
-                "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (start[0] if start else 2**63 - 1, limit + 1)
+                "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (start["seq"] if start else 2**63 - 1, limit + 1)
             ).fetchall()
         return [self._job(row) for row in rows[:limit]], len(rows) > limit
 
@@ -249,21 +320,22 @@ class JobStore:
             speed = db.execute("SELECT seconds_per_step FROM jobs WHERE seconds_per_step IS NOT NULL"
                                " ORDER BY coalesce(completed_at, started_at) DESC LIMIT 1").fetchone()  # fmt: skip
             memory = db.execute("SELECT peak_memory_gb FROM jobs WHERE peak_memory_gb IS NOT NULL ORDER BY completed_at DESC LIMIT 1").fetchone()
-        return (speed and speed[0]), (memory and memory[0])
+        return (speed and speed["seconds_per_step"]), (memory and memory["peak_memory_gb"])
 
     def counts(self) -> dict[str, int]:
         with self._db() as db:
-            found = dict(db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+            found = {row["status"]: row["n"] for row in db.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")}
         return {status: found.get(status, 0) for status in STATUSES}
 
     def claim(self) -> Job | None:
         """The next job to run, now this process's: a running job whose server died (it resumes from
         its saved step), else the oldest queued one. A job whose server died ``MAX_RUNS`` times while
         running it (it may be what kills them) fails instead of starving the queue."""
+        self.liveness.hold()
         with self._db(write=True) as db:
             taken, now = None, time.time()
             for row in db.execute("SELECT id, owner, runs FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall():
-                if not self.liveness.gone(row["owner"]):
+                if not self._gone(db, row["owner"]):
                     continue
                 if row["runs"] >= MAX_RUNS:
                     db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?",
@@ -280,6 +352,11 @@ class JobStore:
                        (self.owner, now, taken))  # fmt: skip
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (taken,)).fetchone())
 
+    def cancelled(self, job_id: str) -> bool:
+        """Someone cancelled or deleted the job (rather than another server taking it over)."""
+        job = self.get(job_id)
+        return job is None or job.status == "cancelled"
+
     def still_mine(self, job_id: str) -> bool:
         """The job is running here and nobody has cancelled it."""
         with self._db() as db:
@@ -287,12 +364,13 @@ class JobStore:
         return row is not None and row["status"] == "in_progress" and row["owner"] == self.owner
 
     def progress(self, job_id: str, step: int, seconds_per_step: float | None) -> None:
+        self.liveness.hold()
         with self._db(write=True) as db:
             db.execute("UPDATE jobs SET step = ?, seconds_per_step = coalesce(?, seconds_per_step) WHERE id = ? AND owner = ?",
                        (step, seconds_per_step, job_id, self.owner))  # fmt: skip
 
     def finish(self, job_id: str, status: str, *, error: str | None = None, peak_memory_gb: float | None = None) -> bool:
-        """Record a running job's end; False if it was no longer this process's to finish (cancelled)."""
+        """Record a running job's end; False if it was no longer this process's to finish (cancelled, or taken over)."""
         assert status in FINISHED
         with self._db(write=True) as db:
             changed = db.execute(
@@ -300,7 +378,8 @@ class JobStore:
                 " WHERE id = ? AND status = 'in_progress' AND owner = ?",
                 (status, error, time.time(), peak_memory_gb, job_id, self.owner),
             ).rowcount
-        self.state_path(job_id).unlink(missing_ok=True)
+        if changed or self.cancelled(job_id):  # not when another server took it over: the state is its own now
+            self.state_path(job_id).unlink(missing_ok=True)
         return bool(changed)
 
     def release(self, job_id: str) -> None:

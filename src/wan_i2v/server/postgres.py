@@ -1,0 +1,172 @@
+"""The job queue in PostgreSQL, for servers on several machines (``wan-i2v serve --queue URL``).
+
+The jobs' files stay in the state directory, which every server then mounts from shared storage
+(NFS, a cloud file share): the uploaded image one server took in is the one another server runs,
+and any server answers for any job's video. The database checks that each server was given that
+same folder.
+
+A server is alive while it holds a session advisory lock named by its owner id, on a connection of
+its own: PostgreSQL drops the lock when that connection ends, however the server ends (``kill -9``,
+a lost machine once TCP keepalives notice, a pod restarted elsewhere). Writing transactions take
+one transaction-level advisory lock, so that a claim sees every other claim whole, as SQLite's
+single writer does; at one write per denoising step per server this is far from a bottleneck.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from wan_i2v.errors import WanError, first_line
+from wan_i2v.server.store import DuplicateKey, QueueUnreachable
+
+# The first key of the writers' lock (two 32-bit keys: apart from the owners' single 64-bit keys).
+WRITERS_LOCK = (0x57414E, 1)  # "WAN"
+# A machine that vanishes without closing its connection is noticed within about a minute.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 20, "keepalives_interval": 10, "keepalives_count": 3}
+SERVER_KEEPALIVES = "SET tcp_keepalives_idle = 20; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"
+POOL_SIZE = 4  # connections a server uses for the queue at most, besides its liveness connection
+# How long a request waits for a connection before it is told the queue is unreachable (503).
+POOL_WAIT_SECONDS = 5
+
+FOLDER_TABLE = "CREATE TABLE IF NOT EXISTS shared_folder (id TEXT NOT NULL)"
+FOLDER_MARK = "queue-id"
+
+
+def _psycopg():
+    try:
+        import psycopg
+        import psycopg_pool
+    except ImportError:
+        raise WanError("a PostgreSQL --queue needs the psycopg package", "pip install 'wan-i2v[postgres]'") from None
+    return psycopg, psycopg_pool
+
+
+def describe(url: str) -> str:
+    """The database a URL names, without its password (for messages and logs)."""
+    psycopg, _ = _psycopg()
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "the PostgreSQL database given"
+    host, database = parts.get("host") or "localhost", parts.get("dbname") or parts.get("user") or ""
+    if host.startswith("/"):  # a unix socket's folder
+        return f"postgresql:///{database}?host={host}"
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{host}{port}/{database}"
+
+
+class AdvisoryLockLiveness:
+    """Whether the server that owns a job still runs: its lock can be taken once its connection is gone."""
+
+    def __init__(self, connect):
+        self._connect = connect
+        self.owner = uuid.uuid4().hex
+        self._lock()
+
+    def _lock(self) -> None:
+        self._held = self._connect(autocommit=True, **KEEPALIVES)
+        self._held.execute(SERVER_KEEPALIVES)  # the database's side notices a vanished machine too
+        # Waits only while another server's claim holds it for a moment, to see whether this one is gone.
+        self._held.execute("SELECT pg_advisory_lock(%s)", (self.key(self.owner),))
+
+    @staticmethod
+    def key(owner: str) -> int:
+        return int(owner[:16], 16) >> 1  # 63 bits: a bigint
+
+    def hold(self) -> None:
+        """Make sure the lock is still held, taking it again if its connection was lost (the database
+        restarted, the network cut it). Meanwhile another server may have taken over a job of this one:
+        the job's row names that server now, so this one stops running it at its next step."""
+        psycopg, _ = _psycopg()
+        try:
+            self._held.execute("SELECT 1")
+        except psycopg.Error:
+            self._held.close()
+            try:
+                self._lock()
+            except psycopg.Error as exc:
+                raise QueueUnreachable(first_line(exc)) from exc
+
+    def release(self) -> None:
+        self._held.close()
+
+    def gone(self, owner: str, db) -> bool:
+        # Taken for this transaction only, so it is never kept.
+        return db.execute("SELECT pg_try_advisory_xact_lock(?) AS free", (self.key(owner),)).fetchone()["free"]
+
+
+class _Statements:
+    """A connection that takes the queue's SQL as SQLite spells its parameters (``?``)."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def execute(self, sql: str, parameters=()):
+        return self.connection.execute(sql.replace("?", "%s"), parameters)
+
+
+class PostgresQueue:
+    serial, real = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "DOUBLE PRECISION"
+
+    def __init__(self, url: str, folder: Path):
+        psycopg, psycopg_pool = _psycopg()
+        self.url = url
+        self._errors = (psycopg.Error, psycopg_pool.PoolTimeout)
+        self._duplicate = psycopg.errors.UniqueViolation
+
+        def connect(**options):
+            return psycopg.connect(url, connect_timeout=10, **options)
+
+        try:
+            self.liveness = AdvisoryLockLiveness(connect)
+        except psycopg.Error as exc:
+            raise WanError(f"cannot reach the queue database {describe(url)}: {first_line(exc)}",
+                           "check --queue (postgresql://USER:PASSWORD@HOST:PORT/DATABASE) and that the database runs") from None  # fmt: skip
+        self.pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=POOL_SIZE, open=True, check=psycopg_pool.ConnectionPool.check_connection,
+            kwargs={"row_factory": psycopg.rows.dict_row, "connect_timeout": 10, **KEEPALIVES},
+        )  # fmt: skip
+        self._check_folder(folder)
+
+    def describe(self) -> str:
+        return describe(self.url)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.liveness.release()
+
+    @contextmanager
+    def transaction(self, *, write: bool):
+        try:
+            with self.pool.connection(timeout=POOL_WAIT_SECONDS) as connection:  # committed at the end, rolled back on an error
+                if write:
+                    connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", WRITERS_LOCK)
+                yield _Statements(connection)
+        except self._duplicate as exc:
+            raise DuplicateKey(exc) from exc
+        except self._errors as exc:
+            raise QueueUnreachable(first_line(exc)) from exc
+
+    def _check_folder(self, folder: Path) -> None:
+        """Every server of this queue must be given the same shared folder: the first one marks it, and
+        the database keeps the mark."""
+        from wan_i2v.video import write_atomically
+
+        mark = folder / FOLDER_MARK
+        try:
+            with self.transaction(write=True) as db:
+                db.execute(FOLDER_TABLE)
+                known = db.execute("SELECT id FROM shared_folder").fetchone()
+                found = mark.read_text().strip() if mark.is_file() else None
+                if known is None:
+                    if found is None:
+                        found = uuid.uuid4().hex
+                        write_atomically(mark, lambda tmp: tmp.write_text(found + "\n"))
+                    db.execute("INSERT INTO shared_folder (id) VALUES (?)", (found,))
+                elif known["id"] != found:
+                    raise WanError(f"--state-dir {folder} is not the folder the other servers of the queue {self.describe()} use",
+                                   "mount the same shared folder on every server and give it as --state-dir")  # fmt: skip
+        except QueueUnreachable as exc:
+            raise WanError(f"cannot use the queue database {self.describe()}: {exc}", "check that its user may create tables") from None
