@@ -130,6 +130,32 @@ def test_two_loras_on_one_expert_apply_in_order_and_switch_without_reloading(tin
     assert torch.equal(pipe.generate(demo_image(), "a boat", **RUN).latents, generate(tiny_checkpoint, loras={"high": [str(first)]}).latents)
 
 
+def test_loras_switch_on_an_fp8_pipeline_as_if_loaded_with_them(tiny_checkpoint, tmp_path):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    lightx2v_lora(first, expert_weights(tiny_checkpoint), seed=3)
+    peft_lora(second, expert_weights(tiny_checkpoint, "low_noise_model"), seed=7)
+    loras = {"high": [(first, 0.8)], "low": [(second, 1.0)]}
+
+    def fp8_pipeline(**options):
+        return I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, fp8=True, **options)
+
+    def weights(pipe):
+        """Copies of the experts' tensors, as bytes (FP8 has no comparison of its own on the CPU)."""
+        return {f"{name}.{key}": value.detach().clone().view(torch.uint8) if value.dtype == torch.float8_e4m3fn else value.detach().clone()
+                for name in ("high", "low") for key, value in pipe.experts.models[name].state_dict().items()}  # fmt: skip
+
+    loaded_with, switched = weights(fp8_pipeline(loras=loras)), fp8_pipeline()
+    plain = weights(switched)
+    switched.set_loras(loras)
+    after = weights(switched)
+    assert after.keys() == loaded_with.keys() and all(torch.equal(after[key], loaded_with[key]) for key in after)
+    assert sum(value.dtype == torch.uint8 for value in after.values()) == 10 * 2 * 2  # FP8: q, k, v, o twice and the FFN's two, 2 blocks, 2 experts
+    assert not torch.equal(after["high.blocks.0.self_attn.q.weight"], plain["high.blocks.0.self_attn.q.weight"])
+    switched.set_loras(None)
+    back = weights(switched)
+    assert all(torch.equal(back[key], plain[key]) for key in back)
+
+
 def test_lora_spec_parses_an_optional_strength():
     assert LoraSpec.parse("style.safetensors") == LoraSpec("style.safetensors", 1.0)
     assert LoraSpec.parse("/x/style.safetensors:0.6") == LoraSpec("/x/style.safetensors", 0.6)

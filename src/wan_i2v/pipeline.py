@@ -229,8 +229,6 @@ class I2VPipeline:
         parameter the old or the new LoRAs change is read again from the checkpoint and the new
         deltas merged, in place, wherever it lives (GPU, host memory, this rank's shard). In a
         parallel run every rank calls it with the same LoRAs."""
-        if self.plan.fp8:
-            raise WanError("LoRAs cannot be switched on an FP8 pipeline (its weights are quantized)", "load the pipeline again with the new LoRAs")
         loras = Loras.of(loras)
         self.experts.release()  # every weight back where it waits: no device copy may go stale
         for stream in self.block_streams:

@@ -211,12 +211,15 @@ def cast_parameters(module: nn.Module, dtype: torch.dtype, keep_fp32: Callable[[
 
 def refill(module: nn.Module, source: TensorSource, names: Iterable[str]) -> None:
     """Write the tensors ``names`` of an already loaded ``module`` again from ``source``, in place,
-    wherever each lives now (GPU, host memory, a shard's rows), in its dtype."""
-    targets = {full: tensor for full, _, _, tensor, _ in _named_tensors(module)}
+    wherever each lives now (GPU, host memory, a shard's rows), in its dtype. A module that keeps its
+    weight in another form (FP8 and its scales) takes the new weight through its ``load_weight_``."""
+    targets = {full: (owner, local_name, tensor) for full, owner, local_name, tensor, _ in _named_tensors(module)}
     with torch.no_grad():
         for name in names:
-            target = targets[name]
-            if isinstance(target, DTensor):
+            owner, local_name, target = targets[name]
+            if local_name == "weight" and hasattr(owner, "load_weight_"):
+                owner.load_weight_(source.read(name))
+            elif isinstance(target, DTensor):
                 local = target.to_local()
                 local.copy_(source.read(name, _local_rows(target, local, name)).to(local.dtype))
             else:

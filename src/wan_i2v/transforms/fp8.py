@@ -35,6 +35,14 @@ class FP8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.out_dtype = linear.weight.dtype
 
+    @torch.no_grad()
+    def load_weight_(self, weight: torch.Tensor) -> None:
+        """Take a new weight (a LoRA switched on a loaded pipeline), rounded to the run's dtype and
+        quantized as at load time, so that it equals a pipeline loaded with it."""
+        quantized, scale = _quantize_rows(weight.to(device=self.weight.device, dtype=self.out_dtype))
+        self.weight.copy_(quantized)
+        self.weight_scale.copy_(scale.t())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         x_fp8, x_scale = _quantize_rows(rows)
