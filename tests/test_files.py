@@ -238,6 +238,10 @@ def test_fp8_and_offload_on_the_cpu_say_they_do_nothing(tiny_checkpoint, image_f
     err = capsys.readouterr().err
     assert "warning: --fp8 does nothing on the CPU" in err and "warning: --offload does nothing on the CPU" in err
     assert flagged.read_bytes() == plain.read_bytes()  # ignored, not half-applied
+    # A dry run shows the plan the run would follow.
+    assert run(tiny_checkpoint, image_file, "--save-file", str(tmp_path / "dry.mp4"), "--fp8", "--offload", "blocks", "--dry-run") == 0
+    out, err = capsys.readouterr()
+    assert "warning: --fp8 does nothing on the CPU" in err and "FP8" not in out and "offload" not in out.lower(), out
 
 
 def test_the_summary_has_the_loading_time_and_loading_shows_progress(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):

@@ -326,12 +326,16 @@ def cmd_generate(args) -> int:
         return runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
                              ckpt_dir=ckpt_dir, query_gpu=not launching)  # fmt: skip
 
+    shape = (height, width, dit_tokens(args.frame_num, height, width))
+    try:
+        options, planned = _checked_plan(options, device, plan_with)
+    except WanError:
+        if args.dry_run:  # the plan it refuses, then the refusal the run would give
+            _explain(plan_with(options), shape, args)
+        raise
     if args.dry_run:
-        planned = plan_with(options)
-        _explain(planned, (height, width, dit_tokens(args.frame_num, height, width)), args)
-        planned.plan.check()  # the refusal the run would give, after the plan it refuses
+        _explain(planned, shape, args)  # as the run would go (on the CPU without --fp8 and --offload)
         return 0
-    options, planned = _checked_plan(options, device, plan_with)
     loading_started = time.perf_counter()
     with (
         _exclusive(save_file) if _is_main() else nullcontext(),
