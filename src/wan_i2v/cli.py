@@ -12,6 +12,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from wan_i2v import locks
 from wan_i2v.errors import WanError, is_out_of_memory, on_the_command_line
 
 DEMO_FILE = "wan-i2v-demo.mp4"
@@ -156,7 +157,7 @@ def _fresh_output() -> Path:
     while True:
         path = Path(f"{stem}-{n}.mp4" if n else DEFAULT_OUTPUT)
         free = not path.exists() or path.with_suffix(".state.pt").is_file()
-        if free and not _locked(path):  # (a state file with its lock held is a run in progress)
+        if free and not locks.held(_lock_path(path)):  # (a state file with its lock held is a run in progress)
             if n and _is_main():
                 print(f"wan-i2v: writing {path} ({DEFAULT_OUTPUT} exists)", file=sys.stderr)
             return path
@@ -167,38 +168,14 @@ def _lock_path(save_file: Path) -> Path:
     return save_file.with_name(f".{save_file.name}.lock")
 
 
-def _locked(save_file: Path) -> bool:
-    """Another run holds ``save_file``'s lock now."""
-    import fcntl
-
-    try:
-        with open(_lock_path(save_file)) as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except FileNotFoundError:
-        return False
-    except BlockingIOError:
-        return True
-    return False
-
-
 @contextmanager
 def _exclusive(save_file: Path):
     """Hold a lock on the output while the run writes it: two runs on one --save-file would share its
     state file and one video would be lost. The lock is released (and its file removed) at the end."""
-    import fcntl
-
     lock = _lock_path(save_file)
-    while True:
-        handle = open(lock, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise WanError(f"another run is writing {save_file}", "wait for it to finish, or give another --save-file") from None
-        # The run before may have removed the file between our open and our lock: hold the one in place.
-        if lock.exists() and os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino:
-            break
-        handle.close()
+    handle = locks.hold(lock)
+    if handle is None:
+        raise WanError(f"another run is writing {save_file}", "wait for it to finish, or give another --save-file")
     try:
         yield
     finally:

@@ -11,7 +11,6 @@ several machines, whose state directory is then one shared folder).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
 import sqlite3
@@ -21,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from wan_i2v import locks
 from wan_i2v.errors import WanError
 
 MAX_RUNS = 3
@@ -118,8 +118,7 @@ class FileLiveness:
         self.directory = directory
         directory.mkdir(exist_ok=True)
         self.owner = uuid.uuid4().hex
-        self._held = open(directory / f"{self.owner}.lock", "w")  # kept open: the lock lives with the process
-        fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._held = locks.hold(directory / f"{self.owner}.lock")  # kept open: the lock lives with the process
 
     def release(self) -> None:
         self._held.close()
@@ -129,12 +128,7 @@ class FileLiveness:
 
     def gone(self, owner: str, db) -> bool:
         path = self.directory / f"{owner}.lock"
-        try:
-            with open(path) as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except FileNotFoundError:
-            return True
-        except BlockingIOError:
+        if locks.held(path):
             return False
         path.unlink(missing_ok=True)  # its server is gone: nobody needs the file any more
         return True
