@@ -211,7 +211,7 @@ def test_status_of_a_missing_cache(tmp_path, capsys):
 
 
 def test_quick_refuses_when_the_disk_is_too_small(hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(commands, "free_bytes", lambda directory: 100_000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 100_000, 100_000))
     with pytest.raises(WanError, match="not enough disk space"):
         cache("quick")
     assert not any(hub.content_gets(path) for path in REQUIRED)

@@ -139,14 +139,11 @@ def _warning_line(message, *_args, **_kwargs) -> None:
 def _check_free_space(save_file: Path, frame_num: int, height: int, width: int) -> None:
     """Refuse a run whose outputs (latents, the state saved each step, the mp4, each written beside a
     temporary copy) would not fit on the output's disk, before hours of work rather than after."""
-    import shutil
+    from wan_i2v.disk import check_space
 
     latent_bytes = 16 * ((frame_num - 1) // 4 + 1) * (height // 8) * (width // 8) * 4
     needed = 6 * latent_bytes + frame_num * height * width // 4 + 16 * 2**20
-    free = shutil.disk_usage(save_file.parent if str(save_file.parent) else ".").free
-    if free < needed:
-        raise WanError(f"only {free / 2**20:.0f} MiB free for the outputs in {save_file.parent}, about {needed / 2**20:.0f} MiB needed",
-                       "free some space or choose another --save-file")  # fmt: skip
+    check_space(save_file.parent, needed, "free some space or choose another --save-file")
 
 
 def _fresh_output() -> Path:

@@ -18,20 +18,8 @@ from wan_i2v.cache.layout import (
     cache_root_of, find_checkpoint_dir, hub_offline, inspect, repair_advice, repo_folder, resolve_checkpoint_dir,
 )
 from wan_i2v.cache.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
+from wan_i2v.disk import check_space, human_size
 from wan_i2v.errors import WanError
-
-
-def free_bytes(directory: Path) -> int:
-    return shutil.disk_usage(directory).free
-
-
-def human_size(n: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    power = 0
-    while n >= 1024 and power < len(units) - 1:
-        n /= 1024
-        power += 1
-    return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
 
 
 def _bytes_bar(total: int, initial: int = 0, desc: str = REPO_ID) -> tqdm:
@@ -79,12 +67,7 @@ def _files_to_fetch(checkpoint_dir: Path, manifest: Manifest) -> list[FileEntry]
 
 
 def _check_space(directory: Path, needed: int) -> None:
-    free = free_bytes(directory)
-    if needed > free:
-        raise WanError(
-            f"not enough disk space in {directory}: {human_size(needed)} to write, {human_size(free)} free",
-            hint="free space, or put the cache on a larger disk with --cache-dir or WAN_I2V_HOME",
-        )
+    check_space(directory, needed, "free space, or put the cache on a larger disk with --cache-dir or WAN_I2V_HOME")
 
 
 @contextmanager
