@@ -1,13 +1,15 @@
 """Jobs per hour through `wan-i2v serve`: one server on two GPUs against two one-GPU servers sharing
 one queue, at 480P and 720P, with the distilled 4-step recipe and with the default 40 steps.
 
-    python bench/serve_throughput.py [--ckpt /tmp/wanckpt] [--sizes 480P 720P] [--probe-steps 2] [--json FILE]
+    python bench/serve_throughput.py [--ckpt /tmp/wanckpt] [--sizes 480P 720P] [--probe-steps 2] [--jobs-per-server 1] [--json FILE]
 
 The servers are real `wan-i2v serve` processes on the full-size random checkpoint of
 ``multi_gpu.py`` (written once), driven over HTTP as a client would. Each layout's servers start,
 load, and run one warm-up job per size and recipe (it compiles; not counted); then for each case
-one job per server is submitted at once (every GPU busy) and timed from the submission to the
-last completion: jobs per hour = jobs x 3600 / that time. The two-GPU server is started once per recipe, since its
+``--jobs-per-server`` jobs per server are submitted at once (every GPU busy) and timed from the
+submission to the last completion: jobs per hour = jobs x 3600 / that time. With more than one job
+per server, a server's next job runs while the last one's mp4 is encoded, as in a busy queue. The
+mp4 encoding of one video of each size on this machine's CPU is timed first. The two-GPU server is started once per recipe, since its
 plan depends on guidance (CFG parallel with it, Ulysses without); the one-GPU servers serve both.
 
 40 steps at 720P take about 15 minutes a video on one H200: the 40-step rows run ``--probe-steps``
@@ -89,6 +91,21 @@ def image_bytes(size: str) -> bytes:
     return buffer.getvalue()
 
 
+def time_mp4_encode(size: str, frames: int) -> float:
+    """Seconds to encode one video of the size (the demo picture, drifting) as the server does."""
+    import torch
+
+    from wan_i2v.config import FPS
+    from wan_i2v.video import load_image, write_mp4
+
+    picture = torch.from_numpy(__import__("numpy").asarray(load_image(io.BytesIO(image_bytes(size))))).permute(2, 0, 1).float() / 127.5 - 1
+    video = torch.stack([picture.roll(n, dims=2) for n in range(frames)], dim=1)  # [3, F, H, W]
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        write_mp4(video, Path(folder) / "clip.mp4", fps=FPS)
+        return round(time.perf_counter() - started, 2)
+
+
 def run_jobs(url: str, fields_list: list[dict], image: bytes) -> tuple[float, list[dict]]:
     """Submit every job at once; (seconds until the last completes, the finished jobs)."""
     with httpx2.Client(base_url=url, timeout=60) as client:
@@ -119,7 +136,7 @@ def measure(layout: str, recipes: list[str], args, log_dir: Path) -> list[dict]:
         state = Path(tempfile.mkdtemp(prefix=f"serve-{layout}-"))
         servers = start_servers(args.ckpt, state, layout, "40 steps" if "40 steps" in group else "distilled", args.device, log_dir)
         url = servers[0][1]  # the servers share the queue: any of them takes the jobs
-        jobs = len(servers)  # one job per server at once: every GPU busy
+        jobs = len(servers) * args.jobs_per_server  # every GPU busy
         try:
             for recipe in group:
                 for size in args.sizes:
@@ -153,6 +170,7 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["2gpu", "1gpu+1gpu"], choices=["2gpu", "1gpu+1gpu"])
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--probe-steps", type=int, default=3)
+    parser.add_argument("--jobs-per-server", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.device == "cpu":  # a check of the script: the tiny checkpoint, tiny videos
@@ -165,11 +183,14 @@ def main() -> None:
 
         args.ckpt = write_random_checkpoint(args.ckpt or Path(tempfile.mkdtemp()) / "wanckpt", 40)
     log_dir = Path(tempfile.mkdtemp(prefix="serve-logs-"))
+    encode_seconds = {size: time_mp4_encode(size, args.frames) for size in args.sizes}
+    print(f"mp4 encoding, {args.frames} frames: {encode_seconds}", flush=True)
     rows = [row for layout in args.layouts for row in measure(layout, args.recipes, args, log_dir)]
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    report = {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
+    report = {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__, "command": " ".join(sys.argv),
+              "mp4_encode_seconds": encode_seconds, "rows": rows}  # fmt: skip
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import secrets
 from urllib.parse import unquote
@@ -20,6 +21,8 @@ from wan_i2v.errors import WanError
 from wan_i2v.server.store import FINISHED, JobStore, QueueFull, QueueUnreachable
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
+log = logging.getLogger("wan_i2v.server")
+
 OPEN_PATHS = {"/", "/health"}
 JSON_SAFE_SEEDS = 2**53  # drawn seeds stay exact in JavaScript's numbers (the page, most JSON clients)
 
@@ -96,7 +99,9 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
 
     @app.exception_handler(QueueUnreachable)
     async def unreachable(request: Request, exc: QueueUnreachable):  # a database restarting: the client may retry
-        return JSONResponse({"error": {"message": f"the job queue is unreachable for now: {exc}"}}, status_code=503, headers={"Retry-After": "5"})
+        log.warning("the job queue is unreachable: %s", exc)  # (its host and user are for the log, not for clients)
+        return JSONResponse({"error": {"message": "the job queue is unreachable for now; try again in a few seconds"}}, status_code=503,
+                            headers={"Retry-After": "5"})  # fmt: skip
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):  # (the traceback goes to the server's log, not to the client)

@@ -14,24 +14,32 @@ single writer does; at one write per denoising step per server this is far from 
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 from wan_i2v.errors import WanError, first_line
-from wan_i2v.server.store import DuplicateKey, QueueUnreachable
+from wan_i2v.server.store import FOLDER_MARK, DuplicateKey, QueueUnreachable
+
+log = logging.getLogger("wan_i2v.server")
 
 # The first key of the writers' lock (two 32-bit keys: apart from the owners' single 64-bit keys).
 WRITERS_LOCK = (0x57414E, 1)  # "WAN"
 # A machine that vanishes without closing its connection is noticed within about a minute.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 20, "keepalives_interval": 10, "keepalives_count": 3}
 SERVER_KEEPALIVES = "SET tcp_keepalives_idle = 20; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"
+# The owner's thread takes its lock again this often, and another server takes over a job once its
+# owner's lock has been free this long (a database restart frees every lock at once).
+KEEP_EVERY_SECONDS = 1.0
+TAKEOVER_GRACE_SECONDS = 10.0
 POOL_SIZE = 4  # connections a server uses for the queue at most, besides its liveness connection
 # How long a request waits for a connection before it is told the queue is unreachable (503).
 POOL_WAIT_SECONDS = 5
 
 FOLDER_TABLE = "CREATE TABLE IF NOT EXISTS shared_folder (id TEXT NOT NULL)"
-FOLDER_MARK = "queue-id"
 
 
 def _psycopg():
@@ -58,43 +66,75 @@ def describe(url: str) -> str:
 
 
 class AdvisoryLockLiveness:
-    """Whether the server that owns a job still runs: its lock can be taken once its connection is gone."""
+    """Whether the server that owns a job still runs. Each server holds a session advisory lock named by
+    its id, on a connection of its own that a thread keeps (taken again within about a second when the
+    connection was cut, or the database restarted: every lock is gone then, also the live servers').
+    So a free lock is a server gone only once it has stayed free for ``TAKEOVER_GRACE_SECONDS``, as the
+    server that would take over the job sees it."""
 
     def __init__(self, connect):
         self._connect = connect
         self.owner = uuid.uuid4().hex
-        self._lock()
-
-    def _lock(self) -> None:
-        self._held = self._connect(autocommit=True, **KEEPALIVES)
-        self._held.execute(SERVER_KEEPALIVES)  # the database's side notices a vanished machine too
-        # Waits only while another server's claim holds it for a moment, to see whether this one is gone.
-        self._held.execute("SELECT pg_advisory_lock(%s)", (self.key(self.owner),))
+        self._held = None
+        self._free_since: dict[str, float] = {}  # owners whose lock this server saw free, since when
+        if not self._take():
+            raise QueueUnreachable("this server's new lock is held already")
+        self._stopped = threading.Event()
+        self._keeper = threading.Thread(target=self._keep, name="wan-i2v-liveness", daemon=True)
+        self._keeper.start()
 
     @staticmethod
     def key(owner: str) -> int:
         return int(owner[:16], 16) >> 1  # 63 bits: a bigint
 
-    def hold(self) -> None:
-        """Make sure the lock is still held, taking it again if its connection was lost (the database
-        restarted, the network cut it). Meanwhile another server may have taken over a job of this one:
-        the job's row names that server now, so this one stops running it at its next step."""
-        psycopg, _ = _psycopg()
-        try:
-            self._held.execute("SELECT 1")
-        except psycopg.Error:
-            self._held.close()
+    def _take(self) -> bool:
+        """Hold the lock (on a new connection if the last was lost); whether it is held now."""
+        if self._held is None or self._held.closed or self._held.broken:
+            connection = self._connect(autocommit=True, **KEEPALIVES)
             try:
-                self._lock()
+                connection.execute(SERVER_KEEPALIVES)  # the database's side notices a vanished machine too
+                # Timeouts a database may set for everyone would cut this idle connection, and the lock with it.
+                connection.execute("SET statement_timeout = 0")
+                if connection.info.server_version >= 140000:
+                    connection.execute("SET idle_session_timeout = 0")
+            except BaseException:
+                connection.close()
+                raise
+            if self._held is not None:
+                self._held.close()
+            self._held = connection
+        key = self.key(self.owner)
+        # Not stacked when held already; a claim elsewhere may hold it for a moment (try again later).
+        return self._held.execute(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            " AND objsubid = 1 AND classid = %s::bigint::oid AND objid = %s::bigint::oid) THEN true ELSE pg_try_advisory_lock(%s) END",
+            (key >> 32, key & 0xFFFFFFFF, key),
+        ).fetchone()[0]  # fmt: skip
+
+    def _keep(self) -> None:
+        psycopg, _ = _psycopg()
+        while not self._stopped.wait(KEEP_EVERY_SECONDS):
+            try:
+                self._take()
             except psycopg.Error as exc:
-                raise QueueUnreachable(first_line(exc)) from exc
+                log.debug("the liveness lock's connection: %s", first_line(exc))
+                if self._held is not None:
+                    self._held.close()  # a new one next time
 
     def release(self) -> None:
-        self._held.close()
+        self._stopped.set()
+        self._keeper.join()
+        if self._held is not None:
+            self._held.close()
 
     def gone(self, owner: str, db) -> bool:
         # Taken for this transaction only, so it is never kept.
-        return db.execute("SELECT pg_try_advisory_xact_lock(?) AS free", (self.key(owner),)).fetchone()["free"]
+        free = db.execute("SELECT pg_try_advisory_xact_lock(?) AS free", (self.key(owner),)).fetchone()["free"]
+        if not free:
+            self._free_since.pop(owner, None)
+            return False
+        now = time.monotonic()
+        return now - self._free_since.setdefault(owner, now) >= TAKEOVER_GRACE_SECONDS
 
 
 class _Statements:
@@ -121,11 +161,18 @@ class PostgresQueue:
 
         try:
             self.liveness = AdvisoryLockLiveness(connect)
+        except psycopg.ProgrammingError:  # the URL does not parse: its text may hold the password
+            raise WanError("--queue is not a PostgreSQL URL that parses (not repeated here: it may hold a password)",
+                           "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with special characters percent-encoded") from None  # fmt: skip
         except psycopg.Error as exc:
             raise WanError(f"cannot reach the queue database {describe(url)}: {first_line(exc)}",
                            "check --queue (postgresql://USER:PASSWORD@HOST:PORT/DATABASE) and that the database runs") from None  # fmt: skip
+
+        def configure(connection) -> None:  # a database's default may be stricter: the writers' lock needs this one
+            connection.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+
         self.pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=POOL_SIZE, open=True, check=psycopg_pool.ConnectionPool.check_connection,
+            url, min_size=1, max_size=POOL_SIZE, open=True, check=psycopg_pool.ConnectionPool.check_connection, configure=configure,
             kwargs={"row_factory": psycopg.rows.dict_row, "connect_timeout": 10, **KEEPALIVES},
         )  # fmt: skip
         self._check_folder(folder)
@@ -160,10 +207,14 @@ class PostgresQueue:
                 db.execute(FOLDER_TABLE)
                 known = db.execute("SELECT id FROM shared_folder").fetchone()
                 found = mark.read_text().strip() if mark.is_file() else None
-                if known is None:
-                    if found is None:
-                        found = uuid.uuid4().hex
-                        write_atomically(mark, lambda tmp: tmp.write_text(found + "\n"))
+                if known is None:  # a new queue: its folder must be new too, or its jobs would be another queue's
+                    if found is not None:
+                        raise WanError(f"--state-dir {folder} is the shared folder of another PostgreSQL queue",
+                                       f"give that queue's --queue URL, or another --state-dir (or remove {mark} if that queue is gone)")  # fmt: skip
+                    if (folder / "queue.sqlite3").exists() or any((folder / "jobs").iterdir()):
+                        raise WanError(f"--state-dir {folder} holds the jobs of a queue in SQLite", "give the PostgreSQL queue a folder of its own")
+                    found = uuid.uuid4().hex
+                    write_atomically(mark, lambda tmp: tmp.write_text(found + "\n"))
                     db.execute("INSERT INTO shared_folder (id) VALUES (?)", (found,))
                 elif known["id"] != found:
                     raise WanError(f"--state-dir {folder} is not the folder the other servers of the queue {self.describe()} use",

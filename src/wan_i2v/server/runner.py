@@ -42,6 +42,8 @@ class Runner:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._main, name="wan-i2v-runner", daemon=True)
+        self._finishing: threading.Thread | None = None  # the last job's mp4 being written
+        self._finishing_job: tuple[str, ...] = ()  # and its id
 
     def start(self) -> None:
         self.thread.start()
@@ -71,7 +73,7 @@ class Runner:
             idle_since = time.monotonic()
             while not self.stopping.is_set():
                 try:
-                    job = self.store.claim()
+                    job = self.store.claim(busy=self._finishing_job)
                 except QueueUnreachable:  # unreadable for a moment (a full disk, a database restarting): keep trying
                     log.exception("cannot read the queue")
                     job = None
@@ -92,16 +94,14 @@ class Runner:
             self.status = "failed"
             self.on_failure(exc)
         finally:
+            self._wait_finishing()
             session.close()
 
     def _run(self, session, job: Job):
-        """Run one job to its end, recorded in the store; returns the session to go on with."""
-        from wan_i2v.config import FPS
+        """Run one job (its mp4 written, and its end recorded, behind the next one); returns the session to go on with."""
         from wan_i2v.sampling.loop import Cancelled
-        from wan_i2v.video import write_mp4
 
-        video = self.store.video_path(job.id)
-        if video.is_file():  # written before a kill, its completion not yet recorded
+        if self.store.video_path(job.id).is_file():  # written before a kill, its completion not yet recorded
             self._recorded(lambda: self._record(job.id, "completed", error=None, peak_memory_gb=None))
             return session
         log.info("running %s (%s)", job.id, "resuming" if self.store.state_path(job.id).is_file() else "new")
@@ -119,7 +119,7 @@ class Runner:
             except QueueUnreachable:  # progress is shown, not needed: the next step writes it again
                 pass
 
-        peak_memory_gb, error = None, None
+        error = None
         try:
             result = session.generate(
                 self.store.image_path(job.id), settings["prompt"], negative_prompt=settings["negative_prompt"],
@@ -127,8 +127,7 @@ class Runner:
                 guide_scale=tuple(settings["guide_scale"]), seed=settings["seed"], solver=settings["solver"], progress=False,
                 state_file=self.store.state_path(job.id), cancel=_JobCancel(self.store, job.id, self.stopping), on_step=on_step,
             )  # fmt: skip
-            write_mp4(result.video, video, fps=FPS, metadata=result.metadata)
-            outcome, peak_memory_gb = "completed", result.peak_memory_gb
+            outcome = "generated"
         except Cancelled:
             outcome = "stopped"
         except WanError as exc:  # a rank's failure included
@@ -141,13 +140,47 @@ class Runner:
                 torch.cuda.empty_cache()
             else:
                 log.exception("job %s failed", job.id)
-        self._recorded(lambda: self._record(job.id, outcome, error=error, peak_memory_gb=peak_memory_gb))
+        if outcome == "generated":
+            self._finish_behind(job.id, result)
+        else:
+            self._recorded(lambda: self._record(job.id, outcome, error=error, peak_memory_gb=None))
         if not session.alive:  # the job took the session's ranks down with it: the next job gets new ones
             log.warning("the session's ranks have exited: loading the pipeline again")
             session.close()
             session = self.open_session()
         return session
 
+
+    def _finish_behind(self, job_id: str, result) -> None:
+        """Write the mp4 and record the job's end in a thread of its own while the next job runs (the
+        encode takes seconds of CPU at 720P, the GPUs' idle time otherwise). One at a time, so at most one
+        finished video waits in memory; a kill meanwhile leaves the job to resume from its last step."""
+        from wan_i2v.config import FPS
+        from wan_i2v.video import write_mp4
+
+        self._wait_finishing()
+
+        def finish() -> None:
+            try:
+                write_mp4(result.video, self.store.video_path(job_id), fps=FPS, metadata=result.metadata)
+                outcome, error = "completed", None
+            except WanError as exc:  # a full disk
+                outcome, error = "failed", str(exc)
+            except Exception as exc:
+                log.exception("job %s: its mp4 was not written", job_id)
+                outcome, error = "failed", _one_line(exc)
+            try:
+                self._recorded(lambda: self._record(job_id, outcome, error=error, peak_memory_gb=result.peak_memory_gb))
+            except QueueUnreachable:  # stopping, the queue unreachable: the next start finds the mp4 and records it
+                log.warning("%s: its end is not recorded yet", job_id)
+
+        self._finishing = threading.Thread(target=finish, name="wan-i2v-mp4", daemon=True)
+        self._finishing_job = (job_id,)
+        self._finishing.start()
+
+    def _wait_finishing(self) -> None:
+        if self._finishing is not None:
+            self._finishing.join()
 
     def _record(self, job_id: str, outcome: str, *, error: str | None, peak_memory_gb: float | None) -> None:
         """Write a run's end to the queue (``outcome``: completed, failed, or stopped by a cancel)."""

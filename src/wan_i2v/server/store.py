@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import time
 import uuid
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from wan_i2v.errors import WanError
 
 MAX_RUNS = 3
 SWEEP_AFTER_SECONDS = 600
+FOLDER_MARK = "queue-id"  # in the shared folder of a PostgreSQL queue (server.postgres)
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -123,9 +125,6 @@ class FileLiveness:
     def release(self) -> None:
         self._held.close()
 
-    def hold(self) -> None:
-        """The lock lives as long as the process: nothing to renew."""
-
     def gone(self, owner: str, db) -> bool:
         path = self.directory / f"{owner}.lock"
         if locks.held(path):
@@ -142,6 +141,8 @@ class SQLiteQueue:
     serial, real = "INTEGER PRIMARY KEY AUTOINCREMENT", "REAL"
 
     def __init__(self, root: Path):
+        if (root / FOLDER_MARK).exists():
+            raise WanError(f"--state-dir {root} is the shared folder of a PostgreSQL queue", "give its --queue URL too, or another --state-dir")
         self.path = root / "queue.sqlite3"
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -223,12 +224,19 @@ class JobStore:
         with self._db() as db:
             known = {row["id"] for row in db.execute("SELECT id FROM jobs")}
         old = time.time() - SWEEP_AFTER_SECONDS
+
+        def is_old(path: Path) -> bool:
+            try:
+                return path.stat().st_mtime < old
+            except FileNotFoundError:  # renamed or removed by another server meanwhile
+                return False
+
         for folder in (self.root / "jobs").iterdir():
-            if folder.name not in known and folder.stat().st_mtime < old:
+            if folder.name not in known and is_old(folder):
                 shutil.rmtree(folder, ignore_errors=True)
             elif folder.is_dir():
                 for partial in folder.glob(".*"):  # write_atomically's temporary names
-                    if partial.stat().st_mtime < old:
+                    if is_old(partial):
                         partial.unlink(missing_ok=True)
 
     def _db(self, *, write: bool = False):
@@ -237,9 +245,7 @@ class JobStore:
 
     def _gone(self, db, owner: str | None) -> bool:
         """The server that owned a job has stopped (its lock is free)."""
-        if owner is None or owner == self.owner:
-            return owner is None
-        return self.liveness.gone(owner, db)
+        return owner is None or self.liveness.gone(owner, db)
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id
@@ -321,15 +327,19 @@ class JobStore:
             found = {row["status"]: row["n"] for row in db.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")}
         return {status: found.get(status, 0) for status in STATUSES}
 
-    def claim(self) -> Job | None:
+    def claim(self, busy: Collection[str] = ()) -> Job | None:
         """The next job to run, now this process's: a running job whose server died (it resumes from
         its saved step), else the oldest queued one. A job whose server died ``MAX_RUNS`` times while
-        running it (it may be what kills them) fails instead of starving the queue."""
-        self.liveness.hold()
+        running it (it may be what kills them) fails instead of starving the queue. A job of this
+        server's own that it is not running (not in ``busy``) is taken again: a claim whose commit
+        went through while its answer was lost on the way back."""
         with self._db(write=True) as db:
             taken, now = None, time.time()
             for row in db.execute("SELECT id, owner, runs FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall():
-                if not self._gone(db, row["owner"]):
+                if row["owner"] == self.owner:
+                    if row["id"] in busy:
+                        continue
+                elif not self._gone(db, row["owner"]):
                     continue
                 if row["runs"] >= MAX_RUNS:
                     db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?",
@@ -358,7 +368,6 @@ class JobStore:
         return row is not None and row["status"] == "in_progress" and row["owner"] == self.owner
 
     def progress(self, job_id: str, step: int, seconds_per_step: float | None) -> None:
-        self.liveness.hold()
         with self._db(write=True) as db:
             db.execute("UPDATE jobs SET step = ?, seconds_per_step = coalesce(?, seconds_per_step) WHERE id = ? AND owner = ?",
                        (step, seconds_per_step, job_id, self.owner))  # fmt: skip
