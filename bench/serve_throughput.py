@@ -98,7 +98,7 @@ def time_mp4_encode(size: str, frames: int) -> float:
     from wan_i2v.config import FPS
     from wan_i2v.video import load_image, write_mp4
 
-    picture = torch.from_numpy(__import__("numpy").asarray(load_image(io.BytesIO(image_bytes(size))))).permute(2, 0, 1).float() / 127.5 - 1
+    picture = torch.from_numpy(__import__("numpy").asarray(load_image(image_bytes(size)))).permute(2, 0, 1).float() / 127.5 - 1
     video = torch.stack([picture.roll(n, dims=2) for n in range(frames)], dim=1)  # [3, F, H, W]
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
