@@ -450,8 +450,8 @@ def test_a_database_restart_mid_job_loses_nothing_and_the_server_goes_on(tiny_ch
         server = Server(tiny_checkpoint, tmp_path / "state", "--queue", url).start()
         idle = Server(tiny_checkpoint, tmp_path / "state", "--queue", url).start()  # would take over a job it thought orphaned
         with server.client() as client:
-            job = server.submit(client, steps=40).json()["id"]
-            wait_until(lambda: server.step_of(client, job) >= 3)
+            job = server.submit(client, steps=60).json()["id"]
+            before = wait_until(lambda: server.step_of(client, job) >= 3 and server.step_of(client, job))
             database.stop()  # every lock is gone with it, the live servers' too
             answer = client.get(f"/v1/videos/{job}")
             assert answer.status_code == 503 and answer.json()["error"]["message"].startswith("the job queue is unreachable for now")
@@ -459,6 +459,8 @@ def test_a_database_restart_mid_job_loses_nothing_and_the_server_goes_on(tiny_ch
             time.sleep(3)  # the job runs on meanwhile
             database.start()
             wait_until(lambda: client.get(f"/v1/videos/{job}").status_code == 200, timeout=60, every=0.2)  # the pool reconnects
+            now = wait_until(lambda: (job_now := client.get(f"/v1/videos/{job}").json())["step"] >= before + 10 and job_now, timeout=5)
+            assert now["status"] in ("in_progress", "completed")  # the run went on while the database was down
             assert server.wait_for(client, job)["status"] == "completed"
             after = server.submit(client).json()["id"]
             assert server.wait_for(client, after)["status"] == "completed"
@@ -484,14 +486,17 @@ def test_serve_refuses_a_queue_it_cannot_use(tiny_checkpoint, tmp_path, queue_ur
         (["--state-dir", str(tmp_path / "shared"), "--queue", postgres.new_database()], "is the shared folder of another PostgreSQL queue"),
         (["--state-dir", str(tmp_path / "sqlite"), "--queue", postgres.new_database()], "holds the jobs of a queue in SQLite"),
         (["--state-dir", str(tmp_path / "shared"), "--queue", queue_url.replace("/queue", "/missing")], "cannot reach the queue database"),
-        (["--queue", "postgresql://wan:50%off!@127.0.0.1:1/jobs"], "--queue is not a PostgreSQL URL that parses"),
-        (["--queue", "sqlite:///jobs.db"], "--queue takes a PostgreSQL URL"),
+        (["--queue", "postgresql://wan:50%off!@127.0.0.1:1/jobs"], "the queue URL (--queue or WAN_I2V_QUEUE) does not parse"),
+        (["--queue", "postgresql://wan:ab/cd#x@127.0.0.1:1/jobs"], "has a character that must be percent-encoded"),
+        (["--queue", "postgresql://wan:hunter@2@127.0.0.1:1/jobs"], "has a character that must be percent-encoded"),
+        (["--queue", "sqlite:///jobs.db"], "the queue URL (--queue or WAN_I2V_QUEUE) is not a PostgreSQL URL"),
     ]
     for options, message in cases:
         assert main([*serve, *options]) == 2
         error = capsys.readouterr().err
-        assert message in error and len(error.strip().splitlines()) == 1 and "50%off" not in error, error
-    assert not (tmp_path / "local" / "queue-id").exists()
+        assert message in error and len(error.strip().splitlines()) == 1, error
+        assert not any(secret in error for secret in ("50%off", "ab/cd", "hunter", "@2")), error  # passwords are not repeated
+    assert not (tmp_path / "local").exists()  # a refused folder is left as it was (here: not there)
     assert len(list((tmp_path / "sqlite" / "jobs").iterdir())) == 1  # nothing swept
 
 

@@ -342,7 +342,7 @@ def cmd_serve(args) -> int:
     if _is_main():
         check_binding(args.host, args.port, token)
         if queue is not None and not queue.startswith(("postgresql://", "postgres://")):
-            raise WanError("--queue takes a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
+            raise WanError("the queue URL (--queue or WAN_I2V_QUEUE) is not a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
                            "leave it out for the queue in --state-dir (the servers of one machine)")  # fmt: skip
     options = replace(_run_options(args), loras=_loras(args), guided=any(g != 1 for g in guide))
     options = replace(options, ckpt_dir=runs.checkpoint_dir(options))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 import secrets
 from urllib.parse import unquote
@@ -21,8 +20,6 @@ from wan_i2v.errors import WanError
 from wan_i2v.server.store import FINISHED, JobStore, QueueFull, QueueUnreachable
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
-log = logging.getLogger("wan_i2v.server")
-
 OPEN_PATHS = {"/", "/health"}
 JSON_SAFE_SEEDS = 2**53  # drawn seeds stay exact in JavaScript's numbers (the page, most JSON clients)
 
@@ -98,8 +95,7 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         return JSONResponse({"error": {"message": f"{where}: {exc.errors()[0]['msg'] if exc.errors() else 'invalid'}"}}, status_code=400)
 
     @app.exception_handler(QueueUnreachable)
-    async def unreachable(request: Request, exc: QueueUnreachable):  # a database restarting: the client may retry
-        log.warning("the job queue is unreachable: %s", exc)  # (its host and user are for the log, not for clients)
+    async def unreachable(request: Request, exc: QueueUnreachable):  # a database restarting: the client may retry (the log says why)
         return JSONResponse({"error": {"message": "the job queue is unreachable for now; try again in a few seconds"}}, status_code=503,
                             headers={"Retry-After": "5"})  # fmt: skip
 

@@ -36,8 +36,10 @@ SERVER_KEEPALIVES = "SET tcp_keepalives_idle = 20; SET tcp_keepalives_interval =
 KEEP_EVERY_SECONDS = 1.0
 TAKEOVER_GRACE_SECONDS = 10.0
 POOL_SIZE = 4  # connections a server uses for the queue at most, besides its liveness connection
-# How long a request waits for a connection before it is told the queue is unreachable (503).
+# How long a request waits for a connection before it is told the queue is unreachable (503); less
+# while the last attempt failed.
 POOL_WAIT_SECONDS = 5
+POOL_WAIT_SECONDS_WHILE_DOWN = 0.5
 
 FOLDER_TABLE = "CREATE TABLE IF NOT EXISTS shared_folder (id TEXT NOT NULL)"
 
@@ -49,6 +51,19 @@ def _psycopg():
     except ImportError:
         raise WanError("a PostgreSQL --queue needs the psycopg package", "pip install 'wan-i2v[postgres]'") from None
     return psycopg, psycopg_pool
+
+
+URL_OPTION = "--queue or WAN_I2V_QUEUE"
+URL_HINT = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with @ / # ? in the user or password written %40 %2F %23 %3F (or the password in PGPASSWORD or ~/.pgpass)"
+
+
+def check_url(url: str) -> None:
+    """Refuse a user or password that is not percent-encoded where it must be: the URL would then be
+    read with a piece of the password as the host or the database, and messages would show it."""
+    user_info = url.partition("://")[2].rpartition("@")[0]
+    if any(character in user_info for character in "@/#?"):
+        raise WanError(f"the user or password in the queue URL ({URL_OPTION}) has a character that must be percent-encoded "
+                       "(the URL is not repeated here)", URL_HINT)  # fmt: skip
 
 
 def describe(url: str) -> str:
@@ -155,6 +170,10 @@ class PostgresQueue:
         self.url = url
         self._errors = (psycopg.Error, psycopg_pool.PoolTimeout)
         self._duplicate = psycopg.errors.UniqueViolation
+        self._answered = True
+        check_url(url)
+        # Its reconnection attempts would fill the log during an outage, which the store reports once.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
         def connect(**options):
             return psycopg.connect(url, connect_timeout=10, **options)
@@ -162,11 +181,10 @@ class PostgresQueue:
         try:
             self.liveness = AdvisoryLockLiveness(connect)
         except psycopg.ProgrammingError:  # the URL does not parse: its text may hold the password
-            raise WanError("--queue is not a PostgreSQL URL that parses (not repeated here: it may hold a password)",
-                           "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with special characters percent-encoded") from None  # fmt: skip
+            raise WanError(f"the queue URL ({URL_OPTION}) does not parse (not repeated here: it may hold a password)", URL_HINT) from None
         except psycopg.Error as exc:
             raise WanError(f"cannot reach the queue database {describe(url)}: {first_line(exc)}",
-                           "check --queue (postgresql://USER:PASSWORD@HOST:PORT/DATABASE) and that the database runs") from None  # fmt: skip
+                           f"check the queue URL ({URL_OPTION}) and that the database runs") from None  # fmt: skip
 
         def configure(connection) -> None:  # a database's default may be stricter: the writers' lock needs this one
             connection.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
@@ -187,14 +205,17 @@ class PostgresQueue:
     @contextmanager
     def transaction(self, *, write: bool):
         try:
-            with self.pool.connection(timeout=POOL_WAIT_SECONDS) as connection:  # committed at the end, rolled back on an error
+            # While the database is known to be down, callers (a load balancer's health check) hear so at once.
+            with self.pool.connection(timeout=POOL_WAIT_SECONDS if self._answered else POOL_WAIT_SECONDS_WHILE_DOWN) as connection:
                 if write:
                     connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", WRITERS_LOCK)
-                yield _Statements(connection)
+                yield _Statements(connection)  # committed at the end, rolled back on an error
         except self._duplicate as exc:
             raise DuplicateKey(exc) from exc
         except self._errors as exc:
+            self._answered = False
             raise QueueUnreachable(first_line(exc)) from exc
+        self._answered = True
 
     def _check_folder(self, folder: Path) -> None:
         """Every server of this queue must be given the same shared folder: the first one marks it, and
@@ -211,9 +232,10 @@ class PostgresQueue:
                     if found is not None:
                         raise WanError(f"--state-dir {folder} is the shared folder of another PostgreSQL queue",
                                        f"give that queue's --queue URL, or another --state-dir (or remove {mark} if that queue is gone)")  # fmt: skip
-                    if (folder / "queue.sqlite3").exists() or any((folder / "jobs").iterdir()):
+                    if (folder / "queue.sqlite3").exists() or any((folder / "jobs").glob("*")):
                         raise WanError(f"--state-dir {folder} holds the jobs of a queue in SQLite", "give the PostgreSQL queue a folder of its own")
                     found = uuid.uuid4().hex
+                    folder.mkdir(parents=True, exist_ok=True)
                     write_atomically(mark, lambda tmp: tmp.write_text(found + "\n"))
                     db.execute("INSERT INTO shared_folder (id) VALUES (?)", (found,))
                 elif known["id"] != found:

@@ -17,18 +17,51 @@ log = logging.getLogger("wan_i2v.server")
 POLL_SECONDS = 1.0
 
 
-class _JobCancel:
-    """The run's ``cancel``: set once the job is no longer this server's to run (a DELETE, here or on
-    another server sharing the queue) or the server is stopping. Read once per step."""
+class _JobWatch:
+    """Between a run and the queue, in a thread of its own, so that the GPUs never wait on the database
+    (which may be restarting): writes the run's latest progress, and notices when the job is no longer
+    this server's to run (a DELETE, here or on another server; a take-over). It is the run's ``cancel``,
+    read once per step: set then, or when the server is stopping."""
+
+    EVERY_SECONDS = 0.2
 
     def __init__(self, store: JobStore, job_id: str, stopping: threading.Event):
         self.store, self.job_id, self.stopping = store, job_id, stopping
+        self.lost = threading.Event()
+        self._latest: tuple[int, float | None] | None = None  # progress not written yet
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="wan-i2v-job-watch", daemon=True)
+
+    def __enter__(self) -> _JobWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._ended.set()
+        self._thread.join()
+
+    def report(self, step: int, seconds_per_step: float | None) -> None:
+        with self._lock:
+            self._latest = (step, seconds_per_step)
 
     def is_set(self) -> bool:
-        try:
-            return self.stopping.is_set() or not self.store.still_mine(self.job_id)
-        except QueueUnreachable:  # the queue unreadable for a moment: go on, and ask again at the next step
-            return False
+        return self.stopping.is_set() or self.lost.is_set()
+
+    def _watch(self) -> None:
+        while True:
+            ended = self._ended.wait(self.EVERY_SECONDS)
+            with self._lock:
+                latest, self._latest = self._latest, None
+            try:
+                if latest is not None:
+                    self.store.progress(self.job_id, *latest)
+                if not ended and not self.store.still_mine(self.job_id):
+                    self.lost.set()
+            except QueueUnreachable:  # progress is shown, not needed: a later step's is written once it answers
+                pass
+            if ended:
+                return
 
 
 class Runner:
@@ -74,8 +107,7 @@ class Runner:
             while not self.stopping.is_set():
                 try:
                     job = self.store.claim(busy=self._finishing_job)
-                except QueueUnreachable:  # unreadable for a moment (a full disk, a database restarting): keep trying
-                    log.exception("cannot read the queue")
+                except QueueUnreachable:  # for a while (a full disk, a database restarting; the store logs it): keep trying
                     job = None
                     time.sleep(POLL_SECONDS)
                 if job is not None:
@@ -113,20 +145,17 @@ class Runner:
             # The mean over this run's steps; the first step after the start or a resume also carries
             # the preparation, so its time is not a step's.
             intervals = len(last_step_at) - 1
-            mean = (last_step_at[-1] - last_step_at[0]) / intervals if intervals else None
-            try:
-                self.store.progress(job.id, step.index + 1, mean)
-            except QueueUnreachable:  # progress is shown, not needed: the next step writes it again
-                pass
+            watch.report(step.index + 1, (last_step_at[-1] - last_step_at[0]) / intervals if intervals else None)
 
         error = None
         try:
-            result = session.generate(
-                self.store.image_path(job.id), settings["prompt"], negative_prompt=settings["negative_prompt"],
-                max_area=settings["max_area"], frame_num=settings["frame_num"], steps=settings["steps"], shift=settings["shift"],
-                guide_scale=tuple(settings["guide_scale"]), seed=settings["seed"], solver=settings["solver"], progress=False,
-                state_file=self.store.state_path(job.id), cancel=_JobCancel(self.store, job.id, self.stopping), on_step=on_step,
-            )  # fmt: skip
+            with _JobWatch(self.store, job.id, self.stopping) as watch:
+                result = session.generate(
+                    self.store.image_path(job.id), settings["prompt"], negative_prompt=settings["negative_prompt"],
+                    max_area=settings["max_area"], frame_num=settings["frame_num"], steps=settings["steps"], shift=settings["shift"],
+                    guide_scale=tuple(settings["guide_scale"]), seed=settings["seed"], solver=settings["solver"], progress=False,
+                    state_file=self.store.state_path(job.id), cancel=watch, on_step=on_step,
+                )  # fmt: skip
             outcome = "generated"
         except Cancelled:
             outcome = "stopped"
@@ -203,10 +232,9 @@ class Runner:
         while True:
             try:
                 return write()
-            except QueueUnreachable as exc:
+            except QueueUnreachable:  # (the store has said so in the log)
                 if self.stopping.is_set():
                     raise
-                log.warning("cannot record a job's end (%s); trying again", exc)
                 time.sleep(POLL_SECONDS)
 
 

@@ -12,6 +12,7 @@ several machines, whose state directory is then one shared folder).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sqlite3
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from wan_i2v import locks
 from wan_i2v.errors import WanError
+
+log = logging.getLogger("wan_i2v.server")
 
 MAX_RUNS = 3
 SWEEP_AFTER_SECONDS = 600
@@ -103,7 +106,7 @@ class Job:
             "seconds": f"{(self.settings['frame_num'] - 1) / 16:g}",
             "size": self.settings["size"],
             "seed": self.settings["seed"],
-            "step": self.step,
+            "step": self.settings["steps"] if self.status == "completed" else self.step,  # (its last step's write may have been missed)
             "seconds_per_step": None if self.seconds_per_step is None else round(self.seconds_per_step, 3),
             "eta_seconds": remaining,
             "settings": self.settings,
@@ -191,17 +194,18 @@ class JobStore:
 
     def __init__(self, state_dir: str | Path, *, max_queued: int = 1000, queue_url: str | None = None):
         self.root = Path(state_dir)
-        try:
-            (self.root / "jobs").mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise WanError(f"cannot use state directory {self.root}: {exc}", "give a writable --state-dir") from None
         if queue_url is None:
             self.database = SQLiteQueue(self.root)
         else:
             from wan_i2v.server.postgres import PostgresQueue
 
-            self.database = PostgresQueue(queue_url, self.root)
+            self.database = PostgresQueue(queue_url, self.root)  # (the folder checked before anything is written there)
+        try:
+            (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WanError(f"cannot use state directory {self.root}: {exc}", "give a writable --state-dir") from None
         self.max_queued = max_queued
+        self._reachable = True  # the queue answered last time (its outages are logged once, not at every call)
         self.liveness = self.database.liveness
         self.owner = self.liveness.owner  # this server's name in the jobs it runs
         try:
@@ -239,9 +243,20 @@ class JobStore:
                     if is_old(partial):
                         partial.unlink(missing_ok=True)
 
+    @contextmanager
     def _db(self, *, write: bool = False):
         """One transaction; ``write`` serializes it with every other writer of the queue."""
-        return self.database.transaction(write=write)
+        try:
+            with self.database.transaction(write=write) as db:
+                yield db
+        except QueueUnreachable as exc:
+            if self._reachable:
+                self._reachable = False
+                log.warning("the job queue is unreachable (%s); trying again", exc)
+            raise
+        if not self._reachable:
+            self._reachable = True
+            log.warning("the job queue answers again")
 
     def _gone(self, db, owner: str | None) -> bool:
         """The server that owned a job has stopped (its lock is free)."""
