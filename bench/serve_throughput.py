@@ -5,7 +5,7 @@ one queue, at 480P and 720P, with the distilled 4-step recipe and with the defau
 
 The servers are real `wan-i2v serve` processes on the full-size random checkpoint of
 ``multi_gpu.py`` (written once), driven over HTTP as a client would. Each layout's servers start,
-load, and run one warm-up job per size and recipe (it compiles; not counted); then for each case
+load, and run warm-up jobs per size and recipe with the steps measured (they compile; not counted); then for each case
 ``--jobs-per-server`` jobs per server are submitted at once (every GPU busy) and timed from the
 submission to the last completion: jobs per hour = jobs x 3600 / that time. With more than one job
 per server, a server's next job runs while the last one's mp4 is encoded, as in a busy queue. The
@@ -143,7 +143,8 @@ def measure(layout: str, recipes: list[str], args, log_dir: Path) -> list[dict]:
                     image = image_bytes(size)
                     steps = "4" if recipe == "distilled" else str(args.probe_steps)
                     fields = {"prompt": PROMPT, "size": size, "frame_num": str(args.frames), **RECIPES[recipe], "steps": steps}
-                    run_jobs(url, [{**fields, "steps": "1", "seed": str(s)} for s in range(jobs)], image)  # warm-up: compiles on every server
+                    # Warm-up, as many steps as measured: every server compiles, for each expert the steps reach.
+                    run_jobs(url, [{**fields, "seed": str(s)} for s in range(jobs)], image)
                     seconds, done = run_jobs(url, [{**fields, "seed": str(100 + n)} for n in range(jobs)], image)
                     step_seconds = sum(job["seconds_per_step"] for job in done) / jobs
                     computed = recipe != "distilled"
