@@ -206,7 +206,9 @@ class I2VPipeline:
             bar.update()
         high, low = experts
         if high.config != low.config:
-            raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + ckpt.checkpoint_hint(root / ckpt.LOW_NOISE_DIR / "config.json"))
+            from wan_i2v.cache.layout import loading_hint
+
+            raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + loading_hint(root))
 
         def shard_text_encoder(model) -> None:
             from wan_i2v.parallel.fsdp import apply_fsdp

@@ -79,7 +79,7 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 def check_writable(path: Path) -> None:
     """Fail before hours of work, not after, when the output cannot be written."""
-    directory = path.parent if str(path.parent) else Path(".")
+    directory = path.parent
     if path.is_dir():
         raise WanError(f"output path {path} is a directory", "give a file name such as out.mp4")
     if not directory.is_dir():
@@ -98,7 +98,7 @@ def write_atomically(path: Path, write) -> Path:
     """Run ``write(temporary_path)``, then rename into place: the file appears only when complete."""
     path = Path(path)
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -110,7 +110,7 @@ def write_atomically(path: Path, write) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+    directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself
     finally:

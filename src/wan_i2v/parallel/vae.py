@@ -63,6 +63,28 @@ def tiles(size: int, parts: int) -> list[tuple[int, int]]:
     return [(i * size // parts, (i + 1) * size // parts) for i in range(parts)]
 
 
+def _my_tile(shape: torch.Size, columns: int, ranks: int, me: int) -> tuple[int, list[tuple[int, int]], int, int]:
+    """The axis to tile ([B, C, T, H, W]: the longer side), every rank's span of its ``columns``, and
+    this rank's (start, end): a dummy last column where there are more ranks than columns, so that
+    the collectives stay uniform."""
+    axis = 3 if shape[3] > shape[4] else 4
+    spans = tiles(columns, ranks)
+    start, end = spans[me]
+    if end == start:
+        start, end = columns - 1, columns
+    return axis, spans, start, end
+
+
+def _padded(x: torch.Tensor, axis: int, width: int) -> torch.Tensor:
+    """``x`` zero-padded along ``axis`` to ``width``: every rank sends a tile of one size."""
+    return F.pad(x, [0, 0] * (4 - axis) + [0, width - x.shape[axis]]).contiguous()
+
+
+def _joined(parts: list[torch.Tensor], spans: list[tuple[int, int]], axis: int, per_column: int) -> torch.Tensor:
+    """The gathered tiles, their padding cut off, side by side."""
+    return torch.cat([part.narrow(axis, 0, (end - start) * per_column) for part, (start, end) in zip(parts, spans)], dim=axis)
+
+
 @torch.no_grad()
 def decode_tiled(
     vae: WanVAE, latents: torch.Tensor, group, progress: Callable[[int, int], None] | None = None
@@ -71,13 +93,9 @@ def decode_tiled(
     the group's rank 0, None on the others. ``progress(done, total)`` after each latent frame."""
     ranks, me = dist.get_world_size(group), dist.get_rank(group)
     up = vae.config.pixels_per_latent
-    axis = 3 if latents.shape[3] > latents.shape[4] else 4  # tile the longer side
-    size = latents.shape[axis]
-    spans = tiles(size, ranks)
+    size = max(latents.shape[3], latents.shape[4])
+    axis, spans, start, end = _my_tile(latents.shape, size, ranks, me)
     halo = spatial_halo(vae)
-    start, end = spans[me]
-    if end == start:  # more ranks than columns: decode a dummy column, so the collectives stay uniform
-        start, end = size - 1, size
     lo, hi = max(0, start - halo), min(size, end + halo)
     width = max(e - s for s, e in spans) * up  # every rank sends this much, zero-padded
 
@@ -90,13 +108,11 @@ def decode_tiled(
         whole = whole_frames(x[:, :, i : i + 1], cache)
         coarse = per_latent(whole.narrow(axis, lo, hi - lo), cache)
         out = torch.cat([per_frame(coarse[:, :, j : j + 1], cache).float().clamp_(-1, 1) for j in range(coarse.shape[2])], dim=2)
-        out = out.narrow(axis, (start - lo) * up, (end - start) * up)
-        pad = [0, 0] * (4 - axis) + [0, width - out.shape[axis]]
-        padded = F.pad(out, pad).contiguous()
+        padded = _padded(out.narrow(axis, (start - lo) * up, (end - start) * up), axis, width)
         parts = [torch.empty_like(padded) for _ in range(ranks)] if me == 0 else None
         dist.gather(padded, parts, group_dst=0, group=group)
         if me == 0:  # to the host at once: the whole video need not fit on the GPU as well
-            frames.append(torch.cat([p.narrow(axis, 0, (e - s) * up) for p, (s, e) in zip(parts, spans)], dim=axis).cpu())
+            frames.append(_joined(parts, spans, axis, up).cpu())
         if progress is not None:
             progress(i + 1, total)
     return torch.cat(frames, dim=2) if me == 0 else None
@@ -117,13 +133,9 @@ def encode_tiled(vae: WanVAE, video: torch.Tensor, group, progress: Callable[[in
     block (its attention needs whole frames) and the head on them: a few percent of the work."""
     ranks, me = dist.get_world_size(group), dist.get_rank(group)
     per_latent = vae.config.pixels_per_latent
-    axis = 3 if video.shape[3] > video.shape[4] else 4  # tile the longer side
-    size = video.shape[axis] // per_latent
-    spans = tiles(size, ranks)
+    size = max(video.shape[3], video.shape[4]) // per_latent  # in latent columns
+    axis, spans, start, end = _my_tile(video.shape, size, ranks, me)
     halo = encoder_halo(vae)
-    start, end = spans[me]
-    if end == start:  # more ranks than columns: encode a dummy column, so the collectives stay uniform
-        start, end = size - 1, size
     lo, hi = max(0, start * per_latent - halo), min(size * per_latent, end * per_latent + halo)
     width = max(e - s for s, e in spans)  # latent columns every rank sends, zero-padded
     tile = vae.encoder_input(video).narrow(axis, lo, hi - lo)
@@ -132,11 +144,10 @@ def encode_tiled(vae: WanVAE, video: torch.Tensor, group, progress: Callable[[in
     chunks, encoded = vae.encoder_chunks(video.shape[2]), []
     for first, last in chunks:
         features = downsampling(tile[:, :, first:last], cache)
-        mine = features.narrow(axis, start - lo // per_latent, end - start)
-        padded = F.pad(mine, [0, 0] * (4 - axis) + [0, width - mine.shape[axis]]).contiguous()
+        padded = _padded(features.narrow(axis, start - lo // per_latent, end - start), axis, width)
         parts = [torch.empty_like(padded) for _ in range(ranks)]
         dist.all_gather(parts, padded, group=group)
-        whole = torch.cat([part.narrow(axis, 0, e - s) for part, (s, e) in zip(parts, spans)], dim=axis)
+        whole = _joined(parts, spans, axis, 1)
         encoded.append(rest(whole.contiguous(memory_format=layout_of(features)), cache))
         if progress is not None:
             progress(len(encoded), len(chunks))

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wan_i2v.errors import WanError, first_line
-from wan_i2v.server.store import FOLDER_MARK, DuplicateKey, QueueUnreachable
+from wan_i2v.server.store import FOLDER_MARK, SQLITE_FILE, DuplicateKey, QueueUnreachable
 
 log = logging.getLogger("wan_i2v.server")
 
@@ -193,7 +193,11 @@ class PostgresQueue:
             url, min_size=1, max_size=POOL_SIZE, open=True, check=psycopg_pool.ConnectionPool.check_connection, configure=configure,
             kwargs={"row_factory": psycopg.rows.dict_row, "connect_timeout": 10, **KEEPALIVES},
         )  # fmt: skip
-        self._check_folder(folder)
+        try:
+            self._check_folder(folder)
+        except BaseException:  # refused: its lock, its keeper thread and its pool go
+            self.close()
+            raise
 
     def describe(self) -> str:
         return describe(self.url)
@@ -232,7 +236,7 @@ class PostgresQueue:
                     if found is not None:
                         raise WanError(f"--state-dir {folder} is the shared folder of another PostgreSQL queue",
                                        f"give that queue's --queue URL, or another --state-dir (or remove {mark} if that queue is gone)")  # fmt: skip
-                    if (folder / "queue.sqlite3").exists() or any((folder / "jobs").glob("*")):
+                    if (folder / SQLITE_FILE).exists() or any((folder / "jobs").glob("*")):
                         raise WanError(f"--state-dir {folder} holds the jobs of a queue in SQLite", "give the PostgreSQL queue a folder of its own")
                     found = uuid.uuid4().hex
                     folder.mkdir(parents=True, exist_ok=True)

@@ -20,17 +20,16 @@ POLL_SECONDS = 1.0
 class _JobWatch:
     """Between a run and the queue, in a thread of its own, so that the GPUs never wait on the database
     (which may be restarting): writes the run's latest progress, and notices when the job is no longer
-    this server's to run (a DELETE, here or on another server; a take-over). It is the run's ``cancel``,
-    read once per step: set then, or when the server is stopping."""
-
-    EVERY_SECONDS = 0.2
+    this server's to run (a DELETE, here or on another server; a take-over), once per step as the run
+    reports it. It is the run's ``cancel``, read once per step: set then, or when the server is stopping."""
 
     def __init__(self, store: JobStore, job_id: str, stopping: threading.Event):
         self.store, self.job_id, self.stopping = store, job_id, stopping
         self.lost = threading.Event()
         self._latest: tuple[int, float | None] | None = None  # progress not written yet
         self._lock = threading.Lock()
-        self._ended = threading.Event()
+        self._reported = threading.Event()
+        self._ended = False
         self._thread = threading.Thread(target=self._watch, name="wan-i2v-job-watch", daemon=True)
 
     def __enter__(self) -> _JobWatch:
@@ -38,19 +37,23 @@ class _JobWatch:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._ended.set()
+        self._ended = True
+        self._reported.set()
         self._thread.join()
 
     def report(self, step: int, seconds_per_step: float | None) -> None:
         with self._lock:
             self._latest = (step, seconds_per_step)
+        self._reported.set()
 
     def is_set(self) -> bool:
         return self.stopping.is_set() or self.lost.is_set()
 
     def _watch(self) -> None:
         while True:
-            ended = self._ended.wait(self.EVERY_SECONDS)
+            self._reported.wait()
+            self._reported.clear()
+            ended = self._ended
             with self._lock:
                 latest, self._latest = self._latest, None
             try:
@@ -75,8 +78,7 @@ class Runner:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._main, name="wan-i2v-runner", daemon=True)
-        self._finishing: threading.Thread | None = None  # the last job's mp4 being written
-        self._finishing_job: tuple[str, ...] = ()  # and its id
+        self._finishing: tuple[str, threading.Thread] | None = None  # the last job, its mp4 being written
 
     def start(self) -> None:
         self.thread.start()
@@ -106,7 +108,7 @@ class Runner:
             idle_since = time.monotonic()
             while not self.stopping.is_set():
                 try:
-                    job = self.store.claim(busy=self._finishing_job)
+                    job = self.store.claim(busy=self._finishing[:1] if self._finishing else ())
                 except QueueUnreachable:  # for a while (a full disk, a database restarting; the store logs it): keep trying
                     job = None
                     time.sleep(POLL_SECONDS)
@@ -179,7 +181,6 @@ class Runner:
             session = self.open_session()
         return session
 
-
     def _finish_behind(self, job_id: str, result) -> None:
         """Write the mp4 and record the job's end in a thread of its own while the next job runs (the
         encode takes seconds of CPU at 720P, the GPUs' idle time otherwise). One at a time, so at most one
@@ -203,13 +204,12 @@ class Runner:
             except QueueUnreachable:  # stopping, the queue unreachable: the next start finds the mp4 and records it
                 log.warning("%s: its end is not recorded yet", job_id)
 
-        self._finishing = threading.Thread(target=finish, name="wan-i2v-mp4", daemon=True)
-        self._finishing_job = (job_id,)
-        self._finishing.start()
+        self._finishing = (job_id, threading.Thread(target=finish, name="wan-i2v-mp4", daemon=True))
+        self._finishing[1].start()
 
     def _wait_finishing(self) -> None:
         if self._finishing is not None:
-            self._finishing.join()
+            self._finishing[1].join()
 
     def _record(self, job_id: str, outcome: str, *, error: str | None, peak_memory_gb: float | None) -> None:
         """Write a run's end to the queue (``outcome``: completed, failed, or stopped by a cancel)."""

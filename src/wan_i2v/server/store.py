@@ -30,6 +30,7 @@ log = logging.getLogger("wan_i2v.server")
 MAX_RUNS = 3
 SWEEP_AFTER_SECONDS = 600
 FOLDER_MARK = "queue-id"  # in the shared folder of a PostgreSQL queue (server.postgres)
+SQLITE_FILE = "queue.sqlite3"  # in the state directory of a SQLite queue
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -146,7 +147,7 @@ class SQLiteQueue:
     def __init__(self, root: Path):
         if (root / FOLDER_MARK).exists():
             raise WanError(f"--state-dir {root} is the shared folder of a PostgreSQL queue", "give its --queue URL too, or another --state-dir")
-        self.path = root / "queue.sqlite3"
+        self.path = root / SQLITE_FILE
         try:
             root.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=60)
@@ -219,7 +220,6 @@ class JobStore:
     def close(self) -> None:
         """Let go of the database (another server may then take over this one's running job)."""
         self.database.close()
-
 
     def _sweep(self) -> None:
         """Remove what a kill left behind: a job's folder written before its row was (the row never
