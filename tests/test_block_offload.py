@@ -1,62 +1,114 @@
-"""Weight streaming: the same output, with exactly the running block and the ``ahead`` after it resident."""
+"""Weight streaming from the checkpoint's files: the same output, each block read once per forward
+through a ring of a few slots, only the running block and the ``ahead`` after it on the device, and
+a shard that goes missing or short mid-run is one line."""
 
-import copy
+import os
 
 import pytest
 import torch
 
-from wan_i2v.models.dit import DiT, DiTConfig
-from wan_i2v.tiny import randomize_
-from wan_i2v.transforms.streaming import BlockOffload, ExpertSwap
+from wan_i2v.errors import WanError
+from wan_i2v.loading import checkpoint as ckpt
+from wan_i2v.loading.checkpoint import load_strict
+from wan_i2v.loading.staging import StagingRing
+from wan_i2v.models.dit import build_dit, keeps_fp32
+from wan_i2v.transforms.streaming import BlockOffload, BlockStream, ExpertSwap, load_outside_blocks
 
-CONFIG = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=4, text_len=8, text_dim=16)
+DEPTH = 3
 
 
-def tiny_dit(seed: int) -> DiT:
-    return randomize_(DiT(CONFIG), seed=seed).eval()
+def resident(root, subdir):
+    model, source = build_dit(root / subdir, dtype=torch.float32)
+    ring = StagingRing(BlockStream.slot_bytes(model.blocks, source), DEPTH, "cpu")
+    return load_strict(model, source, device="cpu", dtype=torch.float32, keep_fp32=keeps_fp32, ring=ring)
 
 
-def dit_inputs():
-    return (torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 16), torch.randn(1, 20, 2, 4, 4))
+def streamed(root, subdir, ring=None):
+    model, source = build_dit(root / subdir, dtype=torch.float32)
+    ring = ring or StagingRing(BlockStream.slot_bytes(model.blocks, source), DEPTH, "cpu")
+    load_outside_blocks(model, source, ring, torch.float32, keeps_fp32)
+    return model, source, ring
+
+
+def dit_inputs(config):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, config.out_dim, 2, 4, 4, generator=g), torch.tensor([500.0]), torch.randn(1, config.text_len, config.text_dim, generator=g),
+            torch.randn(1, config.in_dim - config.out_dim, 2, 4, 4, generator=g))  # fmt: skip
 
 
 @pytest.mark.parametrize("ahead", [1, 2])
-def test_block_offload_streams_blocks_and_changes_nothing(ahead):
-    model = tiny_dit(seed=0)
-    streamed = copy.deepcopy(model)
-    offload = BlockOffload(streamed, "cpu", ahead=ahead)
+def test_block_offload_reads_each_block_once_per_forward_and_changes_nothing(tiny_checkpoint, ahead):
+    plain = resident(tiny_checkpoint, ckpt.HIGH_NOISE_DIR)
+    model, source, ring = streamed(tiny_checkpoint, ckpt.HIGH_NOISE_DIR)
+    offload = BlockOffload(model, source, ring, dtype=torch.float32, keep_fp32=keeps_fp32, ahead=ahead)
+    blocks = len(model.blocks)
     seen = []
-    for index, block in enumerate(streamed.blocks):
+    for index, block in enumerate(model.blocks):
         # On a module inside the block: what is resident while the block computes.
         block.ffn.register_forward_hook(lambda module, args, output, index=index: seen.append((index, offload.resident_blocks())))
-    inputs = dit_inputs()
+    inputs = dit_inputs(model.config)
+    block_keys = [key for key in source.keys() if key.startswith("blocks.")]
     with torch.no_grad():
-        expected = model(*inputs)
-        for _ in range(2):
+        expected = plain(*inputs)
+        for forward in range(1, 4):
             seen.clear()
-            assert torch.equal(streamed(*inputs), expected)
-            assert [index for index, _ in seen] == [0, 1, 2, 3]
-            for index, resident in seen:
-                assert resident == sorted({(index + step) % 4 for step in range(ahead + 1)}), (index, resident)
-    # Between forwards the blocks prefetched for the next forward hold device copies.
-    assert offload.resident_blocks() == list(range(ahead))
+            assert torch.equal(model(*inputs), expected)
+            assert [index for index, _ in seen] == list(range(blocks))
+            for index, resident_now in seen:
+                assert index in resident_now and len(resident_now) <= ahead + 1, (index, resident_now)
+            # Each block read once per forward; the first ones also read ahead for the next forward.
+            for key in block_keys:
+                index = int(key.split(".")[1])
+                assert ring.reads[key] in ((forward, forward + 1) if index < ahead + 2 else (forward,)), (key, ring.reads[key], forward)
+    # The ring ran ahead of the copies, and never held more than its slots.
+    assert 2 <= ring.in_use_peak <= DEPTH
+    assert ring.arena.nbytes < (DEPTH + 1) * ring.slot_bytes
     offload.remove()
     assert offload.resident_blocks() == []
-    assert all(not block._forward_pre_hooks and not block._forward_hooks for block in streamed.blocks)
+    assert all(not block._forward_pre_hooks and not block._forward_hooks for block in model.blocks)
 
 
-def test_expert_swap_and_block_offload_give_the_plain_models_output():
-    high, low = tiny_dit(seed=0), tiny_dit(seed=1)
-    swap = ExpertSwap(copy.deepcopy(high), copy.deepcopy(low), boundary=875, device="cpu")
-    offloaded = copy.deepcopy(high)
-    BlockOffload(offloaded, "cpu")
-    inputs = dit_inputs()
+def test_expert_swap_streams_one_expert_at_a_time_and_gives_the_plain_models_output(tiny_checkpoint):
+    plain = {"high": resident(tiny_checkpoint, ckpt.HIGH_NOISE_DIR), "low": resident(tiny_checkpoint, ckpt.LOW_NOISE_DIR)}
+    high, high_source, ring = streamed(tiny_checkpoint, ckpt.HIGH_NOISE_DIR)
+    low, low_source, _ = streamed(tiny_checkpoint, ckpt.LOW_NOISE_DIR, ring)
+    swap = ExpertSwap({"high": high, "low": low}, {"high": high_source, "low": low_source}, ring, boundary=875, dtype=torch.float32, keep_fp32=keeps_fp32)
+    inputs = dit_inputs(high.config)
     with torch.no_grad():
-        for name, plain in (("high", high), ("low", low), ("high", high)):
+        for name in ("high", "low", "high"):
             expert = swap.activate(name)
-            assert swap.streams[name].resident_blocks() == [0, 1, 2, 3]  # the whole expert, streamed ahead
-            assert torch.equal(expert(*inputs), plain(*inputs))
-        assert torch.equal(offloaded(*inputs), high(*inputs))
+            other = "low" if name == "high" else "high"
+            assert swap.streams[other].resident_blocks() == []
+            assert torch.equal(expert(*inputs), plain[name](*inputs))
+            assert swap.streams[name].resident_blocks() == list(range(len(expert.blocks)))  # kept until released
     swap.release()
     assert swap.active is None and all(stream.resident_blocks() == [] for stream in swap.streams.values())
     swap.remove()
+
+
+def test_a_shard_cut_short_or_gone_mid_run_is_one_line(tiny_checkpoint, tmp_path):
+    import shutil
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, root)
+    model, source, ring = streamed(root, ckpt.HIGH_NOISE_DIR)
+    offload = BlockOffload(model, source, ring, dtype=torch.float32, keep_fp32=keeps_fp32)
+    inputs = dit_inputs(model.config)
+    with torch.no_grad():
+        model(*inputs)
+        offload.release()
+        shard = root / ckpt.HIGH_NOISE_DIR / ckpt.SAFETENSORS_FILE
+        os.truncate(shard, shard.stat().st_size // 2)
+        with pytest.raises(WanError) as error:
+            model(*inputs)
+    message = str(error.value)
+    assert "\n" not in message and f"from {shard}: the file ends before byte" in message and "truncated" in message, message
+    assert "cache status" in message  # the hint says what checks the checkpoint
+
+    # A shard removed while the run goes on (a cache cleaned under it) is still read as it was.
+    low, low_source, low_ring = streamed(root, ckpt.LOW_NOISE_DIR)
+    BlockOffload(low, low_source, low_ring, dtype=torch.float32, keep_fp32=keeps_fp32)
+    for shard in (root / ckpt.LOW_NOISE_DIR).glob("diffusion_pytorch_model-*.safetensors"):
+        shard.unlink()
+    with torch.no_grad():
+        assert torch.equal(low(*inputs), resident(tiny_checkpoint, ckpt.LOW_NOISE_DIR)(*inputs))

@@ -23,10 +23,10 @@ def test_offload_is_one_enum_whatever_users_write():
 def test_where_things_live_follows_the_placement():
     gpu = torch.device("cuda")
     swap = ExecutionPlan(gpu, torch.bfloat16, offload=Offload.EXPERTS)
-    assert swap.expert_swap and swap.experts_load_on_host and swap.text_encoder_visits and not swap.fsdp_offload
+    assert swap.streams_experts and swap.text_encoder_visits and not swap.fsdp_offload
     sharded = ExecutionPlan(gpu, torch.bfloat16, dims=ParallelDims(2, 1, fsdp=True), offload=Offload.EXPERTS)
     # FSDP's own host offload replaces the expert swap; the text encoder is sharded, not visiting.
-    assert sharded.fsdp_offload and not sharded.expert_swap and not sharded.experts_load_on_host
+    assert sharded.fsdp_offload and not sharded.streams_experts
     assert sharded.shards_text_encoder and not sharded.text_encoder_visits
     kept = ExecutionPlan(gpu, torch.bfloat16, keep_text_encoder=True)
     assert not kept.text_encoder_visits and kept.text_encoder_device == gpu

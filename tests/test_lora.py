@@ -121,7 +121,12 @@ def test_two_loras_on_one_expert_apply_in_order_and_switch_without_reloading(tin
     merged = merge_by_hand(tiny_checkpoint, tmp_path / "merged", "low_noise_model", [(a, 1.0), (b, -0.5)])
     expected = generate(merged).latents
     pipe = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, loras={"low": [(first, 1.0), (second, -0.5)]})
-    assert torch.equal(pipe.generate(demo_image(), "a boat", **RUN).latents, expected)
+    # The hand merge multiplies the LoRA factors as the test holds them and the loader as the file
+    # holds them: other memory layouts, so the CPU's matmul kernels (AVX-512 ones, say) may sum in
+    # another order. fp32 rounding, amplified by the denoising steps, stays far under 1e-4.
+    latents = pipe.generate(demo_image(), "a boat", **RUN).latents
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+    assert (latents - generate(tiny_checkpoint).latents).abs().max() > 1e-2  # the LoRAs changed the video
     # Switched on the loaded pipeline: the same as loading without, then with one of them.
     pipe.set_loras(None)
     assert pipe.loras == [] and "loras" not in pipe.identity

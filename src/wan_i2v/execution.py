@@ -104,12 +104,9 @@ class ExecutionPlan:
         return self.fsdp and self.offload is not Offload.NONE and self.on_gpu
 
     @property
-    def expert_swap(self) -> bool:
-        """One expert at a time on the GPU, swapped at the boundary (FSDP's own offload replaces it)."""
-        return self.offload is Offload.EXPERTS and not self.fsdp
-
-    @property
-    def experts_load_on_host(self) -> bool:
+    def streams_experts(self) -> bool:
+        """The experts' blocks wait in the checkpoint's files and stream to the device as they run
+        (one expert's at a time with ``--offload experts``, each block's with ``--offload blocks``)."""
         return self.offload is not Offload.NONE and not self.fsdp
 
     @property
@@ -273,12 +270,6 @@ def _fsdp(expert, plan, groups):
     apply_fsdp(expert, expert.blocks, groups.mesh, offload=plan.fsdp_offload)
 
 
-def _block_offload(expert, plan, groups):
-    from wan_i2v.transforms.streaming import BlockOffload
-
-    return BlockOffload(expert, plan.device)
-
-
 EXPERT_TRANSFORMS: tuple[Transform, ...] = (
     # Needs the weights (it quantizes them), so never with FSDP, which shards before they load.
     Transform("fp8", lambda plan, groups: plan.fp8, _fp8, meta=False),
@@ -290,8 +281,6 @@ EXPERT_TRANSFORMS: tuple[Transform, ...] = (
     Transform("ulysses", lambda plan, groups: groups is not None and groups.ulysses is not None, _ulysses, after=("attention kernel",)),
     Transform("compile", lambda plan, groups: plan.compile, _compile, after=("fused GELU", "fused norms", "ulysses")),
     Transform("fsdp", lambda plan, groups: plan.fsdp, _fsdp, after=("compile",)),
-    # Streaming hooks run eagerly around compiled blocks; they move storage, not graph material.
-    Transform("block offload", lambda plan, groups: plan.offload is Offload.BLOCKS, _block_offload, meta=False, after=("compile",)),
 )
 
 
@@ -312,7 +301,7 @@ check_order(EXPERT_TRANSFORMS)
 
 def apply_plan(expert: nn.Module, plan: ExecutionPlan, groups=None, *, meta: bool = False) -> dict[str, object]:
     """Apply the plan's transforms to one expert, in ``EXPERT_TRANSFORMS``' order; returns the name
-    of each applied, in order, with what it returned (the block offload's streamer, else None).
+    of each applied, in order, with what it returned.
 
     ``meta``: the expert has no weights yet (FSDP shards it before it loads): only the steps that
     can run then are applied, and a step that needs the weights is an error. ``groups`` is the run's

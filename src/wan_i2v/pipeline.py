@@ -27,12 +27,13 @@ from wan_i2v.config import (
     video_size,
 )
 from wan_i2v.errors import WanError, option
-from wan_i2v.execution import ExecutionPlan, apply_plan
+from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.kernels.attention import check_kernel
 from wan_i2v.loading import checkpoint as ckpt
-from wan_i2v.loading.checkpoint import refill, safetensors_source
+from wan_i2v.loading.checkpoint import load_strict, refill, safetensors_source
+from wan_i2v.loading.staging import StagingRing
 from wan_i2v.loading.lora import LoraFile, Loras, adapted, read_lora
-from wan_i2v.models.dit import DiT, load_dit, pad_context
+from wan_i2v.models.dit import DiT, build_dit, keeps_fp32, load_dit, pad_context
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE, load_vae
 from wan_i2v.parallel.plan import ParallelDims
@@ -40,7 +41,7 @@ from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
 from wan_i2v.sampling.resume import load_loop_state, save_loop_state, state_to
 from wan_i2v.sampling.schedulers import official_schedule
-from wan_i2v.transforms.streaming import ExpertSwap, HostCopy
+from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
 from wan_i2v.video import image_to_tensor, load_image
 
 __all__ = ["Cancelled", "GenerationResult", "I2VPipeline", "LoopHook", "Prepared", "StepInfo"]
@@ -89,18 +90,17 @@ class I2VPipeline:
         self,
         text_encoder: TextEncoder,
         vae: WanVAE,
-        high_noise: DiT,
-        low_noise: DiT,
+        experts: Experts,
         *,
         plan: ExecutionPlan,
         parallel=None,
         checkpoint: Path | None = None,
-        block_streams: list | None = None,
+        ring: StagingRing | None = None,
         loras: dict[str, list[LoraFile]] | None = None,
     ):
         self.plan = plan
         self.checkpoint = checkpoint
-        self.block_streams = block_streams or []  # the experts' BlockOffload streamers (--offload blocks)
+        self.ring = ring  # the staging ring the streamed weights and the visiting text encoder come up through
         self._lora_parameters: dict[str, set[str]] = {}  # expert -> the parameters its LoRAs changed
         self.loras: list[dict] = []  # a record of each LoRA merged in: expert, file, sha256, strength
         self._note_loras(loras or {})
@@ -108,14 +108,10 @@ class I2VPipeline:
         self.text_encoder = text_encoder
         self.vae = vae
         self.device = plan.device
-        # One swapper for the pipeline's life: it hooks the experts' blocks once.
-        self.experts = (
-            ExpertSwap(high_noise, low_noise, BOUNDARY_TIMESTEP, self.device)
-            if plan.expert_swap
-            else Experts(high_noise, low_noise, BOUNDARY_TIMESTEP)
-        )
+        # One streamer for the pipeline's life: it hooks the experts' blocks once.
+        self.experts = experts
         # Set when the text encoder waits in host memory and visits the GPU only to encode.
-        self.text_encoder_visits = HostCopy(text_encoder.model, self.device) if plan.text_encoder_visits else None
+        self.text_encoder_visits = HostCopy(text_encoder.model, ring) if plan.text_encoder_visits else None
         # What, besides the generation settings, decides the video: a saved state must match it.
         self.identity = {**({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else {}), **plan.identity()}
         if self.loras:  # a run with LoRAs is another run (without, the identity is what it always was)
@@ -177,8 +173,9 @@ class I2VPipeline:
     @classmethod
     def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None, progress: bool = False) -> "I2VPipeline":
         """Load the checkpoint as ``plan`` says: each expert built, transformed by ``apply_plan`` (on
-        the meta device first with FSDP, so each rank reads only its rows) and filled. ``progress``:
-        a bar over the four parts (minutes for the real model)."""
+        the meta device first with FSDP, so each rank reads only its rows) and filled, or, when its
+        blocks stream (``--offload``), left in the checkpoint's files with only its embeddings and
+        head on the device. ``progress``: a bar over the four parts (minutes for the real model)."""
         root = Path(ckpt_dir)
         if not root.is_dir():
             raise WanError(f"checkpoint directory not found: {root}", "check the path; `wan-i2v cache path` prints the cache's checkpoint")
@@ -186,11 +183,12 @@ class I2VPipeline:
             raise WanError("CUDA was asked for but no GPU is visible", f"use {option('device', 'cpu')}, or check the driver")
         check_kernel(plan.attention, plan.device)
         plan.check()
-        device, host = plan.device, torch.device("cpu")
-        experts, streams, merged = [], [], {}
+        device = plan.device
+        experts, sources, merged = {}, {}, {}
         # Shown once loading takes a while (the real model: minutes), so a quick load, or one that
         # fails at once, leaves no bar before its one-line error.
         bar = tqdm(total=4, desc="loading", unit="part", disable=not progress, delay=LOADING_BAR_DELAY_S)
+        ring = None
         for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):
             merged[name] = []
             specs = plan.loras.for_expert(name)
@@ -199,16 +197,31 @@ class I2VPipeline:
                 shard = lambda expert: apply_plan(expert, plan, parallel, meta=True)  # noqa: E731
                 expert = load_dit(root / subdir, device=device, dtype=plan.dtype, before_weights=shard, adapt=adapt)
             else:
-                expert = load_dit(root / subdir, device=host if plan.experts_load_on_host else device, dtype=plan.dtype, adapt=adapt)
-                applied = apply_plan(expert, plan, parallel)
-                streams += [applied["block offload"]] if "block offload" in applied else []
-            experts.append(expert)
+                expert, source = build_dit(root / subdir, dtype=plan.dtype, adapt=adapt)
+                if ring is None:
+                    ring = staging_ring(expert, source, plan)
+                if plan.streams_experts:  # the blocks stay in the files; they stream in as they run
+                    apply_plan(expert, plan, parallel)
+                    load_outside_blocks(expert, source, ring, plan.dtype, keeps_fp32)
+                    sources[name] = source
+                else:
+                    load_strict(expert, source, device=device, dtype=plan.dtype, keep_fp32=keeps_fp32, ring=ring)
+                    apply_plan(expert, plan, parallel)
+            experts[name] = expert
             bar.update()
-        high, low = experts
+        high, low = experts["high"], experts["low"]
         if high.config != low.config:
             from wan_i2v.cache.layout import loading_hint
 
             raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + loading_hint(root))
+        if plan.streams_experts:
+            experts = (
+                ExpertSwap(experts, sources, ring, BOUNDARY_TIMESTEP, dtype=plan.dtype, keep_fp32=keeps_fp32)
+                if plan.offload is Offload.EXPERTS
+                else StreamedExperts(experts, sources, ring, BOUNDARY_TIMESTEP, dtype=plan.dtype, keep_fp32=keeps_fp32)
+            )
+        else:
+            experts = Experts(high, low, BOUNDARY_TIMESTEP)
 
         def shard_text_encoder(model) -> None:
             from wan_i2v.parallel.fsdp import apply_fsdp
@@ -219,12 +232,13 @@ class I2VPipeline:
         text_encoder = TextEncoder.load(
             root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=plan.text_encoder_device,
             dtype=plan.dtype, before_weights=shard_text_encoder if sharded else None, run_device=device if sharded else None,
+            ring=ring if plan.text_encoder_device.type == "cuda" else None,
         )  # fmt: skip
         bar.update()
         vae = load_vae_for(root / ckpt.VAE_FILE, device, plan.decode_dtype, plan.encode_dtype)
         bar.update()
         bar.close()
-        return cls(text_encoder, vae, high, low, plan=plan, parallel=parallel, checkpoint=root, block_streams=streams, loras=merged)
+        return cls(text_encoder, vae, experts, plan=plan, parallel=parallel, checkpoint=root, ring=ring, loras=merged)
 
     def set_loras(self, loras) -> None:
         """Change the LoRAs (as ``from_pretrained``'s ``loras``; None: none) without reloading: each
@@ -233,15 +247,18 @@ class I2VPipeline:
         parallel run every rank calls it with the same LoRAs."""
         loras = Loras.of(loras)
         self.experts.release()  # every weight back where it waits: no device copy may go stale
-        for stream in self.block_streams:
-            stream.release()
         bases, merged = {}, {}
         for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):  # every file checked before any weight changes
             bases[name] = safetensors_source(self.checkpoint / subdir)
             merged[name] = [read_lora(spec, bases[name]) for spec in loras.for_expert(name)]
         for name in merged:
             touched = self._lora_parameters.get(name, set()) | {key for lora in merged[name] for key in lora.deltas}
-            refill(self.experts.models[name], adapted(bases[name], merged[name], self.device), sorted(touched))
+            source = adapted(bases[name], merged[name], self.device)
+            streams = getattr(self.experts, "streams", {})
+            if name in streams:  # streamed blocks are read with the new merges from now on; the rest is refilled
+                streams[name].use_source(source)
+                touched = {key for key in touched if not key.startswith("blocks.")}
+            refill(self.experts.models[name], source, sorted(touched))
         self.plan = replace(self.plan, loras=loras)
         self._note_loras(merged)
         self.identity.pop("loras", None)
@@ -458,6 +475,19 @@ class I2VPipeline:
 
             return ParallelGuidance(conditioning, self.parallel.cfg, self.parallel.cfg_index)
         return ClassifierFreeGuidance(conditioning, batched=self.plan.batch_cfg)
+
+
+# Slots of the staging ring: one block is read while the one before is copied up and the one
+# before that computes.
+STAGING_DEPTH = 3
+
+
+def staging_ring(expert: DiT, source, plan: ExecutionPlan) -> StagingRing:
+    """The ring every host-to-device weight copy of the run goes through, its slots one block each.
+    On the CPU too: the weights are then fresh, aligned tensors whether streamed or not (the CPU's
+    matmul kernels round differently for a tensor that starts at a file offset), so every plan
+    gives the same video there as on a GPU."""
+    return StagingRing(BlockStream.slot_bytes(expert.blocks, source), STAGING_DEPTH, plan.device)
 
 
 def _merging(specs, files: list[LoraFile], device: torch.device):

@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from wan_i2v.errors import WanError, first_line
+from wan_i2v.loading.staging import FileRange, Fill, StagingRing, upload
 
 HIGH_NOISE_DIR = "high_noise_model"
 LOW_NOISE_DIR = "low_noise_model"
@@ -83,16 +84,38 @@ def read_config(config_class, path: Path, what: str):
     return config_class(**values)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A tensor as the checkpoint stores it: its dtype and shape, and where its bytes are (a range of
+    a file, or a host tensor such as a memory-mapped ``torch.save`` file's)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: FileRange | None = None
+    tensor: torch.Tensor | None = None
+
+
 class TensorSource:
     """Named tensors of one checkpoint, read lazily; ``files`` names where each key lives.
 
     Each reader takes a range of rows (``slice`` over dim 0, or None for the whole tensor), so a
-    rank that holds a shard reads only its rows from the memory-mapped file.
+    rank that holds a shard reads only its rows from the memory-mapped file. ``stored(key)`` says
+    where the bytes are, for the staged copies that read them straight into pinned memory;
+    ``merges[key]`` is what an adapter adds to the stored value on the device (a LoRA's deltas).
     """
 
-    def __init__(self, readers: Mapping[str, Callable[[slice | None], torch.Tensor]], files: Mapping[str, str], shapes: Mapping[str, Callable[[], tuple]]):
+    def __init__(
+        self,
+        readers: Mapping[str, Callable[[slice | None], torch.Tensor]],
+        files: Mapping[str, str],
+        shapes: Mapping[str, Callable[[], tuple]],
+        stored: Mapping[str, Callable[[], Stored]] | None = None,
+        merges: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ):
         self._readers = readers
         self._shapes = shapes
+        self._stored = stored or {}
+        self.merges = dict(merges or {})
         self.files = files
 
     def keys(self):
@@ -107,17 +130,33 @@ class TensorSource:
         except Exception as exc:  # a truncated or corrupt file surfaces here
             raise WanError(f"cannot read tensor {key!r} from {self.files[key]}: {first_line(exc)}", checkpoint_hint(self.files[key])) from None
 
-    def with_readers(self, readers: Mapping[str, Callable[[slice | None], torch.Tensor]]) -> "TensorSource":
-        """The same tensors, those named in ``readers`` read by them instead (an adapter's merge)."""
-        return TensorSource({**self._readers, **readers}, self.files, self._shapes)
+    def stored(self, key: str) -> Stored:
+        """Where ``key``'s bytes are; a source that cannot say (a test's) gives its value as a host tensor."""
+        if key in self._stored:
+            return self._stored[key]()
+        value = self.read(key)
+        return Stored(value.dtype, tuple(value.shape), tensor=value)
+
+    def with_merges(self, merges: Mapping[str, Callable[[torch.Tensor, slice | None], torch.Tensor]], device: torch.device | str) -> "TensorSource":
+        """The same tensors, those named in ``merges`` read as ``merge(stored value on device, rows)``
+        (an adapter: a LoRA's deltas added in fp32). Staged copies apply the same merge to the bytes
+        they bring, so a weight read either way is the same."""
+        device = torch.device(device)
+        readers = {key: (lambda rows, key=key, merge=merge: merge(self.read(key, rows).to(device), rows)) for key, merge in merges.items()}
+        added = {key: (lambda value, merge=merge: merge(value, None)) for key, merge in merges.items()}
+        return TensorSource({**self._readers, **readers}, self.files, self._shapes, self._stored, {**self.merges, **added})
 
     def renamed(self, mapping: Callable[[str], str]) -> "TensorSource":
         """The same tensors under other names (a state-dict adapter)."""
-        readers, files, shapes = {}, {}, {}
+        readers, files, shapes, stored, merges = {}, {}, {}, {}, {}
         for key, reader in self._readers.items():
             new = mapping(key)
             readers[new], files[new], shapes[new] = reader, self.files[key], self._shapes[key]
-        return TensorSource(readers, files, shapes)
+            if key in self._stored:
+                stored[new] = self._stored[key]
+            if key in self.merges:
+                merges[new] = self.merges[key]
+        return TensorSource(readers, files, shapes, stored, merges)
 
 
 def safetensors_source(model_dir: Path) -> TensorSource:
@@ -139,6 +178,7 @@ def safetensors_source(model_dir: Path) -> TensorSource:
     readers: dict[str, Callable[[slice | None], torch.Tensor]] = {}
     files: dict[str, str] = {}
     shapes: dict[str, Callable[[], tuple]] = {}
+    stored: dict[str, Callable[[], Stored]] = {}
     for name in shard_names:
         path = model_dir / name
         if not path.is_file():
@@ -146,17 +186,42 @@ def safetensors_source(model_dir: Path) -> TensorSource:
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
             keys = list(handle.keys())
+            ranges = safetensors_ranges(path)
         except Exception as exc:
             raise WanError(f"cannot open {path}: {first_line(exc)}", checkpoint_hint(path)) from None
         for key in keys:
             readers[key] = lambda rows, handle=handle, key=key: handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows]
             shapes[key] = lambda handle=handle, key=key: handle.get_slice(key).get_shape()
             files[key] = str(path)
+            if key in ranges:
+                stored[key] = lambda value=ranges[key]: value
     if index.is_file():
         absent = sorted(k for k in weight_map if k not in readers)
         if absent:
             raise WanError(f"{index} lists {absent[0]!r} but its shard does not hold it", checkpoint_hint(index))
-    return TensorSource(readers, files, shapes)
+    return TensorSource(readers, files, shapes, stored)
+
+
+# safetensors' dtype names (the ones a checkpoint of ours can hold)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def safetensors_ranges(path: Path) -> dict[str, Stored]:
+    """Each tensor of a safetensors file, with the range of the file its bytes occupy (the format: an
+    8-byte little-endian header size, a JSON header of dtype, shape and data offsets, then the data)."""
+    with open(path, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+    ranges = {}
+    for key, entry in header.items():
+        if key == "__metadata__" or entry.get("dtype") not in SAFETENSORS_DTYPES:
+            continue
+        begin, end = entry["data_offsets"]
+        ranges[key] = Stored(SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), FileRange(str(path), 8 + size + begin, end - begin))
+    return ranges
 
 
 def torch_file_source(path: Path, what: str) -> TensorSource:
@@ -173,6 +238,7 @@ def torch_file_source(path: Path, what: str) -> TensorSource:
         {k: (lambda rows, v=v: v if rows is None else v[rows]) for k, v in state.items()},
         {k: str(path) for k in state},
         {k: (lambda v=v: v.shape) for k, v in state.items()},
+        {k: (lambda v=v: Stored(v.dtype, tuple(v.shape), tensor=v)) for k, v in state.items()},
     )
 
 
@@ -226,23 +292,10 @@ def refill(module: nn.Module, source: TensorSource, names: Iterable[str]) -> Non
                 target.copy_(source.read(name).to(target.dtype))
 
 
-def load_strict(
-    module: nn.Module,
-    source: TensorSource,
-    *,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    keep_fp32: Callable[[str], bool] = lambda name: False,
-) -> nn.Module:
-    """Fill every parameter of ``module`` (usually built on the meta device) from ``source``.
-
-    Every tensor in the source must land in a parameter and every parameter must be
-    filled with a tensor of its shape; otherwise a WanError names the file and key.
-    Floating tensors go to ``dtype`` except those ``keep_fp32`` selects, the fp32
-    islands the official model keeps. A parameter that is already a shard over several ranks
-    (FSDP applied on the meta device, then ``to_empty``) gets this rank's rows only, in place.
-    """
-    targets = {full: (owner, name, tensor, is_param) for full, owner, name, tensor, is_param in _named_tensors(module)}
+def check_strict(module: nn.Module, source: TensorSource) -> None:
+    """Every tensor in the source must land in a parameter (or persistent buffer) of ``module`` and
+    every one of those must have a tensor of its shape; otherwise a WanError names the file and key."""
+    targets = {full: tensor for full, _, _, tensor, _ in _named_tensors(module)}
     missing = sorted(set(targets) - set(source.keys()))
     if missing:
         some_file = next(iter(source.files.values()), None)
@@ -256,17 +309,94 @@ def load_strict(
             f"{source.files[extra[0]]}: unexpected tensor {extra[0]!r}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""),
             "the file is of another model or its config.json does not match it",
         )
-    for full, (owner, name, target, is_param) in targets.items():
+    for full, target in targets.items():
         shape = source.shape(full)
         if shape != tuple(target.shape):
             raise WanError(
                 f"{source.files[full]}: tensor {full!r} has shape {shape}, the model expects {tuple(target.shape)}",
                 "the file is of another model or its config.json does not match it",
             )
-        if isinstance(target, DTensor):  # a shard (FSDP): this rank's rows, read into its storage
-            with torch.no_grad():
-                local = target.to_local()
-                local.copy_(source.read(full, _local_rows(target, local, full)).to(local.dtype))
+
+
+def fills(module: nn.Module, source: TensorSource, *, dtype: torch.dtype, keep_fp32: Callable[[str], bool] = lambda name: False,
+          prefix: str = "", names: Iterable[str] | None = None) -> list[Fill]:  # fmt: skip
+    """How each checkpoint tensor of ``module`` (named ``prefix`` + its name; only ``names`` if given)
+    reaches it through staged copies: the stored bytes, then on the device the adapter's merge, the
+    run dtype (fp32 where ``keep_fp32``), and the owner's ``stored_weight`` (an FP8 layer's form).
+    The module's tensors must already have the dtypes they load in (``cast_parameters``)."""
+    wanted = None if names is None else set(names)
+    result = []
+    for name, owner, local_name, tensor, _ in _named_tensors(module):
+        full = prefix + name
+        if (wanted is not None and full not in wanted) or full not in source.keys():
+            continue
+        stored = source.stored(full)
+        merge = source.merges.get(full)
+        final = (torch.float32 if keep_fp32(full) else dtype) if stored.dtype.is_floating_point else stored.dtype
+        stores = local_name == "weight" and hasattr(owner, "stored_weight")
+        targets = [(owner, key) for key in owner.stored_weight_names()] if stores else [(owner, local_name)]
+        if merge is None and not stores and final == stored.dtype:
+            convert = None
+        else:
+            convert = _converter(merge, final, owner if stores else None, local_name)
+        result.append(Fill(full, stored.dtype, stored.shape, targets, file=stored.file, tensor=stored.tensor, convert=convert))
+    return result
+
+
+def _converter(merge, dtype: torch.dtype, storing: nn.Module | None, name: str):
+    """The device-side steps the loader applies to a stored value: the merge, the rounding to the
+    run dtype, and the owner's own form of its weight (the same operations in the same order)."""
+
+    def convert(value: torch.Tensor) -> dict:
+        if merge is not None:
+            value = merge(value)
+        value = value.to(dtype)
+        return storing.stored_weight(value) if storing is not None else {name: value}
+
+    return convert
+
+
+def load_strict(
+    module: nn.Module,
+    source: TensorSource,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    keep_fp32: Callable[[str], bool] = lambda name: False,
+    ring: StagingRing | None = None,
+) -> nn.Module:
+    """Fill every parameter of ``module`` (usually built on the meta device) from ``source``.
+
+    Every tensor in the source must land in a parameter and every parameter must be
+    filled with a tensor of its shape; otherwise a WanError names the file and key.
+    Floating tensors go to ``dtype`` except those ``keep_fp32`` selects, the fp32
+    islands the official model keeps. A parameter that is already a shard over several ranks
+    (FSDP applied on the meta device, then ``to_empty``) gets this rank's rows only, in place.
+    With ``ring`` (a staging ring on ``device``) the tensors are read by its threads straight into
+    pinned memory and copied up while the next are read: the same values, in seconds.
+    """
+    check_strict(module, source)
+    targets = {full: (owner, name, tensor, is_param) for full, owner, name, tensor, is_param in _named_tensors(module)}
+    sharded = {full for full, (_, _, target, _) in targets.items() if isinstance(target, DTensor)}
+    for full in sharded:  # a shard (FSDP): this rank's rows, read into its storage
+        owner, name, target, is_param = targets[full]
+        with torch.no_grad():
+            local = target.to_local()
+            local.copy_(source.read(full, _local_rows(target, local, full)).to(local.dtype))
+    if ring is not None:
+        for full, (owner, name, target, is_param) in targets.items():
+            if full not in sharded:  # the staged fill sets .data: each needs a placeholder of the dtype it loads in
+                final = torch.float32 if keep_fp32(full) else dtype
+                placeholder = torch.empty(target.shape, dtype=final if target.is_floating_point() else target.dtype, device="meta")
+                if is_param:
+                    owner._parameters[name] = nn.Parameter(placeholder, requires_grad=False)
+                else:
+                    owner._buffers[name] = placeholder
+        with torch.no_grad():
+            upload(ring, [fill for fill in fills(module, source, dtype=dtype, keep_fp32=keep_fp32) if fill.key not in sharded])
+        return module.eval().requires_grad_(False)
+    for full, (owner, name, target, is_param) in targets.items():
+        if full in sharded:
             continue
         value = source.read(full)
         if value.is_floating_point():

@@ -201,19 +201,20 @@ def _parameter_name(module: str, target: str, names: set[str], from_diffusers: d
 
 def adapted(base: TensorSource, loras: Iterable[LoraFile], device: torch.device | str) -> TensorSource:
     """``base`` whose parameters the ``loras`` change read as base + deltas, in fp32, merged on
-    ``device`` (a GPU merges an expert in seconds; the loader then rounds once to its dtype)."""
+    ``device`` (a GPU merges an expert in seconds; the loader then rounds once to its dtype).
+    Streamed weights are merged the same way each time they come up."""
     by_name: dict[str, list[Delta]] = {}
     for lora in loras:
         for name, delta in lora.deltas.items():
             by_name.setdefault(name, []).append(delta)
     device = torch.device(device)
 
-    def merged(name: str, rows: slice | None) -> torch.Tensor:
+    def merged(value: torch.Tensor, rows: slice | None, deltas: list[Delta]) -> torch.Tensor:
         # Copied in the checkpoint's dtype and widened on the device: a CPU-side widening of a
         # whole expert took 19 s on the H200 host, the merge itself a fraction of a second.
-        value = base.read(name, rows).to(device).float()
-        for delta in by_name[name]:
-            value = value + delta.tensor(rows, device)  # out of place: the read tensor may be the source's own
+        value = value.float()
+        for delta in deltas:
+            value = value + delta.tensor(rows, value.device)  # out of place: the read tensor may be the source's own
         return value
 
-    return base.with_readers({name: (lambda rows, name=name: merged(name, rows)) for name in by_name})
+    return base.with_merges({name: (lambda value, rows, deltas=deltas: merged(value, rows, deltas)) for name, deltas in by_name.items()}, device)

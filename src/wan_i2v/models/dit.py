@@ -357,6 +357,21 @@ def pad_context(features: torch.Tensor, text_len: int) -> torch.Tensor:
     return F.pad(features, (0, 0, 0, text_len - features.shape[0]))
 
 
+def build_dit(model_dir: Path, *, dtype, adapt=None):
+    """One expert's model on the meta device, its parameters in the dtypes they load in, and the
+    checked tensor source of its weights (``adapt(source)``: the source to read instead, as in ``load_dit``)."""
+    from wan_i2v.loading.checkpoint import cast_parameters, check_strict, safetensors_source
+
+    config = DiTConfig.from_json_file(model_dir / "config.json")
+    source = safetensors_source(model_dir)  # first: a missing file fails before any work
+    if adapt is not None:
+        source = adapt(source)
+    with torch.device("meta"):
+        model = DiT(config)
+    check_strict(model, source)
+    return cast_parameters(model, dtype, keeps_fp32), source
+
+
 def load_dit(model_dir: Path, *, device, dtype, before_weights=None, adapt=None) -> DiT:
     """One expert from its official folder (config.json + safetensors, sharded or not).
 

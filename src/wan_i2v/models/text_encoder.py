@@ -136,8 +136,9 @@ class TextEncoder:
         self.run_device = run_device  # where it computes, if not where its weights are (shards in host memory)
 
     @classmethod
-    def load(cls, t5_path: Path, tokenizer_dir: Path, *, text_len: int, device, dtype, before_weights=None, run_device=None) -> "TextEncoder":
-        """``before_weights(model)`` transforms the umT5 model on the meta device (as ``load_dit``)."""
+    def load(cls, t5_path: Path, tokenizer_dir: Path, *, text_len: int, device, dtype, before_weights=None, run_device=None, ring=None) -> "TextEncoder":
+        """``before_weights(model)`` transforms the umT5 model on the meta device (as ``load_dit``);
+        ``ring``: a staging ring on ``device`` that the weights come up through (``load_strict``)."""
         t5_path, tokenizer_dir = Path(t5_path), Path(tokenizer_dir)
         tokenizer = _load_tokenizer(tokenizer_dir)  # first: it fails fast, the weights take minutes
         config_path = t5_path.with_name(T5_CONFIG_FILE)
@@ -147,7 +148,7 @@ class TextEncoder:
         source = torch_file_source(t5_path, "T5 weights").renamed(official_to_transformers_key)
         if before_weights is not None:
             before_weights(cast_parameters(model, dtype))
-        load_strict(model, source, device=device, dtype=dtype)
+        load_strict(model, source, device=device, dtype=dtype, ring=ring)
         return cls(model, tokenizer, text_len, run_device)
 
     @property

@@ -35,13 +35,22 @@ class FP8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.out_dtype = linear.weight.dtype
 
+    @staticmethod
+    def stored_weight_names() -> tuple[str, str]:
+        return ("weight", "weight_scale")
+
+    def stored_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors this layer keeps of a weight in the run dtype: the FP8 weight and its scales
+        (a weight streamed in is quantized here, on its device, as at load time)."""
+        quantized, scale = _quantize_rows(weight.to(self.out_dtype))
+        return {"weight": quantized, "weight_scale": scale.t().contiguous()}
+
     @torch.no_grad()
     def load_weight_(self, weight: torch.Tensor) -> None:
         """Take a new weight (a LoRA switched on a loaded pipeline), rounded to the run's dtype and
         quantized as at load time, so that it equals a pipeline loaded with it."""
-        quantized, scale = _quantize_rows(weight.to(device=self.weight.device, dtype=self.out_dtype))
-        self.weight.copy_(quantized)
-        self.weight_scale.copy_(scale.t())
+        for name, value in self.stored_weight(weight.to(self.weight.device)).items():
+            getattr(self, name).copy_(value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -1,0 +1,234 @@
+"""The memory tiers as users run them: `wan-i2v generate` under a GPU cap and a host cap, per row.
+
+    python bench/memory_tiers.py [--ckpt /tmp/wanckpt] [--rows default swap blocks disk 480p second cold] [--json FILE]
+
+Each row runs the CLI in a process of its own (720P, 81 frames, ``--distilled``, seed 0, a full-size
+random checkpoint in the official layout, ``multi_gpu.py``'s, written once) with ``--gpu-memory G``
+(the run plans for G GiB and caps its allocator there) and ``--host-memory H``, inside a cgroup v2
+whose ``memory.max`` is H GiB (page cache included; where the machine has no cgroup v2 the row runs
+uncapped and says so). It reports the wall time, the summary's loading, time to first step and
+seconds per step after the first, the GPU peak against the estimate `--dry-run` prints, the host
+peak (the process tree's anonymous + shared memory, sampled every 0.1 s: what cannot be reclaimed,
+pinned memory included) against its estimate, the cgroup's own peak (page cache included), and
+whether the latents equal the first row's.
+
+Rows: ``default`` (80 GiB GPU, 32 GiB host), ``swap`` (48/40: one expert on the GPU), ``blocks``
+(24/32: blocks streamed from the page cache), ``disk`` (24/16: the page cache cannot hold an expert,
+so blocks come from the disk; the caches are dropped first), ``480p`` (12/16), ``second`` (the
+default row again: a new process whose compile comes from the cache), ``cold`` (the default row
+after dropping the page cache: loading against the disk's sequential read time of the bytes read).
+The disk's rate is measured with ``dd`` from a shard after dropping the caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from wan_i2v.loading import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight."
+# name -> (size, GPU GiB, host GiB, drop the page cache first)
+ROWS = {
+    "default": ("720P", 80, 32, False),
+    "swap": ("720P", 48, 40, False),
+    "blocks": ("720P", 24, 32, False),
+    "disk": ("720P", 24, 16, True),
+    "480p": ("480P", 12, 16, False),
+    "second": ("720P", 80, 32, False),
+    "cold": ("720P", 80, 32, True),
+}
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def disk_read_rate(path: Path) -> float | None:
+    """GB/s of a sequential read of ``path`` from the disk (the page cache dropped first), or None."""
+    if not drop_caches():
+        return None
+    started = time.perf_counter()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=64M"], check=True, capture_output=True)
+    return path.stat().st_size / (time.perf_counter() - started) / 1e9
+
+
+def warm(paths) -> None:
+    for path in paths:
+        subprocess.run(["cat", str(path)], check=True, stdout=subprocess.DEVNULL)
+
+
+def checkpoint_files(root: Path) -> list[Path]:
+    """Each distinct file the run reads (the low-noise expert's shards are hard links to the high-noise ones')."""
+    seen, files = set(), []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.stat().st_ino not in seen:
+            seen.add(path.stat().st_ino)
+            files.append(path)
+    return files
+
+
+class Sampler(threading.Thread):
+    """The peak of anonymous + shared resident memory over a process and its children."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def tree(self) -> list[int]:
+        pids, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            try:
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return pids
+
+    def run(self):
+        while self.running:
+            total = 0
+            for pid in self.tree():
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                for key in ("RssAnon", "RssShmem"):
+                    match = re.search(rf"^{key}:\s+(\d+) kB", status, re.M)
+                    total += int(match.group(1)) * 1024 if match else 0
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+
+def cgroup_for(name: str, host_gib: float) -> Path | None:
+    if not (CGROUP / "cgroup.controllers").is_file():
+        return None
+    group = CGROUP / f"wan-bench-{name}"
+    group.mkdir(exist_ok=True)
+    (group / "memory.max").write_text(f"{int(host_gib * 2**30)}\n")
+    return group
+
+
+def run_row(name: str, args, image: Path) -> dict:
+    size, gpu, host, cold = ROWS[name]
+    out = args.work / f"{name}.mp4"
+    latents = args.work / f"{name}.latents.pt"
+    for path in (out, latents):
+        path.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(args.ckpt), "--image", str(image), "--prompt", PROMPT,
+               "--size", size, "--distilled", "--seed", "0", "--gpu-memory", str(gpu), "--host-memory", str(host),
+               "--save-file", str(out), "--save-latents", str(latents)]  # fmt: skip
+    dry = subprocess.run(command + ["--dry-run"], capture_output=True, text=True)
+    estimate = {"plan": _line(dry.stdout, "plan:"), "gpu": _gib(_line(dry.stdout, "memory:")), "host": _gib(_line(dry.stdout, "host memory:"))}
+    if cold:
+        drop_caches()
+    group = cgroup_for(name, host)
+    environment = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                            preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None)  # fmt: skip
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - started
+    sampler.running = False
+    row = {"size": size, "gpu_cap_gib": gpu, "host_cap_gib": host, "cgroup": group is not None, "returncode": proc.returncode, "wall_s": wall,
+           "plan": estimate["plan"], "gpu_estimate_gib": estimate["gpu"], "host_estimate_gib": estimate["host"], "host_peak_gib": sampler.peak / 2**30}  # fmt: skip
+    if group is not None:
+        row["cgroup_peak_gib"] = int((group / "memory.peak").read_text()) / 2**30 if (group / "memory.peak").is_file() else None
+        events = (group / "memory.events").read_text()
+        row["oom_kills"] = int(re.search(r"oom_kill (\d+)", events).group(1))
+    if proc.returncode != 0:
+        row["error"] = stderr.strip().splitlines()[-3:]
+        return row
+    timings = dict((stage, float(seconds)) for stage, seconds in re.findall(r"([a-z ]+) ([\d.]+)s", _line(stderr, "time:")))
+    row["timings"] = timings
+    row["loading_s"] = timings.get("loading")
+    steps = re.search(r"first step ([\d.]+)s, then ([\d.]+)s a step", stderr)
+    row["first_step_s"], row["step_s"] = (float(steps.group(1)), float(steps.group(2))) if steps else (None, None)
+    first = re.search(r"first step done ([\d.]+)s after start", stderr)
+    row["time_to_first_step_s"] = float(first.group(1)) if first else None
+    row["gpu_peak_gib"] = _gib(_line(stderr, "peak GPU memory:"))
+    row["latents"] = str(latents)
+    return row
+
+
+def _line(text: str, prefix: str) -> str:
+    return next((line for line in text.splitlines() if line.startswith(prefix)), "")
+
+
+def _gib(line: str) -> float | None:
+    match = re.search(r"([\d.]+) GiB", line.split("peak", 1)[-1]) if line else None
+    return float(match.group(1)) if match else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", type=Path, default=Path("/tmp/wanckpt"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/wan-tiers"))
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    report = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name(), "rows": {}}  # fmt: skip
+    if args.json and args.json.is_file():
+        report = json.loads(args.json.read_text())  # a run split over several calls adds its rows
+        report["command"] += " ; " + " ".join(sys.argv)
+    if not (args.ckpt / ckpt.TOKENIZER_DIR).is_dir():
+        sys.path.insert(0, str(ROOT / "bench"))
+        from multi_gpu import write_random_checkpoint
+
+        write_random_checkpoint(args.ckpt, 40)
+    files = checkpoint_files(args.ckpt)
+    report["checkpoint_gb"] = sum(path.stat().st_size for path in files) / 1e9
+    if "disk_gb_s" not in report:
+        shard = max(files, key=lambda path: path.stat().st_size)
+        report["disk_gb_s"] = disk_read_rate(shard)
+        print(f"disk: {report['disk_gb_s']} GB/s sequential ({shard.name})", flush=True)
+    image = args.work / "input.png"
+    from wan_i2v.video import demo_image
+
+    demo_image().resize((1280, 720)).save(image)
+    for name in args.rows:
+        warm(files)  # every row but the cold ones starts with the checkpoint in the page cache
+        row = run_row(name, args, image)
+        reference = report["rows"].get("default", {}).get("latents")
+        if row.get("latents") and reference and name != "480p":
+            row["latents_equal_default"] = bool(torch.equal(torch.load(row["latents"])["latents"], torch.load(reference)["latents"]))
+        if name == "cold" and row.get("loading_s") and report.get("disk_gb_s"):
+            row["disk_read_s"] = report["checkpoint_gb"] / report["disk_gb_s"]
+        report["rows"][name] = row
+        print(f"{name}: " + json.dumps({k: v for k, v in row.items() if k != "timings"}), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    resident = report["rows"].get("default", {}).get("step_s")
+    print("\nrow | plan | wall | loading | first step at | s/step (vs default) | GPU peak / est | host peak / est | cgroup peak | latents")
+    for name, row in report["rows"].items():
+        ratio = f" ({row['step_s'] / resident:.3f})" if resident and row.get("step_s") else ""
+        print(f"{name} | {row.get('plan')} | {row['wall_s']:.1f} | {row.get('loading_s')} | {row.get('time_to_first_step_s')} | {row.get('step_s')}{ratio} | "
+              f"{row.get('gpu_peak_gib')} / {row.get('gpu_estimate_gib')} | {row['host_peak_gib']:.1f} / {row.get('host_estimate_gib')} | "
+              f"{row.get('cgroup_peak_gib')} | {row.get('latents_equal_default', row.get('error'))}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
