@@ -6,17 +6,19 @@ Each row runs the CLI in a process of its own (720P, 81 frames, ``--distilled``,
 random checkpoint in the official layout, ``multi_gpu.py``'s, written once) with ``--gpu-memory G``
 (the run plans for G GiB and caps its allocator there) and ``--host-memory H``, inside a cgroup v2
 whose ``memory.max`` is H GiB (page cache included; where the machine has no cgroup v2 the row runs
-uncapped and says so). It reports the wall time, the summary's loading, time to first step and
+uncapped and says so). Before each row the page cache is dropped and, but for the cold rows, the
+checkpoint read once from inside the row's cgroup: the cache then holds what a machine of that size
+keeps of it (all of it only where it fits beside the run). It reports the wall time, the summary's loading, time to first step and
 seconds per step after the first, the GPU peak against the estimate `--dry-run` prints, the host
 peak (the process tree's anonymous + shared memory, sampled every 0.1 s: what cannot be reclaimed,
-pinned memory included) against its estimate, the cgroup's own peak (page cache included), and
-whether the latents equal the first row's.
+pinned memory included) against its estimate, and whether the latents equal the first row's (the
+JSON also has the cgroup's peak, which counts the page cache the row's warm-up read).
 
 Rows: ``default`` (80 GiB GPU, 32 GiB host), ``swap`` (48/40: one expert on the GPU), ``blocks``
-(24/32: blocks streamed from the page cache), ``disk`` (24/16: the page cache cannot hold an expert,
-so blocks come from the disk; the caches are dropped first), ``480p`` (12/16), ``second`` (the
+(24/32: blocks streamed; the page cache holds most of an expert), ``disk`` (24/16: the page cache
+holds little of an expert, so most blocks come from the disk), ``480p`` (12/16), ``second`` (the
 default row again: a new process whose compile comes from the cache), ``cold`` (the default row
-after dropping the page cache: loading against the disk's sequential read time of the bytes read).
+with nothing in the page cache: loading against the disk's sequential read time of the bytes read).
 The disk's rate is measured with ``dd`` from a shard after dropping the caches.
 """
 
@@ -35,9 +37,10 @@ from pathlib import Path
 
 import torch
 
-from wan_i2v.loading import checkpoint as ckpt
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from wan_i2v.loading import checkpoint as ckpt  # noqa: E402
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight."
 # name -> (size, GPU GiB, host GiB, drop the page cache first)
 ROWS = {
@@ -70,9 +73,15 @@ def disk_read_rate(path: Path) -> float | None:
     return path.stat().st_size / (time.perf_counter() - started) / 1e9
 
 
-def warm(paths) -> None:
+def warm(paths, group: Path | None) -> None:
+    """Read the checkpoint through the page cache from inside the row's cgroup: its pages are charged
+    to the group, so the cache then holds what a machine of that size keeps of it after one read."""
     for path in paths:
-        subprocess.run(["cat", str(path)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cat", str(path)], check=True, stdout=subprocess.DEVNULL, preexec_fn=_joiner(group))
+
+
+def _joiner(group: Path | None):
+    return (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group is not None else None
 
 
 def checkpoint_files(root: Path) -> list[Path]:
@@ -128,24 +137,24 @@ def cgroup_for(name: str, host_gib: float) -> Path | None:
     return group
 
 
-def run_row(name: str, args, image: Path) -> dict:
+def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     size, gpu, host, cold = ROWS[name]
     out = args.work / f"{name}.mp4"
     latents = args.work / f"{name}.latents.pt"
     for path in (out, latents):
         path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(args.ckpt), "--image", str(image), "--prompt", PROMPT,
-               "--size", size, "--distilled", "--seed", "0", "--gpu-memory", str(gpu), "--host-memory", str(host),
-               "--save-file", str(out), "--save-latents", str(latents)]  # fmt: skip
-    dry = subprocess.run(command + ["--dry-run"], capture_output=True, text=True)
+               "--distilled", "--seed", "0", "--host-memory", str(host), "--save-file", str(out), "--save-latents", str(latents)]  # fmt: skip
+    command += ["--size", "64*96", "--frame-num", "9", "--device", "cpu"] if args.tiny else ["--size", size, "--gpu-memory", str(gpu)]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    dry = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, env=environment)
     estimate = {"plan": _line(dry.stdout, "plan:"), "gpu": _gib(_line(dry.stdout, "memory:")), "host": _gib(_line(dry.stdout, "host memory:"))}
-    if cold:
-        drop_caches()
     group = cgroup_for(name, host)
-    environment = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    drop_caches()  # each row starts from what its own machine size holds: nothing, or (not cold) what one read left
+    if not cold:
+        warm(files, group)
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
-                            preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None)  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, preexec_fn=_joiner(group))
     sampler = Sampler(proc.pid)
     sampler.start()
     stdout, stderr = proc.communicate()
@@ -160,7 +169,7 @@ def run_row(name: str, args, image: Path) -> dict:
     if proc.returncode != 0:
         row["error"] = stderr.strip().splitlines()[-3:]
         return row
-    timings = dict((stage, float(seconds)) for stage, seconds in re.findall(r"([a-z ]+) ([\d.]+)s", _line(stderr, "time:")))
+    timings = {stage.strip(): float(seconds) for stage, seconds in re.findall(r"([a-z ]+) ([\d.]+)s", _line(stderr, "time:").partition(":")[2])}
     row["timings"] = timings
     row["loading_s"] = timings.get("loading")
     steps = re.search(r"first step ([\d.]+)s, then ([\d.]+)s a step", stderr)
@@ -168,6 +177,7 @@ def run_row(name: str, args, image: Path) -> dict:
     first = re.search(r"first step done ([\d.]+)s after start", stderr)
     row["time_to_first_step_s"] = float(first.group(1)) if first else None
     row["gpu_peak_gib"] = _gib(_line(stderr, "peak GPU memory:"))
+    row["gpu_stage_peaks"] = _line(stderr, "peak GPU memory:").partition("(")[2].rstrip(")")
     row["latents"] = str(latents)
     return row
 
@@ -187,13 +197,18 @@ def main():
     parser.add_argument("--work", type=Path, default=Path("/tmp/wan-tiers"))
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true", help="a check of this script on the CPU with the tiny checkpoint, not a measurement")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name(), "rows": {}}  # fmt: skip
+              "device": "cpu" if args.tiny else torch.cuda.get_device_name(), "rows": {}}  # fmt: skip
     if args.json and args.json.is_file():
         report = json.loads(args.json.read_text())  # a run split over several calls adds its rows
         report["command"] += " ; " + " ".join(sys.argv)
+    if args.tiny and not (args.ckpt / ckpt.TOKENIZER_DIR).is_dir():
+        from wan_i2v.tiny import write_tiny_checkpoint
+
+        write_tiny_checkpoint(args.ckpt)
     if not (args.ckpt / ckpt.TOKENIZER_DIR).is_dir():
         sys.path.insert(0, str(ROOT / "bench"))
         from multi_gpu import write_random_checkpoint
@@ -210,8 +225,7 @@ def main():
 
     demo_image().resize((1280, 720)).save(image)
     for name in args.rows:
-        warm(files)  # every row but the cold ones starts with the checkpoint in the page cache
-        row = run_row(name, args, image)
+        row = run_row(name, args, image, files)
         reference = report["rows"].get("default", {}).get("latents")
         if row.get("latents") and reference and name != "480p":
             row["latents_equal_default"] = bool(torch.equal(torch.load(row["latents"])["latents"], torch.load(reference)["latents"]))
@@ -222,12 +236,12 @@ def main():
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
     resident = report["rows"].get("default", {}).get("step_s")
-    print("\nrow | plan | wall | loading | first step at | s/step (vs default) | GPU peak / est | host peak / est | cgroup peak | latents")
+    print("\nrow | plan | wall | loading | first step at | s/step (vs default) | GPU peak / est | host peak / est | latents")
     for name, row in report["rows"].items():
         ratio = f" ({row['step_s'] / resident:.3f})" if resident and row.get("step_s") else ""
         print(f"{name} | {row.get('plan')} | {row['wall_s']:.1f} | {row.get('loading_s')} | {row.get('time_to_first_step_s')} | {row.get('step_s')}{ratio} | "
               f"{row.get('gpu_peak_gib')} / {row.get('gpu_estimate_gib')} | {row['host_peak_gib']:.1f} / {row.get('host_estimate_gib')} | "
-              f"{row.get('cgroup_peak_gib')} | {row.get('latents_equal_default', row.get('error'))}")  # fmt: skip
+              f"{row.get('latents_equal_default', row.get('error'))}")  # fmt: skip
 
 
 if __name__ == "__main__":

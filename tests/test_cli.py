@@ -265,12 +265,19 @@ def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "plan: 4 GPUs, CFG parallel 2, Ulysses 2; both experts on the GPU, text encoder sharded; on CPU processes"
     assert re.match(r"memory: peak .* GiB per GPU \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\)", lines[1])
-    assert lines[2] == "video: 96x64, 9 frames, 72 tokens per DiT forward"
+    assert re.match(r"host memory: peak .* GiB on this machine \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\) \(of .* GiB\)", lines[2])
+    assert lines[3] == "video: 96x64, 9 frames, 72 tokens per DiT forward"
     assert not out.exists()
-    # Too little memory per GPU: the plan shards, and says that even so it does not fit.
-    assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dry-run", "--gpu-memory", "0.0001") == 0
-    text = capsys.readouterr().out
-    assert "experts and text encoder sharded (FSDP), the shards in host memory" in text and "warning: the estimate does not fit" in text
+    # Too little host memory for any plan: the plan that needs the least, then the machine it needs, exit 2.
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dry-run", "--host-memory", "0.5") == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("plan: 2 GPUs") and "host memory: peak" in captured.out and "(of 0.5 GiB)" in captured.out
+    error = captured.err.strip()
+    assert re.fullmatch(r"wan-i2v: error: this video needs a machine with at least \d+ GiB of host memory; planned for 0 GiB of host memory "
+                        r"\(use a smaller --size, fewer --frame-num, or give --gpu-memory/--host-memory if more is free\)", error), error
+    # The run refuses it the same way, before loading anything.
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--host-memory", "0.5") == 2
+    assert capsys.readouterr().err.strip() == error and not out.exists()
     # A forced plan.
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--ulysses", "4", "--fsdp", "--dry-run") == 0
     assert capsys.readouterr().out.startswith("plan: 4 GPUs, no CFG parallel, Ulysses 4; experts and text encoder sharded (FSDP); on CPU processes")
@@ -291,7 +298,8 @@ def test_dry_run_shows_the_plan_then_the_refusal_the_run_would_give(tiny_checkpo
 def test_dry_run_without_a_checkpoint_plans_for_the_official_model(image_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
-    args = ["generate", "--image", str(image_file), "--prompt", "x", "--device", "cpu", "--dtype", "bf16", "--gpus", "2", "--gpu-memory", "48", "--dry-run"]
+    args = ["generate", "--image", str(image_file), "--prompt", "x", "--device", "cpu", "--dtype", "bf16", "--gpus", "2", "--gpu-memory", "48",
+            "--host-memory", "64", "--dry-run"]  # fmt: skip
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "plan: 2 GPUs" in text and "FSDP" in text and "warning" not in text
@@ -306,10 +314,13 @@ def test_dry_run_on_a_machine_without_a_gpu_plans_for_gpus(image_file, tmp_path,
     text = capsys.readouterr().out
     # bf16 experts (26.6 GiB each) resident on one 80 GB card; fp32 ones (53 GiB each) would not fit.
     assert text.startswith("plan: 1 GPU; both experts on the GPU; on a GPU\n") and "warning" not in text
-    assert main([*base, "--gpus", "2", "--gpu-memory", "22"]) == 0
+    # 2 x 22 GB: sharded with the shards pinned in host memory where the host has room for them, else
+    # every block streamed from the checkpoint.
+    assert main([*base, "--gpus", "2", "--gpu-memory", "22", "--host-memory", "128"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("plan: 2 GPUs, CFG parallel 2, Ulysses 1; experts and text encoder sharded (FSDP), the shards in host memory; on GPUs")
-    assert "warning" not in text
+    assert main([*base, "--gpus", "2", "--gpu-memory", "22", "--host-memory", "64"]) == 0
+    assert capsys.readouterr().out.startswith("plan: 2 GPUs, CFG parallel 2, Ulysses 1; expert blocks streamed from the checkpoint; on GPUs")
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,13 @@
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 
 import av
 import pytest
+import torch
 from PIL import Image
 
 from wan_i2v.cli import main
@@ -231,18 +233,51 @@ def test_with_no_gpu_the_real_model_is_refused_unless_the_cpu_is_asked_for(image
     assert "hours" not in capsys.readouterr().err
 
 
-def test_fp8_and_offload_on_the_cpu_say_they_do_nothing(tiny_checkpoint, image_file, tmp_path, capsys):
-    plain, flagged = tmp_path / "plain.mp4", tmp_path / "flagged.mp4"
-    assert run(tiny_checkpoint, image_file, "--seed", "5", "--save-file", str(plain)) == 0
+def test_fp8_on_the_cpu_says_it_does_nothing_and_offload_streams_from_the_files(tiny_checkpoint, image_file, tmp_path, capsys):
+    plain, flagged, streamed = tmp_path / "plain.mp4", tmp_path / "flagged.mp4", tmp_path / "streamed.mp4"
+    assert run(tiny_checkpoint, image_file, "--seed", "5", "--save-file", str(plain), "--save-latents", str(tmp_path / "plain.pt")) == 0
     capsys.readouterr()
-    assert run(tiny_checkpoint, image_file, "--seed", "5", "--save-file", str(flagged), "--fp8", "--offload", "blocks") == 0
-    err = capsys.readouterr().err
-    assert "warning: --fp8 does nothing on the CPU" in err and "warning: --offload does nothing on the CPU" in err
+    assert run(tiny_checkpoint, image_file, "--seed", "5", "--save-file", str(flagged), "--fp8") == 0
+    assert "warning: --fp8 does nothing on the CPU" in capsys.readouterr().err
     assert flagged.read_bytes() == plain.read_bytes()  # ignored, not half-applied
+    # Streamed from the checkpoint, on the CPU too: the experts wait in the files, not in host memory.
+    for mode in ("blocks", "experts"):
+        assert run(tiny_checkpoint, image_file, "--seed", "5", "--save-file", str(streamed), "--offload", mode, "--save-latents", str(tmp_path / "s.pt")) == 0
+        assert torch.equal(torch.load(tmp_path / "s.pt")["latents"], torch.load(tmp_path / "plain.pt")["latents"])
+        streamed.unlink()
     # A dry run shows the plan the run would follow.
     assert run(tiny_checkpoint, image_file, "--save-file", str(tmp_path / "dry.mp4"), "--fp8", "--offload", "blocks", "--dry-run") == 0
     out, err = capsys.readouterr()
-    assert "warning: --fp8 does nothing on the CPU" in err and "FP8" not in out and "offload" not in out.lower(), out
+    assert "warning: --fp8 does nothing on the CPU" in err and "FP8" not in out and "expert blocks streamed from the checkpoint" in out, out
+
+
+def test_a_host_too_small_for_the_experts_streams_them_and_gives_the_same_video(tiny_checkpoint, image_file, tmp_path, capsys, monkeypatch):
+    """The planner puts the experts where the host's memory allows: given less than the resident plan
+    needs, the blocks stream from the checkpoint's files (the disk tier), and the latents are the same."""
+    from wan_i2v.parallel import plan
+
+    # The tiny model's weights are KiBs: without the process's own fixed share the tiers differ at that scale.
+    monkeypatch.setattr(plan, "HOST_PROCESS_CPU", 0)
+    monkeypatch.setattr(plan, "TEXT_ACTIVATIONS", 0)
+    from wan_i2v.config import parse_size, video_size
+    from wan_i2v.session import RunOptions, plan_for
+
+    height, width = video_size(80, 120, parse_size("64*96")[0])
+
+    def host_bytes(offload):
+        options = RunOptions(ckpt_dir=tiny_checkpoint, device="cpu", offload=offload)
+        return plan_for(options, height=height, width=width, frame_num=5, device="cpu", world=1, ckpt_dir=tiny_checkpoint).host.total
+
+    resident, streaming = host_bytes(None), host_bytes("blocks")
+    assert streaming < resident
+    base = ["--seed", "5"]
+    cap = f"{(streaming + resident) / 2 / 0.9 / 2**30:.12f}"  # between the two, past the planner's 10% headroom
+    assert run(tiny_checkpoint, image_file, *base, "--host-memory", cap, "--save-file", str(tmp_path / "b.mp4"), "--dry-run") == 0
+    assert re.match(r"plan: 1 GPU; (one expert on the GPU at a time, streamed in|expert blocks streamed) from the checkpoint", capsys.readouterr().out)
+    assert run(tiny_checkpoint, image_file, *base, "--save-file", str(tmp_path / "a.mp4"), "--save-latents", str(tmp_path / "a.pt")) == 0
+    assert run(tiny_checkpoint, image_file, *base, "--host-memory", cap, "--save-file", str(tmp_path / "b.mp4"), "--save-latents", str(tmp_path / "b.pt")) == 0
+    assert "streamed in from the checkpoint, to fit in memory" in capsys.readouterr().err
+    assert torch.equal(torch.load(tmp_path / "a.pt")["latents"], torch.load(tmp_path / "b.pt")["latents"])
 
 
 def test_the_summary_has_the_loading_time_and_loading_shows_progress(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):

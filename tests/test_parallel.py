@@ -7,6 +7,7 @@ process start-up is paid once; the single-process references are computed in thi
 
 import math
 import os
+import re
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from wan_i2v.errors import WanError
 from wan_i2v.models.vae import CausalConv3d, Resample, VAEConfig, WanVAE
 from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
 from wan_i2v.parallel.launch import RankFailed, launch
-from wan_i2v.parallel.plan import GiB, Placement, choose_plan, estimate_memory, model_sizes
+from wan_i2v.parallel.plan import GiB, Placement, choose_plan, estimate_host_memory, estimate_memory, machine_needed, model_sizes
 from wan_i2v.parallel.vae import decode_tiled, encode_tiled, encoder_halo, spatial_halo
 from wan_i2v.tiny import randomize_
 from wan_i2v.video import demo_image
@@ -258,23 +259,36 @@ def test_a_failing_rank_ends_the_run_with_its_error(kind):
 def test_plan_choice_and_validation():
     sizes = model_sizes(None)  # the official model: 40 heads, 2 experts of 14B, umT5-XXL
     shape = dict(tokens=21 * 45 * 80, pixels=1280 * 720)
-    # 2x48 GB: the experts only fit sharded, and with the text encoder and the VAE's transients
-    # only with the shards in host memory (measured: CFG parallel + FSDP ran out of memory under 48).
-    dims, placement, estimate, fits = choose_plan(2, sizes, gpu_bytes=48 * GiB, **shape)
-    assert fits and (dims.cfg, dims.ulysses, placement) == (2, 1, Placement(fsdp=True, offload="experts"))
-    assert choose_plan(2, sizes, gpu_bytes=22 * GiB, **shape)[1:4:2] == (Placement(True, "experts"), True)
-    dims, placement, _, fits = choose_plan(2, sizes, gpu_bytes=80 * GiB, **shape)
-    assert fits and (dims.cfg, placement) == (2, Placement(fsdp=True))  # 80 GB: sharded on the GPU
-    dims, placement, _, fits = choose_plan(8, sizes, gpu_bytes=141 * GiB, **shape)
-    assert fits and (dims.cfg, dims.ulysses, placement) == (2, 4, Placement())  # enough memory: unsharded
+    # 2x48 GB: both experts fit no GPU, but one at a time does, beside CFG parallel's activations;
+    # the arriving expert streams from the checkpoint, so host memory holds a few blocks per rank.
+    choice = choose_plan(2, sizes, gpu_bytes=48 * GiB, **shape)
+    assert choice.fits and (choice.dims.cfg, choice.dims.ulysses, choice.placement) == (2, 1, Placement(offload="experts"))
+    # The seed's machine (2 x 48 GB, 64 GB of RAM) runs it: two processes, each a staging ring of 3 fp32 blocks.
+    seed = choose_plan(2, sizes, gpu_bytes=48 * GiB, host_bytes=64 * GiB, **shape)
+    assert seed.fits and seed.placement == Placement(offload="experts") and seed.host.total < 20 * GiB, seed.host.describe()
+    # 22 GB: only sharded, with the shards pinned in host memory (1.5x their 32 GiB per rank), or, on a machine
+    # without that much host memory, with every block streamed from the checkpoint.
+    assert choose_plan(2, sizes, gpu_bytes=22 * GiB, **shape).placement == Placement(True, "experts")
+    small = choose_plan(2, sizes, gpu_bytes=22 * GiB, host_bytes=64 * GiB, **shape)
+    assert small.fits and small.placement == Placement(offload="blocks")
+    assert estimate_host_memory(ParallelDims(2, 1, True), sizes, small.estimate, pixels=shape["pixels"], offload="experts").total > 64 * GiB
+    choice = choose_plan(2, sizes, gpu_bytes=80 * GiB, **shape)
+    assert choice.fits and (choice.dims.cfg, choice.placement) == (2, Placement(fsdp=True))  # 80 GB: sharded on the GPU
+    choice = choose_plan(8, sizes, gpu_bytes=141 * GiB, **shape)
+    assert choice.fits and (choice.dims.cfg, choice.dims.ulysses, choice.placement) == (2, 4, Placement())  # enough memory: unsharded
     # One GPU: both experts fit an 80 GB card (measured 68.9 GiB), one at a time a 48 GB one, streamed blocks a 24 GB one.
-    assert choose_plan(1, sizes, gpu_bytes=80 * GiB, **shape)[1:4:2] == (Placement(), True)
-    assert choose_plan(1, sizes, gpu_bytes=48 * GiB, **shape)[1:4:2] == (Placement(offload="experts"), True)
-    assert choose_plan(1, sizes, gpu_bytes=24 * GiB, tokens=21 * 30 * 52, pixels=832 * 480)[1:4:2] == (Placement(offload="blocks"), True)
+    assert (choose_plan(1, sizes, gpu_bytes=80 * GiB, **shape).placement, choose_plan(1, sizes, gpu_bytes=80 * GiB, **shape).fits) == (Placement(), True)
+    assert choose_plan(1, sizes, gpu_bytes=48 * GiB, host_bytes=40 * GiB, **shape).placement == Placement(offload="experts")
+    assert choose_plan(1, sizes, gpu_bytes=24 * GiB, host_bytes=16 * GiB, tokens=21 * 30 * 52, pixels=832 * 480).placement == Placement(offload="blocks")
     # FSDP's host offload keeps no weights on the GPU outside the loop but the VAE.
     stages = estimate_memory(ParallelDims(2, 1, True), sizes, offload="experts", **shape).stages
     assert stages["decoding"] < stages["image encoding"] < 16 * GiB
-    assert choose_plan(4, sizes, gpu_bytes=None, **shape)[:2] == (ParallelDims(2, 2, False), Placement())
+    choice = choose_plan(4, sizes, gpu_bytes=None, **shape)
+    assert (choice.dims, choice.placement) == (ParallelDims(2, 2, False), Placement())
+    # Nothing fits: the plan that needs the least, and the machine it needs.
+    tight = choose_plan(1, sizes, gpu_bytes=12 * GiB, host_bytes=4 * GiB, **shape)
+    assert not tight.fits and tight.placement == Placement(offload="blocks")
+    assert re.fullmatch(r"1 GPU of \d+ GiB and \d+ GiB of host memory", machine_needed(tight)), machine_needed(tight)
     from wan_i2v.errors import on_the_command_line
 
     with on_the_command_line():  # the CLI's spelling; from Python, the keywords'

@@ -26,14 +26,40 @@ def _home() -> Path:
 DECODE_DTYPE_HELP = "the VAE decode's precision: fp32 as the official code (default), or bf16: about twice as fast in half the memory, ~1e-2 from fp32"
 
 
-def _print_summary(result, path: Path, loading_seconds: float) -> None:
+def _print_summary(result, path: Path, loading_seconds: float, steps: "StepClock | None" = None) -> None:
     timings = {"loading": loading_seconds, **result.timings}
     stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items())
     print(f"time: {stages}; total {sum(timings.values()):.1f}s", file=sys.stderr)
+    if steps is not None and steps.ends:
+        print(steps.describe(result.timings), file=sys.stderr)
     if result.peak_memory_gb is not None:
-        print(f"peak GPU memory: {result.peak_memory_gb:.1f} GiB", file=sys.stderr)
+        stages = ", ".join(f"{stage} {peak:.1f}" for stage, peak in result.stage_peaks_gb.items())
+        print(f"peak GPU memory: {result.peak_memory_gb:.1f} GiB ({stages} GiB)", file=sys.stderr)
     print(f"seed: {result.settings.seed}", file=sys.stderr)
     print(path)
+
+
+# When this process started: the summary says how long the first denoising step took to come.
+STARTED = time.perf_counter()
+
+
+class StepClock:
+    """When each denoising step ended: the time from the start to the first step, and the steps' pace
+    (the first step also compiles the blocks)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.ends: list[float] = []
+
+    def __call__(self, step) -> None:
+        self.ends.append(time.perf_counter())
+
+    def describe(self, timings: dict) -> str:
+        denoising = self.started + timings.get("text encoding", 0) + timings.get("image encoding", 0)
+        text = f"steps: first step done {self.ends[0] - STARTED:.1f}s after start (first step {self.ends[0] - denoising:.1f}s"
+        if len(self.ends) > 1:
+            text += f", then {(self.ends[-1] - self.ends[0]) / (len(self.ends) - 1):.2f}s a step"
+        return text + ")"
 
 
 def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool,
@@ -46,6 +72,7 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
     from wan_i2v.video import write_mp4
 
     started = time.time()
+    clock = StepClock()
     try:
         result = session.generate(
             image,
@@ -61,6 +88,7 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
             progress=not args.quiet,
             latents_file=latents_file,
             state_file=state_file,
+            on_step=clock,
         )
     except BaseException as exc:
         saved = latents_file is not None and latents_file.is_file() and latents_file.stat().st_mtime >= started
@@ -76,7 +104,7 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
         latents_file.unlink(missing_ok=True)
     if state_file is not None:
         state_file.unlink(missing_ok=True)
-    _print_summary(result, save_file, loading_seconds)
+    _print_summary(result, save_file, loading_seconds, clock)
     return result
 
 
@@ -115,10 +143,11 @@ def _explain(planned, video, args) -> None:
     gpu_bytes = planned.gpu_bytes
     budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else " (no GPU memory given: --gpu-memory GiB plans for a card)"
     print(f"memory: {planned.estimate.describe()}{budget}")
+    if planned.host is not None:
+        host_budget = f" (of {planned.host_bytes / GiB:.1f} GiB)" if planned.host_bytes is not None else " (no host memory given: --host-memory GiB plans for a machine)"
+        print(f"host memory: {planned.host.describe('on this machine')}{host_budget}")
     print(f"video: {width}x{height}, {args.frame_num} frames, {tokens} tokens per DiT forward")
     print(f"numerics: {planned.plan.describe_numerics()}")
-    if not planned.fits:
-        print("warning: the estimate does not fit; try more GPUs, a smaller --size or fewer --frame-num")
 
 
 @contextmanager
@@ -212,7 +241,7 @@ def _run_options(args):
     return RunOptions(
         ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype, split_encode=args.split_encode,
         offload=args.offload, fsdp=args.fsdp, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fp8=args.fp8,
-        compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory, progress=not getattr(args, "quiet", False),
+        compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory, host_memory=args.host_memory, progress=not getattr(args, "quiet", False),
     )  # fmt: skip
 
 
@@ -243,20 +272,32 @@ def _run_device(asked: str | None, ckpt_dir: Path) -> str:
 
 
 def _checked_plan(options, device: str, plan_with):
-    """``plan_with(options)``, its refusal raised. Then, on the CPU, --fp8 and --offload, which would
-    only slow the run there (FP8 emulated, host-to-host copies), are dropped with a word."""
+    """``plan_with(options)``, its refusals raised (a combination refused, a video that fits nowhere).
+    On the CPU, --fp8, which would only slow the run there (FP8 emulated), is dropped with a word;
+    --offload holds there too: the experts then stay in the checkpoint's files, not in host memory."""
     from dataclasses import replace
 
+    if device == "cpu" and options.fp8:
+        warnings.warn("--fp8 does nothing on the CPU (FP8 matmuls need an NVIDIA GPU); ignored")
+        options = replace(options, fp8=False)
     planned = plan_with(options)
     planned.plan.check()
-    if device != "cpu" or not (options.fp8 or options.offload):
-        return options, planned
-    if options.fp8:
-        warnings.warn("--fp8 does nothing on the CPU (FP8 matmuls need an NVIDIA GPU); ignored")
-    if options.offload:
-        warnings.warn("--offload does nothing on the CPU (the weights are in host memory already); ignored")
-    options = replace(options, fp8=False, offload=None)
-    return options, plan_with(options)
+    _check_fits(planned)
+    return options, planned
+
+
+def _check_fits(planned) -> None:
+    refusal = planned.refusal()
+    if refusal is not None:
+        raise refusal
+
+
+def _keep_compiled_code() -> None:
+    """The compiled blocks' code is kept beside the model cache (a pod's persistent volume), not in
+    /tmp, so that a new process, even after a restart, finds it instead of compiling for a minute."""
+    compiled = _home() / "compiled"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compiled / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(compiled / "triton"))
 
 
 def cmd_generate(args) -> int:
@@ -289,6 +330,10 @@ def cmd_generate(args) -> int:
         if not args.dry_run:
             raise
         ckpt_dir = None  # a dry run plans for the official model's shapes
+    if not args.dry_run:
+        from wan_i2v.loading.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(ckpt_dir)
     # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
     device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir)
     world = runs.world_size(options, device, planning_only=args.dry_run)
@@ -298,7 +343,7 @@ def cmd_generate(args) -> int:
     launching = world > 1 and not launched() and not args.dry_run
     def plan_with(options):
         return runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
-                             ckpt_dir=ckpt_dir, query_gpu=not launching)  # fmt: skip
+                             ckpt_dir=ckpt_dir, query_gpu=not launching, spawned=world > 1 and not launched())  # fmt: skip
 
     shape = (height, width, dit_tokens(args.frame_num, height, width))
     try:
@@ -310,6 +355,7 @@ def cmd_generate(args) -> int:
     if args.dry_run:
         _explain(planned, shape, args)  # as the run would go (on the CPU without --fp8 and --offload)
         return 0
+    _keep_compiled_code()
     loading_started = time.perf_counter()
     with (
         _exclusive(save_file) if _is_main() else nullcontext(),
@@ -318,7 +364,8 @@ def cmd_generate(args) -> int:
     ):  # fmt: skip
         placement = session.planned.plan.placement  # the ranks' plan, for their GPUs' memory
         if (placement.offload != options.offload or placement.fsdp != options.fsdp) and _is_main():
-            print(f"wan-i2v: {placement.describe(session.planned.plan.dims)}, to fit in the GPU's memory ({session.planned.estimate.describe()})", file=sys.stderr)
+            host = f"; host: {session.planned.host.describe('on this machine')}" if session.planned.host is not None else ""
+            print(f"wan-i2v: {placement.describe(session.planned.plan.dims)}, to fit in memory ({session.planned.estimate.describe()}{host})", file=sys.stderr)
         _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
              keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=save_file.with_suffix(".state.pt"))  # fmt: skip
     return 0
@@ -352,7 +399,8 @@ def cmd_serve(args) -> int:
     height, width = video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
     options, planned = _checked_plan(options, device, lambda options: runs.plan_for(
         options, height=height, width=width, frame_num=args.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
-        query_gpu=world == 1 or launched()))  # fmt: skip
+        query_gpu=world == 1 or launched(), spawned=world > 1 and not launched()))  # fmt: skip
+    _keep_compiled_code()
 
     def open_session():
         return runs.RunSession.open(options, planned=planned, height=height, width=width, frame_num=args.frame_num)
@@ -464,7 +512,7 @@ def run_options(p) -> None:
     p.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
     p.add_argument("--offload", nargs="?", const="experts", choices=["experts", "blocks"], default=None,
                    help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
-                        "blocks: each expert's blocks streamed from host memory, for 24-48 GB cards (default: chosen to fit the GPU's memory)")
+                        "blocks: each expert's blocks streamed from the checkpoint, for 24-48 GB cards (default: chosen to fit the GPU's and the host's memory)")
     p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]", help="a LoRA .safetensors for both experts (strength 1 unless given); repeat for more, applied in order")
     p.add_argument("--lora-high", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the high-noise expert only")
     p.add_argument("--lora-low", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the low-noise expert only")
@@ -481,7 +529,10 @@ def run_options(p) -> None:
     par.add_argument("--ulysses", type=int, default=None, metavar="U", help="force the plan: sequence parallel degree (divides the heads)")
     par.add_argument("--cfg-parallel", action="store_true", help="force the plan: guidance passes on two halves of the GPUs")
     par.add_argument("--fsdp", action="store_true", help="force the plan: shard experts and text encoder over all GPUs")
-    par.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="plan for this much memory per GPU (default: the GPU's)")
+    par.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                     help="plan for this much memory per GPU, and use no more (default: the GPU's)")
+    par.add_argument("--host-memory", type=float, default=None, metavar="GiB",
+                     help="plan for this much host memory on this machine (default: what it has available; the page cache it would take back counts)")
     par.add_argument("--split-encode", action="store_true",
                      help="split the VAE encode over the GPUs (0.8 s less at 720P on two H200s); the video then differs from one GPU's "
                           "by rounding (default: off, the same video as one GPU to the bit)")  # fmt: skip

@@ -18,7 +18,17 @@ from torch import nn
 
 from wan_i2v.errors import WanError, command_line, option
 from wan_i2v.loading.lora import Loras
-from wan_i2v.parallel.plan import MemoryEstimate, ModelSizes, ParallelDims, Placement, estimate_memory, make_plan
+from wan_i2v.parallel.plan import (
+    GiB,
+    MemoryEstimate,
+    ModelSizes,
+    ParallelDims,
+    Placement,
+    estimate_host_memory,
+    estimate_memory,
+    machine_needed,
+    make_plan,
+)
 
 
 class Offload(enum.Enum):
@@ -160,6 +170,10 @@ class ExecutionPlan:
             decode_bytes=self.decode_dtype.itemsize, encode_bytes=self.encode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
         )  # fmt: skip
 
+    def estimate_host(self, sizes: ModelSizes, *, tokens: int, pixels: int, frames: int, spawned: bool = False) -> MemoryEstimate:
+        return estimate_host_memory(self.dims, sizes, self.estimate(sizes, tokens=tokens, pixels=pixels), pixels=pixels, frames=frames,
+                                    offload=self.offload.flag, on_gpu=self.on_gpu, spawned=spawned)  # fmt: skip
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))
@@ -178,12 +192,29 @@ INCOMPATIBLE: tuple[tuple[Callable[[ExecutionPlan], bool], Callable[[], str], Ca
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """A plan for a video of a given shape: the plan, its per-GPU memory estimate, and whether that fits."""
+    """A plan for a video of a given shape: the plan, its per-GPU and host memory estimates, and whether they fit."""
 
     plan: ExecutionPlan
     estimate: MemoryEstimate
     fits: bool
     gpu_bytes: int | None  # the per-GPU memory planned for (None: no limit)
+    host: MemoryEstimate | None = None  # the machine's host memory at each stage
+    host_bytes: int | None = None  # the host memory planned for (None: no limit)
+    needed: str = ""  # the smallest machine the plan fits, in words (when it does not fit this one)
+    capped: bool = False  # gpu_bytes was given (--gpu-memory): the run's allocator is held to it
+
+    def refusal(self) -> WanError | None:
+        """The one-line error of a run that fits nowhere on this machine (None: it fits)."""
+        if self.fits:
+            return None
+        have = []
+        if self.gpu_bytes is not None and self.plan.on_gpu:
+            have.append(f"{self.gpu_bytes / GiB:.0f} GiB per GPU")
+        if self.host_bytes is not None:
+            have.append(f"{self.host_bytes / GiB:.0f} GiB of host memory")
+        return WanError(f"this video needs a machine with at least {self.needed}; planned for {' and '.join(have) or 'no limit'}",
+                        f"use a smaller {option('size')}, fewer {option('frame_num')}" + (f", more {option('gpus')}" if self.plan.on_gpu else "")
+                        + f", or give {option('gpu_memory')}/{option('host_memory')} if more is free")  # fmt: skip
 
 
 def plan_run(
@@ -194,23 +225,28 @@ def plan_run(
     tokens: int,
     pixels: int,
     gpu_bytes: int | None,
+    host_bytes: int | None = None,
+    frames: int = 81,
     ulysses: int | None = None,
     cfg_parallel: bool = False,
     fsdp: bool = False,
     offload: Offload | None = None,
     guided: bool = True,
+    spawned: bool = False,
+    capped: bool = False,
 ) -> PlannedRun:
     """``base`` with its parallel layout and placement decided: what the user forced (``ulysses``,
     ``cfg_parallel``, ``fsdp``, ``offload``; None: choose), the rest the fastest that fits in
-    ``gpu_bytes`` per GPU; without guidance (``guided`` false: scale 1, one pass per step) every GPU
-    goes to Ulysses. The refusals are checked by the caller (``--dry-run`` prints them)."""
-    dims, placement, estimate, fits = make_plan(
+    ``gpu_bytes`` per GPU and ``host_bytes`` of host memory; without guidance (``guided`` false:
+    scale 1, one pass per step) every GPU goes to Ulysses. The refusals are checked by the caller
+    (``--dry-run`` prints them)."""
+    choice = make_plan(
         gpus, sizes, ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp, offload=None if offload is None else offload.flag,
-        gpu_bytes=gpu_bytes, tokens=tokens, pixels=pixels, decode_bytes=base.decode_dtype.itemsize, encode_bytes=base.encode_dtype.itemsize,
-        keep_text_encoder=base.keep_text_encoder, guided=guided,
+        gpu_bytes=gpu_bytes, host_bytes=host_bytes, tokens=tokens, pixels=pixels, frames=frames, decode_bytes=base.decode_dtype.itemsize,
+        encode_bytes=base.encode_dtype.itemsize, keep_text_encoder=base.keep_text_encoder, guided=guided, on_gpu=base.on_gpu, spawned=spawned,
     )  # fmt: skip
-    plan = replace(base, dims=dims, offload=Offload.parse(placement.offload))
-    return PlannedRun(plan, estimate, fits, gpu_bytes)
+    plan = replace(base, dims=choice.dims, offload=Offload.parse(choice.placement.offload))
+    return PlannedRun(plan, choice.estimate, choice.fits, gpu_bytes, choice.host, host_bytes, machine_needed(choice, base.on_gpu), capped)
 
 
 # -- the transforms of an expert, in order -----------------------------------------------------------

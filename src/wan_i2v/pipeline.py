@@ -176,9 +176,7 @@ class I2VPipeline:
         the meta device first with FSDP, so each rank reads only its rows) and filled, or, when its
         blocks stream (``--offload``), left in the checkpoint's files with only its embeddings and
         head on the device. ``progress``: a bar over the four parts (minutes for the real model)."""
-        root = Path(ckpt_dir)
-        if not root.is_dir():
-            raise WanError(f"checkpoint directory not found: {root}", "check the path; `wan-i2v cache path` prints the cache's checkpoint")
+        root = ckpt.check_checkpoint_dir(Path(ckpt_dir))
         if plan.on_gpu and not torch.cuda.is_available():
             raise WanError("CUDA was asked for but no GPU is visible", f"use {option('device', 'cpu')}, or check the driver")
         check_kernel(plan.attention, plan.device)

@@ -47,7 +47,8 @@ class RunOptions:
     fp8: bool = False
     compile: bool = True  # where it helps: on a GPU
     attention: str | None = None
-    gpu_memory: float | None = None  # GiB per GPU to plan for; None: the GPU's
+    gpu_memory: float | None = None  # GiB per GPU to plan for (and the run's allocator cap); None: the GPU's
+    host_memory: float | None = None  # GiB of host memory to plan for; None: what the machine has available
     keep_text_encoder: bool = False
     guided: bool = True  # False: the videos run at guide scale 1 (one pass per step), so no GPU goes to CFG parallel
     loras: object = None  # {"high": [(path, strength), ...], "low": [...]} or a Loras: merged into the experts as they load
@@ -111,12 +112,38 @@ def world_size(options: RunOptions, device: str, *, planning_only: bool = False)
     return gpus
 
 
+def available_host_bytes() -> int | None:
+    """The host memory this process may use: the machine's available memory (free, plus the page
+    cache it can give back), within its cgroup's limit if one is set; None where neither can be read."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        group = Path("/proc/self/cgroup").read_text().splitlines()[-1].split(":", 2)[2]
+        limit = Path("/sys/fs/cgroup", group.lstrip("/"), "memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup", group.lstrip("/"), "memory.current").read_text())
+            # What the group holds of the page cache it can give back: count the limit, less what is in use but the cache.
+            stat = dict(line.split() for line in Path("/sys/fs/cgroup", group.lstrip("/"), "memory.stat").read_text().splitlines())
+            free = int(limit) - used + int(stat.get("file", 0))
+            available = free if available is None else min(available, free)
+    except (OSError, IndexError, ValueError):
+        pass
+    return available
+
+
 def plan_for(
-    options: RunOptions, *, height: int, width: int, frame_num: int, device: str, world: int, ckpt_dir: Path | None, query_gpu: bool = True
+    options: RunOptions, *, height: int, width: int, frame_num: int, device: str, world: int, ckpt_dir: Path | None, query_gpu: bool = True,
+    spawned: bool = False,
 ) -> PlannedRun:
     """The execution plan for videos of this shape: what ``options`` force, the rest chosen to fit
-    the GPUs' memory (``gpu_memory``, else the GPU's own when ``query_gpu``; else no limit). Shared
-    by the run, ``--dry-run`` and the benchmarks."""
+    the GPUs' memory (``gpu_memory``, else the GPU's own when ``query_gpu``; else no limit) and the
+    host's (``host_memory``, else what this machine has available). ``spawned``: this process will
+    start the ranks itself (and holds the video). Shared by the run, ``--dry-run`` and the benchmarks."""
     import torch
 
     from wan_i2v.config import dit_tokens
@@ -130,15 +157,28 @@ def plan_for(
         gpu_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
     else:
         gpu_bytes = None
+    host_bytes = int(options.host_memory * GiB) if options.host_memory is not None else available_host_bytes()
     base = ExecutionPlan.for_device(
         _device_type(device), dtype, attention=options.attention, compile=None if options.compile else False, fp8=options.fp8,
         decode_dtype=torch_dtype(options.decode_dtype, device), encode_dtype=torch_dtype(options.encode_dtype, device), split_encode=options.split_encode, keep_text_encoder=options.keep_text_encoder, loras=options.loras,
     )  # fmt: skip
     return plan_run(
-        base, sizes, gpus=world, tokens=dit_tokens(frame_num, height, width), pixels=height * width, gpu_bytes=gpu_bytes,
-        ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp,
-        offload=None if options.offload is None else Offload.parse(options.offload), guided=options.guided,
+        base, sizes, gpus=world, tokens=dit_tokens(frame_num, height, width), pixels=height * width, frames=frame_num, gpu_bytes=gpu_bytes,
+        host_bytes=host_bytes, ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp,
+        offload=None if options.offload is None else Offload.parse(options.offload), guided=options.guided, spawned=spawned,
+        capped=options.gpu_memory is not None,
     )  # fmt: skip
+
+
+def cap_gpu_memory(planned: PlannedRun, device) -> None:
+    """Hold the run's allocator to the GPU memory it was planned for (``gpu_memory``): a GPU shared with
+    other work keeps what the run was told to leave."""
+    import torch
+
+    if planned.gpu_bytes is None or not planned.capped or torch.device(device).type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, planned.gpu_bytes / total), device)
 
 
 def _device_type(device: str) -> str:
@@ -205,22 +245,28 @@ class RunSession:
         check_device(device)
         world = world_size(options, device)
         ckpt_dir = checkpoint_dir(options)
+        spawned = world > 1 and not launched()
         if planned is None:
             planned = plan_for(options, height=height, width=width, frame_num=frame_num, device=device, world=world,
-                               ckpt_dir=ckpt_dir, query_gpu=world == 1 or launched())  # fmt: skip
+                               ckpt_dir=ckpt_dir, query_gpu=world == 1 or launched(), spawned=spawned)  # fmt: skip
+            refusal = planned.refusal()
+            if refusal is not None:
+                raise refusal
         if launched():
             return RankSession(planned, ckpt_dir, device, options.progress)
         if world > 1:
             # This process does not touch CUDA: the ranks plan again for their GPUs' memory (rank 0's wins).
             replan = None
             if device.startswith("cuda") and options.gpu_memory is None:
-                replan = partial(plan_for, options, height=height, width=width, frame_num=frame_num, device=device, world=world, ckpt_dir=ckpt_dir)
+                replan = partial(plan_for, options, height=height, width=width, frame_num=frame_num, device=device, world=world, ckpt_dir=ckpt_dir,
+                                 spawned=True)  # fmt: skip
             return SpawnedSession(planned, ckpt_dir, device, replan, options.progress)
         import torch
 
         from wan_i2v.pipeline import I2VPipeline
 
         plan = replace(planned.plan, device=torch.device(device))
+        cap_gpu_memory(planned, plan.device)
         return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan, progress=options.progress))
 
     def generate(self, image, prompt: str, *, latents_file=None, cancel=None, on_step: Callable | None = None, **options):
@@ -277,6 +323,7 @@ def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str, replan=None, p
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     run_device = init_distributed(_device_type(device))
     planned = agree(replan() if replan is not None else planned, run_device)
+    cap_gpu_memory(planned, run_device)
     groups = ParallelGroups.build(planned.plan.dims, run_device)
     plan = replace(planned.plan, device=run_device)
     return planned, groups, I2VPipeline.load(ckpt_dir, plan, groups, progress=progress and groups.is_main)

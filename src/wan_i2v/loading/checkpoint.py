@@ -57,6 +57,13 @@ def _checkpoint_dir_of(path: Path) -> Path:
     return path.parent
 
 
+def check_checkpoint_dir(root: Path) -> Path:
+    """``root`` if it is a directory; else the one-line error (before any planning or loading)."""
+    if not Path(root).is_dir():
+        raise WanError(f"checkpoint directory not found: {root}", "check the path; `wan-i2v cache path` prints the cache's checkpoint")
+    return Path(root)
+
+
 def missing_file_error(path: Path, what: str) -> WanError:
     return WanError(f"{what} not found: {path}", checkpoint_hint(path))
 

@@ -104,6 +104,7 @@ class ModelSizes:
     ffn_dim: int
     num_heads: int
     vae_dim: int  # channels of the VAE's full-resolution stages
+    stored_block: int = 0  # one block as the checkpoint stores it (fp32 or bf16): a staging slot
 
 
 # Transient memory of each stage, in units measured on H100/H200 (docs/benchmarks.md), per GPU:
@@ -118,13 +119,22 @@ VAE_TILE_UNITS = 8.5  # split over the ranks, frame by frame, on this rank's til
 TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
 HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation and the estimate's roughness
 
+# Host memory of each process that cannot be reclaimed (anonymous and pinned; the checkpoint's pages
+# in the page cache are not counted, the kernel gives them back under pressure), measured on the
+# H200 (docs/benchmarks.md): Python, torch, the CUDA context, the compiled blocks' code.
+HOST_PROCESS = 3.0 * GiB
+HOST_PROCESS_CPU = 1.0 * GiB  # the same without CUDA
+HOST_SPAWNER = 1.0 * GiB  # the process that starts N ranks itself (--gpus N): torch without CUDA
+STAGING_DEPTH = 3  # slots of the staging ring, one block each: one read while one is copied up and one computes
+PINNED_ROUNDING = 1.5  # FSDP2's host offload pins each shard on its own, rounded up to a power of two (measured 48 GiB for 32)
+
 
 @dataclass(frozen=True)
 class Placement:
     """Where the weights live. ``fsdp``: the experts and the text encoder sharded over the ranks;
     ``offload``: None (on the GPU), ``"experts"`` (one expert at a time on the GPU; with FSDP: every
     shard in pinned host memory, each block gathered to the GPU as it runs) or ``"blocks"`` (one
-    GPU: each expert's blocks streamed from host memory)."""
+    GPU: each expert's blocks streamed from the checkpoint's files through a few pinned slots)."""
 
     fsdp: bool = False
     offload: str | None = None
@@ -132,15 +142,17 @@ class Placement:
     def describe(self, dims: ParallelDims) -> str:
         if self.fsdp:
             return "experts and text encoder sharded (FSDP)" + (", the shards in host memory" if self.offload else "")
-        experts = {None: "both experts on the GPU", "experts": "one expert on the GPU at a time",
-                   "blocks": "expert blocks streamed from host memory"}[self.offload]  # fmt: skip
+        experts = {None: "both experts on the GPU", "experts": "one expert on the GPU at a time, streamed in from the checkpoint",
+                   "blocks": "expert blocks streamed from the checkpoint"}[self.offload]  # fmt: skip
         return experts + (", text encoder sharded" if dims.shards_text_encoder(bool(self.offload)) else "")
 
 
-# What the planner tries, fastest first: FSDP's host offload gathers each block behind the compute
-# of the one before (no slower per step at 720P, docs/benchmarks.md); block streaming on one GPU costs ~3%.
+# What the planner tries, fastest first: one expert at a time streams the arriving expert behind its
+# first forward; FSDP's host offload gathers each block behind the compute of the one before (no
+# slower per step at 720P, docs/benchmarks.md, but its pinned shards need host memory); streaming
+# blocks from the checkpoint costs a few percent.
 PLACEMENTS_ONE_GPU = (Placement(), Placement(offload="experts"), Placement(offload="blocks"))
-PLACEMENTS_SEVERAL = (Placement(), Placement(fsdp=True), Placement(fsdp=True, offload="experts"))
+PLACEMENTS_SEVERAL = (Placement(), Placement(fsdp=True), Placement(offload="experts"), Placement(fsdp=True, offload="experts"), Placement(offload="blocks"))
 
 
 @dataclass(frozen=True)
@@ -153,12 +165,50 @@ class MemoryEstimate:
     def total(self) -> int:
         return max(self.stages.values())
 
-    def fits(self, gpu_bytes: int | None) -> bool:
-        return gpu_bytes is None or self.total <= gpu_bytes * HEADROOM
+    def fits(self, budget: int | None) -> bool:
+        return budget is None or self.total <= budget * HEADROOM
 
-    def describe(self) -> str:
+    def describe(self, per: str = "per GPU") -> str:
         parts = ", ".join(f"{stage} {value / GiB:.1f}" for stage, value in self.stages.items())
-        return f"peak {self.total / GiB:.1f} GiB per GPU ({parts} GiB)"
+        return f"peak {self.total / GiB:.1f} GiB {per} ({parts} GiB)"
+
+
+def estimate_host_memory(
+    dims: ParallelDims,
+    sizes: ModelSizes,
+    gpu: MemoryEstimate,
+    *,
+    pixels: int,
+    frames: int = 81,
+    offload: str | None = None,
+    on_gpu: bool = True,
+    spawned: bool = False,
+) -> MemoryEstimate:
+    """The host memory of one machine at the peak of each stage: every rank's process, its staging ring
+    (one block per slot, as stored) or its FSDP shards pinned in host memory, and the frames on their way
+    in (the image encode's input) and out (the decoded video, its 8-bit copy for the mp4). On the CPU
+    everything the GPU estimate counts is in host memory. ``spawned``: a process of ours started the
+    ranks (``--gpus N``) and holds the video too."""
+    world, offloaded = dims.world, bool(offload)
+    video = 3 * frames * pixels * 4  # a float32 video, on its way in (the encode) or out (the decode)
+    if not on_gpu:
+        per_rank = {stage: HOST_PROCESS_CPU + value for stage, value in gpu.stages.items()}
+    else:
+        if dims.fsdp:
+            held = 0
+            if offloaded:  # the experts' shards, and the text encoder's, pinned
+                held = int(PINNED_ROUNDING * (2 * sizes.expert + sizes.text_encoder) / world)
+        else:
+            held = STAGING_DEPTH * (sizes.stored_block or sizes.block)
+        per_rank = {stage: HOST_PROCESS + held for stage in gpu.stages}
+    main = {"text encoding": 0, "image encoding": video, "denoising": 0, "decoding": video + video // 16}
+    stages = {}
+    for stage, value in per_rank.items():
+        total = world * value + main.get(stage, 0)
+        if spawned and world > 1:  # the video crosses to the spawning process through shared memory
+            total += HOST_SPAWNER + (2 * video if stage == "decoding" else 0)
+        stages[stage] = int(total)
+    return MemoryEstimate(stages)
 
 
 def estimate_memory(
@@ -218,21 +268,37 @@ def estimate_memory(
     return MemoryEstimate(stages)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A plan and its two estimates: per GPU, and for the host memory of the machine."""
+
+    dims: ParallelDims
+    placement: Placement
+    estimate: MemoryEstimate
+    host: MemoryEstimate
+    fits: bool
+
+
 def choose_plan(
     world: int,
     sizes: ModelSizes,
     *,
     gpu_bytes: int | None,
+    host_bytes: int | None = None,
     layouts: list[tuple[int, int]] | None = None,
     placements: tuple[Placement, ...] | None = None,
     guided: bool = True,
+    on_gpu: bool = True,
+    spawned: bool = False,
+    frames: int = 81,
     **shape,
-) -> tuple[ParallelDims, Placement, MemoryEstimate, bool]:
-    """The fastest plan that fits in ``gpu_bytes`` (None: no limit): CFG parallel when ``world`` is
-    even, the rest as Ulysses; for each layout, the weights on the GPU, else sharded, else sharded
-    in host memory (one GPU: on the GPU, else one expert at a time, else streamed blocks).
-    ``layouts`` and ``placements`` narrow the choice (what the user forced). Returns (plan,
-    placement, estimate, fits); when nothing fits, the plan of the smallest estimate."""
+) -> Choice:
+    """The fastest plan that fits in ``gpu_bytes`` per GPU and ``host_bytes`` of host memory (None: no
+    limit): CFG parallel when ``world`` is even, the rest as Ulysses; for each layout, the weights on
+    the GPU, else sharded, else one expert at a time, else sharded in host memory, else streamed
+    blocks (one GPU: on the GPU, else one expert at a time, else streamed blocks). ``layouts`` and
+    ``placements`` narrow the choice (what the user forced). When nothing fits, the plan that needs
+    the smallest GPU, with ``fits`` false."""
     layouts = layouts if layouts is not None else candidate_layouts(world, sizes.num_heads, guided)
     if not layouts:
         raise WanError(
@@ -246,11 +312,23 @@ def choose_plan(
         for cfg, u in layouts:
             dims = ParallelDims(cfg, u, placement.fsdp)
             estimate = estimate_memory(dims, sizes, offload=placement.offload, **shape)
-            if estimate.fits(gpu_bytes):
-                return dims, placement, estimate, True
-            if best is None or estimate.total < best[2].total:
-                best = (dims, placement, estimate)
-    return (*best, False)
+            host = estimate_host_memory(dims, sizes, estimate, pixels=shape["pixels"], frames=frames, offload=placement.offload,
+                                        on_gpu=on_gpu, spawned=spawned)  # fmt: skip
+            choice = Choice(dims, placement, estimate, host, estimate.fits(gpu_bytes if on_gpu else host_bytes) and host.fits(host_bytes))
+            if choice.fits:
+                return choice
+            if best is None or (estimate.total, host.total) < (best.estimate.total, best.host.total):
+                best = choice
+    return best
+
+
+def machine_needed(choice: Choice, on_gpu: bool = True) -> str:
+    """The smallest machine the plan of ``choice`` fits, in words."""
+    host = f"{choice.host.total / HEADROOM / GiB:.0f} GiB of host memory"
+    if not on_gpu:
+        return host
+    gpus = choice.dims.world
+    return f"{gpus} GPU{'s' if gpus > 1 else ''} of {choice.estimate.total / HEADROOM / GiB:.0f} GiB and {host}"
 
 
 def make_plan(
@@ -263,9 +341,9 @@ def make_plan(
     offload: str | None = None,
     gpu_bytes: int | None,
     **shape,
-) -> tuple[ParallelDims, Placement, MemoryEstimate, bool]:
+) -> Choice:
     """The plan for ``world`` GPUs: what the user forced (``ulysses``, ``cfg_parallel``, ``fsdp``,
-    ``offload``), checked, with the rest chosen by ``choose_plan``; its estimate and whether it fits."""
+    ``offload``), checked, with the rest chosen by ``choose_plan``; its estimates and whether it fits."""
     layouts = None
     if ulysses is not None or cfg_parallel:
         cfg = 2 if cfg_parallel else 1
@@ -301,6 +379,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2) -> ModelSizes:
     with torch.device("meta"):
         expert, wan_vae = DiT(dit), WanVAE(vae)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    stored_bytes = _stored_bytes(root / ckpt.HIGH_NOISE_DIR) if root is not None else OFFICIAL_STORED_BYTES
     t5_layer = 4 * t5.dim * t5.dim_attn + 3 * t5.dim * t5.dim_ffn + t5.num_buckets * t5.num_heads + 2 * t5.dim
     return ModelSizes(
         expert=count(expert) * dtype_bytes,
@@ -314,4 +393,21 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2) -> ModelSizes:
         ffn_dim=dit.ffn_dim,
         num_heads=dit.num_heads,
         vae_dim=vae.dim,
+        stored_block=count(expert.blocks[0]) * stored_bytes,
     )
+
+
+OFFICIAL_STORED_BYTES = 4  # the official experts are stored in fp32 (57 GB each)
+
+
+def _stored_bytes(model_dir) -> int:
+    """Bytes per parameter of an expert's blocks as its safetensors store them (from a header)."""
+    from wan_i2v.loading.checkpoint import SAFETENSORS_FILE, safetensors_ranges
+
+    files = sorted(model_dir.glob("diffusion_pytorch_model*.safetensors")) or [model_dir / SAFETENSORS_FILE]
+    try:
+        ranges = safetensors_ranges(files[0])
+    except (OSError, ValueError, KeyError):
+        return OFFICIAL_STORED_BYTES
+    weights = [stored for key, stored in ranges.items() if key.startswith("blocks.") and key.endswith(".weight") and len(stored.shape) == 2]
+    return weights[0].dtype.itemsize if weights else OFFICIAL_STORED_BYTES
