@@ -42,15 +42,17 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from wan_i2v.loading import checkpoint as ckpt  # noqa: E402
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight."
-# name -> (size, GPU GiB, host GiB, drop the page cache first)
+# name -> (size, GPU GiB, host GiB, how the page cache starts: "group" (the checkpoint read once from inside
+# the row's cgroup: what a machine of that size keeps of it), "machine" (read from outside: all of it,
+# as on a machine with the RAM to hold it), "cold" (empty))
 ROWS = {
-    "default": ("720P", 80, 32, False),
-    "swap": ("720P", 48, 40, False),
-    "blocks": ("720P", 24, 32, False),
-    "disk": ("720P", 24, 16, True),
-    "480p": ("480P", 12, 16, False),
-    "second": ("720P", 80, 32, False),
-    "cold": ("720P", 80, 32, True),
+    "default": ("720P", 80, 32, "group"),
+    "swap": ("720P", 48, 40, "group"),
+    "blocks": ("720P", 24, 32, "group"),
+    "disk": ("720P", 24, 16, "group"),
+    "480p": ("480P", 12, 16, "group"),
+    "second": ("720P", 80, 32, "machine"),
+    "cold": ("720P", 80, 32, "cold"),
 }
 CGROUP = Path("/sys/fs/cgroup")
 
@@ -150,9 +152,9 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     dry = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, env=environment)
     estimate = {"plan": _line(dry.stdout, "plan:"), "gpu": _gib(_line(dry.stdout, "memory:")), "host": _gib(_line(dry.stdout, "host memory:"))}
     group = cgroup_for(name, host)
-    drop_caches()  # each row starts from what its own machine size holds: nothing, or (not cold) what one read left
-    if not cold:
-        warm(files, group)
+    drop_caches()
+    if cold != "cold":
+        warm(files, group if cold == "group" else None)
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, preexec_fn=_joiner(group))
     sampler = Sampler(proc.pid)

@@ -265,7 +265,7 @@ def test_plan_choice_and_validation():
     assert choice.fits and (choice.dims.cfg, choice.dims.ulysses, choice.placement) == (2, 1, Placement(offload="experts"))
     # The seed's machine (2 x 48 GB, 64 GB of RAM) runs it: two processes, each a staging ring of 3 fp32 blocks.
     seed = choose_plan(2, sizes, gpu_bytes=48 * GiB, host_bytes=64 * GiB, **shape)
-    assert seed.fits and seed.placement == Placement(offload="experts") and seed.host.total < 20 * GiB, seed.host.describe()
+    assert seed.fits and seed.placement == Placement(offload="experts") and seed.host.total < 32 * GiB, seed.host.describe()
     # 22 GB: only sharded, with the shards pinned in host memory (1.5x their 32 GiB per rank), or, on a machine
     # without that much host memory, with every block streamed from the checkpoint.
     assert choose_plan(2, sizes, gpu_bytes=22 * GiB, **shape).placement == Placement(True, "experts")

@@ -112,24 +112,23 @@ def world_size(options: RunOptions, device: str, *, planning_only: bool = False)
     return gpus
 
 
-def available_host_bytes() -> int | None:
+def available_host_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
     """The host memory this process may use: the machine's available memory (free, plus the page
-    cache it can give back), within its cgroup's limit if one is set; None where neither can be read."""
+    cache it can give back), within its cgroup v2 limit if one is set (the limit, less what the group
+    uses but its page cache); None where neither can be read."""
     available = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in (proc / "meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 available = int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     try:
-        group = Path("/proc/self/cgroup").read_text().splitlines()[-1].split(":", 2)[2]
-        limit = Path("/sys/fs/cgroup", group.lstrip("/"), "memory.max").read_text().strip()
+        group = cgroups / (proc / "self" / "cgroup").read_text().splitlines()[-1].split(":", 2)[2].lstrip("/")
+        limit = (group / "memory.max").read_text().strip()
         if limit != "max":
-            used = int(Path("/sys/fs/cgroup", group.lstrip("/"), "memory.current").read_text())
-            # What the group holds of the page cache it can give back: count the limit, less what is in use but the cache.
-            stat = dict(line.split() for line in Path("/sys/fs/cgroup", group.lstrip("/"), "memory.stat").read_text().splitlines())
-            free = int(limit) - used + int(stat.get("file", 0))
+            stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+            free = int(limit) - int((group / "memory.current").read_text()) + int(stat.get("file", 0))
             available = free if available is None else min(available, free)
     except (OSError, IndexError, ValueError):
         pass
@@ -177,8 +176,10 @@ def cap_gpu_memory(planned: PlannedRun, device) -> None:
 
     if planned.gpu_bytes is None or not planned.capped or torch.device(device).type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, planned.gpu_bytes / total), device)
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, planned.gpu_bytes / total), index)
 
 
 def _device_type(device: str) -> str:

@@ -120,9 +120,11 @@ TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
 HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation and the estimate's roughness
 
 # Host memory of each process that cannot be reclaimed (anonymous and pinned; the checkpoint's pages
-# in the page cache are not counted, the kernel gives them back under pressure), measured on the
-# H200 (docs/benchmarks.md): Python, torch, the CUDA context, the compiled blocks' code.
-HOST_PROCESS = 3.0 * GiB
+# in the page cache are not counted, the kernel gives them back under pressure): Python, torch, the
+# CUDA context, and torch.compile's pool of compiler processes with their code. Measured on one H200
+# (docs/benchmarks.md, 2026-12-03): 11.7-11.9 GiB for the process tree at 720P in every one-GPU plan,
+# of which the staging ring is 2.0 GiB and the decoded video 1 GiB.
+HOST_PROCESS = 9.0 * GiB
 HOST_PROCESS_CPU = 1.0 * GiB  # the same without CUDA
 HOST_SPAWNER = 1.0 * GiB  # the process that starts N ranks itself (--gpus N): torch without CUDA
 STAGING_DEPTH = 3  # slots of the staging ring, one block each: one read while one is copied up and one computes
@@ -241,10 +243,12 @@ def estimate_memory(
     if dims.fsdp:
         experts_kept = 0 if offloaded else 2 * sizes.expert // world
         experts_running = experts_kept + sizes.expert_root + 2 * sizes.block  # the root and a block ahead, gathered
-    elif offload == "blocks":
-        experts_kept, experts_running = 0, sizes.expert_root + 2 * sizes.block
-    elif offload:
-        experts_kept, experts_running = 0, sizes.expert
+    elif offload == "blocks":  # both experts' embeddings and head stay on the GPU; two blocks are there at a time
+        experts_kept = 2 * sizes.expert_root
+        experts_running = experts_kept + 2 * sizes.block
+    elif offload:  # the same, and the active expert's blocks while it runs
+        experts_kept = 2 * sizes.expert_root
+        experts_running = sizes.expert + sizes.expert_root
     else:
         experts_kept = experts_running = 2 * sizes.expert
     local = -(-tokens // dims.ulysses)
@@ -364,7 +368,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2) -> ModelSizes:
     import torch
 
     from wan_i2v.loading import checkpoint as ckpt
-    from wan_i2v.models.dit import DiT, DiTConfig
+    from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
     from wan_i2v.models.text_encoder import T5_CONFIG_FILE, T5Config
     from wan_i2v.models.vae import VAE_CONFIG_FILE, VAEConfig, WanVAE
 
@@ -384,7 +388,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2) -> ModelSizes:
     return ModelSizes(
         expert=count(expert) * dtype_bytes,
         block=count(expert.blocks[0]) * dtype_bytes,
-        expert_root=(count(expert) - count(expert.blocks)) * dtype_bytes,
+        expert_root=sum(p.numel() * (4 if keeps_fp32(name) else dtype_bytes) for name, p in expert.named_parameters() if not name.startswith("blocks.")),
         text_encoder=(t5.vocab_size * t5.dim + t5.encoder_layers * t5_layer + t5.dim) * dtype_bytes,
         text_block=t5_layer * dtype_bytes,
         text_embedding=t5.vocab_size * t5.dim * dtype_bytes,

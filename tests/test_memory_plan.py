@@ -1,0 +1,65 @@
+"""The machine's memory as the planner reads it, and the GPU cap as the run sets it (with a fake CUDA:
+CI has no GPU, and the device index the API wants is what broke on the first GPU run)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan_i2v import session
+from wan_i2v.execution import ExecutionPlan, PlannedRun
+from wan_i2v.parallel.plan import GiB, MemoryEstimate
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_available_host_memory_is_the_machines_within_its_cgroups_limit(tmp_path):
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    write(proc / "meminfo", "MemTotal:       131072000 kB\nMemFree:         1000 kB\nMemAvailable:   100000000 kB\n")
+    write(proc / "self" / "cgroup", "0::/wan-bench\n")
+    assert session.available_host_bytes(proc, cgroups) == 100000000 * 1024  # no cgroup files: the machine's
+    write(cgroups / "wan-bench" / "memory.max", "max\n")
+    assert session.available_host_bytes(proc, cgroups) == 100000000 * 1024
+    # A 32 GiB group using 20 GiB, 12 GiB of it page cache it can give back: 24 GiB are there for the run.
+    write(cgroups / "wan-bench" / "memory.max", f"{32 * GiB}\n")
+    write(cgroups / "wan-bench" / "memory.current", f"{20 * GiB}\n")
+    write(cgroups / "wan-bench" / "memory.stat", f"anon {8 * GiB}\nfile {12 * GiB}\n")
+    assert session.available_host_bytes(proc, cgroups) == 24 * GiB
+    assert session.available_host_bytes(tmp_path / "nothing", tmp_path / "nothing") is None
+
+
+class FakeCuda:
+    """torch.cuda's calls that cap_gpu_memory makes; set_per_process_memory_fraction wants an index or a device with one."""
+
+    def __init__(self):
+        self.fractions = []
+
+    def current_device(self):
+        return 0
+
+    def get_device_properties(self, index):
+        assert isinstance(index, int)
+        return type("Properties", (), {"total_memory": 140 * GiB})()
+
+    def set_per_process_memory_fraction(self, fraction, index):
+        if not isinstance(index, int):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{index}")
+        self.fractions.append((fraction, index))
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_gpu_memory_caps_the_allocator_at_what_was_planned(monkeypatch, device):
+    fake = FakeCuda()
+    for name in ("current_device", "get_device_properties", "set_per_process_memory_fraction"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    estimate = MemoryEstimate({"denoising": 10 * GiB})
+    planned = PlannedRun(ExecutionPlan(torch.device("cuda"), torch.bfloat16), estimate, True, 70 * GiB, capped=True)
+    session.cap_gpu_memory(planned, device)
+    assert fake.fractions == [(0.5, 0)]
+    # Planned for the GPU's own memory (no --gpu-memory), or on the CPU: no cap.
+    session.cap_gpu_memory(PlannedRun(planned.plan, estimate, True, 70 * GiB), device)
+    session.cap_gpu_memory(planned, "cpu")
+    assert fake.fractions == [(0.5, 0)]
