@@ -63,3 +63,20 @@ def test_gpu_memory_caps_the_allocator_at_what_was_planned(monkeypatch, device):
     session.cap_gpu_memory(PlannedRun(planned.plan, estimate, True, 70 * GiB), device)
     session.cap_gpu_memory(planned, "cpu")
     assert fake.fractions == [(0.5, 0)]
+
+
+@pytest.mark.parametrize("device", ["mps", "foo", "tpu", "cuda:x", "CUDA"])
+def test_a_device_wan_i2v_does_not_run_on_is_one_line(device, tmp_path, capsys):
+    from wan_i2v.cli import main
+    from wan_i2v.errors import WanError
+
+    image = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 48)).save(image)
+    for command in (["generate", "--image", str(image), "--prompt", "x", "--dry-run"], ["decode", str(tmp_path / "l.pt"), "--save-file", str(tmp_path / "o.mp4")]):
+        assert main([*command, "--device", device]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"argument --device: {device!r} is not a device wan-i2v runs on: use cuda, cuda:N or cpu" in err[0], err
+    with pytest.raises(WanError, match=f"device={device!r} is not a device wan-i2v runs on"):
+        session.RunSession.open(session.RunOptions(ckpt_dir=tmp_path, device=device))

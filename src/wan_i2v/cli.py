@@ -485,6 +485,15 @@ def _seed(text: str) -> int | None:
     return None if value == -1 else value
 
 
+def _device(text: str) -> str:
+    """--device: cuda, cuda:N or cpu, checked as the arguments are read (mps, tpu and typos are one line)."""
+    from wan_i2v.session import DEVICE_FORM
+
+    if not DEVICE_FORM.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device wan-i2v runs on: use cuda, cuda:N or cpu")
+    return text
+
+
 def _guide_scale(text: str) -> float:
     try:
         return float(text)
@@ -518,7 +527,7 @@ def run_options(p) -> None:
     p.add_argument("--lora-low", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the low-noise expert only")
     p.add_argument("--fp8", action="store_true", help="FP8 linear layers in the transformer blocks: faster, less exact")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
     p.add_argument("--encode-dtype", choices=["fp32", "bf16"], default="fp32",
@@ -604,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--save-file", required=True)
     dec.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
     dec.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
-    dec.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    dec.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     dec.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
     dec.add_argument("--quiet", action="store_true", help="no progress bar")
     dec.set_defaults(func=cmd_decode)

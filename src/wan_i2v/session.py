@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -70,9 +71,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DEVICE_FORM = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def device_error(device: str) -> WanError | None:
+    """The one-line error for a device name this package cannot run on (None: cpu, cuda or cuda:N)."""
+    if DEVICE_FORM.fullmatch(device):
+        return None
+    return WanError(f"{option('device', device)} is not a device wan-i2v runs on", f"use {option('device', 'cuda')}, cuda:N (one GPU) or cpu")
+
+
 def check_device(device: str) -> None:
     import torch
 
+    error = device_error(device)
+    if error is not None:
+        raise error
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WanError(f"{option('device', device)} was asked for but no GPU is visible", f"use {option('device', 'cpu')}, or check the driver")
 
