@@ -100,7 +100,6 @@ class I2VPipeline:
     ):
         self.plan = plan
         self.checkpoint = checkpoint
-        self.ring = ring  # the staging ring the streamed weights and the visiting text encoder come up through
         self._lora_parameters: dict[str, set[str]] = {}  # expert -> the parameters its LoRAs changed
         self.loras: list[dict] = []  # a record of each LoRA merged in: expert, file, sha256, strength
         self._note_loras(loras or {})
@@ -110,7 +109,7 @@ class I2VPipeline:
         self.device = plan.device
         # One streamer for the pipeline's life: it hooks the experts' blocks once.
         self.experts = experts
-        # Set when the text encoder waits in host memory and visits the GPU only to encode.
+        # Set when the text encoder waits in host memory and visits the GPU only to encode (through ``ring``).
         self.text_encoder_visits = HostCopy(text_encoder.model, ring) if plan.text_encoder_visits else None
         # What, besides the generation settings, decides the video: a saved state must match it.
         self.identity = {**({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else {}), **plan.identity()}
