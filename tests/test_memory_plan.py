@@ -80,3 +80,17 @@ def test_a_device_wan_i2v_does_not_run_on_is_one_line(device, tmp_path, capsys):
         assert len(err) == 1 and f"argument --device: {device!r} is not a device wan-i2v runs on: use cuda, cuda:N or cpu" in err[0], err
     with pytest.raises(WanError, match=f"device={device!r} is not a device wan-i2v runs on"):
         session.RunSession.open(session.RunOptions(ckpt_dir=tmp_path, device=device))
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "1e400", "lots"])
+@pytest.mark.parametrize("flag", ["--gpu-memory", "--host-memory"])
+def test_a_memory_size_that_is_not_a_positive_number_is_one_line(flag, value, tmp_path, capsys):
+    from PIL import Image
+
+    from wan_i2v.cli import main
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 48)).save(image)
+    assert main(["generate", "--image", str(image), "--prompt", "x", "--dry-run", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wan-i2v generate: error: argument {flag}: "), err

@@ -494,6 +494,17 @@ def _device(text: str) -> str:
     return text
 
 
+def _gib(text: str) -> float:
+    """--gpu-memory, --host-memory: a positive number of GiB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of GiB: {text!r}") from None
+    if not 0 < value < 2**40:  # refuses nan and inf too
+        raise argparse.ArgumentTypeError(f"{text} GiB: give a positive number of GiB, such as 24")
+    return value
+
+
 def _guide_scale(text: str) -> float:
     try:
         return float(text)
@@ -538,9 +549,9 @@ def run_options(p) -> None:
     par.add_argument("--ulysses", type=int, default=None, metavar="U", help="force the plan: sequence parallel degree (divides the heads)")
     par.add_argument("--cfg-parallel", action="store_true", help="force the plan: guidance passes on two halves of the GPUs")
     par.add_argument("--fsdp", action="store_true", help="force the plan: shard experts and text encoder over all GPUs")
-    par.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+    par.add_argument("--gpu-memory", type=_gib, default=None, metavar="GiB",
                      help="plan for this much memory per GPU, and use no more (default: the GPU's)")
-    par.add_argument("--host-memory", type=float, default=None, metavar="GiB",
+    par.add_argument("--host-memory", type=_gib, default=None, metavar="GiB",
                      help="plan for this much host memory on this machine (default: what it has available; the page cache it would take back counts)")
     par.add_argument("--split-encode", action="store_true",
                      help="split the VAE encode over the GPUs (0.8 s less at 720P on two H200s); the video then differs from one GPU's "

@@ -24,7 +24,6 @@ from wan_i2v.parallel.plan import (
     ModelSizes,
     ParallelDims,
     Placement,
-    estimate_host_memory,
     estimate_memory,
     machine_needed,
     make_plan,
@@ -169,10 +168,6 @@ class ExecutionPlan:
             self.dims, sizes, tokens=tokens, pixels=pixels, offload=self.offload.flag,
             decode_bytes=self.decode_dtype.itemsize, encode_bytes=self.encode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
         )  # fmt: skip
-
-    def estimate_host(self, sizes: ModelSizes, *, tokens: int, pixels: int, frames: int, spawned: bool = False) -> MemoryEstimate:
-        return estimate_host_memory(self.dims, sizes, self.estimate(sizes, tokens=tokens, pixels=pixels), pixels=pixels, frames=frames,
-                                    offload=self.offload.flag, on_gpu=self.on_gpu, spawned=spawned)  # fmt: skip
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -116,7 +116,7 @@ class TensorSource:
         readers: Mapping[str, Callable[[slice | None], torch.Tensor]],
         files: Mapping[str, str],
         shapes: Mapping[str, Callable[[], tuple]],
-        stored: Mapping[str, Callable[[], Stored]] | None = None,
+        stored: Mapping[str, Stored] | None = None,
         merges: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     ):
         self._readers = readers
@@ -140,7 +140,7 @@ class TensorSource:
     def stored(self, key: str) -> Stored:
         """Where ``key``'s bytes are; a source that cannot say (a test's) gives its value as a host tensor."""
         if key in self._stored:
-            return self._stored[key]()
+            return self._stored[key]
         value = self.read(key)
         return Stored(value.dtype, tuple(value.shape), tensor=value)
 
@@ -185,7 +185,7 @@ def safetensors_source(model_dir: Path) -> TensorSource:
     readers: dict[str, Callable[[slice | None], torch.Tensor]] = {}
     files: dict[str, str] = {}
     shapes: dict[str, Callable[[], tuple]] = {}
-    stored: dict[str, Callable[[], Stored]] = {}
+    stored: dict[str, Stored] = {}
     for name in shard_names:
         path = model_dir / name
         if not path.is_file():
@@ -201,7 +201,7 @@ def safetensors_source(model_dir: Path) -> TensorSource:
             shapes[key] = lambda handle=handle, key=key: handle.get_slice(key).get_shape()
             files[key] = str(path)
             if key in ranges:
-                stored[key] = lambda value=ranges[key]: value
+                stored[key] = ranges[key]
     if index.is_file():
         absent = sorted(k for k in weight_map if k not in readers)
         if absent:
@@ -245,7 +245,7 @@ def torch_file_source(path: Path, what: str) -> TensorSource:
         {k: (lambda rows, v=v: v if rows is None else v[rows]) for k, v in state.items()},
         {k: str(path) for k in state},
         {k: (lambda v=v: v.shape) for k, v in state.items()},
-        {k: (lambda v=v: Stored(v.dtype, tuple(v.shape), tensor=v)) for k, v in state.items()},
+        {k: Stored(v.dtype, tuple(v.shape), tensor=v) for k, v in state.items()},
     )
 
 
@@ -274,11 +274,12 @@ def _local_rows(tensor: DTensor, local: torch.Tensor, name: str) -> slice:
 
 
 def cast_parameters(module: nn.Module, dtype: torch.dtype, keep_fp32: Callable[[str], bool] = lambda name: False) -> nn.Module:
-    """Give ``module``'s floating parameters (on the meta device, before loading) the dtypes that
-    ``load_strict`` will load them in, for transforms that group parameters by dtype (FSDP)."""
-    for name, param in module.named_parameters():
-        if param.is_floating_point():
-            param.data = param.data.to(torch.float32 if keep_fp32(name) else dtype)
+    """Give ``module``'s floating tensors (on the meta device, before loading) the dtypes that
+    ``load_strict`` will load them in, for transforms that group parameters by dtype (FSDP) and for
+    the staged fills, which allocate what each tensor's placeholder says."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and tensor.is_meta:
+            tensor.data = tensor.data.to(torch.float32 if keep_fp32(name) else dtype)
     return module
 
 
@@ -391,14 +392,7 @@ def load_strict(
             local = target.to_local()
             local.copy_(source.read(full, _local_rows(target, local, full)).to(local.dtype))
     if ring is not None:
-        for full, (owner, name, target, is_param) in targets.items():
-            if full not in sharded:  # the staged fill sets .data: each needs a placeholder of the dtype it loads in
-                final = torch.float32 if keep_fp32(full) else dtype
-                placeholder = torch.empty(target.shape, dtype=final if target.is_floating_point() else target.dtype, device="meta")
-                if is_param:
-                    owner._parameters[name] = nn.Parameter(placeholder, requires_grad=False)
-                else:
-                    owner._buffers[name] = placeholder
+        cast_parameters(module, dtype, keep_fp32)  # each staged fill's placeholder has the dtype it loads in
         with torch.no_grad():
             upload(ring, [fill for fill in fills(module, source, dtype=dtype, keep_fp32=keep_fp32) if fill.key not in sharded])
         return module.eval().requires_grad_(False)

@@ -61,10 +61,11 @@ class PinnedArena:
 
     def __init__(self, nbytes: int, pin: bool):
         page = os.sysconf("SC_PAGE_SIZE")
-        self.buffer = torch.empty(-(-nbytes // page) * page + page, dtype=torch.uint8)
+        pages = -(-nbytes // page) * page
+        self.buffer = torch.empty(pages + page, dtype=torch.uint8)
         # cudaHostRegister takes any range, but a page-aligned start keeps the pinned pages the buffer's own.
         skip = (-self.buffer.data_ptr()) % page
-        self.data = self.buffer[skip : skip + -(-nbytes // page) * page]
+        self.data = self.buffer[skip : skip + pages]
         self.registered = False
         if pin:
             result = torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), self.data.numel(), 0)
@@ -170,15 +171,6 @@ class StagingRing:
             event = torch.cuda.Event()
             event.record(stream)
         self.release(ticket, event)
-
-    def close(self) -> None:
-        self.pending.put(None)
-        self.dispatcher.join()
-        self.pool.shutdown()
-        for fd in self.files.values():
-            os.close(fd)
-        self.files.clear()
-        self.arena.close()
 
     # -- the readers' side ------------------------------------------------------------------------
 
@@ -325,10 +317,13 @@ class Batch:
         self.ring, self.fills = ring, list(fills)
         # Each fill cut into slot-sized pieces, packed into tickets in order.
         self.parts: list[list[tuple[int, Piece]]] = []  # per ticket: (fill index, piece)
+        self.piece_counts: list[int] = []  # per fill
         current: list[tuple[int, Piece]] = []
         used = 0
         for index, fill in enumerate(self.fills):
-            for piece in pieces_of(fill.key, fill.nbytes, ring.slot_bytes, fill.file, fill.tensor):
+            pieces = pieces_of(fill.key, fill.nbytes, ring.slot_bytes, fill.file, fill.tensor)
+            self.piece_counts.append(len(pieces))
+            for piece in pieces:
                 if current and used + aligned(piece.nbytes) > ring.slot_bytes:
                     self.parts.append(current)
                     current, used = [], 0
@@ -346,7 +341,6 @@ class Batch:
         device = self.ring.device
         outputs = [fill.outputs(device) for fill in self.fills]
         arrived: dict[int, torch.Tensor] = {}
-        last_piece = {index: len(pieces_of(f.key, f.nbytes, self.ring.slot_bytes)) for index, f in enumerate(self.fills)}
         seen: dict[int, int] = {}
         context = torch.cuda.stream(stream) if stream is not None else _nothing()
         if stream is not None:
@@ -364,7 +358,7 @@ class Batch:
                 with context:
                     for index, _ in part:
                         seen[index] = seen.get(index, 0) + 1
-                        if seen[index] == last_piece[index]:
+                        if seen[index] == self.piece_counts[index]:
                             self.fills[index].finish(arrived.pop(index), outputs[index])
         except BaseException:
             self.cancel()

@@ -379,14 +379,9 @@ def load_dit(model_dir: Path, *, device, dtype, before_weights=None, adapt=None)
     (with its parameters in the dtypes they load in): FSDP shards it there, so that each rank then
     reads only its own rows of each tensor. ``adapt(source)`` returns the tensor source to load
     from instead of the checkpoint's (LoRAs merged as they are read)."""
-    from wan_i2v.loading.checkpoint import cast_parameters, load_strict, safetensors_source
+    from wan_i2v.loading.checkpoint import load_strict
 
-    config = DiTConfig.from_json_file(model_dir / "config.json")
-    source = safetensors_source(model_dir)  # first: a missing file fails before any work
-    if adapt is not None:
-        source = adapt(source)
-    with torch.device("meta"):
-        model = DiT(config)
+    model, source = build_dit(model_dir, dtype=dtype, adapt=adapt)
     if before_weights is not None:
-        before_weights(cast_parameters(model, dtype, keeps_fp32))
+        before_weights(model)
     return load_strict(model, source, device=device, dtype=dtype, keep_fp32=keeps_fp32)
