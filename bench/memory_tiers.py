@@ -17,8 +17,13 @@ JSON also has the cgroup's peak, which counts the page cache the row's warm-up r
 Rows: ``default`` (80 GiB GPU, 32 GiB host), ``swap`` (48/40: one expert on the GPU), ``blocks``
 (24/32: blocks streamed; the page cache holds most of an expert), ``disk`` (24/16: the page cache
 holds little of an expert, so most blocks come from the disk), ``480p`` (12/16), ``second`` (the
-default row again: a new process whose compile comes from the cache), ``cold`` (the default row
-with nothing in the page cache: loading against the disk's sequential read time of the bytes read).
+default row again: a new process whose compile comes from the cache; ``second-1-compile-thread``
+the same with inductor's compile workers off, ``eager`` without torch.compile: the first step's
+cost that is not compiling), ``cold`` (the default row with nothing in the page cache: loading
+against the disk's sequential read time of the bytes read). With ``--fp8``: ``fp8`` (both experts
+on the GPU, the reference of the rows below), ``blocks-fp8-converting`` (the first streamed run,
+which writes the converted copy), ``blocks-fp8``, ``disk-fp8``, ``swap-fp8`` (streaming the copy).
+Each row's latents are compared with its reference row's (``default`` or ``fp8``).
 The disk's rate is measured with ``dd`` from a shard after dropping the caches.
 """
 
@@ -44,15 +49,24 @@ from wan_i2v.loading import checkpoint as ckpt  # noqa: E402
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight."
 # name -> (size, GPU GiB, host GiB, how the page cache starts: "group" (the checkpoint read once from inside
 # the row's cgroup: what a machine of that size keeps of it), "machine" (read from outside: all of it,
-# as on a machine with the RAM to hold it), "cold" (empty))
+# as on a machine with the RAM to hold it), "cold" (empty); more options; environment; the row whose latents it must equal)
 ROWS = {
-    "default": ("720P", 80, 32, "group"),
-    "swap": ("720P", 48, 40, "group"),
-    "blocks": ("720P", 24, 32, "group"),
-    "disk": ("720P", 24, 16, "group"),
-    "480p": ("480P", 12, 16, "group"),
-    "second": ("720P", 80, 32, "machine"),
-    "cold": ("720P", 80, 32, "cold"),
+    "default": ("720P", 80, 32, "group", [], {}, None),
+    "swap": ("720P", 48, 40, "group", [], {}, "default"),
+    "blocks": ("720P", 24, 32, "group", [], {}, "default"),
+    "disk": ("720P", 24, 16, "group", [], {}, "default"),
+    "480p": ("480P", 12, 16, "group", [], {}, None),
+    "second": ("720P", 80, 32, "machine", [], {}, "default"),
+    "second-1-compile-thread": ("720P", 80, 32, "machine", [], {"TORCHINDUCTOR_COMPILE_THREADS": "1"}, "default"),
+    "eager": ("720P", 80, 32, "machine", ["--no-compile"], {}, None),
+    "cold": ("720P", 80, 32, "cold", [], {}, "default"),
+    # --fp8: the reference has both experts on the GPU; the first streamed run writes the converted
+    # copy (loading/converted.py), the next ones stream it.
+    "fp8": ("720P", 80, 32, "group", ["--fp8"], {}, None),
+    "blocks-fp8-converting": ("720P", 24, 32, "group", ["--fp8"], {}, "fp8"),
+    "blocks-fp8": ("720P", 24, 32, "group", ["--fp8"], {}, "fp8"),
+    "disk-fp8": ("720P", 24, 16, "group", ["--fp8"], {}, "fp8"),
+    "swap-fp8": ("720P", 48, 40, "group", ["--fp8"], {}, "fp8"),
 }
 CGROUP = Path("/sys/fs/cgroup")
 
@@ -140,7 +154,7 @@ def cgroup_for(name: str, host_gib: float) -> Path | None:
 
 
 def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
-    size, gpu, host, cold = ROWS[name]
+    size, gpu, host, cold, options, env, _ = ROWS[name]
     out = args.work / f"{name}.mp4"
     latents = args.work / f"{name}.latents.pt"
     for path in (out, latents):
@@ -148,13 +162,15 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     command = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(args.ckpt), "--image", str(image), "--prompt", PROMPT,
                "--distilled", "--seed", "0", "--host-memory", str(host), "--save-file", str(out), "--save-latents", str(latents)]  # fmt: skip
     command += ["--size", "64*96", "--frame-num", "9", "--device", "cpu"] if args.tiny else ["--size", size, "--gpu-memory", str(gpu)]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    command += options
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                   "WAN_I2V_HOME": str(args.work / "home"), **env}  # fmt: skip
     dry = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, env=environment)
     estimate = {"plan": _line(dry.stdout, "plan:"), "gpu": _gib(_line(dry.stdout, "memory:")), "host": _gib(_line(dry.stdout, "host memory:"))}
     group = cgroup_for(name, host)
     drop_caches()
-    if cold != "cold":
-        warm(files, group if cold == "group" else None)
+    if cold != "cold":  # the converted copies last: the ones read while the cache filled up are the ones it keeps
+        warm(files + sorted((args.work / "home" / "converted").glob("*/*.safetensors")), group if cold == "group" else None)
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, preexec_fn=_joiner(group))
     sampler = Sampler(proc.pid)
@@ -181,6 +197,7 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     row["gpu_peak_gib"] = _gib(_line(stderr, "peak GPU memory:"))
     row["gpu_stage_peaks"] = _line(stderr, "peak GPU memory:").partition("(")[2].rstrip(")")
     row["latents"] = str(latents)
+    row["converted_gb"] = sum(path.stat().st_size for path in (args.work / "home" / "converted").glob("*/*.safetensors")) / 1e9
     return row
 
 
@@ -228,22 +245,24 @@ def main():
     demo_image().resize((1280, 720)).save(image)
     for name in args.rows:
         row = run_row(name, args, image, files)
-        reference = report["rows"].get("default", {}).get("latents")
-        if row.get("latents") and reference and name != "480p":
-            row["latents_equal_default"] = bool(torch.equal(torch.load(row["latents"])["latents"], torch.load(reference)["latents"]))
+        reference_row = ROWS[name][-1]
+        reference = report["rows"].get(reference_row, {}).get("latents")
+        if row.get("latents") and reference:
+            row[f"latents_equal_{reference_row}"] = bool(torch.equal(torch.load(row["latents"])["latents"], torch.load(reference)["latents"]))
         if name == "cold" and row.get("loading_s") and report.get("disk_gb_s"):
             row["disk_read_s"] = report["checkpoint_gb"] / report["disk_gb_s"]
         report["rows"][name] = row
         print(f"{name}: " + json.dumps({k: v for k, v in row.items() if k != "timings"}), flush=True)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
-    resident = report["rows"].get("default", {}).get("step_s")
-    print("\nrow | plan | wall | loading | first step at | s/step (vs default) | GPU peak / est | host peak / est | latents")
+    print("\nrow | plan | wall | loading | first step at | s/step (vs its reference) | GPU peak / est | host peak / est | latents")
     for name, row in report["rows"].items():
+        reference_row = ROWS[name][-1] or name
+        resident = report["rows"].get(reference_row, {}).get("step_s")
         ratio = f" ({row['step_s'] / resident:.3f})" if resident and row.get("step_s") else ""
         print(f"{name} | {row.get('plan')} | {row['wall_s']:.1f} | {row.get('loading_s')} | {row.get('time_to_first_step_s')} | {row.get('step_s')}{ratio} | "
               f"{row.get('gpu_peak_gib')} / {row.get('gpu_estimate_gib')} | {row['host_peak_gib']:.1f} / {row.get('host_estimate_gib')} | "
-              f"{row.get('latents_equal_default', row.get('error'))}")  # fmt: skip
+              f"{row.get(f'latents_equal_{reference_row}', row.get('error'))}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -5,6 +7,12 @@ from wan_i2v.tiny import write_tiny_checkpoint
 
 # The tests run on two CPU cores: more threads only add contention.
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def home_of_the_tests(tmp_path_factory):
+    """$WAN_I2V_HOME for the whole session: what runs write there (converted copies, compiled code) stays out of the user's."""
+    os.environ["WAN_I2V_HOME"] = str(tmp_path_factory.mktemp("wan-i2v-home"))
 
 
 @pytest.fixture(scope="session")

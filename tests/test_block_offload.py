@@ -112,3 +112,73 @@ def test_a_shard_cut_short_or_gone_mid_run_is_one_line(tiny_checkpoint, tmp_path
         shard.unlink()
     with torch.no_grad():
         assert torch.equal(low(*inputs), resident(tiny_checkpoint, ckpt.LOW_NOISE_DIR)(*inputs))
+
+
+def converted_pipeline(root, folder, **options):
+    from wan_i2v.execution import ExecutionPlan
+    from wan_i2v.pipeline import I2VPipeline
+
+    plan = ExecutionPlan.for_device("cpu", torch.float32, offload="blocks", fp8=True, converted_dir=folder, **options)
+    return I2VPipeline.load(root, plan)
+
+
+def streamed_files(pipe) -> set:
+    return {fill.file.path for stream in pipe.experts.streams.values() for block in stream.fills for fill in block}
+
+
+def test_fp8_blocks_stream_from_a_copy_converted_once_with_the_same_video(tiny_checkpoint, tmp_path, monkeypatch):
+    from test_lora import expert_weights, lightx2v_lora
+
+    from wan_i2v.pipeline import I2VPipeline
+    from wan_i2v.video import demo_image
+
+    run = dict(seed=3, progress=False, max_area=64 * 96, frame_num=5, steps=3)
+    folder = tmp_path / "converted"
+    # The reference: FP8 with every expert on the device, quantized as it loads.
+    expected = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, fp8=True).generate(demo_image(), "a boat", **run).latents
+
+    first = converted_pipeline(tiny_checkpoint, folder)  # writes the copies
+    copies = sorted(folder.glob(f"*/{ckpt.SAFETENSORS_FILE}"))
+    written = [path.stat().st_mtime_ns for path in copies]
+    assert len(copies) == 2  # one per expert
+    assert streamed_files(first) == {str(path) for path in copies}
+    # The copy holds 1 byte a block weight where the (fp32) checkpoint holds 4.
+    stored = sum(path.stat().st_size for path in (tiny_checkpoint / ckpt.HIGH_NOISE_DIR).glob("*.safetensors"))
+    assert copies[0].stat().st_size < 0.5 * stored
+    assert torch.equal(first.generate(demo_image(), "a boat", **run).latents, expected)
+
+    again = converted_pipeline(tiny_checkpoint, folder)  # reads them, writes nothing
+    assert sorted(folder.glob(f"*/{ckpt.SAFETENSORS_FILE}")) == copies and [path.stat().st_mtime_ns for path in copies] == written
+    assert torch.equal(again.generate(demo_image(), "a boat", **run).latents, expected)
+
+    # A LoRA makes another copy of its expert, in place of the old one; the other expert's stays.
+    lora = tmp_path / "lora.safetensors"
+    lightx2v_lora(lora, expert_weights(tiny_checkpoint), seed=1)
+    with_lora = converted_pipeline(tiny_checkpoint, folder, loras={"high": [(lora, 0.7)]})
+    now = sorted(folder.glob(f"*/{ckpt.SAFETENSORS_FILE}"))
+    assert len(now) == 2 and len(set(now) & set(copies)) == 1
+    lora_reference = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, fp8=True, loras={"high": [(lora, 0.7)]})
+    assert torch.equal(with_lora.generate(demo_image(), "a boat", **run).latents, lora_reference.generate(demo_image(), "a boat", **run).latents)
+
+
+def test_a_converted_copy_cut_short_is_written_again_and_one_that_does_not_fit_is_not_written(tiny_checkpoint, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    folder = tmp_path / "converted"
+    converted_pipeline(tiny_checkpoint, folder)
+    copy = next(folder.glob(f"*/{ckpt.SAFETENSORS_FILE}"))
+    size = copy.stat().st_size
+    os.truncate(copy, size // 2)
+    (copy.parent / f"{copy.name}.partial-999999").write_bytes(b"left by a writer killed half-way")
+    pipe = converted_pipeline(tiny_checkpoint, folder)
+    assert copy.stat().st_size == size and str(copy) in streamed_files(pipe)
+    assert not list(folder.glob("*/*.partial-*"))
+
+    # No room on the disk: a warning, and the blocks convert as they stream from the checkpoint.
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    with pytest.warns(UserWarning, match=r"converted copy of the high-noise expert \(.*\) does not fit in .* free\)"):
+        pipe = converted_pipeline(tiny_checkpoint, tmp_path / "full")
+    assert all(str(tiny_checkpoint) in path for path in streamed_files(pipe))
+    assert not list((tmp_path / "full").glob("*/*.safetensors*"))

@@ -12,11 +12,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from wan_i2v.errors import WanError, command_line, option
+from wan_i2v.loading.converted import default_converted_dir
 from wan_i2v.loading.lora import Loras
 from wan_i2v.parallel.plan import (
     GiB,
@@ -78,6 +80,8 @@ class ExecutionPlan:
     batch_cfg: bool = False
     keep_text_encoder: bool = False
     loras: Loras = Loras()
+    # Where streamed experts' blocks are kept converted (``loading.converted``); None: they convert as they stream.
+    converted_dir: Path | None = None
 
     @classmethod
     def for_device(cls, device, dtype: torch.dtype | None = None, *, attention: str | None = None, compile: bool | None = None, **options) -> "ExecutionPlan":
@@ -89,6 +93,7 @@ class ExecutionPlan:
         gpu = device.type == "cuda"
         options["offload"] = Offload.parse(options.get("offload"))
         options["loras"] = Loras.of(options.get("loras"))
+        options.setdefault("converted_dir", default_converted_dir())
         return cls(
             device=device,
             dtype=dtype if dtype is not None else (torch.bfloat16 if gpu else torch.float32),

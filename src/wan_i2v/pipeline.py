@@ -31,6 +31,7 @@ from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.kernels.attention import check_kernel
 from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.loading.checkpoint import load_strict, refill, safetensors_source
+from wan_i2v.loading.converted import converted_blocks
 from wan_i2v.loading.staging import StagingRing
 from wan_i2v.loading.lora import LoraFile, Loras, adapted, read_lora
 from wan_i2v.models.dit import DiT, build_dit, keeps_fp32, load_dit, pad_context
@@ -200,7 +201,10 @@ class I2VPipeline:
                 if plan.streams_experts:  # the blocks stay in the files; they stream in as they run
                     apply_plan(expert, plan, parallel)
                     load_outside_blocks(expert, source, ring, plan.dtype, keeps_fp32)
-                    sources[name] = source
+                    sources[name] = source if plan.converted_dir is None else converted_blocks(
+                        expert.blocks, source, ring, folder=plan.converted_dir, dtype=plan.dtype, keep_fp32=keeps_fp32, what=f"{name}-noise", progress=progress,
+                        identity={"dtype": plan.dtype, "fp8": plan.fp8, "device": plan.device.type, "loras": [[lora.sha256, lora.spec.strength] for lora in merged[name]]},
+                    )  # fmt: skip
                 else:
                     load_strict(expert, source, device=device, dtype=plan.dtype, keep_fp32=keeps_fp32, ring=ring)
                     apply_plan(expert, plan, parallel)

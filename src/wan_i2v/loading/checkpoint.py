@@ -109,6 +109,8 @@ class TensorSource:
     rank that holds a shard reads only its rows from the memory-mapped file. ``stored(key)`` says
     where the bytes are, for the staged copies that read them straight into pinned memory;
     ``merges[key]`` is what an adapter adds to the stored value on the device (a LoRA's deltas).
+    A ``converted`` source (``loading.converted``) holds each tensor as the module holds it on the
+    device, merged, rounded and in its owner's form already: its bytes land as they are.
     """
 
     def __init__(
@@ -118,12 +120,14 @@ class TensorSource:
         shapes: Mapping[str, Callable[[], tuple]],
         stored: Mapping[str, Stored] | None = None,
         merges: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        converted: bool = False,
     ):
         self._readers = readers
         self._shapes = shapes
         self._stored = stored or {}
         self.merges = dict(merges or {})
         self.files = files
+        self.converted = converted
 
     def keys(self):
         return self._readers.keys()
@@ -166,8 +170,9 @@ class TensorSource:
         return TensorSource(readers, files, shapes, stored, merges)
 
 
-def safetensors_source(model_dir: Path) -> TensorSource:
-    """All tensors of a diffusers-style model folder: one file, or shards with an index."""
+def safetensors_source(model_dir: Path, converted: bool = False) -> TensorSource:
+    """All tensors of a diffusers-style model folder: one file, or shards with an index (``converted``:
+    a converted copy's folder, see ``TensorSource``)."""
     from safetensors import safe_open
 
     single = model_dir / SAFETENSORS_FILE
@@ -206,7 +211,7 @@ def safetensors_source(model_dir: Path) -> TensorSource:
         absent = sorted(k for k in weight_map if k not in readers)
         if absent:
             raise WanError(f"{index} lists {absent[0]!r} but its shard does not hold it", checkpoint_hint(index))
-    return TensorSource(readers, files, shapes, stored)
+    return TensorSource(readers, files, shapes, stored, converted=converted)
 
 
 # safetensors' dtype names (the ones a checkpoint of ours can hold)
@@ -214,6 +219,9 @@ SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def safetensors_ranges(path: Path) -> dict[str, Stored]:
@@ -339,6 +347,9 @@ def fills(module: nn.Module, source: TensorSource, *, dtype: torch.dtype, keep_f
         if (wanted is not None and full not in wanted) or full not in source.keys():
             continue
         stored = source.stored(full)
+        if source.converted:
+            result.append(Fill(full, stored.dtype, stored.shape, [(owner, local_name)], file=stored.file, tensor=stored.tensor))
+            continue
         merge = source.merges.get(full)
         final = (torch.float32 if keep_fp32(full) else dtype) if stored.dtype.is_floating_point else stored.dtype
         stores = local_name == "weight" and hasattr(owner, "stored_weight")

@@ -22,7 +22,7 @@ video is the resident plan's to the bit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -133,6 +133,15 @@ class BlockStream:
             self._request((index + step) % count)
         for step in range(self.ahead + 1):
             self._fetch((index + step) % count)
+
+    def each_on_device(self) -> Iterator[int]:
+        """Every block in turn on the device, the next on its way: yields its index once its copy has
+        landed (in the compute stream's order), then drops it."""
+        for index in range(len(self.blocks)):
+            self.prefetch(index)
+            self._wait(index)
+            yield index
+            self._drop(index)
 
     def release(self) -> None:
         """Drop every block's device copy, and the reads under way."""
