@@ -119,6 +119,15 @@ def test_demo_runs_from_the_command_line(tmp_path):
     assert frames.shape[0] == 17
 
 
+def test_demo_keeps_an_existing_video(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wan-i2v-demo.mp4").write_bytes(b"an earlier video")
+    assert main(["demo", "--quiet", "--steps", "1", "--frame-num", "5"]) == 0
+    assert (tmp_path / "wan-i2v-demo.mp4").read_bytes() == b"an earlier video"
+    assert mp4_frames(tmp_path / "wan-i2v-demo-1.mp4")[0].shape[0] == 5
+
+
 def assert_same_video(first_path, second_path):
     """Two mp4s of the same frames: libx264's threads may round pixels a level or two apart
     (seen: up to ~1 on average), while different videos differ by tens of levels."""
@@ -409,6 +418,37 @@ def test_an_interrupted_generate_resumes_with_the_same_command(tiny_checkpoint, 
     again, straight = tmp_path / "again.mp4", tmp_path / "straight.pt"
     assert generate(tiny_checkpoint, image_file, again, "--seed", str(seed), "--save-latents", str(straight)) == 0
     assert torch.equal(torch.load(resumed, weights_only=True)["latents"], torch.load(straight, weights_only=True)["latents"])
+
+
+def test_decode_refuses_to_overwrite_unless_asked(tiny_checkpoint, image_file, tmp_path, capsys):
+    out, latents = tmp_path / "out.mp4", tmp_path / "run.pt"
+    assert generate(tiny_checkpoint, image_file, out, "--save-latents", str(latents)) == 0
+    kept = out.read_bytes()
+    decode = ["decode", str(latents), "--save-file", str(out), "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu", "--quiet"]
+    capsys.readouterr()
+    assert main(decode) == 2
+    assert error_line(capsys) == f"wan-i2v: error: {out} exists (give another --save-file, or add --overwrite to replace it)"
+    assert out.read_bytes() == kept
+    assert main([*decode, "--overwrite"]) == 0
+
+
+def test_every_command_has_help_and_one_error_prefix(capsys):
+    assert main(["decode", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--save-latents" in help_text and "the .mp4 to write" in help_text
+    assert main(["generate", "--image"]) == 2
+    assert error_line(capsys).startswith("wan-i2v: error: argument --image: expected one argument (see `wan-i2v generate --help`)")
+
+
+def test_an_unrecognized_option_points_to_the_commands_help(capsys):
+    assert main(["generate", "--image", "x.png", "--prompt", "p", "--no-such-option", "1"]) == 2
+    assert error_line(capsys) == "wan-i2v: error: unrecognized arguments: --no-such-option 1 (see `wan-i2v generate --help`)"
+
+
+def test_the_guide_scale_help_says_one_or_two_values(capsys):
+    assert main(["generate", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--guide-scale LOW [HIGH]" in help_text and "HIGH ...]" not in help_text
 
 
 def test_decode_refuses_other_files(tiny_checkpoint, tmp_path, capsys):

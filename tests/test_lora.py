@@ -167,6 +167,11 @@ def test_lora_spec_parses_an_optional_strength():
     assert LoraSpec.parse("C:/x/style.safetensors") == LoraSpec("C:/x/style.safetensors", 1.0)
 
 
+def test_a_lora_strength_that_is_not_a_number_is_refused():
+    with pytest.raises(WanError, match="the LoRA strength 'abc' in a.safetensors:abc is not a number"):
+        LoraSpec.parse("a.safetensors:abc")
+
+
 def test_image_embedding_keys_are_skipped_with_one_warning(tiny_checkpoint, tmp_path):
     weights = expert_weights(tiny_checkpoint)
     path = tmp_path / "with_img.safetensors"

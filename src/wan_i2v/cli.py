@@ -175,17 +175,17 @@ def _check_free_space(save_file: Path, frame_num: int, height: int, width: int) 
     check_space(save_file.parent, needed, "free some space or choose another --save-file")
 
 
-def _fresh_output() -> Path:
-    """The default output: wan-i2v-output.mp4, or the first -N.mp4 free, so that runs never overwrite
-    each other's videos; a name whose run was interrupted (its state file is there) is taken again,
-    so that the same command resumes it."""
-    stem, n = Path(DEFAULT_OUTPUT).stem, 0
+def _fresh_output(default: str = DEFAULT_OUTPUT) -> Path:
+    """The default output: wan-i2v-output.mp4 (or the demo's), else the first -N.mp4 free, so that runs
+    never overwrite each other's videos; a name whose run was interrupted (its state file is there) is
+    taken again, so that the same command resumes it."""
+    stem, n = Path(default).stem, 0
     while True:
-        path = Path(f"{stem}-{n}.mp4" if n else DEFAULT_OUTPUT)
+        path = Path(f"{stem}-{n}.mp4" if n else default)
         free = not path.exists() or path.with_suffix(".state.pt").is_file()
         if free and not locks.held(_lock_path(path)):  # (a state file with its lock held is a run in progress)
             if n and _is_main():
-                print(f"wan-i2v: writing {path} ({DEFAULT_OUTPUT} exists)", file=sys.stderr)
+                print(f"wan-i2v: writing {path} ({default} exists)", file=sys.stderr)
             return path
         n += 1
 
@@ -434,6 +434,8 @@ def cmd_decode(args) -> int:
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != 16:
         raise WanError(f"{source} is not a wan-i2v latents file", "give the file written by --save-latents")
     save_file = _mp4_path(args.save_file, "--save-file")
+    if save_file.exists() and not args.overwrite:
+        raise WanError(f"{save_file} exists", "give another --save-file, or add --overwrite to replace it")
     check_writable(save_file)
     device = args.device or runs.default_device()
     runs.check_device(device)
@@ -455,7 +457,7 @@ def cmd_demo(args) -> int:
 
     _sampling_defaults(args)
     _guide_pair(args)  # checked before the model is made
-    save_file = _mp4_path(args.save_file, "--save-file")
+    save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output(DEMO_FILE)
     check_writable(save_file)
     ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")
     print(f"demo: tiny random model in {ckpt_dir} (random weights: the video is noise-like, not a real video)", file=sys.stderr)
@@ -521,9 +523,21 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Formatter(argparse.HelpFormatter):
+    def _format_args(self, action, default_metavar):
+        # One or two values (LOW [HIGH]), not argparse's "LOW [HIGH ...]" that suggests more.
+        if action.nargs == "+" and isinstance(action.metavar, tuple) and len(action.metavar) == 2:
+            return "%s [%s]" % action.metavar
+        return super()._format_args(action, default_metavar)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, formatter_class=_Formatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        # The prefix of every other error, and the help of the command that was typed.
+        self.exit(2, f"wan-i2v: error: {message} (see `{self.prog} --help`)\n")
 
 
 def run_options(p) -> None:
@@ -620,8 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(srv)
 
     dec = sub.add_parser("decode", help="decode saved latents to mp4 again")
-    dec.add_argument("latents")
-    dec.add_argument("--save-file", required=True)
+    dec.add_argument("latents", help="a file written by `generate --save-latents` (or left by a run stopped while decoding)")
+    dec.add_argument("--save-file", "--save_file", required=True, help="the .mp4 to write")
+    dec.add_argument("--overwrite", action="store_true", help="replace --save-file if it exists (default: refuse)")
     dec.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
     dec.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
     dec.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
@@ -632,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny random model on the CPU")
     sampling_options(demo, frame_num=17, steps=12, prompt_required=False, seed=0)
     demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
-    demo.add_argument("--save-file", default=DEMO_FILE, help=f"default {DEMO_FILE}")
+    demo.add_argument("--save-file", default=None, help=f"default {DEMO_FILE}, or {Path(DEMO_FILE).stem}-N.mp4 when that exists")
     demo.set_defaults(func=cmd_demo)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the official layout")
@@ -643,13 +658,17 @@ def build_parser() -> argparse.ArgumentParser:
     from wan_i2v.cache import add_cache_parser
 
     add_cache_parser(sub)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # pointed at the typed command's --help, where the options are
+            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exit_:
         return exit_.code
     try:

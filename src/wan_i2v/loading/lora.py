@@ -63,7 +63,9 @@ class LoraSpec:
             try:
                 return cls(path, float(strength))
             except ValueError:
-                pass  # a colon that belongs to the path
+                # After a .safetensors name the colon was meant for a strength; elsewhere it is the path's.
+                if path.endswith(".safetensors") and not text.endswith(".safetensors"):
+                    raise WanError(f"the LoRA strength {strength!r} in {text} is not a number", f"give a number such as {path}:0.8") from None
         return cls(text)
 
 
