@@ -451,6 +451,31 @@ def test_the_guide_scale_help_says_one_or_two_values(capsys):
     assert "--guide-scale LOW [HIGH]" in help_text and "HIGH ...]" not in help_text
 
 
+def test_the_official_command_line_runs_unchanged(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "official.mp4"
+    assert main(["generate", "--task", "i2v-A14B", "--size", "64*96", "--ckpt_dir", str(tiny_checkpoint), "--offload_model", "True",
+                 "--convert_model_dtype", "--t5_cpu", "--image", str(image_file), "--prompt", "a boat", "--sample_solver", "dpm++",
+                 "--sample_steps", "2", "--sample_shift", "3", "--sample_guide_scale", "4", "--base_seed", "7", "--frame_num", "5",
+                 "--save_file", str(out), "--device", "cpu", "--quiet", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    # --offload_model True is --offload experts, --convert_model_dtype is --dtype bf16.
+    assert "one expert on the GPU at a time" in plan and "numerics: bf16 weights" in plan, plan
+
+
+def test_the_official_multi_gpu_options_force_the_same_plan(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "official.mp4"
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dit_fsdp", "--t5_fsdp", "--ulysses_size", "2", "--dry-run") == 0
+    # (left to itself, the plan for 2 GPUs is CFG parallel 2, Ulysses 1)
+    assert capsys.readouterr().out.splitlines()[0] == "plan: 2 GPUs, no CFG parallel, Ulysses 2; experts and text encoder sharded (FSDP); on CPU processes"
+
+
+@pytest.mark.parametrize("task", ["t2v-A14B", "ti2v-5B", "s2v-14B"])
+def test_other_official_tasks_are_refused_in_one_line(task, capsys):
+    assert main(["generate", "--task", task, "--image", "x.png", "--prompt", "p"]) == 2
+    assert error_line(capsys) == (f"wan-i2v: error: argument --task: task '{task}' is not run here: wan-i2v runs i2v-A14B only "
+                                  "(see `wan-i2v generate --help`)")
+
+
 def test_decode_refuses_other_files(tiny_checkpoint, tmp_path, capsys):
     wrong = tmp_path / "wrong.pt"
     torch.save({"format": "wan-i2v-latents/1", "latents": torch.zeros(8, 3, 4, 4)}, wrong)

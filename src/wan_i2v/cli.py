@@ -17,6 +17,7 @@ from wan_i2v.errors import WanError, is_out_of_memory, on_the_command_line
 
 DEMO_FILE = "wan-i2v-demo.mp4"
 DEFAULT_OUTPUT = "wan-i2v-output.mp4"
+OFFICIAL_TASK = "i2v-A14B"
 
 
 def _home() -> Path:
@@ -127,6 +128,14 @@ def _guide_pair(args) -> tuple[float, float]:
     from wan_i2v.config import guide_pair
 
     return guide_pair(args.guide_scale)
+
+
+def _official_meanings(args) -> None:
+    """The official generate.py's options, set as the options of ours that mean the same."""
+    if args.offload_model and args.offload is None:
+        args.offload = "experts"  # (the official offload moves each model off the GPU after its use)
+    if args.convert_model_dtype and args.dtype is None:
+        args.dtype = "bf16"  # the official param_dtype
 
 
 def _is_main() -> bool:
@@ -308,6 +317,7 @@ def cmd_generate(args) -> int:
     from wan_i2v.parallel.groups import launched
     from wan_i2v.video import check_writable, load_image
 
+    _official_meanings(args)
     _sampling_defaults(args)
     max_area, preset_shift = parse_size(args.size)
     shift = args.shift if args.shift is not None else (preset_shift or 5.0)
@@ -514,6 +524,20 @@ def _guide_scale(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _task(text: str) -> str:
+    if text != OFFICIAL_TASK:
+        raise argparse.ArgumentTypeError(f"task {text!r} is not run here: wan-i2v runs {OFFICIAL_TASK} only")
+    return text
+
+
+def _official_bool(text: str) -> bool:
+    """True or False as the official script's str2bool reads them."""
+    meaning = {"yes": True, "true": True, "t": True, "y": True, "1": True, "no": False, "false": False, "f": False, "n": False, "0": False}.get(text.lower())
+    if meaning is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not True or False")
+    return meaning
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -572,6 +596,19 @@ def run_options(p) -> None:
                           "by rounding (default: off, the same video as one GPU to the bit)")  # fmt: skip
 
 
+def official_options(p) -> None:
+    """The official generate.py's I2V options that ours do not already spell its way, so that its
+    command lines run unchanged (README: The official command lines)."""
+    off = p.add_argument_group("the official generate.py's options")
+    off.add_argument("--task", type=_task, default=OFFICIAL_TASK, help=f"{OFFICIAL_TASK}, the only task run here")
+    off.add_argument("--offload_model", type=_official_bool, default=None, metavar="True|False",
+                     help="True: --offload experts; False: no offload asked (the plan still offloads what does not fit)")
+    off.add_argument("--convert_model_dtype", action="store_true", help="--dtype bf16")
+    off.add_argument("--t5_cpu", action="store_true", help="accepted; the plan places the text encoder (README: The official command lines)")
+    off.add_argument("--t5_fsdp", "--dit_fsdp", dest="fsdp", action="store_true", help="--fsdp (it shards both)")
+    off.add_argument("--ulysses_size", dest="ulysses", type=int, metavar="U", help="--ulysses")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wan_i2v.config import MAX_STEPS
     from wan_i2v.sampling.schedulers import SOLVERS
@@ -593,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "no guidance, one forward per step)")
         p.add_argument("--seed", "--base_seed", type=_seed, default=seed,
                        help="default (or -1): random, printed and stored in the mp4" if seed is None else f"default {seed}: the same video each time (-1: random)")
-        p.add_argument("--solver", choices=SOLVERS, default=None,
+        p.add_argument("--solver", "--sample_solver", choices=SOLVERS, default=None,
                        help="unipc (default, the official), dpm++, or euler (the distilled models' 4-step schedule; default with --distilled)")
         p.add_argument("--distilled", action="store_true",
                        help="sample as the 4-step distilled models (Lightning LoRAs, distilled checkpoints) are: "
@@ -610,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
     run_options(gen)
+    official_options(gen)
     gen.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
     gen.set_defaults(func=cmd_generate)
 
