@@ -349,6 +349,19 @@ def test_impossible_plans(tiny_checkpoint, image_file, tmp_path, capsys, args, m
     assert not out.exists()
 
 
+def test_several_gpus_without_a_gpu_need_device_cpu(tiny_checkpoint, image_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "o.mp4"
+    args = ["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "x", "--save-file", str(out)]
+    assert main([*args, "--gpus", "2"]) == 2
+    assert error_line(capsys) == ("wan-i2v: error: 2 GPUs asked for but no GPU is visible "
+                                  "(check the GPU driver (nvidia-smi), or give --device cpu to run 2 processes on the CPU)")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the same under torchrun, whose world size is the GPUs asked for
+    assert main(args) == 2
+    assert "2 GPUs asked for but no GPU is visible" in error_line(capsys)
+    assert not out.exists()
+
+
 def test_more_gpus_than_the_machine_has(tiny_checkpoint, image_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

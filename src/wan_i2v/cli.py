@@ -258,15 +258,21 @@ def _run_options(args):
 CPU_PARAMETERS_LIMIT = 2e9
 
 
-def _run_device(asked: str | None, ckpt_dir: Path) -> str:
+def _run_device(asked: str | None, ckpt_dir: Path, gpus: int | None) -> str:
     """``--device``, else the GPU. With no GPU visible the run goes to the CPU only for a small model
-    (a tiny test checkpoint), and says so; the real model there would take hours, so it needs --device cpu."""
+    (a tiny test checkpoint) in one process, and says so; the real model there would take hours, and
+    several processes were asked for GPUs, so those need --device cpu."""
     from wan_i2v import session as runs
+    from wan_i2v.parallel.groups import env_world
 
     if asked:
         runs.check_device(asked)
         return asked
     device = runs.default_device()
+    processes = gpus or env_world()
+    if device == "cpu" and processes > 1:
+        raise WanError(f"{processes} GPUs asked for but no GPU is visible",
+                       f"check the GPU driver (nvidia-smi), or give --device cpu to run {processes} processes on the CPU")
     if device == "cpu":
         from wan_i2v.parallel.plan import model_sizes
 
@@ -345,7 +351,7 @@ def cmd_generate(args) -> int:
 
         check_checkpoint_dir(ckpt_dir)
     # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
-    device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir)
+    device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir, args.gpus)
     world = runs.world_size(options, device, planning_only=args.dry_run)
     height, width = video_size(image.height, image.width, max_area)
     if _is_main() and not args.dry_run:
@@ -403,7 +409,7 @@ def cmd_serve(args) -> int:
                            "leave it out for the queue in --state-dir (the servers of one machine)")  # fmt: skip
     options = replace(_run_options(args), loras=_loras(args), guided=any(g != 1 for g in guide))
     options = replace(options, ckpt_dir=runs.checkpoint_dir(options))
-    device = _run_device(options.device, options.ckpt_dir)
+    device = _run_device(options.device, options.ckpt_dir, options.gpus)
     options = replace(options, device=device)
     world = runs.world_size(options, device)
     height, width = video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
