@@ -292,11 +292,19 @@ def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys
     assert capsys.readouterr().out.startswith("plan: 4 GPUs, no CFG parallel, Ulysses 4; experts and text encoder sharded (FSDP); on CPU processes")
 
 
-def test_dry_run_shows_the_plan_then_the_refusal_the_run_would_give(tiny_checkpoint, image_file, tmp_path, capsys):
+def test_a_dry_run_says_what_the_run_would_write_and_writes_nothing(tiny_checkpoint, image_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wan-i2v-output.mp4").write_bytes(b"an earlier video")
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "x", *TINY_RUN, "--dry-run"]) == 0
+    assert "wan-i2v: the run would write wan-i2v-output-1.mp4 (wan-i2v-output.mp4 exists)" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "wan-i2v-output.mp4"]
+
+
+def test_a_refused_combination_is_the_refusal_alone_without_a_plan(tiny_checkpoint, image_file, tmp_path, capsys):
     out = tmp_path / "out.mp4"
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--fsdp", "--offload", "blocks", "--dry-run") == 2
     captured = capsys.readouterr()
-    assert captured.out.startswith("plan: 2 GPUs") and "numerics: fp32 weights, sdpa attention, fp32 decode" in captured.out
+    assert captured.out == ""  # a combination refused has no plan to show: the refusal alone
     assert captured.err.strip() == "wan-i2v: error: --offload blocks does not combine with --fsdp (FSDP's own offload is --fsdp --offload)"
     # The run itself refuses it the same way, before loading anything.
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--fsdp", "--offload", "blocks") == 2

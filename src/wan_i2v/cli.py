@@ -184,7 +184,7 @@ def _check_free_space(save_file: Path, frame_num: int, height: int, width: int) 
     check_space(save_file.parent, needed, "free some space or choose another --save-file")
 
 
-def _fresh_output(default: str = DEFAULT_OUTPUT) -> Path:
+def _fresh_output(default: str = DEFAULT_OUTPUT, *, dry_run: bool = False) -> Path:
     """The default output: wan-i2v-output.mp4 (or the demo's), else the first -N.mp4 free, so that runs
     never overwrite each other's videos; a name whose run was interrupted (its state file is there) is
     taken again, so that the same command resumes it."""
@@ -194,7 +194,7 @@ def _fresh_output(default: str = DEFAULT_OUTPUT) -> Path:
         free = not path.exists() or path.with_suffix(".state.pt").is_file()
         if free and not locks.held(_lock_path(path)):  # (a state file with its lock held is a run in progress)
             if n and _is_main():
-                print(f"wan-i2v: writing {path} ({default} exists)", file=sys.stderr)
+                print(f"wan-i2v: {'the run would write' if dry_run else 'writing'} {path} ({default} exists)", file=sys.stderr)
             return path
         n += 1
 
@@ -287,7 +287,7 @@ def _run_device(asked: str | None, ckpt_dir: Path, gpus: int | None) -> str:
 
 
 def _checked_plan(options, device: str, plan_with):
-    """``plan_with(options)``, its refusals raised (a combination refused, a video that fits nowhere).
+    """``plan_with(options)``, a refused combination raised (whether it fits is `_check_fits`'s).
     On the CPU, --fp8, which would only slow the run there (FP8 emulated), is dropped with a word;
     --offload holds there too: the experts then stay in the checkpoint's files, not in host memory."""
     from dataclasses import replace
@@ -297,7 +297,6 @@ def _checked_plan(options, device: str, plan_with):
         options = replace(options, fp8=False)
     planned = plan_with(options)
     planned.plan.check()
-    _check_fits(planned)
     return options, planned
 
 
@@ -332,7 +331,7 @@ def cmd_generate(args) -> int:
     # Everything the user typed is checked before minutes of model loading.
     GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
     image = load_image(args.image)
-    save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output()
+    save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output(dry_run=args.dry_run)
     latents_file = Path(args.save_latents) if args.save_latents else save_file.with_suffix(".latents.pt")
     if args.save_latents and latents_file.resolve() == save_file.resolve():
         raise WanError(f"--save-latents {args.save_latents} is the --save-file too", "give the latents another name, such as out.latents.pt")
@@ -362,14 +361,11 @@ def cmd_generate(args) -> int:
                              ckpt_dir=ckpt_dir, query_gpu=not launching, spawned=world > 1 and not launched())  # fmt: skip
 
     shape = (height, width, dit_tokens(args.frame_num, height, width))
-    try:
-        options, planned = _checked_plan(options, device, plan_with)
-    except WanError:
-        if args.dry_run:  # the plan it refuses, then the refusal the run would give
-            _explain(plan_with(options), shape, args)
-        raise
+    options, planned = _checked_plan(options, device, plan_with)  # a refused combination is one line, with no plan
     if args.dry_run:
         _explain(planned, shape, args)  # as the run would go (on the CPU without --fp8 and --offload)
+    _check_fits(planned)  # after the plan a dry run shows: the refusal the run would give
+    if args.dry_run:
         return 0
     _keep_compiled_code()
     loading_started = time.perf_counter()
@@ -416,6 +412,7 @@ def cmd_serve(args) -> int:
     options, planned = _checked_plan(options, device, lambda options: runs.plan_for(
         options, height=height, width=width, frame_num=args.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
         query_gpu=world == 1 or launched(), spawned=world > 1 and not launched()))  # fmt: skip
+    _check_fits(planned)
     _keep_compiled_code()
 
     def open_session():
