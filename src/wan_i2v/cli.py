@@ -704,15 +704,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # pointed at the typed command's --help, where the options are
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        args, unknown = parser.parse_known_args(argv)
-        if unknown:  # pointed at the typed command's --help, where the options are
-            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    except SystemExit as exit_:
-        return exit_.code
-    try:
+        try:
+            # (inside the handlers below: a Ctrl-C during the imports that reading the options makes is an interrupt too)
+            args = _parse(argv)
+        except SystemExit as exit_:  # --help, or argparse's one-line error
+            return exit_.code
         with _one_line_warnings(), on_the_command_line():
             return args.func(args)
     except WanError as exc:
