@@ -119,6 +119,15 @@ def test_demo_runs_from_the_command_line(tmp_path):
     assert frames.shape[0] == 17
 
 
+def test_demo_keeps_an_existing_video(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wan-i2v-demo.mp4").write_bytes(b"an earlier video")
+    assert main(["demo", "--quiet", "--steps", "1", "--frame-num", "5"]) == 0
+    assert (tmp_path / "wan-i2v-demo.mp4").read_bytes() == b"an earlier video"
+    assert mp4_frames(tmp_path / "wan-i2v-demo-1.mp4")[0].shape[0] == 5
+
+
 def assert_same_video(first_path, second_path):
     """Two mp4s of the same frames: libx264's threads may round pixels a level or two apart
     (seen: up to ~1 on average), while different videos differ by tens of levels."""
@@ -283,11 +292,19 @@ def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys
     assert capsys.readouterr().out.startswith("plan: 4 GPUs, no CFG parallel, Ulysses 4; experts and text encoder sharded (FSDP); on CPU processes")
 
 
-def test_dry_run_shows_the_plan_then_the_refusal_the_run_would_give(tiny_checkpoint, image_file, tmp_path, capsys):
+def test_a_dry_run_says_what_the_run_would_write_and_writes_nothing(tiny_checkpoint, image_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wan-i2v-output.mp4").write_bytes(b"an earlier video")
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "x", *TINY_RUN, "--dry-run"]) == 0
+    assert "wan-i2v: the run would write wan-i2v-output-1.mp4 (wan-i2v-output.mp4 exists)" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "wan-i2v-output.mp4"]
+
+
+def test_a_refused_combination_is_the_refusal_alone_without_a_plan(tiny_checkpoint, image_file, tmp_path, capsys):
     out = tmp_path / "out.mp4"
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--fsdp", "--offload", "blocks", "--dry-run") == 2
     captured = capsys.readouterr()
-    assert captured.out.startswith("plan: 2 GPUs") and "numerics: fp32 weights, sdpa attention, fp32 decode" in captured.out
+    assert captured.out == ""  # a combination refused has no plan to show: the refusal alone
     assert captured.err.strip() == "wan-i2v: error: --offload blocks does not combine with --fsdp (FSDP's own offload is --fsdp --offload)"
     # The run itself refuses it the same way, before loading anything.
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--fsdp", "--offload", "blocks") == 2
@@ -337,6 +354,19 @@ def test_impossible_plans(tiny_checkpoint, image_file, tmp_path, capsys, args, m
     out = tmp_path / "out.mp4"
     assert generate(tiny_checkpoint, image_file, out, *args) == 2
     assert re.search(message, error_line(capsys))
+    assert not out.exists()
+
+
+def test_several_gpus_without_a_gpu_need_device_cpu(tiny_checkpoint, image_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "o.mp4"
+    args = ["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "x", "--save-file", str(out)]
+    assert main([*args, "--gpus", "2"]) == 2
+    assert error_line(capsys) == ("wan-i2v: error: 2 GPUs asked for but no GPU is visible "
+                                  "(check the GPU driver (nvidia-smi), or give --device cpu to run 2 processes on the CPU)")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the same under torchrun, whose world size is the GPUs asked for
+    assert main(args) == 2
+    assert "2 GPUs asked for but no GPU is visible" in error_line(capsys)
     assert not out.exists()
 
 
@@ -409,6 +439,62 @@ def test_an_interrupted_generate_resumes_with_the_same_command(tiny_checkpoint, 
     again, straight = tmp_path / "again.mp4", tmp_path / "straight.pt"
     assert generate(tiny_checkpoint, image_file, again, "--seed", str(seed), "--save-latents", str(straight)) == 0
     assert torch.equal(torch.load(resumed, weights_only=True)["latents"], torch.load(straight, weights_only=True)["latents"])
+
+
+def test_decode_refuses_to_overwrite_unless_asked(tiny_checkpoint, image_file, tmp_path, capsys):
+    out, latents = tmp_path / "out.mp4", tmp_path / "run.pt"
+    assert generate(tiny_checkpoint, image_file, out, "--save-latents", str(latents)) == 0
+    kept = out.read_bytes()
+    decode = ["decode", str(latents), "--save-file", str(out), "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu", "--quiet"]
+    capsys.readouterr()
+    assert main(decode) == 2
+    assert error_line(capsys) == f"wan-i2v: error: {out} exists (give another --save-file, or add --overwrite to replace it)"
+    assert out.read_bytes() == kept
+    assert main([*decode, "--overwrite"]) == 0
+
+
+def test_every_command_has_help_and_one_error_prefix(capsys):
+    assert main(["decode", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--save-latents" in help_text and "the .mp4 to write" in help_text
+    assert main(["generate", "--image"]) == 2
+    assert error_line(capsys).startswith("wan-i2v: error: argument --image: expected one argument (see `wan-i2v generate --help`)")
+
+
+def test_an_unrecognized_option_points_to_the_commands_help(capsys):
+    assert main(["generate", "--image", "x.png", "--prompt", "p", "--no-such-option", "1"]) == 2
+    assert error_line(capsys) == "wan-i2v: error: unrecognized arguments: --no-such-option 1 (see `wan-i2v generate --help`)"
+
+
+def test_the_guide_scale_help_says_one_or_two_values(capsys):
+    assert main(["generate", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--guide-scale LOW [HIGH]" in help_text and "HIGH ...]" not in help_text
+
+
+def test_the_official_command_line_runs_unchanged(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "official.mp4"
+    assert main(["generate", "--task", "i2v-A14B", "--size", "64*96", "--ckpt_dir", str(tiny_checkpoint), "--offload_model", "True",
+                 "--convert_model_dtype", "--t5_cpu", "--image", str(image_file), "--prompt", "a boat", "--sample_solver", "dpm++",
+                 "--sample_steps", "2", "--sample_shift", "3", "--sample_guide_scale", "4", "--base_seed", "7", "--frame_num", "5",
+                 "--save_file", str(out), "--device", "cpu", "--quiet", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    # --offload_model True is --offload experts, --convert_model_dtype is --dtype bf16.
+    assert "one expert on the GPU at a time" in plan and "numerics: bf16 weights" in plan, plan
+
+
+def test_the_official_multi_gpu_options_force_the_same_plan(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "official.mp4"
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dit_fsdp", "--t5_fsdp", "--ulysses_size", "2", "--dry-run") == 0
+    # (left to itself, the plan for 2 GPUs is CFG parallel 2, Ulysses 1)
+    assert capsys.readouterr().out.splitlines()[0] == "plan: 2 GPUs, no CFG parallel, Ulysses 2; experts and text encoder sharded (FSDP); on CPU processes"
+
+
+@pytest.mark.parametrize("task", ["t2v-A14B", "ti2v-5B", "s2v-14B"])
+def test_other_official_tasks_are_refused_in_one_line(task, capsys):
+    assert main(["generate", "--task", task, "--image", "x.png", "--prompt", "p"]) == 2
+    assert error_line(capsys) == (f"wan-i2v: error: argument --task: task '{task}' is not run here: wan-i2v runs i2v-A14B only "
+                                  "(see `wan-i2v generate --help`)")
 
 
 def test_decode_refuses_other_files(tiny_checkpoint, tmp_path, capsys):

@@ -161,10 +161,43 @@ def test_loras_switch_on_an_fp8_pipeline_as_if_loaded_with_them(tiny_checkpoint,
     assert all(torch.equal(back[key], plain[key]) for key in back)
 
 
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_peft_and_kohya_files_give_lightx2v_s_delta(layout, tiny_checkpoint, tmp_path):
+    from wan_i2v.loading.checkpoint import safetensors_source
+    from wan_i2v.loading.lora import read_lora
+
+    weights, rank, alpha = expert_weights(tiny_checkpoint), 4, 2.0
+    reference, other = {}, {}
+    for i, name in enumerate(TARGETS):
+        module = name.removesuffix(".weight")
+        down, up = random_pair(weights[name], rank, i)
+        reference.update({f"diffusion_model.{module}.lora_down.weight": down, f"diffusion_model.{module}.lora_up.weight": up,
+                          f"diffusion_model.{module}.alpha": torch.tensor(alpha)})
+        if layout == "kohya":
+            kohya = "lora_unet_" + module.replace(".", "_")
+            other.update({f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up, f"{kohya}.alpha": torch.tensor(alpha)})
+        else:  # PEFT saves no alpha here: its scale alpha/rank = 0.5 is in lora_B
+            other.update({f"base_model.model.{module}.lora_A.weight": down, f"base_model.model.{module}.lora_B.weight": up * (alpha / rank)})
+    save_file(reference, str(tmp_path / "lightx2v.safetensors"))
+    save_file(other, str(tmp_path / f"{layout}.safetensors"))
+    base = safetensors_source(tiny_checkpoint / "high_noise_model")
+    expected = read_lora(LoraSpec(str(tmp_path / "lightx2v.safetensors")), base).deltas
+    got = read_lora(LoraSpec(str(tmp_path / f"{layout}.safetensors")), base).deltas
+    assert sorted(got) == sorted(expected) == sorted(TARGETS)
+    for name in TARGETS:
+        # (scaling by 0.5, a power of two, before or after the product rounds the same: equal to the bit)
+        assert torch.equal(got[name].tensor(None, torch.device("cpu")), expected[name].tensor(None, torch.device("cpu")))
+
+
 def test_lora_spec_parses_an_optional_strength():
     assert LoraSpec.parse("style.safetensors") == LoraSpec("style.safetensors", 1.0)
     assert LoraSpec.parse("/x/style.safetensors:0.6") == LoraSpec("/x/style.safetensors", 0.6)
     assert LoraSpec.parse("C:/x/style.safetensors") == LoraSpec("C:/x/style.safetensors", 1.0)
+
+
+def test_a_lora_strength_that_is_not_a_number_is_refused():
+    with pytest.raises(WanError, match="the LoRA strength 'abc' in a.safetensors:abc is not a number"):
+        LoraSpec.parse("a.safetensors:abc")
 
 
 def test_image_embedding_keys_are_skipped_with_one_warning(tiny_checkpoint, tmp_path):

@@ -93,4 +93,4 @@ def test_a_memory_size_that_is_not_a_positive_number_is_one_line(flag, value, tm
     Image.new("RGB", (64, 48)).save(image)
     assert main(["generate", "--image", str(image), "--prompt", "x", "--dry-run", flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"wan-i2v generate: error: argument {flag}: "), err
+    assert len(err) == 1 and err[0].startswith(f"wan-i2v: error: argument {flag}: "), err

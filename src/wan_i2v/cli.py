@@ -17,6 +17,7 @@ from wan_i2v.errors import WanError, is_out_of_memory, on_the_command_line
 
 DEMO_FILE = "wan-i2v-demo.mp4"
 DEFAULT_OUTPUT = "wan-i2v-output.mp4"
+OFFICIAL_TASK = "i2v-A14B"
 
 
 def _home() -> Path:
@@ -129,6 +130,14 @@ def _guide_pair(args) -> tuple[float, float]:
     return guide_pair(args.guide_scale)
 
 
+def _official_meanings(args) -> None:
+    """The official generate.py's options, set as the options of ours that mean the same."""
+    if args.offload_model and args.offload is None:
+        args.offload = "experts"  # (the official offload moves each model off the GPU after its use)
+    if args.convert_model_dtype and args.dtype is None:
+        args.dtype = "bf16"  # the official param_dtype
+
+
 def _is_main() -> bool:
     from wan_i2v.parallel.groups import env_rank
 
@@ -175,17 +184,17 @@ def _check_free_space(save_file: Path, frame_num: int, height: int, width: int) 
     check_space(save_file.parent, needed, "free some space or choose another --save-file")
 
 
-def _fresh_output() -> Path:
-    """The default output: wan-i2v-output.mp4, or the first -N.mp4 free, so that runs never overwrite
-    each other's videos; a name whose run was interrupted (its state file is there) is taken again,
-    so that the same command resumes it."""
-    stem, n = Path(DEFAULT_OUTPUT).stem, 0
+def _fresh_output(default: str = DEFAULT_OUTPUT, *, dry_run: bool = False) -> Path:
+    """The default output: wan-i2v-output.mp4 (or the demo's), else the first -N.mp4 free, so that runs
+    never overwrite each other's videos; a name whose run was interrupted (its state file is there) is
+    taken again, so that the same command resumes it."""
+    stem, n = Path(default).stem, 0
     while True:
-        path = Path(f"{stem}-{n}.mp4" if n else DEFAULT_OUTPUT)
+        path = Path(f"{stem}-{n}.mp4" if n else default)
         free = not path.exists() or path.with_suffix(".state.pt").is_file()
         if free and not locks.held(_lock_path(path)):  # (a state file with its lock held is a run in progress)
             if n and _is_main():
-                print(f"wan-i2v: writing {path} ({DEFAULT_OUTPUT} exists)", file=sys.stderr)
+                print(f"wan-i2v: {'the run would write' if dry_run else 'writing'} {path} ({default} exists)", file=sys.stderr)
             return path
         n += 1
 
@@ -249,15 +258,21 @@ def _run_options(args):
 CPU_PARAMETERS_LIMIT = 2e9
 
 
-def _run_device(asked: str | None, ckpt_dir: Path) -> str:
+def _run_device(asked: str | None, ckpt_dir: Path, gpus: int | None) -> str:
     """``--device``, else the GPU. With no GPU visible the run goes to the CPU only for a small model
-    (a tiny test checkpoint), and says so; the real model there would take hours, so it needs --device cpu."""
+    (a tiny test checkpoint) in one process, and says so; the real model there would take hours, and
+    several processes were asked for GPUs, so those need --device cpu."""
     from wan_i2v import session as runs
+    from wan_i2v.parallel.groups import env_world
 
     if asked:
         runs.check_device(asked)
         return asked
     device = runs.default_device()
+    processes = gpus or env_world()
+    if device == "cpu" and processes > 1:
+        raise WanError(f"{processes} GPUs asked for but no GPU is visible",
+                       f"check the GPU driver (nvidia-smi), or give --device cpu to run {processes} processes on the CPU")
     if device == "cpu":
         from wan_i2v.parallel.plan import model_sizes
 
@@ -272,7 +287,7 @@ def _run_device(asked: str | None, ckpt_dir: Path) -> str:
 
 
 def _checked_plan(options, device: str, plan_with):
-    """``plan_with(options)``, its refusals raised (a combination refused, a video that fits nowhere).
+    """``plan_with(options)``, a refused combination raised (whether it fits is `_check_fits`'s).
     On the CPU, --fp8, which would only slow the run there (FP8 emulated), is dropped with a word;
     --offload holds there too: the experts then stay in the checkpoint's files, not in host memory."""
     from dataclasses import replace
@@ -282,7 +297,6 @@ def _checked_plan(options, device: str, plan_with):
         options = replace(options, fp8=False)
     planned = plan_with(options)
     planned.plan.check()
-    _check_fits(planned)
     return options, planned
 
 
@@ -308,6 +322,7 @@ def cmd_generate(args) -> int:
     from wan_i2v.parallel.groups import launched
     from wan_i2v.video import check_writable, load_image
 
+    _official_meanings(args)
     _sampling_defaults(args)
     max_area, preset_shift = parse_size(args.size)
     shift = args.shift if args.shift is not None else (preset_shift or 5.0)
@@ -316,7 +331,7 @@ def cmd_generate(args) -> int:
     # Everything the user typed is checked before minutes of model loading.
     GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
     image = load_image(args.image)
-    save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output()
+    save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output(dry_run=args.dry_run)
     latents_file = Path(args.save_latents) if args.save_latents else save_file.with_suffix(".latents.pt")
     if args.save_latents and latents_file.resolve() == save_file.resolve():
         raise WanError(f"--save-latents {args.save_latents} is the --save-file too", "give the latents another name, such as out.latents.pt")
@@ -335,7 +350,7 @@ def cmd_generate(args) -> int:
 
         check_checkpoint_dir(ckpt_dir)
     # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
-    device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir)
+    device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir, args.gpus)
     world = runs.world_size(options, device, planning_only=args.dry_run)
     height, width = video_size(image.height, image.width, max_area)
     if _is_main() and not args.dry_run:
@@ -346,14 +361,11 @@ def cmd_generate(args) -> int:
                              ckpt_dir=ckpt_dir, query_gpu=not launching, spawned=world > 1 and not launched())  # fmt: skip
 
     shape = (height, width, dit_tokens(args.frame_num, height, width))
-    try:
-        options, planned = _checked_plan(options, device, plan_with)
-    except WanError:
-        if args.dry_run:  # the plan it refuses, then the refusal the run would give
-            _explain(plan_with(options), shape, args)
-        raise
+    options, planned = _checked_plan(options, device, plan_with)  # a refused combination is one line, with no plan
     if args.dry_run:
         _explain(planned, shape, args)  # as the run would go (on the CPU without --fp8 and --offload)
+    _check_fits(planned)  # after the plan a dry run shows: the refusal the run would give
+    if args.dry_run:
         return 0
     _keep_compiled_code()
     loading_started = time.perf_counter()
@@ -393,13 +405,14 @@ def cmd_serve(args) -> int:
                            "leave it out for the queue in --state-dir (the servers of one machine)")  # fmt: skip
     options = replace(_run_options(args), loras=_loras(args), guided=any(g != 1 for g in guide))
     options = replace(options, ckpt_dir=runs.checkpoint_dir(options))
-    device = _run_device(options.device, options.ckpt_dir)
+    device = _run_device(options.device, options.ckpt_dir, options.gpus)
     options = replace(options, device=device)
     world = runs.world_size(options, device)
     height, width = video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
     options, planned = _checked_plan(options, device, lambda options: runs.plan_for(
         options, height=height, width=width, frame_num=args.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
         query_gpu=world == 1 or launched(), spawned=world > 1 and not launched()))  # fmt: skip
+    _check_fits(planned)
     _keep_compiled_code()
 
     def open_session():
@@ -434,6 +447,8 @@ def cmd_decode(args) -> int:
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != 16:
         raise WanError(f"{source} is not a wan-i2v latents file", "give the file written by --save-latents")
     save_file = _mp4_path(args.save_file, "--save-file")
+    if save_file.exists() and not args.overwrite:
+        raise WanError(f"{save_file} exists", "give another --save-file, or add --overwrite to replace it")
     check_writable(save_file)
     device = args.device or runs.default_device()
     runs.check_device(device)
@@ -455,7 +470,7 @@ def cmd_demo(args) -> int:
 
     _sampling_defaults(args)
     _guide_pair(args)  # checked before the model is made
-    save_file = _mp4_path(args.save_file, "--save-file")
+    save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output(DEMO_FILE)
     check_writable(save_file)
     ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")
     print(f"demo: tiny random model in {ckpt_dir} (random weights: the video is noise-like, not a real video)", file=sys.stderr)
@@ -512,6 +527,20 @@ def _guide_scale(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _task(text: str) -> str:
+    if text != OFFICIAL_TASK:
+        raise argparse.ArgumentTypeError(f"task {text!r} is not run here: wan-i2v runs {OFFICIAL_TASK} only")
+    return text
+
+
+def _official_bool(text: str) -> bool:
+    """True or False as the official script's str2bool reads them."""
+    meaning = {"yes": True, "true": True, "t": True, "y": True, "1": True, "no": False, "false": False, "f": False, "n": False, "0": False}.get(text.lower())
+    if meaning is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not True or False")
+    return meaning
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -521,9 +550,21 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Formatter(argparse.HelpFormatter):
+    def _format_args(self, action, default_metavar):
+        # One or two values (LOW [HIGH]), not argparse's "LOW [HIGH ...]" that suggests more.
+        if action.nargs == "+" and isinstance(action.metavar, tuple) and len(action.metavar) == 2:
+            return "%s [%s]" % action.metavar
+        return super()._format_args(action, default_metavar)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, formatter_class=_Formatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        # The prefix of every other error, and the help of the command that was typed.
+        self.exit(2, f"wan-i2v: error: {message} (see `{self.prog} --help`)\n")
 
 
 def run_options(p) -> None:
@@ -558,6 +599,19 @@ def run_options(p) -> None:
                           "by rounding (default: off, the same video as one GPU to the bit)")  # fmt: skip
 
 
+def official_options(p) -> None:
+    """The official generate.py's I2V options that ours do not already spell its way, so that its
+    command lines run unchanged (README: The official command lines)."""
+    off = p.add_argument_group("the official generate.py's options")
+    off.add_argument("--task", type=_task, default=OFFICIAL_TASK, help=f"{OFFICIAL_TASK}, the only task run here")
+    off.add_argument("--offload_model", type=_official_bool, default=None, metavar="True|False",
+                     help="True: --offload experts; False: no offload asked (the plan still offloads what does not fit)")
+    off.add_argument("--convert_model_dtype", action="store_true", help="--dtype bf16")
+    off.add_argument("--t5_cpu", action="store_true", help="accepted; the plan places the text encoder (README: The official command lines)")
+    off.add_argument("--t5_fsdp", "--dit_fsdp", dest="fsdp", action="store_true", help="--fsdp (it shards both)")
+    off.add_argument("--ulysses_size", dest="ulysses", type=int, metavar="U", help="--ulysses")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wan_i2v.config import MAX_STEPS
     from wan_i2v.sampling.schedulers import SOLVERS
@@ -579,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "no guidance, one forward per step)")
         p.add_argument("--seed", "--base_seed", type=_seed, default=seed,
                        help="default (or -1): random, printed and stored in the mp4" if seed is None else f"default {seed}: the same video each time (-1: random)")
-        p.add_argument("--solver", choices=SOLVERS, default=None,
+        p.add_argument("--solver", "--sample_solver", choices=SOLVERS, default=None,
                        help="unipc (default, the official), dpm++, or euler (the distilled models' 4-step schedule; default with --distilled)")
         p.add_argument("--distilled", action="store_true",
                        help="sample as the 4-step distilled models (Lightning LoRAs, distilled checkpoints) are: "
@@ -596,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
     run_options(gen)
+    official_options(gen)
     gen.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
     gen.set_defaults(func=cmd_generate)
 
@@ -620,8 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(srv)
 
     dec = sub.add_parser("decode", help="decode saved latents to mp4 again")
-    dec.add_argument("latents")
-    dec.add_argument("--save-file", required=True)
+    dec.add_argument("latents", help="a file written by `generate --save-latents` (or left by a run stopped while decoding)")
+    dec.add_argument("--save-file", "--save_file", required=True, help="the .mp4 to write")
+    dec.add_argument("--overwrite", action="store_true", help="replace --save-file if it exists (default: refuse)")
     dec.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
     dec.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
     dec.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
@@ -632,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny random model on the CPU")
     sampling_options(demo, frame_num=17, steps=12, prompt_required=False, seed=0)
     demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
-    demo.add_argument("--save-file", default=DEMO_FILE, help=f"default {DEMO_FILE}")
+    demo.add_argument("--save-file", default=None, help=f"default {DEMO_FILE}, or {Path(DEMO_FILE).stem}-N.mp4 when that exists")
     demo.set_defaults(func=cmd_demo)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the official layout")
@@ -643,16 +699,26 @@ def build_parser() -> argparse.ArgumentParser:
     from wan_i2v.cache import add_cache_parser
 
     add_cache_parser(sub)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # pointed at the typed command's --help, where the options are
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code
-    try:
+        try:
+            # (inside the handlers below: a Ctrl-C during the imports that reading the options makes is an interrupt too)
+            args = _parse(argv)
+        except SystemExit as exit_:  # --help, or argparse's one-line error
+            return exit_.code
         with _one_line_warnings(), on_the_command_line():
             return args.func(args)
     except WanError as exc:

@@ -12,6 +12,9 @@ Formats, told apart by their keys (``.safetensors`` only):
   ``.diff_m`` (``blocks.N.diff_m``: the block's modulation);
 - PEFT / ComfyUI repacks: ``.lora_A.weight`` (down), ``.lora_B.weight`` (up), optional ``.alpha``,
   with the prefix ``diffusion_model.``, ``model.diffusion_model.`` or none;
+- PEFT ``save_pretrained``: the same suffixes with the prefix ``base_model.model.``;
+- Kohya / musubi-tuner (most ComfyUI Wan LoRAs): ``lora_unet_<official path, dots as underscores>``
+  with ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``;
 - diffusers: the same suffixes on diffusers' names with the prefix ``transformer.``.
 """
 
@@ -42,7 +45,10 @@ SUFFIXES = (
     (".diff_m", "diff", ".modulation"),
     (".diff", "diff", ".weight"),
 )
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
+# Kohya's and musubi-tuner's keys: the module path with its dots written as underscores
+# (lora_unet_blocks_0_self_attn_q), read back through the model's own names.
+KOHYA_PREFIX = "lora_unet_"
 # Layers of Wan2.1-I2V's CLIP image branch, which Wan2.2-I2V does not have; some lightx2v files carry them.
 IMAGE_EMBEDDING = re.compile(r"(^|\.)(img_emb|k_img|v_img|norm_k_img)(\.|$)")
 NOT_FOR_THIS_MODEL = "the LoRA is for another model (it must be for Wan2.2-I2V-A14B's 14B transformer)"
@@ -63,7 +69,9 @@ class LoraSpec:
             try:
                 return cls(path, float(strength))
             except ValueError:
-                pass  # a colon that belongs to the path
+                # After a .safetensors name the colon was meant for a strength; elsewhere it is the path's.
+                if path.endswith(".safetensors") and not text.endswith(".safetensors"):
+                    raise WanError(f"the LoRA strength {strength!r} in {text} is not a number", f"give a number such as {path}:0.8") from None
         return cls(text)
 
 
@@ -146,6 +154,7 @@ def read_lora(spec: LoraSpec, base: TensorSource) -> LoraFile:
         raise WanError(f"cannot read LoRA file {path}: {exc}", "it may be incomplete or not a safetensors file") from None
     names = set(base.keys())
     from_diffusers = diffusers_to_official(names)
+    from_kohya = {KOHYA_PREFIX + module.replace(".", "_"): module for module in (name.rpartition(".")[0] for name in names)}
     parts: dict[str, dict] = {}
     skipped = 0
     for key, value in tensors.items():
@@ -157,7 +166,7 @@ def read_lora(spec: LoraSpec, base: TensorSource) -> LoraFile:
         if IMAGE_EMBEDDING.search(module):
             skipped += 1
             continue
-        name = _parameter_name(module, target, names, from_diffusers)
+        name = _parameter_name(module, target, names, from_diffusers, from_kohya)
         if name is None:
             raise WanError(f"{path}: key {key!r} matches no parameter of the model", NOT_FOR_THIS_MODEL)
         parts.setdefault(name, {})[role] = value
@@ -185,8 +194,11 @@ def read_lora(spec: LoraSpec, base: TensorSource) -> LoraFile:
     return lora
 
 
-def _parameter_name(module: str, target: str, names: set[str], from_diffusers: dict[str, str]) -> str | None:
+def _parameter_name(module: str, target: str, names: set[str], from_diffusers: dict[str, str], from_kohya: dict[str, str]) -> str | None:
     """The official parameter a key's module path (with its prefix) changes, or None."""
+    if module.startswith(KOHYA_PREFIX):
+        official = from_kohya.get(module)
+        return None if official is None else official + target
     for prefix in PREFIXES:
         if module.startswith(prefix):
             module = module[len(prefix) :]
