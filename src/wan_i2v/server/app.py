@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import secrets
@@ -20,7 +21,7 @@ from wan_i2v.errors import WanError
 from wan_i2v.server.store import FINISHED, JobStore, QueueFull, QueueUnreachable
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
-OPEN_PATHS = {"/", "/health"}
+OPEN_PATHS = {"/", "/health", "/favicon.ico"}
 JSON_SAFE_SEEDS = 2**53  # drawn seeds stay exact in JavaScript's numbers (the page, most JSON clients)
 
 
@@ -212,7 +213,8 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     @app.get("/health")
     def health():
         counts = store.counts()
-        body = {"status": runner.status, "queued": counts["queued"], "in_progress": counts["in_progress"]}
+        body = {"status": runner.status, "queued": counts["queued"], "in_progress": counts["in_progress"],
+                "defaults": dataclasses.asdict(defaults)}  # what a request's missing fields become (the page shows them)
         return JSONResponse(body, status_code=503 if runner.status == "failed" else 200)
 
     registry = _metrics_registry(store, runner)
@@ -229,7 +231,26 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     def page():
         return HTMLResponse(page_html)
 
+    favicon = _favicon()
+
+    @app.get("/favicon.ico")
+    def icon():
+        return Response(favicon, media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"})
+
     return app
+
+
+def _favicon() -> bytes:
+    """A plain blue square with a white play triangle, drawn once (browsers ask for it on every page)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGBA", (32, 32), (53, 83, 209, 255))
+    ImageDraw.Draw(picture).polygon([(11, 8), (11, 24), (24, 16)], fill="white")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="ICO", sizes=[(32, 32)])
+    return buffer.getvalue()
 
 
 def _check_image(image: bytes, filename: str | None, max_area: int) -> None:
