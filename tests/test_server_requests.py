@@ -166,3 +166,18 @@ def test_a_full_queue_is_429_with_retry_after(tmp_path):
         full = submit(client)
         assert_error(full, 429, "try again later")
         assert int(full.headers["Retry-After"]) > 0
+
+
+def test_eight_parallel_50_mp_uploads_leave_the_server_alive_and_small(client):
+    import resource
+    from concurrent.futures import ThreadPoolExecutor
+
+    buffer = io.BytesIO()
+    Image.new("1", (7000, 7000)).save(buffer, format="PNG")  # 49 MP, a phone photo's size, in a few KiB
+    photo = buffer.getvalue()
+    resident_before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: submit(client, image=photo), range(8)))
+    assert [answer.status_code for answer in answers] == [200] * 8, answers[0].text
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (the server runs in this process)
+    assert peak - resident_before <= 2**30

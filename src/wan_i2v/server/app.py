@@ -166,7 +166,7 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
             check_text_fields(form)
             check_openai_fields(form)
             settings = job_settings(form, defaults)
-            await run_in_threadpool(check_image, image, upload.filename, settings["max_area"])
+            await check_image(image, upload.filename, settings["max_area"])
         except WanError as exc:
             fail(400, str(exc))
         try:

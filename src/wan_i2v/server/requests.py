@@ -4,8 +4,9 @@ few decoded at a time), and an idempotency key reused only for the same request.
 
 from __future__ import annotations
 
+import asyncio
 import io
-import threading
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 
 from wan_i2v.errors import WanError
@@ -14,7 +15,9 @@ MAX_IMAGE_PIXELS = 64_000_000  # phone photos reach 50 MP; a decoded 64 MP image
 MODEL = "wan2.2-i2v-a14b"
 MAX_IDEMPOTENCY_KEY = 255  # as Stripe's
 TEXT_FIELDS = ("model", "seconds", "prompt", "negative_prompt", "size", "frame_num", "steps", "guide_scale", "shift", "seed", "solver")
-_decoding = threading.BoundedSemaphore(2)  # each decode holds up to ~200 MB: two at a time bound the server's memory
+# Each decode holds up to ~200 MB, and a thread's malloc arena keeps what it once held: two threads
+# of their own (not a semaphore in the request pool's many threads) bound both the decodes and the arenas.
+_decoders = ThreadPoolExecutor(2, thread_name_prefix="image-decode")
 
 
 class TooLarge(Exception):
@@ -67,9 +70,13 @@ def check_openai_fields(form) -> None:
         raise WanError(f"model {model!r} is not served here: only {MODEL!r} (or leave model out)")
 
 
-def check_image(image: bytes, filename: str | None, max_area: int) -> None:
+async def check_image(image: bytes, filename: str | None, max_area: int) -> None:
     """Refuse an image too large to decode from its header's size alone, then decode it (two at a
     time at most) to check that it is a whole image of a usable shape."""
+    await asyncio.get_running_loop().run_in_executor(_decoders, _check_image, image, filename, max_area)
+
+
+def _check_image(image: bytes, filename: str | None, max_area: int) -> None:
     from PIL import Image
 
     from wan_i2v.config import video_size
@@ -89,8 +96,7 @@ def check_image(image: bytes, filename: str | None, max_area: int) -> None:
         width = height = 0  # not an image Pillow knows: load_image says so in its own words
     if width * height > MAX_IMAGE_PIXELS:
         raise WanError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} MP), {limit}", hint)
-    with _decoding:
-        picture = load_image(image, name=name)
+    picture = load_image(image, name=name)
     video_size(picture.height, picture.width, max_area)
 
 
