@@ -49,8 +49,13 @@ def serving(state_dir, max_queued: int):
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    with serving(tmp_path_factory.mktemp("requests") / "state", max_queued=50) as url:
+def state_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("requests") / "state"
+
+
+@pytest.fixture(scope="module")
+def base_url(state_dir):
+    with serving(state_dir, max_queued=50) as url:
         yield url
 
 
@@ -181,3 +186,17 @@ def test_eight_parallel_50_mp_uploads_leave_the_server_alive_and_small(client):
     assert [answer.status_code for answer in answers] == [200] * 8, answers[0].text
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (the server runs in this process)
     assert peak - resident_before <= 2**30
+
+
+def test_head_on_content_answers_like_get_without_a_body(state_dir, client):
+    job = submit(client).json()
+    assert client.head(f"/v1/videos/{job['id']}/content").status_code == 404  # queued: no content yet, as GET says
+    worker = JobStore(state_dir)  # a second server of the same queue runs the job (this app's runner is a stand-in)
+    while (claimed := worker.claim()) is not None and claimed.id != job["id"]:
+        worker.finish(claimed.id, "failed", error="not this test's")
+    worker.video_path(job["id"]).write_bytes(b"\x00" * 1234)
+    assert worker.finish(job["id"], "completed")
+    worker.close()
+    head = client.head(f"/v1/videos/{job['id']}/content")
+    assert head.status_code == 200 and head.headers["content-length"] == "1234" and head.content == b""
+    assert head.headers["content-type"] == "video/mp4"

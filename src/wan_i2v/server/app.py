@@ -200,7 +200,7 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     def retrieve(job_id: str):
         return found(job_id).public()
 
-    @app.get("/v1/videos/{job_id}/content")
+    @app.api_route("/v1/videos/{job_id}/content", methods=["GET", "HEAD"])
     def content(job_id: str, variant: str = "video"):
         if variant != "video":
             fail(400, f"variant {variant!r} is not served: only variant=video (the mp4)")
