@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+from dataclasses import replace
 
 import httpx2
 import pytest
@@ -30,11 +31,11 @@ class CountingRunner:
 
 
 @contextlib.contextmanager
-def serving(state_dir, max_queued: int):
+def serving(state_dir, max_queued: int, capacity=None):
     """The app over a real store in ``state_dir``, on a free port; yields its URL."""
     store = JobStore(state_dir, max_queued=max_queued)
     app = create_app(store, CountingRunner(), max_upload_bytes=LIMIT_MB * 2**20,
-                     defaults=JobDefaults(size="96*160", frame_num=5, steps=2))  # fmt: skip
+                     defaults=JobDefaults(size="96*160", frame_num=5, steps=2), capacity=capacity)  # fmt: skip
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -200,3 +201,24 @@ def test_head_on_content_answers_like_get_without_a_body(state_dir, client):
     head = client.head(f"/v1/videos/{job['id']}/content")
     assert head.status_code == 200 and head.headers["content-length"] == "1234" and head.content == b""
     assert head.headers["content-type"] == "video/mp4"
+
+
+# point 1: the loaded plan's estimate decides what a request may ask
+def test_a_request_beyond_the_plan_is_refused_and_models_says_what_fits(tiny_checkpoint, tmp_path):
+    from wan_i2v.parallel.plan import model_sizes
+    from wan_i2v.server.capacity import Capacity
+    from wan_i2v.session import RunOptions, plan_for
+
+    # The tiny model on the CPU, planned for 4 GiB of host memory (its own videos need about 2)
+    options = RunOptions(ckpt_dir=tiny_checkpoint, device="cpu", dtype="fp32", host_memory=4)
+    planned = plan_for(options, height=96, width=160, frame_num=5, device="cpu", world=1, ckpt_dir=tiny_checkpoint)
+    capacity = Capacity(planned, model_sizes(tiny_checkpoint, 4))
+    with serving(tmp_path / "state", max_queued=5, capacity=capacity) as url, httpx2.Client(base_url=url, timeout=30) as client:
+        assert_error(submit(client, size="2048*2048", frame_num=321), 400, "does not fit the memory", "frame_num", "/v1/models")
+        assert submit(client, frame_num=321).status_code == 200  # its own size, every frame count: about 2 GiB
+        model = client.get("/v1/models").json()["data"][0]
+        assert model["id"] == "wan2.2-i2v-a14b" and model["max_frame_num"] == {"160x80": 321}  # (16:9 within 96*160, as the server plans)
+    roomier = Capacity(plan_for(replace(options, host_memory=8), height=96, width=160, frame_num=5, device="cpu", world=1,
+                                ckpt_dir=tiny_checkpoint), model_sizes(tiny_checkpoint, 4))  # fmt: skip
+    largest = roomier.largest_frame_num(2048, 2048)  # 8 GiB: a few frames of 2048x2048, not 321
+    assert 5 <= largest < 321 and roomier.fits(largest, 2048, 2048) and not roomier.fits(largest + 4, 2048, 2048)

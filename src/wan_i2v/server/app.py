@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError
-from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying, same_request
+from wan_i2v.server.capacity import Capacity
+from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, MODEL, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying, same_request
 from wan_i2v.server.store import FINISHED, JobStore, QueueFull, QueueUnreachable
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
@@ -99,8 +100,9 @@ def job_settings(form, defaults: JobDefaults) -> dict:
 
 
 def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_bytes: int = 50 * 2**20,
-               defaults: JobDefaults = JobDefaults()) -> FastAPI:  # fmt: skip
-    """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``."""
+               defaults: JobDefaults = JobDefaults(), capacity: Capacity | None = None) -> FastAPI:  # fmt: skip
+    """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``;
+    ``capacity`` (the loaded plan's) refuses the videos that would not fit (None: no limit)."""
     app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None)
 
     def fail(status: int, message: str):
@@ -166,9 +168,11 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
             check_text_fields(form)
             check_openai_fields(form)
             settings = job_settings(form, defaults)
-            await check_image(image, upload.filename, settings["max_area"])
+            height, width = await check_image(image, upload.filename, settings["max_area"])
         except WanError as exc:
             fail(400, str(exc))
+        if capacity is not None and (refusal := await run_in_threadpool(capacity.refusal, settings["frame_num"], height, width)):
+            fail(400, refusal)
         try:
             job, created = await run_in_threadpool(store.submit, image, settings, key)
         except QueueFull as exc:
@@ -244,6 +248,16 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
                 quiet += 0.25
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/models")
+    def models():
+        from wan_i2v.config import parse_size, video_size
+
+        height, width = video_size(720, 1280, parse_size(defaults.size)[0])  # (the shape the server was planned for)
+        model = {"id": MODEL, "object": "model", "owned_by": "wan-i2v", "default_size": defaults.size, "default_frame_num": defaults.frame_num}
+        if capacity is not None:
+            model["max_frame_num"] = {f"{width}x{height}": capacity.largest_frame_num(height, width)}
+        return {"object": "list", "data": [model]}
 
     @app.get("/health")
     def health():

@@ -70,13 +70,13 @@ def check_openai_fields(form) -> None:
         raise WanError(f"model {model!r} is not served here: only {MODEL!r} (or leave model out)")
 
 
-async def check_image(image: bytes, filename: str | None, max_area: int) -> None:
+async def check_image(image: bytes, filename: str | None, max_area: int) -> tuple[int, int]:
     """Refuse an image too large to decode from its header's size alone, then decode it (two at a
-    time at most) to check that it is a whole image of a usable shape."""
-    await asyncio.get_running_loop().run_in_executor(_decoders, _check_image, image, filename, max_area)
+    time at most) to check that it is a whole image of a usable shape; returns the video's (height, width)."""
+    return await asyncio.get_running_loop().run_in_executor(_decoders, _check_image, image, filename, max_area)
 
 
-def _check_image(image: bytes, filename: str | None, max_area: int) -> None:
+def _check_image(image: bytes, filename: str | None, max_area: int) -> tuple[int, int]:
     from PIL import Image
 
     from wan_i2v.config import video_size
@@ -97,7 +97,7 @@ def _check_image(image: bytes, filename: str | None, max_area: int) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise WanError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} MP), {limit}", hint)
     picture = load_image(image, name=name)
-    video_size(picture.height, picture.width, max_area)
+    return video_size(picture.height, picture.width, max_area)
 
 
 def same_request(known_settings: dict, known_image: bytes | None, settings: dict, image: bytes, seed_given: bool) -> bool:
