@@ -82,7 +82,7 @@ def cli_error(capsys, *args) -> str:
 def test_bad_settings_get_the_clis_message(server, client, capsys, fields, cli_args):
     answer = server.submit(client, **fields)
     assert answer.status_code == 400
-    assert answer.json() == {"error": {"message": cli_error(capsys, *cli_args)}}
+    assert answer.json()["error"]["message"] == cli_error(capsys, *cli_args)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_bad_requests(server, client):
     too_big = server.submit(client, image=b"\0" * (2 * 2**20))
     assert too_big.status_code == 413 and "over the limit of 1 MiB" in too_big.json()["error"]["message"]
     unknown = client.get("/v1/videos/video_nope")
-    assert unknown.status_code == 404 and unknown.json() == {"error": {"message": "no video video_nope"}}
+    assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "no video video_nope"
     assert client.get("/v1/videos/video_nope/content").status_code == 404
     assert client.delete("/v1/videos/video_nope").status_code == 404
     assert client.get("/v1/videos", params={"limit": 0}).status_code == 400
@@ -135,8 +135,8 @@ def test_the_token_is_required_except_for_health_and_the_page(server):
 def test_idempotency_key_returns_the_same_job(server, client):
     key = {"Idempotency-Key": "upload-42"}
     first = server.submit(client, headers=key).json()
-    again = server.submit(client, prompt="different", headers=key).json()
-    assert again["id"] == first["id"] and again["prompt"] == "a boat"
+    again = server.submit(client, headers=key).json()
+    assert again["id"] == first["id"] and again["prompt"] == "a boat"  # (another body with the key: 422, test_server_requests.py)
     other = server.submit(client, headers={"Idempotency-Key": "upload-43"}).json()
     assert other["id"] != first["id"]
     server.wait_for(client, other["id"])

@@ -422,9 +422,15 @@ def cmd_serve(args) -> int:
         with open_session() as session:
             session.follow()
         return 0
+    from wan_i2v.parallel.plan import model_sizes
+    from wan_i2v.server.capacity import Capacity
+
     state_dir = Path(args.state_dir) if args.state_dir else _home() / "server"
+    # (the sizes as plan_for read them: the requests are estimated on the plan it made)
+    capacity = Capacity(planned, model_sizes(options.ckpt_dir if Path(options.ckpt_dir).is_dir() else None,
+                                             runs.torch_dtype(options.dtype, device).itemsize), spawned=world > 1 and not launched())  # fmt: skip
     return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, token=token, defaults=defaults,
-                 max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue)  # fmt: skip
+                 max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue, capacity=capacity)  # fmt: skip
 
 
 def cmd_decode(args) -> int:

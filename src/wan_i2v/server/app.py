@@ -15,9 +15,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError
+from wan_i2v.server.capacity import Capacity
+from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, MODEL, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying, same_request
 from wan_i2v.server.store import FINISHED, JobStore, QueueFull, QueueUnreachable
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
@@ -38,12 +41,31 @@ class JobDefaults:
     solver: str = GenerationSettings.solver
 
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "invalid_request_error", 422: "idempotency_error", 429: "rate_limit_error", 503: "server_unavailable"}  # fmt: skip
+RETRY_AFTER_SECONDS = {429: 30, 503: 5}
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """Every error in one shape, the OpenAI API's: {"error": {"message", "type", "code"}}; a refusal
+    that passes with time says when to retry."""
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                      "code": status}}  # fmt: skip
+    headers = dict(headers or {})
+    if status in RETRY_AFTER_SECONDS:
+        headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS[status]))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def _number(form, name: str, kind, default):
     text = form.get(name)
     if text is None or str(text).strip() == "":
         return default
     try:
-        return kind(str(text).strip())
+        written = str(text).strip()
+        if "_" in written:  # Python reads 1_7 as 17; no client means that
+            raise ValueError(written)
+        return kind(written)
     except ValueError:
         raise WanError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {text!r}") from None
 
@@ -79,30 +101,30 @@ def job_settings(form, defaults: JobDefaults) -> dict:
 
 
 def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_bytes: int = 50 * 2**20,
-               defaults: JobDefaults = JobDefaults()) -> FastAPI:  # fmt: skip
-    """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``."""
+               defaults: JobDefaults = JobDefaults(), capacity: Capacity | None = None) -> FastAPI:  # fmt: skip
+    """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``;
+    ``capacity`` (the loaded plan's) refuses the videos that would not fit (None: no limit)."""
     app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None)
 
     def fail(status: int, message: str):
         raise HTTPException(status_code=status, detail=message)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse({"error": {"message": str(exc.detail)}}, status_code=exc.status_code)
+    @app.exception_handler(StarletteHTTPException)  # (the router's own 404 and 405 too)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         where = ".".join(str(part) for part in exc.errors()[0]["loc"][1:]) if exc.errors() else "request"
-        return JSONResponse({"error": {"message": f"{where}: {exc.errors()[0]['msg'] if exc.errors() else 'invalid'}"}}, status_code=400)
+        return error_response(400, f"{where}: {exc.errors()[0]['msg'] if exc.errors() else 'invalid'}")
 
     @app.exception_handler(QueueUnreachable)
     async def unreachable(request: Request, exc: QueueUnreachable):  # a database restarting: the client may retry (the log says why)
-        return JSONResponse({"error": {"message": "the job queue is unreachable for now; try again in a few seconds"}}, status_code=503,
-                            headers={"Retry-After": "5"})  # fmt: skip
+        return error_response(503, "the job queue is unreachable for now; try again in a few seconds")
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):  # (the traceback goes to the server's log, not to the client)
-        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}"}}, status_code=500)
+        return error_response(500, f"internal error: {type(exc).__name__}")
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -122,11 +144,19 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
 
     @app.post("/v1/videos")
     async def create(request: Request):
+        limit_text = f"the limit of {max_upload_bytes / 2**20:.0f} MiB (the server's --max-upload-mb)"
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_upload_bytes:
-            fail(413, f"the upload is {int(length) / 2**20:.1f} MiB, over the limit of {max_upload_bytes / 2**20:.0f} MiB")
+            fail(413, f"the upload is {int(length) / 2**20:.1f} MiB, over {limit_text}")
+        key = request.headers.get("idempotency-key") or None
+        if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
+            fail(400, f"the Idempotency-Key header is {len(key)} characters long; at most {MAX_IDEMPOTENCY_KEY}")
         try:
-            form = await request.form()
+            body = await read_limited(request, max_upload_bytes)
+        except TooLarge as exc:
+            fail(413, f"the upload passed {limit_text} after {exc.received / 2**20:.1f} MiB; it was not read further")
+        try:
+            form = await Request(request.scope, replaying(body)).form()
         except Exception as exc:  # not multipart, or cut short
             fail(400, f"send a multipart form with input_reference (the image) and prompt: {exc}")
         upload = form.get("input_reference")
@@ -135,21 +165,29 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         if form.get("prompt") is None:
             fail(400, "prompt is required (it may be empty)")
         image = await upload.read()
-        if len(image) > max_upload_bytes:
-            fail(413, f"the image is {len(image) / 2**20:.1f} MiB, over the limit of {max_upload_bytes / 2**20:.0f} MiB")
         try:
+            check_text_fields(form)
+            check_openai_fields(form)
             settings = job_settings(form, defaults)
-            await run_in_threadpool(_check_image, image, upload.filename, settings["max_area"])
+            height, width = await check_image(image, upload.filename, settings["max_area"])
         except WanError as exc:
             fail(400, str(exc))
-        key = request.headers.get("idempotency-key") or None
+        if capacity is not None and (refusal := await run_in_threadpool(capacity.refusal, settings["frame_num"], height, width)):
+            fail(400, refusal)
         try:
             job, created = await run_in_threadpool(store.submit, image, settings, key)
         except QueueFull as exc:
             fail(429, f"{exc}; try again later")
         if created:
             runner.notify()
+        elif not await run_in_threadpool(_repeats, job, image, settings, _number(form, "seed", int, -1) != -1):
+            fail(422, f"the Idempotency-Key {key!r} was used for another request (job {job.id}); use a new key for a new request")
         return job.public()
+
+    def _repeats(job, image: bytes, settings: dict, seed_given: bool) -> bool:
+        path = store.image_path(job.id)
+        known_image = path.read_bytes() if path.is_file() else None  # (gone once the job is deleted)
+        return same_request(job.settings, known_image, json.loads(json.dumps(settings)), image, seed_given)
 
     @app.get("/v1/videos")
     def listing(limit: int = 20, after: str | None = None):
@@ -167,8 +205,10 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     def retrieve(job_id: str):
         return found(job_id).public()
 
-    @app.get("/v1/videos/{job_id}/content")
-    def content(job_id: str):
+    @app.api_route("/v1/videos/{job_id}/content", methods=["GET", "HEAD"])
+    def content(job_id: str, variant: str = "video"):
+        if variant != "video":
+            fail(400, f"variant {variant!r} is not served: only variant=video (the mp4)")
         job = found(job_id)
         if job.status != "completed":
             fail(404, f"video {job_id} has no content: it is {job.status.replace('_', ' ')}")
@@ -209,6 +249,16 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
                 quiet += 0.25
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/models")
+    def models():
+        from wan_i2v.config import parse_size, video_size
+
+        height, width = video_size(720, 1280, parse_size(defaults.size)[0])  # (the shape the server was planned for)
+        model = {"id": MODEL, "object": "model", "owned_by": "wan-i2v", "default_size": defaults.size, "default_frame_num": defaults.frame_num}
+        if capacity is not None:
+            model["max_frame_num"] = {f"{width}x{height}": capacity.largest_frame_num(height, width)}
+        return {"object": "list", "data": [model]}
 
     @app.get("/health")
     def health():
@@ -251,14 +301,6 @@ def _favicon() -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="ICO", sizes=[(32, 32)])
     return buffer.getvalue()
-
-
-def _check_image(image: bytes, filename: str | None, max_area: int) -> None:
-    from wan_i2v.config import video_size
-    from wan_i2v.video import load_image
-
-    picture = load_image(image, name=f"image {filename or 'input_reference'}")
-    video_size(picture.height, picture.width, max_area)
 
 
 def _metrics_registry(store: JobStore, runner):
