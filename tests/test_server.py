@@ -132,6 +132,58 @@ def test_the_token_is_required_except_for_health_and_the_page(server):
         assert "<form" in anonymous.get("/").text
 
 
+def job_count(client) -> int:
+    families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
+    return int(sum(sample.value for sample in families["wan_i2v_jobs"].samples))
+
+
+def test_a_host_name_not_allowed_is_refused_dns_rebinding(server, client):
+    rebound = client.get("/v1/videos", headers={"Host": "rebind.evil.example"})
+    assert rebound.status_code == 400 and "data" not in rebound.json()
+    assert rebound.json()["error"]["message"] == ("Host rebind.evil.example is not a name of this server; "
+                                                  "its operator may allow it with --allowed-hosts rebind.evil.example")  # fmt: skip
+    assert client.get("/health", headers={"Host": f"rebind.evil.example:{server.port}"}).status_code == 400
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "LOCALHOST", "[::1]:80", "10.0.0.7"):
+        assert client.get("/v1/videos", headers={"Host": host}).status_code == 200, host
+
+
+def test_another_host_name_may_be_allowed():
+    from fastapi.testclient import TestClient
+
+    from wan_i2v.server.app import create_app
+
+    app = create_app(store=None, runner=None, allowed_hosts=("videos.example.com", "*.not-a-pattern"))
+    with TestClient(app) as http:
+        assert http.get("/", headers={"Host": "videos.example.com:8443"}).status_code == 200
+        assert http.get("/", headers={"Host": "other.example.com"}).status_code == 400
+        assert http.get("/", headers={"Host": "a.not-a-pattern"}).status_code == 400
+    with TestClient(create_app(store=None, runner=None, allowed_hosts=("*",))) as http:
+        assert http.get("/", headers={"Host": "anything.example"}).status_code == 200
+
+
+def test_a_cross_site_request_cannot_change_jobs_without_the_token(server):
+    import httpx2
+
+    own = f"http://127.0.0.1:{server.port}"
+    with httpx2.Client(base_url=server.url, cookies={"wan_i2v_token": server.token}, timeout=30) as page:  # the browser's cookie
+        before = job_count(page)
+        forged = server.submit(page, headers={"Origin": "https://evil.example"})
+        assert forged.status_code == 403 and "another site (evil.example)" in forged.json()["error"]["message"]
+        assert server.submit(page, headers={"Origin": "null"}).status_code == 403  # a sandboxed frame or a file
+        assert server.submit(page, headers={"Referer": "http://127.0.0.1.evil.example/x"}).status_code == 403
+        assert job_count(page) == before
+        assert page.get("/v1/videos", headers={"Origin": "https://evil.example"}).status_code == 200  # reading is not changing
+        mine = server.submit(page, headers={"Origin": own, "Referer": f"{own}/"})  # the server's own page
+        assert mine.status_code == 200
+        assert page.delete(f"/v1/videos/{mine.json()['id']}", headers={"Origin": "https://evil.example"}).status_code == 403
+        assert page.get(f"/v1/videos/{mine.json()['id']}").json()["status"] != "cancelled"
+    with server.client() as script:  # the token in its header: not a page's forged request
+        carried = server.submit(script, headers={"Origin": "https://evil.example"})
+        assert carried.status_code == 200
+        assert script.delete(f"/v1/videos/{carried.json()['id']}", headers={"Origin": "https://evil.example"}).status_code == 200
+        server.wait_for(script, mine.json()["id"])
+
+
 def test_idempotency_key_returns_the_same_job(server, client):
     key = {"Idempotency-Key": "upload-42"}
     first = server.submit(client, headers=key).json()

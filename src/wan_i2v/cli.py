@@ -411,7 +411,8 @@ def cmd_serve(args) -> int:
         return 0
     state_dir = Path(args.state_dir) if args.state_dir else _home() / "server"
     return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, token=token, defaults=defaults,
-                 max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue)  # fmt: skip
+                 max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue,
+                 allowed_hosts=tuple(args.allowed_hosts))  # fmt: skip
 
 
 def cmd_decode(args) -> int:
@@ -606,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--queue", default=None, metavar="URL", help="a PostgreSQL database (postgresql://...) that servers on several machines share, "
                      "--state-dir then being a folder they all mount (default: $WAN_I2V_QUEUE, else SQLite in --state-dir: the servers of one machine)")
     srv.add_argument("--token", default=None, help="clients must send Authorization: Bearer TOKEN (default: $WAN_I2V_TOKEN; none on 127.0.0.1)")
+    srv.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
+                     help="the names clients reach the server by, besides IP addresses and localhost (other Host names are refused: "
+                     "DNS rebinding); * allows any, for a proxy that checks them")
     srv.add_argument("--max-queue", type=int, default=1000, help="jobs that may wait; more are refused with 429 (default 1000)")
     srv.add_argument("--max-upload-mb", type=float, default=50, help="the largest image accepted, in MiB (default 50)")
     jobs = srv.add_argument_group("each job's defaults (a request may set its own)")

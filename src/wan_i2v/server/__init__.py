@@ -47,10 +47,12 @@ def check_binding(host: str, port: int, token: str | None) -> None:
 
 
 def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | None, defaults: JobDefaults,
-          max_queued: int = 1000, max_upload_mb: float = 50, queue_url: str | None = None) -> int:  # fmt: skip
+          max_queued: int = 1000, max_upload_mb: float = 50, queue_url: str | None = None,
+          allowed_hosts: tuple[str, ...] = ()) -> int:  # fmt: skip
     """Run the server until interrupted; ``open_session()`` loads the pipeline (in the runner's
     thread: the API answers, and takes jobs, while it loads). ``queue_url``: a PostgreSQL database
-    that servers on several machines share (``state_dir`` is then their shared folder). Returns the
+    that servers on several machines share (``state_dir`` is then their shared folder).
+    ``allowed_hosts``: the names clients reach it by, besides IP addresses and localhost. Returns the
     exit code."""
     store = JobStore(state_dir, max_queued=max_queued, queue_url=queue_url)
     logging.basicConfig(level=logging.INFO, format="wan-i2v: %(message)s", stream=sys.stderr)
@@ -64,7 +66,8 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
         server.should_exit = True
 
     runner = Runner(store, open_session, on_failure=failed)
-    config.app = create_app(store, runner, token=token, max_upload_bytes=int(max_upload_mb * 2**20), defaults=defaults)
+    config.app = create_app(store, runner, token=token, max_upload_bytes=int(max_upload_mb * 2**20), defaults=defaults,
+                            allowed_hosts=allowed_hosts)  # fmt: skip
     counts = store.counts()
     print(f"wan-i2v: serving on http://{host}:{port}/ (queue {store.database.describe()}, files in {state_dir}: "
           f"{counts['queued'] + counts['in_progress']} jobs to run); "

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError
+from wan_i2v.server.access import HostCheck, cross_site_refusal
 from wan_i2v.server.store import FINISHED, JobStore, QueueFull, QueueUnreachable
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
@@ -78,8 +79,9 @@ def job_settings(form, defaults: JobDefaults) -> dict:
 
 
 def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_bytes: int = 50 * 2**20,
-               defaults: JobDefaults = JobDefaults()) -> FastAPI:  # fmt: skip
-    """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``."""
+               defaults: JobDefaults = JobDefaults(), allowed_hosts: tuple[str, ...] = ()) -> FastAPI:  # fmt: skip
+    """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``.
+    ``allowed_hosts``: the names, besides IP addresses and localhost, that clients reach it by."""
     app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None)
 
     def fail(status: int, message: str):
@@ -103,12 +105,21 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     async def internal(request: Request, exc: Exception):  # (the traceback goes to the server's log, not to the client)
         return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}"}}, status_code=500)
 
+    host_check = HostCheck(allowed_hosts)
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
+        header = request.headers.get("authorization", "")
+        refusal = host_check.refusal(request.headers.get("host"))
+        if refusal:
+            return JSONResponse({"error": {"message": refusal}}, status_code=400)
+        bearer = header.lower().startswith("bearer ")
+        refusal = cross_site_refusal(request.method, request.headers, bearer)
+        if refusal:
+            return JSONResponse({"error": {"message": refusal}}, status_code=403)
         if token is not None and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
             # (the page stores the cookie percent-encoded, as cookies must be)
-            given = header[7:] if header.lower().startswith("bearer ") else unquote(request.cookies.get(TOKEN_COOKIE, ""))
+            given = header[7:] if bearer else unquote(request.cookies.get(TOKEN_COOKIE, ""))
             if not secrets.compare_digest(given.encode(), token.encode()):
                 return JSONResponse({"error": {"message": "missing or wrong token (send Authorization: Bearer TOKEN)"}}, status_code=401)
         return await call_next(request)
