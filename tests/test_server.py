@@ -362,6 +362,44 @@ def test_serve_refuses_the_network_without_a_token(capsys):
     assert line.startswith("wan-i2v: error: --host 0.0.0.0 would let anyone") and "--token" in line
 
 
+def test_the_state_is_private_and_the_token_comes_from_a_file(tiny_checkpoint, tmp_path):
+    import os
+    import stat
+
+    import httpx2
+
+    state = tmp_path / "state"
+    (state / "jobs").mkdir(parents=True, mode=0o755)
+    older = state / "notes.txt"  # left by an older version, under a looser umask
+    older.write_text("x")
+    older.chmod(0o644)
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file\n")
+    running = Server(tiny_checkpoint, state, "--token-file", str(token_file), token=None).start()
+    try:
+        assert "from-a-file" not in " ".join(running.process.args)  # out of ps
+        with httpx2.Client(base_url=running.url) as anonymous:
+            assert anonymous.get("/v1/videos").status_code == 401
+        with httpx2.Client(base_url=running.url, headers={"Authorization": "Bearer from-a-file"}, timeout=30) as client:
+            running.wait_for(client, running.submit(client).json()["id"])
+    finally:
+        assert running.stop() == 0
+    modes = {path.relative_to(state).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in (state, *state.rglob("*"))}
+    assert any(name.endswith(".mp4") for name in modes) and "notes.txt" in modes
+    loose = {name: oct(mode) for name, mode in modes.items() if mode != (0o700 if (state / name).is_dir() else 0o600)}
+    assert loose == {}
+
+
+@pytest.mark.parametrize("content,expected", [(None, "cannot read --token-file"), ("\n", "has no token on its first line")])
+def test_a_token_file_missing_or_empty_is_one_line(tmp_path, capsys, content, expected):
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+    assert main(["serve", "--token-file", str(token_file), "--port", str(free_port())]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("wan-i2v: error: ") and expected in line and "\n" not in line
+
+
 def test_serve_refuses_a_port_in_use(server, capsys):
     assert main(["serve", "--port", str(server.port)]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -54,6 +55,7 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
     that servers on several machines share (``state_dir`` is then their shared folder).
     ``allowed_hosts``: the names clients reach it by, besides IP addresses and localhost. Returns the
     exit code."""
+    os.umask(0o077)  # the queue, images and videos are private whatever the shell's umask (the store fixes older files)
     store = JobStore(state_dir, max_queued=max_queued, queue_url=queue_url)
     logging.basicConfig(level=logging.INFO, format="wan-i2v: %(message)s", stream=sys.stderr)
     failure: list[BaseException] = []

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import Collection
@@ -189,6 +191,19 @@ class SQLiteQueue:
         self.liveness.release()
 
 
+def _make_private(root: Path) -> None:
+    """Take away other users' access to what a server of another umask (or an older version) left
+    here: the prompts, images and videos are private. Only this user's own files (a shared folder
+    may hold other users')."""
+    for path in (root, *root.rglob("*")):
+        try:
+            info = path.lstat()
+            if info.st_uid == os.getuid() and not stat.S_ISLNK(info.st_mode):
+                os.chmod(path, 0o700 if stat.S_ISDIR(info.st_mode) else 0o600)
+        except FileNotFoundError:  # removed by another server meanwhile
+            pass
+
+
 class JobStore:
     """The queue (``queue_url``: PostgreSQL, else SQLite in ``state_dir``) and ``state_dir/jobs/<id>/``
     (the image, the saved denoising state, the mp4)."""
@@ -205,6 +220,7 @@ class JobStore:
             (self.root / "jobs").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise WanError(f"cannot use state directory {self.root}: {exc}", "give a writable --state-dir") from None
+        _make_private(self.root)
         self.max_queued = max_queued
         self._reachable = True  # the queue answered last time (its outages are logged once, not at every call)
         self.liveness = self.database.liveness
