@@ -650,3 +650,29 @@ def test_what_a_kill_left_half_written_is_swept_at_the_next_start(tmp_path):
     JobStore(tmp_path / "state")  # the next start
     assert not orphan.exists() and not partial.exists()
     assert fresh_orphan.exists() and store.image_path(kept).is_file()
+
+
+def test_what_a_kill_9_left_is_swept_at_once_when_no_other_server_runs(tmp_path):
+    import subprocess
+    import sys
+
+    # A server killed while it wrote an upload's folder (no row yet) and a job's mp4.
+    killed = subprocess.run([sys.executable, "-c", """if True:
+        import os, sys
+        from wan_i2v.server import JobDefaults, JobStore, job_settings
+        store = JobStore(sys.argv[1])
+        settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+        job = store.submit(b"png", settings)[0].id
+        (store.root / "jobs" / "video_killed_before_its_row").mkdir()
+        (store.job_dir(job) / ".video.abc123.mp4").write_bytes(b"half an mp4")
+        print(job, flush=True)
+        os.kill(os.getpid(), 9)
+    """, str(tmp_path / "state")], capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    job = killed.stdout.strip()
+    jobs = tmp_path / "state" / "jobs"
+    assert (jobs / job / ".video.abc123.mp4").exists()
+    from wan_i2v.server import JobStore
+
+    JobStore(tmp_path / "state")  # the next start, seconds later
+    assert sorted(path.relative_to(jobs).as_posix() for path in jobs.rglob("*")) == [job, f"{job}/input"]

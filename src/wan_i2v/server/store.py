@@ -131,6 +131,11 @@ class FileLiveness:
     def release(self) -> None:
         self._held.close()
 
+    def others_alive(self) -> bool:
+        """Whether another server of this folder runs now (one may be writing files in it)."""
+        mine = f"{self.owner}.lock"
+        return any(path.name != mine and locks.held(path) for path in self.directory.glob("*.lock"))
+
     def gone(self, owner: str, db) -> bool:
         path = self.directory / f"{owner}.lock"
         if locks.held(path):
@@ -239,11 +244,11 @@ class JobStore:
 
     def _sweep(self) -> None:
         """Remove what a kill left behind: a job's folder written before its row was (the row never
-        came) and the temporary files of writes cut short. Only old ones: another server sharing the
-        directory may be writing a new one now."""
+        came) and the temporary files of writes cut short. All of them when no other server runs;
+        otherwise only old ones: that server may be writing a new one now."""
         with self._db() as db:
             known = {row["id"] for row in db.execute("SELECT id FROM jobs")}
-        old = time.time() - SWEEP_AFTER_SECONDS
+        old = time.time() - (SWEEP_AFTER_SECONDS if self.liveness.others_alive() else 0)
 
         def is_old(path: Path) -> bool:
             try:
