@@ -676,3 +676,42 @@ def test_what_a_kill_9_left_is_swept_at_once_when_no_other_server_runs(tmp_path)
 
     JobStore(tmp_path / "state")  # the next start, seconds later
     assert sorted(path.relative_to(jobs).as_posix() for path in jobs.rglob("*")) == [job, f"{job}/input"]
+
+
+def test_a_delete_during_a_download_leaves_the_download_whole(tmp_path):
+    import asyncio
+
+    from wan_i2v.server import JobDefaults, JobStore, create_app, job_settings
+
+    store = JobStore(tmp_path / "state")
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    job = store.submit(png_bytes(), settings)[0].id
+    assert store.claim().id == job
+    video = bytes(range(256)) * 1000  # more than one of FileResponse's chunks
+    store.video_path(job).write_bytes(video)
+    assert store.finish(job, "completed")
+    app = create_app(store, runner=None)
+    sent: list[dict] = []
+
+    async def download():
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+                 "path": f"/v1/videos/{job}/content", "raw_path": b"", "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"127.0.0.1:8000")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}  # fmt: skip
+        requested = asyncio.Event()
+
+        async def receive():
+            if not requested.is_set():
+                requested.set()
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.start" and store.get(job) is not None:
+                assert store.delete(job)  # the DELETE lands between the headers and the body
+
+        await app(scope, receive, send)
+
+    asyncio.run(download())
+    assert sent[0]["status"] == 200 and store.get(job) is None and not store.video_path(job).exists()
+    assert b"".join(message.get("body", b"") for message in sent[1:]) == video

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import secrets
 from urllib.parse import unquote
@@ -182,7 +183,11 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         job = found(job_id)
         if job.status != "completed":
             fail(404, f"video {job_id} has no content: it is {job.status.replace('_', ' ')}")
-        return FileResponse(store.video_path(job_id), media_type="video/mp4", filename=f"{job_id}.mp4")
+        try:
+            video = open(store.video_path(job_id), "rb")
+        except FileNotFoundError:  # deleted since
+            fail(404, f"no video {job_id}")
+        return OpenedFileResponse(video, media_type="video/mp4", filename=f"{job_id}.mp4")
 
     @app.delete("/v1/videos/{job_id}")
     def delete(job_id: str):
@@ -241,6 +246,22 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         return HTMLResponse(page_html)
 
     return app
+
+
+class OpenedFileResponse(FileResponse):
+    """A file opened as its request came (FileResponse opens it by name after sending the headers): a
+    DELETE meanwhile removes the name, and the open file still gives every byte the headers promised.
+    Range requests (a <video> seeking) read through the open file too (/dev/fd reopens the same file)."""
+
+    def __init__(self, handle, **kwargs):
+        self._handle = handle
+        super().__init__(f"/dev/fd/{handle.fileno()}", stat_result=os.fstat(handle.fileno()), **kwargs)
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._handle.close()
 
 
 def _check_image(image: bytes, filename: str | None, max_area: int) -> None:
