@@ -715,3 +715,52 @@ def test_a_delete_during_a_download_leaves_the_download_whole(tmp_path):
     asyncio.run(download())
     assert sent[0]["status"] == 200 and store.get(job) is None and not store.video_path(job).exists()
     assert b"".join(message.get("body", b"") for message in sent[1:]) == video
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 4 MiB file system of its own (tmpfs; mounting needs root, as in CI's container)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("a small file system to fill needs root (mount -t tmpfs)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # (lazy: a failed test may leave files open)
+
+
+def test_a_full_disk_refuses_new_jobs_with_507_and_reads_go_on(small_disk):
+    from fastapi.testclient import TestClient
+
+    from wan_i2v.server import JobStore, create_app
+
+    class IdleRunner:
+        status = "ready"
+
+        def notify(self):
+            pass
+
+    store = JobStore(small_disk / "state")
+    files = {"input_reference": ("input.png", png_bytes(), "image/png")}
+    with TestClient(create_app(store, IdleRunner()), base_url="http://127.0.0.1") as http:
+        kept = http.post("/v1/videos", files=files, data={"prompt": "before"}).json()["id"]
+        filler = small_disk / "filler"
+        with open(filler, "wb") as out, pytest.raises(OSError, match="No space left"):
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        refused = http.post("/v1/videos", files={"input_reference": ("big.png", png_bytes(640, 480, (1, 2, 3)), "image/png")},
+                            data={"prompt": "while full"})  # fmt: skip
+        assert refused.status_code == 507 and refused.json()["error"]["message"].startswith("disk full")
+        assert sorted(path.name for path in (small_disk / "state" / "jobs").iterdir()) == [kept]  # nothing half-made
+        listed = http.get("/v1/videos")
+        assert listed.status_code == 200, listed.text
+        assert [job["id"] for job in listed.json()["data"]] == [kept]
+        assert http.get(f"/v1/videos/{kept}").status_code == 200
+        assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
+        filler.unlink()
+        assert http.post("/v1/videos", files=files, data={"prompt": "after"}).status_code == 200
+    store.close()

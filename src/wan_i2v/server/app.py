@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError
 from wan_i2v.server.access import HostCheck, cross_site_refusal
-from wan_i2v.server.store import FINISHED, JobStore, QueueFull, QueueUnreachable
+from wan_i2v.server.store import FINISHED, DiskFull, JobStore, QueueFull, QueueUnreachable
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
 OPEN_PATHS = {"/", "/health"}
@@ -101,6 +101,10 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     async def unreachable(request: Request, exc: QueueUnreachable):  # a database restarting: the client may retry (the log says why)
         return JSONResponse({"error": {"message": "the job queue is unreachable for now; try again in a few seconds"}}, status_code=503,
                             headers={"Retry-After": "5"})  # fmt: skip
+
+    @app.exception_handler(DiskFull)
+    async def disk_full(request: Request, exc: DiskFull):  # (the operator frees space; reads go on meanwhile)
+        return JSONResponse({"error": {"message": f"{exc}; try again once space is freed"}}, status_code=507)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):  # (the traceback goes to the server's log, not to the client)

@@ -11,6 +11,7 @@ several machines, whose state directory is then one shared folder).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -56,6 +57,18 @@ SCHEMA = (
 )""",
     "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",
 )
+
+
+class DiskFull(Exception):
+    """The state directory's disk has no room for a new job's files (nothing of the job is kept)."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space: by the file system, or by SQLite (its queue file)."""
+    if isinstance(exc, QueueUnreachable):
+        exc = exc.__cause__
+    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            or isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)  # fmt: skip
 
 
 class QueueUnreachable(Exception):
@@ -157,11 +170,11 @@ class SQLiteQueue:
         self.path = root / SQLITE_FILE
         try:
             root.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=60)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")  # kept by the file
-            finally:
-                db.close()
+            # Open while the server runs: the last connection to close removes the -wal and -shm files,
+            # and the next one, a mere read, could not make them again on a full disk.
+            self._keeps_wal_files = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
+            self._keeps_wal_files.execute("PRAGMA journal_mode=WAL")  # kept by the file
+            self._keeps_wal_files.execute("SELECT count(*) FROM sqlite_master").fetchall()  # (a read opens them)
         except (OSError, sqlite3.Error) as exc:
             raise WanError(f"cannot use state directory {root}: {exc}", "give a writable --state-dir") from None
         self.liveness = FileLiveness(root / "owners")
@@ -193,6 +206,7 @@ class SQLiteQueue:
         return str(self.path)
 
     def close(self) -> None:
+        self._keeps_wal_files.close()
         self.liveness.release()
 
 
@@ -308,13 +322,13 @@ class JobStore:
         that key's job instead; a full queue is refused."""
         if idempotency_key is not None and (known := self.by_key(idempotency_key)) is not None:
             return known, False
+        from wan_i2v.video import write_atomically
+
         job_id = f"video_{uuid.uuid4().hex}"
         directory = self.job_dir(job_id)
         directory.mkdir()
-        from wan_i2v.video import write_atomically
-
-        write_atomically(self.image_path(job_id), lambda tmp: tmp.write_bytes(image))
         try:
+            write_atomically(self.image_path(job_id), lambda tmp: tmp.write_bytes(image))
             with self._db(write=True) as db:
                 queued = db.execute("SELECT count(*) AS n FROM jobs WHERE status = 'queued'").fetchone()["n"]
                 if queued >= self.max_queued:
@@ -326,8 +340,10 @@ class JobStore:
         except DuplicateKey:  # the same key, submitted at the same moment by another request
             shutil.rmtree(directory, ignore_errors=True)
             return self.by_key(idempotency_key), False
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(directory, ignore_errors=True)
+            if _is_disk_full(exc):
+                raise DiskFull(f"disk full: no room in {self.root} for a new job") from None
             raise
         return self.get(job_id), True
 
