@@ -65,7 +65,8 @@ class Server:
             command += ["--token", self.token]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with open(self.log, "a") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # (a umask as most shells have: the server must make its files private itself)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, umask=0o022)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

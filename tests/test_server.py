@@ -132,6 +132,58 @@ def test_the_token_is_required_except_for_health_and_the_page(server):
         assert "<form" in anonymous.get("/").text
 
 
+def job_count(client) -> int:
+    families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
+    return int(sum(sample.value for sample in families["wan_i2v_jobs"].samples))
+
+
+def test_a_host_name_not_allowed_is_refused_dns_rebinding(server, client):
+    rebound = client.get("/v1/videos", headers={"Host": "rebind.evil.example"})
+    assert rebound.status_code == 400 and "data" not in rebound.json()
+    assert rebound.json()["error"]["message"] == ("Host rebind.evil.example is not a name of this server; "
+                                                  "its operator may allow it with --allowed-hosts rebind.evil.example")  # fmt: skip
+    assert client.get("/health", headers={"Host": f"rebind.evil.example:{server.port}"}).status_code == 400
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "LOCALHOST", "[::1]:80", "10.0.0.7"):
+        assert client.get("/v1/videos", headers={"Host": host}).status_code == 200, host
+
+
+def test_another_host_name_may_be_allowed():
+    from fastapi.testclient import TestClient
+
+    from wan_i2v.server.app import create_app
+
+    app = create_app(store=None, runner=None, allowed_hosts=("videos.example.com", "*.not-a-pattern"))
+    with TestClient(app) as http:
+        assert http.get("/", headers={"Host": "videos.example.com:8443"}).status_code == 200
+        assert http.get("/", headers={"Host": "other.example.com"}).status_code == 400
+        assert http.get("/", headers={"Host": "a.not-a-pattern"}).status_code == 400
+    with TestClient(create_app(store=None, runner=None, allowed_hosts=("*",))) as http:
+        assert http.get("/", headers={"Host": "anything.example"}).status_code == 200
+
+
+def test_a_cross_site_request_cannot_change_jobs_without_the_token(server):
+    import httpx2
+
+    own = f"http://127.0.0.1:{server.port}"
+    with httpx2.Client(base_url=server.url, cookies={"wan_i2v_token": server.token}, timeout=30) as page:  # the browser's cookie
+        before = job_count(page)
+        forged = server.submit(page, headers={"Origin": "https://evil.example"})
+        assert forged.status_code == 403 and "another site (evil.example)" in forged.json()["error"]["message"]
+        assert server.submit(page, headers={"Origin": "null"}).status_code == 403  # a sandboxed frame or a file
+        assert server.submit(page, headers={"Referer": "http://127.0.0.1.evil.example/x"}).status_code == 403
+        assert job_count(page) == before
+        assert page.get("/v1/videos", headers={"Origin": "https://evil.example"}).status_code == 200  # reading is not changing
+        mine = server.submit(page, headers={"Origin": own, "Referer": f"{own}/"})  # the server's own page
+        assert mine.status_code == 200
+        assert page.delete(f"/v1/videos/{mine.json()['id']}", headers={"Origin": "https://evil.example"}).status_code == 403
+        assert page.get(f"/v1/videos/{mine.json()['id']}").json()["status"] != "cancelled"
+    with server.client() as script:  # the token in its header: not a page's forged request
+        carried = server.submit(script, headers={"Origin": "https://evil.example"})
+        assert carried.status_code == 200
+        assert script.delete(f"/v1/videos/{carried.json()['id']}", headers={"Origin": "https://evil.example"}).status_code == 200
+        server.wait_for(script, mine.json()["id"])
+
+
 def test_idempotency_key_returns_the_same_job(server, client):
     key = {"Idempotency-Key": "upload-42"}
     first = server.submit(client, headers=key).json()
@@ -308,6 +360,44 @@ def test_serve_refuses_the_network_without_a_token(capsys):
     assert main(["serve", "--host", "0.0.0.0", "--port", str(free_port())]) == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("wan-i2v: error: --host 0.0.0.0 would let anyone") and "--token" in line
+
+
+def test_the_state_is_private_and_the_token_comes_from_a_file(tiny_checkpoint, tmp_path):
+    import os
+    import stat
+
+    import httpx2
+
+    state = tmp_path / "state"
+    (state / "jobs").mkdir(parents=True, mode=0o755)
+    older = state / "notes.txt"  # left by an older version, under a looser umask
+    older.write_text("x")
+    older.chmod(0o644)
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file\n")
+    running = Server(tiny_checkpoint, state, "--token-file", str(token_file), token=None).start()
+    try:
+        assert "from-a-file" not in " ".join(running.process.args)  # out of ps
+        with httpx2.Client(base_url=running.url) as anonymous:
+            assert anonymous.get("/v1/videos").status_code == 401
+        with httpx2.Client(base_url=running.url, headers={"Authorization": "Bearer from-a-file"}, timeout=30) as client:
+            running.wait_for(client, running.submit(client).json()["id"])
+    finally:
+        assert running.stop() == 0
+    modes = {path.relative_to(state).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in (state, *state.rglob("*"))}
+    assert any(name.endswith(".mp4") for name in modes) and "notes.txt" in modes
+    loose = {name: oct(mode) for name, mode in modes.items() if mode != (0o700 if (state / name).is_dir() else 0o600)}
+    assert loose == {}
+
+
+@pytest.mark.parametrize("content,expected", [(None, "cannot read --token-file"), ("\n", "has no token on its first line")])
+def test_a_token_file_missing_or_empty_is_one_line(tmp_path, capsys, content, expected):
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+    assert main(["serve", "--token-file", str(token_file), "--port", str(free_port())]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("wan-i2v: error: ") and expected in line and "\n" not in line
 
 
 def test_serve_refuses_a_port_in_use(server, capsys):
@@ -560,3 +650,117 @@ def test_what_a_kill_left_half_written_is_swept_at_the_next_start(tmp_path):
     JobStore(tmp_path / "state")  # the next start
     assert not orphan.exists() and not partial.exists()
     assert fresh_orphan.exists() and store.image_path(kept).is_file()
+
+
+def test_what_a_kill_9_left_is_swept_at_once_when_no_other_server_runs(tmp_path):
+    import subprocess
+    import sys
+
+    # A server killed while it wrote an upload's folder (no row yet) and a job's mp4.
+    killed = subprocess.run([sys.executable, "-c", """if True:
+        import os, sys
+        from wan_i2v.server import JobDefaults, JobStore, job_settings
+        store = JobStore(sys.argv[1])
+        settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+        job = store.submit(b"png", settings)[0].id
+        (store.root / "jobs" / "video_killed_before_its_row").mkdir()
+        (store.job_dir(job) / ".video.abc123.mp4").write_bytes(b"half an mp4")
+        print(job, flush=True)
+        os.kill(os.getpid(), 9)
+    """, str(tmp_path / "state")], capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    job = killed.stdout.strip()
+    jobs = tmp_path / "state" / "jobs"
+    assert (jobs / job / ".video.abc123.mp4").exists()
+    from wan_i2v.server import JobStore
+
+    JobStore(tmp_path / "state")  # the next start, seconds later
+    assert sorted(path.relative_to(jobs).as_posix() for path in jobs.rglob("*")) == [job, f"{job}/input"]
+
+
+def test_a_delete_during_a_download_leaves_the_download_whole(tmp_path):
+    import asyncio
+
+    from wan_i2v.server import JobDefaults, JobStore, create_app, job_settings
+
+    store = JobStore(tmp_path / "state")
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    job = store.submit(png_bytes(), settings)[0].id
+    assert store.claim().id == job
+    video = bytes(range(256)) * 1000  # more than one of FileResponse's chunks
+    store.video_path(job).write_bytes(video)
+    assert store.finish(job, "completed")
+    app = create_app(store, runner=None)
+    sent: list[dict] = []
+
+    async def download():
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+                 "path": f"/v1/videos/{job}/content", "raw_path": b"", "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"127.0.0.1:8000")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}  # fmt: skip
+        requested = asyncio.Event()
+
+        async def receive():
+            if not requested.is_set():
+                requested.set()
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.start" and store.get(job) is not None:
+                assert store.delete(job)  # the DELETE lands between the headers and the body
+
+        await app(scope, receive, send)
+
+    asyncio.run(download())
+    assert sent[0]["status"] == 200 and store.get(job) is None and not store.video_path(job).exists()
+    assert b"".join(message.get("body", b"") for message in sent[1:]) == video
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 4 MiB file system of its own (tmpfs; mounting needs root, as in CI's container)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("a small file system to fill needs root (mount -t tmpfs)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # (lazy: a failed test may leave files open)
+
+
+def test_a_full_disk_refuses_new_jobs_with_507_and_reads_go_on(small_disk):
+    from fastapi.testclient import TestClient
+
+    from wan_i2v.server import JobStore, create_app
+
+    class IdleRunner:
+        status = "ready"
+
+        def notify(self):
+            pass
+
+    store = JobStore(small_disk / "state")
+    files = {"input_reference": ("input.png", png_bytes(), "image/png")}
+    with TestClient(create_app(store, IdleRunner()), base_url="http://127.0.0.1") as http:
+        kept = http.post("/v1/videos", files=files, data={"prompt": "before"}).json()["id"]
+        filler = small_disk / "filler"
+        with open(filler, "wb") as out, pytest.raises(OSError, match="No space left"):
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        refused = http.post("/v1/videos", files={"input_reference": ("big.png", png_bytes(640, 480, (1, 2, 3)), "image/png")},
+                            data={"prompt": "while full"})  # fmt: skip
+        assert refused.status_code == 507 and refused.json()["error"]["message"].startswith("disk full")
+        assert sorted(path.name for path in (small_disk / "state" / "jobs").iterdir()) == [kept]  # nothing half-made
+        listed = http.get("/v1/videos")
+        assert listed.status_code == 200, listed.text
+        assert [job["id"] for job in listed.json()["data"]] == [kept]
+        assert http.get(f"/v1/videos/{kept}").status_code == 200
+        assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
+        filler.unlink()
+        assert http.post("/v1/videos", files=files, data={"prompt": "after"}).status_code == 200
+    store.close()

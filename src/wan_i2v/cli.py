@@ -396,7 +396,7 @@ def cmd_serve(args) -> int:
     check_frame_num(args.frame_num)
     guide = _guide_pair(args)
     defaults = JobDefaults(size=args.size, frame_num=args.frame_num, steps=args.steps, guide_scale=guide, shift=args.shift, solver=args.solver)
-    token = args.token or os.environ.get("WAN_I2V_TOKEN") or None
+    token = args.token or _read_token_file(args.token_file) or os.environ.get("WAN_I2V_TOKEN") or None
     queue = args.queue or os.environ.get("WAN_I2V_QUEUE") or None
     if _is_main():
         check_binding(args.host, args.port, token)
@@ -430,7 +430,21 @@ def cmd_serve(args) -> int:
     capacity = Capacity(planned, model_sizes(options.ckpt_dir if Path(options.ckpt_dir).is_dir() else None,
                                              runs.torch_dtype(options.dtype, device).itemsize), spawned=world > 1 and not launched())  # fmt: skip
     return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, token=token, defaults=defaults,
-                 max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue, capacity=capacity)  # fmt: skip
+                 max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue, capacity=capacity,
+                 allowed_hosts=tuple(args.allowed_hosts))  # fmt: skip
+
+
+def _read_token_file(path: str | None) -> str | None:
+    """--token-file's token: its first line (a token on the command line shows in ps)."""
+    if path is None:
+        return None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WanError(f"cannot read --token-file {path}: {getattr(exc, 'strerror', None) or exc}", "give a readable text file with the token on its first line") from None
+    if not lines or not lines[0].strip():
+        raise WanError(f"--token-file {path} has no token on its first line", "write the token there")
+    return lines[0].strip()
 
 
 def cmd_decode(args) -> int:
@@ -667,6 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--queue", default=None, metavar="URL", help="a PostgreSQL database (postgresql://...) that servers on several machines share, "
                      "--state-dir then being a folder they all mount (default: $WAN_I2V_QUEUE, else SQLite in --state-dir: the servers of one machine)")
     srv.add_argument("--token", default=None, help="clients must send Authorization: Bearer TOKEN (default: $WAN_I2V_TOKEN; none on 127.0.0.1)")
+    srv.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
+                     help="the names clients reach the server by, besides IP addresses and localhost (other Host names are refused: "
+                     "DNS rebinding); * allows any, for a proxy that checks them")
+    srv.add_argument("--token-file", default=None, metavar="FILE", help="read --token from the first line of FILE (it stays out of ps)")
     srv.add_argument("--max-queue", type=int, default=1000, help="jobs that may wait; more are refused with 429 (default 1000)")
     srv.add_argument("--max-upload-mb", type=float, default=50, help="the largest image accepted, in MiB (default 50)")
     jobs = srv.add_argument_group("each job's defaults (a request may set its own)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -47,11 +48,15 @@ def check_binding(host: str, port: int, token: str | None) -> None:
 
 
 def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | None, defaults: JobDefaults,
-          max_queued: int = 1000, max_upload_mb: float = 50, queue_url: str | None = None, capacity=None) -> int:  # fmt: skip
+          max_queued: int = 1000, max_upload_mb: float = 50, queue_url: str | None = None, capacity=None,
+          allowed_hosts: tuple[str, ...] = ()) -> int:  # fmt: skip
     """Run the server until interrupted; ``open_session()`` loads the pipeline (in the runner's
     thread: the API answers, and takes jobs, while it loads). ``queue_url``: a PostgreSQL database
     that servers on several machines share (``state_dir`` is then their shared folder); ``capacity``:
-    the loaded plan's, which refuses the videos that would not fit. Returns the exit code."""
+    the loaded plan's, which refuses the videos that would not fit.
+    ``allowed_hosts``: the names clients reach it by, besides IP addresses and localhost. Returns the
+    exit code."""
+    os.umask(0o077)  # the queue, images and videos are private whatever the shell's umask (the store fixes older files)
     store = JobStore(state_dir, max_queued=max_queued, queue_url=queue_url)
     logging.basicConfig(level=logging.INFO, format="wan-i2v: %(message)s", stream=sys.stderr)
     failure: list[BaseException] = []
@@ -65,7 +70,7 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
 
     runner = Runner(store, open_session, on_failure=failed)
     config.app = create_app(store, runner, token=token, max_upload_bytes=int(max_upload_mb * 2**20), defaults=defaults,
-                            capacity=capacity)
+                            capacity=capacity, allowed_hosts=allowed_hosts)  # fmt: skip
     counts = store.counts()
     print(f"wan-i2v: serving on http://{host}:{port}/ (queue {store.database.describe()}, files in {state_dir}: "
           f"{counts['queued'] + counts['in_progress']} jobs to run); "

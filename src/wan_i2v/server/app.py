@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import secrets
 from urllib.parse import unquote
@@ -19,9 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError
+from wan_i2v.server.access import HostCheck, cross_site_refusal
 from wan_i2v.server.capacity import Capacity
 from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, MODEL, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying, same_request
-from wan_i2v.server.store import FINISHED, JobStore, QueueFull, QueueUnreachable
+from wan_i2v.server.store import FINISHED, DiskFull, JobStore, QueueFull, QueueUnreachable
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
 OPEN_PATHS = {"/", "/health", "/favicon.ico"}
@@ -101,9 +103,10 @@ def job_settings(form, defaults: JobDefaults) -> dict:
 
 
 def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_bytes: int = 50 * 2**20,
-               defaults: JobDefaults = JobDefaults(), capacity: Capacity | None = None) -> FastAPI:  # fmt: skip
+               defaults: JobDefaults = JobDefaults(), capacity: Capacity | None = None, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:  # fmt: skip
     """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``;
-    ``capacity`` (the loaded plan's) refuses the videos that would not fit (None: no limit)."""
+    ``capacity`` (the loaded plan's) refuses the videos that would not fit (None: no limit);
+    ``allowed_hosts``: the names, besides IP addresses and localhost, that clients reach it by."""
     app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None)
 
     def fail(status: int, message: str):
@@ -122,18 +125,31 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
     async def unreachable(request: Request, exc: QueueUnreachable):  # a database restarting: the client may retry (the log says why)
         return error_response(503, "the job queue is unreachable for now; try again in a few seconds")
 
+    @app.exception_handler(DiskFull)
+    async def disk_full(request: Request, exc: DiskFull):  # (the operator frees space; reads go on meanwhile)
+        return error_response(507, f"{exc}; try again once space is freed")
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):  # (the traceback goes to the server's log, not to the client)
         return error_response(500, f"internal error: {type(exc).__name__}")
 
+    host_check = HostCheck(allowed_hosts)
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
+        header = request.headers.get("authorization", "")
+        refusal = host_check.refusal(request.headers.get("host"))
+        if refusal:
+            return error_response(400, refusal)
+        bearer = header.lower().startswith("bearer ")
+        refusal = cross_site_refusal(request.method, request.headers, bearer)
+        if refusal:
+            return error_response(403, refusal)
         if token is not None and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
             # (the page stores the cookie percent-encoded, as cookies must be)
-            given = header[7:] if header.lower().startswith("bearer ") else unquote(request.cookies.get(TOKEN_COOKIE, ""))
+            given = header[7:] if bearer else unquote(request.cookies.get(TOKEN_COOKIE, ""))
             if not secrets.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"error": {"message": "missing or wrong token (send Authorization: Bearer TOKEN)"}}, status_code=401)
+                return error_response(401, "missing or wrong token (send Authorization: Bearer TOKEN)")
         return await call_next(request)
 
     def found(job_id: str):
@@ -212,7 +228,11 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         job = found(job_id)
         if job.status != "completed":
             fail(404, f"video {job_id} has no content: it is {job.status.replace('_', ' ')}")
-        return FileResponse(store.video_path(job_id), media_type="video/mp4", filename=f"{job_id}.mp4")
+        try:
+            video = open(store.video_path(job_id), "rb")
+        except FileNotFoundError:  # deleted since
+            fail(404, f"no video {job_id}")
+        return OpenedFileResponse(video, media_type="video/mp4", filename=f"{job_id}.mp4")
 
     @app.delete("/v1/videos/{job_id}")
     def delete(job_id: str):
@@ -288,6 +308,22 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         return Response(favicon, media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"})
 
     return app
+
+
+class OpenedFileResponse(FileResponse):
+    """A file opened as its request came (FileResponse opens it by name after sending the headers): a
+    DELETE meanwhile removes the name, and the open file still gives every byte the headers promised.
+    Range requests (a <video> seeking) read through the open file too (/dev/fd reopens the same file)."""
+
+    def __init__(self, handle, **kwargs):
+        self._handle = handle
+        super().__init__(f"/dev/fd/{handle.fileno()}", stat_result=os.fstat(handle.fileno()), **kwargs)
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._handle.close()
 
 
 def _favicon() -> bytes:

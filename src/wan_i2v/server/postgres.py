@@ -136,6 +136,12 @@ class AdvisoryLockLiveness:
                 if self._held is not None:
                     self._held.close()  # a new one next time
 
+    def others_alive(self) -> bool:
+        """Whether another server may be writing in the shared folder now: assumed so (servers on other
+        machines come and go, and a lock seen free may be one being taken again), so what a kill left
+        there is swept by age."""
+        return True
+
     def release(self) -> None:
         self._stopped.set()
         self._keeper.join()

@@ -11,10 +11,13 @@ several machines, whose state directory is then one shared folder).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import Collection
@@ -54,6 +57,18 @@ SCHEMA = (
 )""",
     "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",
 )
+
+
+class DiskFull(Exception):
+    """The state directory's disk has no room for a new job's files (nothing of the job is kept)."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space: by the file system, or by SQLite (its queue file)."""
+    if isinstance(exc, QueueUnreachable):
+        exc = exc.__cause__
+    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            or isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)  # fmt: skip
 
 
 class QueueUnreachable(Exception):
@@ -129,6 +144,11 @@ class FileLiveness:
     def release(self) -> None:
         self._held.close()
 
+    def others_alive(self) -> bool:
+        """Whether another server of this folder runs now (one may be writing files in it)."""
+        mine = f"{self.owner}.lock"
+        return any(path.name != mine and locks.held(path) for path in self.directory.glob("*.lock"))
+
     def gone(self, owner: str, db) -> bool:
         path = self.directory / f"{owner}.lock"
         if locks.held(path):
@@ -150,11 +170,11 @@ class SQLiteQueue:
         self.path = root / SQLITE_FILE
         try:
             root.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=60)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")  # kept by the file
-            finally:
-                db.close()
+            # Open while the server runs: the last connection to close removes the -wal and -shm files,
+            # and the next one, a mere read, could not make them again on a full disk.
+            self._keeps_wal_files = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
+            self._keeps_wal_files.execute("PRAGMA journal_mode=WAL")  # kept by the file
+            self._keeps_wal_files.execute("SELECT count(*) FROM sqlite_master").fetchall()  # (a read opens them)
         except (OSError, sqlite3.Error) as exc:
             raise WanError(f"cannot use state directory {root}: {exc}", "give a writable --state-dir") from None
         self.liveness = FileLiveness(root / "owners")
@@ -186,7 +206,21 @@ class SQLiteQueue:
         return str(self.path)
 
     def close(self) -> None:
+        self._keeps_wal_files.close()
         self.liveness.release()
+
+
+def _make_private(root: Path) -> None:
+    """Take away other users' access to what a server of another umask (or an older version) left
+    here: the prompts, images and videos are private. Only this user's own files (a shared folder
+    may hold other users')."""
+    for path in (root, *root.rglob("*")):
+        try:
+            info = path.lstat()
+            if info.st_uid == os.getuid() and not stat.S_ISLNK(info.st_mode):
+                os.chmod(path, 0o700 if stat.S_ISDIR(info.st_mode) else 0o600)
+        except FileNotFoundError:  # removed by another server meanwhile
+            pass
 
 
 class JobStore:
@@ -205,6 +239,7 @@ class JobStore:
             (self.root / "jobs").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise WanError(f"cannot use state directory {self.root}: {exc}", "give a writable --state-dir") from None
+        _make_private(self.root)
         self.max_queued = max_queued
         self._reachable = True  # the queue answered last time (its outages are logged once, not at every call)
         self.liveness = self.database.liveness
@@ -223,11 +258,11 @@ class JobStore:
 
     def _sweep(self) -> None:
         """Remove what a kill left behind: a job's folder written before its row was (the row never
-        came) and the temporary files of writes cut short. Only old ones: another server sharing the
-        directory may be writing a new one now."""
+        came) and the temporary files of writes cut short. All of them when no other server runs;
+        otherwise only old ones: that server may be writing a new one now."""
         with self._db() as db:
             known = {row["id"] for row in db.execute("SELECT id FROM jobs")}
-        old = time.time() - SWEEP_AFTER_SECONDS
+        old = time.time() - (SWEEP_AFTER_SECONDS if self.liveness.others_alive() else 0)
 
         def is_old(path: Path) -> bool:
             try:
@@ -287,13 +322,13 @@ class JobStore:
         that key's job instead; a full queue is refused."""
         if idempotency_key is not None and (known := self.by_key(idempotency_key)) is not None:
             return known, False
+        from wan_i2v.video import write_atomically
+
         job_id = f"video_{uuid.uuid4().hex}"
         directory = self.job_dir(job_id)
         directory.mkdir()
-        from wan_i2v.video import write_atomically
-
-        write_atomically(self.image_path(job_id), lambda tmp: tmp.write_bytes(image))
         try:
+            write_atomically(self.image_path(job_id), lambda tmp: tmp.write_bytes(image))
             with self._db(write=True) as db:
                 queued = db.execute("SELECT count(*) AS n FROM jobs WHERE status = 'queued'").fetchone()["n"]
                 if queued >= self.max_queued:
@@ -305,8 +340,10 @@ class JobStore:
         except DuplicateKey:  # the same key, submitted at the same moment by another request
             shutil.rmtree(directory, ignore_errors=True)
             return self.by_key(idempotency_key), False
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(directory, ignore_errors=True)
+            if _is_disk_full(exc):
+                raise DiskFull(f"disk full: no room in {self.root} for a new job") from None
             raise
         return self.get(job_id), True
 
