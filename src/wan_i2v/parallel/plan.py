@@ -120,11 +120,11 @@ TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
 HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation and the estimate's roughness
 
 # Host memory of each process that cannot be reclaimed (anonymous and pinned; the checkpoint's pages
-# in the page cache are not counted, the kernel gives them back under pressure): Python, torch, the
-# CUDA context, and torch.compile's pool of compiler processes with their code. Measured on one H200
-# (docs/benchmarks.md, 2026-12-03): 11.7-11.9 GiB for the process tree at 720P in every one-GPU plan,
-# of which the staging ring is 2.0 GiB and the decoded video 1 GiB.
-HOST_PROCESS = 9.0 * GiB
+# in the page cache are not counted, the kernel gives them back under pressure): Python, torch and
+# the CUDA context. Measured on one H200 (docs/benchmarks.md, 2026-12-03): 5.8 GiB for the process
+# tree at 720P with both experts on the GPU, of which the staging ring is 2.0 GiB and the decoded
+# video 1 GiB. (With inductor's pool of compiler processes, which the CLI turns off, 11.4-11.9 GiB.)
+HOST_PROCESS = 3.25 * GiB
 HOST_PROCESS_CPU = 1.0 * GiB  # the same without CUDA
 HOST_SPAWNER = 1.0 * GiB  # the process that starts N ranks itself (--gpus N): torch without CUDA
 STAGING_DEPTH = 3  # slots of the staging ring, one block each: one read while one is copied up and one computes
