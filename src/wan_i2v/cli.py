@@ -433,7 +433,7 @@ def cmd_serve(args) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else _home() / "server"
     # (the sizes as plan_for read them: the requests are estimated on the plan it made)
     capacity = Capacity(planned, model_sizes(options.ckpt_dir if Path(options.ckpt_dir).is_dir() else None,
-                                             runs.torch_dtype(options.dtype, device).itemsize), spawned=world > 1 and not launched())  # fmt: skip
+                                             runs.torch_dtype(options.dtype, device).itemsize, fp8=planned.plan.fp8), spawned=world > 1 and not launched())  # fmt: skip
     return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, token=token, defaults=defaults,
                  max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue, capacity=capacity,
                  allowed_hosts=tuple(args.allowed_hosts))  # fmt: skip

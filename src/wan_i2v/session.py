@@ -163,7 +163,7 @@ def plan_for(
     from wan_i2v.parallel.plan import GiB, model_sizes
 
     dtype = torch_dtype(options.dtype, device)
-    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, dtype.itemsize)
+    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, dtype.itemsize, fp8=options.fp8)
     if options.gpu_memory is not None:
         gpu_bytes = int(options.gpu_memory * GiB)
     elif device.startswith("cuda") and query_gpu and torch.cuda.is_available():

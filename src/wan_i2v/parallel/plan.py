@@ -361,7 +361,7 @@ def make_plan(
     return choose_plan(world, sizes, gpu_bytes=gpu_bytes, layouts=layouts, placements=placements, **shape)
 
 
-def model_sizes(ckpt_dir, dtype_bytes: int = 2) -> ModelSizes:
+def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False) -> ModelSizes:
     """Sizes from the checkpoint's configs (the official model's where ``ckpt_dir`` has none)."""
     from pathlib import Path
 
@@ -383,11 +383,15 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2) -> ModelSizes:
     with torch.device("meta"):
         expert, wan_vae = DiT(dit), WanVAE(vae)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    block = count(expert.blocks[0]) * dtype_bytes
+    if fp8:  # the blocks' linear weights in 1 byte, with an fp32 scale per output channel (transforms/fp8.py)
+        linears = [module for module in expert.blocks[0].modules() if isinstance(module, torch.nn.Linear)]
+        block -= sum(linear.weight.numel() * (dtype_bytes - 1) - linear.out_features * 4 for linear in linears)
     stored_bytes = _stored_bytes(root / ckpt.HIGH_NOISE_DIR) if root is not None else OFFICIAL_STORED_BYTES
     t5_layer = 4 * t5.dim * t5.dim_attn + 3 * t5.dim * t5.dim_ffn + t5.num_buckets * t5.num_heads + 2 * t5.dim
     return ModelSizes(
-        expert=count(expert) * dtype_bytes,
-        block=count(expert.blocks[0]) * dtype_bytes,
+        expert=count(expert) * dtype_bytes - len(expert.blocks) * (count(expert.blocks[0]) * dtype_bytes - block),
+        block=block,
         expert_root=sum(p.numel() * (4 if keeps_fp32(name) else dtype_bytes) for name, p in expert.named_parameters() if not name.startswith("blocks.")),
         text_encoder=(t5.vocab_size * t5.dim + t5.encoder_layers * t5_layer + t5.dim) * dtype_bytes,
         text_block=t5_layer * dtype_bytes,
