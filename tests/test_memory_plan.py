@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from wan_i2v import session
+from wan_i2v.errors import WanError
 from wan_i2v.execution import ExecutionPlan, PlannedRun
 from wan_i2v.parallel.plan import GiB, MemoryEstimate
 
@@ -109,3 +110,12 @@ def test_the_gpu_estimate_counts_fp8_blocks_in_one_byte_a_weight():
     assert "both experts" in bf16.plan.describe() and "both experts" in fp8.plan.describe()
     saved = (bf16.estimate.total - fp8.estimate.total) / 2**30
     assert 2 * 12.5 < saved < 2 * 13.5, saved  # two experts, each 13.1 GiB lighter
+
+
+def test_counts_take_the_number_of_their_noun():
+    from wan_i2v.parallel.plan import ParallelDims
+    from wan_i2v.server.store import QueueFull
+
+    assert str(QueueFull(1)) == "the queue is full (1 job waiting)" and str(QueueFull(3)) == "the queue is full (3 jobs waiting)"
+    with pytest.raises(WanError, match=r"uses 2 GPUs, not 1 \(with 1 GPU use ulysses=1\)"):
+        ParallelDims(cfg=2).validate(1, 40)

@@ -55,3 +55,8 @@ def on_the_command_line():
         yield
     finally:
         _COMMAND_LINE.reset(token)
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 job``, ``2 jobs``: a count with its noun in the right number (nouns that take an s)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wan_i2v.errors import WanError, command_line, option
+from wan_i2v.errors import WanError, command_line, counted, option
 
 GiB = 2**30
 
@@ -56,8 +56,8 @@ class ParallelDims:
             raise fsdp_needs_ranks()
         if self.world != world:
             raise WanError(
-                f"the plan cfg {self.cfg} x ulysses {self.ulysses} uses {self.world} GPUs, not {world}",
-                f"with {world} GPUs use {' or '.join(describe_choices(world, num_heads)) or 'another number of GPUs'}",
+                f"the plan cfg {self.cfg} x ulysses {self.ulysses} uses {counted(self.world, 'GPU')}, not {world}",
+                f"with {counted(world, 'GPU')} use {' or '.join(describe_choices(world, num_heads)) or 'another number of GPUs'}",
             )
         return self
 
@@ -306,7 +306,7 @@ def choose_plan(
     layouts = layouts if layouts is not None else candidate_layouts(world, sizes.num_heads, guided)
     if not layouts:
         raise WanError(
-            f"{world} GPUs cannot split the model's {sizes.num_heads} attention heads",
+            f"{counted(world, 'GPU')} cannot split the model's {sizes.num_heads} attention heads",
             f"use {option('gpus')} {', '.join(map(str, valid_gpu_counts(sizes.num_heads)))}",
         )
     if placements is None:

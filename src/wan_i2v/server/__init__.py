@@ -14,7 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
-from wan_i2v.errors import WanError, first_line
+from wan_i2v.errors import WanError, counted, first_line
 from wan_i2v.server.app import JobDefaults, create_app, job_settings
 from wan_i2v.server.runner import Runner
 from wan_i2v.server.store import JobStore
@@ -73,7 +73,7 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
                             capacity=capacity, allowed_hosts=allowed_hosts)  # fmt: skip
     counts = store.counts()
     print(f"wan-i2v: serving on http://{host}:{port}/ (queue {store.database.describe()}, files in {state_dir}: "
-          f"{counts['queued'] + counts['in_progress']} jobs to run); "
+          f"{counted(counts['queued'] + counts['in_progress'], 'job')} to run); "
           "loading the pipeline", file=sys.stderr)  # fmt: skip
     runner.start()
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wan_i2v import locks
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, counted
 
 log = logging.getLogger("wan_i2v.server")
 
@@ -464,4 +464,4 @@ class JobStore:
 
 class QueueFull(Exception):
     def __init__(self, queued: int):
-        super().__init__(f"the queue is full ({queued} jobs waiting)")
+        super().__init__(f"the queue is full ({counted(queued, 'job')} waiting)")
