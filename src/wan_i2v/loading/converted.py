@@ -82,9 +82,19 @@ def converted_blocks(blocks: Sequence[nn.Module], source: TensorSource, ring: St
             "its blocks convert as they stream, which reads more"
         )
         return source
-    lock = locks.hold(copy_dir / ".lock")
-    if lock is None:  # another process writes it now: this run streams from the checkpoint
+    try:
+        existing = _write_once(blocks, source, ring, Path(folder), copy_dir, tensors, dtype=dtype, keep_fp32=keep_fp32, what=what, progress=progress)
+    except OSError as exc:  # a folder not ours to write, the disk filled meanwhile: the run goes on without the copy
+        warnings.warn(f"cannot write the converted copy of the {what} expert in {folder} ({exc.strerror or exc}): its blocks convert as they stream")
         return source
+    return existing if existing is not None else source
+
+
+def _write_once(blocks, source, ring, folder: Path, copy_dir: Path, tensors, *, dtype, keep_fp32, what: str, progress: bool) -> TensorSource | None:
+    """The copy, written by this process unless another one writes it now (then None: not waited for)."""
+    lock = locks.hold(copy_dir / ".lock")
+    if lock is None:
+        return None
     with lock:
         existing = _open(copy_dir, tensors)  # written by a process that held the lock before us
         if existing is None:
@@ -94,9 +104,9 @@ def converted_blocks(blocks: Sequence[nn.Module], source: TensorSource, ring: St
                    label=f"converting the {what} expert (once)", progress=progress)  # fmt: skip
             expert_dir = str(Path(next(iter(source.files.values()))).resolve().parent)
             (copy_dir / COPY_NOTE).write_text(json.dumps({"expert_dir": expert_dir, "expert": what}))
-            _remove_older_copies(Path(folder), copy_dir, expert_dir)
+            _remove_older_copies(folder, copy_dir, expert_dir)
             existing = _open(copy_dir, tensors)
-    return existing if existing is not None else source
+    return existing
 
 
 def copy_key(source: TensorSource, identity: dict) -> str:
