@@ -2,6 +2,7 @@
 through a ring of a few slots, only the running block and the ``ahead`` after it on the device, and
 a shard that goes missing or short mid-run is one line."""
 
+import json
 import os
 
 import pytest
@@ -182,3 +183,87 @@ def test_a_converted_copy_cut_short_is_written_again_and_one_that_does_not_fit_i
         pipe = converted_pipeline(tiny_checkpoint, tmp_path / "full")
     assert all(str(tiny_checkpoint) in path for path in streamed_files(pipe))
     assert not list((tmp_path / "full").glob("*/*.safetensors*"))
+
+
+@pytest.fixture(scope="module")
+def six_blocks(tmp_path_factory):
+    """An expert of six blocks (the tiny model has two: too few to keep some and stream others)."""
+    from dataclasses import replace
+
+    from wan_i2v.models.dit import DiT
+    from wan_i2v.tiny import TINY_DIT, randomize_, save_dit
+
+    folder = tmp_path_factory.mktemp("six") / "expert"
+    save_dit(randomize_(DiT(replace(TINY_DIT, num_layers=6)), 5), folder, shards=2)
+    return folder
+
+
+def test_kept_blocks_arrive_once_and_stay_while_the_others_stream_through(six_blocks):
+    from wan_i2v.transforms.streaming import spread
+
+    assert spread(2, 6) == [0, 3] and spread(3, 40) == [0, 13, 26] and spread(0, 6) == [] and spread(6, 6) == list(range(6))
+    plain, source = build_dit(six_blocks, dtype=torch.float32)
+    load_strict(plain, source, device="cpu", dtype=torch.float32, keep_fp32=keeps_fp32, ring=StagingRing(BlockStream.slot_bytes(plain.blocks, source), DEPTH, "cpu"))
+    model, source = build_dit(six_blocks, dtype=torch.float32)
+    ring = StagingRing(BlockStream.slot_bytes(model.blocks, source), DEPTH, "cpu")
+    load_outside_blocks(model, source, ring, torch.float32, keeps_fp32)
+    kept = [0, 3]
+    offload = BlockOffload(model, source, ring, dtype=torch.float32, keep_fp32=keeps_fp32, ahead=1, keep=kept)
+    seen = []
+    for index, block in enumerate(model.blocks):
+        block.ffn.register_forward_hook(lambda module, args, output, index=index: seen.append((index, offload.resident_blocks())))
+    inputs = dit_inputs(model.config)
+    with torch.no_grad():
+        expected = plain(*inputs)
+        for forward in range(1, 4):
+            seen.clear()
+            assert torch.equal(model(*inputs), expected)
+            for index, resident_now in seen:
+                passing = [block for block in resident_now if block not in kept]
+                assert index in resident_now and len(passing) <= 2, (index, resident_now)
+                if forward > 1:  # kept since the first forward
+                    assert set(kept) <= set(resident_now), (forward, index, resident_now)
+            for key in (key for key in source.keys() if key.startswith("blocks.")):
+                index = int(key.split(".")[1])
+                # A kept block is read once; a streamed one once a forward (some also ahead, for the next).
+                expected_reads = (1,) if index in kept else (forward, forward + 1)
+                assert ring.reads[key] in expected_reads, (key, ring.reads[key], forward)
+    offload.release()
+    assert offload.resident_blocks() == []
+
+
+def test_a_text_encoder_that_streams_its_blocks_encodes_the_same_and_holds_two_of_them(tiny_checkpoint, tmp_path):
+    from dataclasses import asdict, replace
+
+    from wan_i2v.models.text_encoder import T5_CONFIG_FILE, TextEncoder, build_umt5
+    from wan_i2v.tiny import TINY_T5, randomize_, save_text_encoder
+    from wan_i2v.transforms.streaming import HostCopy
+
+    config = replace(TINY_T5, encoder_layers=5)
+    save_text_encoder(randomize_(build_umt5(config), 7), tmp_path / ckpt.T5_FILE)
+    (tmp_path / T5_CONFIG_FILE).write_text(json.dumps(asdict(config)))
+
+    def load():
+        return TextEncoder.load(tmp_path / ckpt.T5_FILE, tiny_checkpoint / ckpt.TOKENIZER_DIR, text_len=32, device="cpu", dtype=torch.float32)
+
+    prompts = ["a white cat on a surfboard", "色调艳丽，过曝"]
+    expected = [load().encode([prompt])[0] for prompt in prompts]
+    encoder = load()
+    blocks = encoder.model.encoder.block
+    held = {id(tensor): tensor.data.data_ptr() for tensor in encoder.model.parameters()}
+    ring = StagingRing(4 * 2**20, DEPTH, "cpu")
+    visit = HostCopy(encoder.model, ring, blocks_of=blocks)
+    seen = []
+    for index, block in enumerate(blocks):
+        block.layer[-1].register_forward_hook(lambda module, args, output, index=index: seen.append((index, visit.blocks.resident_blocks())))
+    for _ in range(2):  # two visits, as two videos
+        visit.to_device()
+        assert [torch.equal(encoder.encode([prompt])[0], value) for prompt, value in zip(prompts, expected)] == [True, True]
+        visit.to_host()
+        assert {id(tensor): tensor.data.data_ptr() for tensor in encoder.model.parameters()} == held  # back to the host's own tensors
+    assert [index for index, _ in seen] == list(range(5)) * 4
+    assert all(index in resident and len(resident) <= 2 for index, resident in seen), seen
+    # The whole-model upload brought everything but the blocks; each block came through the ring once a forward (or ahead).
+    block_reads = {key: count for key, count in ring.reads.items() if key.startswith("blocks.")}
+    assert block_reads and all(count in (4, 5, 6) for count in block_reads.values()), block_reads
+    assert not any(".block." in key or "SelfAttention" in key for key in ring.reads if not key.startswith("blocks.")), sorted(ring.reads)

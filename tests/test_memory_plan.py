@@ -119,3 +119,31 @@ def test_counts_take_the_number_of_their_noun():
     assert str(QueueFull(1)) == "the queue is full (1 job waiting)" and str(QueueFull(3)) == "the queue is full (3 jobs waiting)"
     with pytest.raises(WanError, match=r"uses 2 GPUs, not 1 \(with 1 GPU use ulysses=1\)"):
         ParallelDims(cfg=2).validate(1, 40)
+
+
+def test_streamed_blocks_keep_what_the_gpu_has_room_for_and_a_small_gpu_streams_the_text_encoder():
+    from wan_i2v.execution import Offload, plan_run
+    from wan_i2v.parallel.plan import HEADROOM, model_sizes
+
+    sizes = model_sizes(None)  # the official model in bf16: blocks of 0.66 GiB, umT5-XXL of 10.6 GiB
+    base = ExecutionPlan(torch.device("cuda"), torch.bfloat16)
+    hd, sd = dict(tokens=21 * 45 * 80, pixels=1280 * 720), dict(tokens=21 * 30 * 52, pixels=832 * 480)
+    # 24 GiB at 720P: the blocks stream, and as many as fit beside the activations stay while their expert runs.
+    run = plan_run(base, sizes, gpus=1, gpu_bytes=24 * GiB, host_bytes=32 * GiB, guided=False, **hd)
+    assert run.fits and run.plan.offload is Offload.BLOCKS and not run.plan.stream_text_encoder
+    kept = run.plan.kept_blocks
+    assert 8 <= kept < sizes.blocks - 2, kept
+    denoising = run.estimate.stages["denoising"]
+    assert denoising <= 24 * GiB * HEADROOM < denoising + sizes.block  # one block more would not fit
+    assert run.plan.estimate(sizes, **hd).stages == run.estimate.stages  # the plan's own estimate counts them too
+    assert f"{kept} blocks of the active expert kept on the GPU" in run.plan.describe()
+    # 12 GiB at 480P: the 10.6 GiB text encoder does not fit whole; its blocks stream through while it encodes.
+    small = plan_run(base, sizes, gpus=1, gpu_bytes=12 * GiB, host_bytes=16 * GiB, guided=False, **sd)
+    assert small.fits and small.plan.stream_text_encoder and small.plan.offload is Offload.BLOCKS, small.estimate.describe()
+    assert small.estimate.stages["text encoding"] < sizes.text_encoder  # less than the whole encoder alone
+    assert "the text encoder's blocks streamed" in small.plan.describe()
+    # Where the text encoder does not visit (kept by a server, or on the CPU), nothing of it streams.
+    kept_whole = plan_run(ExecutionPlan(torch.device("cuda"), torch.bfloat16, keep_text_encoder=True), sizes, gpus=1, gpu_bytes=80 * GiB, guided=False, **hd)
+    assert not kept_whole.plan.stream_text_encoder and kept_whole.plan.kept_blocks == 0
+    # 8 GiB is too small even so: refused, naming the machine it needs.
+    assert not plan_run(base, sizes, gpus=1, gpu_bytes=8 * GiB, host_bytes=16 * GiB, guided=False, **sd).fits

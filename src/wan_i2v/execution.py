@@ -79,6 +79,8 @@ class ExecutionPlan:
     split_encode: bool = False  # the VAE encode in tiles over the ranks: faster, but no longer bit-equal to one GPU's
     batch_cfg: bool = False
     keep_text_encoder: bool = False
+    stream_text_encoder: bool = False  # a visiting text encoder's blocks stream through the GPU (it does not fit whole)
+    kept_blocks: int = 0  # with --offload blocks: the active expert's blocks that stay on the GPU (what it has room for)
     loras: Loras = Loras()
     # Where streamed experts' blocks are kept converted (``loading.converted``); None: they convert as they stream.
     converted_dir: Path | None = None
@@ -144,7 +146,9 @@ class ExecutionPlan:
 
     def describe(self) -> str:
         where = ("GPUs" if self.dims.world > 1 else "a GPU") if self.on_gpu else ("CPU processes" if self.dims.world > 1 else "the CPU")
-        return f"{self.dims.describe()}; {self.placement.describe(self.dims)}; on {where}"
+        extras = [f"{self.kept_blocks} blocks of the active expert kept on the GPU"] if self.kept_blocks else []
+        extras += ["the text encoder's blocks streamed"] if self.stream_text_encoder and self.text_encoder_visits else []
+        return "; ".join([self.dims.describe(), self.placement.describe(self.dims), *extras, f"on {where}"])
 
     def describe_numerics(self) -> str:
         extras = [name for name, on in (("FP8 linear layers", self.fp8), ("compiled blocks", self.compile), ("batched guidance", self.batch_cfg),
@@ -172,6 +176,7 @@ class ExecutionPlan:
         return estimate_memory(
             self.dims, sizes, tokens=tokens, pixels=pixels, offload=self.offload.flag,
             decode_bytes=self.decode_dtype.itemsize, encode_bytes=self.encode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
+            stream_text_encoder=self.stream_text_encoder and self.text_encoder_visits, kept_blocks=self.kept_blocks,
         )  # fmt: skip
 
 
@@ -245,7 +250,8 @@ def plan_run(
         gpu_bytes=gpu_bytes, host_bytes=host_bytes, tokens=tokens, pixels=pixels, frames=frames, decode_bytes=base.decode_dtype.itemsize,
         encode_bytes=base.encode_dtype.itemsize, keep_text_encoder=base.keep_text_encoder, guided=guided, on_gpu=base.on_gpu, spawned=spawned,
     )  # fmt: skip
-    plan = replace(base, dims=choice.dims, offload=Offload.parse(choice.placement.offload))
+    plan = replace(base, dims=choice.dims, offload=Offload.parse(choice.placement.offload), stream_text_encoder=choice.stream_text_encoder,
+                   kept_blocks=choice.kept_blocks)  # fmt: skip
     return PlannedRun(plan, choice.estimate, choice.fits, gpu_bytes, choice.host, host_bytes, machine_needed(choice, base.on_gpu), capped)
 
 

@@ -111,7 +111,10 @@ class I2VPipeline:
         # One streamer for the pipeline's life: it hooks the experts' blocks once.
         self.experts = experts
         # Set when the text encoder waits in host memory and visits the GPU only to encode (through ``ring``).
-        self.text_encoder_visits = HostCopy(text_encoder.model, ring) if plan.text_encoder_visits else None
+        if plan.text_encoder_visits:
+            self.text_encoder_visits = HostCopy(text_encoder.model, ring, blocks_of=text_encoder.model.encoder.block if plan.stream_text_encoder else None)
+        else:
+            self.text_encoder_visits = None
         # What, besides the generation settings, decides the video: a saved state must match it.
         self.identity = {**({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else {}), **plan.identity()}
         if self.loras:  # a run with LoRAs is another run (without, the identity is what it always was)
@@ -219,7 +222,7 @@ class I2VPipeline:
             experts = (
                 ExpertSwap(experts, sources, ring, BOUNDARY_TIMESTEP, dtype=plan.dtype, keep_fp32=keeps_fp32)
                 if plan.offload is Offload.EXPERTS
-                else StreamedExperts(experts, sources, ring, BOUNDARY_TIMESTEP, dtype=plan.dtype, keep_fp32=keeps_fp32)
+                else StreamedExperts(experts, sources, ring, BOUNDARY_TIMESTEP, dtype=plan.dtype, keep_fp32=keeps_fp32, kept=plan.kept_blocks)
             )
         else:
             experts = Experts(high, low, BOUNDARY_TIMESTEP)

@@ -160,7 +160,7 @@ def _write(blocks: Sequence[nn.Module], source: TensorSource, ring: StagingRing,
     encoded += b" " * (-len(encoded) % HEADER_ALIGN)
     data_start = 8 + len(encoded)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    stream = BlockStream(blocks, source, ring, dtype=dtype, keep_fp32=keep_fp32, ahead=1, drop_after_use=False)
+    stream = BlockStream(blocks, source, ring, dtype=dtype, keep_fp32=keep_fp32, ahead=1, keep=())
     try:
         with open(partial, "wb") as file:
             file.write(len(encoded).to_bytes(8, "little") + encoded)

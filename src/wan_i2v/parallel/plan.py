@@ -6,7 +6,7 @@ chosen, explained (``--dry-run``) and rejected before any process is started.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from wan_i2v.errors import WanError, command_line, counted, option
 
@@ -105,6 +105,7 @@ class ModelSizes:
     num_heads: int
     vae_dim: int  # channels of the VAE's full-resolution stages
     stored_block: int = 0  # one block as the checkpoint stores it (fp32 or bf16): a staging slot
+    blocks: int = 40  # blocks of an expert
 
 
 # Transient memory of each stage, in units measured on H100/H200 (docs/benchmarks.md), per GPU:
@@ -223,11 +224,16 @@ def estimate_memory(
     decode_bytes: int = 4,
     encode_bytes: int = 4,
     keep_text_encoder: bool = False,
+    stream_text_encoder: bool = False,
+    kept_blocks: int = 0,
 ) -> MemoryEstimate:
     """The per-GPU peak of each stage: the weights on the GPU then, plus that stage's transients.
 
     ``tokens`` is the DiT's sequence length (latent frames x latent pixels / 4), ``pixels`` one
     output frame's height x width, ``decode_bytes`` 4 for an fp32 decode, 2 for bf16.
+    ``stream_text_encoder``: a visiting text encoder's blocks stream through the GPU (its embedding
+    stays while it encodes); ``kept_blocks``: with ``offload="blocks"``, the active expert's blocks
+    that stay on the GPU while it runs.
     """
     world, offloaded = dims.world, bool(offload)
     # Text encoder: sharded (gathering a block ahead and its embedding while it encodes), visiting the GPU, or kept.
@@ -237,15 +243,15 @@ def estimate_memory(
         gathered = sizes.text_embedding + 2 * sizes.text_block
         text_running = text_kept + gathered + (gathered // world if in_host else 0)
     else:
-        text_kept = sizes.text_encoder if keep_text_encoder and not offloaded else 0
-        text_running = sizes.text_encoder
+        text_kept = sizes.text_encoder if text_encoder_kept(dims, offload, keep_text_encoder) else 0
+        text_running = sizes.text_embedding + 2 * sizes.text_block if stream_text_encoder else sizes.text_encoder
     # Experts outside the loop, and in it.
     if dims.fsdp:
         experts_kept = 0 if offloaded else 2 * sizes.expert // world
         experts_running = experts_kept + sizes.expert_root + 2 * sizes.block  # the root and a block ahead, gathered
-    elif offload == "blocks":  # both experts' embeddings and head stay on the GPU; two blocks are there at a time
+    elif offload == "blocks":  # both experts' embeddings and head stay on the GPU; two streamed blocks are there at a time
         experts_kept = 2 * sizes.expert_root
-        experts_running = experts_kept + 2 * sizes.block
+        experts_running = experts_kept + (2 + kept_blocks) * sizes.block
     elif offload:  # the same, and the active expert's blocks while it runs
         experts_kept = 2 * sizes.expert_root
         experts_running = sizes.expert + sizes.expert_root
@@ -272,15 +278,24 @@ def estimate_memory(
     return MemoryEstimate(stages)
 
 
+def text_encoder_kept(dims: ParallelDims, offload: str | None, keep_text_encoder: bool) -> bool:
+    """The whole text encoder stays on the GPU (a server with room), rather than visiting it to encode."""
+    return keep_text_encoder and not offload and not dims.shards_text_encoder(False)
+
+
 @dataclass(frozen=True)
 class Choice:
-    """A plan and its two estimates: per GPU, and for the host memory of the machine."""
+    """A plan and its two estimates: per GPU, and for the host memory of the machine; whether the
+    text encoder's blocks stream through the GPU, and how many of the active expert's blocks stay
+    on it with streamed blocks (what the GPU has room for)."""
 
     dims: ParallelDims
     placement: Placement
     estimate: MemoryEstimate
     host: MemoryEstimate
     fits: bool
+    stream_text_encoder: bool = False
+    kept_blocks: int = 0
 
 
 def choose_plan(
@@ -315,15 +330,32 @@ def choose_plan(
     for placement in placements:  # the placement decides the speed more than the layout
         for cfg, u in layouts:
             dims = ParallelDims(cfg, u, placement.fsdp)
-            estimate = estimate_memory(dims, sizes, offload=placement.offload, **shape)
-            host = estimate_host_memory(dims, sizes, estimate, pixels=shape["pixels"], frames=frames, offload=placement.offload,
-                                        on_gpu=on_gpu, spawned=spawned)  # fmt: skip
-            choice = Choice(dims, placement, estimate, host, estimate.fits(gpu_bytes if on_gpu else host_bytes) and host.fits(host_bytes))
-            if choice.fits:
-                return choice
-            if best is None or (estimate.total, host.total) < (best.estimate.total, best.host.total):
-                best = choice
+            # The text encoder visits whole (one copy up) unless only its blocks streamed through fit.
+            visits = on_gpu and not dims.shards_text_encoder(bool(placement.offload)) and not text_encoder_kept(dims, placement.offload, shape.get("keep_text_encoder", False))
+            for stream_text in (False, True) if visits else (False,):
+                estimate = estimate_memory(dims, sizes, offload=placement.offload, stream_text_encoder=stream_text, **shape)
+                host = estimate_host_memory(dims, sizes, estimate, pixels=shape["pixels"], frames=frames, offload=placement.offload,
+                                            on_gpu=on_gpu, spawned=spawned)  # fmt: skip
+                choice = Choice(dims, placement, estimate, host, estimate.fits(gpu_bytes if on_gpu else host_bytes) and host.fits(host_bytes), stream_text)
+                if choice.fits:
+                    return _keep_blocks(choice, sizes, gpu_bytes, shape) if placement.offload == "blocks" and on_gpu else choice
+                if best is None or (estimate.total, host.total) < (best.estimate.total, best.host.total):
+                    best = choice
     return best
+
+
+def _keep_blocks(choice: Choice, sizes: ModelSizes, gpu_bytes: int | None, shape: dict) -> Choice:
+    """``choice`` (streamed blocks that fit) with as many of the active expert's blocks kept on the GPU
+    as the budget leaves room for while it denoises: fewer bytes stream each step."""
+    if gpu_bytes is None:
+        return choice
+    room = int(gpu_bytes * HEADROOM) - choice.estimate.stages["denoising"]
+    # At most all but the two that stream: those two are on the GPU at once anyway (the estimate counts them).
+    kept = max(0, min(sizes.blocks - 2, room // max(sizes.block, 1)))
+    if kept == 0:
+        return choice
+    estimate = estimate_memory(choice.dims, sizes, offload="blocks", stream_text_encoder=choice.stream_text_encoder, kept_blocks=kept, **shape)
+    return replace(choice, estimate=estimate, kept_blocks=kept)
 
 
 def machine_needed(choice: Choice, on_gpu: bool = True) -> str:
@@ -402,6 +434,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False) -> ModelSizes
         num_heads=dit.num_heads,
         vae_dim=vae.dim,
         stored_block=count(expert.blocks[0]) * stored_bytes,
+        blocks=len(expert.blocks),
     )
 
 

@@ -22,7 +22,7 @@ video is the resident plan's to the bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -40,32 +40,47 @@ def module_tensors(module: nn.Module):
 class HostCopy:
     """A module whose weights wait in host memory as they are (a memory-mapped file's pages: no copy
     of their own) and visit the device through the staging ``ring`` (the text encoder: 11 GB, needed
-    once per video)."""
+    once per video). With ``blocks_of`` (the module's blocks, for a GPU without room for all of it)
+    only the rest comes up whole; the blocks stream through while it runs, one or two at a time."""
 
-    def __init__(self, module: nn.Module, ring: StagingRing):
+    def __init__(self, module: nn.Module, ring: StagingRing, blocks_of: Sequence[nn.Module] | None = None):
         self.module, self.ring = module, ring
-        self.host: list[tuple[nn.Module, str, torch.Tensor]] = []
+        # The blocks' tensors as they are held (their bytes are the value: nothing converts them on the way).
+        held = {f"blocks.{index}.{name}": tensor for index, block in enumerate(blocks_of or ()) for name, tensor in block.state_dict(keep_vars=True).items()}
+        streamed = {id(tensor) for tensor in held.values()}
+        self.host: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
         for sub in module.modules():
             for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
-                self.host.append((sub, name, tensor.data))
+                self.host.append((sub, name, tensor.data, id(tensor) in streamed))
+        self.blocks = None
+        if held:
+            data = {key: tensor.data for key, tensor in held.items()}
+            source = TensorSource({key: (lambda rows, tensor=tensor: tensor if rows is None else tensor[rows]) for key, tensor in data.items()},
+                                  dict.fromkeys(data, "host memory"), {key: (lambda tensor=tensor: tensor.shape) for key, tensor in data.items()},
+                                  converted=True)  # fmt: skip
+            self.blocks = BlockStream(blocks_of, source, ring, dtype=torch.float32, keep_fp32=lambda key: False, ahead=1, keep=())
 
     def to_device(self) -> nn.Module:
+        whole = [(owner, name, tensor) for owner, name, tensor, streamed in self.host if not streamed]
         with torch.no_grad():
-            upload(self.ring, [Fill(f"{id(owner)}.{name}", tensor.dtype, tuple(tensor.shape), [(owner, name)], tensor=tensor) for owner, name, tensor in self.host])
+            upload(self.ring, [Fill(f"{id(owner)}.{name}", tensor.dtype, tuple(tensor.shape), [(owner, name)], tensor=tensor) for owner, name, tensor in whole])
         return self.module
 
     def to_host(self) -> None:
-        for owner, name, tensor in self.host:
+        if self.blocks is not None:
+            self.blocks.release()
+        for owner, name, tensor, _ in self.host:
             getattr(owner, name).data = tensor
 
 
 class BlockStream:
     """Blocks whose weights are read from the checkpoint and copied to the device just ahead of their use.
 
-    Before block i runs, a forward pre-hook makes sure blocks i..i+``ahead`` (cyclically) are on
-    their way, the next one's reads begun, and makes the compute stream wait for block i's copy
-    alone; with ``drop_after_use`` a forward hook drops block i's device copy once it has run.
-    Otherwise the blocks stay until :meth:`release`. A dropped block's tensors are meta placeholders.
+    Before block i runs, a forward pre-hook makes sure block i and the ``ahead`` blocks not on the
+    device after it (cyclically) are on their way, the reads of the next one begun, and makes the
+    compute stream wait for block i's copy alone. The blocks in ``keep`` stay once they arrived
+    (until :meth:`release`); a forward hook drops each other block's device copy once it has run, so
+    at most ``ahead`` + 1 of those are on the device. A dropped block's tensors are placeholders.
 
     The stream rules:
 
@@ -81,8 +96,9 @@ class BlockStream:
     """
 
     def __init__(self, blocks: Sequence[nn.Module], source: TensorSource, ring: StagingRing, *, dtype: torch.dtype,
-                 keep_fp32, ahead: int, drop_after_use: bool):  # fmt: skip
+                 keep_fp32, ahead: int, keep: Collection[int]):  # fmt: skip
         self.blocks = list(blocks)
+        self.keep = frozenset(keep)
         self.ring = ring
         self.device = ring.device
         self.dtype, self.keep_fp32 = dtype, keep_fp32
@@ -98,7 +114,7 @@ class BlockStream:
             # too): they move storage between devices and order streams, which is not graph material.
             before = torch.compiler.disable(lambda module, args, index=index: self._before(index))
             self.handles.append(block.register_forward_pre_hook(before))
-            if drop_after_use:
+            if index not in self.keep:
                 after = torch.compiler.disable(lambda module, args, output, index=index: self._drop(index))
                 self.handles.append(block.register_forward_hook(after))
 
@@ -127,12 +143,19 @@ class BlockStream:
         return sorted(self.ready)
 
     def prefetch(self, index: int) -> None:
-        """Start the copies of block ``index`` and the ``ahead`` blocks after it, and the reads of the one after those."""
+        """Start the copies of block ``index`` and of the blocks not on the device after it, up to
+        ``ahead`` dropped ones, and the reads of the next one. Kept blocks already there are skipped,
+        so the reads run as far ahead of the compute as they spread out."""
         count = len(self.blocks)
-        for step in range(min(self.ahead + 2, count)):
-            self._request((index + step) % count)
-        for step in range(self.ahead + 1):
-            self._fetch((index + step) % count)
+        missing = [block for block in ((index + step) % count for step in range(count)) if block not in self.ready][: self.ahead + 2]
+        for block in missing:
+            self._request(block)
+        passing = sum(1 for block in self.ready if block not in self.keep)  # dropped after they run: at most ahead + 1
+        for block in missing:  # in the order they were requested: the ring fills its slots in that order
+            if block != index and block not in self.keep and passing > self.ahead:
+                break
+            self._fetch(block)
+            passing += block not in self.keep
 
     def each_on_device(self) -> Iterator[int]:
         """Every block in turn on the device, the next on its way: yields its index once its copy has
@@ -205,7 +228,7 @@ class ExpertSwap(Experts):
     def __init__(self, models: dict[str, nn.Module], sources: dict[str, TensorSource], ring: StagingRing, boundary: int, *,
                  dtype: torch.dtype, keep_fp32, ahead: int = 2):  # fmt: skip
         super().__init__(models["high"], models["low"], boundary)
-        self.streams = {name: BlockStream(model.blocks, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, drop_after_use=False)
+        self.streams = {name: BlockStream(model.blocks, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=range(len(model.blocks)))
                         for name, model in self.models.items()}  # fmt: skip
         self.active: str | None = None
 
@@ -230,19 +253,29 @@ class ExpertSwap(Experts):
 
 
 class BlockOffload(BlockStream):
-    """A DiT whose embeddings and head stay on the device while its blocks stream through it."""
+    """A DiT whose embeddings and head stay on the device while its blocks stream through it; the
+    blocks in ``keep`` (what the GPU has room for) stay once they arrived."""
 
-    def __init__(self, model: nn.Module, source: TensorSource, ring: StagingRing, *, dtype: torch.dtype, keep_fp32, ahead: int = 1):
-        super().__init__(model.blocks, source, ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, drop_after_use=True)
+    def __init__(self, model: nn.Module, source: TensorSource, ring: StagingRing, *, dtype: torch.dtype, keep_fp32, ahead: int = 1, keep: Collection[int] = ()):
+        super().__init__(model.blocks, source, ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=keep)
+
+
+def spread(kept: int, count: int) -> list[int]:
+    """``kept`` of ``count`` block indices, evenly spaced: each streamed block then has the compute
+    of the kept ones around it to arrive in, rather than a run of streamed blocks in a row."""
+    return sorted({index * count // kept for index in range(kept)}) if kept > 0 else []
 
 
 class StreamedExperts(Experts):
-    """Both experts' blocks stream through the device one or two at a time (``--offload blocks``)."""
+    """Both experts' blocks stream through the device one or two at a time (``--offload blocks``);
+    ``kept`` blocks of the active expert (what the GPU has room for, spread out) stay on it while
+    the expert runs."""
 
     def __init__(self, models: dict[str, nn.Module], sources: dict[str, TensorSource], ring: StagingRing, boundary: int, *,
-                 dtype: torch.dtype, keep_fp32, ahead: int = 1):  # fmt: skip
+                 dtype: torch.dtype, keep_fp32, ahead: int = 1, kept: int = 0):  # fmt: skip
         super().__init__(models["high"], models["low"], boundary)
-        self.streams = {name: BlockOffload(model, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead) for name, model in self.models.items()}
+        self.streams = {name: BlockOffload(model, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=spread(kept, len(model.blocks)))
+                        for name, model in self.models.items()}  # fmt: skip
         self.active: str | None = None
 
     def activate(self, name: str) -> nn.Module:
