@@ -147,3 +147,23 @@ def test_streamed_blocks_keep_what_the_gpu_has_room_for_and_a_small_gpu_streams_
     assert not kept_whole.plan.stream_text_encoder and kept_whole.plan.kept_blocks == 0
     # 8 GiB is too small even so: refused, naming the machine it needs.
     assert not plan_run(base, sizes, gpus=1, gpu_bytes=8 * GiB, host_bytes=16 * GiB, guided=False, **sd).fits
+
+
+def test_the_cli_compiles_without_inductors_pool_of_processes_unless_told(monkeypatch, tmp_path):
+    """The pool held 5.6 GiB of host memory for a whole run. Its size is read from the environment when
+    inductor's config is imported, which the CLI has done before it runs: the config itself must change."""
+    import torch._inductor.config as inductor_config
+
+    from wan_i2v import cli
+
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path))
+    for name in ("TORCHINDUCTOR_COMPILE_THREADS", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(inductor_config, "compile_threads", 16)  # as imported on a 16-core machine
+    cli._keep_compiled_code()
+    assert inductor_config.compile_threads == 1
+    assert Path(cli.os.environ["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(tmp_path)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "16")  # the user's choice stands
+    monkeypatch.setattr(inductor_config, "compile_threads", 16)
+    cli._keep_compiled_code()
+    assert inductor_config.compile_threads == 16
