@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wan_i2v.config import GenerationSettings
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, by_keyword
 from wan_i2v.server.access import HostCheck, cross_site_refusal
 from wan_i2v.server.capacity import Capacity
 from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, MODEL, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying, same_request
@@ -150,7 +150,8 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
             given = header[7:] if bearer else unquote(request.cookies.get(TOKEN_COOKIE, ""))
             if not secrets.compare_digest(given.encode(), token.encode()):
                 return error_response(401, "missing or wrong token (send Authorization: Bearer TOKEN)")
-        return await call_next(request)
+        with by_keyword():  # a request's errors name its fields (frame_num), not generate's flags
+            return await call_next(request)
 
     def found(job_id: str):
         job = store.get(job_id)
