@@ -297,7 +297,7 @@ def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upl
     @app.get("/metrics")
     def metrics(request: Request):
         if not request.state.client.admin:  # (every client's jobs, counted)
-            fail(403, "the metrics are for admin tokens (a line of the --tokens file ending in admin)")
+            fail(403, "the metrics are for admin tokens (a line ending in admin in the server's --tokens file)")
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -270,8 +270,9 @@ class JobStore:
 
     @staticmethod
     def _scoped_key(key: str, client: str | None) -> str:
-        """An idempotency key is its client's: two clients' same key names two jobs (a name has no spaces)."""
-        return key if client is None else f"{client} {key}"
+        """An idempotency key is its client's: two clients' same key names two jobs. (An HTTP header
+        holds no control character, so no key stored as it came equals a client's.)"""
+        return key if client is None else f"{client}\x1f{key}"
 
     def close(self) -> None:
         """Let go of the database (another server may then take over this one's running job)."""
