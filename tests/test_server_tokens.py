@@ -5,7 +5,6 @@ once the server is on a network."""
 
 from __future__ import annotations
 
-import sqlite3
 from urllib.parse import quote
 
 import pytest
@@ -145,14 +144,14 @@ def test_each_client_lists_reads_and_deletes_only_its_own_jobs_and_an_admin_all(
     store.close()
 
 
-def test_jobs_from_before_clients_are_an_admins_and_everyones_without_tokens(tmp_path, tokens):
-    store = JobStore(tmp_path / "state")
+def test_jobs_from_before_clients_are_an_admins_and_everyones_without_tokens(tmp_path, queue_url, tokens):
+    store = JobStore(tmp_path / "state", queue_url=queue_url)
     old = store.submit(png_bytes(), SETTINGS)[0].id
-    store.close()
-    with sqlite3.connect(tmp_path / "state" / "queue.sqlite3") as db:  # the queue as a server before clients left it
+    with store._db(write=True) as db:  # the queue as a server before clients left it
         db.execute("DROP INDEX jobs_by_client")
         db.execute("ALTER TABLE jobs DROP COLUMN client")
-    store = JobStore(tmp_path / "state")
+    store.close()
+    store = JobStore(tmp_path / "state", queue_url=queue_url)
     with TestClient(app_over(store, tokens), base_url="http://127.0.0.1") as http:
         assert listed(http, ALICE) == [] and http.get(f"/v1/videos/{old}", headers=ALICE).status_code == 404
         assert listed(http, ROOT) == [old]
