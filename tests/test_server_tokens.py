@@ -28,7 +28,7 @@ SETTINGS = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", 
 @pytest.fixture()
 def tokens(tmp_path) -> Tokens:
     path = tmp_path / "tokens"
-    path.write_text(TOKENS_FILE)
+    path.write_text(TOKENS_FILE, encoding="utf-8-sig")  # with a byte-order mark, as Notepad saves it
     return read_tokens(path)
 
 

@@ -58,7 +58,7 @@ def read_tokens(path: str | Path) -> Tokens:
     """``--tokens FILE``: one client a line, ``NAME TOKEN`` or ``NAME TOKEN admin``. A malformed line
     is refused by its number (never by its text: it holds a token)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # (a byte-order mark, as Windows editors write, is not part of the first name)
     except (OSError, UnicodeDecodeError) as exc:
         raise WanError(f"cannot read --tokens {path}: {getattr(exc, 'strerror', None) or exc}", f"give a readable text file, {TOKENS_FORMAT}") from None
     clients: dict[str, Client] = {}
