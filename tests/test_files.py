@@ -115,7 +115,7 @@ def test_a_directory_given_as_the_image_is_said_so(tiny_checkpoint, tmp_path, ca
     "extra, message",
     [
         (["--size", "8192*8192"], "size 8192\\*8192 is too large"),
-        (["--frame-num", "10001"], "frame count 10001 is too large"),
+        (["--frame-num", "10001"], "--frame-num 10001 is too large"),
     ],
 )
 def test_sizes_no_machine_holds_are_refused_at_once(tiny_checkpoint, image_file, tmp_path, capsys, extra, message):

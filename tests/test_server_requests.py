@@ -4,7 +4,9 @@ by uvicorn in a thread (no pipeline: the runner is a stand-in that counts notifi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
+import re
 import threading
 from dataclasses import replace
 
@@ -14,6 +16,7 @@ import uvicorn
 from PIL import Image
 
 from server_process import free_port, png_bytes, wait_until
+from wan_i2v.errors import on_the_command_line
 from wan_i2v.server.app import JobDefaults, create_app
 from wan_i2v.server.store import JobStore
 
@@ -38,7 +41,9 @@ def serving(state_dir, max_queued: int, capacity=None):
                      defaults=JobDefaults(size="96*160", frame_num=5, steps=2), capacity=capacity)  # fmt: skip
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    with on_the_command_line():  # as `wan-i2v serve` runs it: inside the command line's spelling of errors
+        context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(server.run,), daemon=True)
     thread.start()
     wait_until(lambda: server.started, timeout=30)
     try:
@@ -166,6 +171,15 @@ def test_a_number_with_an_underscore_is_refused(client):
     assert_error(submit(client, frame_num="1_7"), 400, "frame_num", "1_7")
 
 
+@pytest.mark.parametrize("field,value", [("frame_num", 8), ("frame_num", 1), ("frame_num", 10001), ("guide_scale", "1,2,3"),
+                                         ("guide_scale", 99), ("guide_scale", "high"), ("size", "999P"), ("size", "1000*720"),
+                                         ("steps", 0), ("shift", 0), ("solver", "heun"), ("seed", -5)])  # fmt: skip
+def test_a_bad_field_is_named_as_the_api_names_it_not_as_a_flag(client, field, value):
+    answer = submit(client, **{field: value})
+    assert_error(answer, 400, field)
+    assert not re.search(r"--[a-z]", answer.json()["error"]["message"]), answer.json()["error"]["message"]
+
+
 def test_a_full_queue_is_429_with_retry_after(tmp_path):
     with serving(tmp_path / "state", max_queued=1) as url, httpx2.Client(base_url=url, timeout=30) as client:
         assert submit(client).status_code == 200
@@ -214,7 +228,9 @@ def test_a_request_beyond_the_plan_is_refused_and_models_says_what_fits(tiny_che
     planned = plan_for(options, height=96, width=160, frame_num=5, device="cpu", world=1, ckpt_dir=tiny_checkpoint)
     capacity = Capacity(planned, model_sizes(tiny_checkpoint, 4))
     with serving(tmp_path / "state", max_queued=5, capacity=capacity) as url, httpx2.Client(base_url=url, timeout=30) as client:
-        assert_error(submit(client, size="2048*2048", frame_num=321), 400, "does not fit the memory", "frame_num", "/v1/models")
+        refused = submit(client, size="2048*2048", frame_num=321)
+        assert_error(refused, 400, "does not fit the memory", "size", "frame_num", "/v1/models")
+        assert "--" not in refused.json()["error"]["message"]
         assert submit(client, frame_num=321).status_code == 200  # its own size, every frame count: about 2 GiB
         model = client.get("/v1/models").json()["data"][0]
         assert model["id"] == "wan2.2-i2v-a14b" and model["max_frame_num"] == {"160x80": 321}  # (16:9 within 96*160, as the server plans)

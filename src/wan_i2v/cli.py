@@ -399,17 +399,17 @@ def cmd_serve(args) -> int:
     from wan_i2v import session as runs
     from wan_i2v.config import check_frame_num, parse_size, video_size
     from wan_i2v.parallel.groups import launched
-    from wan_i2v.server import JobDefaults, check_binding, serve
+    from wan_i2v.server import JobDefaults, check_binding, serve, server_tokens
 
     _sampling_defaults(args)
     max_area, _ = parse_size(args.size)
     check_frame_num(args.frame_num)
     guide = _guide_pair(args)
     defaults = JobDefaults(size=args.size, frame_num=args.frame_num, steps=args.steps, guide_scale=guide, shift=args.shift, solver=args.solver)
-    token = args.token or _read_token_file(args.token_file) or os.environ.get("WAN_I2V_TOKEN") or None
+    tokens = server_tokens(args.token or _read_token_file(args.token_file) or os.environ.get("WAN_I2V_TOKEN") or None, args.tokens)
     queue = args.queue or os.environ.get("WAN_I2V_QUEUE") or None
     if _is_main():
-        check_binding(args.host, args.port, token)
+        check_binding(args.host, args.port, tokens)
         if queue is not None and not queue.startswith(("postgresql://", "postgres://")):
             raise WanError("the queue URL (--queue or WAN_I2V_QUEUE) is not a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
                            "leave it out for the queue in --state-dir (the servers of one machine)")  # fmt: skip
@@ -439,7 +439,7 @@ def cmd_serve(args) -> int:
     # (the sizes as plan_for read them: the requests are estimated on the plan it made)
     capacity = Capacity(planned, model_sizes(options.ckpt_dir if Path(options.ckpt_dir).is_dir() else None,
                                              runs.torch_dtype(options.dtype, device).itemsize, fp8=planned.plan.fp8), spawned=world > 1 and not launched())  # fmt: skip
-    return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, token=token, defaults=defaults,
+    return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, tokens=tokens, defaults=defaults,
                  max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue, capacity=capacity,
                  allowed_hosts=tuple(args.allowed_hosts))  # fmt: skip
 
@@ -695,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the names clients reach the server by, besides IP addresses and localhost (other Host names are refused: "
                      "DNS rebinding); * allows any, for a proxy that checks them")
     srv.add_argument("--token-file", default=None, metavar="FILE", help="read --token from the first line of FILE (it stays out of ps)")
+    srv.add_argument("--tokens", default=None, metavar="FILE", help="one token per client, a line each: NAME TOKEN, or NAME TOKEN admin "
+                     "(each client sees only its own jobs; an admin sees all); not with --token")
     srv.add_argument("--max-queue", type=int, default=1000, help="jobs that may wait; more are refused with 429 (default 1000)")
     srv.add_argument("--max-upload-mb", type=float, default=50, help="the largest image accepted, in MiB (default 50)")
     jobs = srv.add_argument_group("each job's defaults (a request may set its own)")

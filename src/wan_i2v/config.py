@@ -58,12 +58,12 @@ def parse_size(size: str) -> tuple[int, float | None]:
 
 def check_frame_num(frame_num: int) -> None:
     if frame_num < 5:
-        raise WanError(f"frame count {frame_num} is too small", "use at least 5 (a frame count of the form 4n+1)")
+        raise WanError(f"{option('frame_num')} {frame_num} is too small", "use at least 5 (a frame count of the form 4n+1)")
     if frame_num > MAX_FRAMES:
-        raise WanError(f"frame count {frame_num} is too large", f"use at most {MAX_FRAMES} (the model is trained for 81: 5 s at 16 fps)")
+        raise WanError(f"{option('frame_num')} {frame_num} is too large", f"use at most {MAX_FRAMES} (the model is trained for 81: 5 s at 16 fps)")
     if (frame_num - 1) % 4:
         below = (frame_num - 1) // 4 * 4 + 1
-        raise WanError(f"frame count {frame_num} is not of the form 4n+1", f"use {below} or {below + 4}")
+        raise WanError(f"{option('frame_num')} {frame_num} is not of the form 4n+1", f"use {below} or {below + 4}")
 
 
 def guide_pair(values) -> tuple[float, float]:
@@ -113,7 +113,7 @@ class GenerationSettings:
         if not 1 <= self.steps <= MAX_STEPS:
             raise WanError(f"steps {self.steps} out of range", f"use 1 to {MAX_STEPS} (the model card uses 40)")
         if len(self.guide_scale) != 2 or not all(0.0 <= g <= MAX_GUIDE_SCALE for g in self.guide_scale):
-            raise WanError(f"guide scale {self.guide_scale} out of range", f"use values from 0 to {MAX_GUIDE_SCALE} (default 3.5)")
+            raise WanError(f"guide scale {self.guide_scale} out of range", f"{option('guide_scale')} takes values from 0 to {MAX_GUIDE_SCALE} (default 3.5)")
         if not 0.0 < self.shift <= 100.0:
             raise WanError(f"shift {self.shift} out of range", "use a value above 0 (5.0 for 720P, 3.0 for 480P)")
         if self.solver not in SOLVERS:

@@ -29,7 +29,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError"
 
 
-# Who reads the errors: the command line (`wan-i2v ...`, set by cli.main) or Python code (the default).
+# Who reads the errors: the command line (`wan-i2v ...`, set by cli.main) or Python code and HTTP
+# clients, who both name options by their keywords (the default).
 _COMMAND_LINE: ContextVar[bool] = ContextVar("wan_i2v_command_line", default=False)
 _NO_VALUE = object()
 
@@ -48,13 +49,23 @@ def option(name: str, value: object = _NO_VALUE) -> str:
 
 
 @contextmanager
-def on_the_command_line():
-    """Errors raised inside spell options as command-line flags."""
-    token = _COMMAND_LINE.set(True)
+def _spelled_for(command_line: bool):
+    token = _COMMAND_LINE.set(command_line)
     try:
         yield
     finally:
         _COMMAND_LINE.reset(token)
+
+
+def on_the_command_line():
+    """Errors raised inside spell options as command-line flags."""
+    return _spelled_for(True)
+
+
+def by_keyword():
+    """Errors raised inside spell options by their keywords (``frame_num``) even within the command
+    line's spelling: `wan-i2v serve` runs inside it, and its HTTP clients send fields, not flags."""
+    return _spelled_for(False)
 
 
 def counted(count: int, noun: str) -> str:

@@ -15,11 +15,12 @@ from pathlib import Path
 import uvicorn
 
 from wan_i2v.errors import WanError, counted, first_line
+from wan_i2v.server.access import Tokens, server_tokens
 from wan_i2v.server.app import JobDefaults, create_app, job_settings
 from wan_i2v.server.runner import Runner
 from wan_i2v.server.store import JobStore
 
-__all__ = ["JobDefaults", "JobStore", "Runner", "check_binding", "create_app", "job_settings", "serve"]
+__all__ = ["JobDefaults", "JobStore", "Runner", "check_binding", "create_app", "job_settings", "serve", "server_tokens"]
 
 
 def _loopback(host: str) -> bool:
@@ -31,13 +32,13 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def check_binding(host: str, port: int, token: str | None) -> None:
+def check_binding(host: str, port: int, tokens: Tokens | None) -> None:
     """Refuse, before anything loads, a server open to the network without a token, and a port taken."""
     if not 0 < port < 65536:
         raise WanError(f"--port {port} is not a port", "give a number from 1 to 65535")
-    if not _loopback(host) and not token:
+    if not _loopback(host) and tokens is None:
         raise WanError(f"--host {host} would let anyone who reaches this machine run jobs",
-                       "give --token TOKEN (or set WAN_I2V_TOKEN), or leave --host at 127.0.0.1")  # fmt: skip
+                       "give --token TOKEN (or set WAN_I2V_TOKEN) or --tokens FILE, or leave --host at 127.0.0.1")  # fmt: skip
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family) as probe:
@@ -47,13 +48,14 @@ def check_binding(host: str, port: int, token: str | None) -> None:
         raise WanError(f"cannot listen on {host}:{port}: {exc.strerror}", "give another --port, or stop what uses it") from None
 
 
-def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | None, defaults: JobDefaults,
+def serve(open_session, *, state_dir: Path, host: str, port: int, tokens: Tokens | None, defaults: JobDefaults,
           max_queued: int = 1000, max_upload_mb: float = 50, queue_url: str | None = None, capacity=None,
           allowed_hosts: tuple[str, ...] = ()) -> int:  # fmt: skip
     """Run the server until interrupted; ``open_session()`` loads the pipeline (in the runner's
     thread: the API answers, and takes jobs, while it loads). ``queue_url``: a PostgreSQL database
     that servers on several machines share (``state_dir`` is then their shared folder); ``capacity``:
-    the loaded plan's, which refuses the videos that would not fit.
+    the loaded plan's, which refuses the videos that would not fit; ``tokens``: the clients served
+    (None: anyone, on loopback only).
     ``allowed_hosts``: the names clients reach it by, besides IP addresses and localhost. Returns the
     exit code."""
     os.umask(0o077)  # the queue, images and videos are private whatever the shell's umask (the store fixes older files)
@@ -69,8 +71,8 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, token: str | N
         server.should_exit = True
 
     runner = Runner(store, open_session, on_failure=failed)
-    config.app = create_app(store, runner, token=token, max_upload_bytes=int(max_upload_mb * 2**20), defaults=defaults,
-                            capacity=capacity, allowed_hosts=allowed_hosts)  # fmt: skip
+    config.app = create_app(store, runner, tokens=tokens, max_upload_bytes=int(max_upload_mb * 2**20), defaults=defaults,
+                            capacity=capacity, allowed_hosts=allowed_hosts, loopback=_loopback(host))  # fmt: skip
     counts = store.counts()
     print(f"wan-i2v: serving on http://{host}:{port}/ (queue {store.database.describe()}, files in {state_dir}: "
           f"{counted(counts['queued'] + counts['in_progress'], 'job')} to run); "

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import random
-import secrets
 from urllib.parse import unquote
 from dataclasses import dataclass
 from importlib.resources import files
@@ -19,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wan_i2v.config import GenerationSettings
-from wan_i2v.errors import WanError
-from wan_i2v.server.access import HostCheck, cross_site_refusal
+from wan_i2v.errors import WanError, by_keyword
+from wan_i2v.server.access import ANYONE, HostCheck, Tokens, cross_site_refusal
 from wan_i2v.server.capacity import Capacity
 from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, MODEL, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying, same_request
 from wan_i2v.server.store import FINISHED, DiskFull, JobStore, QueueFull, QueueUnreachable
@@ -102,11 +101,12 @@ def job_settings(form, defaults: JobDefaults) -> dict:
     return {**settings.as_dict(), "size": size, "negative_prompt": None if negative is None else str(negative)}
 
 
-def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_bytes: int = 50 * 2**20,
-               defaults: JobDefaults = JobDefaults(), capacity: Capacity | None = None, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:  # fmt: skip
+def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upload_bytes: int = 50 * 2**20, defaults: JobDefaults = JobDefaults(),
+               capacity: Capacity | None = None, allowed_hosts: tuple[str, ...] = (), loopback: bool = True) -> FastAPI:  # fmt: skip
     """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``;
-    ``capacity`` (the loaded plan's) refuses the videos that would not fit (None: no limit);
-    ``allowed_hosts``: the names, besides IP addresses and localhost, that clients reach it by."""
+    ``tokens``: the clients it serves (None: anyone, with no token); ``capacity`` (the loaded plan's)
+    refuses the videos that would not fit (None: no limit); ``allowed_hosts``: the names, besides IP
+    addresses and localhost, that clients reach it by; ``loopback``: it listens on this machine only."""
     app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None)
 
     def fail(status: int, message: str):
@@ -145,15 +145,18 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         refusal = cross_site_refusal(request.method, request.headers, bearer)
         if refusal:
             return error_response(403, refusal)
-        if token is not None and request.url.path not in OPEN_PATHS:
-            # (the page stores the cookie percent-encoded, as cookies must be)
-            given = header[7:] if bearer else unquote(request.cookies.get(TOKEN_COOKIE, ""))
-            if not secrets.compare_digest(given.encode(), token.encode()):
+        if tokens is None:
+            request.state.client = ANYONE
+        else:  # (the page stores the cookie percent-encoded, as cookies must be)
+            request.state.client = tokens.client(header[7:] if bearer else unquote(request.cookies.get(TOKEN_COOKIE, "")))
+            if request.state.client is None and request.url.path not in OPEN_PATHS:
                 return error_response(401, "missing or wrong token (send Authorization: Bearer TOKEN)")
-        return await call_next(request)
+        with by_keyword():  # a request's errors name its fields (frame_num), not generate's flags
+            return await call_next(request)
 
-    def found(job_id: str):
-        job = store.get(job_id)
+    def found(request: Request, job_id: str):
+        """The job, if the request's client may see it: another client's job is not found, as if it did not exist."""
+        job = store.get(job_id, client=request.state.client.sees)
         if job is None:
             fail(404, f"no video {job_id}")
         return job
@@ -191,7 +194,7 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         if capacity is not None and (refusal := await run_in_threadpool(capacity.refusal, settings["frame_num"], height, width)):
             fail(400, refusal)
         try:
-            job, created = await run_in_threadpool(store.submit, image, settings, key)
+            job, created = await run_in_threadpool(store.submit, image, settings, key, request.state.client.name)
         except QueueFull as exc:
             fail(429, f"{exc}; try again later")
         if created:
@@ -206,11 +209,11 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         return same_request(job.settings, known_image, json.loads(json.dumps(settings)), image, seed_given)
 
     @app.get("/v1/videos")
-    def listing(limit: int = 20, after: str | None = None):
+    def listing(request: Request, limit: int = 20, after: str | None = None):
         if not 1 <= limit <= 100:
             fail(400, f"limit {limit} out of range (1 to 100)")
         try:
-            jobs, more = store.list(limit=limit, after=after)
+            jobs, more = store.list(limit=limit, after=after, client=request.state.client.sees)
         except KeyError:
             fail(404, f"no video {after} (the after= cursor)")
         data = [job.public() for job in jobs]
@@ -218,14 +221,14 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
                 "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
 
     @app.get("/v1/videos/{job_id}")
-    def retrieve(job_id: str):
-        return found(job_id).public()
+    def retrieve(request: Request, job_id: str):
+        return found(request, job_id).public()
 
     @app.api_route("/v1/videos/{job_id}/content", methods=["GET", "HEAD"])
-    def content(job_id: str, variant: str = "video"):
+    def content(request: Request, job_id: str, variant: str = "video"):
         if variant != "video":
             fail(400, f"variant {variant!r} is not served: only variant=video (the mp4)")
-        job = found(job_id)
+        job = found(request, job_id)
         if job.status != "completed":
             fail(404, f"video {job_id} has no content: it is {job.status.replace('_', ' ')}")
         try:
@@ -235,8 +238,8 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         return OpenedFileResponse(video, media_type="video/mp4", filename=f"{job_id}.mp4")
 
     @app.delete("/v1/videos/{job_id}")
-    def delete(job_id: str):
-        job = found(job_id)
+    def delete(request: Request, job_id: str):
+        job = found(request, job_id)
         if job.status in FINISHED and store.delete(job_id):
             return {"id": job_id, "object": "video", "deleted": True}
         cancelled = store.cancel(job_id)
@@ -245,8 +248,8 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         return cancelled.public()
 
     @app.get("/v1/videos/{job_id}/events")
-    async def events(job_id: str):
-        found(job_id)
+    async def events(request: Request, job_id: str):
+        await run_in_threadpool(found, request, job_id)
 
         async def stream():
             last = None
@@ -281,16 +284,20 @@ def create_app(store: JobStore, runner, *, token: str | None = None, max_upload_
         return {"object": "list", "data": [model]}
 
     @app.get("/health")
-    def health():
-        counts = store.counts()
-        body = {"status": runner.status, "queued": counts["queued"], "in_progress": counts["in_progress"],
-                "defaults": dataclasses.asdict(defaults)}  # what a request's missing fields become (the page shows them)
+    def health(request: Request):
+        # what a request's missing fields become (the page shows them)
+        body = {"status": runner.status, "defaults": dataclasses.asdict(defaults)}
+        if loopback or request.state.client is not None:  # how busy the server is, only to its clients once it is on a network
+            counts = store.counts()
+            body.update(queued=counts["queued"], in_progress=counts["in_progress"])
         return JSONResponse(body, status_code=503 if runner.status == "failed" else 200)
 
     registry = _metrics_registry(store, runner)
 
     @app.get("/metrics")
-    def metrics():
+    def metrics(request: Request):
+        if not request.state.client.admin:  # (every client's jobs, counted)
+            fail(403, "the metrics are for admin tokens (a line ending in admin in the server's --tokens file)")
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

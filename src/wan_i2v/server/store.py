@@ -49,6 +49,7 @@ SCHEMA = (
     seconds_per_step {real},
     error TEXT,
     owner TEXT,
+    client TEXT,
     runs INTEGER NOT NULL DEFAULT 0,
     peak_memory_gb {real},
     created_at {real} NOT NULL,
@@ -91,7 +92,8 @@ class Job:
     step: int
     seconds_per_step: float | None
     error: str | None
-    owner: str | None
+    owner: str | None  # the server running it
+    client: str | None  # the client that submitted it (--tokens' name; None: a server with one token or none)
     runs: int  # times a server started it (a resume counts)
     peak_memory_gb: float | None
     created_at: float
@@ -248,9 +250,29 @@ class JobStore:
             with self._db(write=True) as db:
                 for statement in SCHEMA:
                     db.execute(statement.format(serial=self.database.serial, real=self.database.real))
+                self._add_client_column(db)
         except QueueUnreachable as exc:
             raise WanError(f"cannot use the queue {self.database.describe()}: {exc}", "check that it is writable") from None
         self._sweep()
+
+    @staticmethod
+    def _add_client_column(db) -> None:
+        """A queue made before jobs had clients gains the column (its jobs have none: only an admin,
+        or a server with one token or none, sees them)."""
+        if "client" not in {column[0] for column in db.execute("SELECT * FROM jobs LIMIT 0").description}:
+            db.execute("ALTER TABLE jobs ADD COLUMN client TEXT")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs (client, seq)")
+
+    @staticmethod
+    def _only(client: str | None) -> tuple[str, tuple]:
+        """The condition that keeps ``client``'s jobs (None: every job), to follow a WHERE clause."""
+        return ("", ()) if client is None else (" AND client = ?", (client,))
+
+    @staticmethod
+    def _scoped_key(key: str, client: str | None) -> str:
+        """An idempotency key is its client's: two clients' same key names two jobs. (An HTTP header
+        holds no control character, so no key stored as it came equals a client's.)"""
+        return key if client is None else f"{client}\x1f{key}"
 
     def close(self) -> None:
         """Let go of the database (another server may then take over this one's running job)."""
@@ -317,10 +339,10 @@ class JobStore:
         values["settings"] = json.loads(values["settings"])
         return Job(**values)
 
-    def submit(self, image: bytes, settings: dict, idempotency_key: str | None = None) -> tuple[Job, bool]:
-        """Queue a job (its image written first); returns (job, created). A key seen before returns
-        that key's job instead; a full queue is refused."""
-        if idempotency_key is not None and (known := self.by_key(idempotency_key)) is not None:
+    def submit(self, image: bytes, settings: dict, idempotency_key: str | None = None, client: str | None = None) -> tuple[Job, bool]:
+        """Queue ``client``'s job (its image written first); returns (job, created). A key that client
+        used before returns that key's job instead; a full queue is refused."""
+        if idempotency_key is not None and (known := self.by_key(idempotency_key, client)) is not None:
             return known, False
         from wan_i2v.video import write_atomically
 
@@ -334,12 +356,12 @@ class JobStore:
                 if queued >= self.max_queued:
                     raise QueueFull(queued)
                 db.execute(
-                    "INSERT INTO jobs (id, idempotency_key, status, settings, created_at) VALUES (?, ?, 'queued', ?, ?)",
-                    (job_id, idempotency_key, json.dumps(settings), time.time()),
+                    "INSERT INTO jobs (id, idempotency_key, status, settings, client, created_at) VALUES (?, ?, 'queued', ?, ?, ?)",
+                    (job_id, None if idempotency_key is None else self._scoped_key(idempotency_key, client), json.dumps(settings), client, time.time()),
                 )
         except DuplicateKey:  # the same key, submitted at the same moment by another request
             shutil.rmtree(directory, ignore_errors=True)
-            return self.by_key(idempotency_key), False
+            return self.by_key(idempotency_key, client), False
         except BaseException as exc:
             shutil.rmtree(directory, ignore_errors=True)
             if _is_disk_full(exc):
@@ -347,22 +369,27 @@ class JobStore:
             raise
         return self.get(job_id), True
 
-    def by_key(self, key: str) -> Job | None:
+    def by_key(self, key: str, client: str | None = None) -> Job | None:
+        """The job ``client`` submitted with this idempotency key."""
         with self._db() as db:
-            return self._job(db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone())
+            return self._job(db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (self._scoped_key(key, client),)).fetchone())
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, client: str | None = None) -> Job | None:
+        """The job, if it is ``client``'s (None: anyone's)."""
+        only, mine = self._only(client)
         with self._db() as db:
-            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?" + only, (job_id, *mine)).fetchone())
 
-    def list(self, *, limit: int = 20, after: str | None = None) -> tuple[list[Job], bool]:
-        """Newest first, ``limit`` at a time, after the job ``after``; and whether more follow."""
+    def list(self, *, limit: int = 20, after: str | None = None, client: str | None = None) -> tuple[list[Job], bool]:
+        """Newest first, ``limit`` at a time, after the job ``after``; and whether more follow.
+        ``client``: that client's jobs only (None: every job)."""
+        only, mine = self._only(client)
         with self._db() as db:
-            start = db.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone() if after else None
+            start = db.execute("SELECT seq FROM jobs WHERE id = ?" + only, (after, *mine)).fetchone() if after else None
             if after and start is None:
                 raise KeyError(after)
             rows = db.execute(
-                "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (start["seq"] if start else 2**63 - 1, limit + 1)
+                "SELECT * FROM jobs WHERE seq < ?" + only + " ORDER BY seq DESC LIMIT ?", (start["seq"] if start else 2**63 - 1, *mine, limit + 1)
             ).fetchall()
         return [self._job(row) for row in rows[:limit]], len(rows) > limit
 
