@@ -267,3 +267,29 @@ def test_a_text_encoder_that_streams_its_blocks_encodes_the_same_and_holds_two_o
     block_reads = {key: count for key, count in ring.reads.items() if key.startswith("blocks.")}
     assert block_reads and all(count in (4, 5, 6) for count in block_reads.values()), block_reads
     assert not any(".block." in key or "SelfAttention" in key for key in ring.reads if not key.startswith("blocks.")), sorted(ring.reads)
+
+
+def test_a_visit_done_marks_the_text_encoders_pages_cold_so_the_kernel_gives_them_up_first(tmp_path):
+    """Touched pages of a mapped file are the last the kernel reclaims: the text encoder's, read once a
+    video, then crowded out the streamed blocks' pages (read every step) on a 32 GiB machine."""
+    import re
+
+    from wan_i2v.loading.staging import mark_cold
+
+    path = tmp_path / "weights.pth"
+    torch.save({"weight": torch.randn(2048, 1024)}, path)
+    weight = torch.load(path, mmap=True, weights_only=True)["weight"]
+
+    def referenced_kb() -> int:
+        total = 0
+        for mapping in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read()):
+            if mapping.splitlines()[0].endswith(str(path)):
+                total += int(re.search(r"^Referenced:\s+(\d+) kB", mapping, re.M).group(1))
+        return total
+
+    assert float(weight.double().sum()) == pytest.approx(float(torch.load(path, weights_only=True)["weight"].double().sum()))
+    touched = referenced_kb()
+    assert touched >= 0.9 * weight.nbytes / 1024
+    mark_cold([weight])
+    assert touched - referenced_kb() >= 0.7 * weight.nbytes / 1024  # (a few pages around the file's header stay referenced)
+    assert torch.equal(weight, torch.load(path, weights_only=True)["weight"])  # nothing lost

@@ -12,6 +12,7 @@ allocator rounds every allocation up to a power of two, which cost up to half th
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -88,6 +89,24 @@ class PinnedArena:
             self.close()
         except Exception:  # interpreter shutdown: CUDA may be gone
             pass
+
+
+MADV_COLD = 20  # Linux >= 5.4
+
+
+def mark_cold(tensors: Sequence[torch.Tensor]) -> None:
+    """Tell the kernel that these host tensors' pages (a memory-mapped file's: the text encoder's) are
+    done with for now: under memory pressure they are reclaimed before the pages read again and again
+    (a streamed expert's, every step), which otherwise lost to them, since mapped pages that were
+    touched are kept longest. Nothing is lost: a reclaimed page is read from its file when touched
+    again, and with room to spare nothing is reclaimed. A kernel without MADV_COLD ignores it."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    libc = ctypes.CDLL(None, use_errno=True)
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors if tensor.device.type == "cpu"}
+    for start, nbytes in storages.items():
+        first, end = -(-start // page) * page, (start + nbytes) // page * page
+        if end > first:
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), MADV_COLD)
 
 
 class Ticket:

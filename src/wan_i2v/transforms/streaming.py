@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from wan_i2v.loading.checkpoint import TensorSource, fills
-from wan_i2v.loading.staging import Batch, Fill, StagingRing, placeholder, upload
+from wan_i2v.loading.staging import Batch, Fill, StagingRing, mark_cold, placeholder, upload
 from wan_i2v.sampling.loop import Experts
 
 
@@ -71,6 +71,7 @@ class HostCopy:
             self.blocks.release()
         for owner, name, tensor, _ in self.host:
             getattr(owner, name).data = tensor
+        mark_cold([tensor for _, _, tensor, _ in self.host])  # read once a video: the first pages to give up
 
 
 class BlockStream:
