@@ -249,7 +249,7 @@ def main():
         row = run_row(name, args, image, files)
         reference_row = ROWS[name][-1]
         reference = report["rows"].get(reference_row, {}).get("latents")
-        if row.get("latents") and reference:
+        if row.get("latents") and reference and Path(reference).is_file():  # (a reference of an earlier machine may be gone)
             row[f"latents_equal_{reference_row}"] = bool(torch.equal(torch.load(row["latents"])["latents"], torch.load(reference)["latents"]))
         if name == "cold" and row.get("loading_s") and report.get("disk_gb_s"):
             row["disk_read_s"] = report["checkpoint_gb"] / report["disk_gb_s"]
