@@ -122,10 +122,13 @@ HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation 
 
 # Host memory of each process that cannot be reclaimed (anonymous and pinned; the checkpoint's pages
 # in the page cache are not counted, the kernel gives them back under pressure): Python, torch and
-# the CUDA context. Measured on one H200 (docs/benchmarks.md, 2026-12-03): 5.8 GiB for the process
-# tree at 720P with both experts on the GPU, of which the staging ring is 2.0 GiB and the decoded
-# video 1 GiB. (With inductor's pool of compiler processes, which the CLI turns off, 11.4-11.9 GiB.)
-HOST_PROCESS = 3.25 * GiB
+# the CUDA context; and the video's copies on their way out (the fp32 frames, their 8-bit copy, the
+# encoder's buffers). Fitted to two runs on one H200 (docs/benchmarks.md, third session): 5.83 GiB
+# for the process tree at 720P and 4.31 GiB at 480P, each with a 2.0 GiB staging ring; the
+# difference is 3.2 times that of the fp32 videos. (With inductor's pool of compiler processes,
+# which the CLI turns off, 11.4-11.9 GiB.)
+HOST_PROCESS = 1.25 * GiB
+VIDEO_COPIES = 3.2
 HOST_PROCESS_CPU = 1.0 * GiB  # the same without CUDA
 HOST_SPAWNER = 1.0 * GiB  # the process that starts N ranks itself (--gpus N): torch without CUDA
 STAGING_DEPTH = 3  # slots of the staging ring, one block each: one read while one is copied up and one computes
@@ -204,7 +207,7 @@ def estimate_host_memory(
         else:
             held = STAGING_DEPTH * (sizes.stored_block or sizes.block)
         per_rank = {stage: HOST_PROCESS + held for stage in gpu.stages}
-    main = {"text encoding": 0, "image encoding": video, "denoising": 0, "decoding": video + video // 16}
+    main = {"text encoding": 0, "image encoding": video, "denoising": 0, "decoding": int(VIDEO_COPIES * video)}
     stages = {}
     for stage, value in per_rank.items():
         total = world * value + main.get(stage, 0)
