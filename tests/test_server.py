@@ -629,6 +629,70 @@ def test_a_job_whose_server_keeps_dying_fails_instead_of_starving_the_queue(tmp_
     assert failed.status == "failed" and failed.error.startswith("the server stopped 3 times while running this job")
 
 
+def test_a_job_the_oom_killer_stopped_fails_at_once_and_says_why(tiny_checkpoint, tmp_path):
+    vmstat = tmp_path / "vmstat"  # the kernel's counters, as /proc/vmstat gives them
+    vmstat.write_text("pgfault 1000\noom_kill 4\noom_kill_other 9\n")
+    server = Server(tiny_checkpoint, tmp_path / "state", env={"WAN_I2V_VMSTAT": str(vmstat)}).start()
+    with server.client() as client:
+        doomed = server.submit(client, steps=1000, frame_num=9).json()["id"]
+        waiting = server.submit(client).json()["id"]
+        wait_until(lambda: server.step_of(client, doomed) >= 2)
+        vmstat.write_text("pgfault 1000\noom_kill 5\noom_kill_other 9\n")  # the OOM killer counts its kill,
+        server.kill()  # and kills the server with SIGKILL
+        server.start()
+        failed = server.wait_for(client, doomed)
+        assert failed["status"] == "failed" and failed["error"]["message"] == (
+            "the server was killed for lack of memory while this job ran (size 96*160, frame_num 9); "
+            "try a smaller size or fewer frames, or give the server more memory")  # fmt: skip
+        assert server.wait_for(client, waiting)["status"] == "completed"
+    assert server.stop() == 0
+    assert server.log.read_text().count(f"running {doomed}") == 1  # not run again after the kill
+
+
+def test_only_an_oom_kill_in_the_same_boot_fails_a_job_at_once(tmp_path, monkeypatch):
+    from wan_i2v.server import JobDefaults, JobStore, job_settings, memory_kills
+
+    boot, vmstat = tmp_path / "boot_id", tmp_path / "vmstat"
+    boot.write_text("boot-1\n")
+    vmstat.write_text("oom_kill 0\n")
+    monkeypatch.setattr(memory_kills, "BOOT_ID", boot)
+    monkeypatch.setenv("WAN_I2V_VMSTAT", str(vmstat))
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    server = JobStore(tmp_path / "state")
+    job = server.submit(png_bytes(), settings)[0].id
+    assert server.claim().id == job
+
+    def dies_and_restarts():
+        server.liveness.release()  # the kernel drops a dead server's lock
+        return JobStore(tmp_path / "state")
+
+    server = dies_and_restarts()  # killed otherwise (kill -9): the job runs again
+    assert server.claim().id == job
+    boot.write_text("boot-2\n")  # a reboot: its count starts again, and says nothing of the job's run
+    vmstat.write_text("oom_kill 3\n")
+    server = dies_and_restarts()
+    assert server.claim().id == job
+    vmstat.write_text("oom_kill 4\n")  # the OOM killer struck while the job ran
+    server = dies_and_restarts()
+    assert server.claim() is None
+    failed = server.get(job)
+    assert failed.status == "failed" and failed.error.startswith("the server was killed for lack of memory while this job ran (size 32*48")
+
+
+def test_a_queue_an_older_version_made_gains_the_new_columns(tmp_path, queue):
+    from wan_i2v.server import JobDefaults, JobStore, job_settings
+
+    queue_url = queue[1] if queue else None
+    older = JobStore(tmp_path / "state", queue_url=queue_url)
+    job = older.submit(png_bytes(), job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults()))[0].id
+    with older._db(write=True) as db:
+        db.execute("ALTER TABLE jobs DROP COLUMN memory_kills_at_start")  # as the version before it made the table
+    older.close()
+    store = JobStore(tmp_path / "state", queue_url=queue_url)
+    claimed = store.claim()
+    assert claimed.id == job and claimed.memory_kills_at_start is not None
+
+
 def test_what_a_kill_left_half_written_is_swept_at_the_next_start(tmp_path):
     import os
 

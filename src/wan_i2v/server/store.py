@@ -27,6 +27,7 @@ from pathlib import Path
 
 from wan_i2v import locks
 from wan_i2v.errors import WanError, counted
+from wan_i2v.server import memory_kills
 
 log = logging.getLogger("wan_i2v.server")
 
@@ -50,6 +51,7 @@ SCHEMA = (
     error TEXT,
     owner TEXT,
     runs INTEGER NOT NULL DEFAULT 0,
+    memory_kills_at_start TEXT,
     peak_memory_gb {real},
     created_at {real} NOT NULL,
     started_at {real},
@@ -57,6 +59,8 @@ SCHEMA = (
 )""",
     "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",
 )
+# Columns a queue made by an older version lacks (added at the start).
+ADDED_COLUMNS = {"memory_kills_at_start": "TEXT"}
 
 
 class DiskFull(Exception):
@@ -93,6 +97,7 @@ class Job:
     error: str | None
     owner: str | None
     runs: int  # times a server started it (a resume counts)
+    memory_kills_at_start: str | None  # the kernel's OOM kills when it last started (server.memory_kills)
     peak_memory_gb: float | None
     created_at: float
     started_at: float | None
@@ -210,6 +215,14 @@ class SQLiteQueue:
         self.liveness.release()
 
 
+def _add_missing_columns(db) -> None:
+    """Give a queue an older version made the columns it lacks (the one SQL both databases take)."""
+    present = {column[0] for column in db.execute("SELECT * FROM jobs LIMIT 0").description}
+    for name, kind in ADDED_COLUMNS.items():
+        if name not in present:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+
+
 def _make_private(root: Path) -> None:
     """Take away other users' access to what a server of another umask (or an older version) left
     here: the prompts, images and videos are private. Only this user's own files (a shared folder
@@ -248,6 +261,7 @@ class JobStore:
             with self._db(write=True) as db:
                 for statement in SCHEMA:
                     db.execute(statement.format(serial=self.database.serial, real=self.database.real))
+                _add_missing_columns(db)
         except QueueUnreachable as exc:
             raise WanError(f"cannot use the queue {self.database.describe()}: {exc}", "check that it is writable") from None
         self._sweep()
@@ -381,21 +395,23 @@ class JobStore:
 
     def claim(self, busy: Collection[str] = ()) -> Job | None:
         """The next job to run, now this process's: a running job whose server died (it resumes from
-        its saved step), else the oldest queued one. A job whose server died ``MAX_RUNS`` times while
-        running it (it may be what kills them) fails instead of starving the queue. A job of this
-        server's own that it is not running (not in ``busy``) is taken again: a claim whose commit
-        went through while its answer was lost on the way back."""
+        its saved step), else the oldest queued one. A job whose server died while it ran fails
+        instead of starving the queue (it may be what kills them): at once when the OOM killer struck
+        meanwhile, else after ``MAX_RUNS`` deaths. A job of this server's own that it is not running
+        (not in ``busy``) is taken again: a claim whose commit went through while its answer was lost
+        on the way back."""
+        kills_now = memory_kills.count_now()
         with self._db(write=True) as db:
             taken, now = None, time.time()
-            for row in db.execute("SELECT id, owner, runs FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall():
+            for row in db.execute("SELECT * FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall():
                 if row["owner"] == self.owner:
                     if row["id"] in busy:
                         continue
                 elif not self._gone(db, row["owner"]):
                     continue
-                if row["runs"] >= MAX_RUNS:
-                    db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?",
-                               (f"the server stopped {row['runs']} times while running this job (a crash, or out of host memory?)", now, row["id"]))  # fmt: skip
+                death = self._death_to_fail(self._job(row))
+                if death is not None:
+                    db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?", (death, now, row["id"]))
                     continue
                 taken = row["id"]
                 break
@@ -404,9 +420,20 @@ class JobStore:
                 taken = None if row is None else row["id"]
             if taken is None:
                 return None
-            db.execute("UPDATE jobs SET status = 'in_progress', owner = ?, runs = runs + 1, started_at = coalesce(started_at, ?) WHERE id = ?",
-                       (self.owner, now, taken))  # fmt: skip
+            db.execute("UPDATE jobs SET status = 'in_progress', owner = ?, runs = runs + 1, started_at = coalesce(started_at, ?),"
+                       " memory_kills_at_start = ?, error = NULL WHERE id = ?", (self.owner, now, kills_now, taken))  # fmt: skip
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (taken,)).fetchone())
+
+    def _death_to_fail(self, job: Job) -> str | None:
+        """Why a job whose server died while running it fails rather than runs again (None: it runs again)."""
+        if self.video_path(job.id).is_file():  # its video was made before the death: only its end is to record
+            return None
+        if memory_kills.killed_since(job.memory_kills_at_start):
+            return (f"the server was killed for lack of memory while this job ran (size {job.settings['size']}, frame_num "
+                    f"{job.settings['frame_num']}); try a smaller size or fewer frames, or give the server more memory")  # fmt: skip
+        if job.runs >= MAX_RUNS:
+            return f"the server stopped {job.runs} times while running this job (a crash, or out of host memory?)"
+        return None
 
     def cancelled(self, job_id: str) -> bool:
         """Someone cancelled or deleted the job (rather than another server taking it over)."""
