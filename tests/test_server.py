@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 
@@ -828,3 +829,120 @@ def test_a_full_disk_refuses_new_jobs_with_507_and_reads_go_on(small_disk):
         filler.unlink()
         assert http.post("/v1/videos", files=files, data={"prompt": "after"}).status_code == 200
     store.close()
+
+
+def fill(path):
+    """Write zeros to ``path`` until its disk is full."""
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                os.write(out, bytes(65536))
+    finally:
+        os.close(out)
+
+
+def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_returns(small_disk, tiny_checkpoint, tmp_path, monkeypatch):
+    import torch
+
+    from wan_i2v import video
+    from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings, runner
+    from wan_i2v.session import RunOptions, RunSession
+
+    monkeypatch.setattr(runner, "DISK_POLL_SECONDS", 0.1)
+    filler, filled = small_disk / "filler", []
+    runs = []  # (the job's prompt, the steps this run of it made)
+
+    def fill_once(why: str) -> None:
+        if why not in filled:
+            filled.append(why)
+            fill(filler)
+
+    class FillsTheDisk:
+        """The real session; the disk fills as the job "state" reports its second step, whose state then
+        has no room. The job "mp4" fills it as its mp4 is written (below)."""
+
+        def __init__(self):
+            self.session, self.alive = RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu")), True
+
+        def generate(self, image, prompt, *, on_step, **options):
+            runs.append((prompt, []))
+
+            def step(info):
+                on_step(info)
+                runs[-1][1].append(info.index)
+                if prompt == "state" and info.index == 1:
+                    fill_once("state")
+
+            return self.session.generate(image, prompt, on_step=step, **options)
+
+        def keep_alive(self):
+            pass
+
+        def close(self):
+            self.session.close()
+
+    real_write = video.write_mp4
+
+    def write_on_a_full_disk(frames, path, **options):
+        if path.parent.name == ids["mp4"]:
+            fill_once("mp4")
+        return real_write(frames, path, **options)
+
+    monkeypatch.setattr(video, "write_mp4", write_on_a_full_disk)
+    (small_disk / "jobs").mkdir()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "jobs").symlink_to(small_disk / "jobs")  # the jobs' files on a volume of their own, the queue beside
+    store = JobStore(tmp_path / "state")
+    settings = {"size": "32*48", "frame_num": "5", "steps": "6"}
+    ids = {prompt: store.submit(png_bytes(), job_settings({"prompt": prompt, **settings}, JobDefaults()))[0].id for prompt in ("state", "mp4")}
+    worker = Runner(store, FillsTheDisk)
+    worker.start()
+
+    def waiting(job_id):
+        return wait_until(lambda: (job := store.get(job_id)).status == "queued" and job.error is not None and job, timeout=60)
+
+    def files_of(job_id):
+        return sorted(path.name for path in store.job_dir(job_id).iterdir())
+
+    # The second step's state found the disk full: back in the queue, saying so; the first step's state kept whole.
+    assert waiting(ids["state"]).error.startswith("waiting: the disk is full (0 MiB free); it resumes when ")
+    assert files_of(ids["state"]) == ["input", "state.pt"]  # (no temporary file)
+    assert torch.load(store.state_path(ids["state"]), weights_only=True)["step"] == 1
+    time.sleep(1)  # ten looks at the free space, and no job tried meanwhile
+    assert runs == [("state", [0, 1])] and store.get(ids["mp4"]).status == "queued"
+    filler.unlink()  # space returns
+    wait_until(lambda: store.get(ids["state"]).status == "completed", timeout=60)
+    assert runs[1] == ("state", [1, 2, 3, 4, 5])  # resumed from its saved step
+    # The mp4 found the disk full: back in the queue, its last step's state kept; once space returns it only decodes.
+    assert waiting(ids["mp4"]).error.startswith("waiting: the disk is full (0 MiB free)")
+    assert files_of(ids["mp4"]) == ["input", "state.pt"]  # (no half-written mp4)
+    filler.unlink()
+    wait_until(lambda: store.get(ids["mp4"]).status == "completed", timeout=60)
+    worker.stop()
+    assert runs[2:] == [("mp4", [0, 1, 2, 3, 4, 5]), ("mp4", [])]
+    for job_id in ids.values():
+        assert files_of(job_id) == ["input", "video.mp4"] and len(frames_of(store.video_path(job_id))) == 5
+        assert store.get(job_id).error is None
+
+
+def test_torchs_short_write_counts_as_a_full_disk_only_when_the_disk_lacks_room(tmp_path):
+    import errno
+
+    from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings
+
+    runner = Runner(JobStore(tmp_path / "state"), open_session=None)
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    try:  # what torch.save raises on a full disk (its errno lost), as a write error of any other kind would
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534") from RuntimeError("basic_ios::clear: iostream error")
+    except RuntimeError as exc:
+        short_write = exc
+    assert not runner._short_of_room(short_write, settings)  # this disk has room: an error, not a wait for space
+    assert runner._short_of_room(OSError(errno.ENOSPC, "No space left on device"), settings)
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError:
+            raise RuntimeError("writing the state failed")  # noqa: B904 (raised while handling it, as torch's writer does)
+    except RuntimeError as exc:
+        assert runner._short_of_room(exc, settings)  # found in the chain, whatever the error on top

@@ -67,12 +67,21 @@ class DiskFull(Exception):
     """The state directory's disk has no room for a new job's files (nothing of the job is kept)."""
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    """A write refused for want of space: by the file system, or by SQLite (its queue file)."""
-    if isinstance(exc, QueueUnreachable):
-        exc = exc.__cause__
-    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            or isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)  # fmt: skip
+def exception_chain(exc: BaseException | None):
+    """``exc`` and the exceptions it was raised from or while handling, innermost last."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space, anywhere in ``exc``'s chain: by the file system (ENOSPC, or
+    EDQUOT: a quota), or by SQLite (its queue file)."""
+    return any(isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+               or isinstance(cause, sqlite3.Error) and getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+               for cause in exception_chain(exc))  # fmt: skip
 
 
 class QueueUnreachable(Exception):
@@ -356,7 +365,7 @@ class JobStore:
             return self.by_key(idempotency_key), False
         except BaseException as exc:
             shutil.rmtree(directory, ignore_errors=True)
-            if _is_disk_full(exc):
+            if is_disk_full(exc):
                 raise DiskFull(f"disk full: no room in {self.root} for a new job") from None
             raise
         return self.get(job_id), True
@@ -464,11 +473,12 @@ class JobStore:
             self.state_path(job_id).unlink(missing_ok=True)
         return bool(changed)
 
-    def release(self, job_id: str) -> None:
-        """Put a job this process stops running (the server is shutting down) back at the queue's head."""
+    def release(self, job_id: str, why: str | None = None) -> None:
+        """Put a job this process stops running back at the queue's head: the server is shutting down,
+        or the disk is full (``why`` tells its clients so until it runs again)."""
         with self._db(write=True) as db:
-            db.execute("UPDATE jobs SET status = 'queued', owner = NULL, runs = runs - 1 WHERE id = ? AND status = 'in_progress' AND owner = ?",
-                       (job_id, self.owner))  # fmt: skip (a stop asked for is not a run that died)
+            db.execute("UPDATE jobs SET status = 'queued', owner = NULL, runs = runs - 1, error = ? WHERE id = ? AND status = 'in_progress' AND owner = ?",
+                       (why, job_id, self.owner))  # fmt: skip (neither is a run that died)
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued or running job (a running one stops at its next step: the runner sees it
