@@ -407,8 +407,8 @@ class JobStore:
         its saved step), else the oldest queued one. A job whose server died while it ran fails
         instead of starving the queue (it may be what kills them): at once when the OOM killer struck
         meanwhile, else after ``MAX_RUNS`` deaths. A job of this server's own that it is not running
-        (not in ``busy``) is taken again: a claim whose commit went through while its answer was lost
-        on the way back."""
+        (not in ``busy``) is taken again, whatever its runs: a claim whose commit went through while
+        its answer was lost on the way back, not a death."""
         kills_now = memory_kills.count_now()
         with self._db(write=True) as db:
             taken, now = None, time.time()
@@ -418,8 +418,7 @@ class JobStore:
                         continue
                 elif not self._gone(db, row["owner"]):
                     continue
-                death = self._death_to_fail(self._job(row))
-                if death is not None:
+                elif (death := self._death_to_fail(self._job(row))) is not None:
                     db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?", (death, now, row["id"]))
                     continue
                 taken = row["id"]
