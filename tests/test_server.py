@@ -630,15 +630,28 @@ def test_a_job_whose_server_keeps_dying_fails_instead_of_starving_the_queue(tmp_
     assert failed.status == "failed" and failed.error.startswith("the server stopped 3 times while running this job")
 
 
+def fake_kernel(root, *, boot="boot-1", machine_kills=0, cgroup=None, cgroup_kills=0):
+    """A folder that stands for / where the server reads the kernel's counts of OOM kills
+    ($WAN_I2V_SYSTEM_ROOT): the boot's id, /proc/vmstat, and the process's cgroup v2 with its memory.events."""
+    (root / "proc/sys/kernel/random").mkdir(parents=True, exist_ok=True)
+    (root / "proc/sys/kernel/random/boot_id").write_text(f"{boot}\n")
+    (root / "proc/vmstat").write_text(f"pgfault 1000\noom_kill {machine_kills}\noom_kill_other 9\n")
+    if cgroup is not None:
+        (root / "proc/self").mkdir(parents=True, exist_ok=True)
+        (root / "proc/self/cgroup").write_text(f"0::/{cgroup}\n")
+        (root / "sys/fs/cgroup" / cgroup).mkdir(parents=True, exist_ok=True)
+        (root / "sys/fs/cgroup" / cgroup / "memory.events").write_text(f"low 0\nhigh 0\nmax 0\noom 0\noom_kill {cgroup_kills}\n")
+    return root
+
+
 def test_a_job_the_oom_killer_stopped_fails_at_once_and_says_why(tiny_checkpoint, tmp_path):
-    vmstat = tmp_path / "vmstat"  # the kernel's counters, as /proc/vmstat gives them
-    vmstat.write_text("pgfault 1000\noom_kill 4\noom_kill_other 9\n")
-    server = Server(tiny_checkpoint, tmp_path / "state", env={"WAN_I2V_VMSTAT": str(vmstat)}).start()
+    kernel = fake_kernel(tmp_path / "root", machine_kills=4)
+    server = Server(tiny_checkpoint, tmp_path / "state", env={"WAN_I2V_SYSTEM_ROOT": str(kernel)}).start()
     with server.client() as client:
         doomed = server.submit(client, steps=1000, frame_num=9).json()["id"]
         waiting = server.submit(client).json()["id"]
         wait_until(lambda: server.step_of(client, doomed) >= 2)
-        vmstat.write_text("pgfault 1000\noom_kill 5\noom_kill_other 9\n")  # the OOM killer counts its kill,
+        fake_kernel(kernel, machine_kills=5)  # the OOM killer counts its kill,
         server.kill()  # and kills the server with SIGKILL
         server.start()
         failed = server.wait_for(client, doomed)
@@ -650,31 +663,29 @@ def test_a_job_the_oom_killer_stopped_fails_at_once_and_says_why(tiny_checkpoint
     assert server.log.read_text().count(f"running {doomed}") == 1  # not run again after the kill
 
 
-def test_only_an_oom_kill_in_the_same_boot_fails_a_job_at_once(tmp_path, monkeypatch):
-    from wan_i2v.server import JobDefaults, JobStore, job_settings, memory_kills
+@pytest.mark.parametrize("deaths", [
+    # (how the kernel's counts stand at each death; True: the job fails at once, False: it runs again)
+    [({"machine_kills": 0, "cgroup": "wan.scope"}, False),  # a kill -9
+     ({"machine_kills": 1, "cgroup": "wan.scope"}, False),  # a process of another cgroup was killed for memory
+     ({"machine_kills": 2, "cgroup": "wan.scope", "cgroup_kills": 1}, True)],  # the server's own cgroup's was
+    [({"machine_kills": 3, "boot": "boot-2"}, False),  # a reboot: its counts start again, and say nothing of the job's run
+     ({"machine_kills": 4, "boot": "boot-2", "cgroup": "restarted.scope"}, True)],  # a new cgroup's count says nothing: the machine's decides
+], ids=["in-its-own-cgroup", "after-a-reboot-and-a-new-cgroup"])  # fmt: skip
+def test_an_oom_kill_fails_a_job_at_once_only_when_the_counts_show_it(tmp_path, monkeypatch, deaths):
+    from wan_i2v.server import JobDefaults, JobStore, job_settings
 
-    boot, vmstat = tmp_path / "boot_id", tmp_path / "vmstat"
-    boot.write_text("boot-1\n")
-    vmstat.write_text("oom_kill 0\n")
-    monkeypatch.setattr(memory_kills, "BOOT_ID", boot)
-    monkeypatch.setenv("WAN_I2V_VMSTAT", str(vmstat))
+    kernel = fake_kernel(tmp_path / "root", cgroup="wan.scope")
+    monkeypatch.setenv("WAN_I2V_SYSTEM_ROOT", str(kernel))
     settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
     server = JobStore(tmp_path / "state")
     job = server.submit(png_bytes(), settings)[0].id
     assert server.claim().id == job
-
-    def dies_and_restarts():
-        server.liveness.release()  # the kernel drops a dead server's lock
-        return JobStore(tmp_path / "state")
-
-    server = dies_and_restarts()  # killed otherwise (kill -9): the job runs again
-    assert server.claim().id == job
-    boot.write_text("boot-2\n")  # a reboot: its count starts again, and says nothing of the job's run
-    vmstat.write_text("oom_kill 3\n")
-    server = dies_and_restarts()
-    assert server.claim().id == job
-    vmstat.write_text("oom_kill 4\n")  # the OOM killer struck while the job ran
-    server = dies_and_restarts()
+    for counts, fails in deaths:
+        fake_kernel(kernel, **counts)
+        server.liveness.release()  # the server dies: the kernel drops its lock
+        server = JobStore(tmp_path / "state")  # and another starts
+        if not fails:
+            assert server.claim().id == job
     assert server.claim() is None
     failed = server.get(job)
     assert failed.status == "failed" and failed.error.startswith("the server was killed for lack of memory while this job ran (size 32*48")
