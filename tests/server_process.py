@@ -44,8 +44,9 @@ def png_bytes(width: int = 160, height: int = 96, colour=(200, 120, 60)) -> byte
 class Server:
     """``wan-i2v serve`` in a subprocess; ``start`` waits until it is ready, ``kill`` is a kill -9."""
 
-    def __init__(self, ckpt: Path, state_dir: Path, *extra: str, token: str | None = TOKEN, port: int | None = None):
+    def __init__(self, ckpt: Path, state_dir: Path, *extra: str, token: str | None = TOKEN, port: int | None = None, env: dict | None = None):
         self.ckpt, self.state_dir, self.extra, self.token = ckpt, state_dir, extra, token
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = state_dir.parent / f"server-{self.port}.log"
@@ -63,10 +64,9 @@ class Server:
                    "--state-dir", str(self.state_dir), "--port", str(self.port), *JOB_OPTIONS, *self.extra]  # fmt: skip
         if self.token:
             command += ["--token", self.token]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with open(self.log, "a") as log:
             # (a umask as most shells have: the server must make its files private itself)
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, umask=0o022)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, umask=0o022)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 
@@ -630,6 +631,81 @@ def test_a_job_whose_server_keeps_dying_fails_instead_of_starving_the_queue(tmp_
     assert failed.status == "failed" and failed.error.startswith("the server stopped 3 times while running this job")
 
 
+def fake_kernel(root, *, boot="boot-1", machine_kills=0, cgroup=None, cgroup_kills=0):
+    """A folder that stands for / where the server reads the kernel's counts of OOM kills
+    ($WAN_I2V_SYSTEM_ROOT): the boot's id, /proc/vmstat, and the process's cgroup v2 with its memory.events."""
+    (root / "proc/sys/kernel/random").mkdir(parents=True, exist_ok=True)
+    (root / "proc/sys/kernel/random/boot_id").write_text(f"{boot}\n")
+    (root / "proc/vmstat").write_text(f"pgfault 1000\noom_kill {machine_kills}\noom_kill_other 9\n")
+    if cgroup is not None:
+        (root / "proc/self").mkdir(parents=True, exist_ok=True)
+        (root / "proc/self/cgroup").write_text(f"0::/{cgroup}\n")
+        (root / "sys/fs/cgroup" / cgroup).mkdir(parents=True, exist_ok=True)
+        (root / "sys/fs/cgroup" / cgroup / "memory.events").write_text(f"low 0\nhigh 0\nmax 0\noom 0\noom_kill {cgroup_kills}\n")
+    return root
+
+
+def test_a_job_the_oom_killer_stopped_fails_at_once_and_says_why(tiny_checkpoint, tmp_path):
+    kernel = fake_kernel(tmp_path / "root", machine_kills=4)
+    server = Server(tiny_checkpoint, tmp_path / "state", env={"WAN_I2V_SYSTEM_ROOT": str(kernel)}).start()
+    with server.client() as client:
+        doomed = server.submit(client, steps=1000, frame_num=9).json()["id"]
+        waiting = server.submit(client).json()["id"]
+        wait_until(lambda: server.step_of(client, doomed) >= 2)
+        fake_kernel(kernel, machine_kills=5)  # the OOM killer counts its kill,
+        server.kill()  # and kills the server with SIGKILL
+        server.start()
+        failed = server.wait_for(client, doomed)
+        assert failed["status"] == "failed" and failed["error"]["message"] == (
+            "the server was killed for lack of memory while this job ran (size 96*160, frame_num 9); "
+            "try a smaller size or fewer frames, or give the server more memory")  # fmt: skip
+        assert server.wait_for(client, waiting)["status"] == "completed"
+    assert server.stop() == 0
+    assert server.log.read_text().count(f"running {doomed}") == 1  # not run again after the kill
+
+
+@pytest.mark.parametrize("deaths", [
+    # (how the kernel's counts stand at each death; True: the job fails at once, False: it runs again)
+    [({"machine_kills": 0, "cgroup": "wan.scope"}, False),  # a kill -9
+     ({"machine_kills": 1, "cgroup": "wan.scope"}, False),  # a process of another cgroup was killed for memory
+     ({"machine_kills": 2, "cgroup": "wan.scope", "cgroup_kills": 1}, True)],  # the server's own cgroup's was
+    [({"machine_kills": 3, "boot": "boot-2"}, False),  # a reboot: its counts start again, and say nothing of the job's run
+     ({"machine_kills": 4, "boot": "boot-2", "cgroup": "restarted.scope"}, True)],  # a new cgroup's count says nothing: the machine's decides
+], ids=["in-its-own-cgroup", "after-a-reboot-and-a-new-cgroup"])  # fmt: skip
+def test_an_oom_kill_fails_a_job_at_once_only_when_the_counts_show_it(tmp_path, monkeypatch, deaths):
+    from wan_i2v.server import JobDefaults, JobStore, job_settings
+
+    kernel = fake_kernel(tmp_path / "root", cgroup="wan.scope")
+    monkeypatch.setenv("WAN_I2V_SYSTEM_ROOT", str(kernel))
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    server = JobStore(tmp_path / "state")
+    job = server.submit(png_bytes(), settings)[0].id
+    assert server.claim().id == job
+    for counts, fails in deaths:
+        fake_kernel(kernel, **counts)
+        server.liveness.release()  # the server dies: the kernel drops its lock
+        server = JobStore(tmp_path / "state")  # and another starts
+        if not fails:
+            assert server.claim().id == job
+    assert server.claim() is None
+    failed = server.get(job)
+    assert failed.status == "failed" and failed.error.startswith("the server was killed for lack of memory while this job ran (size 32*48")
+
+
+def test_a_queue_an_older_version_made_gains_the_new_columns(tmp_path, queue):
+    from wan_i2v.server import JobDefaults, JobStore, job_settings
+
+    queue_url = queue[1] if queue else None
+    older = JobStore(tmp_path / "state", queue_url=queue_url)
+    job = older.submit(png_bytes(), job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults()))[0].id
+    with older._db(write=True) as db:
+        db.execute("ALTER TABLE jobs DROP COLUMN memory_kills_at_start")  # as the version before it made the table
+    older.close()
+    store = JobStore(tmp_path / "state", queue_url=queue_url)
+    claimed = store.claim()
+    assert claimed.id == job and claimed.memory_kills_at_start is not None
+
+
 def test_what_a_kill_left_half_written_is_swept_at_the_next_start(tmp_path):
     import os
 
@@ -765,3 +841,120 @@ def test_a_full_disk_refuses_new_jobs_with_507_and_reads_go_on(small_disk):
         filler.unlink()
         assert http.post("/v1/videos", files=files, data={"prompt": "after"}).status_code == 200
     store.close()
+
+
+def fill(path):
+    """Write zeros to ``path`` until its disk is full."""
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                os.write(out, bytes(65536))
+    finally:
+        os.close(out)
+
+
+def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_returns(small_disk, tiny_checkpoint, tmp_path, monkeypatch):
+    import torch
+
+    from wan_i2v import video
+    from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings, runner
+    from wan_i2v.session import RunOptions, RunSession
+
+    monkeypatch.setattr(runner, "DISK_POLL_SECONDS", 0.1)
+    filler, filled = small_disk / "filler", []
+    runs = []  # (the job's prompt, the steps this run of it made)
+
+    def fill_once(why: str) -> None:
+        if why not in filled:
+            filled.append(why)
+            fill(filler)
+
+    class FillsTheDisk:
+        """The real session; the disk fills as the job "state" reports its second step, whose state then
+        has no room. The job "mp4" fills it as its mp4 is written (below)."""
+
+        def __init__(self):
+            self.session, self.alive = RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu")), True
+
+        def generate(self, image, prompt, *, on_step, **options):
+            runs.append((prompt, []))
+
+            def step(info):
+                on_step(info)
+                runs[-1][1].append(info.index)
+                if prompt == "state" and info.index == 1:
+                    fill_once("state")
+
+            return self.session.generate(image, prompt, on_step=step, **options)
+
+        def keep_alive(self):
+            pass
+
+        def close(self):
+            self.session.close()
+
+    real_write = video.write_mp4
+
+    def write_on_a_full_disk(frames, path, **options):
+        if path.parent.name == ids["mp4"]:
+            fill_once("mp4")
+        return real_write(frames, path, **options)
+
+    monkeypatch.setattr(video, "write_mp4", write_on_a_full_disk)
+    (small_disk / "jobs").mkdir()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "jobs").symlink_to(small_disk / "jobs")  # the jobs' files on a volume of their own, the queue beside
+    store = JobStore(tmp_path / "state")
+    settings = {"size": "32*48", "frame_num": "5", "steps": "6"}
+    ids = {prompt: store.submit(png_bytes(), job_settings({"prompt": prompt, **settings}, JobDefaults()))[0].id for prompt in ("state", "mp4")}
+    worker = Runner(store, FillsTheDisk)
+    worker.start()
+
+    def waiting(job_id):
+        return wait_until(lambda: (job := store.get(job_id)).status == "queued" and job.error is not None and job, timeout=60)
+
+    def files_of(job_id):
+        return sorted(path.name for path in store.job_dir(job_id).iterdir())
+
+    # The second step's state found the disk full: back in the queue, saying so; the first step's state kept whole.
+    assert waiting(ids["state"]).error.startswith("waiting: the disk is full (0 MiB free); it resumes when ")
+    assert files_of(ids["state"]) == ["input", "state.pt"]  # (no temporary file)
+    assert torch.load(store.state_path(ids["state"]), weights_only=True)["step"] == 1
+    time.sleep(1)  # ten looks at the free space, and no job tried meanwhile
+    assert runs == [("state", [0, 1])] and store.get(ids["mp4"]).status == "queued"
+    filler.unlink()  # space returns
+    wait_until(lambda: store.get(ids["state"]).status == "completed", timeout=60)
+    assert runs[1] == ("state", [1, 2, 3, 4, 5])  # resumed from its saved step
+    # The mp4 found the disk full: back in the queue, its last step's state kept; once space returns it only decodes.
+    assert waiting(ids["mp4"]).error.startswith("waiting: the disk is full (0 MiB free)")
+    assert files_of(ids["mp4"]) == ["input", "state.pt"]  # (no half-written mp4)
+    filler.unlink()
+    wait_until(lambda: store.get(ids["mp4"]).status == "completed", timeout=60)
+    worker.stop()
+    assert runs[2:] == [("mp4", [0, 1, 2, 3, 4, 5]), ("mp4", [])]
+    for job_id in ids.values():
+        assert files_of(job_id) == ["input", "video.mp4"] and len(frames_of(store.video_path(job_id))) == 5
+        assert store.get(job_id).error is None
+
+
+def test_torchs_short_write_counts_as_a_full_disk_only_when_the_disk_lacks_room(tmp_path):
+    import errno
+
+    from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings
+
+    runner = Runner(JobStore(tmp_path / "state"), open_session=None)
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    try:  # what torch.save raises on a full disk (its errno lost), as a write error of any other kind would
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534") from RuntimeError("basic_ios::clear: iostream error")
+    except RuntimeError as exc:
+        short_write = exc
+    assert not runner._short_of_room(short_write, settings)  # this disk has room: an error, not a wait for space
+    assert runner._short_of_room(OSError(errno.ENOSPC, "No space left on device"), settings)
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError:
+            raise RuntimeError("writing the state failed")  # noqa: B904 (raised while handling it, as torch's writer does)
+    except RuntimeError as exc:
+        assert runner._short_of_room(exc, settings)  # found in the chain, whatever the error on top

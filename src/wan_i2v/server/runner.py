@@ -4,17 +4,21 @@ GPUs) and runs the queue's jobs one after another, recording progress, results a
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
 
 from wan_i2v.errors import WanError, first_line, is_out_of_memory
-from wan_i2v.server.store import Job, JobStore, QueueUnreachable
+from wan_i2v.server.store import Job, JobStore, QueueUnreachable, exception_chain, is_disk_full
 
 log = logging.getLogger("wan_i2v.server")
 
 # How often an idle runner looks for jobs other servers sharing the state directory took in.
 POLL_SECONDS = 1.0
+# How often a runner waiting for disk space looks at the free space.
+DISK_POLL_SECONDS = 2.0
+MiB = 2**20
 
 
 class _JobWatch:
@@ -79,6 +83,7 @@ class Runner:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._main, name="wan-i2v-runner", daemon=True)
         self._finishing: tuple[str, threading.Thread] | None = None  # the last job, its mp4 being written
+        self._room_needed = 0  # bytes the state directory's disk must have free before the next job starts (after a full disk)
 
     def start(self) -> None:
         self.thread.start()
@@ -107,6 +112,9 @@ class Runner:
         try:
             idle_since = time.monotonic()
             while not self.stopping.is_set():
+                if not self._room_returned():
+                    self.stopping.wait(DISK_POLL_SECONDS)
+                    continue
                 try:
                     job = self.store.claim(busy=self._finishing[:1] if self._finishing else ())
                 except QueueUnreachable:  # for a while (a full disk, a database restarting; the store logs it): keep trying
@@ -165,14 +173,18 @@ class Runner:
             outcome, error = "failed", str(exc)
         except Exception as exc:
             outcome, error = "failed", _one_line(exc)
-            if is_out_of_memory(exc):
+            if self._short_of_room(exc, settings):
+                outcome = "no room"
+            elif is_out_of_memory(exc):
                 import torch
 
                 torch.cuda.empty_cache()
             else:
                 log.exception("job %s failed", job.id)
         if outcome == "generated":
-            self._finish_behind(job.id, result)
+            self._finish_behind(job.id, result, settings)
+        elif outcome == "no room":
+            self._wait_for_room(job.id, settings)
         else:
             self._recorded(lambda: self._record(job.id, outcome, error=error, peak_memory_gb=None))
         if not session.alive:  # the job took the session's ranks down with it: the next job gets new ones
@@ -181,7 +193,7 @@ class Runner:
             session = self.open_session()
         return session
 
-    def _finish_behind(self, job_id: str, result) -> None:
+    def _finish_behind(self, job_id: str, result, settings: dict) -> None:
         """Write the mp4 and record the job's end in a thread of its own while the next job runs (the
         encode takes seconds of CPU at 720P, the GPUs' idle time otherwise). One at a time, so at most one
         finished video waits in memory; a kill meanwhile leaves the job to resume from its last step."""
@@ -194,13 +206,19 @@ class Runner:
             try:
                 write_mp4(result.video, self.store.video_path(job_id), fps=FPS, metadata=result.metadata)
                 outcome, error = "completed", None
-            except WanError as exc:  # a full disk
+            except WanError as exc:
                 outcome, error = "failed", str(exc)
             except Exception as exc:
-                log.exception("job %s: its mp4 was not written", job_id)
                 outcome, error = "failed", _one_line(exc)
+                if self._short_of_room(exc, settings):  # its state after the last step is kept: the retry only decodes
+                    outcome = "no room"
+                else:
+                    log.exception("job %s: its mp4 was not written", job_id)
             try:
-                self._recorded(lambda: self._record(job_id, outcome, error=error, peak_memory_gb=result.peak_memory_gb))
+                if outcome == "no room":
+                    self._wait_for_room(job_id, settings)
+                else:
+                    self._recorded(lambda: self._record(job_id, outcome, error=error, peak_memory_gb=result.peak_memory_gb))
             except QueueUnreachable:  # stopping, the queue unreachable: the next start finds the mp4 and records it
                 log.warning("%s: its end is not recorded yet", job_id)
 
@@ -210,6 +228,40 @@ class Runner:
     def _wait_finishing(self) -> None:
         if self._finishing is not None:
             self._finishing[1].join()
+
+    def _short_of_room(self, exc: Exception, settings: dict) -> bool:
+        """The job failed for want of disk space: ENOSPC or EDQUOT in its error's chain (the mp4 writer,
+        Python's files), or the short write of torch's zip writer (``torch.save``: a full disk, but its
+        error has lost the errno), which counts only while the disk has less room than the job's files take."""
+        if is_disk_full(exc):
+            return True
+        short_write = any(isinstance(cause, RuntimeError) and "inline_container.cc" in str(cause) and "unexpected pos" in str(cause)
+                          for cause in exception_chain(exc))  # fmt: skip
+        return short_write and self._free_bytes() < files_estimate(settings)
+
+    def _wait_for_room(self, job_id: str, settings: dict) -> None:
+        """Put a job the disk had no room for back at the queue's head (its partial files are gone: each
+        is written whole or not at all; its state as last saved whole is kept, and the retry resumes
+        from it), and start no job until the disk has room for its files beyond what was free now
+        (an estimate: polling, not retrying in a loop)."""
+        free = self._free_bytes()
+        self._room_needed = max(self._room_needed, free + files_estimate(settings))
+        why = f"waiting: the disk is full ({free // MiB} MiB free); it resumes when {-(-self._room_needed // MiB)} MiB are free"
+        log.warning("%s is %s", job_id, why)
+        self._recorded(lambda: self.store.release(job_id, why))  # (a queue on the full disk takes it once space returns)
+
+    def _room_returned(self) -> bool:
+        """The disk has the room the last full disk asked for (or none was asked)."""
+        if self._room_needed and self._free_bytes() < self._room_needed:
+            return False
+        if self._room_needed:
+            log.info("the disk has room again: resuming")
+            self._room_needed = 0
+        return True
+
+    def _free_bytes(self) -> int:
+        """Free space on the disk of the jobs' files (which may be a volume of its own)."""
+        return shutil.disk_usage(self.store.root / "jobs").free
 
     def _record(self, job_id: str, outcome: str, *, error: str | None, peak_memory_gb: float | None) -> None:
         """Write a run's end to the queue (``outcome``: completed, failed, or stopped by a cancel)."""
@@ -236,6 +288,14 @@ class Runner:
                 if self.stopping.is_set():
                     raise
                 time.sleep(POLL_SECONDS)
+
+
+def files_estimate(settings: dict) -> int:
+    """The most bytes a job's files take: its saved state (the latent and the solver's history: four
+    float32 latents of 16 channels per 8x8 pixels, 1 byte a pixel for each latent frame) and its mp4
+    (less than its frames as raw RGB)."""
+    latent_frames = (settings["frame_num"] - 1) // 4 + 1
+    return settings["max_area"] * (4 * latent_frames + 3 * settings["frame_num"])
 
 
 def _one_line(exc: Exception) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from wan_i2v import locks
 from wan_i2v.errors import WanError, counted
+from wan_i2v.server import memory_kills
 
 log = logging.getLogger("wan_i2v.server")
 
@@ -51,6 +52,7 @@ SCHEMA = (
     owner TEXT,
     client TEXT,
     runs INTEGER NOT NULL DEFAULT 0,
+    memory_kills_at_start TEXT,
     peak_memory_gb {real},
     created_at {real} NOT NULL,
     started_at {real},
@@ -58,18 +60,30 @@ SCHEMA = (
 )""",
     "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",
 )
+# Columns a queue made by an older version lacks, added at the start (its jobs have none: a job without a client is seen
+# only by an admin, or by a server with one token or none).
+ADDED_COLUMNS = {"client": "TEXT", "memory_kills_at_start": "TEXT"}
 
 
 class DiskFull(Exception):
     """The state directory's disk has no room for a new job's files (nothing of the job is kept)."""
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    """A write refused for want of space: by the file system, or by SQLite (its queue file)."""
-    if isinstance(exc, QueueUnreachable):
-        exc = exc.__cause__
-    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            or isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)  # fmt: skip
+def exception_chain(exc: BaseException | None):
+    """``exc`` and the exceptions it was raised from or while handling, innermost last."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space, anywhere in ``exc``'s chain: by the file system (ENOSPC, or
+    EDQUOT: a quota), or by SQLite (its queue file)."""
+    return any(isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+               or isinstance(cause, sqlite3.Error) and getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+               for cause in exception_chain(exc))  # fmt: skip
 
 
 class QueueUnreachable(Exception):
@@ -95,6 +109,7 @@ class Job:
     owner: str | None  # the server running it
     client: str | None  # the client that submitted it (--tokens' name; None: a server with one token or none)
     runs: int  # times a server started it (a resume counts)
+    memory_kills_at_start: str | None  # the kernel's OOM kills when it last started (server.memory_kills)
     peak_memory_gb: float | None
     created_at: float
     started_at: float | None
@@ -212,6 +227,14 @@ class SQLiteQueue:
         self.liveness.release()
 
 
+def _add_missing_columns(db) -> None:
+    """Give a queue an older version made the columns it lacks (the one SQL both databases take)."""
+    present = {column[0] for column in db.execute("SELECT * FROM jobs LIMIT 0").description}
+    for name, kind in ADDED_COLUMNS.items():
+        if name not in present:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+
+
 def _make_private(root: Path) -> None:
     """Take away other users' access to what a server of another umask (or an older version) left
     here: the prompts, images and videos are private. Only this user's own files (a shared folder
@@ -250,18 +273,11 @@ class JobStore:
             with self._db(write=True) as db:
                 for statement in SCHEMA:
                     db.execute(statement.format(serial=self.database.serial, real=self.database.real))
-                self._add_client_column(db)
+                _add_missing_columns(db)
+                db.execute("CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs (client, seq)")
         except QueueUnreachable as exc:
             raise WanError(f"cannot use the queue {self.database.describe()}: {exc}", "check that it is writable") from None
         self._sweep()
-
-    @staticmethod
-    def _add_client_column(db) -> None:
-        """A queue made before jobs had clients gains the column (its jobs have none: only an admin,
-        or a server with one token or none, sees them)."""
-        if "client" not in {column[0] for column in db.execute("SELECT * FROM jobs LIMIT 0").description}:
-            db.execute("ALTER TABLE jobs ADD COLUMN client TEXT")
-        db.execute("CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs (client, seq)")
 
     @staticmethod
     def _only(client: str | None) -> tuple[str, tuple]:
@@ -364,7 +380,7 @@ class JobStore:
             return self.by_key(idempotency_key, client), False
         except BaseException as exc:
             shutil.rmtree(directory, ignore_errors=True)
-            if _is_disk_full(exc):
+            if is_disk_full(exc):
                 raise DiskFull(f"disk full: no room in {self.root} for a new job") from None
             raise
         return self.get(job_id), True
@@ -408,21 +424,22 @@ class JobStore:
 
     def claim(self, busy: Collection[str] = ()) -> Job | None:
         """The next job to run, now this process's: a running job whose server died (it resumes from
-        its saved step), else the oldest queued one. A job whose server died ``MAX_RUNS`` times while
-        running it (it may be what kills them) fails instead of starving the queue. A job of this
-        server's own that it is not running (not in ``busy``) is taken again: a claim whose commit
-        went through while its answer was lost on the way back."""
+        its saved step), else the oldest queued one. A job whose server died while it ran fails
+        instead of starving the queue (it may be what kills them): at once when the OOM killer struck
+        meanwhile, else after ``MAX_RUNS`` deaths. A job of this server's own that it is not running
+        (not in ``busy``) is taken again, whatever its runs: a claim whose commit went through while
+        its answer was lost on the way back, not a death."""
+        kills_now = memory_kills.count_now()
         with self._db(write=True) as db:
             taken, now = None, time.time()
-            for row in db.execute("SELECT id, owner, runs FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall():
+            for row in db.execute("SELECT * FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall():
                 if row["owner"] == self.owner:
                     if row["id"] in busy:
                         continue
                 elif not self._gone(db, row["owner"]):
                     continue
-                if row["runs"] >= MAX_RUNS:
-                    db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?",
-                               (f"the server stopped {row['runs']} times while running this job (a crash, or out of host memory?)", now, row["id"]))  # fmt: skip
+                elif (death := self._death_to_fail(self._job(row))) is not None:
+                    db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?", (death, now, row["id"]))
                     continue
                 taken = row["id"]
                 break
@@ -431,9 +448,20 @@ class JobStore:
                 taken = None if row is None else row["id"]
             if taken is None:
                 return None
-            db.execute("UPDATE jobs SET status = 'in_progress', owner = ?, runs = runs + 1, started_at = coalesce(started_at, ?) WHERE id = ?",
-                       (self.owner, now, taken))  # fmt: skip
+            db.execute("UPDATE jobs SET status = 'in_progress', owner = ?, runs = runs + 1, started_at = coalesce(started_at, ?),"
+                       " memory_kills_at_start = ?, error = NULL WHERE id = ?", (self.owner, now, kills_now, taken))  # fmt: skip
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (taken,)).fetchone())
+
+    def _death_to_fail(self, job: Job) -> str | None:
+        """Why a job whose server died while running it fails rather than runs again (None: it runs again)."""
+        if self.video_path(job.id).is_file():  # its video was made before the death: only its end is to record
+            return None
+        if memory_kills.killed_since(job.memory_kills_at_start):
+            return (f"the server was killed for lack of memory while this job ran (size {job.settings['size']}, frame_num "
+                    f"{job.settings['frame_num']}); try a smaller size or fewer frames, or give the server more memory")  # fmt: skip
+        if job.runs >= MAX_RUNS:
+            return f"the server stopped {job.runs} times while running this job (a crash, or out of host memory?)"
+        return None
 
     def cancelled(self, job_id: str) -> bool:
         """Someone cancelled or deleted the job (rather than another server taking it over)."""
@@ -464,11 +492,12 @@ class JobStore:
             self.state_path(job_id).unlink(missing_ok=True)
         return bool(changed)
 
-    def release(self, job_id: str) -> None:
-        """Put a job this process stops running (the server is shutting down) back at the queue's head."""
+    def release(self, job_id: str, why: str | None = None) -> None:
+        """Put a job this process stops running back at the queue's head: the server is shutting down,
+        or the disk is full (``why`` tells its clients so until it runs again)."""
         with self._db(write=True) as db:
-            db.execute("UPDATE jobs SET status = 'queued', owner = NULL, runs = runs - 1 WHERE id = ? AND status = 'in_progress' AND owner = ?",
-                       (job_id, self.owner))  # fmt: skip (a stop asked for is not a run that died)
+            db.execute("UPDATE jobs SET status = 'queued', owner = NULL, runs = runs - 1, error = ? WHERE id = ? AND status = 'in_progress' AND owner = ?",
+                       (why, job_id, self.owner))  # fmt: skip (neither is a run that died)
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued or running job (a running one stops at its next step: the runner sees it
