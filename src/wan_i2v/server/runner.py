@@ -78,7 +78,6 @@ class Runner:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._main, name="wan-i2v-runner", daemon=True)
-        self._finishing: tuple[str, threading.Thread] | None = None  # the last job, its mp4 being written
 
     def start(self) -> None:
         self.thread.start()
@@ -108,7 +107,7 @@ class Runner:
             idle_since = time.monotonic()
             while not self.stopping.is_set():
                 try:
-                    job = self.store.claim(busy=self._finishing[:1] if self._finishing else ())
+                    job = self.store.claim()
                 except QueueUnreachable:  # for a while (a full disk, a database restarting; the store logs it): keep trying
                     job = None
                     time.sleep(POLL_SECONDS)
@@ -128,17 +127,18 @@ class Runner:
             self.status = "failed"
             self.on_failure(exc)
         finally:
-            self._wait_finishing()
             session.close()
 
     def _run(self, session, job: Job):
-        """Run one job (its mp4 written, and its end recorded, behind the next one); returns the session to go on with."""
+        """Run one job (its mp4 written as its frames are decoded) and record its end; returns the session to go on with."""
         from wan_i2v.sampling.loop import Cancelled
 
         if self.store.video_path(job.id).is_file():  # written before a kill, its completion not yet recorded
             self._recorded(lambda: self._record(job.id, "completed", error=None, peak_memory_gb=None))
             return session
         log.info("running %s (%s)", job.id, "resuming" if self.store.state_path(job.id).is_file() else "new")
+        started = time.monotonic()
+        waited = time.time() - job.created_at
         settings = job.settings
         last_step_at: list[float] = []
 
@@ -156,7 +156,7 @@ class Runner:
                     self.store.image_path(job.id), settings["prompt"], negative_prompt=settings["negative_prompt"],
                     max_area=settings["max_area"], frame_num=settings["frame_num"], steps=settings["steps"], shift=settings["shift"],
                     guide_scale=tuple(settings["guide_scale"]), seed=settings["seed"], solver=settings["solver"], progress=False,
-                    state_file=self.store.state_path(job.id), cancel=watch, on_step=on_step,
+                    state_file=self.store.state_path(job.id), video_file=self.store.video_path(job.id), cancel=watch, on_step=on_step,
                 )  # fmt: skip
             outcome = "generated"
         except Cancelled:
@@ -172,7 +172,15 @@ class Runner:
             else:
                 log.exception("job %s failed", job.id)
         if outcome == "generated":
-            self._finish_behind(job.id, result)
+            generated = time.monotonic()
+            try:
+                self._recorded(lambda: self._record(job.id, "completed", error=None, peak_memory_gb=result.peak_memory_gb))
+            except QueueUnreachable:  # stopping, the queue unreachable: the next start finds the mp4 and records it
+                log.warning("%s: its end is not recorded yet", job.id)
+                return session
+            # Where a job's time went, from its submission to its end recorded (bench/serve_throughput.py reads it).
+            stages = {"waiting": waited, **result.timings, "run": generated - started, "recording": time.monotonic() - generated}
+            log.info("timings of %s: %s", job.id, ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds in stages.items()))
         else:
             self._recorded(lambda: self._record(job.id, outcome, error=error, peak_memory_gb=None))
         if not session.alive:  # the job took the session's ranks down with it: the next job gets new ones
@@ -180,36 +188,6 @@ class Runner:
             session.close()
             session = self.open_session()
         return session
-
-    def _finish_behind(self, job_id: str, result) -> None:
-        """Write the mp4 and record the job's end in a thread of its own while the next job runs (the
-        encode takes seconds of CPU at 720P, the GPUs' idle time otherwise). One at a time, so at most one
-        finished video waits in memory; a kill meanwhile leaves the job to resume from its last step."""
-        from wan_i2v.config import FPS
-        from wan_i2v.video import write_mp4
-
-        self._wait_finishing()
-
-        def finish() -> None:
-            try:
-                write_mp4(result.video, self.store.video_path(job_id), fps=FPS, metadata=result.metadata)
-                outcome, error = "completed", None
-            except WanError as exc:  # a full disk
-                outcome, error = "failed", str(exc)
-            except Exception as exc:
-                log.exception("job %s: its mp4 was not written", job_id)
-                outcome, error = "failed", _one_line(exc)
-            try:
-                self._recorded(lambda: self._record(job_id, outcome, error=error, peak_memory_gb=result.peak_memory_gb))
-            except QueueUnreachable:  # stopping, the queue unreachable: the next start finds the mp4 and records it
-                log.warning("%s: its end is not recorded yet", job_id)
-
-        self._finishing = (job_id, threading.Thread(target=finish, name="wan-i2v-mp4", daemon=True))
-        self._finishing[1].start()
-
-    def _wait_finishing(self) -> None:
-        if self._finishing is not None:
-            self._finishing[1].join()
 
     def _record(self, job_id: str, outcome: str, *, error: str | None, peak_memory_gb: float | None) -> None:
         """Write a run's end to the queue (``outcome``: completed, failed, or stopped by a cancel)."""
