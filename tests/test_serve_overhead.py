@@ -68,6 +68,18 @@ def test_generate_writes_the_mp4_during_the_decode_with_the_bytes_of_write_mp4(t
     assert "mp4 after the decode" in result.timings
 
 
+def test_a_video_file_that_cannot_be_written_is_refused_before_the_run(tiny_pipeline, tmp_path):
+    import pytest
+
+    from wan_i2v.errors import WanError
+
+    steps = []
+    with pytest.raises(WanError, match="does not exist"):
+        tiny_pipeline.generate(demo_image(160, 96), "a boat", video_file=tmp_path / "missing" / "video.mp4",
+                               callback_on_step_end=lambda *args: steps.append(args[1]), **JOB)  # fmt: skip
+    assert steps == []  # no step ran
+
+
 def test_a_session_writes_the_video_file_and_hands_back_no_frames(tiny_checkpoint, tiny_pipeline, tmp_path):
     from wan_i2v.session import RunOptions, RunSession
 

@@ -44,7 +44,7 @@ from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepI
 from wan_i2v.sampling.resume import load_loop_state, save_loop_state, state_to
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
-from wan_i2v.video import image_to_tensor, load_image, mp4_writer
+from wan_i2v.video import check_writable, image_to_tensor, load_image, mp4_writer
 
 __all__ = ["Cancelled", "GenerationResult", "I2VPipeline", "LoopHook", "Prepared", "StepInfo"]
 
@@ -324,11 +324,14 @@ class I2VPipeline:
         ``hooks`` are further ``LoopHook``s.
 
         ``video_file``: the mp4 is written there as the frames are decoded, so that it is complete
-        moments after the decode ends (rather than encoded after it, seconds at 720P); it appears
-        whole, or not at all. The same bytes as ``write_mp4`` of the result's video at ``FPS`` with its metadata.
+        moments after the decode ends (rather than encoded after it: about a second at 720P); it appears
+        whole, or not at all (checked writable before the run starts). The same bytes as ``write_mp4`` of the result's video at ``FPS`` with its metadata.
 
         In a parallel run the seed is rank 0's, progress and ``before_decode`` are rank 0's only, and
         only rank 0's result has the video (None elsewhere); a cancel on any rank stops every rank."""
+        writing = video_file is not None and self.is_main
+        if writing:
+            check_writable(Path(video_file))
         timings: dict[str, float] = {}
         peaks: dict[str, float] = {}
         prepared = self.prepare(
@@ -344,7 +347,6 @@ class I2VPipeline:
         latents_cpu = latents.float().cpu()
         if before_decode is not None and self.is_main:
             before_decode(latents_cpu, prepared.settings)
-        writing = video_file is not None and self.is_main
         with mp4_writer(video_file, fps=FPS, metadata=video_metadata(prepared.settings, self.loras)) if writing else nullcontext() as write:
             with _timed(timings, peaks, "decoding", self.device):
                 video = self.decode(latents, progress, on_frames=write)
