@@ -90,6 +90,20 @@ def test_a_session_writes_the_video_file_and_hands_back_no_frames(tiny_checkpoin
     assert (tmp_path / "job.mp4").read_bytes() == write_mp4(alone.video, tmp_path / "alone.mp4", fps=FPS, metadata=alone.metadata).read_bytes()
 
 
+def test_on_two_ranks_rank_0_writes_the_video_file_and_sends_back_no_frames(tiny_checkpoint, tmp_path):
+    """The spawned session: rank 0 encodes the frames of the split decode as they come, and the
+    0.9 GB (at 720P) of float frames no longer cross to this process."""
+    from wan_i2v.session import RunOptions, RunSession
+
+    job = {**JOB, "frame_num": 5}
+    with RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu", gpus=2, dtype="fp32")) as session:
+        returned = session.generate(demo_image(160, 96), "a boat", **job)
+        written = session.generate(demo_image(160, 96), "a boat", video_file=tmp_path / "job.mp4", **job)
+    assert written.video is None and returned.video is not None
+    expected = write_mp4(returned.video, tmp_path / "returned.mp4", fps=FPS, metadata=returned.metadata)
+    assert (tmp_path / "job.mp4").read_bytes() == expected.read_bytes()
+
+
 def test_the_runner_records_a_job_done_when_its_generate_returns_with_the_mp4_in_place(tiny_checkpoint, tmp_path):
     """No encode after the job, in the runner's thread or behind the next job: the mp4 is whole when
     the session returns, and the job is completed at once."""

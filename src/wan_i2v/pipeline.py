@@ -575,7 +575,7 @@ def decode_latents(
     """[16, F', H', W'] latents -> [3, F, H, W] float32 video on CPU in [-1, 1]. With a process
     ``group``, the decode is split over its ranks and only its rank 0 gets the video (None elsewhere).
     ``on_frames(frames)`` is handed the video in order, in runs of [3, n, H, W] frames, each as soon
-    as it is decoded (views of the returned video; with a ``group``, the whole video at the end)."""
+    as it is decoded (on a ``group``'s rank 0); it must not modify them."""
     inputs = latents[None].to(device)  # the decoder casts them to its dtype after de-normalizing in fp32
     bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
     advance = _advancing(bar)
@@ -584,9 +584,7 @@ def decode_latents(
         if group is not None:
             from wan_i2v.parallel.vae import decode_tiled
 
-            video = decode_tiled(vae, inputs, group, advance)
-            if video is not None and on_frames is not None:
-                on_frames(video[0])
+            video = decode_tiled(vae, inputs, group, advance, on_frames)
         else:
             # Frames go to host memory as they come: the video (0.9 GB at 720P) never sits on the GPU.
             video = torch.empty(vae.video_shape(inputs.shape), dtype=torch.float32)
