@@ -126,13 +126,12 @@ def image_bytes(size: str) -> bytes:
 
 def time_mp4_encode(size: str, frames: int) -> float:
     """Seconds to encode one video of the size (the demo picture, drifting) with ``write_mp4``."""
-    import numpy as np
     import torch
 
     from wan_i2v.config import FPS
-    from wan_i2v.video import load_image, write_mp4
+    from wan_i2v.video import image_to_tensor, load_image, write_mp4
 
-    picture = torch.from_numpy(np.asarray(load_image(image_bytes(size)))).permute(2, 0, 1).float() / 127.5 - 1
+    picture = image_to_tensor(load_image(image_bytes(size)))
     video = torch.stack([picture.roll(n, dims=2) for n in range(frames)], dim=1)  # [3, F, H, W]
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
