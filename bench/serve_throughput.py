@@ -325,16 +325,16 @@ def main() -> None:
     args.size = args.size or ("96*160" if args.tiny else "720P")
     args.frames = args.frames or (5 if args.tiny else 81)
     log_dir = Path(tempfile.mkdtemp(prefix="serve-logs-"))
-    import torch
-
-    report = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "torch": torch.__version__, "command": " ".join(sys.argv), "logs": str(log_dir)}  # fmt: skip
+    report = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "logs": str(log_dir)}
     if args.layouts:
         report["mp4_encode_seconds"] = {size: time_mp4_encode(size, args.frames) for size in args.sizes}
         print(f"mp4 encoding, {args.frames} frames: {report['mp4_encode_seconds']}", flush=True)
         report["rows"] = [row for layout in args.layouts for row in measure_layout(layout, args.recipes, args, log_dir)]
     else:
         report["overhead"] = measure_overhead(args, log_dir)
+    import torch  # (CUDA only now: this process held no GPU memory while the servers ran)
+
+    report.update(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__)
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
