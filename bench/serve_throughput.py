@@ -322,6 +322,9 @@ def main() -> None:
         from multi_gpu import write_random_checkpoint
 
         args.ckpt = write_random_checkpoint(args.ckpt or Path(tempfile.mkdtemp()) / "wanckpt", 40)
+        import torch
+
+        torch.cuda.empty_cache()  # the weights were drawn on the GPU: its memory is the runs' now
     args.size = args.size or ("96*160" if args.tiny else "720P")
     args.frames = args.frames or (5 if args.tiny else 81)
     log_dir = Path(tempfile.mkdtemp(prefix="serve-logs-"))
