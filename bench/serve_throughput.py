@@ -335,7 +335,7 @@ def main() -> None:
         report["rows"] = [row for layout in args.layouts for row in measure_layout(layout, args.recipes, args, log_dir)]
     else:
         report["overhead"] = measure_overhead(args, log_dir)
-    import torch  # (CUDA only now: this process held no GPU memory while the servers ran)
+    import torch
 
     report.update(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__)
     print(json.dumps(report, indent=1))
