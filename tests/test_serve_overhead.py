@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,6 +67,41 @@ def test_generate_writes_the_mp4_during_the_decode_with_the_bytes_of_write_mp4(t
     after = write_mp4(result.video, tmp_path / "after.mp4", fps=FPS, metadata=result.metadata)
     assert (tmp_path / "during.mp4").read_bytes() == after.read_bytes()
     assert "mp4 after the decode" in result.timings
+
+
+def test_a_run_that_dies_while_its_mp4_is_written_leaves_no_mp4_and_resumes_at_the_decode(tiny_pipeline, tmp_path, monkeypatch):
+    import pytest
+
+    import wan_i2v.pipeline
+
+    class Died(Exception):
+        pass
+
+    real_writer = wan_i2v.pipeline.mp4_writer
+
+    @contextmanager
+    def dying_writer(path, **options):  # as a kill mid-decode: the second run of frames never comes
+        with real_writer(path, **options) as write:
+            handed = []
+
+            def write_until_killed(frames):
+                handed.append(frames)
+                if len(handed) == 2:
+                    raise Died
+                write(frames)
+
+            yield write_until_killed
+
+    state, video = tmp_path / "run.state.pt", tmp_path / "video.mp4"
+    monkeypatch.setattr(wan_i2v.pipeline, "mp4_writer", dying_writer)
+    with pytest.raises(Died):
+        tiny_pipeline.generate(demo_image(160, 96), "a boat", state_file=state, video_file=video, **JOB)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [state.name]  # no mp4, whole or half
+    monkeypatch.setattr(wan_i2v.pipeline, "mp4_writer", real_writer)
+    resumed = tiny_pipeline.generate(demo_image(160, 96), "a boat", state_file=state, video_file=video, **JOB)
+    assert resumed.experts_used == []  # every step was saved: straight to the decode
+    fresh = tiny_pipeline.generate(demo_image(160, 96), "a boat", **JOB)
+    assert video.read_bytes() == write_mp4(fresh.video, tmp_path / "fresh.mp4", fps=FPS, metadata=fresh.metadata).read_bytes()
 
 
 def test_a_video_file_that_cannot_be_written_is_refused_before_the_run(tiny_pipeline, tmp_path):
