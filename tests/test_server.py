@@ -267,52 +267,6 @@ def test_out_of_memory_in_one_job_fails_that_job_alone(tiny_checkpoint, tmp_path
     assert second.status == "completed" and store.video_path(second.id).is_file()
 
 
-def test_the_next_job_runs_while_the_last_ones_mp4_is_written(tiny_checkpoint, tmp_path, monkeypatch):
-    from wan_i2v import video
-    from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings
-    from wan_i2v.session import RunOptions, RunSession
-
-    events = []  # (what, job's prompt, start, end)
-    real_write = video.write_mp4
-
-    def slow_write(frames, path, **options):  # an encode that takes as long as a job, as at 720P
-        started = time.monotonic()
-        time.sleep(1.0)
-        real_write(frames, path, **options)
-        events.append(("mp4", path.parent.name, started, time.monotonic()))
-
-    class TimedSession:
-        def __init__(self):
-            self.session, self.alive = RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu")), True
-
-        def generate(self, image, prompt, **options):
-            started = time.monotonic()
-            result = self.session.generate(image, prompt, **options)
-            events.append(("job", prompt, started, time.monotonic()))
-            return result
-
-        def keep_alive(self):
-            pass
-
-        def close(self):
-            self.session.close()
-
-    monkeypatch.setattr(video, "write_mp4", slow_write)
-    store = JobStore(tmp_path / "state")
-    ids = [store.submit(png_bytes(), job_settings({"prompt": f"{n}", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults()))[0].id
-           for n in range(3)]  # fmt: skip
-    runner = Runner(store, TimedSession)
-    runner.start()
-    wait_until(lambda: store.counts()["completed"] == 3, timeout=60)
-    runner.stop()
-    jobs = {prompt: (start, end) for what, prompt, start, end in events if what == "job"}
-    mp4s = {folder: (start, end) for what, folder, start, end in events if what == "mp4"}
-    assert sorted(mp4s) == sorted(ids) and all(store.video_path(job_id).is_file() for job_id in ids)
-    for n in (1, 2):  # job n ran while job n-1's mp4 was being written
-        assert jobs[str(n)][0] < mp4s[ids[n - 1]][1], (jobs, mp4s)
-    assert mp4s[ids[0]][1] <= mp4s[ids[1]][0] and mp4s[ids[1]][1] <= mp4s[ids[2]][0]  # one encode at a time
-
-
 def test_delete_a_finished_job_removes_its_files(server, client):
     job = server.submit(client).json()
     server.wait_for(client, job["id"])

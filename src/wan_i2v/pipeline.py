@@ -9,7 +9,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from wan_i2v.config import (
     BOUNDARY_TIMESTEP,
     DEFAULT_NEGATIVE_PROMPT,
+    FPS,
     PRESETS,
     VAE_STRIDE,
     GenerationSettings,
@@ -43,7 +44,7 @@ from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepI
 from wan_i2v.sampling.resume import load_loop_state, save_loop_state, state_to
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
-from wan_i2v.video import image_to_tensor, load_image
+from wan_i2v.video import check_writable, image_to_tensor, load_image, mp4_writer
 
 __all__ = ["Cancelled", "GenerationResult", "I2VPipeline", "LoopHook", "Prepared", "StepInfo"]
 
@@ -65,12 +66,17 @@ class GenerationResult:
     @property
     def metadata(self) -> dict:
         """What the mp4 records: the settings, and the LoRAs when there are any."""
-        return {**self.settings.as_dict(), **({"loras": self.loras} if self.loras else {})}
+        return video_metadata(self.settings, self.loras)
 
     @property
     def peak_memory_gb(self) -> float | None:
         """Peak GPU memory allocated over the run, None on CPU."""
         return max(self.stage_peaks_gb.values(), default=None)
+
+
+def video_metadata(settings: GenerationSettings, loras: list[dict]) -> dict:
+    """What a video's mp4 records: its settings, and the LoRAs when there are any."""
+    return {**settings.as_dict(), **({"loras": loras} if loras else {})}
 
 
 @dataclass
@@ -300,6 +306,7 @@ class I2VPipeline:
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         cancel=None,
         hooks: list[LoopHook] | tuple[LoopHook, ...] = (),
+        video_file: str | Path | None = None,
     ) -> GenerationResult:
         """The official Wan2.2 I2V sampling: ``prepare``, ``sample`` and ``decode`` in a row.
 
@@ -319,8 +326,15 @@ class I2VPipeline:
         next step once set: ``Cancelled`` is raised, and with ``state_file`` the same call resumes.
         ``hooks`` are further ``LoopHook``s.
 
+        ``video_file``: the mp4 is written there as the frames are decoded, so that it is complete
+        moments after the decode ends (rather than encoded after it: about a second at 720P); it appears
+        whole, or not at all (checked writable before the run starts). The same bytes as ``write_mp4`` of the result's video at ``FPS`` with its metadata.
+
         In a parallel run the seed is rank 0's, progress and ``before_decode`` are rank 0's only, and
         only rank 0's result has the video (None elsewhere); a cancel on any rank stops every rank."""
+        writing = video_file is not None and self.is_main
+        if writing:
+            check_writable(Path(video_file))
         timings: dict[str, float] = {}
         peaks: dict[str, float] = {}
         prepared = self.prepare(
@@ -336,8 +350,12 @@ class I2VPipeline:
         latents_cpu = latents.float().cpu()
         if before_decode is not None and self.is_main:
             before_decode(latents_cpu, prepared.settings)
-        with _timed(timings, peaks, "decoding", self.device):
-            video = self.decode(latents, progress)
+        with mp4_writer(video_file, fps=FPS, metadata=video_metadata(prepared.settings, self.loras)) if writing else nullcontext() as write:
+            with _timed(timings, peaks, "decoding", self.device):
+                video = self.decode(latents, progress, on_frames=write)
+            decoded = time.perf_counter()
+        if writing:  # what the encode adds after the decode: its last frames, and the file's sync to disk
+            timings["mp4 after the decode"] = time.perf_counter() - decoded
         return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts, loras=self.loras)
 
     @property
@@ -468,10 +486,11 @@ class I2VPipeline:
         channels = self.high_noise.config.out_dim
         return torch.randn(channels, *latent_shape, dtype=torch.float32, generator=generator, device=self.device)
 
-    def decode(self, latents: torch.Tensor, progress: bool = False) -> torch.Tensor | None:
-        """[16, f, h, w] latents -> [3, F, H, W] video (in a parallel run: split over the ranks, on rank 0)."""
+    def decode(self, latents: torch.Tensor, progress: bool = False, on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
+        """[16, f, h, w] latents -> [3, F, H, W] video (in a parallel run: split over the ranks, on
+        rank 0); ``on_frames`` as ``decode_latents``'."""
         group = self.parallel.group if self.parallel is not None else None
-        return decode_latents(self.vae, latents, self.device, progress, group)
+        return decode_latents(self.vae, latents, self.device, progress, group, on_frames)
 
     def _guidance(self, conditioning: Conditioning) -> ClassifierFreeGuidance:
         if self.parallel is not None and self.parallel.cfg is not None:  # this rank's half of the pair
@@ -553,10 +572,13 @@ def load_vae_for(path: Path, device: torch.device, decode_dtype: torch.dtype = t
 
 
 def decode_latents(
-    vae: WanVAE, latents: torch.Tensor, device: torch.device, progress: bool = False, group=None
-) -> torch.Tensor | None:
+    vae: WanVAE, latents: torch.Tensor, device: torch.device, progress: bool = False, group=None,
+    on_frames: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor | None:  # fmt: skip
     """[16, F', H', W'] latents -> [3, F, H, W] float32 video on CPU in [-1, 1]. With a process
-    ``group``, the decode is split over its ranks and only its rank 0 gets the video (None elsewhere)."""
+    ``group``, the decode is split over its ranks and only its rank 0 gets the video (None elsewhere).
+    ``on_frames(frames)`` is handed the video in order, in runs of [3, n, H, W] frames, each as soon
+    as it is decoded (on a ``group``'s rank 0); it must not modify them."""
     inputs = latents[None].to(device)  # the decoder casts them to its dtype after de-normalizing in fp32
     bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
     advance = _advancing(bar)
@@ -565,15 +587,30 @@ def decode_latents(
         if group is not None:
             from wan_i2v.parallel.vae import decode_tiled
 
-            video = decode_tiled(vae, inputs, group, advance)
+            video = decode_tiled(vae, inputs, group, advance, on_frames)
         else:
             # Frames go to host memory as they come: the video (0.9 GB at 720P) never sits on the GPU.
             video = torch.empty(vae.video_shape(inputs.shape), dtype=torch.float32)
             with torch.no_grad():
-                vae.decode(inputs, progress=advance, out=video)
+                vae.decode(inputs, progress=advance if on_frames is None else _handing_on(advance, vae, inputs.shape, video, on_frames), out=video)
     finally:
         bar.close()
     return None if video is None else video[0]
+
+
+def _handing_on(advance, vae: WanVAE, latent_shape, video: torch.Tensor, on_frames) -> Callable[[int, int], None]:
+    """The decode's ``progress(done, total)``: ``advance``, then the frames that the ``done`` latent
+    frames decoded to and ``on_frames`` has not had yet (the decode has written them into ``video``)."""
+    handed = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal handed
+        advance(done, total)
+        ready = vae.video_shape((*latent_shape[:2], done, *latent_shape[3:]))[2]
+        on_frames(video[0, :, handed:ready])
+        handed = ready
+
+    return progress
 
 
 def _advancing(bar: tqdm) -> Callable[[int, int], None]:

@@ -209,6 +209,7 @@ class Job:
     prompt: str
     options: dict  # generate's keywords: negative_prompt, max_area, frame_num, steps, shift, guide_scale, seed, solver, state_file, progress
     latents_file: str | None = None  # the latents are saved there before decoding (a decode that dies loses nothing)
+    video_file: str | None = None  # rank 0 writes the mp4 there as it decodes; the video then stays there (the result's is None)
 
 
 def save_latents(path: Path, latents, settings: dict) -> None:
@@ -231,7 +232,9 @@ def _run_job(pipe, job: Job, *, cancel=None, on_step=None):
             save_latents(Path(job.latents_file), latents, settings.as_dict())
 
     hooks = [StepEvents()] if on_step is not None and pipe.is_main else []
-    return pipe.generate(job.image, job.prompt, before_decode=before_decode, cancel=cancel, hooks=hooks, **job.options)
+    result = pipe.generate(job.image, job.prompt, before_decode=before_decode, cancel=cancel, hooks=hooks, video_file=job.video_file, **job.options)
+    # Written to its file, the video does not travel back (0.9 GB of float frames at 720P, through shared memory from a spawned rank).
+    return result if job.video_file is None else replace(result, video=None)
 
 
 class RunSession:
@@ -284,13 +287,14 @@ class RunSession:
         cap_gpu_memory(planned, plan.device)
         return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan, progress=options.progress))
 
-    def generate(self, image, prompt: str, *, latents_file=None, cancel=None, on_step: Callable | None = None, **options):
+    def generate(self, image, prompt: str, *, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None, **options):
         """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path or PIL image), plus
-        ``latents_file`` (the latents are saved there before decoding), ``cancel`` (``is_set()``:
-        stop before the next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
+        ``latents_file`` (the latents are saved there before decoding), ``video_file`` (the mp4 is
+        written there as the frames are decoded; the result's video is then None), ``cancel``
+        (``is_set()``: stop before the next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
         from wan_i2v.video import load_image
 
-        job = Job(load_image(image), prompt, options, None if latents_file is None else str(latents_file))
+        job = Job(load_image(image), prompt, options, *(None if path is None else str(path) for path in (latents_file, video_file)))
         return self._run(job, cancel, on_step)
 
     def _run(self, job: Job, cancel, on_step):
@@ -522,7 +526,7 @@ class SpawnedSession(RunSession):
     def _run(self, job, cancel, on_step):
         from wan_i2v.video import check_writable
 
-        for path in (job.latents_file, job.options.get("state_file")):
+        for path in (job.latents_file, job.video_file, job.options.get("state_file")):
             if path is not None:  # rank 0 alone writes them: an error there would leave the other ranks behind
                 check_writable(Path(path))
         with self.lock:

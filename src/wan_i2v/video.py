@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -94,14 +98,16 @@ def _umask() -> int:
     return mask
 
 
-def write_atomically(path: Path, write) -> Path:
-    """Run ``write(temporary_path)``, then rename into place: the file appears only when complete."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write in the block, renamed into place when the block ends
+    without an error: the file appears only when complete (an error removes the temporary)."""
     path = Path(path)
     check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        write(Path(tmp))
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets what any new file would
         # On the disk before its name is: after a power cut the name holds the whole file or the old one.
         with open(tmp, "rb") as handle:
@@ -115,31 +121,75 @@ def write_atomically(path: Path, write) -> Path:
         os.fsync(directory)  # the rename itself
     finally:
         os.close(directory)
-    return path
+
+
+def write_atomically(path: Path, write) -> Path:
+    """Run ``write(temporary_path)``, then rename into place: the file appears only when complete."""
+    with atomic_file(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def rgb24_frames(video: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] (any device) -> [F, H, W, 3] uint8 on the host, as the mp4 stores them."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+@contextmanager
+def mp4_writer(path: Path, *, fps: int, metadata: dict | None = None) -> Iterator[Callable[[torch.Tensor], None]]:
+    """An H.264 yuv420p mp4 that common players open, written as its frames come: the block gets
+    ``write(frames)`` for consecutive runs of [3, n, H, W] frames in [-1, 1], which a thread of its own
+    converts and encodes while the caller (a decode) goes on. The file appears at ``path`` when the
+    block ends, complete; an error in the block or in the encoding leaves nothing there. The frames
+    handed over must stay unchanged until the block ends (the decode's output buffer does)."""
+    import av
+
+    waiting: queue.SimpleQueue = queue.SimpleQueue()
+    failures: list[BaseException] = []
+    with atomic_file(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        if metadata:
+            container.metadata["comment"] = json.dumps(metadata, ensure_ascii=False)
+        stream = container.add_stream("libx264", rate=fps)
+        stream.pix_fmt = "yuv420p"
+        # x264's macroblock-tree rate control made other bytes (frames up to ~30 levels apart) from
+        # the same frames now and then, even on one thread; without it the same frames make the same
+        # file every time, at about the same speed and ~15% more bytes at this quality.
+        stream.options = {"crf": "17", "preset": "medium", "x264-params": "mbtree=0"}
+
+        def encode() -> None:
+            try:
+                sized = False
+                while (frames := waiting.get()) is not None:
+                    if not sized:  # the encoder opens at the first frame: the video's size is known by then
+                        stream.height, stream.width = frames.shape[2], frames.shape[3]
+                        sized = True
+                    for frame in rgb24_frames(frames):
+                        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            except BaseException as exc:  # (a full disk): the caller's next write, or the block's end, raises it
+                failures.append(exc)
+
+        def write(frames: torch.Tensor) -> None:
+            if failures:
+                raise failures[0]
+            waiting.put(frames)
+
+        encoder = threading.Thread(target=encode, name="wan-i2v-mp4", daemon=True)
+        encoder.start()
+        try:
+            yield write
+        finally:
+            waiting.put(None)
+            encoder.join()
+        if failures:
+            raise failures[0]
+        container.mux(stream.encode())  # what the encoder still holds
 
 
 def write_mp4(video: torch.Tensor, path: Path, *, fps: int, metadata: dict | None = None) -> Path:
-    """[3, F, H, W] in [-1, 1] -> H.264 yuv420p mp4 that common players open."""
-    import av
-
-    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
-
-    def encode(tmp: Path) -> None:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            if metadata:
-                container.metadata["comment"] = json.dumps(metadata, ensure_ascii=False)
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            # x264's macroblock-tree rate control made other bytes (frames up to ~30 levels apart) from
-            # the same frames now and then, even on one thread; without it the same frames make the same
-            # file every time, at about the same speed and ~15% more bytes at this quality.
-            stream.options = {"crf": "17", "preset": "medium", "x264-params": "mbtree=0"}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-
-    return write_atomically(path, encode)
+    """[3, F, H, W] in [-1, 1] -> H.264 yuv420p mp4 that common players open (``mp4_writer``'s, whole)."""
+    with mp4_writer(path, fps=fps, metadata=metadata) as write:
+        write(video)
+    return Path(path)
 
 
 def demo_image(width: int = 320, height: int = 192) -> Image.Image:

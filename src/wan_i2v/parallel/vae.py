@@ -87,10 +87,12 @@ def _joined(parts: list[torch.Tensor], spans: list[tuple[int, int]], axis: int, 
 
 @torch.no_grad()
 def decode_tiled(
-    vae: WanVAE, latents: torch.Tensor, group, progress: Callable[[int, int], None] | None = None
-) -> torch.Tensor | None:
+    vae: WanVAE, latents: torch.Tensor, group, progress: Callable[[int, int], None] | None = None,
+    on_frames: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor | None:  # fmt: skip
     """``WanVAE.decode`` of [B, z, f, h, w] split over ``group``: the video (float32, on the CPU) on
-    the group's rank 0, None on the others. ``progress(done, total)`` after each latent frame."""
+    the group's rank 0, None on the others. ``progress(done, total)`` after each latent frame; on
+    rank 0, ``on_frames`` gets each latent frame's [3, n, H, W] frames of the first video as they come."""
     ranks, me = dist.get_world_size(group), dist.get_rank(group)
     up = vae.config.pixels_per_latent
     size = max(latents.shape[3], latents.shape[4])
@@ -113,6 +115,8 @@ def decode_tiled(
         dist.gather(padded, parts, group_dst=0, group=group)
         if me == 0:  # to the host at once: the whole video need not fit on the GPU as well
             frames.append(_joined(parts, spans, axis, up).cpu())
+            if on_frames is not None:
+                on_frames(frames[-1][0])
         if progress is not None:
             progress(i + 1, total)
     return torch.cat(frames, dim=2) if me == 0 else None

@@ -82,7 +82,6 @@ class Runner:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._main, name="wan-i2v-runner", daemon=True)
-        self._finishing: tuple[str, threading.Thread] | None = None  # the last job, its mp4 being written
         self._room_needed = 0  # bytes the state directory's disk must have free before the next job starts (after a full disk)
 
     def start(self) -> None:
@@ -116,7 +115,7 @@ class Runner:
                     self.stopping.wait(DISK_POLL_SECONDS)
                     continue
                 try:
-                    job = self.store.claim(busy=self._finishing[:1] if self._finishing else ())
+                    job = self.store.claim()
                 except QueueUnreachable:  # for a while (a full disk, a database restarting; the store logs it): keep trying
                     job = None
                     time.sleep(POLL_SECONDS)
@@ -136,17 +135,18 @@ class Runner:
             self.status = "failed"
             self.on_failure(exc)
         finally:
-            self._wait_finishing()
             session.close()
 
     def _run(self, session, job: Job):
-        """Run one job (its mp4 written, and its end recorded, behind the next one); returns the session to go on with."""
+        """Run one job (its mp4 written as its frames are decoded) and record its end; returns the session to go on with."""
         from wan_i2v.sampling.loop import Cancelled
 
         if self.store.video_path(job.id).is_file():  # written before a kill, its completion not yet recorded
             self._recorded(lambda: self._record(job.id, "completed", error=None, peak_memory_gb=None))
             return session
         log.info("running %s (%s)", job.id, "resuming" if self.store.state_path(job.id).is_file() else "new")
+        started = time.monotonic()
+        waited = time.time() - job.created_at
         settings = job.settings
         last_step_at: list[float] = []
 
@@ -164,25 +164,31 @@ class Runner:
                     self.store.image_path(job.id), settings["prompt"], negative_prompt=settings["negative_prompt"],
                     max_area=settings["max_area"], frame_num=settings["frame_num"], steps=settings["steps"], shift=settings["shift"],
                     guide_scale=tuple(settings["guide_scale"]), seed=settings["seed"], solver=settings["solver"], progress=False,
-                    state_file=self.store.state_path(job.id), cancel=watch, on_step=on_step,
+                    state_file=self.store.state_path(job.id), video_file=self.store.video_path(job.id), cancel=watch, on_step=on_step,
                 )  # fmt: skip
             outcome = "generated"
         except Cancelled:
             outcome = "stopped"
-        except WanError as exc:  # a rank's failure included
-            outcome, error = "failed", str(exc)
-        except Exception as exc:
-            outcome, error = "failed", _one_line(exc)
-            if self._short_of_room(exc, settings):
+        except Exception as exc:  # a rank's failure (a WanError) included
+            outcome, error = "failed", str(exc) if isinstance(exc, WanError) else _one_line(exc)
+            if self._short_of_room(exc, settings):  # the state, the mp4 (written as it decodes): the retry resumes from what was whole
                 outcome = "no room"
             elif is_out_of_memory(exc):
                 import torch
 
                 torch.cuda.empty_cache()
-            else:
+            elif not isinstance(exc, WanError):
                 log.exception("job %s failed", job.id)
         if outcome == "generated":
-            self._finish_behind(job.id, result, settings)
+            generated = time.monotonic()
+            try:
+                self._recorded(lambda: self._record(job.id, "completed", error=None, peak_memory_gb=result.peak_memory_gb))
+            except QueueUnreachable:  # stopping, the queue unreachable: the next start finds the mp4 and records it
+                log.warning("%s: its end is not recorded yet", job.id)
+                return session
+            # Where a job's time went, from its submission to its end recorded (bench/serve_throughput.py reads it).
+            stages = {"waiting": waited, **result.timings, "run": generated - started, "recording": time.monotonic() - generated}
+            log.info("timings of %s: %s", job.id, ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds in stages.items()))
         elif outcome == "no room":
             self._wait_for_room(job.id, settings)
         else:
@@ -192,42 +198,6 @@ class Runner:
             session.close()
             session = self.open_session()
         return session
-
-    def _finish_behind(self, job_id: str, result, settings: dict) -> None:
-        """Write the mp4 and record the job's end in a thread of its own while the next job runs (the
-        encode takes seconds of CPU at 720P, the GPUs' idle time otherwise). One at a time, so at most one
-        finished video waits in memory; a kill meanwhile leaves the job to resume from its last step."""
-        from wan_i2v.config import FPS
-        from wan_i2v.video import write_mp4
-
-        self._wait_finishing()
-
-        def finish() -> None:
-            try:
-                write_mp4(result.video, self.store.video_path(job_id), fps=FPS, metadata=result.metadata)
-                outcome, error = "completed", None
-            except WanError as exc:
-                outcome, error = "failed", str(exc)
-            except Exception as exc:
-                outcome, error = "failed", _one_line(exc)
-                if self._short_of_room(exc, settings):  # its state after the last step is kept: the retry only decodes
-                    outcome = "no room"
-                else:
-                    log.exception("job %s: its mp4 was not written", job_id)
-            try:
-                if outcome == "no room":
-                    self._wait_for_room(job_id, settings)
-                else:
-                    self._recorded(lambda: self._record(job_id, outcome, error=error, peak_memory_gb=result.peak_memory_gb))
-            except QueueUnreachable:  # stopping, the queue unreachable: the next start finds the mp4 and records it
-                log.warning("%s: its end is not recorded yet", job_id)
-
-        self._finishing = (job_id, threading.Thread(target=finish, name="wan-i2v-mp4", daemon=True))
-        self._finishing[1].start()
-
-    def _wait_finishing(self) -> None:
-        if self._finishing is not None:
-            self._finishing[1].join()
 
     def _short_of_room(self, exc: Exception, settings: dict) -> bool:
         """The job failed for want of disk space: ENOSPC or EDQUOT in its error's chain (the mp4 writer,
