@@ -811,7 +811,7 @@ def fill(path):
 def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_returns(small_disk, tiny_checkpoint, tmp_path, monkeypatch):
     import torch
 
-    from wan_i2v import video
+    from wan_i2v import pipeline
     from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings, runner
     from wan_i2v.session import RunOptions, RunSession
 
@@ -848,14 +848,14 @@ def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_r
         def close(self):
             self.session.close()
 
-    real_write = video.write_mp4
+    real_writer = pipeline.mp4_writer  # the mp4 is written as its frames are decoded
 
-    def write_on_a_full_disk(frames, path, **options):
-        if path.parent.name == ids["mp4"]:
+    def writer_on_a_full_disk(path, **options):
+        if os.path.basename(os.path.dirname(path)) == ids["mp4"]:
             fill_once("mp4")
-        return real_write(frames, path, **options)
+        return real_writer(path, **options)
 
-    monkeypatch.setattr(video, "write_mp4", write_on_a_full_disk)
+    monkeypatch.setattr(pipeline, "mp4_writer", writer_on_a_full_disk)
     (small_disk / "jobs").mkdir()
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "jobs").symlink_to(small_disk / "jobs")  # the jobs' files on a volume of their own, the queue beside
