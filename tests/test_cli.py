@@ -233,9 +233,15 @@ def test_make_tiny_checkpoint_refuses_existing(tmp_path, capsys):
     assert "already exists" in error_line(capsys)
 
 
+def progress_bars(err: str, label: str) -> int:
+    """How many progress bars called ``label`` the stderr shows (each ends its line when done)."""
+    return sum(f"{label}:" in line for line in err.split("\n"))
+
+
 def test_two_processes_write_the_single_process_video(tiny_checkpoint, image_file, tmp_path, capfd):
-    """`--gpus 2 --device cpu`: two gloo ranks (CFG parallel), one mp4 from rank 0, one summary;
-    and a second such run started alongside does not collide with it (each picks a free port)."""
+    """`--gpus 2 --device cpu`: two gloo ranks (CFG parallel), one mp4 from rank 0, one summary and
+    one progress bar per stage (rank 0's); and a second such run started alongside does not collide
+    with it (each picks a free port)."""
     single, double, beside = tmp_path / "single.mp4", tmp_path / "double.mp4", tmp_path / "beside.mp4"
     assert generate(tiny_checkpoint, image_file, single, "--seed", "9") == 0
     capfd.readouterr()
@@ -244,12 +250,16 @@ def test_two_processes_write_the_single_process_video(tiny_checkpoint, image_fil
          "--prompt", "a boat", "--save-file", str(beside), *TINY_RUN, "--gpus", "2", "--seed", "9"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert generate(tiny_checkpoint, image_file, double, "--gpus", "2", "--seed", "9") == 0
+    with_progress = [arg for arg in TINY_RUN if arg != "--quiet"]
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "a boat", "--save-file", str(double),
+                 *with_progress, "--gpus", "2", "--seed", "9"]) == 0  # fmt: skip
     _, other_err = other.communicate(timeout=120)
     assert other.returncode == 0, other_err
     out, err = capfd.readouterr()
     assert out.strip() == str(double)  # printed once, by rank 0
     assert err.count("seed: 9") == 1 and "error" not in err
+    for stage in ("text encoding", "image encoding", "denoising", "decoding"):
+        assert progress_bars(err, stage) == 1, (stage, err)
     assert_same_video(single, double)
     assert read_mp4_metadata(double)["seed"] == 9
     assert not (tmp_path / "double.latents.pt").exists()

@@ -334,7 +334,7 @@ class I2VPipeline:
         if before_decode is not None and self.is_main:
             before_decode(latents_cpu, prepared.settings)
         with _timed(timings, peaks, "decoding", self.device):
-            video = self.decode(latents, progress)
+            video = self.decode(latents, progress and self.is_main)
         return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts, loras=self.loras)
 
     @property
