@@ -282,15 +282,23 @@ def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys
     out = tmp_path / "out.mp4"
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--dry-run") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "plan: 4 GPUs, CFG parallel 2, Ulysses 2; both experts on the GPU, text encoder sharded; on CPU processes"
-    assert re.match(r"memory: peak .* GiB per GPU \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\)", lines[1])
-    assert re.match(r"host memory: peak .* GiB on this machine \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\) \(of .* GiB\)", lines[2])
-    assert lines[3] == "video: 96x64, 9 frames, 72 tokens per DiT forward"
+    # On the CPU (--device cpu) the plan speaks of processes and host memory, not of GPUs.
+    assert lines[0] == "plan: 4 processes, CFG parallel 2, Ulysses 2; both experts in host memory, text encoder sharded; on the CPU"
+    assert re.match(r"host memory: peak .* GiB on this machine \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\) \(of .* GiB\)", lines[1])
+    assert lines[2] == "video: 96x64, 9 frames, 72 tokens per DiT forward"
+    assert not any("GPU" in line for line in lines), lines
     assert not out.exists()
+    assert generate(tiny_checkpoint, image_file, out, "--dry-run") == 0
+    assert capsys.readouterr().out.startswith("plan: 1 process; both experts in host memory; on the CPU\nhost memory: peak ")
+    # The same plan for GPUs speaks of them.
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--dry-run", "--device", "cuda") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "plan: 4 GPUs, CFG parallel 2, Ulysses 2; both experts on the GPU, text encoder sharded; on GPUs"
+    assert re.match(r"memory: peak .* GiB per GPU \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\)", lines[1])
     # Too little host memory for any plan: the plan that needs the least, then the machine it needs, exit 2.
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dry-run", "--host-memory", "0.5") == 2
     captured = capsys.readouterr()
-    assert captured.out.startswith("plan: 2 GPUs") and "host memory: peak" in captured.out and "(of 0.5 GiB)" in captured.out
+    assert captured.out.startswith("plan: 2 processes") and "host memory: peak" in captured.out and "(of 0.5 GiB)" in captured.out
     error = captured.err.strip()
     assert re.fullmatch(r"wan-i2v: error: this video needs a machine with at least \d+ GiB of host memory; planned for 0 GiB of host memory "
                         r"\(use a smaller --size, fewer --frame-num, or give --gpu-memory/--host-memory if more is free\)", error), error
@@ -299,7 +307,7 @@ def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys
     assert capsys.readouterr().err.strip() == error and not out.exists()
     # A forced plan.
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--ulysses", "4", "--fsdp", "--dry-run") == 0
-    assert capsys.readouterr().out.startswith("plan: 4 GPUs, no CFG parallel, Ulysses 4; experts and text encoder sharded (FSDP); on CPU processes")
+    assert capsys.readouterr().out.startswith("plan: 4 processes, no CFG parallel, Ulysses 4; experts and text encoder sharded (FSDP); on the CPU")
 
 
 def test_a_dry_run_says_what_the_run_would_write_and_writes_nothing(tiny_checkpoint, image_file, tmp_path, capsys, monkeypatch):
@@ -329,7 +337,7 @@ def test_dry_run_without_a_checkpoint_plans_for_the_official_model(image_file, t
             "--host-memory", "64", "--dry-run"]  # fmt: skip
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "plan: 2 GPUs" in text and "FSDP" in text and "warning" not in text
+    assert "plan: 2 processes" in text and "FSDP" in text and "warning" not in text
 
 
 def test_dry_run_on_a_machine_without_a_gpu_plans_for_gpus(image_file, tmp_path, capsys, monkeypatch):
@@ -490,14 +498,14 @@ def test_the_official_command_line_runs_unchanged(tiny_checkpoint, image_file, t
                  "--save_file", str(out), "--device", "cpu", "--quiet", "--dry-run"]) == 0
     plan = capsys.readouterr().out
     # --offload_model True is --offload experts, --convert_model_dtype is --dtype bf16.
-    assert "one expert on the GPU at a time" in plan and "numerics: bf16 weights" in plan, plan
+    assert "one expert at a time, streamed in" in plan and "numerics: bf16 weights" in plan, plan
 
 
 def test_the_official_multi_gpu_options_force_the_same_plan(tiny_checkpoint, image_file, tmp_path, capsys):
     out = tmp_path / "official.mp4"
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dit_fsdp", "--t5_fsdp", "--ulysses_size", "2", "--dry-run") == 0
     # (left to itself, the plan for 2 GPUs is CFG parallel 2, Ulysses 1)
-    assert capsys.readouterr().out.splitlines()[0] == "plan: 2 GPUs, no CFG parallel, Ulysses 2; experts and text encoder sharded (FSDP); on CPU processes"
+    assert capsys.readouterr().out.splitlines()[0] == "plan: 2 processes, no CFG parallel, Ulysses 2; experts and text encoder sharded (FSDP); on the CPU"
 
 
 @pytest.mark.parametrize("task", ["t2v-A14B", "ti2v-5B", "s2v-14B"])

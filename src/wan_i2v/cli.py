@@ -149,14 +149,23 @@ def _explain(planned, video, args) -> None:
 
     height, width, tokens = video
     print(f"plan: {planned.plan.describe()}")
-    gpu_bytes = planned.gpu_bytes
-    budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else " (no GPU memory given: --gpu-memory GiB plans for a card)"
-    print(f"memory: {planned.estimate.describe()}{budget}")
+    if planned.plan.on_gpu:  # (on the CPU everything is in host memory: the line below)
+        gpu_bytes = planned.gpu_bytes
+        budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else " (no GPU memory given: --gpu-memory GiB plans for a card)"
+        print(f"memory: {planned.estimate.describe()}{budget}")
     if planned.host is not None:
         host_budget = f" (of {planned.host_bytes / GiB:.1f} GiB)" if planned.host_bytes is not None else " (no host memory given: --host-memory GiB plans for a machine)"
         print(f"host memory: {planned.host.describe('on this machine')}{host_budget}")
     print(f"video: {width}x{height}, {args.frame_num} frames, {tokens} tokens per DiT forward")
     print(f"numerics: {planned.plan.describe_numerics()}")
+
+
+def _memory_needed(planned) -> str:
+    """The estimates a chosen placement answers: the GPUs' and the host's, or on the CPU the host's alone."""
+    host = planned.host.describe("on this machine") if planned.host is not None else None
+    if planned.plan.on_gpu:
+        return planned.estimate.describe() + (f"; host: {host}" if host else "")
+    return host or planned.estimate.describe("per process")
 
 
 @contextmanager
@@ -379,10 +388,9 @@ def cmd_generate(args) -> int:
         runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned, height=height, width=width,
                              frame_num=args.frame_num) as session,
     ):  # fmt: skip
-        placement = session.planned.plan.placement  # the ranks' plan, for their GPUs' memory
-        if (placement.offload != options.offload or placement.fsdp != options.fsdp) and _is_main():
-            host = f"; host: {session.planned.host.describe('on this machine')}" if session.planned.host is not None else ""
-            print(f"wan-i2v: {placement.describe(session.planned.plan.dims)}, to fit in memory ({session.planned.estimate.describe()}{host})", file=sys.stderr)
+        plan = session.planned.plan  # the ranks' plan, for their GPUs' memory
+        if (plan.placement.offload != options.offload or plan.placement.fsdp != options.fsdp) and _is_main():
+            print(f"wan-i2v: {plan.placement.describe(plan.dims, plan.on_gpu)}, to fit in memory ({_memory_needed(session.planned)})", file=sys.stderr)
         _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
              keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=save_file.with_suffix(".state.pt"))  # fmt: skip
     return 0

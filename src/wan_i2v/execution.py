@@ -143,8 +143,8 @@ class ExecutionPlan:
         return Placement(self.fsdp, self.offload.flag)
 
     def describe(self) -> str:
-        where = ("GPUs" if self.dims.world > 1 else "a GPU") if self.on_gpu else ("CPU processes" if self.dims.world > 1 else "the CPU")
-        return f"{self.dims.describe()}; {self.placement.describe(self.dims)}; on {where}"
+        where = ("GPUs" if self.dims.world > 1 else "a GPU") if self.on_gpu else "the CPU"
+        return f"{self.dims.describe(self.on_gpu)}; {self.placement.describe(self.dims, self.on_gpu)}; on {where}"
 
     def describe_numerics(self) -> str:
         extras = [name for name, on in (("FP8 linear layers", self.fp8), ("compiled blocks", self.compile), ("batched guidance", self.batch_cfg),
