@@ -170,6 +170,20 @@ def test_a_killed_download_is_partial_and_resumed(hub, tmp_path, capsys):
     assert cache("status") == 0
 
 
+def test_status_is_complete_when_the_loader_has_every_file_it_reads(hub, tmp_path, capsys):
+    """The listing has spiece.model, which the loader does not read (it reads tokenizer.json): without
+    it status says complete, as generate finds it; without tokenizer.json, incomplete, as generate refuses."""
+    assert cache("quick") == 0
+    folder = snapshot(tmp_path / "cache")
+    (folder / "google/umt5-xxl/spiece.model").unlink()
+    capsys.readouterr()
+    assert cache("status") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("google/umt5-xxl/spiece.model "))
+    assert "missing" in row and row.endswith("(not read by wan-i2v)")
+    (folder / "google/umt5-xxl/tokenizer.json").unlink()
+    assert cache("status") == 1
+
+
 def test_verify_full_names_a_corrupt_file_and_quick_refetches_it(hub, tmp_path, capsys):
     assert cache("quick") == 0
     folder = snapshot(tmp_path / "cache")
