@@ -459,6 +459,35 @@ def test_an_interrupted_generate_resumes_with_the_same_command(tiny_checkpoint, 
     assert torch.equal(torch.load(resumed, weights_only=True)["latents"], torch.load(straight, weights_only=True)["latents"])
 
 
+def test_a_run_stopped_while_decoding_resumes_straight_to_the_decode(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    """Every step is saved when the decode starts: the same command decodes them, without encoding
+    the prompt and the image again, into the video of a run never stopped."""
+    from wan_i2v.models.text_encoder import TextEncoder
+    from wan_i2v.models.vae import WanVAE
+
+    out = tmp_path / "out.mp4"
+    decode = WanVAE.decode
+
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    resumed, straight = tmp_path / "resumed.pt", tmp_path / "straight.pt"
+    monkeypatch.setattr(WanVAE, "decode", stopped)
+    assert generate(tiny_checkpoint, image_file, out, "--seed", "4", "--save-latents", str(resumed)) == 130
+    assert "wan-i2v decode" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(WanVAE, "decode", decode)
+    encoded = []
+    for model in (TextEncoder, WanVAE):
+        monkeypatch.setattr(model, "encode", lambda self, *args, model=model, encode=model.encode, **kwargs: encoded.append(model) or encode(self, *args, **kwargs))
+    assert generate(tiny_checkpoint, image_file, out, "--seed", "4", "--save-latents", str(resumed)) == 0
+    assert encoded == [] and "text encoding" not in capsys.readouterr().err
+    assert not (tmp_path / "out.state.pt").exists()
+    assert generate(tiny_checkpoint, image_file, tmp_path / "straight.mp4", "--seed", "4", "--save-latents", str(straight)) == 0
+    assert set(encoded) == {TextEncoder, WanVAE}  # (the counting sees the encoders of a run that needs them)
+    assert torch.equal(torch.load(resumed, weights_only=True)["latents"], torch.load(straight, weights_only=True)["latents"])
+    assert_same_video(out, tmp_path / "straight.mp4")
+
+
 def test_decode_refuses_to_overwrite_unless_asked(tiny_checkpoint, image_file, tmp_path, capsys):
     out, latents = tmp_path / "out.mp4", tmp_path / "run.pt"
     assert generate(tiny_checkpoint, image_file, out, "--save-latents", str(latents)) == 0
