@@ -430,6 +430,77 @@ def test_ctrl_c_stops_every_rank(tiny_checkpoint, image_file, tmp_path):
     assert not out.exists()
 
 
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until ``path`` exists (the run has saved a step), while ``proc`` runs."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert path.exists(), proc.communicate()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_same_command_resumes(tiny_checkpoint, image_file, tmp_path, capsys):
+    """SIGTERM (a pod stopping): the resume hint, exit 143, no lock file and no temporary left; and
+    the temporary a kill -9 in the middle of a state write leaves is removed by the run that resumes."""
+    import signal
+
+    out, state = tmp_path / "out.mp4", tmp_path / "out.state.pt"
+    args = ["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "a boat", "--save-file", str(out),
+            "--size", "64*96", "--frame-num", "9", "--steps", "40", "--device", "cpu", "--seed", "3"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "wan_i2v.cli", *args, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(state, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-2:] == [f"wan-i2v: the denoising state is saved in {state}; the same command resumes from it",
+                                             "wan-i2v: stopped by SIGTERM"], err  # fmt: skip
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "out.state.pt"]  # no .out.mp4.lock, no temporary
+    step = torch.load(state, weights_only=True)["step"]
+    assert 0 < step < 40
+    (tmp_path / ".out.state.k2x9q0ab.pt").write_bytes(b"half a state")  # what a kill -9 mid-write leaves
+    assert main(args) == 0
+    assert f"resuming from step {step} of 40" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "out.mp4"]
+
+
+def test_sigterm_to_every_process_of_a_multi_gpu_run_stops_it_as_ctrl_c_does(tiny_checkpoint, image_file, tmp_path):
+    """A pod stopping sends SIGTERM to every process: the launcher and both ranks stop, rank 0's state
+    is saved with the hint to resume, and no lock file or temporary is left."""
+    import os
+    import signal
+    import time
+
+    out, state = tmp_path / "out.mp4", tmp_path / "out.state.pt"
+    command = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file),
+               "--prompt", "a boat", "--save-file", str(out), "--size", "64*96", "--frame-num", "9", "--steps", "400",
+               "--device", "cpu", "--gpus", "2", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(state, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-2:] == [f"wan-i2v: the denoising state is saved in {state}; the same command resumes from it",
+                                             "wan-i2v: stopped by SIGTERM"], err  # fmt: skip
+    for _ in range(100):  # every rank is gone within seconds
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("processes of the run are still alive")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "out.state.pt"]  # no .out.mp4.lock, no temporary
+
+
 def test_an_interrupted_generate_resumes_with_the_same_command(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
     from wan_i2v.models.dit import DiT
 

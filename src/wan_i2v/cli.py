@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from wan_i2v import locks
-from wan_i2v.errors import WanError, is_out_of_memory, on_the_command_line
+from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
 
 DEMO_FILE = "wan-i2v-demo.mp4"
 DEFAULT_OUTPUT = "wan-i2v-output.mp4"
@@ -213,14 +213,21 @@ def _lock_path(save_file: Path) -> Path:
 
 
 @contextmanager
-def _exclusive(save_file: Path):
+def _exclusive(save_file: Path, *companions: Path):
     """Hold a lock on the output while the run writes it: two runs on one --save-file would share its
-    state file and one video would be lost. The lock is released (and its file removed) at the end."""
+    state file and one video would be lost. The lock is released (and its file removed) at the end.
+    Held, it makes the temporaries a run killed mid-write left of the output and its ``companions``
+    (the state, the latents) this run's to remove: no other run writes them."""
+    from wan_i2v.video import leftover_temporaries
+
     lock = _lock_path(save_file)
     handle = locks.hold(lock)
     if handle is None:
         raise WanError(f"another run is writing {save_file}", "wait for it to finish, or give another --save-file")
     try:
+        for path in (save_file, *companions):
+            for leftover in leftover_temporaries(path):
+                leftover.unlink(missing_ok=True)
         yield
     finally:
         lock.unlink(missing_ok=True)
@@ -383,8 +390,9 @@ def cmd_generate(args) -> int:
         return 0
     _keep_compiled_code()
     loading_started = time.perf_counter()
+    state_file = save_file.with_suffix(".state.pt")
     with (
-        _exclusive(save_file) if _is_main() else nullcontext(),
+        _exclusive(save_file, state_file, latents_file) if _is_main() else nullcontext(),
         runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned, height=height, width=width,
                              frame_num=args.frame_num) as session,
     ):  # fmt: skip
@@ -392,7 +400,7 @@ def cmd_generate(args) -> int:
         if (plan.placement.offload != options.offload or plan.placement.fsdp != options.fsdp) and _is_main():
             print(f"wan-i2v: {plan.placement.describe(plan.dims, plan.on_gpu)}, to fit in memory ({_memory_needed(session.planned)})", file=sys.stderr)
         _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
-             keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=save_file.with_suffix(".state.pt"))  # fmt: skip
+             keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=state_file)  # fmt: skip
     return 0
 
 
@@ -750,6 +758,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_on_sigterm()
     try:
         try:
             # (inside the handlers below: a Ctrl-C during the imports that reading the options makes is an interrupt too)
@@ -762,12 +771,15 @@ def main(argv: list[str] | None = None) -> int:
         rank = "" if _is_main() else f"(rank {os.environ.get('RANK')}) "
         print(f"wan-i2v: error: {rank}{exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("wan-i2v: stopped by SIGTERM", file=sys.stderr)
+        return TERMINATED
     except KeyboardInterrupt:
         # Ctrl-C reaches the launcher's whole process group, and its ranks' ends can raise it once
         # more here: a second interrupt during the exit would end the process by the signal instead of 130.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("wan-i2v: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except MemoryError:
         print("wan-i2v: error: out of host memory (try a smaller --size or fewer --frame-num)", file=sys.stderr)
         return 2
@@ -790,13 +802,13 @@ def run() -> None:
     were being imported as unhandled, and would then end the process by SIGINT at exit (seen with
     ``python -m wan_i2v.cli`` interrupted while loading), which shells and launchers read differently."""
     code = main()
-    if code == 130:
+    if code in (INTERRUPTED, TERMINATED):
         import atexit
 
         atexit._run_exitfuncs()  # the exit's cleanup (multiprocessing's queues and semaphores), then the code
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
     sys.exit(code)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -98,7 +99,7 @@ def write_atomically(path: Path, write) -> Path:
     """Run ``write(temporary_path)``, then rename into place: the file appears only when complete."""
     path = Path(path)
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -116,6 +117,18 @@ def write_atomically(path: Path, write) -> Path:
     finally:
         os.close(directory)
     return path
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.stem}."
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """The temporaries of ``write_atomically(path)`` that a process killed mid-write left (mkstemp's
+    names: the prefix, 8 characters, the suffix). Only for a caller that knows no one else writes ``path``."""
+    path, prefix = Path(path), _temporary_prefix(Path(path))
+    length = len(prefix) + 8 + len(path.suffix)
+    return [p for p in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(path.suffix)}") if len(p.name) == length]
 
 
 def write_mp4(video: torch.Tensor, path: Path, *, fps: int, metadata: dict | None = None) -> Path:
