@@ -340,6 +340,26 @@ def test_dry_run_without_a_checkpoint_plans_for_the_official_model(image_file, t
     assert "plan: 2 processes" in text and "FSDP" in text and "warning" not in text
 
 
+def test_dry_run_without_a_checkpoint_checks_loras_against_the_official_model(image_file, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    base = ["generate", "--image", str(image_file), "--prompt", "x", "--gpu-memory", "80", "--host-memory", "64", "--dry-run"]
+    fits, small = tmp_path / "fits.safetensors", tmp_path / "small.safetensors"
+    save_file({"diffusion_model.blocks.39.self_attn.q.lora_down.weight": torch.zeros(2, 5120),
+               "diffusion_model.blocks.39.self_attn.q.lora_up.weight": torch.zeros(5120, 2)}, str(fits))  # fmt: skip
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 64),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(64, 2)}, str(small))  # fmt: skip
+    assert main([*base, "--lora", str(fits)]) == 0
+    assert "plan: " in capsys.readouterr().out
+    assert main([*base, "--lora-low", str(small)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the plan, as the run refuses it before sampling
+    assert captured.err.strip() == (f"wan-i2v: error: {small}: the delta of 'blocks.0.self_attn.q.weight' has shape (64, 64), the parameter (5120, 5120) "
+                                    "(the LoRA is for another model (it must be for Wan2.2-I2V-A14B's 14B transformer))")
+
+
 def test_dry_run_on_a_machine_without_a_gpu_plans_for_gpus(image_file, tmp_path, capsys, monkeypatch):
     """No --device: the plan is for the GPUs the run is meant for, in their dtype (bf16), whatever this machine has."""
     monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "empty"))

@@ -260,6 +260,31 @@ def _loras(args):
     return Loras(tuple(high), tuple(low))
 
 
+def _check_loras(loras, ckpt_dir: Path | None) -> None:
+    """Read each LoRA against its expert as the run does (``read_lora``): a file that does not read,
+    a key that matches no layer or a delta of the wrong shape is the run's own refusal, without
+    loading the model. The experts' parameters come from the checkpoint's headers, else from the
+    official model's shapes (a dry run without a checkpoint plans for it)."""
+    import torch
+
+    from wan_i2v.loading import checkpoint as ckpt
+    from wan_i2v.loading.lora import read_lora
+    from wan_i2v.models.dit import DiT, DiTConfig
+
+    for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):
+        specs = loras.for_expert(name)
+        if not specs:
+            continue
+        if ckpt_dir is not None:
+            expert = ckpt.safetensors_source(ckpt_dir / subdir)
+        else:
+            with torch.device("meta"):
+                shapes = {key: tuple(value.shape) for key, value in DiT(DiTConfig()).state_dict().items()}
+            expert = ckpt.TensorSource(dict.fromkeys(shapes), {}, {key: (lambda shape=shape: shape) for key, shape in shapes.items()})
+        for spec in specs:
+            read_lora(spec, expert)
+
+
 def _run_options(args):
     from wan_i2v.session import RunOptions
 
@@ -370,6 +395,8 @@ def cmd_generate(args) -> int:
         from wan_i2v.loading.checkpoint import check_checkpoint_dir
 
         check_checkpoint_dir(ckpt_dir)
+    else:
+        _check_loras(loras, ckpt_dir)
     # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
     device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir, args.gpus)
     world = runs.world_size(options, device, planning_only=args.dry_run)
