@@ -798,15 +798,13 @@ def main(argv: list[str] | None = None) -> int:
         rank = "" if _is_main() else f"(rank {os.environ.get('RANK')}) "
         print(f"wan-i2v: error: {rank}{exc}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("wan-i2v: stopped by SIGTERM", file=sys.stderr)
-        return TERMINATED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Ctrl-C reaches the launcher's whole process group, and its ranks' ends can raise it once
         # more here: a second interrupt during the exit would end the process by the signal instead of 130.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("wan-i2v: interrupted", file=sys.stderr)
-        return INTERRUPTED
+        if _is_main():  # (under torchrun every rank stops: rank 0 says so)
+            print(f"wan-i2v: {'stopped by SIGTERM' if isinstance(stop, Terminated) else 'interrupted'}", file=sys.stderr)
+        return TERMINATED if isinstance(stop, Terminated) else INTERRUPTED
     except MemoryError:
         print("wan-i2v: error: out of host memory (try a smaller --size or fewer --frame-num)", file=sys.stderr)
         return 2
