@@ -274,7 +274,7 @@ def test_the_distilled_recipe_and_a_lora_through_the_cli(tiny_checkpoint, tmp_pa
     # Without guidance the planner gives both GPUs to Ulysses, not a CFG half with nothing to run.
     capsys.readouterr()
     assert main([*base, "--save-file", str(out), "--gpus", "2", "--dry-run"]) == 0
-    assert capsys.readouterr().out.startswith("plan: 2 GPUs, no CFG parallel, Ulysses 2;")
+    assert capsys.readouterr().out.startswith("plan: 2 processes, no CFG parallel, Ulysses 2;")
 
 
 def test_guide_scale_1_runs_one_forward_per_step(tiny_pipeline):
