@@ -467,7 +467,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_same_command_resumes(tiny_ch
 
     out, state = tmp_path / "out.mp4", tmp_path / "out.state.pt"
     args = ["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "a boat", "--save-file", str(out),
-            "--size", "64*96", "--frame-num", "9", "--steps", "40", "--device", "cpu", "--seed", "3"]  # fmt: skip
+            "--size", "64*96", "--frame-num", "9", "--steps", "60", "--device", "cpu", "--seed", "3"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "wan_i2v.cli", *args, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(state, proc)
@@ -481,10 +481,10 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_same_command_resumes(tiny_ch
                                              "wan-i2v: stopped by SIGTERM"], err  # fmt: skip
     assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "out.state.pt"]  # no .out.mp4.lock, no temporary
     step = torch.load(state, weights_only=True)["step"]
-    assert 0 < step < 40
+    assert 0 < step < 60
     (tmp_path / ".out.state.k2x9q0ab.pt").write_bytes(b"half a state")  # what a kill -9 mid-write leaves
     assert main(args) == 0
-    assert f"resuming from step {step} of 40" in capsys.readouterr().err
+    assert f"resuming from step {step} of 60" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "out.mp4"]
 
 
