@@ -94,7 +94,9 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
     except BaseException as exc:
         saved = latents_file is not None and latents_file.is_file() and latents_file.stat().st_mtime >= started
         if saved and session.is_main and not isinstance(exc, WanError):
-            print(f"wan-i2v: the latents are saved in {latents_file}; finish with: wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
+            # (with every step in the state file, the same command goes straight to the decode too)
+            again = "the same command finishes the video, as does " if state_file is not None and state_file.is_file() else "finish with: "
+            print(f"wan-i2v: the latents are saved in {latents_file}; {again}wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
         elif state_file is not None and session.is_main and state_file.is_file():
             print(f"wan-i2v: the denoising state is saved in {state_file}; the same command resumes from it", file=sys.stderr)
         raise
