@@ -311,8 +311,9 @@ class I2VPipeline:
 
         ``state_file`` makes the run resumable: the denoising state is saved there after each step,
         and a run started again with the same image and settings (a random seed is taken from the
-        file) goes on from the last saved step. In a run of several ranks, rank 0 reads and writes it
-        and hands what it read to the others.
+        file) goes on from the last saved step; a state with every step (a run stopped while decoding)
+        goes straight to the decode, the encoders not run. In a run of several ranks, rank 0 reads and
+        writes it and hands what it read to the others.
 
         ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict`` is called after
         each step, as in diffusers: ``callback_kwargs`` holds the tensors named in
