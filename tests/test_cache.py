@@ -24,7 +24,7 @@ from hub_server import COMMIT, HubServer
 from wan_i2v.cache import CHECKPOINT_PATTERNS, MANIFEST_NAME, REPO_ID, add_cache_parser, resolve_checkpoint_dir
 from wan_i2v.cache import commands, sources
 from wan_i2v.cache.layout import REPO_FOLDER
-from wan_i2v.errors import WanError
+from wan_i2v.errors import Terminated, WanError
 
 _noise = random.Random(0)
 
@@ -168,6 +168,30 @@ def test_a_killed_download_is_partial_and_resumed(hub, tmp_path, capsys):
     assert hub.content_gets(SHARD)[-1] == "bytes=12000-"
     assert_checkpoint(folder)
     assert cache("status") == 0
+
+
+def test_status_is_complete_when_the_loader_has_every_file_it_reads(hub, tmp_path, capsys):
+    """The listing has spiece.model, which the loader does not read (it reads tokenizer.json): without
+    it status says complete, as generate finds it; without tokenizer.json, incomplete, as generate refuses."""
+    assert cache("quick") == 0
+    folder = snapshot(tmp_path / "cache")
+    (folder / "google/umt5-xxl/spiece.model").unlink()
+    capsys.readouterr()
+    assert cache("status") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("google/umt5-xxl/spiece.model "))
+    assert "missing" in row and row.endswith("(not read by wan-i2v)")
+    (folder / "google/umt5-xxl/tokenizer.json").unlink()
+    assert cache("status") == 1
+
+
+@pytest.mark.parametrize("stop, code, said", [(KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "stopped by SIGTERM")])
+def test_a_stopped_download_says_quick_resumes_it(monkeypatch, capsys, stop, code, said):
+    def stopped(root, source):
+        raise stop
+
+    monkeypatch.setattr(commands, "quick", stopped)
+    assert cache("quick") == code
+    assert capsys.readouterr().err == f"\n{said}; `wan-i2v cache quick` resumes where it stopped\n"
 
 
 def test_verify_full_names_a_corrupt_file_and_quick_refetches_it(hub, tmp_path, capsys):

@@ -60,6 +60,11 @@ DAMAGES = {
     "T5 cut short": (ckpt.T5_FILE, cut_in_half, "not a zip archive"),
     "index not JSON": (f"{ckpt.LOW_NOISE_DIR}/{ckpt.SAFETENSORS_INDEX}", lambda path: path.write_text("{"), "not valid JSON"),
     "tokenizer removed": (TOKENIZER_CONFIG, lambda path: shutil.rmtree(path.parent), "missing"),
+    # The loader's own rule: the tokenizer's vocabulary is tokenizer.json (without it a tokenizer of an
+    # empty vocabulary was made, status alone said so), and an encoder narrower than umT5-XXL needs
+    # its t5_config.json (status said complete, the run failed on the weights' shapes).
+    "tokenizer vocabulary removed": (f"{ckpt.TOKENIZER_DIR}/tokenizer.json", lambda path: path.unlink(), "missing"),
+    "T5 config removed": ("t5_config.json", lambda path: path.unlink(), "missing"),
 }
 
 
@@ -128,7 +133,7 @@ def test_verify_without_a_manifest_needs_the_hub_and_says_so(tiny_checkpoint, hu
     assert ("HF_HUB_OFFLINE is set" if hub_offline else "cannot list") in error
 
 
-@pytest.mark.parametrize("damage", ["shard removed", "shard cut short", "T5 cut short"])
+@pytest.mark.parametrize("damage", ["shard removed", "shard cut short", "T5 cut short", "tokenizer vocabulary removed", "T5 config removed"])
 def test_generate_on_a_damaged_folder_of_ones_own(tiny_checkpoint, image_file, tmp_path, capsys, damage):
     folder = damaged_copy(tiny_checkpoint, tmp_path / "mine", damage)
     args = ["generate", "--ckpt-dir", str(folder), "--image", str(image_file), "--prompt", "a boat"]

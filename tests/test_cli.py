@@ -233,9 +233,15 @@ def test_make_tiny_checkpoint_refuses_existing(tmp_path, capsys):
     assert "already exists" in error_line(capsys)
 
 
+def progress_bars(err: str, label: str) -> int:
+    """How many progress bars called ``label`` the stderr shows (each ends its line when done)."""
+    return sum(f"{label}:" in line for line in err.split("\n"))
+
+
 def test_two_processes_write_the_single_process_video(tiny_checkpoint, image_file, tmp_path, capfd):
-    """`--gpus 2 --device cpu`: two gloo ranks (CFG parallel), one mp4 from rank 0, one summary;
-    and a second such run started alongside does not collide with it (each picks a free port)."""
+    """`--gpus 2 --device cpu`: two gloo ranks (CFG parallel), one mp4 from rank 0, one summary and
+    one progress bar per stage (rank 0's); and a second such run started alongside does not collide
+    with it (each picks a free port)."""
     single, double, beside = tmp_path / "single.mp4", tmp_path / "double.mp4", tmp_path / "beside.mp4"
     assert generate(tiny_checkpoint, image_file, single, "--seed", "9") == 0
     capfd.readouterr()
@@ -244,12 +250,16 @@ def test_two_processes_write_the_single_process_video(tiny_checkpoint, image_fil
          "--prompt", "a boat", "--save-file", str(beside), *TINY_RUN, "--gpus", "2", "--seed", "9"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert generate(tiny_checkpoint, image_file, double, "--gpus", "2", "--seed", "9") == 0
+    with_progress = [arg for arg in TINY_RUN if arg != "--quiet"]
+    assert main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "a boat", "--save-file", str(double),
+                 *with_progress, "--gpus", "2", "--seed", "9"]) == 0  # fmt: skip
     _, other_err = other.communicate(timeout=120)
     assert other.returncode == 0, other_err
     out, err = capfd.readouterr()
     assert out.strip() == str(double)  # printed once, by rank 0
     assert err.count("seed: 9") == 1 and "error" not in err
+    for stage in ("text encoding", "image encoding", "denoising", "decoding"):
+        assert progress_bars(err, stage) == 1, (stage, err)
     assert_same_video(single, double)
     assert read_mp4_metadata(double)["seed"] == 9
     assert not (tmp_path / "double.latents.pt").exists()
@@ -272,15 +282,23 @@ def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys
     out = tmp_path / "out.mp4"
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--dry-run") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "plan: 4 GPUs, CFG parallel 2, Ulysses 2; both experts on the GPU, text encoder sharded; on CPU processes"
-    assert re.match(r"memory: peak .* GiB per GPU \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\)", lines[1])
-    assert re.match(r"host memory: peak .* GiB on this machine \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\) \(of .* GiB\)", lines[2])
-    assert lines[3] == "video: 96x64, 9 frames, 72 tokens per DiT forward"
+    # On the CPU (--device cpu) the plan speaks of processes and host memory, not of GPUs.
+    assert lines[0] == "plan: 4 processes, CFG parallel 2, Ulysses 2; both experts in host memory, text encoder sharded; on the CPU"
+    assert re.match(r"host memory: peak .* GiB on this machine \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\) \(of .* GiB\)", lines[1])
+    assert lines[2] == "video: 96x64, 9 frames, 72 tokens per DiT forward"
+    assert not any("GPU" in line for line in lines), lines
     assert not out.exists()
+    assert generate(tiny_checkpoint, image_file, out, "--dry-run") == 0
+    assert capsys.readouterr().out.startswith("plan: 1 process; both experts in host memory; on the CPU\nhost memory: peak ")
+    # The same plan for GPUs speaks of them.
+    assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--dry-run", "--device", "cuda") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "plan: 4 GPUs, CFG parallel 2, Ulysses 2; both experts on the GPU, text encoder sharded; on GPUs"
+    assert re.match(r"memory: peak .* GiB per GPU \(text encoding .*, image encoding .*, denoising .*, decoding .* GiB\)", lines[1])
     # Too little host memory for any plan: the plan that needs the least, then the machine it needs, exit 2.
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dry-run", "--host-memory", "0.5") == 2
     captured = capsys.readouterr()
-    assert captured.out.startswith("plan: 2 GPUs") and "host memory: peak" in captured.out and "(of 0.5 GiB)" in captured.out
+    assert captured.out.startswith("plan: 2 processes") and "host memory: peak" in captured.out and "(of 0.5 GiB)" in captured.out
     error = captured.err.strip()
     assert re.fullmatch(r"wan-i2v: error: this video needs a machine with at least \d+ GiB of host memory; planned for 0 GiB of host memory "
                         r"\(use a smaller --size, fewer --frame-num, or give --gpu-memory/--host-memory if more is free\)", error), error
@@ -289,7 +307,7 @@ def test_dry_run_explains_the_plan(tiny_checkpoint, image_file, tmp_path, capsys
     assert capsys.readouterr().err.strip() == error and not out.exists()
     # A forced plan.
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "4", "--ulysses", "4", "--fsdp", "--dry-run") == 0
-    assert capsys.readouterr().out.startswith("plan: 4 GPUs, no CFG parallel, Ulysses 4; experts and text encoder sharded (FSDP); on CPU processes")
+    assert capsys.readouterr().out.startswith("plan: 4 processes, no CFG parallel, Ulysses 4; experts and text encoder sharded (FSDP); on the CPU")
 
 
 def test_a_dry_run_says_what_the_run_would_write_and_writes_nothing(tiny_checkpoint, image_file, tmp_path, capsys, monkeypatch):
@@ -319,7 +337,27 @@ def test_dry_run_without_a_checkpoint_plans_for_the_official_model(image_file, t
             "--host-memory", "64", "--dry-run"]  # fmt: skip
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "plan: 2 GPUs" in text and "FSDP" in text and "warning" not in text
+    assert "plan: 2 processes" in text and "FSDP" in text and "warning" not in text
+
+
+def test_dry_run_without_a_checkpoint_checks_loras_against_the_official_model(image_file, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    base = ["generate", "--image", str(image_file), "--prompt", "x", "--gpu-memory", "80", "--host-memory", "64", "--dry-run"]
+    fits, small = tmp_path / "fits.safetensors", tmp_path / "small.safetensors"
+    save_file({"diffusion_model.blocks.39.self_attn.q.lora_down.weight": torch.zeros(2, 5120),
+               "diffusion_model.blocks.39.self_attn.q.lora_up.weight": torch.zeros(5120, 2)}, str(fits))  # fmt: skip
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 64),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(64, 2)}, str(small))  # fmt: skip
+    assert main([*base, "--lora", str(fits)]) == 0
+    assert "plan: " in capsys.readouterr().out
+    assert main([*base, "--lora-low", str(small)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the plan, as the run refuses it before sampling
+    assert captured.err.strip() == (f"wan-i2v: error: {small}: the delta of 'blocks.0.self_attn.q.weight' has shape (64, 64), the parameter (5120, 5120) "
+                                    "(the LoRA is for another model (it must be for Wan2.2-I2V-A14B's 14B transformer))")
 
 
 def test_dry_run_on_a_machine_without_a_gpu_plans_for_gpus(image_file, tmp_path, capsys, monkeypatch):
@@ -412,6 +450,77 @@ def test_ctrl_c_stops_every_rank(tiny_checkpoint, image_file, tmp_path):
     assert not out.exists()
 
 
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until ``path`` exists (the run has saved a step), while ``proc`` runs."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert path.exists(), proc.communicate()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_same_command_resumes(tiny_checkpoint, image_file, tmp_path, capsys):
+    """SIGTERM (a pod stopping): the resume hint, exit 143, no lock file and no temporary left; and
+    the temporary a kill -9 in the middle of a state write leaves is removed by the run that resumes."""
+    import signal
+
+    out, state = tmp_path / "out.mp4", tmp_path / "out.state.pt"
+    args = ["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file), "--prompt", "a boat", "--save-file", str(out),
+            "--size", "64*96", "--frame-num", "9", "--steps", "60", "--device", "cpu", "--seed", "3"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "wan_i2v.cli", *args, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(state, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-2:] == [f"wan-i2v: the denoising state is saved in {state}; the same command resumes from it",
+                                             "wan-i2v: stopped by SIGTERM"], err  # fmt: skip
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "out.state.pt"]  # no .out.mp4.lock, no temporary
+    step = torch.load(state, weights_only=True)["step"]
+    assert 0 < step < 60
+    (tmp_path / ".out.state.k2x9q0ab.pt").write_bytes(b"half a state")  # what a kill -9 mid-write leaves
+    assert main(args) == 0
+    assert f"resuming from step {step} of 60" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "out.mp4"]
+
+
+def test_sigterm_to_every_process_of_a_multi_gpu_run_stops_it_as_ctrl_c_does(tiny_checkpoint, image_file, tmp_path):
+    """A pod stopping sends SIGTERM to every process: the launcher and both ranks stop, rank 0's state
+    is saved with the hint to resume, and no lock file or temporary is left."""
+    import os
+    import signal
+    import time
+
+    out, state = tmp_path / "out.mp4", tmp_path / "out.state.pt"
+    command = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image_file),
+               "--prompt", "a boat", "--save-file", str(out), "--size", "64*96", "--frame-num", "9", "--steps", "400",
+               "--device", "cpu", "--gpus", "2", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(state, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-2:] == [f"wan-i2v: the denoising state is saved in {state}; the same command resumes from it",
+                                             "wan-i2v: stopped by SIGTERM"], err  # fmt: skip
+    for _ in range(100):  # every rank is gone within seconds
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("processes of the run are still alive")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "out.state.pt"]  # no .out.mp4.lock, no temporary
+
+
 def test_an_interrupted_generate_resumes_with_the_same_command(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
     from wan_i2v.models.dit import DiT
 
@@ -439,6 +548,36 @@ def test_an_interrupted_generate_resumes_with_the_same_command(tiny_checkpoint, 
     again, straight = tmp_path / "again.mp4", tmp_path / "straight.pt"
     assert generate(tiny_checkpoint, image_file, again, "--seed", str(seed), "--save-latents", str(straight)) == 0
     assert torch.equal(torch.load(resumed, weights_only=True)["latents"], torch.load(straight, weights_only=True)["latents"])
+
+
+def test_a_run_stopped_while_decoding_resumes_straight_to_the_decode(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
+    """Every step is saved when the decode starts: the same command decodes them, without encoding
+    the prompt and the image again, into the video of a run never stopped."""
+    from wan_i2v.models.text_encoder import TextEncoder
+    from wan_i2v.models.vae import WanVAE
+
+    out = tmp_path / "out.mp4"
+    decode = WanVAE.decode
+
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    resumed, straight = tmp_path / "resumed.pt", tmp_path / "straight.pt"
+    monkeypatch.setattr(WanVAE, "decode", stopped)
+    assert generate(tiny_checkpoint, image_file, out, "--seed", "4", "--save-latents", str(resumed)) == 130
+    assert (f"wan-i2v: the latents are saved in {resumed}; the same command finishes the video, as does wan-i2v decode {resumed} --save-file {out}"
+            in capsys.readouterr().err) and not out.exists()  # fmt: skip
+    monkeypatch.setattr(WanVAE, "decode", decode)
+    encoded = []
+    for model in (TextEncoder, WanVAE):
+        monkeypatch.setattr(model, "encode", lambda self, *args, model=model, encode=model.encode, **kwargs: encoded.append(model) or encode(self, *args, **kwargs))
+    assert generate(tiny_checkpoint, image_file, out, "--seed", "4", "--save-latents", str(resumed)) == 0
+    assert encoded == [] and "text encoding" not in capsys.readouterr().err
+    assert not (tmp_path / "out.state.pt").exists()
+    assert generate(tiny_checkpoint, image_file, tmp_path / "straight.mp4", "--seed", "4", "--save-latents", str(straight)) == 0
+    assert set(encoded) == {TextEncoder, WanVAE}  # (the counting sees the encoders of a run that needs them)
+    assert torch.equal(torch.load(resumed, weights_only=True)["latents"], torch.load(straight, weights_only=True)["latents"])
+    assert_same_video(out, tmp_path / "straight.mp4")
 
 
 def test_decode_refuses_to_overwrite_unless_asked(tiny_checkpoint, image_file, tmp_path, capsys):
@@ -480,14 +619,14 @@ def test_the_official_command_line_runs_unchanged(tiny_checkpoint, image_file, t
                  "--save_file", str(out), "--device", "cpu", "--quiet", "--dry-run"]) == 0
     plan = capsys.readouterr().out
     # --offload_model True is --offload experts, --convert_model_dtype is --dtype bf16.
-    assert "one expert on the GPU at a time" in plan and "numerics: bf16 weights" in plan, plan
+    assert "one expert at a time, streamed in" in plan and "numerics: bf16 weights" in plan, plan
 
 
 def test_the_official_multi_gpu_options_force_the_same_plan(tiny_checkpoint, image_file, tmp_path, capsys):
     out = tmp_path / "official.mp4"
     assert generate(tiny_checkpoint, image_file, out, "--gpus", "2", "--dit_fsdp", "--t5_fsdp", "--ulysses_size", "2", "--dry-run") == 0
     # (left to itself, the plan for 2 GPUs is CFG parallel 2, Ulysses 1)
-    assert capsys.readouterr().out.splitlines()[0] == "plan: 2 GPUs, no CFG parallel, Ulysses 2; experts and text encoder sharded (FSDP); on CPU processes"
+    assert capsys.readouterr().out.splitlines()[0] == "plan: 2 processes, no CFG parallel, Ulysses 2; experts and text encoder sharded (FSDP); on the CPU"
 
 
 @pytest.mark.parametrize("task", ["t2v-A14B", "ti2v-5B", "s2v-14B"])

@@ -221,15 +221,20 @@ def test_with_no_gpu_the_real_model_is_refused_unless_the_cpu_is_asked_for(image
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    official = tmp_path / "Wan2.2-I2V-A14B"  # no configs: the official model's sizes
-    official.mkdir()
+    # Every file the loader requires, empty: the configs say nothing (the official model's sizes).
+    from wan_i2v.loading.checkpoint import SAFETENSORS_INDEX, needed_files
+
+    official = tmp_path / "Wan2.2-I2V-A14B"
+    for path in needed_files(official):
+        (official / path).parent.mkdir(parents=True, exist_ok=True)
+        (official / path).write_text('{"weight_map": {}}' if path.endswith(SAFETENSORS_INDEX) else "{}")
     for gpus, why in (([], "no GPU is visible, and a video of this 14B-parameter model takes hours on the CPU"),
                       (["--gpus", "2"], "2 GPUs asked for but no GPU is visible")):  # fmt: skip
         args = ["generate", "--ckpt-dir", str(official), "--image", str(image_file), "--prompt", "a boat", *gpus]
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and why in err[0] and "--device cpu" in err[0]
-    # Asked for, the CPU is tried (and here the empty folder is what stops it).
+    # Asked for, the CPU is tried (and here the empty files are what stop it).
     assert main(["generate", "--ckpt-dir", str(official), "--image", str(image_file), "--prompt", "a boat", "--device", "cpu", "--quiet"]) == 2
     assert "hours" not in capsys.readouterr().err
 
@@ -274,7 +279,7 @@ def test_a_host_too_small_for_the_experts_streams_them_and_gives_the_same_video(
     base = ["--seed", "5"]
     cap = f"{(streaming + resident) / 2 / 0.9 / 2**30:.12f}"  # between the two, past the planner's 10% headroom
     assert run(tiny_checkpoint, image_file, *base, "--host-memory", cap, "--save-file", str(tmp_path / "b.mp4"), "--dry-run") == 0
-    assert re.match(r"plan: 1 GPU; (one expert on the GPU at a time, streamed in|expert blocks streamed) from the checkpoint", capsys.readouterr().out)
+    assert re.match(r"plan: 1 process; (one expert at a time, streamed in|expert blocks streamed) from the checkpoint", capsys.readouterr().out)
     assert run(tiny_checkpoint, image_file, *base, "--save-file", str(tmp_path / "a.mp4"), "--save-latents", str(tmp_path / "a.pt")) == 0
     assert run(tiny_checkpoint, image_file, *base, "--host-memory", cap, "--save-file", str(tmp_path / "b.mp4"), "--save-latents", str(tmp_path / "b.pt")) == 0
     assert "streamed in from the checkpoint, to fit in memory" in capsys.readouterr().err

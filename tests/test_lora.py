@@ -239,13 +239,15 @@ def _write(path, tensors):
          r"the delta of 'blocks.0.self_attn.q.weight' has shape \(5120, 5120\), the parameter \(64, 64\)"),
     ],
 )  # fmt: skip
-def test_a_bad_lora_is_one_line_before_any_video(tiny_checkpoint, tmp_path, capsys, make, message):
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_bad_lora_is_one_line_before_any_video(tiny_checkpoint, tmp_path, capsys, make, message, dry_run):
+    """The run refuses it before sampling; --dry-run the same way, without loading the model."""
     image = tmp_path / "in.png"
     demo_image(96, 64).save(image)
     lora = make(tmp_path, expert_weights(tiny_checkpoint))
     out = tmp_path / "out.mp4"
     code = main(["generate", "--ckpt-dir", str(tiny_checkpoint), "--image", str(image), "--prompt", "a", "--save-file", str(out),
-                 "--size", "96*64", "--frame-num", "5", "--steps", "2", "--device", "cpu", "--lora", f"{lora}:0.5"])  # fmt: skip
+                 "--size", "96*64", "--frame-num", "5", "--steps", "2", "--device", "cpu", "--lora", f"{lora}:0.5", *(["--dry-run"] if dry_run else [])])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
     assert not out.exists()
@@ -272,7 +274,7 @@ def test_the_distilled_recipe_and_a_lora_through_the_cli(tiny_checkpoint, tmp_pa
     # Without guidance the planner gives both GPUs to Ulysses, not a CFG half with nothing to run.
     capsys.readouterr()
     assert main([*base, "--save-file", str(out), "--gpus", "2", "--dry-run"]) == 0
-    assert capsys.readouterr().out.startswith("plan: 2 GPUs, no CFG parallel, Ulysses 2;")
+    assert capsys.readouterr().out.startswith("plan: 2 processes, no CFG parallel, Ulysses 2;")
 
 
 def test_guide_scale_1_runs_one_forward_per_step(tiny_pipeline):

@@ -256,6 +256,24 @@ def test_a_failing_rank_ends_the_run_with_its_error(kind):
     assert "WORLD_SIZE" not in os.environ  # the launching process is not made a rank
 
 
+def test_the_sigterm_that_stops_the_other_ranks_is_not_taken_for_the_cause(tmp_path):
+    """Once a rank fails the launcher stops the others with SIGTERM, which they record as stopped; a
+    pod stopping sends SIGTERM to every rank, and then being stopped is the whole story."""
+    import json
+
+    from wan_i2v.parallel.launch import _first_failure
+
+    def record(rank, kind, at):
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "time": at, "kind": kind, "message": kind}))
+
+    record(0, "terminated", 1.0)  # rank 1 was killed (no record of its own), then rank 0 was stopped
+    assert _first_failure(str(tmp_path), failed_rank=1) is None
+    record(1, "wan", 2.0)  # rank 1's own error, written after rank 0 was already being stopped
+    assert _first_failure(str(tmp_path), failed_rank=1)["rank"] == 1
+    record(1, "terminated", 1.5)  # every rank stopped by SIGTERM
+    assert _first_failure(str(tmp_path), failed_rank=1)["kind"] == "terminated"
+
+
 def test_plan_choice_and_validation():
     sizes = model_sizes(None)  # the official model: 40 heads, 2 experts of 14B, umT5-XXL
     shape = dict(tokens=21 * 45 * 80, pixels=1280 * 720)

@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from wan_i2v import locks
-from wan_i2v.errors import WanError, is_out_of_memory, on_the_command_line
+from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
 
 DEMO_FILE = "wan-i2v-demo.mp4"
 DEFAULT_OUTPUT = "wan-i2v-output.mp4"
@@ -94,7 +94,9 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
     except BaseException as exc:
         saved = latents_file is not None and latents_file.is_file() and latents_file.stat().st_mtime >= started
         if saved and session.is_main and not isinstance(exc, WanError):
-            print(f"wan-i2v: the latents are saved in {latents_file}; finish with: wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
+            # (with every step in the state file, the same command goes straight to the decode too)
+            again = "the same command finishes the video, as does " if state_file is not None and state_file.is_file() else "finish with: "
+            print(f"wan-i2v: the latents are saved in {latents_file}; {again}wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
         elif state_file is not None and session.is_main and state_file.is_file():
             print(f"wan-i2v: the denoising state is saved in {state_file}; the same command resumes from it", file=sys.stderr)
         raise
@@ -149,14 +151,23 @@ def _explain(planned, video, args) -> None:
 
     height, width, tokens = video
     print(f"plan: {planned.plan.describe()}")
-    gpu_bytes = planned.gpu_bytes
-    budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else " (no GPU memory given: --gpu-memory GiB plans for a card)"
-    print(f"memory: {planned.estimate.describe()}{budget}")
+    if planned.plan.on_gpu:  # (on the CPU everything is in host memory: the line below)
+        gpu_bytes = planned.gpu_bytes
+        budget = f" (of {gpu_bytes / GiB:.1f} GiB)" if gpu_bytes is not None else " (no GPU memory given: --gpu-memory GiB plans for a card)"
+        print(f"memory: {planned.estimate.describe()}{budget}")
     if planned.host is not None:
         host_budget = f" (of {planned.host_bytes / GiB:.1f} GiB)" if planned.host_bytes is not None else " (no host memory given: --host-memory GiB plans for a machine)"
         print(f"host memory: {planned.host.describe('on this machine')}{host_budget}")
     print(f"video: {width}x{height}, {args.frame_num} frames, {tokens} tokens per DiT forward")
     print(f"numerics: {planned.plan.describe_numerics()}")
+
+
+def _memory_needed(planned) -> str:
+    """The estimates a chosen placement answers: the GPUs' and the host's, or on the CPU the host's alone."""
+    host = planned.host.describe("on this machine") if planned.host is not None else None
+    if planned.plan.on_gpu:
+        return planned.estimate.describe() + (f"; host: {host}" if host else "")
+    return host or planned.estimate.describe("per process")
 
 
 @contextmanager
@@ -204,14 +215,21 @@ def _lock_path(save_file: Path) -> Path:
 
 
 @contextmanager
-def _exclusive(save_file: Path):
+def _exclusive(save_file: Path, *companions: Path):
     """Hold a lock on the output while the run writes it: two runs on one --save-file would share its
-    state file and one video would be lost. The lock is released (and its file removed) at the end."""
+    state file and one video would be lost. The lock is released (and its file removed) at the end.
+    Held, it makes the temporaries a run killed mid-write left of the output and its ``companions``
+    (the state, the latents) this run's to remove: no other run writes them."""
+    from wan_i2v.video import leftover_temporaries
+
     lock = _lock_path(save_file)
     handle = locks.hold(lock)
     if handle is None:
         raise WanError(f"another run is writing {save_file}", "wait for it to finish, or give another --save-file")
     try:
+        for path in (save_file, *companions):
+            for leftover in leftover_temporaries(path):
+                leftover.unlink(missing_ok=True)
         yield
     finally:
         lock.unlink(missing_ok=True)
@@ -242,6 +260,31 @@ def _loras(args):
         if not Path(spec.path).is_file():
             raise WanError(f"LoRA file not found: {spec.path}", "give the path of a .safetensors LoRA")
     return Loras(tuple(high), tuple(low))
+
+
+def _check_loras(loras, ckpt_dir: Path | None) -> None:
+    """Read each LoRA against its expert as the run does (``read_lora``): a file that does not read,
+    a key that matches no layer or a delta of the wrong shape is the run's own refusal, without
+    loading the model. The experts' parameters come from the checkpoint's headers, else from the
+    official model's shapes (a dry run without a checkpoint plans for it)."""
+    import torch
+
+    from wan_i2v.loading import checkpoint as ckpt
+    from wan_i2v.loading.lora import read_lora
+    from wan_i2v.models.dit import DiT, DiTConfig
+
+    for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):
+        specs = loras.for_expert(name)
+        if not specs:
+            continue
+        if ckpt_dir is not None:
+            expert = ckpt.safetensors_source(ckpt_dir / subdir)
+        else:
+            with torch.device("meta"):
+                shapes = {key: tuple(value.shape) for key, value in DiT(DiTConfig()).state_dict().items()}
+            expert = ckpt.TensorSource(dict.fromkeys(shapes), {}, {key: (lambda shape=shape: shape) for key, shape in shapes.items()})
+        for spec in specs:
+            read_lora(spec, expert)
 
 
 def _run_options(args):
@@ -359,6 +402,8 @@ def cmd_generate(args) -> int:
         from wan_i2v.loading.checkpoint import check_checkpoint_dir
 
         check_checkpoint_dir(ckpt_dir)
+    else:
+        _check_loras(loras, ckpt_dir)
     # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
     device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir, args.gpus)
     world = runs.world_size(options, device, planning_only=args.dry_run)
@@ -379,17 +424,17 @@ def cmd_generate(args) -> int:
         return 0
     _keep_compiled_code()
     loading_started = time.perf_counter()
+    state_file = save_file.with_suffix(".state.pt")
     with (
-        _exclusive(save_file) if _is_main() else nullcontext(),
+        _exclusive(save_file, state_file, latents_file) if _is_main() else nullcontext(),
         runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned, height=height, width=width,
                              frame_num=args.frame_num) as session,
     ):  # fmt: skip
-        placement = session.planned.plan.placement  # the ranks' plan, for their GPUs' memory
-        if (placement.offload != options.offload or placement.fsdp != options.fsdp) and _is_main():
-            host = f"; host: {session.planned.host.describe('on this machine')}" if session.planned.host is not None else ""
-            print(f"wan-i2v: {placement.describe(session.planned.plan.dims)}, to fit in memory ({session.planned.estimate.describe()}{host})", file=sys.stderr)
+        plan = session.planned.plan  # the ranks' plan, for their GPUs' memory
+        if (plan.placement.offload != options.offload or plan.placement.fsdp != options.fsdp) and _is_main():
+            print(f"wan-i2v: {plan.placement.describe(plan.dims, plan.on_gpu)}, to fit in memory ({_memory_needed(session.planned)})", file=sys.stderr)
         _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
-             keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=save_file.with_suffix(".state.pt"))  # fmt: skip
+             keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=state_file)  # fmt: skip
     return 0
 
 
@@ -749,6 +794,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_on_sigterm()
     try:
         try:
             # (inside the handlers below: a Ctrl-C during the imports that reading the options makes is an interrupt too)
@@ -761,12 +807,13 @@ def main(argv: list[str] | None = None) -> int:
         rank = "" if _is_main() else f"(rank {os.environ.get('RANK')}) "
         print(f"wan-i2v: error: {rank}{exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Ctrl-C reaches the launcher's whole process group, and its ranks' ends can raise it once
         # more here: a second interrupt during the exit would end the process by the signal instead of 130.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("wan-i2v: interrupted", file=sys.stderr)
-        return 130
+        if _is_main():  # (under torchrun every rank stops: rank 0 says so)
+            print(f"wan-i2v: {'stopped by SIGTERM' if isinstance(stop, Terminated) else 'interrupted'}", file=sys.stderr)
+        return TERMINATED if isinstance(stop, Terminated) else INTERRUPTED
     except MemoryError:
         print("wan-i2v: error: out of host memory (try a smaller --size or fewer --frame-num)", file=sys.stderr)
         return 2
@@ -789,13 +836,13 @@ def run() -> None:
     were being imported as unhandled, and would then end the process by SIGINT at exit (seen with
     ``python -m wan_i2v.cli`` interrupted while loading), which shells and launchers read differently."""
     code = main()
-    if code == 130:
+    if code in (INTERRUPTED, TERMINATED):
         import atexit
 
         atexit._run_exitfuncs()  # the exit's cleanup (multiprocessing's queues and semaphores), then the code
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
     sys.exit(code)
 
 

@@ -1,5 +1,7 @@
 """User-facing errors: one line that says what is wrong and what to do."""
 
+import signal
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -17,6 +19,27 @@ class WanError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+# The exit codes of a process stopped by Ctrl-C (SIGINT) and by SIGTERM, as a shell reports a process those signals end.
+INTERRUPTED, TERMINATED = 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a pod or a service stopping), raised where the process is: it stops as after Ctrl-C."""
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM raises ``Terminated`` in the main thread, so that the run stops as after
+    Ctrl-C: its state saved, the resume hint printed, its lock and temporaries removed (Python's
+    default ends the process on the spot and leaves them). Once: the stop itself is not interrupted."""
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():  # (elsewhere the signal is not Python's to handle)
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def first_line(exc: BaseException) -> str:

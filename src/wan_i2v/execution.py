@@ -145,10 +145,10 @@ class ExecutionPlan:
         return Placement(self.fsdp, self.offload.flag)
 
     def describe(self) -> str:
-        where = ("GPUs" if self.dims.world > 1 else "a GPU") if self.on_gpu else ("CPU processes" if self.dims.world > 1 else "the CPU")
+        where = ("GPUs" if self.dims.world > 1 else "a GPU") if self.on_gpu else "the CPU"
         extras = [f"{self.kept_blocks} blocks of the active expert kept on the GPU"] if self.kept_blocks else []
         extras += ["the text encoder's blocks streamed"] if self.stream_text_encoder and self.text_encoder_visits else []
-        return "; ".join([self.dims.describe(), self.placement.describe(self.dims), *extras, f"on {where}"])
+        return "; ".join([self.dims.describe(self.on_gpu), self.placement.describe(self.dims, self.on_gpu), *extras, f"on {where}"])
 
     def describe_numerics(self) -> str:
         extras = [name for name, on in (("FP8 linear layers", self.fp8), ("compiled blocks", self.compile), ("batched guidance", self.batch_cfg),

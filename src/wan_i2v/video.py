@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -104,7 +105,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     without an error: the file appears only when complete (an error removes the temporary)."""
     path = Path(path)
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -183,6 +184,18 @@ def mp4_writer(path: Path, *, fps: int, metadata: dict | None = None) -> Iterato
         if failures:
             raise failures[0]
         container.mux(stream.encode())  # what the encoder still holds
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.stem}."
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """The temporaries of ``write_atomically(path)`` that a process killed mid-write left (mkstemp's
+    names: the prefix, 8 characters, the suffix). Only for a caller that knows no one else writes ``path``."""
+    path, prefix = Path(path), _temporary_prefix(Path(path))
+    length = len(prefix) + 8 + len(path.suffix)
+    return [p for p in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(path.suffix)}") if len(p.name) == length]
 
 
 def write_mp4(video: torch.Tensor, path: Path, *, fps: int, metadata: dict | None = None) -> Path:

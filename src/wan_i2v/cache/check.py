@@ -18,10 +18,6 @@ from wan_i2v.loading import checkpoint as ckpt
 
 READS = "reads"
 NOT_ON_DISK = "-"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-# The tokenizer reads either one.
-TOKENIZER_VOCABULARIES = ("tokenizer.json", "spiece.model")
-SHARD_GLOB = "diffusion_pytorch_model-*-of-*.safetensors"
 _MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library refuses larger headers
 
 
@@ -32,6 +28,7 @@ class FileCheck:
     on_disk: int
     expected: int | None  # the manifest's size; None without one: sizes not compared
     header: str  # READS, NOT_ON_DISK, or why the loader could not open it
+    needed: bool = True  # the loader opens it (a manifest lists files it does not, such as spiece.model)
 
     @property
     def usable(self) -> bool:
@@ -39,16 +36,17 @@ class FileCheck:
 
 
 def check_checkpoint(folder: Path, manifest: Manifest | None) -> list[FileCheck]:
-    """Every file image-to-video needs: the manifest's list, else the one the loader would open."""
-    if manifest is not None:
-        found = [(e.path, e.size, *inspect(folder, e)) for e in manifest.files]
-    else:
-        found = [(p, None, *_presence(folder / p)) for p in needed_files(folder)]
+    """Every file the loader opens (``needed_files``, the loader's own rule), and the manifest's other
+    files; a file the manifest lists is compared with its size there."""
+    needed = ckpt.needed_files(folder)
+    listed = {entry.path: entry for entry in manifest.files} if manifest is not None else {}
+    found = [(e.path, e.size, *inspect(folder, e)) for e in listed.values()]
+    found += [(p, None, *_presence(folder / p)) for p in needed if p not in listed]
     checks = []
     for path, expected, state, on_disk in found:
         whole = state not in (MISSING, PARTIAL)
         header = (header_problem(folder / path) or READS) if whole else NOT_ON_DISK
-        checks.append(FileCheck(path, state, on_disk, expected, header))
+        checks.append(FileCheck(path, state, on_disk, expected, header, needed=path in needed))
     return checks
 
 
@@ -57,33 +55,6 @@ def _presence(path: Path) -> tuple[str, int]:
         return PRESENT, path.stat().st_size
     except FileNotFoundError:  # also a link whose blob is gone
         return MISSING, 0
-
-
-def needed_files(checkpoint_dir: Path) -> list[str]:
-    """The files the loader opens in a checkpoint directory, missing ones included."""
-    paths = []
-    for expert in (ckpt.HIGH_NOISE_DIR, ckpt.LOW_NOISE_DIR):
-        weights = _weight_files(checkpoint_dir / expert)
-        paths += [f"{expert}/{name}" for name in ("config.json", *weights)]
-    tokenizer = checkpoint_dir / ckpt.TOKENIZER_DIR
-    found = [name for name in TOKENIZER_VOCABULARIES if (tokenizer / name).is_file()]
-    tokenizer_files = (TOKENIZER_CONFIG, *(found or TOKENIZER_VOCABULARIES[:1]))
-    paths += [ckpt.VAE_FILE, ckpt.T5_FILE]
-    return paths + [f"{ckpt.TOKENIZER_DIR}/{name}" for name in tokenizer_files]
-
-
-def _weight_files(expert_dir: Path) -> list[str]:
-    """As the loader picks them: the index and the shards it names, else one unsharded file."""
-    index = expert_dir / ckpt.SAFETENSORS_INDEX
-    if not index.is_file() and (expert_dir / ckpt.SAFETENSORS_FILE).is_file():
-        return [ckpt.SAFETENSORS_FILE]
-    try:
-        weight_map = json.loads(index.read_bytes())["weight_map"]
-        shards = {name for name in weight_map.values() if isinstance(name, str)}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        # The index's own row says what is wrong with it; the shards on disk are checked all the same.
-        shards = {path.name for path in expert_dir.glob(SHARD_GLOB)}
-    return [ckpt.SAFETENSORS_INDEX, *sorted(shards)]
 
 
 def header_problem(path: Path) -> str | None:
@@ -97,7 +68,7 @@ def header_problem(path: Path) -> str | None:
             return _json_problem(path)
     except OSError as err:
         return f"cannot read it: {err.strerror}"
-    return None  # a tokenizer model: being there is all that can be told without loading it
+    return None  # another kind of file: being there is all that can be told without loading it
 
 
 def _safetensors_problem(path: Path) -> str | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from wan_i2v.cache import commands
 from wan_i2v.cache.layout import REPO_ID, cache_root, resolve_checkpoint_dir
 from wan_i2v.cache.manifest import MANIFEST_NAME
+from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated
 
 _CACHE_DIR_HELP = "cache root (default: $WAN_I2V_HOME, else the Hugging Face hub cache: $HF_HUB_CACHE or $HF_HOME/hub)"
 
@@ -63,9 +64,10 @@ def _root(args: argparse.Namespace) -> Path:
 def _quick(args: argparse.Namespace) -> int:
     try:
         return commands.quick(_root(args), args.source)
-    except KeyboardInterrupt:
-        print("\ninterrupted; `wan-i2v cache quick` resumes where it stopped", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
+        terminated = isinstance(stop, Terminated)
+        print(f"\n{'stopped by SIGTERM' if terminated else 'interrupted'}; `wan-i2v cache quick` resumes where it stopped", file=sys.stderr)
+        return TERMINATED if terminated else INTERRUPTED
 
 
 def _path(args: argparse.Namespace) -> int:

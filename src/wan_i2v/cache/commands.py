@@ -105,17 +105,20 @@ def status(root: Path, checkpoint_dir: Path | None) -> int:
     print(f"{'FILE':<{width}}  {'ON DISK':>10}  {'EXPECTED':>10}  {'STATE':<10}  HEADER")
     for check in checks:
         expected = "-" if check.expected is None else human_size(check.expected)
-        print(f"{check.path:<{width}}  {human_size(check.on_disk):>10}  {expected:>10}  {check.state:<10}  {check.header}")
-    usable = sum(check.usable for check in checks)
+        note = "" if check.needed else " (not read by wan-i2v)"
+        print(f"{check.path:<{width}}  {human_size(check.on_disk):>10}  {expected:>10}  {check.state:<10}  {check.header}{note}")
+    # Complete is what the loader needs (its own rule), so that status and generate agree.
+    needed = [check for check in checks if check.needed]
+    usable = sum(check.usable for check in needed)
     on_disk = human_size(sum(check.on_disk for check in checks))
     if manifest is None:
-        print(f"total: {on_disk}; {usable} of {len(checks)} files usable")
+        print(f"total: {on_disk}; {usable} of {len(needed)} files usable")
     else:
-        verified = sum(check.state == VERIFIED for check in checks)
-        print(f"total: {on_disk} of {human_size(sum(e.size for e in manifest.files))}; {usable} of {len(checks)} files usable, {verified} verified")
-    if usable < len(checks):
+        verified = sum(check.state == VERIFIED for check in needed)
+        print(f"total: {on_disk} of {human_size(sum(e.size for e in manifest.files))}; {usable} of {len(needed)} needed files usable, {verified} verified")
+    if usable < len(needed):
         print(f"incomplete: {repair_advice(checkpoint_dir)}")
-        unreadable = [check.path for check in checks if check.state in USABLE and check.header != READS]
+        unreadable = [check.path for check in needed if check.state in USABLE and check.header != READS]
         if unreadable and manifest is not None and cache_root_of(checkpoint_dir) is not None:
             # `quick` goes by sizes: a damaged file of the right size is fetched again once a hash check marks it corrupt.
             print(f"{len(unreadable)} of the right size do not read: `wan-i2v cache verify --full` marks them corrupt, for `quick` to fetch again")

@@ -52,16 +52,67 @@ def _checkpoint_dir_of(path: Path) -> Path:
     # Every file of the layout lies in the checkpoint directory itself, in an expert's folder, or in the tokenizer's.
     if path.parent.name in (HIGH_NOISE_DIR, LOW_NOISE_DIR):
         return path.parent.parent
-    if path.as_posix().endswith(TOKENIZER_DIR):
-        return path.parents[1]
+    for folder in (path, path.parent):  # the tokenizer's folder, or a file in it
+        if folder.as_posix().endswith(TOKENIZER_DIR):
+            return folder.parents[1]
     return path.parent
 
 
 def check_checkpoint_dir(root: Path) -> Path:
-    """``root`` if it is a directory; else the one-line error (before any planning or loading)."""
+    """``root`` if it is a directory holding every file the loader opens (``needed_files``); else the
+    one-line error, before any planning or loading."""
     if not Path(root).is_dir():
         raise WanError(f"checkpoint directory not found: {root}", "check the path; `wan-i2v cache path` prints the cache's checkpoint")
+    missing = next((path for path in needed_files(Path(root)) if not (Path(root) / path).is_file()), None)
+    if missing is not None:
+        raise missing_file_error(Path(root) / missing, "checkpoint file")
     return Path(root)
+
+
+# What transformers reads the umT5 tokenizer from: the vocabulary in tokenizer.json, the special tokens
+# (padding) in tokenizer_config.json. (Without tokenizer.json it made a tokenizer of an empty vocabulary
+# from the config alone, and spiece.model is read only through a conversion that needs protobuf.)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+SHARD_GLOB = "diffusion_pytorch_model-*-of-*.safetensors"
+
+
+def needed_files(root: Path) -> list[str]:
+    """The files the loader opens in the checkpoint directory ``root`` ("/"-separated, missing ones
+    included): the loader requires them (``check_checkpoint_dir``) and `wan-i2v cache status` checks
+    them, one rule for both."""
+    from wan_i2v.models.text_encoder import T5_CONFIG_FILE, T5Config
+
+    paths = []
+    for expert in (HIGH_NOISE_DIR, LOW_NOISE_DIR):
+        paths += [f"{expert}/{name}" for name in ("config.json", *_weight_files(root / expert))]
+    paths += [VAE_FILE, T5_FILE]
+    if _text_dim(root) not in (None, T5Config.dim):  # not umT5-XXL's width: the encoder's shape is in its config
+        paths.append(T5_CONFIG_FILE)
+    return paths + [f"{TOKENIZER_DIR}/{name}" for name in TOKENIZER_FILES]
+
+
+def _weight_files(expert_dir: Path) -> list[str]:
+    """As the loader picks them: the index and the shards it names, else one unsharded file."""
+    index = expert_dir / SAFETENSORS_INDEX
+    if not index.is_file() and (expert_dir / SAFETENSORS_FILE).is_file():
+        return [SAFETENSORS_FILE]
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+        shards = {name for name in weight_map.values() if isinstance(name, str)}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        # The index's own error says what is wrong with it; the shards on disk are checked all the same.
+        shards = {path.name for path in expert_dir.glob(SHARD_GLOB)}
+    return [SAFETENSORS_INDEX, *sorted(shards)]
+
+
+def _text_dim(root: Path) -> int | None:
+    """The width of the text features the experts take (their config's text_dim; None where it does not read)."""
+    from wan_i2v.models.dit import DiTConfig
+
+    try:
+        return json.loads((root / HIGH_NOISE_DIR / "config.json").read_bytes()).get("text_dim", DiTConfig.text_dim)
+    except (OSError, ValueError, AttributeError):
+        return None  # the config's own error says what is wrong with it
 
 
 def missing_file_error(path: Path, what: str) -> WanError:

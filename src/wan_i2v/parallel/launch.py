@@ -4,7 +4,8 @@
 If one rank raises or dies, the launcher stops the others at once and reports the first
 failure: each rank writes what it raised to a shared folder and the earliest record wins. A
 rank whose collective broke because a peer vanished records that as secondary and lingers a
-moment before exiting, so that the launcher sees the peer's death first. Ctrl-C stops every rank.
+moment before exiting, so that the launcher sees the peer's death first. Ctrl-C stops every rank,
+and so does SIGTERM (a pod stopping sends it to every process): each rank stops as after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from wan_i2v.errors import WanError, command_line, is_out_of_memory, on_the_command_line, option
+from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, command_line, is_out_of_memory, on_the_command_line, option, stop_on_sigterm
 from wan_i2v.parallel.groups import env_rank
 
 
@@ -42,7 +43,9 @@ def _lost_peer(exc: BaseException) -> bool:
 
 def _record(error_dir: str, exc: BaseException) -> str:
     rank = env_rank()
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, Terminated):
+        kind, message = "terminated", "stopped by SIGTERM"
+    elif isinstance(exc, KeyboardInterrupt):
         kind, message = "interrupt", "interrupted"
     elif isinstance(exc, WanError):
         kind, message = "wan", str(exc)
@@ -61,6 +64,7 @@ def _record(error_dir: str, exc: BaseException) -> str:
 
 
 def _worker(fn, args: tuple, error_dir: str, for_command_line: bool):
+    stop_on_sigterm()
     try:
         with on_the_command_line() if for_command_line else contextlib.nullcontext():  # errors spelled as in the caller
             return fn(*args)
@@ -69,15 +73,21 @@ def _worker(fn, args: tuple, error_dir: str, for_command_line: bool):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         if _record(error_dir, exc) == "peer":
             time.sleep(1)  # let the launcher (polling every 0.1 s) find the peer that died first
-        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
+        raise SystemExit(TERMINATED if isinstance(exc, Terminated) else INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1) from None
+
+
+# What a rank records when it fails because of another's failure: a collective broken by a peer that
+# vanished, or the SIGTERM with which the launcher stops the other ranks once one has failed.
+SECONDARY = ("peer", "terminated")
 
 
 def _first_failure(error_dir: str, failed_rank: int) -> dict | None:
     """The earliest record of a rank's own failure; else None if ``failed_rank`` (the first the
-    launcher saw exit) left no record, having died hard; else the earliest lost-peer record."""
+    launcher saw exit) left no record, having died hard; else the earliest secondary record (every
+    rank stopped by SIGTERM, as when a pod stops, is that)."""
     records = [json.loads(p.read_text()) for p in Path(error_dir).glob("rank*.json")]
-    order = sorted(records, key=lambda r: (r["kind"] == "peer", r["time"], r["rank"]))
-    if order and order[0]["kind"] != "peer":
+    order = sorted(records, key=lambda r: (r["kind"] in SECONDARY, r["time"], r["rank"]))
+    if order and order[0]["kind"] not in SECONDARY:
         return order[0]
     if all(r["rank"] != failed_rank for r in records):
         return None
@@ -134,6 +144,8 @@ def launch(fn, args: tuple, nprocs: int) -> dict[int, object]:
                 raise RankFailed(rank, f"rank {rank} exited with code {failure.exitcode}", "was it killed, out of host memory?") from None
             if first["kind"] == "interrupt":
                 raise KeyboardInterrupt from None
+            if first["kind"] == "terminated":
+                raise Terminated from None
             if first["kind"] == "wan":
                 raise RankFailed(first["rank"], first["message"]) from None
             raise RankFailed(first["rank"], f"rank {first['rank']} failed: {first['message']}", "its traceback is above") from None

@@ -61,8 +61,9 @@ class ParallelDims:
             )
         return self
 
-    def describe(self) -> str:
-        parts = [f"{self.world} GPU{'s' if self.world > 1 else ''}"]
+    def describe(self, on_gpu: bool = True) -> str:
+        """The ranks: GPUs, or processes on the CPU."""
+        parts = [counted(self.world, "GPU") if on_gpu else f"{self.world} process{'es' if self.world > 1 else ''}"]
         if self.world > 1:
             parts.append("CFG parallel 2" if self.cfg == 2 else "no CFG parallel")
             parts.append(f"Ulysses {self.ulysses}")
@@ -145,11 +146,13 @@ class Placement:
     fsdp: bool = False
     offload: str | None = None
 
-    def describe(self, dims: ParallelDims) -> str:
+    def describe(self, dims: ParallelDims, on_gpu: bool = True) -> str:
+        """Where the weights live, said of the GPU, or of host memory when the run is on the CPU."""
         if self.fsdp:
-            return "experts and text encoder sharded (FSDP)" + (", the shards in host memory" if self.offload else "")
-        experts = {None: "both experts on the GPU", "experts": "one expert on the GPU at a time, streamed in from the checkpoint",
-                   "blocks": "expert blocks streamed from the checkpoint"}[self.offload]  # fmt: skip
+            return "experts and text encoder sharded (FSDP)" + (", the shards in host memory" if self.offload and on_gpu else "")
+        one_expert = "one expert on the GPU at a time" if on_gpu else "one expert at a time"
+        experts = {None: "both experts on the GPU" if on_gpu else "both experts in host memory",
+                   "experts": f"{one_expert}, streamed in from the checkpoint", "blocks": "expert blocks streamed from the checkpoint"}[self.offload]  # fmt: skip
         return experts + (", text encoder sharded" if dims.shards_text_encoder(bool(self.offload)) else "")
 
 
