@@ -44,12 +44,21 @@ class Postgres:
                  "-c", "fsync=off", "-c", "max_connections=200"],
                 user=self.user, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
+        import psycopg
+
+        # The socket appears before the server takes connections ("the database system is starting up"
+        # on a loaded machine): it has started once a connection is accepted.
         deadline = time.monotonic() + 60
-        while not (self.directory / ".s.PGSQL.5432").exists():
+        while True:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"PostgreSQL did not start:\n{self.log.read_text()}")
+            if (self.directory / ".s.PGSQL.5432").exists():
+                try:
+                    psycopg.connect(self.url(), connect_timeout=5).close()
+                    return self
+                except psycopg.OperationalError:
+                    pass
             time.sleep(0.05)
-        return self
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://wan@/{database}?host={self.directory}"
