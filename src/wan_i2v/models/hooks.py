@@ -93,22 +93,25 @@ class BlockHook:
         pass
 
 
-def decide_alone(skip: bool, device: torch.device) -> bool:
-    """One process holds every token: its hooks' wish is the decision."""
-    return skip
+class WholeSequence:
+    """Which tokens this process holds, as the hooks need to know it: here, all of them. Sequence
+    parallelism replaces it (``parallel.ulysses``)."""
+
+    key = "whole"  # the saved hook states of this process's tokens are kept under it
+
+    def agree_to_skip(self, skip: bool, device: torch.device) -> bool:
+        """This process's wish to skip the stack -> the decision: alone, its own."""
+        return skip
 
 
 class HookRegistry:
-    """The hooks of one block stack, in the order they run, and the context of the call in flight.
-
-    ``agree_to_skip(skip, device)`` turns this rank's wish to skip the stack into the decision every
-    rank holding part of the tokens takes (sequence parallelism replaces it: ``parallel.ulysses``).
-    """
+    """The hooks of one block stack, in the order they run, the context of the call in flight, and
+    ``shard``: which tokens this process holds (a ``WholeSequence`` or what replaces it)."""
 
     def __init__(self):
         self.hooks: list[BlockHook] = []
         self.current = HookContext()
-        self.agree_to_skip: Callable[[bool, torch.device], bool] = decide_alone
+        self.shard = WholeSequence()
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
@@ -139,10 +142,14 @@ class HookRegistry:
             hook.reset()
 
     def state_dict(self) -> dict:
-        return {hook.name: hook.state_dict() for hook in self.hooks if hook.name is not None}
+        """The named hooks' states under this process's shard key (empty without named hooks), so that
+        the states of all the ranks of a run can be merged into one (``merge_states``)."""
+        states = {hook.name: hook.state_dict() for hook in self.hooks if hook.name is not None}
+        return {self.shard.key: states} if states else {}
 
-    def load_state_dict(self, states: dict) -> None:
-        """Each named hook takes its saved state; one with none saved starts afresh."""
+    def load_state_dict(self, saved: dict) -> None:
+        """Each named hook takes its state saved for this process's shard; one with none starts afresh."""
+        states = saved.get(self.shard.key, {})
         for hook in self.hooks:
             if hook.name is None:
                 continue
@@ -163,7 +170,7 @@ class HookRegistry:
             output = hook.before_stack(call)
             if offered is None:
                 offered = output
-        call.skipped = self.agree_to_skip(offered is not None, tokens.device)
+        call.skipped = self.shard.agree_to_skip(offered is not None, tokens.device)
         return call, offered if call.skipped else None
 
     @torch.compiler.disable
@@ -189,6 +196,19 @@ class HookRegistry:
             if replaced is not None:
                 output = replaced
         return output
+
+
+def merge_states(states: list[dict]) -> dict:
+    """Several processes' saved hook states as one: dicts merged key by key (each rank's states are
+    under its own shard key and context), the first process's value kept where two hold the same key."""
+    merged: dict = {}
+    for state in states:
+        for key, value in state.items():
+            if key not in merged:
+                merged[key] = value
+            elif isinstance(merged[key], dict) and isinstance(value, dict):
+                merged[key] = merge_states([merged[key], value])
+    return merged
 
 
 State = TypeVar("State")

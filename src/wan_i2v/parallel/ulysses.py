@@ -87,14 +87,16 @@ class UlyssesAttention(nn.Module):
         return heads_to_sequence(self.inner(q, k, v, key_mask), self.group, self.size)
 
 
-class GroupAgreement:
-    """The stack is skipped only if every rank of ``group`` would skip it: the blocks' all-to-alls
-    need every rank, and a rank whose hooks have nothing to offer must run them."""
+class UlyssesShard:
+    """This rank's tokens, as the block stack's hooks see them: its hook states are saved under
+    ``key``, and the stack is skipped only if every rank of ``group`` would skip it (the blocks'
+    all-to-alls need every rank, and a rank whose hooks have nothing to offer must run them)."""
 
     def __init__(self, group):
         self.group = group
+        self.key = f"ulysses {dist.get_rank(group)} of {dist.get_world_size(group)}"
 
-    def __call__(self, skip: bool, device: torch.device) -> bool:
+    def agree_to_skip(self, skip: bool, device: torch.device) -> bool:
         flag = torch.tensor([int(skip)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
@@ -109,5 +111,5 @@ def apply_ulysses(model: DiT, group) -> DiT:
     stack = model.block_stack()
     for attention in [module for module in stack.modules() if isinstance(module, SelfAttention)]:
         attention.attention = UlyssesAttention(attention.attention, group)
-    stack.hooks.agree_to_skip = GroupAgreement(group)
+    stack.hooks.shard = UlyssesShard(group)
     return model

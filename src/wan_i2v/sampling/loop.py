@@ -88,7 +88,8 @@ class Cancelled(Exception):
 @dataclass
 class LoopState:
     """A run after ``step`` steps: the latent, the solver's memory, the loop hooks' states and, by
-    expert, the states of the hooks on its block stack (this process's)."""
+    expert, the states of the hooks on its block stack (``HookRegistry.state_dict``: this process's,
+    under its shard's key; ``models.hooks.merge_states`` merges those of several ranks)."""
 
     step: int
     latent: torch.Tensor
