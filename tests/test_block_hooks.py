@@ -2,13 +2,14 @@
 Ulysses on 2 CPU ranks (where the ranks agree on a skip), reset, and their state across a resume."""
 
 import os
+import threading
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from wan_i2v.models.dit import DiT, DiTConfig
-from wan_i2v.models.hooks import BlockHook, PerContext, settle
+from wan_i2v.models.hooks import BlockHook, PerContext, merge_states
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Experts, LoopState, denoise
 from wan_i2v.sampling.schedulers import official_schedule
@@ -84,7 +85,7 @@ def test_a_hook_may_replace_a_blocks_output():
 
     class ZeroSecondBlock(BlockHook):
         def after_block(self, call, index, tokens, pending):
-            return (torch.zeros_like(settle(tokens, pending)), None) if index == 1 else None
+            return (torch.zeros_like(tokens), None) if index == 1 else None
 
     with torch.no_grad():
         x, (update, gate) = model.block_stack()[2](torch.zeros(1, 12, CONFIG.dim), None, *_block_inputs(model, inputs))
@@ -183,7 +184,7 @@ def test_hook_state_goes_with_the_loop_state_and_a_resumed_run_reuses_it():
     whole = sample(experts, on_state=states.append)
     after_one = states[0]
     assert set(after_one.block_hooks) == {"high", "low"}
-    saved = after_one.block_hooks["high"]["reuse"]
+    saved = after_one.block_hooks["high"]["whole"]["reuse"]
     assert set(saved) == {"high/cond", "high/uncond"} and saved["high/cond"]["calls"] == 1
 
     fresh = make_experts()
@@ -201,20 +202,34 @@ def test_block_hook_states_survive_the_state_file(tmp_path):
 
     settings = GenerationSettings(prompt="a boat", negative_prompt="", max_area=64 * 64, frame_num=5, steps=3, shift=3.0, guide_scale=(3.0, 3.0), seed=1, solver="unipc")
     cached = torch.randn(1, 12, CONFIG.dim)
-    state = LoopState(1, torch.randn(1, 16, 2, 4, 6), {}, {}, {"high": {"reuse": {"high/cond": {"calls": 1, "output": cached}}}})
+    state = LoopState(1, torch.randn(1, 16, 2, 4, 6), {}, {}, {"high": {"whole": {"reuse": {"high/cond": {"calls": 1, "output": cached}}}}})
     save_loop_state(tmp_path / "state.pt", state, settings, {"run": 1})
     _, loaded = load_loop_state(tmp_path / "state.pt", settings, {"run": 1}, seed_given=True)
-    assert loaded.block_hooks["high"]["reuse"]["high/cond"]["calls"] == 1
-    assert torch.equal(loaded.block_hooks["high"]["reuse"]["high/cond"]["output"], cached)
+    assert loaded.block_hooks["high"]["whole"]["reuse"]["high/cond"]["calls"] == 1
+    assert torch.equal(loaded.block_hooks["high"]["whole"]["reuse"]["high/cond"]["output"], cached)
+
+
+def test_merged_states_keep_every_ranks_own_and_the_first_of_shared_keys():
+    rank0 = {"high": {"ulysses 0 of 2": {"reuse": {"high/cond": 1}}, "note": "rank 0"}}
+    rank1 = {"high": {"ulysses 1 of 2": {"reuse": {"high/cond": 2}}, "note": "rank 1"}, "low": {}}
+    assert merge_states([rank0, rank1]) == {
+        "high": {"ulysses 0 of 2": {"reuse": {"high/cond": 1}}, "ulysses 1 of 2": {"reuse": {"high/cond": 2}}, "note": "rank 0"},
+        "low": {},
+    }
 
 
 # -- Ulysses on 2 CPU ranks -----------------------------------------------------------------------
 
 
-def _ulysses_cases():
-    """Each rank: the cached run, a run where only rank 0 offers its cache, a resumed cached run."""
-    from wan_i2v.parallel import init_distributed
+def _ulysses_cases(ckpt, state_file):
+    """Each rank: the cached run, a run where only rank 0 offers its cache, the cached run resumed
+    from the ranks' states merged into one (as rank 0's state file holds them), and a pipeline's run
+    cancelled after its first step and resumed from its state file."""
+    from wan_i2v import I2VPipeline
+    from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
     from wan_i2v.parallel.ulysses import apply_ulysses
+    from wan_i2v.pipeline import Cancelled
+    from wan_i2v.video import demo_image
 
     torch.set_num_threads(1)
     os.environ["WAN_I2V_DIST_TIMEOUT"] = "60"  # ranks that did not agree would wait for each other: fail rather than hang
@@ -235,7 +250,10 @@ def _ulysses_cases():
     results["cached"] = sample(experts, on_state=states.append)
     results["cached skips"] = {name: hook.skipped for name, hook in hooks.items()}
     results["cached runs"] = len(runs)
-    results["own state"] = states[0].block_hooks["high"]["reuse"]["high/cond"]["output"]
+    results["own state"] = states[0].block_hooks["high"][f"ulysses {rank} of 2"]["reuse"]["high/cond"]["output"]
+    every_rank = [None, None]
+    dist.all_gather_object(every_rank, states[0].block_hooks)
+    merged = LoopState(states[0].step, states[0].latent, states[0].solver, states[0].hooks, merge_states(every_rank))
 
     experts, hooks, runs = experts_with(lambda: ReuseStackOutput(reuse=(1,) if rank == 0 else ()))
     results["disagreeing"] = sample(experts)
@@ -243,17 +261,42 @@ def _ulysses_cases():
     results["disagreeing runs"] = len(runs)
 
     experts, hooks, runs = experts_with(ReuseStackOutput)
-    results["resumed"] = sample(experts, resume=states[0])
+    results["resumed"] = sample(experts, resume=merged)
     results["resumed skips"] = hooks["high"].skipped
+
+    pipe = I2VPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32, parallel=ParallelGroups.build(ParallelDims(1, 2), torch.device("cpu")))
+    settings = dict(progress=False, seed=3, max_area=64 * 96, frame_num=5, steps=3, shift=5.0)  # timesteps 999 and 908 for the high-noise expert
+
+    def fresh_caches():
+        """A new cache on each expert's stack; returns the high-noise expert's."""
+        for model in pipe.experts.models.values():
+            registry = model.block_stack().hooks
+            for hook in list(registry):
+                registry.remove(hook)
+            registry.register(ReuseStackOutput())
+        return next(iter(pipe.experts.models["high"].block_stack().hooks))
+
+    cancel = threading.Event()
+    fresh_caches()
+    try:
+        pipe.generate(demo_image(), "a boat", state_file=state_file, cancel=cancel, callback_on_step_end=lambda *args: cancel.set() or {}, **settings)
+    except Cancelled:
+        pass
+    high = fresh_caches()
+    results["pipeline resumed"] = pipe.generate(demo_image(), "a boat", state_file=state_file, **settings).latents
+    results["pipeline resumed skips"] = high.skipped
+    high = fresh_caches()
+    results["pipeline straight"] = pipe.generate(demo_image(), "a boat", **settings).latents
+    results["pipeline straight skips"] = high.skipped
     dist.destroy_process_group()
     return results
 
 
 @pytest.fixture(scope="module")
-def ulysses_results():
+def ulysses_results(tiny_checkpoint, tmp_path_factory):
     from wan_i2v.parallel.launch import launch
 
-    return launch(_ulysses_cases, (), 2)
+    return launch(_ulysses_cases, (tiny_checkpoint, tmp_path_factory.mktemp("state") / "run.state.pt"), 2)
 
 
 def relative(a, b):
@@ -268,7 +311,7 @@ def test_under_ulysses_a_step_cache_skips_the_blocks_on_every_rank(ulysses_resul
         assert relative(results["cached"], expected) <= 1e-5, rank  # fp32 rounding of the sharded sums only
         assert results["cached skips"] == {"high": [False, False, True, True], "low": [False, False]}, rank
         assert results["cached runs"] == 4 * CONFIG.num_layers, rank
-    # Each rank cached its own half of the 12 tokens.
+    # Each rank cached its own half of the 12 tokens, under its own key.
     assert [results["own state"].shape[1] for results in ulysses_results.values()] == [6, 6]
     assert not torch.equal(ulysses_results[0]["own state"], ulysses_results[1]["own state"])
 
@@ -281,7 +324,15 @@ def test_under_ulysses_ranks_that_disagree_all_run_the_blocks(ulysses_results):
         assert relative(results["disagreeing"], plain) <= 1e-5, rank
 
 
-def test_under_ulysses_each_rank_resumes_with_its_own_hook_state(ulysses_results):
+def test_under_ulysses_each_rank_resumes_with_its_own_hook_state_from_the_merged_states(ulysses_results):
     for rank, results in ulysses_results.items():
         assert results["resumed skips"] == [True, True], rank
         assert torch.equal(results["resumed"], results["cached"]), rank
+
+
+def test_under_ulysses_a_pipeline_saves_every_ranks_hook_state_and_resumes_with_it(ulysses_results):
+    for rank, results in ulysses_results.items():
+        assert results["pipeline straight skips"] == [False, False, True, True], rank
+        assert results["pipeline resumed skips"] == [True, True], rank  # the cache of step 1 came from the file
+    main = ulysses_results[0]
+    assert torch.equal(main["pipeline resumed"], main["pipeline straight"])
