@@ -221,10 +221,22 @@ def test_merged_states_keep_every_ranks_own_and_the_first_of_shared_keys():
 # -- Ulysses on 2 CPU ranks -----------------------------------------------------------------------
 
 
+def caches(experts: Experts, reuse=(1,)) -> dict[str, ReuseStackOutput]:
+    """A new cache on each expert's stack, in place of the hooks it had; returns them by expert."""
+    made = {}
+    for name, model in experts.models.items():
+        registry = model.block_stack().hooks
+        for hook in list(registry):
+            registry.remove(hook)
+        made[name] = registry.register(ReuseStackOutput(reuse))
+    return made
+
+
 def _ulysses_cases(ckpt, state_file):
     """Each rank: the cached run, a run where only rank 0 offers its cache, the cached run resumed
     from the ranks' states merged into one (as rank 0's state file holds them), and a pipeline's run
-    cancelled after its first step and resumed from its state file."""
+    cancelled after its first step and resumed from its state file; then, with FSDP over the two
+    ranks (each running one guidance branch), a cached run and one where only rank 0 offers."""
     from wan_i2v import I2VPipeline
     from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
     from wan_i2v.parallel.ulysses import apply_ulysses
@@ -236,16 +248,14 @@ def _ulysses_cases(ckpt, state_file):
     init_distributed("cpu")
     rank = dist.get_rank()
 
-    def experts_with(hook_for):
+    def sharded_with_caches(reuse=(1,)):
         experts = make_experts()
-        hooks = {}
-        for name, model in experts.models.items():
+        for model in experts.models.values():
             apply_ulysses(model, dist.group.WORLD)
-            hooks[name] = model.block_stack().hooks.register(hook_for())
-        return experts, hooks, count_block_runs(experts)
+        return experts, caches(experts, reuse), count_block_runs(experts)
 
     results = {}
-    experts, hooks, runs = experts_with(ReuseStackOutput)
+    experts, hooks, runs = sharded_with_caches()
     states = []
     results["cached"] = sample(experts, on_state=states.append)
     results["cached skips"] = {name: hook.skipped for name, hook in hooks.items()}
@@ -255,39 +265,39 @@ def _ulysses_cases(ckpt, state_file):
     dist.all_gather_object(every_rank, states[0].block_hooks)
     merged = LoopState(states[0].step, states[0].latent, states[0].solver, states[0].hooks, merge_states(every_rank))
 
-    experts, hooks, runs = experts_with(lambda: ReuseStackOutput(reuse=(1,) if rank == 0 else ()))
+    experts, hooks, runs = sharded_with_caches((1,) if rank == 0 else ())
     results["disagreeing"] = sample(experts)
     results["disagreeing skips"] = {name: hook.skipped for name, hook in hooks.items()}
     results["disagreeing runs"] = len(runs)
 
-    experts, hooks, runs = experts_with(ReuseStackOutput)
+    experts, hooks, runs = sharded_with_caches()
     results["resumed"] = sample(experts, resume=merged)
     results["resumed skips"] = hooks["high"].skipped
 
     pipe = I2VPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32, parallel=ParallelGroups.build(ParallelDims(1, 2), torch.device("cpu")))
     settings = dict(progress=False, seed=3, max_area=64 * 96, frame_num=5, steps=3, shift=5.0)  # timesteps 999 and 908 for the high-noise expert
 
-    def fresh_caches():
-        """A new cache on each expert's stack; returns the high-noise expert's."""
-        for model in pipe.experts.models.values():
-            registry = model.block_stack().hooks
-            for hook in list(registry):
-                registry.remove(hook)
-            registry.register(ReuseStackOutput())
-        return next(iter(pipe.experts.models["high"].block_stack().hooks))
-
     cancel = threading.Event()
-    fresh_caches()
+    caches(pipe.experts)
     try:
         pipe.generate(demo_image(), "a boat", state_file=state_file, cancel=cancel, callback_on_step_end=lambda *args: cancel.set() or {}, **settings)
     except Cancelled:
         pass
-    high = fresh_caches()
+    high = caches(pipe.experts)["high"]
     results["pipeline resumed"] = pipe.generate(demo_image(), "a boat", state_file=state_file, **settings).latents
     results["pipeline resumed skips"] = high.skipped
-    high = fresh_caches()
+    high = caches(pipe.experts)["high"]
     results["pipeline straight"] = pipe.generate(demo_image(), "a boat", **settings).latents
     results["pipeline straight skips"] = high.skipped
+
+    # FSDP over both ranks, each running one guidance branch: every block's weights are gathered by
+    # both, so a skip must be agreed over both as well.
+    pipe = I2VPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32, parallel=ParallelGroups.build(ParallelDims(2, 1, True), torch.device("cpu")))
+    results["fsdp plain"] = pipe.generate(demo_image(), "a boat", **settings).latents
+    for name, reuse in (("fsdp cached", (1,)), ("fsdp disagreeing", (1,) if rank == 0 else ())):
+        high = caches(pipe.experts, reuse)["high"]
+        results[name] = pipe.generate(demo_image(), "a boat", **settings).latents
+        results[name + " skips"] = high.skipped
     dist.destroy_process_group()
     return results
 
@@ -336,3 +346,12 @@ def test_under_ulysses_a_pipeline_saves_every_ranks_hook_state_and_resumes_with_
         assert results["pipeline resumed skips"] == [True, True], rank  # the cache of step 1 came from the file
     main = ulysses_results[0]
     assert torch.equal(main["pipeline resumed"], main["pipeline straight"])
+
+
+def test_under_fsdp_every_rank_of_the_mesh_agrees_on_a_skip(ulysses_results):
+    for rank, results in ulysses_results.items():
+        assert results["fsdp cached skips"] == [False, True], rank  # this rank's branch, at each high-noise step
+        assert results["fsdp disagreeing skips"] == [False, False], rank
+    main = ulysses_results[0]
+    assert torch.equal(main["fsdp disagreeing"], main["fsdp plain"])
+    assert not torch.equal(main["fsdp cached"], main["fsdp plain"])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
+import torch.distributed as dist
 
 # A block's input or output: the residual stream and the term not yet added to it.
 Pending = tuple[torch.Tensor, torch.Tensor] | None
@@ -93,25 +94,38 @@ class BlockHook:
         pass
 
 
-class WholeSequence:
-    """Which tokens this process holds, as the hooks need to know it: here, all of them. Sequence
-    parallelism replaces it (``parallel.ulysses``)."""
+def decide_alone(skip: bool, device: torch.device) -> bool:
+    """No other process runs these blocks with this one: its hooks' wish is the decision."""
+    return skip
 
-    key = "whole"  # the saved hook states of this process's tokens are kept under it
 
-    def agree_to_skip(self, skip: bool, device: torch.device) -> bool:
-        """This process's wish to skip the stack -> the decision: alone, its own."""
-        return skip
+class AgreeOver:
+    """The stack is skipped only if every rank of ``group`` would skip it: ranks whose blocks meet in
+    collectives (Ulysses' all-to-alls, FSDP's gathers) must all run them or none, and a rank whose
+    hooks have nothing to offer must run them."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, skip: bool, device: torch.device) -> bool:
+        flag = torch.tensor([int(skip)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
 
 
 class HookRegistry:
-    """The hooks of one block stack, in the order they run, the context of the call in flight, and
-    ``shard``: which tokens this process holds (a ``WholeSequence`` or what replaces it)."""
+    """The hooks of one block stack, in the order they run, and the context of the call in flight.
+
+    Parallelism sets the two facts the hooks need of it: ``shard``, which tokens this process holds
+    (its hook states are saved under that key: "whole", or a Ulysses rank's), and ``agree_to_skip(skip,
+    device)``, which turns this process's wish to skip the stack into the decision of every process
+    whose blocks meet its own in collectives (``AgreeOver`` a group)."""
 
     def __init__(self):
         self.hooks: list[BlockHook] = []
         self.current = HookContext()
-        self.shard = WholeSequence()
+        self.shard = "whole"
+        self.agree_to_skip: Callable[[bool, torch.device], bool] = decide_alone
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
@@ -145,11 +159,11 @@ class HookRegistry:
         """The named hooks' states under this process's shard key (empty without named hooks), so that
         the states of all the ranks of a run can be merged into one (``merge_states``)."""
         states = {hook.name: hook.state_dict() for hook in self.hooks if hook.name is not None}
-        return {self.shard.key: states} if states else {}
+        return {self.shard: states} if states else {}
 
     def load_state_dict(self, saved: dict) -> None:
         """Each named hook takes its state saved for this process's shard; one with none starts afresh."""
-        states = saved.get(self.shard.key, {})
+        states = saved.get(self.shard, {})
         for hook in self.hooks:
             if hook.name is None:
                 continue
@@ -170,7 +184,7 @@ class HookRegistry:
             output = hook.before_stack(call)
             if offered is None:
                 offered = output
-        call.skipped = self.shard.agree_to_skip(offered is not None, tokens.device)
+        call.skipped = self.agree_to_skip(offered is not None, tokens.device)
         return call, offered if call.skipped else None
 
     @torch.compiler.disable

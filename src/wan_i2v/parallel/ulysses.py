@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_i2v.models.dit import DiT, SelfAttention, SequenceLayout
+from wan_i2v.models.hooks import AgreeOver
 
 
 def all_gather_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
@@ -87,21 +88,6 @@ class UlyssesAttention(nn.Module):
         return heads_to_sequence(self.inner(q, k, v, key_mask), self.group, self.size)
 
 
-class UlyssesShard:
-    """This rank's tokens, as the block stack's hooks see them: its hook states are saved under
-    ``key``, and the stack is skipped only if every rank of ``group`` would skip it (the blocks'
-    all-to-alls need every rank, and a rank whose hooks have nothing to offer must run them)."""
-
-    def __init__(self, group):
-        self.group = group
-        self.key = f"ulysses {dist.get_rank(group)} of {dist.get_world_size(group)}"
-
-    def agree_to_skip(self, skip: bool, device: torch.device) -> bool:
-        flag = torch.tensor([int(skip)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
-
-
 def apply_ulysses(model: DiT, group) -> DiT:
     """Shard ``model``'s token sequence over ``group`` (whose size must divide the heads)."""
     size = dist.get_world_size(group)
@@ -111,5 +97,7 @@ def apply_ulysses(model: DiT, group) -> DiT:
     stack = model.block_stack()
     for attention in [module for module in stack.modules() if isinstance(module, SelfAttention)]:
         attention.attention = UlyssesAttention(attention.attention, group)
-    stack.hooks.shard = UlyssesShard(group)
+    # The block stack's hooks hold this rank's tokens, and skip the blocks on every rank or none.
+    stack.hooks.shard = f"ulysses {dist.get_rank(group)} of {size}"
+    stack.hooks.agree_to_skip = AgreeOver(group)
     return model
