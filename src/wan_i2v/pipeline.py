@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
@@ -36,12 +37,13 @@ from wan_i2v.loading.converted import converted_blocks
 from wan_i2v.loading.staging import StagingRing
 from wan_i2v.loading.lora import LoraFile, Loras, adapted, read_lora
 from wan_i2v.models.dit import DiT, build_dit, keeps_fp32, load_dit, pad_context
+from wan_i2v.models.hooks import merge_states
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE, load_vae
 from wan_i2v.parallel.plan import ParallelDims
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
-from wan_i2v.sampling.resume import load_loop_state, save_loop_state, state_to
+from wan_i2v.sampling.resume import load_loop_state, map_tensors, save_loop_state, state_to
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
 from wan_i2v.video import check_writable, image_to_tensor, load_image, mp4_writer
@@ -429,7 +431,6 @@ class I2VPipeline:
         if prepared.sampled:
             return resume.latent[0]
         bar = ProgressBar(settings.steps, resume.step if resume else 0, disable=not (progress and self.is_main))
-        saving = prepared.state_file is not None and self.is_main
         try:
             latents = denoise(
                 prepared.noise[None],
@@ -440,12 +441,22 @@ class I2VPipeline:
                 guide_scale=settings.guide_scale,
                 hooks=[*hooks, bar],
                 resume=resume,
-                on_state=(lambda state: save_loop_state(prepared.state_file, state, settings, prepared.run)) if saving else None,
+                on_state=None if prepared.state_file is None else lambda state: self._save_state(prepared, state),
                 stop_requested=self._stop_requested(cancel),
             )[0]
         finally:
             bar.close()
         return latents
+
+    def _save_state(self, prepared: Prepared, state: LoopState) -> None:
+        """Rank 0 writes the state after a step. Each rank holds its own block hooks' states (its
+        tokens'): with any, every rank's go into the file, merged (each rank reads back its own)."""
+        if self.parallel is not None and any(state.block_hooks.values()):
+            every_rank = [None] * dist.get_world_size(self.parallel.group)
+            dist.all_gather_object(every_rank, map_tensors(state.block_hooks, torch.Tensor.cpu), group=self.parallel.group)
+            state = replace(state, block_hooks=merge_states(every_rank))
+        if self.is_main:
+            save_loop_state(prepared.state_file, state, prepared.settings, prepared.run)
 
     def _stop_requested(self, cancel) -> Callable[[], bool] | None:
         """Asked before each step. In a parallel run every rank asks (one tiny all-reduce per step),

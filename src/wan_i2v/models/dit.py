@@ -10,6 +10,9 @@ once per sample, not once per token.
 Two seams let parallelism be applied from outside without a branch in ``forward``:
 ``DiT.sequence`` (how the token sequence is laid out over ranks) and each
 ``SelfAttention.attention`` (the attention call). Both are identity-like modules here.
+A third, ``DiT.blocks`` (a ``BlockStack``, the model's declared repeated blocks), runs the
+blocks and the hooks registered on it (``models/hooks.py``): step caches and traces attach there,
+and the transforms find the blocks through ``DiT.block_stack()``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 
 from wan_i2v.errors import WanError
 from wan_i2v.models.attention import Attention
+from wan_i2v.models.hooks import HookRegistry, settle
 
 # Video sizes whose RoPE tables a DiT keeps (the latest used).
 ROPE_CACHE_SIZES = 4
@@ -233,6 +237,27 @@ class ResidualNorm(nn.Module):
         return x, normed.to(dtype)
 
 
+class FeedForward(nn.Sequential):
+    """Linear -> tanh GELU -> Linear; a Sequential, so that the official names (``ffn.0``, ``ffn.2``) hold."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    @property
+    def up(self) -> nn.Module:
+        """The widening projection."""
+        return self[0]
+
+    @property
+    def activation(self) -> nn.Module:
+        return self[1]
+
+    def fuse_activation(self, fused: nn.Module) -> None:
+        """``fused`` computes ``activation(up(x))``: it takes the projection's place (and names), the
+        activation becomes the identity."""
+        self[0], self[1] = fused, nn.Identity()
+
+
 class Block(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -242,7 +267,7 @@ class Block(nn.Module):
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, config.num_heads, eps)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        self.ffn = FeedForward(dim, config.ffn_dim)
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
         self.residual_norm = ResidualNorm()
 
@@ -260,6 +285,35 @@ class Block(nn.Module):
         x, cross_in = self.residual_norm(x, self.self_attn(attn_in, rope, key_mask), gate_sa, self.norm3, None, None, dtype)
         x, ffn_in = self.residual_norm(x, self.cross_attn(cross_in, context), None, self.norm2, shift_ff, scale_ff, dtype)
         return x, (self.ffn(ffn_in), gate_ff)
+
+
+class BlockStack(nn.ModuleList):
+    """The blocks, run in a row, and the hooks registered on them (``hooks``: a ``HookRegistry``).
+
+    A ModuleList, so that the blocks keep their checkpoint names (``blocks.N.…``). Without hooks the
+    loop is the plain one; with hooks, each block's input and output pass through them, and they
+    may skip every block (see ``models/hooks.py``)."""
+
+    def __init__(self, blocks):
+        super().__init__(blocks)
+        self.hooks = HookRegistry()
+
+    def forward(self, tokens, time_modulation, context, rope, key_mask=None):
+        """The blocks' arguments as ``Block.forward`` takes them (but ``pending``) -> the residual stream."""
+        hooks = self.hooks if self.hooks else None
+        if hooks is not None:
+            call, output = hooks.begin(tokens, time_modulation)
+            if call.skipped:
+                return hooks.end(call, output)
+        pending = None
+        for index, block in enumerate(self):
+            if hooks is not None:
+                tokens, pending = hooks.before_block(call, index, tokens, pending)
+            tokens, pending = block(tokens, pending, time_modulation, context, rope, key_mask)
+            if hooks is not None:
+                tokens, pending = hooks.after_block(call, index, tokens, pending)
+        tokens = settle(tokens, pending)
+        return tokens if hooks is None else hooks.end(call, tokens)
 
 
 class Head(nn.Module):
@@ -299,7 +353,7 @@ class DiT(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = BlockStack(Block(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self.sequence = SequenceLayout()
         # (grid, device) -> RoPE tables: built once per video size, since copying them to the
@@ -336,14 +390,12 @@ class DiT(nn.Module):
         self.rope_cache.move_to_end(key)
         rope = self.rope_cache[key]
         tokens, rope, key_mask = self.sequence.scatter(tokens, rope)
-        pending = None
-        for block in self.blocks:
-            tokens, pending = block(tokens, pending, time_modulation, context, rope, key_mask)
-        if pending is not None:
-            update, gate = pending
-            tokens = tokens + update * gate
-        tokens = self.sequence.gather(tokens)
+        tokens = self.sequence.gather(self.blocks(tokens, time_modulation, context, rope, key_mask))
         return self.unpatchify(self.head(tokens, time_embedding), grid)
+
+    def block_stack(self) -> BlockStack:
+        """The repeated blocks, which the transforms act on (FP8, fused kernels, compile, FSDP, streaming)."""
+        return self.blocks
 
     def unpatchify(self, tokens, grid):
         pt, ph, pw = self.config.patch_size

@@ -19,6 +19,9 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 
+from wan_i2v.models.dit import BlockStack
+from wan_i2v.models.hooks import AgreeOver
+
 
 def _unsharded_dtypes(module: nn.Module) -> set[torch.dtype]:
     """Dtypes of the parameters under ``module`` that no FSDP unit manages yet."""
@@ -91,10 +94,14 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, offload: bool = Fa
     Applied to a model on the meta device, it then allocates this rank's storage: the shards
     on the GPU (in host memory with ``offload``), the parameters left whole where ``load_strict``
     will put them. The weights are loaded after (``checkpoint.load_strict`` reads each rank's rows).
+    Hooks on a DiT's block stack then skip it on every rank of ``mesh`` or on none (the mesh holds
+    every rank of the run, so this widens Ulysses' agreement, applied before).
     """
     for block in blocks:
         _shard_block(block, mesh, offload)
     shard_module(model, mesh, offload)
+    if isinstance(blocks, BlockStack):  # every rank gathers each block's weights: all run it or none
+        blocks.hooks.agree_to_skip = AgreeOver(mesh.get_group())
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device="cpu" if offload else mesh.device_type)
     return model

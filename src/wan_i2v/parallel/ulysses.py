@@ -5,7 +5,8 @@ self-attention an all-to-all turns the sequence shards into head shards (every r
 tokens for H/u heads), the unchanged attention kernel runs, and a second all-to-all turns the
 result back. A sequence length that u does not divide is padded with zero tokens at the end;
 the padding is masked out of the attention keys, so it changes no real token, and it is cut off
-when the shards are gathered for the output head.
+when the shards are gathered for the output head. Hooks on the block stack that would skip it
+(a step cache) skip it on every rank of the group or on none: the ranks agree first.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from wan_i2v.models.dit import DiT, SequenceLayout
+from wan_i2v.models.dit import DiT, SelfAttention, SequenceLayout
+from wan_i2v.models.hooks import AgreeOver
 
 
 def all_gather_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
@@ -92,6 +94,10 @@ def apply_ulysses(model: DiT, group) -> DiT:
     if model.config.num_heads % size:
         raise ValueError(f"Ulysses degree {size} does not divide {model.config.num_heads} heads")
     model.sequence = UlyssesSequence(group)
-    for block in model.blocks:
-        block.self_attn.attention = UlyssesAttention(block.self_attn.attention, group)
+    stack = model.block_stack()
+    for attention in [module for module in stack.modules() if isinstance(module, SelfAttention)]:
+        attention.attention = UlyssesAttention(attention.attention, group)
+    # The block stack's hooks hold this rank's tokens, and skip the blocks on every rank or none.
+    stack.hooks.shard = f"ulysses {dist.get_rank(group)} of {size}"
+    stack.hooks.agree_to_skip = AgreeOver(group)
     return model

@@ -4,6 +4,10 @@ Everything else that wants to act inside the loop is a hook (``LoopHook``): prog
 callbacks, caches that skip a model call. Hooks see each step's index, timestep, active expert
 and guide scale, and each model call with its guidance branch; a hook's state is saved with the
 loop's, so a resumed run goes on exactly as an uninterrupted one.
+
+Hooks inside a model call attach to each expert's block stack (``models/hooks.py``): the loop
+resets them before the run, tells them the expert and branch of each call, and saves their states
+with its own (this process's: each rank of a parallel run holds its own).
 """
 
 from __future__ import annotations
@@ -83,12 +87,15 @@ class Cancelled(Exception):
 
 @dataclass
 class LoopState:
-    """A run after ``step`` steps: the latent, the solver's memory and the hooks' states."""
+    """A run after ``step`` steps: the latent, the solver's memory, the loop hooks' states and, by
+    expert, the states of the hooks on its block stack (``HookRegistry.state_dict``: this process's,
+    under its shard's key; ``models.hooks.merge_states`` merges those of several ranks)."""
 
     step: int
     latent: torch.Tensor
     solver: dict
     hooks: dict = field(default_factory=dict)
+    block_hooks: dict = field(default_factory=dict)
 
 
 def denoise(
@@ -114,12 +121,17 @@ def denoise(
     latent = noise
     timesteps = schedule.timesteps.tolist()
     first = 0
+    registries = {name: model.block_stack().hooks for name, model in experts.models.items()}
+    for registry in registries.values():
+        registry.reset()
     if resume is not None:
         first, latent = resume.step, resume.latent
         stepper.load_state_dict(resume.solver)
         for hook in hooks:
             if hook.name is not None:
                 hook.load_state_dict(resume.hooks.get(hook.name, {}))
+        for name, registry in registries.items():
+            registry.load_state_dict(resume.block_hooks.get(name, {}))
     try:
         for index, t in enumerate(timesteps[first:], start=first):
             if stop_requested is not None and stop_requested():
@@ -131,7 +143,10 @@ def denoise(
                 hook.on_step_begin(step)
 
             def call(branch, *inputs, step=step, model=model):
-                run = lambda: model(*inputs)  # noqa: E731
+                def run():
+                    with registries[step.expert].context(expert=step.expert, branch=branch):
+                        return model(*inputs)
+
                 for hook in reversed(hooks):  # the first hook is the outermost
                     run = (lambda hook, inner: lambda: hook.around_model(step, branch, inner))(hook, run)
                 return run()
@@ -145,7 +160,8 @@ def denoise(
                 latent = latent if replaced is None else replaced
             if on_state is not None:
                 states = {hook.name: hook.state_dict() for hook in hooks if hook.name is not None}
-                on_state(LoopState(index + 1, latent, stepper.state_dict(), states))
+                block_states = {name: registry.state_dict() for name, registry in registries.items()}
+                on_state(LoopState(index + 1, latent, stepper.state_dict(), states, block_states))
     finally:
         # Also after an error or Ctrl-C: an offloaded expert must not stay on the GPU.
         experts.release()

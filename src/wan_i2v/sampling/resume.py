@@ -66,4 +66,4 @@ def load_loop_state(path, settings: GenerationSettings, run: dict, *, seed_given
     if saved != wanted:
         warnings.warn(discarded)
         return None
-    return saved, LoopState(record["step"], record["latent"], record["solver"], record.get("hooks", {}))
+    return saved, LoopState(record["step"], record["latent"], record["solver"], record.get("hooks", {}), record.get("block_hooks", {}))

@@ -21,6 +21,6 @@ def apply_compile(model: nn.Module) -> nn.Module:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the name before torch 2.7
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
-    for block in model.blocks:
+    for block in model.block_stack():
         block.compile(dynamic=False)
     return model

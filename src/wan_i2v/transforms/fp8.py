@@ -65,8 +65,8 @@ class FP8Linear(nn.Module):
 
 
 def apply_fp8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear inside ``model.blocks`` with an FP8Linear (in place)."""
-    for block in model.blocks:
+    """Replace every nn.Linear inside ``model``'s blocks with an FP8Linear (in place)."""
+    for block in model.block_stack():
         for name, module in list(block.named_modules()):
             if isinstance(module, LinearGELU):  # its GELU would be lost with it
                 raise ValueError("apply FP8 before the fused GELU (wan_i2v.fused_gelu), which leaves FP8 linears alone")

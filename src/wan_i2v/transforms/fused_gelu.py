@@ -30,13 +30,13 @@ def apply_fused_gelu(model: nn.Module) -> nn.Module:
     unchanged). FFNs of another shape (an FP8 linear, say) are left as they are. Apply it before
     FSDP, which gathers the parameters of the modules it found when sharding; on the CPU the
     modules compute the plain Linear + GELU."""
-    for block in model.blocks:
-        first, activation = block.ffn[0], block.ffn[1]
+    for block in model.block_stack():
+        first, activation = block.ffn.up, block.ffn.activation
         if type(first) is not nn.Linear or first.bias is None:
             continue
         if not (isinstance(activation, nn.GELU) and activation.approximate == "tanh"):
             continue
         fused = LinearGELU(first.in_features, first.out_features, device="meta")
         fused.weight, fused.bias = first.weight, first.bias
-        block.ffn[0], block.ffn[1] = fused, nn.Identity()
+        block.ffn.fuse_activation(fused)
     return model

@@ -62,8 +62,10 @@ class FusedNormRope(NormRope):
 
 def apply_fused_norms(model: nn.Module) -> nn.Module:
     """Every ResidualNorm and NormRope of ``model`` becomes its one-pass kernel (on a GPU; elsewhere unchanged)."""
-    for block in model.blocks:
-        block.residual_norm = FusedResidualNorm()
-        block.self_attn.norm_rope = FusedNormRope()
-        block.cross_attn.norm_rope = FusedNormRope()
+    fused = {ResidualNorm: FusedResidualNorm, NormRope: FusedNormRope}
+    for block in model.block_stack():
+        for owner in list(block.modules()):
+            for name, child in list(owner.named_children()):
+                if type(child) in fused:
+                    setattr(owner, name, fused[type(child)]())
     return model

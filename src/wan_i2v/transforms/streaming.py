@@ -229,7 +229,7 @@ class ExpertSwap(Experts):
     def __init__(self, models: dict[str, nn.Module], sources: dict[str, TensorSource], ring: StagingRing, boundary: int, *,
                  dtype: torch.dtype, keep_fp32, ahead: int = 2):  # fmt: skip
         super().__init__(models["high"], models["low"], boundary)
-        self.streams = {name: BlockStream(model.blocks, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=range(len(model.blocks)))
+        self.streams = {name: BlockStream(model.block_stack(), sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=range(len(model.block_stack())))
                         for name, model in self.models.items()}  # fmt: skip
         self.active: str | None = None
 
@@ -258,7 +258,7 @@ class BlockOffload(BlockStream):
     blocks in ``keep`` (what the GPU has room for) stay once they arrived."""
 
     def __init__(self, model: nn.Module, source: TensorSource, ring: StagingRing, *, dtype: torch.dtype, keep_fp32, ahead: int = 1, keep: Collection[int] = ()):
-        super().__init__(model.blocks, source, ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=keep)
+        super().__init__(model.block_stack(), source, ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=keep)
 
 
 def spread(kept: int, count: int) -> list[int]:
@@ -275,7 +275,7 @@ class StreamedExperts(Experts):
     def __init__(self, models: dict[str, nn.Module], sources: dict[str, TensorSource], ring: StagingRing, boundary: int, *,
                  dtype: torch.dtype, keep_fp32, ahead: int = 1, kept: int = 0):  # fmt: skip
         super().__init__(models["high"], models["low"], boundary)
-        self.streams = {name: BlockOffload(model, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=spread(kept, len(model.blocks)))
+        self.streams = {name: BlockOffload(model, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=spread(kept, len(model.block_stack())))
                         for name, model in self.models.items()}  # fmt: skip
         self.active: str | None = None
 
