@@ -309,7 +309,7 @@ def _compile(expert, plan, groups):
 def _fsdp(expert, plan, groups):
     from wan_i2v.parallel.fsdp import apply_fsdp
 
-    apply_fsdp(expert, expert.blocks, groups.mesh, offload=plan.fsdp_offload)
+    apply_fsdp(expert, expert.block_stack(), groups.mesh, offload=plan.fsdp_offload)
 
 
 EXPERT_TRANSFORMS: tuple[Transform, ...] = (

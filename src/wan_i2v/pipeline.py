@@ -218,7 +218,7 @@ class I2VPipeline:
                     apply_plan(expert, plan, parallel)
                     load_outside_blocks(expert, source, ring, plan.dtype, keeps_fp32)
                     sources[name] = source if plan.converted_dir is None else converted_blocks(
-                        expert.blocks, source, ring, folder=plan.converted_dir, dtype=plan.dtype, keep_fp32=keeps_fp32, what=f"{name}-noise", progress=progress,
+                        expert.block_stack(), source, ring, folder=plan.converted_dir, dtype=plan.dtype, keep_fp32=keeps_fp32, what=f"{name}-noise", progress=progress,
                         identity={"dtype": plan.dtype, "fp8": plan.fp8, "device": plan.device.type, "loras": [[lora.sha256, lora.spec.strength] for lora in merged[name]]},
                     )  # fmt: skip
                 else:
@@ -532,7 +532,7 @@ def staging_ring(expert: DiT, source, plan: ExecutionPlan) -> StagingRing:
     On the CPU too: the weights are then fresh, aligned tensors whether streamed or not (the CPU's
     matmul kernels round differently for a tensor that starts at a file offset), so every plan
     gives the same video there as on a GPU."""
-    return StagingRing(BlockStream.slot_bytes(expert.blocks, source), STAGING_DEPTH, plan.device)
+    return StagingRing(BlockStream.slot_bytes(expert.block_stack(), source), STAGING_DEPTH, plan.device)
 
 
 def _merging(specs, files: list[LoraFile], device: torch.device):

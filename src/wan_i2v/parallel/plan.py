@@ -421,14 +421,15 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False) -> ModelSizes
     with torch.device("meta"):
         expert, wan_vae = DiT(dit), WanVAE(vae)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    block = count(expert.blocks[0]) * dtype_bytes
+    blocks = expert.block_stack()
+    block = count(blocks[0]) * dtype_bytes
     if fp8:  # the blocks' linear weights in 1 byte, with an fp32 scale per output channel (transforms/fp8.py)
-        linears = [module for module in expert.blocks[0].modules() if isinstance(module, torch.nn.Linear)]
+        linears = [module for module in blocks[0].modules() if isinstance(module, torch.nn.Linear)]
         block -= sum(linear.weight.numel() * (dtype_bytes - 1) - linear.out_features * 4 for linear in linears)
     stored_bytes = _stored_bytes(root / ckpt.HIGH_NOISE_DIR) if root is not None else OFFICIAL_STORED_BYTES
     t5_layer = 4 * t5.dim * t5.dim_attn + 3 * t5.dim * t5.dim_ffn + t5.num_buckets * t5.num_heads + 2 * t5.dim
     return ModelSizes(
-        expert=count(expert) * dtype_bytes - len(expert.blocks) * (count(expert.blocks[0]) * dtype_bytes - block),
+        expert=count(expert) * dtype_bytes - len(blocks) * (count(blocks[0]) * dtype_bytes - block),
         block=block,
         expert_root=sum(p.numel() * (4 if keeps_fp32(name) else dtype_bytes) for name, p in expert.named_parameters() if not name.startswith("blocks.")),
         text_encoder=(t5.vocab_size * t5.dim + t5.encoder_layers * t5_layer + t5.dim) * dtype_bytes,
@@ -439,8 +440,8 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False) -> ModelSizes
         ffn_dim=dit.ffn_dim,
         num_heads=dit.num_heads,
         vae_dim=vae.dim,
-        stored_block=count(expert.blocks[0]) * stored_bytes,
-        blocks=len(expert.blocks),
+        stored_block=count(blocks[0]) * stored_bytes,
+        blocks=len(blocks),
     )
 
 
