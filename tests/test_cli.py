@@ -704,3 +704,10 @@ def test_a_multi_gpu_run_whose_rank_is_killed_resumes_with_the_same_command(tiny
                     "--seed", seed, "--save-latents", str(straight)) == 0  # fmt: skip
     first, second = torch.load(tmp_path / "resumed.pt", weights_only=True)["latents"], torch.load(straight, weights_only=True)["latents"]
     assert float((first - second).norm() / second.norm()) <= 1e-5
+
+
+def test_the_package_and_its_settings_import_without_torch():
+    """`import wan_i2v` and the generation settings need no torch (they went through the samplers' module)."""
+    code = "import sys; sys.modules['torch'] = None\nimport wan_i2v\nfrom wan_i2v.config import SOLVERS, GenerationSettings\nprint(SOLVERS)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "unipc" in done.stdout, done.stderr

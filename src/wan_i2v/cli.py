@@ -688,8 +688,7 @@ def official_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_i2v.config import MAX_STEPS
-    from wan_i2v.sampling.schedulers import SOLVERS
+    from wan_i2v.config import MAX_STEPS, SOLVERS
 
     parser = _Parser(prog="wan-i2v", description="Wan2.2-I2V-A14B image-to-video.")
     parser.add_argument("--version", action="version", version=f"wan-i2v {_version()}")

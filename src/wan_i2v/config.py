@@ -6,7 +6,10 @@ import math
 from dataclasses import asdict, dataclass
 
 from wan_i2v.errors import WanError, option
-from wan_i2v.sampling.schedulers import SOLVERS
+
+# The samplers' names (``sampling/schedulers.py`` has the samplers): here, so that the settings and
+# the command's help need no torch.
+SOLVERS = ("unipc", "dpm++", "euler")
 
 # The official default negative prompt (wan/configs/shared_config.py), used when none is given.
 DEFAULT_NEGATIVE_PROMPT = (

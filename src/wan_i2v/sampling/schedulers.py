@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from wan_i2v.config import SOLVERS
 from wan_i2v.errors import WanError
 
 NUM_TRAIN_TIMESTEPS = 1000
-SOLVERS = ("unipc", "dpm++", "euler")
 
 
 def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
