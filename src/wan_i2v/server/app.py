@@ -22,7 +22,8 @@ from wan_i2v.errors import WanError, by_keyword
 from wan_i2v.server.access import ANYONE, HostCheck, Tokens, cross_site_refusal
 from wan_i2v.server.capacity import Capacity
 from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, MODEL, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying, same_request
-from wan_i2v.server.store import FINISHED, DiskFull, JobStore, QueueFull, QueueUnreachable
+from wan_i2v.server.queue import QueueUnreachable
+from wan_i2v.server.store import FINISHED, DiskFull, JobStore, QueueFull
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
 OPEN_PATHS = {"/", "/health", "/favicon.ico"}

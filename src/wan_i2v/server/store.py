@@ -28,13 +28,13 @@ from pathlib import Path
 from wan_i2v import locks
 from wan_i2v.errors import WanError, counted
 from wan_i2v.server import memory_kills
+from wan_i2v.server.postgres import PostgresQueue
+from wan_i2v.server.queue import FOLDER_MARK, SQLITE_FILE, DuplicateKey, Queue, QueueUnreachable
 
 log = logging.getLogger("wan_i2v.server")
 
 MAX_RUNS = 3
 SWEEP_AFTER_SECONDS = 600
-FOLDER_MARK = "queue-id"  # in the shared folder of a PostgreSQL queue (server.postgres)
-SQLITE_FILE = "queue.sqlite3"  # in the state directory of a SQLite queue
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -84,14 +84,6 @@ def is_disk_full(exc: BaseException) -> bool:
     return any(isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
                or isinstance(cause, sqlite3.Error) and getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
                for cause in exception_chain(exc))  # fmt: skip
-
-
-class QueueUnreachable(Exception):
-    """The queue's database cannot be read or written for now (a full disk, a lost connection)."""
-
-
-class DuplicateKey(Exception):
-    """An insert clashed with a unique key (the same idempotency key, submitted twice at once)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +144,8 @@ class FileLiveness:
     however it ends), so a lock that can be taken is a server that is gone. Unlike host names and pids
     this survives a pod or container restart, whose host name and pids are new."""
 
+    owner: str  # this server's name in the jobs it runs
+
     def __init__(self, directory: Path):
         self.directory = directory
         directory.mkdir(exist_ok=True)
@@ -180,6 +174,7 @@ class SQLiteQueue:
     upgrade deadlocks)."""
 
     serial, real = "INTEGER PRIMARY KEY AUTOINCREMENT", "REAL"
+    liveness: FileLiveness
 
     def __init__(self, root: Path):
         if (root / FOLDER_MARK).exists():
@@ -254,11 +249,10 @@ class JobStore:
 
     def __init__(self, state_dir: str | Path, *, max_queued: int = 1000, queue_url: str | None = None):
         self.root = Path(state_dir)
+        self.database: Queue
         if queue_url is None:
             self.database = SQLiteQueue(self.root)
         else:
-            from wan_i2v.server.postgres import PostgresQueue
-
             self.database = PostgresQueue(queue_url, self.root)  # (the folder checked before anything is written there)
         try:
             (self.root / "jobs").mkdir(parents=True, exist_ok=True)
