@@ -51,3 +51,30 @@ def test_postgres_does_not_import_the_store_that_chooses_it():
     assert "wan_i2v.server.store" not in imported_modules(SERVER / "postgres.py")
     assert {"wan_i2v.server.queue"} <= imported_modules(SERVER / "postgres.py") & imported_modules(SERVER / "store.py")
 
+
+
+def test_the_api_shows_a_running_job_as_the_video_object(tmp_path):
+    """The store's row becomes the API's JSON in the API layer, to the byte as clients have always read it."""
+    from fastapi.testclient import TestClient
+
+    from server_process import IdleRunner
+    from wan_i2v.server.app import create_app
+    from wan_i2v.server.schemas import Video
+    from wan_i2v.server.store import JobStore
+
+    store = JobStore(tmp_path / "state")
+    settings = {"prompt": "a boat", "size": "96*160", "frame_num": 81, "steps": 8, "seed": 7}
+    job, _ = store.submit(b"image", settings)
+    store.claim()
+    store.progress(job.id, 3, 2.0)
+    running = store.get(job.id)
+    assert Video.of(running).progress == 37 and Video.of(running).eta_seconds == 10.0 and Video.of(running).seconds == "5"
+    with TestClient(create_app(store, IdleRunner()), base_url="http://127.0.0.1") as http:
+        answer = http.get(f"/v1/videos/{job.id}")
+    store.close()
+    assert answer.content.decode() == (
+        f'{{"id":"{job.id}","object":"video","model":"wan2.2-i2v-a14b","status":"in_progress","progress":37,'
+        f'"created_at":{int(job.created_at)},"completed_at":null,"error":null,"prompt":"a boat","seconds":"5","size":"96*160",'
+        '"seed":7,"step":3,"seconds_per_step":2.0,"eta_seconds":10.0,'
+        '"settings":{"prompt":"a boat","size":"96*160","frame_num":81,"steps":8,"seed":7}}'
+    )  # fmt: skip

@@ -21,8 +21,9 @@ from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, by_keyword
 from wan_i2v.server.access import ANYONE, HostCheck, Tokens, cross_site_refusal
 from wan_i2v.server.capacity import Capacity
-from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, MODEL, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying, same_request
+from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying, same_request
 from wan_i2v.server.queue import QueueUnreachable
+from wan_i2v.server.schemas import DeletedVideo, ErrorBody, ErrorDetail, Health, ModelCard, ModelList, Video, VideoList
 from wan_i2v.server.store import FINISHED, DiskFull, JobStore, QueueFull
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
@@ -51,12 +52,12 @@ RETRY_AFTER_SECONDS = {429: 30, 503: 5}
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     """Every error in one shape, the OpenAI API's: {"error": {"message", "type", "code"}}; a refusal
     that passes with time says when to retry."""
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                      "code": status}}  # fmt: skip
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = ErrorBody(error=ErrorDetail(message=message, type=kind, code=status))
     headers = dict(headers or {})
     if status in RETRY_AFTER_SECONDS:
         headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS[status]))
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def _number(form, name: str, kind, default):
@@ -163,7 +164,7 @@ def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upl
         return job
 
     @app.post("/v1/videos")
-    async def create(request: Request):
+    async def create(request: Request) -> Video:
         limit_text = f"the limit of {max_upload_bytes / 2**20:.0f} MiB (the server's --max-upload-mb)"
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_upload_bytes:
@@ -202,7 +203,7 @@ def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upl
             runner.notify()
         elif not await run_in_threadpool(_repeats, job, image, settings, _number(form, "seed", int, -1) != -1):
             fail(422, f"the Idempotency-Key {key!r} was used for another request (job {job.id}); use a new key for a new request")
-        return job.public()
+        return Video.of(job)
 
     def _repeats(job, image: bytes, settings: dict, seed_given: bool) -> bool:
         path = store.image_path(job.id)
@@ -210,20 +211,19 @@ def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upl
         return same_request(job.settings, known_image, json.loads(json.dumps(settings)), image, seed_given)
 
     @app.get("/v1/videos")
-    def listing(request: Request, limit: int = 20, after: str | None = None):
+    def listing(request: Request, limit: int = 20, after: str | None = None) -> VideoList:
         if not 1 <= limit <= 100:
             fail(400, f"limit {limit} out of range (1 to 100)")
         try:
             jobs, more = store.list(limit=limit, after=after, client=request.state.client.sees)
         except KeyError:
             fail(404, f"no video {after} (the after= cursor)")
-        data = [job.public() for job in jobs]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
+        return VideoList(data=[Video.of(job) for job in jobs], first_id=jobs[0].id if jobs else None,
+                         last_id=jobs[-1].id if jobs else None, has_more=more)  # fmt: skip
 
     @app.get("/v1/videos/{job_id}")
-    def retrieve(request: Request, job_id: str):
-        return found(request, job_id).public()
+    def retrieve(request: Request, job_id: str) -> Video:
+        return Video.of(found(request, job_id))
 
     @app.api_route("/v1/videos/{job_id}/content", methods=["GET", "HEAD"])
     def content(request: Request, job_id: str, variant: str = "video"):
@@ -239,14 +239,14 @@ def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upl
         return OpenedFileResponse(video, media_type="video/mp4", filename=f"{job_id}.mp4")
 
     @app.delete("/v1/videos/{job_id}")
-    def delete(request: Request, job_id: str):
+    def delete(request: Request, job_id: str) -> DeletedVideo | Video:
         job = found(request, job_id)
         if job.status in FINISHED and store.delete(job_id):
-            return {"id": job_id, "object": "video", "deleted": True}
+            return DeletedVideo(id=job_id)
         cancelled = store.cancel(job_id)
         if cancelled is None:  # deleted meanwhile, by another request
             fail(404, f"no video {job_id}")
-        return cancelled.public()
+        return Video.of(cancelled)
 
     @app.get("/v1/videos/{job_id}/events")
     async def events(request: Request, job_id: str):
@@ -263,7 +263,7 @@ def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upl
                 seen = (job.status, job.step)
                 if seen != last:
                     last, quiet = seen, 0.0
-                    yield f"event: {'done' if job.status in FINISHED else 'progress'}\ndata: {json.dumps(job.public())}\n\n"
+                    yield f"event: {'done' if job.status in FINISHED else 'progress'}\ndata: {json.dumps(Video.of(job).model_dump())}\n\n"
                     if job.status in FINISHED:
                         return
                 elif quiet > 15:  # a comment now and then keeps proxies from closing a quiet stream
@@ -274,24 +274,25 @@ def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upl
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/v1/models")
-    def models():
+    @app.get("/v1/models", response_model_exclude_none=True)
+    def models() -> ModelList:
         from wan_i2v.config import parse_size, video_size
 
         height, width = video_size(720, 1280, parse_size(defaults.size)[0])  # (the shape the server was planned for)
-        model = {"id": MODEL, "object": "model", "owned_by": "wan-i2v", "default_size": defaults.size, "default_frame_num": defaults.frame_num}
+        card = ModelCard(default_size=defaults.size, default_frame_num=defaults.frame_num)
         if capacity is not None:
-            model["max_frame_num"] = {f"{width}x{height}": capacity.largest_frame_num(height, width)}
-        return {"object": "list", "data": [model]}
+            card.max_frame_num = {f"{width}x{height}": capacity.largest_frame_num(height, width)}
+        return ModelList(data=[card])
 
-    @app.get("/health")
-    def health(request: Request):
-        # what a request's missing fields become (the page shows them)
-        body = {"status": runner.status, "defaults": dataclasses.asdict(defaults)}
-        if loopback or request.state.client is not None:  # how busy the server is, only to its clients once it is on a network
+    @app.get("/health", response_model_exclude_none=True)
+    def health(request: Request, response: Response) -> Health:
+        body = Health(status=runner.status, defaults=dataclasses.asdict(defaults))
+        if loopback or request.state.client is not None:
             counts = store.counts()
-            body.update(queued=counts["queued"], in_progress=counts["in_progress"])
-        return JSONResponse(body, status_code=503 if runner.status == "failed" else 200)
+            body.queued, body.in_progress = counts["queued"], counts["in_progress"]
+        if runner.status == "failed":
+            response.status_code = 503
+        return body
 
     registry = _metrics_registry(store, runner)
 

@@ -107,36 +107,6 @@ class Job:
     started_at: float | None
     completed_at: float | None
 
-    @property
-    def progress(self) -> int:
-        if self.status == "completed":
-            return 100
-        return int(100 * self.step / self.settings["steps"])
-
-    def public(self) -> dict:
-        """The job as the API shows it (the OpenAI video object's fields, and ours)."""
-        remaining = None
-        if self.status == "in_progress" and self.seconds_per_step is not None:
-            remaining = round((self.settings["steps"] - self.step) * self.seconds_per_step, 1)
-        return {
-            "id": self.id,
-            "object": "video",
-            "model": "wan2.2-i2v-a14b",
-            "status": self.status,
-            "progress": self.progress,
-            "created_at": int(self.created_at),
-            "completed_at": None if self.completed_at is None else int(self.completed_at),
-            "error": None if self.error is None else {"message": self.error},
-            "prompt": self.settings["prompt"],
-            "seconds": f"{(self.settings['frame_num'] - 1) / 16:g}",
-            "size": self.settings["size"],
-            "seed": self.settings["seed"],
-            "step": self.settings["steps"] if self.status == "completed" else self.step,  # (its last step's write may have been missed)
-            "seconds_per_step": None if self.seconds_per_step is None else round(self.seconds_per_step, 3),
-            "eta_seconds": remaining,
-            "settings": self.settings,
-        }
-
 
 class FileLiveness:
     """Whether the server that owns a job still runs: each server holds an exclusive lock on its own
