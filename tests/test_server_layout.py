@@ -78,3 +78,32 @@ def test_the_api_shows_a_running_job_as_the_video_object(tmp_path):
         '"seed":7,"step":3,"seconds_per_step":2.0,"eta_seconds":10.0,'
         '"settings":{"prompt":"a boat","size":"96*160","frame_num":81,"steps":8,"seed":7}}'
     )  # fmt: skip
+
+
+def test_the_videos_router_serves_alone_with_the_client_as_a_dependency(tmp_path):
+    """A router needs only the server's parts and the request's client, both FastAPI dependencies: here
+    the client is given by an override, with no token middleware, and sees only its own jobs."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server_process import IdleRunner
+    from wan_i2v.server.access import Client
+    from wan_i2v.server.context import ServerContext, request_client
+    from wan_i2v.server.job_form import JobDefaults
+    from wan_i2v.server.routes import videos
+    from wan_i2v.server.store import JobStore
+
+    store = JobStore(tmp_path / "state")
+    settings = {"prompt": "a boat", "size": "96*160", "frame_num": 5, "steps": 2, "seed": 1}
+    mine, _ = store.submit(b"image", settings, client="alice")
+    theirs, _ = store.submit(b"image", settings, client="bob")
+    app = FastAPI()
+    app.include_router(videos.router)
+    app.state.context = ServerContext(store, IdleRunner(), JobDefaults(), capacity=None, max_upload_bytes=2**20, loopback=True, metrics=None)
+    app.dependency_overrides[request_client] = lambda: Client("alice", admin=False)
+    with TestClient(app) as http:
+        listed = http.get("/v1/videos").json()
+        hidden = http.get(f"/v1/videos/{theirs.id}")
+    store.close()
+    assert [job["id"] for job in listed["data"]] == [mine.id] and listed["first_id"] == mine.id
+    assert hidden.status_code == 404

@@ -16,7 +16,8 @@ import uvicorn
 
 from wan_i2v.errors import WanError, counted, first_line
 from wan_i2v.server.access import Tokens, server_tokens
-from wan_i2v.server.app import JobDefaults, create_app, job_settings
+from wan_i2v.server.app import create_app
+from wan_i2v.server.job_form import JobDefaults, job_settings
 from wan_i2v.server.runner import Runner
 from wan_i2v.server.store import JobStore
 
