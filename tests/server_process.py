@@ -113,5 +113,11 @@ class IdleRunner:
 
     status = "ready"
 
+    def start(self):
+        pass
+
     def notify(self):
+        pass
+
+    def stop(self):
         pass

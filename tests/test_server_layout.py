@@ -107,3 +107,26 @@ def test_the_videos_router_serves_alone_with_the_client_as_a_dependency(tmp_path
     store.close()
     assert [job["id"] for job in listed["data"]] == [mine.id] and listed["first_id"] == mine.id
     assert hidden.status_code == 404
+
+
+def test_the_runner_runs_while_the_app_does(tmp_path):
+    """The app's lifespan starts the runner (which opens its session) and stops it (which closes it)."""
+    from fastapi.testclient import TestClient
+
+    from server_process import wait_until
+    from wan_i2v.server import JobStore, Runner, create_app
+
+    class NoJobsSession:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    session = NoJobsSession()
+    store = JobStore(tmp_path / "state")
+    runner = Runner(store, lambda: session)
+    with TestClient(create_app(store, runner), base_url="http://127.0.0.1") as http:
+        wait_until(lambda: http.get("/health").json()["status"] == "ready", timeout=10)
+        assert runner.thread.is_alive() and not session.closed
+    store.close()
+    assert not runner.thread.is_alive() and session.closed

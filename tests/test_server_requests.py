@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from server_process import free_port, png_bytes, wait_until
+from server_process import IdleRunner, free_port, png_bytes, wait_until
 from wan_i2v.errors import on_the_command_line
 from wan_i2v.server.app import JobDefaults, create_app
 from wan_i2v.server.store import JobStore
@@ -23,9 +23,7 @@ from wan_i2v.server.store import JobStore
 LIMIT_MB = 1
 
 
-class CountingRunner:
-    status = "ready"
-
+class CountingRunner(IdleRunner):
     def __init__(self):
         self.notified = 0
 

@@ -3,11 +3,14 @@ middleware that says who may reach them, with every error in the API's one shape
 
 from __future__ import annotations
 
+import logging
+from contextlib import asynccontextmanager
 from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wan_i2v.errors import by_keyword
@@ -19,6 +22,8 @@ from wan_i2v.server.queue import QueueUnreachable
 from wan_i2v.server.routes import page, service, videos
 from wan_i2v.server.schemas import ErrorBody, ErrorDetail
 from wan_i2v.server.store import DiskFull, JobStore
+
+log = logging.getLogger("wan_i2v.server")
 
 TOKEN_COOKIE = "wan_i2v_token"  # the page keeps the token here: a <video> or EventSource cannot send a header
 OPEN_PATHS = {"/", "/health", "/favicon.ico"}
@@ -65,11 +70,23 @@ EXCEPTION_HANDLERS = {StarletteHTTPException: _http_error, RequestValidationErro
 
 def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upload_bytes: int = 50 * 2**20, defaults: JobDefaults = JobDefaults(),
                capacity: Capacity | None = None, allowed_hosts: tuple[str, ...] = (), loopback: bool = True) -> FastAPI:  # fmt: skip
-    """The server's app. ``runner`` is told of each new job (``notify``) and reports ``status``;
+    """The server's app. ``runner`` runs while the app does (``start`` and ``stop``, in its lifespan), is
+    told of each new job (``notify``) and reports ``status``;
     ``tokens``: the clients it serves (None: anyone, with no token); ``capacity`` (the loaded plan's)
     refuses the videos that would not fit (None: no limit); ``allowed_hosts``: the names, besides IP
     addresses and localhost, that clients reach it by; ``loopback``: it listens on this machine only."""
-    app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None, exception_handlers=EXCEPTION_HANDLERS)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runner.start()
+        try:
+            yield
+        finally:
+            if runner.status != "failed":
+                log.info("stopping (a running job stops after its current step and resumes at the next start)")
+            await run_in_threadpool(runner.stop)
+
+    app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.context = ServerContext(store, runner, defaults, capacity, max_upload_bytes, loopback, service.metrics_registry(store, runner))
     for router in (videos.router, service.router, page.router):
         app.include_router(router)
