@@ -99,7 +99,8 @@ def test_the_videos_router_serves_alone_with_the_client_as_a_dependency(tmp_path
     theirs, _ = store.submit(b"image", settings, client="bob")
     app = FastAPI()
     app.include_router(videos.router)
-    app.state.context = ServerContext(store, IdleRunner(), JobDefaults(), capacity=None, max_upload_bytes=2**20, loopback=True, metrics=None)
+    app.state.context = ServerContext(store, IdleRunner(), events=None, defaults=JobDefaults(), capacity=None, max_upload_bytes=2**20,
+                                      loopback=True, metrics=None)  # fmt: skip
     app.dependency_overrides[request_client] = lambda: Client("alice", admin=False)
     with TestClient(app) as http:
         listed = http.get("/v1/videos").json()

@@ -3,8 +3,9 @@ middleware that says who may reach them, with every error in the API's one shape
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from contextlib import asynccontextmanager
 from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from wan_i2v.errors import by_keyword
 from wan_i2v.server.access import ANYONE, HostCheck, Tokens, cross_site_refusal
 from wan_i2v.server.capacity import Capacity
 from wan_i2v.server.context import ServerContext
+from wan_i2v.server.events import JobEvents
 from wan_i2v.server.job_form import JobDefaults
 from wan_i2v.server.queue import QueueUnreachable
 from wan_i2v.server.routes import page, service, videos
@@ -76,18 +78,24 @@ def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upl
     refuses the videos that would not fit (None: no limit); ``allowed_hosts``: the names, besides IP
     addresses and localhost, that clients reach it by; ``loopback``: it listens on this machine only."""
 
-    @asynccontextmanager
+    events = JobEvents(store)
+
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         runner.start()
+        pushing = asyncio.create_task(events.run())
         try:
             yield
         finally:
+            pushing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pushing
             if runner.status != "failed":
                 log.info("stopping (a running job stops after its current step and resumes at the next start)")
             await run_in_threadpool(runner.stop)
 
     app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    app.state.context = ServerContext(store, runner, defaults, capacity, max_upload_bytes, loopback, service.metrics_registry(store, runner))
+    app.state.context = ServerContext(store, runner, events, defaults, capacity, max_upload_bytes, loopback, service.metrics_registry(store, runner))
     for router in (videos.router, service.router, page.router):
         app.include_router(router)
 

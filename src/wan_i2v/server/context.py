@@ -11,6 +11,7 @@ from fastapi.exceptions import HTTPException
 
 from wan_i2v.server.access import Client
 from wan_i2v.server.capacity import Capacity
+from wan_i2v.server.events import JobEvents
 from wan_i2v.server.store import Job, JobStore
 
 if TYPE_CHECKING:  # (the job form's module depends on this one)
@@ -19,12 +20,13 @@ if TYPE_CHECKING:  # (the job form's module depends on this one)
 
 @dataclass(frozen=True)
 class ServerContext:
-    """The parts ``create_app`` was given. ``runner`` is told of each new job (``notify``) and reports
+    """The server's parts (``create_app``'s arguments). ``runner`` is told of each new job (``notify``) and reports
     ``status``; ``capacity`` (the loaded plan's) refuses the videos that would not fit (None: no limit);
     ``loopback``: the server listens on this machine only."""
 
     store: JobStore
     runner: Any
+    events: JobEvents  # the jobs' changes, pushed to their event streams
     defaults: JobDefaults
     capacity: Capacity | None
     max_upload_bytes: int

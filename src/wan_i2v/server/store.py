@@ -20,7 +20,7 @@ import sqlite3
 import stat
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +231,7 @@ class JobStore:
         _make_private(self.root)
         self.max_queued = max_queued
         self._reachable = True  # the queue answered last time (its outages are logged once, not at every call)
+        self.on_write: list[Callable[[], None]] = []  # told after each write this process commits (server.events)
         self.liveness = self.database.liveness
         self.owner = self.liveness.owner  # this server's name in the jobs it runs
         try:
@@ -294,6 +295,9 @@ class JobStore:
         if not self._reachable:
             self._reachable = True
             log.warning("the job queue answers again")
+        if write:
+            for listener in self.on_write:
+                listener()
 
     def _gone(self, db, owner: str | None) -> bool:
         """The server that owned a job has stopped (its lock is free)."""
@@ -359,6 +363,12 @@ class JobStore:
         only, mine = self._only(client)
         with self._db() as db:
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?" + only, (job_id, *mine)).fetchone())
+
+    def jobs(self, job_ids: Collection[str]) -> dict[str, Job]:
+        """The jobs of these ids that exist, read in one query."""
+        with self._db() as db:
+            rows = db.execute(f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(job_ids))})", tuple(job_ids)).fetchall()
+        return {row["id"]: self._job(row) for row in rows}
 
     def list(self, *, limit: int = 20, after: str | None = None, client: str | None = None) -> tuple[list[Job], bool]:
         """Newest first, ``limit`` at a time, after the job ``after``; and whether more follow.

@@ -18,6 +18,7 @@ from wan_i2v.server.schemas import DeletedVideo, Video, VideoList
 from wan_i2v.server.store import FINISHED, Job, JobStore, QueueFull
 
 router = APIRouter(prefix="/v1/videos")
+QUIET_SECONDS = 15  # an event stream's longest silence
 
 
 @router.post("")
@@ -85,27 +86,20 @@ def delete(job: VisibleJob, context: Context) -> DeletedVideo | Video:
 
 @router.get("/{job_id}/events")
 async def events(job: VisibleJob, context: Context):
-    store, job_id = context.store, job.id
-
     async def stream():
-        last = None
-        quiet = 0.0
-        while True:
-            job = await run_in_threadpool(store.get, job_id)
-            if job is None:
-                yield "event: error\ndata: {\"error\": {\"message\": \"the video was deleted\"}}\n\n"
-                return
-            seen = (job.status, job.step)
-            if seen != last:
-                last, quiet = seen, 0.0
-                yield f"event: {'done' if job.status in FINISHED else 'progress'}\ndata: {json.dumps(Video.of(job).model_dump())}\n\n"
-                if job.status in FINISHED:
+        with context.events.watching(job) as watch:
+            current: Job | None = job
+            while current is not None:
+                yield f"event: {'done' if current.status in FINISHED else 'progress'}\ndata: {json.dumps(Video.of(current).model_dump())}\n\n"
+                if current.status in FINISHED:
                     return
-            elif quiet > 15:  # a comment now and then keeps proxies from closing a quiet stream
-                quiet = 0.0
-                yield ": waiting\n\n"
-            await asyncio.sleep(0.25)
-            quiet += 0.25
+                while True:
+                    try:
+                        current = await asyncio.wait_for(watch.next(), QUIET_SECONDS)
+                        break
+                    except asyncio.TimeoutError:  # a comment now and then keeps proxies from closing a quiet stream
+                        yield ": waiting\n\n"
+            yield "event: error\ndata: {\"error\": {\"message\": \"the video was deleted\"}}\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
