@@ -73,11 +73,10 @@ EXCEPTION_HANDLERS = {StarletteHTTPException: _http_error, RequestValidationErro
 def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upload_bytes: int = 50 * 2**20, defaults: JobDefaults = JobDefaults(),
                capacity: Capacity | None = None, allowed_hosts: tuple[str, ...] = (), loopback: bool = True) -> FastAPI:  # fmt: skip
     """The server's app. ``runner`` runs while the app does (``start`` and ``stop``, in its lifespan), is
-    told of each new job (``notify``) and reports ``status``;
-    ``tokens``: the clients it serves (None: anyone, with no token); ``capacity`` (the loaded plan's)
-    refuses the videos that would not fit (None: no limit); ``allowed_hosts``: the names, besides IP
-    addresses and localhost, that clients reach it by; ``loopback``: it listens on this machine only."""
-
+    told of each new job (``notify``) and reports ``status``; ``tokens``: the clients it serves (None:
+    anyone, with no token); ``capacity`` (the loaded plan's) refuses the videos that would not fit
+    (None: no limit); ``allowed_hosts``: the names, besides IP addresses and localhost, that clients
+    reach it by; ``loopback``: it listens on this machine only."""
     events = JobEvents(store)
 
     @contextlib.asynccontextmanager
