@@ -106,3 +106,18 @@ class Server:
     def completions(self, job_id: str) -> int:
         """How many times a server of this log recorded the job's completion."""
         return self.log.read_text().count(f"completed {job_id}\n")
+
+
+class IdleRunner:
+    """A stand-in for the server's runner that runs nothing (another server of the queue, or the test, runs the jobs)."""
+
+    status = "ready"
+
+    def start(self):
+        pass
+
+    def notify(self):
+        pass
+
+    def stop(self):
+        pass

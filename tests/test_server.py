@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_process import Server, free_port, png_bytes, wait_until
+from server_process import IdleRunner, Server, free_port, png_bytes, wait_until
 from wan_i2v.cli import main
 
 
@@ -149,17 +149,19 @@ def test_a_host_name_not_allowed_is_refused_dns_rebinding(server, client):
         assert client.get("/v1/videos", headers={"Host": host}).status_code == 200, host
 
 
-def test_another_host_name_may_be_allowed():
+def test_another_host_name_may_be_allowed(tmp_path):
     from fastapi.testclient import TestClient
 
     from wan_i2v.server.app import create_app
+    from wan_i2v.server.store import JobStore
 
-    app = create_app(store=None, runner=None, allowed_hosts=("videos.example.com", "*.not-a-pattern"))
+    store = JobStore(tmp_path / "state")
+    app = create_app(store, runner=IdleRunner(), allowed_hosts=("videos.example.com", "*.not-a-pattern"))
     with TestClient(app) as http:
         assert http.get("/", headers={"Host": "videos.example.com:8443"}).status_code == 200
         assert http.get("/", headers={"Host": "other.example.com"}).status_code == 400
         assert http.get("/", headers={"Host": "a.not-a-pattern"}).status_code == 400
-    with TestClient(create_app(store=None, runner=None, allowed_hosts=("*",))) as http:
+    with TestClient(create_app(store, runner=IdleRunner(), allowed_hosts=("*",))) as http:
         assert http.get("/", headers={"Host": "anything.example"}).status_code == 200
 
 
@@ -277,7 +279,7 @@ def test_delete_a_finished_job_removes_its_files(server, client):
 
 
 def test_progress_as_server_sent_events(server, client):
-    job = server.submit(client, steps=200).json()  # a few seconds: many progress events at the stream's 0.25 s
+    job = server.submit(client, steps=200).json()  # a few seconds: many progress events, pushed as the steps are written
     events = []
     with client.stream("GET", f"/v1/videos/{job['id']}/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
@@ -767,12 +769,6 @@ def test_a_full_disk_refuses_new_jobs_with_507_and_reads_go_on(small_disk):
     from fastapi.testclient import TestClient
 
     from wan_i2v.server import JobStore, create_app
-
-    class IdleRunner:
-        status = "ready"
-
-        def notify(self):
-            pass
 
     store = JobStore(small_disk / "state")
     files = {"input_reference": ("input.png", png_bytes(), "image/png")}

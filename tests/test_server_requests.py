@@ -8,6 +8,7 @@ import contextvars
 import io
 import re
 import threading
+import time
 from dataclasses import replace
 
 import httpx2
@@ -15,7 +16,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from server_process import free_port, png_bytes, wait_until
+from server_process import IdleRunner, free_port, png_bytes, wait_until
 from wan_i2v.errors import on_the_command_line
 from wan_i2v.server.app import JobDefaults, create_app
 from wan_i2v.server.store import JobStore
@@ -23,9 +24,7 @@ from wan_i2v.server.store import JobStore
 LIMIT_MB = 1
 
 
-class CountingRunner:
-    status = "ready"
-
+class CountingRunner(IdleRunner):
     def __init__(self):
         self.notified = 0
 
@@ -238,3 +237,63 @@ def test_a_request_beyond_the_plan_is_refused_and_models_says_what_fits(tiny_che
                                 ckpt_dir=tiny_checkpoint), model_sizes(tiny_checkpoint, 4))  # fmt: skip
     largest = roomier.largest_frame_num(2048, 2048)  # 12 GiB: a few frames of 2048x2048, not 321
     assert 5 <= largest < 321 and roomier.fits(largest, 2048, 2048) and not roomier.fits(largest + 4, 2048, 2048)
+
+
+class EventStream:
+    """A job's event stream, read in a thread of its own: ``next()`` is its next event's (kind, job)."""
+
+    def __init__(self, base_url: str, job_id: str):
+        import queue
+
+        self.events: queue.Queue = queue.Queue()
+        self.url = f"{base_url}/v1/videos/{job_id}/events"
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        import json
+
+        with httpx2.Client(timeout=60) as http, http.stream("GET", self.url) as stream:
+            kind = None
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    self.events.put((kind, json.loads(line[6:])))
+
+    def next(self, timeout: float) -> tuple[str, dict]:
+        return self.events.get(timeout=timeout)
+
+
+def test_event_streams_get_this_servers_changes_at_once_and_read_the_queue_once_per_poll(state_dir, base_url, client, monkeypatch):
+    from wan_i2v.server import events
+
+    reads = []
+    monkeypatch.setattr(JobStore, "get", lambda store, *args, _get=JobStore.get, **kwargs: reads.append("get") or _get(store, *args, **kwargs))
+    monkeypatch.setattr(JobStore, "jobs", lambda store, ids, _jobs=JobStore.jobs: reads.append("jobs") or _jobs(store, ids))
+    monkeypatch.setattr(events, "POLL_SECONDS", 0.25)
+    ids = [submit(client).json()["id"] for _ in range(4)]
+    streams = [EventStream(base_url, job_id) for job_id in ids]
+    assert all(stream.next(timeout=10)[1]["status"] == "queued" for stream in streams)
+    reads.clear()
+    time.sleep(2)
+    assert len(reads) <= 12  # one read of the four jobs per poll, not one per stream (4 streams x 8 polls)
+
+    worker = JobStore(state_dir)  # another server of the queue runs a job: only a poll sees it
+    while (claimed := worker.claim()).id != ids[0]:
+        worker.finish(claimed.id, "failed", error="not this test's")
+    worker.progress(ids[0], 1, 0.5)
+    worker.close()
+    kind, job = streams[0].next(timeout=10)
+    if job["status"] == "in_progress" and job["step"] == 0:  # the claim and the step, read by two polls
+        kind, job = streams[0].next(timeout=10)
+    assert kind == "progress" and job["status"] == "in_progress" and job["step"] == 1
+
+    monkeypatch.setattr(events, "POLL_SECONDS", 60)  # what follows comes sooner than any poll
+    time.sleep(1)  # (the poll under way ends)
+    started = time.monotonic()
+    assert client.delete(f"/v1/videos/{ids[1]}").status_code == 200  # this server cancels it
+    assert streams[1].next(timeout=10) == ("done", client.get(f"/v1/videos/{ids[1]}").json())
+    assert time.monotonic() - started < 5
+
+    for job_id in ids:
+        client.delete(f"/v1/videos/{job_id}")

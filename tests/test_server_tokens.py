@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 from fastapi.testclient import TestClient
 
-from server_process import Server, free_port, png_bytes
+from server_process import IdleRunner, Server, free_port, png_bytes
 from wan_i2v.cli import main
 from wan_i2v.server import JobDefaults, JobStore, create_app, job_settings
 from wan_i2v.server.access import Client, Tokens, read_tokens
@@ -30,13 +30,6 @@ def tokens(tmp_path) -> Tokens:
     path = tmp_path / "tokens"
     path.write_text(TOKENS_FILE, encoding="utf-8-sig")  # with a byte-order mark, as Notepad saves it
     return read_tokens(path)
-
-
-class IdleRunner:
-    status = "ready"
-
-    def notify(self):
-        pass
 
 
 def app_over(store, tokens, *, loopback: bool = True):

@@ -16,7 +16,8 @@ import uvicorn
 
 from wan_i2v.errors import WanError, counted, first_line
 from wan_i2v.server.access import Tokens, server_tokens
-from wan_i2v.server.app import JobDefaults, create_app, job_settings
+from wan_i2v.server.app import create_app
+from wan_i2v.server.job_form import JobDefaults, job_settings
 from wan_i2v.server.runner import Runner
 from wan_i2v.server.store import JobStore
 
@@ -63,7 +64,7 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, tokens: Tokens
     logging.basicConfig(level=logging.INFO, format="wan-i2v: %(message)s", stream=sys.stderr)
     failure: list[BaseException] = []
     # Open event streams are cut after a few seconds of a stop, which would otherwise wait for them.
-    config = uvicorn.Config(None, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=3)
+    config = uvicorn.Config(None, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
     server = _Server(config)
 
     def failed(exc: BaseException) -> None:
@@ -77,13 +78,11 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, tokens: Tokens
     print(f"wan-i2v: serving on http://{host}:{port}/ (queue {store.database.describe()}, files in {state_dir}: "
           f"{counted(counts['queued'] + counts['in_progress'], 'job')} to run); "
           "loading the pipeline", file=sys.stderr)  # fmt: skip
-    runner.start()
     try:
-        server.run()
+        server.run()  # (the app's lifespan starts the runner, and stops it)
     finally:
-        if not failure:
-            print("wan-i2v: stopping (a running job stops after its current step and resumes at the next start)", file=sys.stderr)
-        runner.stop()
+        if server.force_exit:  # a second Ctrl-C: uvicorn skips the app's shutdown, and the running job must still go back to the queue
+            runner.stop()
         store.close()
     if failure:
         if isinstance(failure[0], WanError) or not isinstance(failure[0], Exception):

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wan_i2v.errors import WanError, first_line
-from wan_i2v.server.store import FOLDER_MARK, SQLITE_FILE, DuplicateKey, QueueUnreachable
+from wan_i2v.server.queue import FOLDER_MARK, SQLITE_FILE, DuplicateKey, QueueUnreachable
 
 log = logging.getLogger("wan_i2v.server")
 
@@ -86,6 +86,8 @@ class AdvisoryLockLiveness:
     connection was cut, or the database restarted: every lock is gone then, also the live servers').
     So a free lock is a server gone only once it has stayed free for ``TAKEOVER_GRACE_SECONDS``, as the
     server that would take over the job sees it."""
+
+    owner: str  # this server's name in the jobs it runs
 
     def __init__(self, connect):
         self._connect = connect
@@ -169,7 +171,10 @@ class _Statements:
 
 
 class PostgresQueue:
+    """The queue in a PostgreSQL database, for servers on several machines."""
+
     serial, real = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "DOUBLE PRECISION"
+    liveness: AdvisoryLockLiveness
 
     def __init__(self, url: str, folder: Path):
         psycopg, psycopg_pool = _psycopg()

@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 
 from wan_i2v.errors import WanError, first_line, is_out_of_memory
-from wan_i2v.server.store import Job, JobStore, QueueUnreachable, exception_chain, is_disk_full
+from wan_i2v.server.queue import QueueUnreachable
+from wan_i2v.server.store import Job, JobStore, exception_chain, is_disk_full
 
 log = logging.getLogger("wan_i2v.server")
 

@@ -20,7 +20,7 @@ import sqlite3
 import stat
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +28,13 @@ from pathlib import Path
 from wan_i2v import locks
 from wan_i2v.errors import WanError, counted
 from wan_i2v.server import memory_kills
+from wan_i2v.server.postgres import PostgresQueue
+from wan_i2v.server.queue import FOLDER_MARK, SQLITE_FILE, DuplicateKey, Queue, QueueUnreachable
 
 log = logging.getLogger("wan_i2v.server")
 
 MAX_RUNS = 3
 SWEEP_AFTER_SECONDS = 600
-FOLDER_MARK = "queue-id"  # in the shared folder of a PostgreSQL queue (server.postgres)
-SQLITE_FILE = "queue.sqlite3"  # in the state directory of a SQLite queue
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -86,14 +86,6 @@ def is_disk_full(exc: BaseException) -> bool:
                for cause in exception_chain(exc))  # fmt: skip
 
 
-class QueueUnreachable(Exception):
-    """The queue's database cannot be read or written for now (a full disk, a lost connection)."""
-
-
-class DuplicateKey(Exception):
-    """An insert clashed with a unique key (the same idempotency key, submitted twice at once)."""
-
-
 @dataclass(frozen=True)
 class Job:
     """One row of the queue."""
@@ -115,42 +107,14 @@ class Job:
     started_at: float | None
     completed_at: float | None
 
-    @property
-    def progress(self) -> int:
-        if self.status == "completed":
-            return 100
-        return int(100 * self.step / self.settings["steps"])
-
-    def public(self) -> dict:
-        """The job as the API shows it (the OpenAI video object's fields, and ours)."""
-        remaining = None
-        if self.status == "in_progress" and self.seconds_per_step is not None:
-            remaining = round((self.settings["steps"] - self.step) * self.seconds_per_step, 1)
-        return {
-            "id": self.id,
-            "object": "video",
-            "model": "wan2.2-i2v-a14b",
-            "status": self.status,
-            "progress": self.progress,
-            "created_at": int(self.created_at),
-            "completed_at": None if self.completed_at is None else int(self.completed_at),
-            "error": None if self.error is None else {"message": self.error},
-            "prompt": self.settings["prompt"],
-            "seconds": f"{(self.settings['frame_num'] - 1) / 16:g}",
-            "size": self.settings["size"],
-            "seed": self.settings["seed"],
-            "step": self.settings["steps"] if self.status == "completed" else self.step,  # (its last step's write may have been missed)
-            "seconds_per_step": None if self.seconds_per_step is None else round(self.seconds_per_step, 3),
-            "eta_seconds": remaining,
-            "settings": self.settings,
-        }
-
 
 class FileLiveness:
     """Whether the server that owns a job still runs: each server holds an exclusive lock on its own
     file in ``owners/`` for as long as its process lives (the kernel drops it when the process ends,
     however it ends), so a lock that can be taken is a server that is gone. Unlike host names and pids
     this survives a pod or container restart, whose host name and pids are new."""
+
+    owner: str  # this server's name in the jobs it runs
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -180,6 +144,7 @@ class SQLiteQueue:
     upgrade deadlocks)."""
 
     serial, real = "INTEGER PRIMARY KEY AUTOINCREMENT", "REAL"
+    liveness: FileLiveness
 
     def __init__(self, root: Path):
         if (root / FOLDER_MARK).exists():
@@ -254,11 +219,10 @@ class JobStore:
 
     def __init__(self, state_dir: str | Path, *, max_queued: int = 1000, queue_url: str | None = None):
         self.root = Path(state_dir)
+        self.database: Queue
         if queue_url is None:
             self.database = SQLiteQueue(self.root)
         else:
-            from wan_i2v.server.postgres import PostgresQueue
-
             self.database = PostgresQueue(queue_url, self.root)  # (the folder checked before anything is written there)
         try:
             (self.root / "jobs").mkdir(parents=True, exist_ok=True)
@@ -267,6 +231,7 @@ class JobStore:
         _make_private(self.root)
         self.max_queued = max_queued
         self._reachable = True  # the queue answered last time (its outages are logged once, not at every call)
+        self.on_write: list[Callable[[], None]] = []  # told after each write this process commits (server.events)
         self.liveness = self.database.liveness
         self.owner = self.liveness.owner  # this server's name in the jobs it runs
         try:
@@ -330,6 +295,9 @@ class JobStore:
         if not self._reachable:
             self._reachable = True
             log.warning("the job queue answers again")
+        if write:
+            for listener in self.on_write:
+                listener()
 
     def _gone(self, db, owner: str | None) -> bool:
         """The server that owned a job has stopped (its lock is free)."""
@@ -395,6 +363,12 @@ class JobStore:
         only, mine = self._only(client)
         with self._db() as db:
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?" + only, (job_id, *mine)).fetchone())
+
+    def jobs(self, job_ids: Collection[str]) -> dict[str, Job]:
+        """The jobs of these ids that exist, read in one query."""
+        with self._db() as db:
+            rows = db.execute(f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(job_ids))})", tuple(job_ids)).fetchall()
+        return {row["id"]: self._job(row) for row in rows}
 
     def list(self, *, limit: int = 20, after: str | None = None, client: str | None = None) -> tuple[list[Job], bool]:
         """Newest first, ``limit`` at a time, after the job ``after``; and whether more follow.
