@@ -141,7 +141,7 @@ def _official_meanings(args) -> None:
 
 
 def _is_main() -> bool:
-    from wan_i2v.parallel.groups import env_rank
+    from wan_i2v.parallel.env import env_rank
 
     return env_rank() == 0
 

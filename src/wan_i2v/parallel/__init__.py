@@ -9,10 +9,22 @@ holds the order). The plan (``ParallelDims``) is pure data;
 
 from __future__ import annotations
 
-from wan_i2v.parallel.fsdp import apply_fsdp
-from wan_i2v.parallel.groups import ParallelGroups, init_distributed, launched
-from wan_i2v.parallel.plan import MemoryEstimate, ModelSizes, ParallelDims, choose_plan, estimate_memory
-from wan_i2v.parallel.ulysses import apply_ulysses
+import importlib
+
+# Each name from its module when first asked for: ``wan_i2v.parallel.env`` and ``.plan`` are read by
+# commands that must not wait for torch.
+_HOMES = {
+    "apply_fsdp": "fsdp", "ParallelGroups": "groups", "init_distributed": "groups", "launched": "env",
+    "MemoryEstimate": "plan", "ModelSizes": "plan", "ParallelDims": "plan", "choose_plan": "plan", "estimate_memory": "plan",
+    "apply_ulysses": "ulysses",
+}  # fmt: skip
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"wan_i2v.parallel.{_HOMES[name]}"), name)
+    raise AttributeError(name)
+
 
 __all__ = [
     "MemoryEstimate",

@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from wan_i2v.parallel.env import env_rank, env_world, launched  # noqa: F401 (the process's place, as the groups' module gives it)
 from wan_i2v.parallel.plan import ParallelDims
 
 # A collective that waits longer than this (a rank died without its launcher noticing) ends the run.
@@ -16,25 +17,11 @@ TIMEOUT_ENV = "WAN_I2V_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600
 
 
-def env_world() -> int:
-    """The launcher's WORLD_SIZE (1 outside a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def agree(value, device: torch.device, group=None, src: int = 0):
     """Rank ``src``'s ``value`` (any picklable object) on every rank of ``group``."""
     box = [value]
     dist.broadcast_object_list(box, src=src, group=group, device=device)
     return box[0]
-
-
-def launched() -> bool:
-    """True in a process started by torchrun, ``--gpus N`` or a cluster launcher (WORLD_SIZE > 1)."""
-    return env_world() > 1
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def init_distributed(device_type: str) -> torch.device:
