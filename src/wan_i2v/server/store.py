@@ -396,25 +396,23 @@ class JobStore:
             found = {row["status"]: row["n"] for row in db.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")}
         return {status: found.get(status, 0) for status in STATUSES}
 
-    def claim(self, busy: Collection[str] = ()) -> Job | None:
+    def claim(self) -> Job | None:
         """The next job to run, now this process's: a running job whose server died (it resumes from
         its saved step), else the oldest queued one. A job whose server died while it ran fails
         instead of starving the queue (it may be what kills them): at once when the OOM killer struck
-        meanwhile, else after ``MAX_RUNS`` deaths. A job of this server's own that it is not running
-        (not in ``busy``) is taken again, whatever its runs: a claim whose commit went through while
+        meanwhile, else after ``MAX_RUNS`` deaths. A job of this server's own (one job at a time: it is
+        not running it) is taken again, whatever its runs: a claim whose commit went through while
         its answer was lost on the way back, not a death."""
         kills_now = memory_kills.count_now()
         with self._db(write=True) as db:
             taken, now = None, time.time()
             for row in db.execute("SELECT * FROM jobs WHERE status = 'in_progress' ORDER BY seq").fetchall():
-                if row["owner"] == self.owner:
-                    if row["id"] in busy:
+                if row["owner"] != self.owner:  # (its own: taken again)
+                    if not self._gone(db, row["owner"]):
                         continue
-                elif not self._gone(db, row["owner"]):
-                    continue
-                elif (death := self._death_to_fail(self._job(row))) is not None:
-                    db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?", (death, now, row["id"]))
-                    continue
+                    if (death := self._death_to_fail(self._job(row))) is not None:
+                        db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, owner = NULL WHERE id = ?", (death, now, row["id"]))
+                        continue
                 taken = row["id"]
                 break
             if taken is None:
