@@ -13,6 +13,7 @@ allocator rounds every allocation up to a power of two, which cost up to half th
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import queue
 import threading
@@ -280,7 +281,7 @@ class Fill:
                  file: FileRange | None = None, tensor: torch.Tensor | None = None, convert: Callable[[torch.Tensor], dict] | None = None):  # fmt: skip
         self.key, self.dtype, self.shape, self.targets = key, dtype, tuple(shape), targets
         self.file, self.tensor, self.convert = file, tensor, convert
-        self.nbytes = dtype.itemsize * _numel(self.shape)
+        self.nbytes = dtype.itemsize * math.prod(self.shape)
         for owner, name in targets:
             if getattr(owner, name).device.type == "meta":
                 hold_placeholder(owner, name)
@@ -320,13 +321,6 @@ def hold_placeholder(owner: torch.nn.Module, name: str) -> torch.Tensor:
     else:
         owner._buffers[name] = held
     return held
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 class Batch:

@@ -22,6 +22,7 @@ video is the resident plan's to the bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator, Sequence
 
 import torch
@@ -136,7 +137,7 @@ class BlockStream:
         sizes = []
         for index in range(len(blocks)):
             prefix = f"blocks.{index}."
-            sizes.append(sum(aligned(source.stored(key).dtype.itemsize * _numel(source.shape(key))) for key in source.keys() if key.startswith(prefix)))
+            sizes.append(sum(aligned(source.stored(key).dtype.itemsize * math.prod(source.shape(key))) for key in source.keys() if key.startswith(prefix)))
         return max(sizes)
 
     def resident_blocks(self) -> list[int]:
@@ -207,13 +208,6 @@ class BlockStream:
         for owner, name, placeholder in self.placeholders[index]:
             getattr(owner, name).data = placeholder
         del self.ready[index]
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def load_outside_blocks(model: nn.Module, source: TensorSource, ring: StagingRing, dtype: torch.dtype, keep_fp32) -> None:
