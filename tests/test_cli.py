@@ -1,10 +1,12 @@
 """The `wan-i2v` command: real runs on the tiny checkpoint, and every bad input."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -419,6 +421,17 @@ def test_more_gpus_than_the_machine_has(tiny_checkpoint, image_file, tmp_path, c
     assert "--device cuda:1 names one GPU but --gpus is 2" in error_line(capsys)
 
 
+def assert_every_process_gone(proc) -> None:
+    """Every process of the run's group (its ranks, multiprocessing's helper) is gone within seconds."""
+    for _ in range(100):
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    pytest.fail("processes of the run are still alive")
+
+
 def test_ctrl_c_stops_every_rank(tiny_checkpoint, image_file, tmp_path):
     """SIGINT to the terminal's process group (what Ctrl-C sends) ends the launcher and both ranks."""
     import os
@@ -440,14 +453,7 @@ def test_ctrl_c_stops_every_rank(tiny_checkpoint, image_file, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "wan-i2v: interrupted"
-    for _ in range(100):  # every rank (and multiprocessing's helper) is gone within seconds
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("processes of the run are still alive")
+    assert_every_process_gone(proc)
     assert not out.exists()
 
 
@@ -511,14 +517,7 @@ def test_sigterm_to_every_process_of_a_multi_gpu_run_stops_it_as_ctrl_c_does(tin
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-2:] == [f"wan-i2v: the denoising state is saved in {state}; the same command resumes from it",
                                              "wan-i2v: stopped by SIGTERM"], err  # fmt: skip
-    for _ in range(100):  # every rank is gone within seconds
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("processes of the run are still alive")
+    assert_every_process_gone(proc)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["input.png", "out.state.pt"]  # no .out.mp4.lock, no temporary
 
 

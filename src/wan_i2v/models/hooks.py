@@ -189,16 +189,16 @@ class HookRegistry:
 
     @torch.compiler.disable
     def before_block(self, call: StackCall, index: int, tokens: torch.Tensor, pending: Pending) -> tuple[torch.Tensor, Pending]:
-        for hook in self.hooks:
-            replaced = hook.before_block(call, index, tokens, pending)
-            if replaced is not None:
-                tokens, pending = replaced
-        return tokens, pending
+        return self._around_block("before_block", call, index, tokens, pending)
 
     @torch.compiler.disable
     def after_block(self, call: StackCall, index: int, tokens: torch.Tensor, pending: Pending) -> tuple[torch.Tensor, Pending]:
+        return self._around_block("after_block", call, index, tokens, pending)
+
+    def _around_block(self, method: str, call: StackCall, index: int, tokens: torch.Tensor, pending: Pending) -> tuple[torch.Tensor, Pending]:
+        """Each hook's ``method`` in turn, each seeing what the one before it may have replaced."""
         for hook in self.hooks:
-            replaced = hook.after_block(call, index, tokens, pending)
+            replaced = getattr(hook, method)(call, index, tokens, pending)
             if replaced is not None:
                 tokens, pending = replaced
         return tokens, pending
