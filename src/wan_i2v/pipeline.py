@@ -4,7 +4,6 @@ they get is the execution plan's (``execution.py``); this module wires the stage
 
 from __future__ import annotations
 
-import hashlib
 import random
 import sys
 import time
@@ -32,10 +31,10 @@ from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.kernels.attention import check_kernel
 from wan_i2v.loading import checkpoint as ckpt
-from wan_i2v.loading.checkpoint import load_strict, refill, safetensors_source
+from wan_i2v.loading.checkpoint import load_strict, safetensors_source
 from wan_i2v.loading.converted import converted_blocks
 from wan_i2v.loading.staging import StagingRing
-from wan_i2v.loading.lora import LoraFile, Loras, adapted, read_lora
+from wan_i2v.loading.lora import LoraFile, Loras, MergedLoras, adapted, read_lora, switch_loras
 from wan_i2v.models.dit import DiT, build_dit, keeps_fp32, load_dit, pad_context
 from wan_i2v.models.hooks import merge_states
 from wan_i2v.models.text_encoder import TextEncoder
@@ -43,7 +42,7 @@ from wan_i2v.models.vae import WanVAE, load_vae
 from wan_i2v.parallel.plan import ParallelDims
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
-from wan_i2v.sampling.resume import load_loop_state, map_tensors, save_loop_state, state_to
+from wan_i2v.sampling.resume import load_loop_state, map_tensors, run_identity, save_loop_state, state_to
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
 from wan_i2v.video import check_writable, image_to_tensor, load_image, mp4_writer
@@ -110,13 +109,11 @@ class I2VPipeline:
         parallel=None,
         checkpoint: Path | None = None,
         ring: StagingRing | None = None,
-        loras: dict[str, list[LoraFile]] | None = None,
+        loras: MergedLoras = MergedLoras(),
     ):
         self.plan = plan
         self.checkpoint = checkpoint
-        self._lora_parameters: dict[str, set[str]] = {}  # expert -> the parameters its LoRAs changed
-        self.loras: list[dict] = []  # a record of each LoRA merged in: expert, file, sha256, strength
-        self._note_loras(loras or {})
+        self.merged_loras = loras
         self.parallel = parallel  # a wan_i2v.parallel.ParallelGroups in a multi-rank run
         self.text_encoder = text_encoder
         self.vae = vae
@@ -128,14 +125,16 @@ class I2VPipeline:
             self.text_encoder_visits = HostCopy(text_encoder.model, ring, blocks_of=text_encoder.model.encoder.block if plan.stream_text_encoder else None)
         else:
             self.text_encoder_visits = None
-        # What, besides the generation settings, decides the video: a saved state must match it.
-        self.identity = {**({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else {}), **plan.identity()}
-        if self.loras:  # a run with LoRAs is another run (without, the identity is what it always was)
-            self.identity["loras"] = self.loras
 
-    def _note_loras(self, loras: dict[str, list[LoraFile]]) -> None:
-        self._lora_parameters = {name: {key for lora in files for key in lora.deltas} for name, files in loras.items()}
-        self.loras = [lora.record(name) for name, files in loras.items() for lora in files]
+    @property
+    def loras(self) -> list[dict]:
+        """A record of each LoRA merged in: expert, file, sha256, strength."""
+        return self.merged_loras.records()
+
+    @property
+    def identity(self) -> dict:
+        """What, besides the generation settings and the image, decides this pipeline's videos."""
+        return run_identity(self.checkpoint, self.plan.identity(), self.loras)
 
     @classmethod
     def from_pretrained(
@@ -255,7 +254,7 @@ class I2VPipeline:
         vae = load_vae_for(root / ckpt.VAE_FILE, device, plan.decode_dtype, plan.encode_dtype)
         bar.update()
         bar.close()
-        return cls(text_encoder, vae, experts, plan=plan, parallel=parallel, checkpoint=root, ring=ring, loras=merged)
+        return cls(text_encoder, vae, experts, plan=plan, parallel=parallel, checkpoint=root, ring=ring, loras=MergedLoras(merged))
 
     def set_loras(self, loras) -> None:
         """Change the LoRAs (as ``from_pretrained``'s ``loras``; None: none) without reloading: each
@@ -263,24 +262,9 @@ class I2VPipeline:
         deltas merged, in place, wherever it lives (GPU, host memory, this rank's shard). In a
         parallel run every rank calls it with the same LoRAs."""
         loras = Loras.of(loras)
-        self.experts.release()  # every weight back where it waits: no device copy may go stale
-        bases, merged = {}, {}
-        for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):  # every file checked before any weight changes
-            bases[name] = safetensors_source(self.checkpoint / subdir)
-            merged[name] = [read_lora(spec, bases[name]) for spec in loras.for_expert(name)]
-        for name in merged:
-            touched = self._lora_parameters.get(name, set()) | {key for lora in merged[name] for key in lora.deltas}
-            source = adapted(bases[name], merged[name], self.device)
-            streams = getattr(self.experts, "streams", {})
-            if name in streams:  # streamed blocks are read with the new merges from now on; the rest is refilled
-                streams[name].use_source(source)
-                touched = {key for key in touched if not key.startswith("blocks.")}
-            refill(self.experts.models[name], source, sorted(touched))
+        bases = {name: safetensors_source(self.checkpoint / subdir) for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR))}
+        self.merged_loras = switch_loras(self.experts, bases, self.merged_loras, loras, self.device)
         self.plan = replace(self.plan, loras=loras)
-        self._note_loras(merged)
-        self.identity.pop("loras", None)
-        if self.loras:
-            self.identity["loras"] = self.loras
 
     @property
     def high_noise(self) -> DiT:
@@ -405,7 +389,7 @@ class I2VPipeline:
         resume = run = None
         if state_file is not None:
             state_file = Path(state_file)
-            run = {**self.identity, "image": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()}
+            run = run_identity(self.checkpoint, self.plan.identity(), self.loras, pixels)
             saved = load_loop_state(state_file, chosen, run, seed_given=seed is not None) if self.is_main else None
             if self.parallel is not None:  # rank 0's file, read once, on every rank
                 saved = self.parallel.agree(saved)

@@ -31,7 +31,7 @@ import torch
 
 from wan_i2v.cache.manifest import hash_stream
 from wan_i2v.errors import WanError
-from wan_i2v.loading.checkpoint import TensorSource
+from wan_i2v.loading.checkpoint import TensorSource, refill
 from wan_i2v.loading.names import diffusers_to_official
 
 # (suffix, role, the parameter it changes relative to the module path)
@@ -230,3 +230,37 @@ def adapted(base: TensorSource, loras: Iterable[LoraFile], device: torch.device 
         return value
 
     return base.with_merges({name: (lambda value, rows, deltas=deltas: merged(value, rows, deltas)) for name, deltas in by_name.items()}, device)
+
+
+@dataclass(frozen=True)
+class MergedLoras:
+    """The LoRA files merged into each expert's weights, by expert name, in the order applied."""
+
+    files: dict[str, list[LoraFile]] = field(default_factory=dict)
+
+    def records(self) -> list[dict]:
+        """What a run's metadata and resume state keep: each file's expert, name, sha256 and strength."""
+        return [lora.record(name) for name, files in self.files.items() for lora in files]
+
+    def changed(self, expert: str) -> set[str]:
+        """The parameters of ``expert`` that its LoRAs change."""
+        return {key for lora in self.files.get(expert, ()) for key in lora.deltas}
+
+
+def switch_loras(experts, bases: dict[str, TensorSource], current: MergedLoras, loras: Loras, device: torch.device) -> MergedLoras:
+    """Replace the ``current`` LoRAs of ``experts`` (a pipeline's ``Experts``) by ``loras`` without
+    reloading; returns what is merged now. Every file is read and checked against its expert's
+    checkpoint weights (``bases``, by expert name) before any weight changes; then each parameter the
+    old or the new LoRAs change is read again and the new deltas merged, in place, wherever it lives
+    (GPU, host memory, this rank's shard). Streamed blocks are read with the new merges from then on."""
+    experts.release()  # every weight back where it waits: no device copy may go stale
+    new = MergedLoras({name: [read_lora(spec, base) for spec in loras.for_expert(name)] for name, base in bases.items()})
+    streams = getattr(experts, "streams", {})
+    for name, base in bases.items():
+        touched = current.changed(name) | new.changed(name)
+        source = adapted(base, new.files[name], device)
+        if name in streams:  # (its blocks are read through the stream's source; the rest is refilled)
+            streams[name].use_source(source)
+            touched = {key for key in touched if not key.startswith("blocks.")}
+        refill(experts.models[name], source, sorted(touched))
+    return new

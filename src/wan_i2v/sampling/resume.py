@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,19 @@ def map_tensors(state, fn):
 
 def state_to(state: LoopState, device: torch.device) -> LoopState:
     return LoopState(**map_tensors(vars(state), lambda t: t.to(device)))
+
+
+def run_identity(checkpoint: Path | None, plan_identity: dict, loras: list[dict], image: torch.Tensor | None = None) -> dict:
+    """What, besides the generation settings, decides a run's video, which a saved state must match
+    to be resumed: the checkpoint's folder, what in the execution plan changes the numbers
+    (``ExecutionPlan.identity``), the LoRAs' records (none: no entry, as before LoRAs existed) and
+    the input image's pixels."""
+    identity = {**({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else {}), **plan_identity}
+    if loras:
+        identity["loras"] = loras
+    if image is not None:
+        identity["image"] = hashlib.sha256(image.numpy().tobytes()).hexdigest()
+    return identity
 
 
 def save_loop_state(path, state: LoopState, settings: GenerationSettings, run: dict) -> None:
