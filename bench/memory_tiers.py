@@ -159,7 +159,8 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     size, gpu, host, cold, options, env, _ = ROWS[name]
     out = args.work / f"{name}.mp4"
     latents = args.work / f"{name}.latents.pt"
-    for path in (out, latents):
+    # (a row cut short leaves its state file: the same row run again would resume from it, not be timed)
+    for path in (out, latents, out.with_suffix(".state.pt")):
         path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(args.ckpt), "--image", str(image), "--prompt", PROMPT,
                "--distilled", "--seed", "0", "--host-memory", str(host), "--save-file", str(out), "--save-latents", str(latents)]  # fmt: skip
