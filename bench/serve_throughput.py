@@ -52,7 +52,8 @@ from pathlib import Path
 
 import httpx2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 
 RECIPES = {
     "distilled": {"solver": "euler", "steps": "4", "guide_scale": "1", "shift": "5"},
@@ -80,7 +81,8 @@ def start_servers(ckpt: Path, state: Path, groups: list[tuple[str, int]], extra:
         port = free_port()
         command = [sys.executable, "-m", "wan_i2v", "serve", "--ckpt-dir", str(ckpt), "--state-dir", str(state), "--port", str(port),
                    "--device", device, "--max-queue", "100", *extra]  # fmt: skip
-        env = dict(os.environ)
+        # The servers import this tree's package, installed or not (as this script does through sys.path).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
         if device == "cuda":
             env["CUDA_VISIBLE_DEVICES"] = visible
             command += ["--gpus", str(gpus)]
