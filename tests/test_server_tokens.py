@@ -5,6 +5,8 @@ once the server is on a network."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from urllib.parse import quote
 
 import pytest
@@ -29,6 +31,7 @@ SETTINGS = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", 
 def tokens(tmp_path) -> Tokens:
     path = tmp_path / "tokens"
     path.write_text(TOKENS_FILE, encoding="utf-8-sig")  # with a byte-order mark, as Notepad saves it
+    path.chmod(0o600)
     return read_tokens(path)
 
 
@@ -62,6 +65,18 @@ def test_a_tokens_file_names_each_client_and_marks_admins(tokens):
     assert tokens.client("s3cret-of-root") == Client("root", admin=True)
     for wrong in ("", "alice", "s3cret-of-ali", "s3cret-of-alice ", "# the studio's clients"):
         assert tokens.client(wrong) is None, wrong
+
+
+def test_a_tokens_file_that_other_users_may_read_is_warned_of(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text(TOKENS_FILE)
+    path.chmod(0o644)
+    with pytest.warns(UserWarning, match=re.escape(f"--tokens {path} can be read by other users of this machine (mode 644); chmod 600 {path}")):
+        read_tokens(path)
+    path.chmod(0o600)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_tokens(path)
 
 
 @pytest.mark.parametrize(
@@ -177,6 +192,7 @@ def test_serve_with_tokens_on_the_network_keeps_each_clients_jobs_through_a_kill
 
     path = tmp_path / "tokens"
     path.write_text(TOKENS_FILE)
+    path.chmod(0o600)
     server = Server(tiny_checkpoint, tmp_path / "state", "--tokens", str(path), "--host", "0.0.0.0", token=None).start()
     try:
         with httpx2.Client(base_url=server.url, timeout=30) as http:

@@ -5,8 +5,11 @@ request that changes something (cross-site requests)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import secrets
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -85,7 +88,15 @@ def read_tokens(path: str | Path) -> Tokens:
         raise WanError(f"--tokens {path} line {number}: {problem}", TOKENS_FORMAT)
     if not clients:
         raise WanError(f"--tokens {path} names no client", TOKENS_FORMAT)
+    _warn_if_others_read(Path(path))
     return Tokens(clients)
+
+
+def _warn_if_others_read(path: Path) -> None:
+    """As ssh says of a private key: a tokens file that other users may read gives away every client's token."""
+    mode = path.stat().st_mode
+    if os.name == "posix" and mode & 0o077:
+        warnings.warn(f"--tokens {path} can be read by other users of this machine (mode {stat.S_IMODE(mode):o}); chmod 600 {path}")
 
 
 def server_tokens(token: str | None, tokens_file: str | None) -> Tokens | None:
