@@ -72,17 +72,13 @@ def converted_blocks(blocks: Sequence[nn.Module], source: TensorSource, ring: St
         return existing
     try:
         copy_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        warnings.warn(f"cannot write the converted copy of the {what} expert in {folder} ({exc.strerror}): its blocks convert as they stream")
-        return source
-    free = shutil.disk_usage(copy_dir).free
-    if free < converted_bytes + KEEP_FREE:
-        warnings.warn(
-            f"the converted copy of the {what} expert ({human_size(converted_bytes)}) does not fit in {folder} ({human_size(free)} free): "
-            "its blocks convert as they stream, which reads more"
-        )
-        return source
-    try:
+        free = shutil.disk_usage(copy_dir).free
+        if free < converted_bytes + KEEP_FREE:
+            warnings.warn(
+                f"the converted copy of the {what} expert ({human_size(converted_bytes)}) does not fit in {folder} ({human_size(free)} free): "
+                "its blocks convert as they stream, which reads more"
+            )
+            return source
         existing = _write_once(blocks, source, ring, Path(folder), copy_dir, tensors, dtype=dtype, keep_fp32=keep_fp32, what=what, progress=progress)
     except OSError as exc:  # a folder not ours to write, the disk filled meanwhile: the run goes on without the copy
         warnings.warn(f"cannot write the converted copy of the {what} expert in {folder} ({exc.strerror or exc}): its blocks convert as they stream")
