@@ -162,7 +162,7 @@ def test_fp8_blocks_stream_from_a_copy_converted_once_with_the_same_video(tiny_c
     assert torch.equal(with_lora.generate(demo_image(), "a boat", **run).latents, lora_reference.generate(demo_image(), "a boat", **run).latents)
 
 
-def test_a_converted_copy_cut_short_is_written_again_and_one_that_does_not_fit_is_not_written(tiny_checkpoint, tmp_path, monkeypatch):
+def test_a_converted_copy_cut_short_is_written_again_and_one_that_does_not_fit_or_cannot_be_written_is_not(tiny_checkpoint, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
@@ -183,6 +183,12 @@ def test_a_converted_copy_cut_short_is_written_again_and_one_that_does_not_fit_i
         pipe = converted_pipeline(tiny_checkpoint, tmp_path / "full")
     assert all(str(tiny_checkpoint) in path for path in streamed_files(pipe))
     assert not list((tmp_path / "full").glob("*/*.safetensors*"))
+
+    # A folder that cannot be made (a file is in its place): a warning, and the run streams from the checkpoint.
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.warns(UserWarning, match=r"cannot write the converted copy of the high-noise expert in .*taken .*: its blocks convert as they stream"):
+        pipe = converted_pipeline(tiny_checkpoint, tmp_path / "taken")
+    assert all(str(tiny_checkpoint) in path for path in streamed_files(pipe))
 
 
 @pytest.fixture(scope="module")
