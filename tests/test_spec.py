@@ -93,6 +93,14 @@ def test_a_model_of_one_expert_loads_and_generates(tmp_path):
     assert result.video.shape == (3, 5, 64, 96) and torch.isfinite(result.video).all()
     with pytest.raises(WanError, match="checkpoint file not found: .*transformer/config.json"):  # the spec's layout is the one checked
         I2VPipeline.from_pretrained(tmp_path, device="cpu", dtype=torch.float32, spec=ONE_EXPERT)
+    # LoRAs go to the spec's experts, by name.
+    from safetensors.torch import save_file
+
+    weight = pipe.experts.models["only"].blocks[0].self_attn.q.weight
+    save_file({"diffusion_model.blocks.0.self_attn.q.diff": torch.ones_like(weight)}, str(tmp_path / "only.safetensors"))
+    with_lora = I2VPipeline.from_pretrained(root, device="cpu", dtype=torch.float32, spec=ONE_EXPERT, loras={"only": [tmp_path / "only.safetensors"]})
+    assert [lora["expert"] for lora in with_lora.loras] == ["only"]
+    assert torch.equal(with_lora.experts.models["only"].blocks[0].self_attn.q.weight, weight + 1)
 
 
 def test_the_memory_estimate_counts_the_specs_experts():

@@ -19,7 +19,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 # The model whose presets and size rules the settings follow.
-MODEL = spec_for(DEFAULT_SPEC)
+SPEC = spec_for(DEFAULT_SPEC)
 MIN_SIDE = 32
 MAX_STEPS = 1000
 # Far beyond what the model was trained for (720P, 81 frames), still short of what no machine holds:
@@ -31,15 +31,15 @@ MAX_GUIDE_SCALE = 30.0
 
 def parse_size(size: str) -> tuple[int, float | None]:
     """``720P``, ``480P`` or ``A*B`` -> (max_area, preset shift or None)."""
-    preset = MODEL.presets.get(size.upper())
+    preset = SPEC.presets.get(size.upper())
     if preset is not None:
         return preset.max_area, preset.shift
     parts = size.replace("x", "*").split("*")
     if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
-        raise WanError(f"unknown size {size!r}", f"use {', '.join(MODEL.presets)} or H*W such as 1280*720")
+        raise WanError(f"unknown size {size!r}", f"use {', '.join(SPEC.presets)} or H*W such as 1280*720")
     sides = [int(p) for p in parts]
-    if any(side % MODEL.size_multiple for side in sides):
-        raise WanError(f"size {size} has a side that is not a multiple of {MODEL.size_multiple}", "e.g. 1280*720, 832*480, 1024*576")
+    if any(side % SPEC.size_multiple for side in sides):
+        raise WanError(f"size {size} has a side that is not a multiple of {SPEC.size_multiple}", "e.g. 1280*720, 832*480, 1024*576")
     if min(sides) < MIN_SIDE:
         raise WanError(f"size {size} is too small", f"each side must be at least {MIN_SIDE}")
     if sides[0] * sides[1] > MAX_AREA:
@@ -71,7 +71,7 @@ class GenerationSettings:
 
     prompt: str
     negative_prompt: str
-    max_area: int = MODEL.presets[MODEL.default_preset].max_area
+    max_area: int = SPEC.presets[SPEC.default_preset].max_area
     frame_num: int = 81
     steps: int = 40
     shift: float = 5.0

@@ -179,7 +179,7 @@ class I2VPipeline:
         if plan is None:
             plan = ExecutionPlan.for_device(
                 parallel.device if parallel is not None else device, dtype, attention=attention, compile=compile, offload=offload,
-                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype, encode_dtype=encode_dtype, split_encode=split_encode, loras=loras,
+                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype, encode_dtype=encode_dtype, split_encode=split_encode, loras=Loras.of(loras, spec),
                 dims=parallel.dims if parallel is not None else ParallelDims(),
             )  # fmt: skip
         return cls.load(ckpt_dir, plan, parallel, spec=spec)
