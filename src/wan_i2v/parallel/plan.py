@@ -24,7 +24,7 @@ class ParallelDims:
 
     ``cfg``: 1, or 2 to run the conditional and unconditional passes on two halves of the ranks.
     ``ulysses``: the sequence-parallel degree inside each half; it must divide the attention heads.
-    ``fsdp``: shard both experts over all N ranks (FSDP2, one unit per block). The text encoder is
+    ``fsdp``: shard every expert over all N ranks (FSDP2, one unit per block). The text encoder is
     sharded in every multi-rank run (it runs once, so that is nearly free), unless ``--offload``
     without FSDP keeps it in host memory.
     Rank r is cfg half ``r // ulysses`` and sequence shard ``r % ulysses``: a Ulysses group is
