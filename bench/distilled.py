@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from multi_gpu import write_random_checkpoint
 
-from wan_i2v.config import PRESETS, video_size
+from wan_i2v.models.spec import WAN22_I2V_A14B as A14B
 from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.parallel.launch import launch
 from wan_i2v.video import demo_image
@@ -44,7 +44,7 @@ def write_random_lora(path: Path, ckpt_dir: Path, rank: int, seed: int) -> Path:
     """lightx2v's layout: diffusion_model.<module>.lora_down/lora_up.weight (bf16) and .alpha, on every linear layer of the blocks."""
     from safetensors.torch import save_file
 
-    source = ckpt.safetensors_source(ckpt_dir / ckpt.HIGH_NOISE_DIR)
+    source = ckpt.safetensors_source(ckpt_dir / A14B.experts[0].folder)
     g = torch.Generator(device="cuda").manual_seed(seed)
     tensors = {}
     for name in sorted(key for key in source.keys() if LINEAR.match(key)):
@@ -66,7 +66,7 @@ def run_config(ckpt_dir: Path, world: int, vae_dtype: str, fp8: bool, split_enco
 
     device = init_distributed("cuda") if world > 1 else torch.device("cuda")
     image = demo_image(1280, 720)
-    height, width = video_size(image.height, image.width, PRESETS["720P"].max_area)
+    height, width = A14B.video_size(image.height, image.width, A14B.presets["720P"].max_area)
     options = RunOptions(ckpt_dir=ckpt_dir, device="cuda", gpus=world, decode_dtype=vae_dtype, encode_dtype=vae_dtype, fp8=fp8, split_encode=split_encode, guided=False, loras=loras)
     planned = plan_for(options, height=height, width=width, frame_num=81, device="cuda", world=world, ckpt_dir=ckpt_dir)
     groups = ParallelGroups.build(planned.plan.dims, device) if world > 1 else None
@@ -81,7 +81,7 @@ def run_config(ckpt_dir: Path, world: int, vae_dtype: str, fp8: bool, split_enco
         pipe.set_loras(value)
         torch.cuda.synchronize()
         switch_seconds[name] = (time.perf_counter() - started) / 2
-    settings = dict(max_area=PRESETS["720P"].max_area, frame_num=81, steps=4, shift=5.0, guide_scale=1.0, solver="euler", seed=7, progress=False)
+    settings = dict(max_area=A14B.presets["720P"].max_area, frame_num=81, steps=4, shift=5.0, guide_scale=1.0, solver="euler", seed=7, progress=False)
     pipe.generate(image, PROMPT, **settings)  # compiles; warms cuDNN and the allocator
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -113,7 +113,7 @@ def main():
     report = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "torch": torch.__version__,
               "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}", "runs": {}}  # fmt: skip
     print(report["device"], report["torch"], flush=True)
-    if not (args.ckpt / ckpt.TOKENIZER_DIR).is_dir():
+    if not (args.ckpt / A14B.files.tokenizer_dir).is_dir():
         write_random_checkpoint(args.ckpt, 40)
     started = time.perf_counter()
     loras = {name: [(str(write_random_lora(args.ckpt.parent / f"lora-{name}-r{args.lora_rank}.safetensors", args.ckpt, args.lora_rank, seed)), 1.0)]

@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from wan_i2v.loading import checkpoint as ckpt  # noqa: E402
+from wan_i2v.models.spec import WAN22_I2V_A14B as A14B  # noqa: E402
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight."
 # name -> (size, GPU GiB, host GiB, how the page cache starts: "group" (the checkpoint read once from inside
 # the row's cgroup: what a machine of that size keeps of it), "machine" (read from outside: all of it,
@@ -227,11 +227,11 @@ def main():
     if args.json and args.json.is_file():
         report = json.loads(args.json.read_text())  # a run split over several calls adds its rows
         report["command"] += " ; " + " ".join(sys.argv)
-    if args.tiny and not (args.ckpt / ckpt.TOKENIZER_DIR).is_dir():
+    if args.tiny and not (args.ckpt / A14B.files.tokenizer_dir).is_dir():
         from wan_i2v.tiny import write_tiny_checkpoint
 
         write_tiny_checkpoint(args.ckpt)
-    if not (args.ckpt / ckpt.TOKENIZER_DIR).is_dir():
+    if not (args.ckpt / A14B.files.tokenizer_dir).is_dir():
         sys.path.insert(0, str(ROOT / "bench"))
         from multi_gpu import write_random_checkpoint
 

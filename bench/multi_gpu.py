@@ -36,8 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wan_i2v.loading import checkpoint as ckpt  # noqa: E402
-from wan_i2v.config import PRESETS, video_size  # noqa: E402
+from wan_i2v.models.spec import WAN22_I2V_A14B as A14B  # noqa: E402
 from wan_i2v.parallel.launch import launch  # noqa: E402
 from wan_i2v.parallel.plan import GiB  # noqa: E402
 from wan_i2v.session import RunOptions, plan_for  # noqa: E402
@@ -71,17 +70,17 @@ def write_random_checkpoint(directory: Path, layers: int) -> Path:
     started = time.perf_counter()
     directory.mkdir(parents=True)
     expert = random_on_gpu(lambda: DiT(replace(DiTConfig(), num_layers=layers)), torch.bfloat16, keeps_fp32, seed=0).cpu()
-    save_dit(expert, directory / ckpt.HIGH_NOISE_DIR, shards=4)
+    save_dit(expert, directory / A14B.experts[0].folder, shards=4)
     del expert
-    low = directory / ckpt.LOW_NOISE_DIR
+    low = directory / A14B.experts[1].folder
     low.mkdir()
-    for path in (directory / ckpt.HIGH_NOISE_DIR).iterdir():
+    for path in (directory / A14B.experts[0].folder).iterdir():
         os.link(path, low / path.name)
     t5_config = T5Config()
-    save_text_encoder(random_on_gpu(lambda: build_umt5(t5_config), torch.bfloat16, seed=2), directory / ckpt.T5_FILE)
+    save_text_encoder(random_on_gpu(lambda: build_umt5(t5_config), torch.bfloat16, seed=2), directory / A14B.files.text_encoder)
     torch.save({k: v.cpu() for k, v in random_on_gpu(lambda: WanVAE(VAEConfig()), torch.float32, seed=3).state_dict().items()},
-               directory / ckpt.VAE_FILE)  # fmt: skip
-    write_tiny_tokenizer(directory / ckpt.TOKENIZER_DIR, t5_config.vocab_size)
+               directory / A14B.files.vae)  # fmt: skip
+    write_tiny_tokenizer(directory / A14B.files.tokenizer_dir, t5_config.vocab_size)
     torch.cuda.empty_cache()
     print(f"checkpoint with {layers} blocks written in {time.perf_counter() - started:.0f} s: {directory}", flush=True)
     return directory
@@ -107,8 +106,8 @@ def run_plan(ckpt_dir: Path, size: str, world: int, forced: dict, cap_gb: float 
         total = torch.cuda.get_device_properties(device).total_memory
         if cap_gb is not None:
             torch.cuda.set_per_process_memory_fraction(cap_gb * GiB / total, device)
-    preset, image = PRESETS[size], demo_image(*{"480P": (832, 480), "720P": (1280, 720)}.get(size, (160, 96)))
-    height, width = video_size(image.height, image.width, preset.max_area)
+    preset, image = A14B.presets[size], demo_image(*{"480P": (832, 480), "720P": (1280, 720)}.get(size, (160, 96)))
+    height, width = A14B.video_size(image.height, image.width, preset.max_area)
     frames = 81 if cuda else 5
     options = RunOptions(ckpt_dir=ckpt_dir, device=device_type, gpus=world, gpu_memory=cap_gb, **forced)
     planned = plan_for(options, height=height, width=width, frame_num=frames, device=device_type, world=world, ckpt_dir=ckpt_dir)
@@ -177,7 +176,7 @@ def main():
               "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}" if cuda else "cpu", "runs": {}}  # fmt: skip
     print(report["device"], report["torch"], flush=True)
     ckpt_dir = args.ckpt or Path(tempfile.mkdtemp(prefix="wan-i2v-bench-")) / "ckpt"
-    if not (ckpt_dir / ckpt.TOKENIZER_DIR).is_dir():  # the last file written
+    if not (ckpt_dir / A14B.files.tokenizer_dir).is_dir():  # the last file written
         if cuda:
             write_random_checkpoint(ckpt_dir, args.layers)
         else:

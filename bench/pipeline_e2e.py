@@ -30,7 +30,7 @@ import torch
 from common import GB, free, random_on_gpu
 
 from wan_i2v import pipeline
-from wan_i2v.config import PRESETS
+from wan_i2v.models.spec import WAN22_I2V_A14B as A14B
 from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
 from wan_i2v.models.text_encoder import T5Config, TextEncoder, build_umt5
 from wan_i2v.tiny import write_tiny_tokenizer
@@ -80,7 +80,7 @@ def main():
               "command": " ".join(sys.argv), "size": args.size, "frames": 81, "steps": args.steps, "runs": {}}
     workdir = Path(tempfile.mkdtemp())
     random_loaders(workdir / "tokenizer")
-    preset = PRESETS[args.size]
+    preset = A14B.presets[args.size]
     image = demo_image(*{"480P": (832, 480), "720P": (1280, 720)}[args.size])
     settings = dict(max_area=preset.max_area, frame_num=81, steps=args.steps, shift=preset.shift, seed=7, progress=False)
     options = {"resident": {}, "experts": {"offload": "experts"}, "blocks": {"offload": "blocks"}, "fp8": {"fp8": True}}

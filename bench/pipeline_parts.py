@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from common import GB, free, measure, random_on_gpu
 
-from wan_i2v.config import BOUNDARY_TIMESTEP
+from wan_i2v.models.spec import WAN22_I2V_A14B as A14B
 from wan_i2v.execution import ExecutionPlan, apply_plan
 from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
 from wan_i2v.models.text_encoder import T5Config, TextEncoder, build_umt5
@@ -125,7 +125,7 @@ def main():
                 step_seconds[name] = seconds
 
     timesteps = official_schedule("unipc", 40, 5.0).timesteps.tolist()
-    high_steps = sum(t >= BOUNDARY_TIMESTEP for t in timesteps)
+    high_steps = sum(t >= A14B.experts[0].boundary for t in timesteps)  # the high-noise expert's
     denoise = high_steps * step_seconds["high"] + (len(timesteps) - high_steps) * step_seconds["low"]
     total = (parts["text encoder (2 prompts)"]["seconds"] + parts["VAE encode fp32"]["seconds"] + denoise
              + parts["VAE decode fp32"]["seconds"])

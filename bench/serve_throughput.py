@@ -130,14 +130,14 @@ def time_mp4_encode(size: str, frames: int) -> float:
     """Seconds to encode one video of the size (the demo picture, drifting) with ``write_mp4``."""
     import torch
 
-    from wan_i2v.config import FPS
+    from wan_i2v.models.spec import spec_for
     from wan_i2v.video import image_to_tensor, load_image, write_mp4
 
     picture = image_to_tensor(load_image(image_bytes(size)))
     video = torch.stack([picture.roll(n, dims=2) for n in range(frames)], dim=1)  # [3, F, H, W]
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        write_mp4(video, Path(folder) / "clip.mp4", fps=FPS)
+        write_mp4(video, Path(folder) / "clip.mp4", fps=spec_for().fps)
         return round(time.perf_counter() - started, 2)
 
 
@@ -175,13 +175,14 @@ def pipeline_alone(ckpt: str, device: str, size: str, frames: int, seeds: list[i
     import torch
 
     from wan_i2v.cli import _keep_compiled_code
-    from wan_i2v.config import FPS, parse_size, video_size
+    from wan_i2v.config import parse_size
+    from wan_i2v.models.spec import spec_for
     from wan_i2v.session import RunOptions, RunSession
     from wan_i2v.video import load_image, write_mp4
 
     _keep_compiled_code()  # as serve and generate do
     max_area, _ = parse_size(size)
-    height, width = video_size(720, 1280, max_area)  # what serve plans for
+    height, width = spec_for().video_size(720, 1280, max_area)  # what serve plans for
     image = load_image(image_bytes(size))
     recipe = {"solver": "euler", "steps": 4, "guide_scale": (1.0, 1.0), "shift": 5.0}
     settings = {"negative_prompt": None, "max_area": max_area, "frame_num": frames, **recipe}
@@ -196,7 +197,7 @@ def pipeline_alone(ckpt: str, device: str, size: str, frames: int, seeds: list[i
             started = time.perf_counter()
             result = session.generate(image, PROMPT, **settings, seed=seed, progress=False, state_file=state_file, latents_file=latents_file)
             generated = time.perf_counter()
-            write_mp4(result.video, video_file, fps=FPS, metadata=result.metadata)
+            write_mp4(result.video, video_file, fps=spec_for().fps, metadata=result.metadata)
             written = time.perf_counter()
             latents_file.unlink(missing_ok=True)
             state_file.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from wan_i2v.models.dit import DiT, DiTConfig
 from wan_i2v.models.hooks import BlockHook, PerContext, merge_states
+from wan_i2v.models.spec import ExpertSpec
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Experts, LoopState, denoise
 from wan_i2v.sampling.schedulers import official_schedule
@@ -17,12 +18,12 @@ from wan_i2v.tiny import randomize_
 
 CONFIG = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=3, text_len=8, text_dim=16)
 STEPS = 3  # timesteps 999 and 856 for the high-noise expert, then 599 for the low-noise one
-BOUNDARY = 700
+EXPERTS = (ExpertSpec("high", "high", 700), ExpertSpec("low", "low", 0))
 GRID = (2, 4, 6)  # latent frames, height, width: 2 x 2 x 3 = 12 tokens
 
 
 def make_experts() -> Experts:
-    return Experts(randomize_(DiT(CONFIG), seed=1).eval(), randomize_(DiT(CONFIG), seed=2).eval(), BOUNDARY)
+    return Experts({"high": randomize_(DiT(CONFIG), seed=1).eval(), "low": randomize_(DiT(CONFIG), seed=2).eval()}, EXPERTS)
 
 
 def sample(experts: Experts, **options) -> torch.Tensor:
@@ -31,7 +32,7 @@ def sample(experts: Experts, **options) -> torch.Tensor:
     conditioning = Conditioning(torch.randn(1, 20, f, h, w, generator=g), torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g))
     noise = torch.randn(1, 16, f, h, w, generator=g)
     return denoise(noise, experts=experts, guidance=ClassifierFreeGuidance(conditioning, batched=False), schedule=official_schedule("unipc", STEPS, 3.0),
-                   solver="unipc", guide_scale=(3.0, 4.0), **options)  # fmt: skip
+                   solver="unipc", guide_scale={"low": 3.0, "high": 4.0}, **options)  # fmt: skip
 
 
 def count_block_runs(experts: Experts) -> list[int]:

@@ -13,7 +13,10 @@ from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.loading.checkpoint import load_strict
 from wan_i2v.loading.staging import StagingRing
 from wan_i2v.models.dit import build_dit, keeps_fp32
+from wan_i2v.models.spec import WAN22_I2V_A14B as A14B, ExpertSpec
 from wan_i2v.transforms.streaming import BlockOffload, BlockStream, ExpertSwap, load_outside_blocks
+
+HIGH_DIR, LOW_DIR = (expert.folder for expert in A14B.experts)
 
 DEPTH = 3
 
@@ -39,8 +42,8 @@ def dit_inputs(config):
 
 @pytest.mark.parametrize("ahead", [1, 2])
 def test_block_offload_reads_each_block_once_per_forward_and_changes_nothing(tiny_checkpoint, ahead):
-    plain = resident(tiny_checkpoint, ckpt.HIGH_NOISE_DIR)
-    model, source, ring = streamed(tiny_checkpoint, ckpt.HIGH_NOISE_DIR)
+    plain = resident(tiny_checkpoint, HIGH_DIR)
+    model, source, ring = streamed(tiny_checkpoint, HIGH_DIR)
     offload = BlockOffload(model, source, ring, dtype=torch.float32, keep_fp32=keeps_fp32, ahead=ahead)
     blocks = len(model.blocks)
     seen = []
@@ -70,10 +73,10 @@ def test_block_offload_reads_each_block_once_per_forward_and_changes_nothing(tin
 
 
 def test_expert_swap_streams_one_expert_at_a_time_and_gives_the_plain_models_output(tiny_checkpoint):
-    plain = {"high": resident(tiny_checkpoint, ckpt.HIGH_NOISE_DIR), "low": resident(tiny_checkpoint, ckpt.LOW_NOISE_DIR)}
-    high, high_source, ring = streamed(tiny_checkpoint, ckpt.HIGH_NOISE_DIR)
-    low, low_source, _ = streamed(tiny_checkpoint, ckpt.LOW_NOISE_DIR, ring)
-    swap = ExpertSwap({"high": high, "low": low}, {"high": high_source, "low": low_source}, ring, boundary=875, dtype=torch.float32, keep_fp32=keeps_fp32)
+    plain = {"high": resident(tiny_checkpoint, HIGH_DIR), "low": resident(tiny_checkpoint, LOW_DIR)}
+    high, high_source, ring = streamed(tiny_checkpoint, HIGH_DIR)
+    low, low_source, _ = streamed(tiny_checkpoint, LOW_DIR, ring)
+    swap = ExpertSwap({"high": high, "low": low}, {"high": high_source, "low": low_source}, ring, [ExpertSpec("high", HIGH_DIR, 875), ExpertSpec("low", LOW_DIR, 0)], dtype=torch.float32, keep_fp32=keeps_fp32)
     inputs = dit_inputs(high.config)
     with torch.no_grad():
         for name in ("high", "low", "high"):
@@ -92,13 +95,13 @@ def test_a_shard_cut_short_or_gone_mid_run_is_one_line(tiny_checkpoint, tmp_path
 
     root = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, root)
-    model, source, ring = streamed(root, ckpt.HIGH_NOISE_DIR)
+    model, source, ring = streamed(root, HIGH_DIR)
     offload = BlockOffload(model, source, ring, dtype=torch.float32, keep_fp32=keeps_fp32)
     inputs = dit_inputs(model.config)
     with torch.no_grad():
         model(*inputs)
         offload.release()
-        shard = root / ckpt.HIGH_NOISE_DIR / ckpt.SAFETENSORS_FILE
+        shard = root / HIGH_DIR / ckpt.SAFETENSORS_FILE
         os.truncate(shard, shard.stat().st_size // 2)
         with pytest.raises(WanError) as error:
             model(*inputs)
@@ -107,12 +110,12 @@ def test_a_shard_cut_short_or_gone_mid_run_is_one_line(tiny_checkpoint, tmp_path
     assert "cache status" in message  # the hint says what checks the checkpoint
 
     # A shard removed while the run goes on (a cache cleaned under it) is still read as it was.
-    low, low_source, low_ring = streamed(root, ckpt.LOW_NOISE_DIR)
+    low, low_source, low_ring = streamed(root, LOW_DIR)
     BlockOffload(low, low_source, low_ring, dtype=torch.float32, keep_fp32=keeps_fp32)
-    for shard in (root / ckpt.LOW_NOISE_DIR).glob("diffusion_pytorch_model-*.safetensors"):
+    for shard in (root / LOW_DIR).glob("diffusion_pytorch_model-*.safetensors"):
         shard.unlink()
     with torch.no_grad():
-        assert torch.equal(low(*inputs), resident(tiny_checkpoint, ckpt.LOW_NOISE_DIR)(*inputs))
+        assert torch.equal(low(*inputs), resident(tiny_checkpoint, LOW_DIR)(*inputs))
 
 
 def converted_pipeline(root, folder, **options):
@@ -144,7 +147,7 @@ def test_fp8_blocks_stream_from_a_copy_converted_once_with_the_same_video(tiny_c
     assert len(copies) == 2  # one per expert
     assert streamed_files(first) == {str(path) for path in copies}
     # The copy holds 1 byte a block weight where the (fp32) checkpoint holds 4.
-    stored = sum(path.stat().st_size for path in (tiny_checkpoint / ckpt.HIGH_NOISE_DIR).glob("*.safetensors"))
+    stored = sum(path.stat().st_size for path in (tiny_checkpoint / HIGH_DIR).glob("*.safetensors"))
     assert copies[0].stat().st_size < 0.5 * stored
     assert torch.equal(first.generate(demo_image(), "a boat", **run).latents, expected)
 
@@ -246,11 +249,11 @@ def test_a_text_encoder_that_streams_its_blocks_encodes_the_same_and_holds_two_o
     from wan_i2v.transforms.streaming import HostCopy
 
     config = replace(TINY_T5, encoder_layers=5)
-    save_text_encoder(randomize_(build_umt5(config), 7), tmp_path / ckpt.T5_FILE)
+    save_text_encoder(randomize_(build_umt5(config), 7), tmp_path / A14B.files.text_encoder)
     (tmp_path / T5_CONFIG_FILE).write_text(json.dumps(asdict(config)))
 
     def load():
-        return TextEncoder.load(tmp_path / ckpt.T5_FILE, tiny_checkpoint / ckpt.TOKENIZER_DIR, text_len=32, device="cpu", dtype=torch.float32)
+        return TextEncoder.load(tmp_path / A14B.files.text_encoder, tiny_checkpoint / A14B.files.tokenizer_dir, text_len=32, device="cpu", dtype=torch.float32)
 
     prompts = ["a white cat on a surfboard", "色调艳丽，过曝"]
     expected = [load().encode([prompt])[0] for prompt in prompts]

@@ -21,9 +21,8 @@ import pytest
 from huggingface_hub import constants, snapshot_download
 
 from hub_server import COMMIT, HubServer
-from wan_i2v.cache import CHECKPOINT_PATTERNS, MANIFEST_NAME, REPO_ID, add_cache_parser, resolve_checkpoint_dir
+from wan_i2v.cache import MANIFEST_NAME, SPEC, add_cache_parser, resolve_checkpoint_dir
 from wan_i2v.cache import commands, sources
-from wan_i2v.cache.layout import REPO_FOLDER
 from wan_i2v.errors import Terminated, WanError
 
 _noise = random.Random(0)
@@ -100,7 +99,7 @@ def offline_and_bounded(monkeypatch, tmp_path):
 
 @pytest.fixture
 def hub(monkeypatch):
-    with HubServer(REPO_ID, FILES) as server:
+    with HubServer(SPEC.repo_id, FILES) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         yield server
 
@@ -113,7 +112,7 @@ def cache(*argv) -> int:
 
 
 def snapshot(root: Path) -> Path:
-    return root / REPO_FOLDER / "snapshots" / COMMIT
+    return root / SPEC.repo_folder / "snapshots" / COMMIT
 
 
 def assert_checkpoint(folder: Path) -> None:
@@ -255,7 +254,7 @@ def test_bytes_that_do_not_match_the_published_hash_never_look_complete(hub, tmp
     monkeypatch.setattr(sources, "_hub_digest", lambda s: "sha256:" + "0" * 64 if s.rfilename == T5 else published(s))
     with pytest.raises(WanError, match="do not match the published hash"):
         cache("quick")
-    repo = tmp_path / "cache" / REPO_FOLDER
+    repo = tmp_path / "cache" / SPEC.repo_folder
     assert not (snapshot(tmp_path / "cache") / T5).exists()
     assert not list((repo / "blobs").glob("0000*"))
     assert cache("status") == 1
@@ -270,7 +269,7 @@ def test_move(hub, tmp_path, monkeypatch, link, across_disks):
         rename = os.rename
 
         def rename_or_exdev(src, dst):
-            if Path(dst).name == REPO_FOLDER and not Path(src).name.startswith("."):
+            if Path(dst).name == SPEC.repo_folder and not Path(src).name.startswith("."):
                 raise OSError(errno.EXDEV, "Invalid cross-device link")
             rename(src, dst)
 
@@ -280,11 +279,11 @@ def test_move(hub, tmp_path, monkeypatch, link, across_disks):
     assert_checkpoint(snapshot(new_root))
     assert cache("--cache-dir", new_root, "status") == 0
     assert cache("status", "--cache-dir", new_root) == 0
-    assert sorted(p.name for p in new_root.iterdir()) == [REPO_FOLDER]  # no staging copy left
+    assert sorted(p.name for p in new_root.iterdir()) == [SPEC.repo_folder]  # no staging copy left
     leftovers = sorted(p.name for p in old_root.iterdir() if p.name != ".locks")
-    assert leftovers == ([REPO_FOLDER] if link else [])
+    assert leftovers == ([SPEC.repo_folder] if link else [])
     if link:
-        assert (old_root / REPO_FOLDER).is_symlink()
+        assert (old_root / SPEC.repo_folder).is_symlink()
         assert resolve_checkpoint_dir().resolve() == snapshot(new_root).resolve()
         assert cache("status") == 0
     else:
@@ -296,7 +295,7 @@ def test_move(hub, tmp_path, monkeypatch, link, across_disks):
 def test_a_huggingface_cli_snapshot_is_used_as_it_is(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WAN_I2V_HOME")
     downloaded = snapshot_download(
-        REPO_ID, cache_dir=constants.HF_HUB_CACHE, allow_patterns=list(CHECKPOINT_PATTERNS), endpoint=hub.url
+        SPEC.repo_id, cache_dir=constants.HF_HUB_CACHE, allow_patterns=list(SPEC.hub_patterns()), endpoint=hub.url
     )
     fetched = len(hub.requests)
     assert resolve_checkpoint_dir() == Path(downloaded) == snapshot(Path(constants.HF_HUB_CACHE))
@@ -331,7 +330,7 @@ def test_modelscope_source_fills_its_own_snapshot(tmp_path, monkeypatch):
     import hashlib
 
     def get_model_files(self, model_id, revision, recursive):
-        assert model_id == REPO_ID and recursive
+        assert model_id == SPEC.repo_id and recursive
         folders = [{"Path": "google", "Type": "tree"}]
         return folders + [
             {"Path": p, "Type": "blob", "Size": len(d), "Sha256": hashlib.sha256(d).hexdigest()} for p, d in FILES.items()
@@ -352,7 +351,7 @@ def test_modelscope_source_fills_its_own_snapshot(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
 
     assert cache("quick", "--source", "modelscope") == 0
-    folder = tmp_path / "cache" / REPO_FOLDER / "snapshots" / "modelscope"
+    folder = tmp_path / "cache" / SPEC.repo_folder / "snapshots" / "modelscope"
     assert_checkpoint(folder)
     assert resolve_checkpoint_dir() == folder
     assert cache("verify", "--full") == 0

@@ -12,12 +12,14 @@ from huggingface_hub import constants
 from PIL import Image
 
 from wan_i2v.cache import MANIFEST_NAME
-from wan_i2v.cache.layout import REPO_FOLDER
 from wan_i2v.cli import main
 from wan_i2v.loading import checkpoint as ckpt
+from wan_i2v.models.spec import WAN22_I2V_A14B as A14B
 
-SHARD = f"{ckpt.LOW_NOISE_DIR}/diffusion_pytorch_model-00001-of-00002.safetensors"
-TOKENIZER_CONFIG = f"{ckpt.TOKENIZER_DIR}/tokenizer_config.json"
+HIGH_DIR, LOW_DIR = (expert.folder for expert in A14B.experts)
+
+SHARD = f"{LOW_DIR}/diffusion_pytorch_model-00001-of-00002.safetensors"
+TOKENIZER_CONFIG = f"{A14B.files.tokenizer_dir}/tokenizer_config.json"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TINY_RUN = ["--size", "64*96", "--frame-num", "9", "--steps", "4", "--quiet", "--device", "cpu"]
 
@@ -57,13 +59,13 @@ def cut_in_half(path):
 DAMAGES = {
     "shard removed": (SHARD, lambda path: path.unlink(), "missing"),
     "shard cut short": (SHARD, cut_in_half, "cut short"),
-    "T5 cut short": (ckpt.T5_FILE, cut_in_half, "not a zip archive"),
-    "index not JSON": (f"{ckpt.LOW_NOISE_DIR}/{ckpt.SAFETENSORS_INDEX}", lambda path: path.write_text("{"), "not valid JSON"),
+    "T5 cut short": (A14B.files.text_encoder, cut_in_half, "not a zip archive"),
+    "index not JSON": (f"{LOW_DIR}/{ckpt.SAFETENSORS_INDEX}", lambda path: path.write_text("{"), "not valid JSON"),
     "tokenizer removed": (TOKENIZER_CONFIG, lambda path: shutil.rmtree(path.parent), "missing"),
     # The loader's own rule: the tokenizer's vocabulary is tokenizer.json (without it a tokenizer of an
     # empty vocabulary was made, status alone said so), and an encoder narrower than umT5-XXL needs
     # its t5_config.json (status said complete, the run failed on the weights' shapes).
-    "tokenizer vocabulary removed": (f"{ckpt.TOKENIZER_DIR}/tokenizer.json", lambda path: path.unlink(), "missing"),
+    "tokenizer vocabulary removed": (f"{A14B.files.tokenizer_dir}/tokenizer.json", lambda path: path.unlink(), "missing"),
     "T5 config removed": ("t5_config.json", lambda path: path.unlink(), "missing"),
 }
 
@@ -81,7 +83,7 @@ def row(out, path):
 
 def in_cache(tiny_checkpoint, tmp_path):
     """The tiny checkpoint as a snapshot another tool downloaded into the cache: no manifest of ours."""
-    repo = tmp_path / "cache" / REPO_FOLDER
+    repo = tmp_path / "cache" / A14B.repo_folder
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
     return shutil.copytree(tiny_checkpoint, repo / "snapshots" / COMMIT)
@@ -91,7 +93,7 @@ def test_status_checks_a_folder_offline(tiny_checkpoint, hub_offline, capsys):
     assert main(["cache", "status", "--ckpt-dir", str(tiny_checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "sizes not compared" in out and out.endswith("complete\n")
-    for path in (SHARD, ckpt.VAE_FILE, ckpt.T5_FILE, TOKENIZER_CONFIG, f"{ckpt.HIGH_NOISE_DIR}/config.json"):
+    for path in (SHARD, A14B.files.vae, A14B.files.text_encoder, TOKENIZER_CONFIG, f"{HIGH_DIR}/config.json"):
         assert row(out, path).split()[-2:] == ["present", "reads"]
     assert not (tiny_checkpoint / MANIFEST_NAME).exists()
 
@@ -103,7 +105,7 @@ def test_status_names_the_damaged_file_of_a_folder(tiny_checkpoint, tmp_path, ca
     out = capsys.readouterr().out
     path, _, finding = DAMAGES[damage]
     assert finding in row(out, path)
-    assert row(out, ckpt.VAE_FILE).endswith("reads")  # the others are still checked
+    assert row(out, A14B.files.vae).endswith("reads")  # the others are still checked
     assert out.splitlines()[-1] == f"incomplete: copy complete files into {folder} again"
     assert "cache quick" not in out
 

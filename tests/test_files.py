@@ -151,10 +151,10 @@ def test_a_full_disk_mid_run_is_one_line(tiny_checkpoint, image_file, tmp_path, 
 
 
 def test_cache_dir_finds_the_checkpoint_for_generate_and_decode(tiny_checkpoint, image_file, tmp_path, monkeypatch):
-    from wan_i2v.cache import REPO_ID
+    from wan_i2v.models.spec import spec_for
 
     monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "elsewhere"))
-    snapshot = tmp_path / "cache" / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / "abc"
+    snapshot = tmp_path / "cache" / f"models--{spec_for().repo_id.replace('/', '--')}" / "snapshots" / "abc"
     snapshot.parent.mkdir(parents=True)
     import shutil
 
@@ -191,7 +191,7 @@ def test_the_apis_default_dtype_on_the_cpu_is_fp32(tiny_checkpoint):
     from wan_i2v import I2VPipeline
 
     pipe = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu")
-    assert pipe.plan.dtype == torch.float32 and pipe.high_noise.blocks[0].ffn[0].weight.dtype == torch.float32
+    assert pipe.plan.dtype == torch.float32 and pipe.experts.models["high"].blocks[0].ffn[0].weight.dtype == torch.float32
 
 
 def test_the_same_frames_give_the_same_mp4_bytes(tiny_pipeline, tmp_path):
@@ -222,10 +222,10 @@ def test_with_no_gpu_the_real_model_is_refused_unless_the_cpu_is_asked_for(image
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # Every file the loader requires, empty: the configs say nothing (the official model's sizes).
-    from wan_i2v.loading.checkpoint import SAFETENSORS_INDEX, needed_files
+    from wan_i2v.models.spec import SAFETENSORS_INDEX, spec_for
 
     official = tmp_path / "Wan2.2-I2V-A14B"
-    for path in needed_files(official):
+    for path in spec_for().needed_files(official):
         (official / path).parent.mkdir(parents=True, exist_ok=True)
         (official / path).write_text('{"weight_map": {}}' if path.endswith(SAFETENSORS_INDEX) else "{}")
     for gpus, why in (([], "no GPU is visible, and a video of this 14B-parameter model takes hours on the CPU"),
@@ -265,10 +265,11 @@ def test_a_host_too_small_for_the_experts_streams_them_and_gives_the_same_video(
     # The tiny model's weights are KiBs: without the process's own fixed share the tiers differ at that scale.
     monkeypatch.setattr(plan, "HOST_PROCESS_CPU", 0)
     monkeypatch.setattr(plan, "TEXT_ACTIVATIONS", 0)
-    from wan_i2v.config import parse_size, video_size
+    from wan_i2v.config import parse_size
+    from wan_i2v.models.spec import spec_for
     from wan_i2v.session import RunOptions, plan_for
 
-    height, width = video_size(80, 120, parse_size("64*96")[0])
+    height, width = spec_for().video_size(80, 120, parse_size("64*96")[0])
 
     def host_bytes(offload):
         options = RunOptions(ckpt_dir=tiny_checkpoint, device="cpu", offload=offload)

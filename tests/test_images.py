@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wan_i2v.config import check_frame_num, parse_size, video_size
+from wan_i2v.config import check_frame_num, parse_size
 from wan_i2v.errors import WanError
+from wan_i2v.models.spec import spec_for
 from wan_i2v.video import image_to_tensor, load_image
 
 
@@ -58,7 +59,7 @@ def test_tensor_is_official_normalisation():
     ],
 )
 def test_video_size_rounds_like_official(image_hw, area, expected):
-    assert video_size(*image_hw, area) == expected
+    assert spec_for().video_size(*image_hw, area) == expected
 
 
 def test_presets_and_sizes():

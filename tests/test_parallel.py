@@ -70,10 +70,10 @@ def _video(shape):
 
 def _vae(config, ckpt):
     if config is None:
-        from wan_i2v.loading import checkpoint as ckpt_layout
+        from wan_i2v.models.spec import spec_for
         from wan_i2v.models.vae import load_vae
 
-        return load_vae(ckpt / ckpt_layout.VAE_FILE, device="cpu", dtype=torch.float32)
+        return load_vae(ckpt / spec_for().files.vae, device="cpu", dtype=torch.float32)
     return randomize_(WanVAE(config), seed=5).eval()
 
 
@@ -376,7 +376,7 @@ def _elements_read(ckpt):
 
     checkpoint.TensorSource.read = counting
     pipe = I2VPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32, parallel=ParallelGroups.build(ParallelDims(2, 1, True), device))
-    total = sum(p.numel() for expert in (pipe.high_noise, pipe.low_noise) for p in expert.parameters())
+    total = sum(p.numel() for expert in pipe.experts.models.values() for p in expert.parameters())
     dist.destroy_process_group()
     return read["experts"], total
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wan_i2v.config import video_size
 from wan_i2v.errors import WanError
+from wan_i2v.models.spec import spec_for
 from wan_i2v.pipeline import Cancelled, LoopHook
 from wan_i2v.video import demo_image
 
@@ -27,7 +27,7 @@ def test_same_seed_same_video_other_seed_other_video(tiny_pipeline):
 def test_shapes_range_and_both_experts(tiny_pipeline):
     image = demo_image(320, 192)
     result = tiny_pipeline.generate(image, "a boat", seed=3, progress=False, **SMALL)
-    height, width = video_size(192, 320, SMALL["max_area"])
+    height, width = spec_for().video_size(192, 320, SMALL["max_area"])
     assert (height, width) == (48, 96)  # sqrt(6144*0.6)=60.7 -> 56 rows of 8 -> 6 latents -> 48; 101.2 -> 96
     assert result.video.shape == (3, 9, height, width)
     assert result.latents.shape == (16, 3, height // 8, width // 8)
@@ -70,7 +70,7 @@ def test_noise_is_the_official_draw(tiny_pipeline):
 
 def test_text_is_padded_to_text_len_with_zeros(tiny_pipeline):
     context, empty = tiny_pipeline.encode_text(["a small boat", ""])
-    assert context.shape == (tiny_pipeline.text_len, tiny_pipeline.high_noise.config.text_dim)
+    assert context.shape == (tiny_pipeline.text_len, tiny_pipeline.config.text_dim)
     real = int((context.abs().sum(1) > 0).sum())
     assert 2 <= real < tiny_pipeline.text_len
     assert torch.all(context[real:] == 0)
@@ -153,7 +153,7 @@ class crash_after:
             raise Crash
 
     def __enter__(self):
-        self.handles = [m.register_forward_pre_hook(self.hook) for m in (self.pipe.high_noise, self.pipe.low_noise)]
+        self.handles = [m.register_forward_pre_hook(self.hook) for m in self.pipe.experts.models.values()]
 
     def __exit__(self, *exc):
         for handle in self.handles:

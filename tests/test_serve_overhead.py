@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from server_process import png_bytes, wait_until
-from wan_i2v.config import FPS
+from wan_i2v.models.spec import spec_for
 from wan_i2v.video import demo_image, image_to_tensor, mp4_writer, write_mp4
+
+FPS = spec_for().fps
 
 JOB = dict(max_area=48 * 80, frame_num=9, steps=1, shift=3.0, seed=3, progress=False)
 

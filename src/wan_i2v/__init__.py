@@ -1,7 +1,10 @@
 """wan-i2v: Wan2.2-I2V-A14B image-to-video, fast and dependable on one GPU or many."""
 
-from wan_i2v.config import PRESETS, GenerationSettings
+from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError
+from wan_i2v.models.spec import DEFAULT_SPEC, SPECS, ModelSpec, spec_for
+
+PRESETS = spec_for(DEFAULT_SPEC).presets  # the default model's sizes (``spec_for(name).presets`` another's)
 
 
 def __getattr__(name):
@@ -13,4 +16,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["I2VPipeline", "GenerationResult", "GenerationSettings", "PRESETS", "WanError"]
+__all__ = ["DEFAULT_SPEC", "I2VPipeline", "GenerationResult", "GenerationSettings", "ModelSpec", "PRESETS", "SPECS", "WanError", "spec_for"]

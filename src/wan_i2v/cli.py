@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import signal
 import sys
@@ -69,7 +70,7 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
     With ``state_file`` the denoising state is saved after every step and the same command resumes
     a run that died. In a multi-process run only rank 0 writes and prints."""
 
-    from wan_i2v.config import FPS
+    from wan_i2v.models.spec import spec_for
     from wan_i2v.video import write_mp4
 
     started = time.time()
@@ -102,7 +103,7 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
         raise
     if result.video is None:  # a rank other than 0 of a parallel run
         return result
-    write_mp4(result.video, save_file, fps=FPS, metadata=result.metadata)
+    write_mp4(result.video, save_file, fps=spec_for().fps, metadata=result.metadata)
     if latents_file is not None and not keep_latents:
         latents_file.unlink(missing_ok=True)
     if state_file is not None:
@@ -189,8 +190,9 @@ def _check_free_space(save_file: Path, frame_num: int, height: int, width: int) 
     """Refuse a run whose outputs (latents, the state saved each step, the mp4, each written beside a
     temporary copy) would not fit on the output's disk, before hours of work rather than after."""
     from wan_i2v.disk import check_space
+    from wan_i2v.models.spec import spec_for
 
-    latent_bytes = 16 * ((frame_num - 1) // 4 + 1) * (height // 8) * (width // 8) * 4
+    latent_bytes = math.prod(spec_for().latent_shape(frame_num, height, width)) * 4  # float32
     needed = 6 * latent_bytes + frame_num * height * width // 4 + 16 * 2**20
     check_space(save_file.parent, needed, "free some space or choose another --save-file")
 
@@ -259,7 +261,7 @@ def _loras(args):
             raise WanError(f"LoRA file {spec.path} is not a .safetensors file", "only .safetensors LoRAs are read")
         if not Path(spec.path).is_file():
             raise WanError(f"LoRA file not found: {spec.path}", "give the path of a .safetensors LoRA")
-    return Loras(tuple(high), tuple(low))
+    return Loras.of({"high": high, "low": low})
 
 
 def _check_loras(loras, ckpt_dir: Path | None) -> None:
@@ -272,13 +274,14 @@ def _check_loras(loras, ckpt_dir: Path | None) -> None:
     from wan_i2v.loading import checkpoint as ckpt
     from wan_i2v.loading.lora import read_lora
     from wan_i2v.models.dit import DiT, DiTConfig
+    from wan_i2v.models.spec import spec_for
 
-    for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):
-        specs = loras.for_expert(name)
+    for expert_spec in spec_for().experts:
+        specs = loras.for_expert(expert_spec.name)
         if not specs:
             continue
         if ckpt_dir is not None:
-            expert = ckpt.safetensors_source(ckpt_dir / subdir)
+            expert = ckpt.safetensors_source(ckpt_dir / expert_spec.folder)
         else:
             with torch.device("meta"):
                 shapes = {key: tuple(value.shape) for key, value in DiT(DiTConfig()).state_dict().items()}
@@ -371,7 +374,8 @@ def cmd_generate(args) -> int:
     from dataclasses import replace
 
     from wan_i2v import session as runs
-    from wan_i2v.config import GenerationSettings, dit_tokens, parse_size, video_size
+    from wan_i2v.config import GenerationSettings, parse_size
+    from wan_i2v.models.spec import spec_for
     from wan_i2v.parallel.groups import launched
     from wan_i2v.video import check_writable, load_image
 
@@ -407,7 +411,7 @@ def cmd_generate(args) -> int:
     # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
     device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir, args.gpus)
     world = runs.world_size(options, device, planning_only=args.dry_run)
-    height, width = video_size(image.height, image.width, max_area)
+    height, width = spec_for().video_size(image.height, image.width, max_area)
     if _is_main() and not args.dry_run:
         _check_free_space(save_file, args.frame_num, height, width)
     launching = world > 1 and not launched() and not args.dry_run
@@ -415,7 +419,7 @@ def cmd_generate(args) -> int:
         return runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
                              ckpt_dir=ckpt_dir, query_gpu=not launching, spawned=world > 1 and not launched())  # fmt: skip
 
-    shape = (height, width, dit_tokens(args.frame_num, height, width))
+    shape = (height, width, spec_for().dit_tokens(args.frame_num, height, width))
     options, planned = _checked_plan(options, device, plan_with)  # a refused combination is one line, with no plan
     if args.dry_run:
         _explain(planned, shape, args)  # as the run would go (on the CPU without --fp8 and --offload)
@@ -442,7 +446,8 @@ def cmd_serve(args) -> int:
     from dataclasses import replace
 
     from wan_i2v import session as runs
-    from wan_i2v.config import check_frame_num, parse_size, video_size
+    from wan_i2v.config import check_frame_num, parse_size
+    from wan_i2v.models.spec import spec_for
     from wan_i2v.parallel.groups import launched
     from wan_i2v.server import JobDefaults, check_binding, serve, server_tokens
 
@@ -463,7 +468,7 @@ def cmd_serve(args) -> int:
     device = _run_device(options.device, options.ckpt_dir, options.gpus)
     options = replace(options, device=device)
     world = runs.world_size(options, device)
-    height, width = video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
+    height, width = spec_for().video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
     options, planned = _checked_plan(options, device, lambda options: runs.plan_for(
         options, height=height, width=width, frame_num=args.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
         query_gpu=world == 1 or launched(), spawned=world > 1 and not launched()))  # fmt: skip
@@ -506,8 +511,7 @@ def cmd_decode(args) -> int:
     import torch
 
     from wan_i2v import session as runs
-    from wan_i2v.config import FPS
-    from wan_i2v.loading import checkpoint as ckpt
+    from wan_i2v.models.spec import spec_for
     from wan_i2v.video import check_writable, write_mp4
 
     source = Path(args.latents)
@@ -519,7 +523,7 @@ def cmd_decode(args) -> int:
         # (torch's own message spans lines and suggests unpickling untrusted code: not for users)
         raise WanError(f"cannot read latents file {source}: not a wan-i2v latents file, or cut short", "give the file written by --save-latents, or generate again") from None
     latents = saved.get("latents") if isinstance(saved, dict) and saved.get("format") == runs.LATENTS_FORMAT else None
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != 16:
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != spec_for().latent_channels:
         raise WanError(f"{source} is not a wan-i2v latents file", "give the file written by --save-latents")
     save_file = _mp4_path(args.save_file, "--save-file")
     if save_file.exists() and not args.overwrite:
@@ -530,10 +534,10 @@ def cmd_decode(args) -> int:
     from wan_i2v.pipeline import decode_latents, load_vae_for
 
     ckpt_dir = runs.checkpoint_dir(runs.RunOptions(ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir))
-    vae = load_vae_for(ckpt_dir / ckpt.VAE_FILE, torch.device(device), runs.torch_dtype(args.decode_dtype, device))
+    vae = load_vae_for(ckpt_dir / spec_for().files.vae, torch.device(device), runs.torch_dtype(args.decode_dtype, device))
 
     video = decode_latents(vae, latents, torch.device(device), progress=not args.quiet)
-    write_mp4(video, save_file, fps=FPS, metadata=saved.get("settings"))
+    write_mp4(video, save_file, fps=spec_for().fps, metadata=saved.get("settings"))
     print(save_file)
     return 0
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from wan_i2v.errors import WanError, option
+from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
 
 # The samplers' names (``sampling/schedulers.py`` has the samplers): here, so that the settings and
 # the command's help need no torch.
@@ -18,11 +18,8 @@ DEFAULT_NEGATIVE_PROMPT = (
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-BOUNDARY_TIMESTEP = 900  # the high-noise expert runs for timesteps >= this (boundary 0.900 of 1000)
-FPS = 16
-VAE_STRIDE = (4, 8, 8)
-PATCH_SIZE = (1, 2, 2)
-SIZE_MULTIPLE = VAE_STRIDE[1] * PATCH_SIZE[1]  # 16: one latent patch in pixels
+# The model whose presets and size rules the settings follow.
+SPEC = spec_for(DEFAULT_SPEC)
 MIN_SIDE = 32
 MAX_STEPS = 1000
 # Far beyond what the model was trained for (720P, 81 frames), still short of what no machine holds:
@@ -32,26 +29,17 @@ MAX_FRAMES = 321
 MAX_GUIDE_SCALE = 30.0
 
 
-@dataclass(frozen=True)
-class Preset:
-    max_area: int
-    shift: float
-
-
-PRESETS = {"720P": Preset(1280 * 720, 5.0), "480P": Preset(832 * 480, 3.0)}
-
-
 def parse_size(size: str) -> tuple[int, float | None]:
     """``720P``, ``480P`` or ``A*B`` -> (max_area, preset shift or None)."""
-    preset = PRESETS.get(size.upper())
+    preset = SPEC.presets.get(size.upper())
     if preset is not None:
         return preset.max_area, preset.shift
     parts = size.replace("x", "*").split("*")
     if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
-        raise WanError(f"unknown size {size!r}", f"use {', '.join(PRESETS)} or H*W such as 1280*720")
+        raise WanError(f"unknown size {size!r}", f"use {', '.join(SPEC.presets)} or H*W such as 1280*720")
     sides = [int(p) for p in parts]
-    if any(side % SIZE_MULTIPLE for side in sides):
-        raise WanError(f"size {size} has a side that is not a multiple of {SIZE_MULTIPLE}", "e.g. 1280*720, 832*480, 1024*576")
+    if any(side % SPEC.size_multiple for side in sides):
+        raise WanError(f"size {size} has a side that is not a multiple of {SPEC.size_multiple}", "e.g. 1280*720, 832*480, 1024*576")
     if min(sides) < MIN_SIDE:
         raise WanError(f"size {size} is too small", f"each side must be at least {MIN_SIDE}")
     if sides[0] * sides[1] > MAX_AREA:
@@ -77,27 +65,13 @@ def guide_pair(values) -> tuple[float, float]:
     return values * (2 // len(values))
 
 
-def video_size(image_height: int, image_width: int, max_area: int) -> tuple[int, int]:
-    """Pixel (height, width) of the video: the image's aspect ratio within ``max_area``, rounded
-    down to whole latent patches exactly as the official code rounds."""
-    aspect = image_height / image_width
-    lat_h = round(math.sqrt(max_area * aspect) // VAE_STRIDE[1] // PATCH_SIZE[1] * PATCH_SIZE[1])
-    lat_w = round(math.sqrt(max_area / aspect) // VAE_STRIDE[2] // PATCH_SIZE[2] * PATCH_SIZE[2])
-    if lat_h < PATCH_SIZE[1] or lat_w < PATCH_SIZE[2]:
-        raise WanError(
-            f"an image of {image_width}x{image_height} is too narrow for an area of {max_area} pixels",
-            "crop the image closer to a common aspect ratio, or ask for a larger video",
-        )
-    return lat_h * VAE_STRIDE[1], lat_w * VAE_STRIDE[2]
-
-
 @dataclass(frozen=True)
 class GenerationSettings:
     """Everything that, with the checkpoint and the image, determines the video."""
 
     prompt: str
     negative_prompt: str
-    max_area: int = PRESETS["720P"].max_area
+    max_area: int = SPEC.presets[SPEC.default_preset].max_area
     frame_num: int = 81
     steps: int = 40
     shift: float = 5.0
@@ -128,8 +102,3 @@ class GenerationSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def dit_tokens(frame_num: int, height: int, width: int) -> int:
-    """The DiT's sequence length for a video of ``frame_num`` frames of ``height`` x ``width`` pixels."""
-    return ((frame_num - 1) // VAE_STRIDE[0] + 1) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)

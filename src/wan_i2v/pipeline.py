@@ -18,15 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from wan_i2v.config import (
-    BOUNDARY_TIMESTEP,
-    DEFAULT_NEGATIVE_PROMPT,
-    FPS,
-    PRESETS,
-    VAE_STRIDE,
-    GenerationSettings,
-    video_size,
-)
+from wan_i2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationSettings
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.kernels.attention import check_kernel
@@ -35,10 +27,11 @@ from wan_i2v.loading.checkpoint import load_strict, safetensors_source
 from wan_i2v.loading.converted import converted_blocks
 from wan_i2v.loading.staging import StagingRing
 from wan_i2v.loading.lora import LoraFile, Loras, MergedLoras, adapted, read_lora, switch_loras
-from wan_i2v.models.dit import DiT, build_dit, keeps_fp32, load_dit, pad_context
+from wan_i2v.models.dit import DiT, keeps_fp32, pad_context
 from wan_i2v.models.hooks import merge_states
+from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for
 from wan_i2v.models.text_encoder import TextEncoder
-from wan_i2v.models.vae import WanVAE, load_vae
+from wan_i2v.models.vae import WanVAE
 from wan_i2v.parallel.plan import ParallelDims
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
@@ -110,7 +103,10 @@ class I2VPipeline:
         checkpoint: Path | None = None,
         ring: StagingRing | None = None,
         loras: MergedLoras = MergedLoras(),
+        spec: ModelSpec | str = DEFAULT_SPEC,
     ):
+        self.spec = spec_for(spec)
+        self.conditioning = self.spec.conditioning()
         self.plan = plan
         self.checkpoint = checkpoint
         self.merged_loras = loras
@@ -155,6 +151,7 @@ class I2VPipeline:
         split_encode: bool = False,
         loras=None,
         plan: ExecutionPlan | None = None,
+        spec: ModelSpec | str = DEFAULT_SPEC,
     ) -> "I2VPipeline":
         """Load the official checkpoint directory, in ``dtype`` (default: bf16 on a GPU, fp32 on the CPU, as the CLI).
 
@@ -169,29 +166,32 @@ class I2VPipeline:
         fast in half the memory, ~1e-2 from fp32); ``encode_dtype`` the image encode's (fp32 as the official).
         ``split_encode``: with ``parallel``, each rank encodes a tile of the frames (faster; the result
         then differs from one GPU's by rounding, where by default it is the same to the bit).
-        ``loras``: ``{"high": [(path, strength), ...], "low": [...]}``, LoRA files merged into each
-        expert as it loads (``set_loras`` changes them later without reloading the pipeline).
+        ``loras``: ``{expert name: [(path, strength), ...]}`` (the names of the spec's experts), LoRA
+        files merged into each expert as it loads (``set_loras`` changes them later without reloading the pipeline).
         ``parallel`` (a ``wan_i2v.parallel.ParallelGroups``, in a process group) spreads the run over
         its ranks; every rank of the group calls this and ``generate`` with the same arguments
         (``wan_i2v.session.RunSession`` does that for you).
         ``plan``: an ``ExecutionPlan`` decided already (``RunSession`` plans one to fit the GPUs);
         it replaces every option above but ``parallel``.
+        ``spec``: the model (a ``ModelSpec`` or a registered name, ``models/spec.py``); by default Wan2.2-I2V-A14B.
         """
         if plan is None:
             plan = ExecutionPlan.for_device(
                 parallel.device if parallel is not None else device, dtype, attention=attention, compile=compile, offload=offload,
-                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype, encode_dtype=encode_dtype, split_encode=split_encode, loras=loras,
+                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype, encode_dtype=encode_dtype, split_encode=split_encode, loras=Loras.of(loras, spec),
                 dims=parallel.dims if parallel is not None else ParallelDims(),
             )  # fmt: skip
-        return cls.load(ckpt_dir, plan, parallel)
+        return cls.load(ckpt_dir, plan, parallel, spec=spec)
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None, progress: bool = False) -> "I2VPipeline":
+    def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None, progress: bool = False, spec: ModelSpec | str = DEFAULT_SPEC) -> "I2VPipeline":
         """Load the checkpoint as ``plan`` says: each expert built, transformed by ``apply_plan`` (on
         the meta device first with FSDP, so each rank reads only its rows) and filled, or, when its
         blocks stream (``--offload``), left in the checkpoint's files with only its embeddings and
-        head on the device. ``progress``: a bar over the four parts (minutes for the real model)."""
-        root = ckpt.check_checkpoint_dir(Path(ckpt_dir))
+        head on the device. ``progress``: a bar over the parts (minutes for the real model). ``spec``: the
+        model, whose experts, builders and files are read."""
+        spec = spec_for(spec)
+        root = ckpt.check_checkpoint_dir(Path(ckpt_dir), spec)
         if plan.on_gpu and not torch.cuda.is_available():
             raise WanError("CUDA was asked for but no GPU is visible", f"use {option('device', 'cpu')}, or check the driver")
         check_kernel(plan.attention, plan.device)
@@ -200,24 +200,26 @@ class I2VPipeline:
         experts, sources, merged = {}, {}, {}
         # Shown once loading takes a while (the real model: minutes), so a quick load, or one that
         # fails at once, leaves no bar before its one-line error.
-        bar = tqdm(total=4, desc="loading", unit="part", disable=not progress, delay=LOADING_BAR_DELAY_S)
+        bar = tqdm(total=len(spec.experts) + 2, desc="loading", unit="part", disable=not progress, delay=LOADING_BAR_DELAY_S)
         ring = None
-        for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR)):
+        builders = spec.builders
+        for expert_spec in spec.experts:
+            name, subdir = expert_spec.name, expert_spec.folder
             merged[name] = []
             specs = plan.loras.for_expert(name)
             adapt = _merging(specs, merged[name], plan.device) if specs else None
             if plan.fsdp:  # sharded before the weights exist: each rank reads only its rows
                 shard = lambda expert: apply_plan(expert, plan, parallel, meta=True)  # noqa: E731
-                expert = load_dit(root / subdir, device=device, dtype=plan.dtype, before_weights=shard, adapt=adapt)
+                expert = builders.load_dit(root / subdir, device=device, dtype=plan.dtype, before_weights=shard, adapt=adapt)
             else:
-                expert, source = build_dit(root / subdir, dtype=plan.dtype, adapt=adapt)
+                expert, source = builders.build_dit(root / subdir, dtype=plan.dtype, adapt=adapt)
                 if ring is None:
                     ring = staging_ring(expert, source, plan)
                 if plan.streams_experts:  # the blocks stay in the files; they stream in as they run
                     apply_plan(expert, plan, parallel)
                     load_outside_blocks(expert, source, ring, plan.dtype, keeps_fp32)
                     sources[name] = source if plan.converted_dir is None else converted_blocks(
-                        expert.block_stack(), source, ring, folder=plan.converted_dir, dtype=plan.dtype, keep_fp32=keeps_fp32, what=f"{name}-noise", progress=progress,
+                        expert.block_stack(), source, ring, folder=plan.converted_dir, dtype=plan.dtype, keep_fp32=keeps_fp32, what=str(expert_spec), progress=progress,
                         identity={"dtype": plan.dtype, "fp8": plan.fp8, "device": plan.device.type, "loras": [[lora.sha256, lora.spec.strength] for lora in merged[name]]},
                     )  # fmt: skip
                 else:
@@ -225,19 +227,20 @@ class I2VPipeline:
                     apply_plan(expert, plan, parallel)
             experts[name] = expert
             bar.update()
-        high, low = experts["high"], experts["low"]
-        if high.config != low.config:
+        first = experts[spec.experts[0].name]
+        if any(expert.config != first.config for expert in experts.values()):
             from wan_i2v.cache.layout import loading_hint
 
-            raise WanError(f"the two experts in {root} have different configs", "the checkpoint is mixed up; " + loading_hint(root))
+            count = "two" if len(experts) == 2 else len(experts)
+            raise WanError(f"the {count} experts in {root} have different configs", "the checkpoint is mixed up; " + loading_hint(root))
         if plan.streams_experts:
             experts = (
-                ExpertSwap(experts, sources, ring, BOUNDARY_TIMESTEP, dtype=plan.dtype, keep_fp32=keeps_fp32)
+                ExpertSwap(experts, sources, ring, spec.experts, dtype=plan.dtype, keep_fp32=keeps_fp32)
                 if plan.offload is Offload.EXPERTS
-                else StreamedExperts(experts, sources, ring, BOUNDARY_TIMESTEP, dtype=plan.dtype, keep_fp32=keeps_fp32, kept=plan.kept_blocks)
+                else StreamedExperts(experts, sources, ring, spec.experts, dtype=plan.dtype, keep_fp32=keeps_fp32, kept=plan.kept_blocks)
             )
         else:
-            experts = Experts(high, low, BOUNDARY_TIMESTEP)
+            experts = Experts(experts, spec.experts)
 
         def shard_text_encoder(model) -> None:
             from wan_i2v.parallel.fsdp import apply_fsdp
@@ -245,45 +248,42 @@ class I2VPipeline:
             apply_fsdp(model, model.encoder.block, parallel.mesh, offload=plan.fsdp_offload)
 
         sharded = plan.shards_text_encoder
-        text_encoder = TextEncoder.load(
-            root / ckpt.T5_FILE, root / ckpt.TOKENIZER_DIR, text_len=high.config.text_len, device=plan.text_encoder_device,
+        text_encoder = builders.load_text_encoder(
+            root / spec.files.text_encoder, root / spec.files.tokenizer_dir, text_len=first.config.text_len, device=plan.text_encoder_device,
             dtype=plan.dtype, before_weights=shard_text_encoder if sharded else None, run_device=device if sharded else None,
             ring=ring if plan.text_encoder_device.type == "cuda" else None,
         )  # fmt: skip
         bar.update()
-        vae = load_vae_for(root / ckpt.VAE_FILE, device, plan.decode_dtype, plan.encode_dtype)
+        vae = load_vae_for(root / spec.files.vae, device, plan.decode_dtype, plan.encode_dtype, spec)
         bar.update()
         bar.close()
-        return cls(text_encoder, vae, experts, plan=plan, parallel=parallel, checkpoint=root, ring=ring, loras=MergedLoras(merged))
+        return cls(text_encoder, vae, experts, plan=plan, parallel=parallel, checkpoint=root, ring=ring, loras=MergedLoras(merged), spec=spec)
 
     def set_loras(self, loras) -> None:
         """Change the LoRAs (as ``from_pretrained``'s ``loras``; None: none) without reloading: each
         parameter the old or the new LoRAs change is read again from the checkpoint and the new
         deltas merged, in place, wherever it lives (GPU, host memory, this rank's shard). In a
         parallel run every rank calls it with the same LoRAs."""
-        loras = Loras.of(loras)
-        bases = {name: safetensors_source(self.checkpoint / subdir) for name, subdir in (("high", ckpt.HIGH_NOISE_DIR), ("low", ckpt.LOW_NOISE_DIR))}
+        loras = Loras.of(loras, self.spec)
+        bases = {expert.name: safetensors_source(self.checkpoint / expert.folder) for expert in self.spec.experts}
         self.merged_loras = switch_loras(self.experts, bases, self.merged_loras, loras, self.device)
         self.plan = replace(self.plan, loras=loras)
 
     @property
-    def high_noise(self) -> DiT:
-        return self.experts.models["high"]
-
-    @property
-    def low_noise(self) -> DiT:
-        return self.experts.models["low"]
+    def config(self):
+        """The experts' DiT config (one for all: ``load`` checks that they agree)."""
+        return self.experts.models[self.spec.experts[0].name].config
 
     @property
     def text_len(self) -> int:
-        return self.high_noise.config.text_len
+        return self.config.text_len
 
     def generate(
         self,
         image: Image.Image | str | Path,
         prompt: str,
         negative_prompt: str | None = None,
-        max_area: int = PRESETS["720P"].max_area,
+        max_area: int = GenerationSettings.max_area,
         frame_num: int = 81,
         steps: int = 40,
         shift: float = 5.0,
@@ -301,9 +301,9 @@ class I2VPipeline:
     ) -> GenerationResult:
         """The official Wan2.2 I2V sampling: ``prepare``, ``sample`` and ``decode`` in a row.
 
-        ``guide_scale`` is (low-noise, high-noise) or one value for both; ``seed=None`` draws a
-        random seed, reported in ``result.settings.seed``. ``before_decode(latents, settings)`` sees
-        the latents (CPU, fp32) before decoding, e.g. to save them.
+        ``guide_scale`` is one value per expert, in the spec's ``guide_scale_order``, or one value for
+        all; ``seed=None`` draws a random seed, reported in ``result.settings.seed``.
+        ``before_decode(latents, settings)`` sees the latents (CPU, fp32) before decoding, e.g. to save them.
 
         ``state_file`` makes the run resumable: the denoising state is saved there after each step,
         and a run started again with the same image and settings (a random seed is taken from the
@@ -320,7 +320,7 @@ class I2VPipeline:
 
         ``video_file``: the mp4 is written there as the frames are decoded, so that it is complete
         moments after the decode ends (rather than encoded after it: about a second at 720P); it appears
-        whole, or not at all (checked writable before the run starts). The same bytes as ``write_mp4`` of the result's video at ``FPS`` with its metadata.
+        whole, or not at all (checked writable before the run starts). The same bytes as ``write_mp4`` of the result's video at the spec's fps with its metadata.
 
         In a parallel run the seed is rank 0's, progress and ``before_decode`` are rank 0's only, and
         only rank 0's result has the video (None elsewhere); a cancel on any rank stops every rank."""
@@ -342,7 +342,7 @@ class I2VPipeline:
         latents_cpu = latents.float().cpu()
         if before_decode is not None and self.is_main:
             before_decode(latents_cpu, prepared.settings)
-        with mp4_writer(video_file, fps=FPS, metadata=video_metadata(prepared.settings, self.loras)) if writing else nullcontext() as write:
+        with mp4_writer(video_file, fps=self.spec.fps, metadata=video_metadata(prepared.settings, self.loras)) if writing else nullcontext() as write:
             with _timed(timings, peaks, "decoding", self.device):
                 video = self.decode(latents, progress and self.is_main, on_frames=write)
             decoded = time.perf_counter()
@@ -356,7 +356,7 @@ class I2VPipeline:
         return self.parallel is None or self.parallel.is_main
 
     def settings_for(
-        self, prompt: str, negative_prompt: str | None = None, *, max_area: int = PRESETS["720P"].max_area, frame_num: int = 81,
+        self, prompt: str, negative_prompt: str | None = None, *, max_area: int = GenerationSettings.max_area, frame_num: int = 81,
         steps: int = 40, shift: float = 5.0, guide_scale: float | tuple[float, float] = (3.5, 3.5), seed: int | None = None,
         solver: str = "unipc",
     ) -> GenerationSettings:  # fmt: skip
@@ -422,7 +422,7 @@ class I2VPipeline:
                 guidance=self._guidance(prepared.conditioning),
                 schedule=official_schedule(settings.solver, settings.steps, settings.shift),
                 solver=settings.solver,
-                guide_scale=settings.guide_scale,
+                guide_scale=self.spec.guide_scales(settings.guide_scale),
                 hooks=[*hooks, bar],
                 resume=resume,
                 on_state=None if prepared.state_file is None else lambda state: self._save_state(prepared, state),
@@ -464,32 +464,32 @@ class I2VPipeline:
         return [pad_context(f, self.text_len).to(self.device) for f in features]
 
     def encode_image(self, pixels: torch.Tensor, max_area: int, frame_num: int, progress: bool = False) -> torch.Tensor:
-        """[3, h, w] image in [-1, 1] -> the [20, F', H/8, W/8] condition: first-frame mask, then the
-        VAE latents of the resized image followed by black frames."""
-        height, width = video_size(pixels.shape[1], pixels.shape[2], max_area)
+        """[3, h, w] image in [-1, 1] -> the condition the spec's strategy makes of the resized image
+        (Wan2.2-I2V-A14B's: [20, F', H/8, W/8], a first-frame mask, then the VAE latents of the image
+        followed by black frames)."""
+        height, width = self.spec.video_size(pixels.shape[1], pixels.shape[2], max_area)
         # Resized on the CPU in fp32, bicubic without antialiasing, as the official code does.
         first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
-        video = torch.cat([first[:, None], torch.zeros(3, frame_num - 1, height, width)], dim=1)
-        bar = tqdm(total=(frame_num - 1) // VAE_STRIDE[0] + 1, desc="image encoding", unit="latent frame", disable=not progress)
+        bar = tqdm(total=self.spec.latent_frames(frame_num), desc="image encoding", unit="latent frame", disable=not progress)
         advance = _advancing(bar)
+
+        def encode(video: torch.Tensor) -> torch.Tensor:
+            if self.parallel is not None and self.plan.split_encode:  # each rank encodes a tile of the frames
+                from wan_i2v.parallel.vae import encode_tiled
+
+                return encode_tiled(self.vae, video[None].to(self.device), self.parallel.group, advance)[0].float()
+            return self.vae.encode(video[None].to(self.device), progress=advance)[0].float()
+
         try:
             with torch.no_grad():
-                if self.parallel is not None and self.plan.split_encode:  # each rank encodes a tile of the frames
-                    from wan_i2v.parallel.vae import encode_tiled
-
-                    latents = encode_tiled(self.vae, video[None].to(self.device), self.parallel.group, advance)[0].float()
-                else:
-                    latents = self.vae.encode(video[None].to(self.device), progress=advance)[0].float()
+                return self.conditioning.condition(first, frame_num, self.spec.vae_stride[0], encode)
         finally:
             bar.close()
-        mask = torch.zeros(VAE_STRIDE[0], *latents.shape[1:], device=self.device)
-        mask[:, 0] = 1
-        return torch.cat([mask, latents])
 
     def initial_noise(self, latent_shape, seed: int) -> torch.Tensor:
         """The official noise: one randn of [16, F', H', W'] from a generator on the run device."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        channels = self.high_noise.config.out_dim
+        channels = self.config.out_dim
         return torch.randn(channels, *latent_shape, dtype=torch.float32, generator=generator, device=self.device)
 
     def decode(self, latents: torch.Tensor, progress: bool = False, on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
@@ -569,11 +569,12 @@ class StepEndCallback(LoopHook):
         return returned.get("latents")
 
 
-def load_vae_for(path: Path, device: torch.device, decode_dtype: torch.dtype = torch.float32, encode_dtype: torch.dtype = torch.float32) -> WanVAE:
-    """The VAE in fp32, as the official code runs it, but for a decode in ``decode_dtype`` and an
+def load_vae_for(path: Path, device: torch.device, decode_dtype: torch.dtype = torch.float32, encode_dtype: torch.dtype = torch.float32,
+                 spec: ModelSpec | str = DEFAULT_SPEC) -> WanVAE:  # fmt: skip
+    """``spec``'s VAE in fp32, as the official code runs it, but for a decode in ``decode_dtype`` and an
     encode in ``encode_dtype``; on a GPU in channels-last memory, which cuDNN runs without layout
     conversions (less memory, faster)."""
-    vae = load_vae(path, device=device, dtype=torch.float32).decode_in(decode_dtype).encode_in(encode_dtype)
+    vae = spec_for(spec).builders.load_vae(path, device=device, dtype=torch.float32).decode_in(decode_dtype).encode_in(encode_dtype)
     return vae.to_channels_last() if torch.device(device).type == "cuda" else vae
 
 

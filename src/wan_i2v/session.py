@@ -159,7 +159,7 @@ def plan_for(
     start the ranks itself (and holds the video). Shared by the run, ``--dry-run`` and the benchmarks."""
     import torch
 
-    from wan_i2v.config import dit_tokens
+    from wan_i2v.models.spec import spec_for
     from wan_i2v.parallel.plan import GiB, model_sizes
 
     dtype = torch_dtype(options.dtype, device)
@@ -176,7 +176,7 @@ def plan_for(
         decode_dtype=torch_dtype(options.decode_dtype, device), encode_dtype=torch_dtype(options.encode_dtype, device), split_encode=options.split_encode, keep_text_encoder=options.keep_text_encoder, loras=options.loras,
     )  # fmt: skip
     return plan_run(
-        base, sizes, gpus=world, tokens=dit_tokens(frame_num, height, width), pixels=height * width, frames=frame_num, gpu_bytes=gpu_bytes,
+        base, sizes, gpus=world, tokens=spec_for().dit_tokens(frame_num, height, width), pixels=height * width, frames=frame_num, gpu_bytes=gpu_bytes,
         host_bytes=host_bytes, ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp,
         offload=None if options.offload is None else Offload.parse(options.offload), guided=options.guided, spawned=spawned,
         capped=options.gpu_memory is not None,

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from wan_i2v.errors import WanError
-from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.models.dit import DiT, DiTConfig
-from wan_i2v.models.text_encoder import T5_CONFIG_FILE, T5Config, build_umt5, transformers_to_official_key
+from wan_i2v.models.spec import DEFAULT_SPEC, SAFETENSORS_FILE, SAFETENSORS_INDEX, T5_CONFIG_FILE, ModelSpec, spec_for
+from wan_i2v.models.text_encoder import T5Config, build_umt5, transformers_to_official_key
 from wan_i2v.models.vae import VAE_CONFIG_FILE, VAEConfig, WanVAE
 
 TINY_T5 = T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, encoder_layers=2, num_buckets=32)
@@ -58,7 +58,7 @@ def save_dit(model: DiT, directory: Path, shards: int) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if shards == 1:
-        save_file(state, str(directory / ckpt.SAFETENSORS_FILE))
+        save_file(state, str(directory / SAFETENSORS_FILE))
         return
     keys = sorted(state)
     weight_map = {}
@@ -67,7 +67,7 @@ def save_dit(model: DiT, directory: Path, shards: int) -> None:
         part = keys[index::shards]
         save_file({k: state[k] for k in part}, str(directory / name))
         weight_map.update({k: name for k in part})
-    (directory / ckpt.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    (directory / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
 def save_text_encoder(model: nn.Module, path: Path) -> None:
@@ -78,23 +78,26 @@ def save_text_encoder(model: nn.Module, path: Path) -> None:
     torch.save(official, path)
 
 
-def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """Write a complete tiny checkpoint into ``directory`` (which must not exist yet)."""
+def write_tiny_checkpoint(directory: Path, seed: int = 0, spec: ModelSpec | str = DEFAULT_SPEC) -> Path:
+    """Write a complete tiny checkpoint of ``spec``'s layout into ``directory`` (which must not exist
+    yet). The experts are stored in turn as one file, then as 2, 3... shards, so both forms are read."""
+    spec = spec_for(spec)
     directory = Path(directory)
     if directory.exists():
         raise FileExistsError(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
     try:
-        save_dit(randomize_(DiT(TINY_DIT), seed + 1), staging / ckpt.HIGH_NOISE_DIR, shards=1)
-        save_dit(randomize_(DiT(TINY_DIT), seed + 2), staging / ckpt.LOW_NOISE_DIR, shards=2)
+        for index, expert in enumerate(spec.experts):
+            save_dit(randomize_(DiT(TINY_DIT), seed + 1 + index), staging / expert.folder, shards=index + 1)
+        others = seed + 1 + len(spec.experts)
 
-        torch.save(randomize_(WanVAE(TINY_VAE), seed + 3).state_dict(), staging / ckpt.VAE_FILE)
+        torch.save(randomize_(WanVAE(TINY_VAE), others).state_dict(), staging / spec.files.vae)
         (staging / VAE_CONFIG_FILE).write_text(json.dumps(asdict(TINY_VAE)))
 
-        save_text_encoder(randomize_(build_umt5(TINY_T5), seed + 4), staging / ckpt.T5_FILE)
+        save_text_encoder(randomize_(build_umt5(TINY_T5), others + 1), staging / spec.files.text_encoder)
         (staging / T5_CONFIG_FILE).write_text(json.dumps(asdict(TINY_T5)))
-        write_tiny_tokenizer(staging / ckpt.TOKENIZER_DIR, TINY_T5.vocab_size)
+        write_tiny_tokenizer(staging / spec.files.tokenizer_dir, TINY_T5.vocab_size)
 
         (staging / MARKER).write_text(json.dumps({"seed": seed, "note": "random weights, for tests and the demo"}))
         staging.rename(directory)

@@ -12,9 +12,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from wan_i2v.cache.layout import MISSING, PARTIAL, PRESENT, USABLE, inspect
+from wan_i2v.cache.layout import MISSING, PARTIAL, PRESENT, SPEC, USABLE, inspect
 from wan_i2v.cache.manifest import Manifest
-from wan_i2v.loading.layout import needed_files
 
 READS = "reads"
 NOT_ON_DISK = "-"
@@ -36,9 +35,9 @@ class FileCheck:
 
 
 def check_checkpoint(folder: Path, manifest: Manifest | None) -> list[FileCheck]:
-    """Every file the loader opens (``needed_files``, the loader's own rule), and the manifest's other
-    files; a file the manifest lists is compared with its size there."""
-    needed = needed_files(folder)
+    """Every file the loader opens (the spec's ``needed_files``, the loader's own rule), and the manifest's
+    other files; a file the manifest lists is compared with its size there."""
+    needed = SPEC.needed_files(folder)
     listed = {entry.path: entry for entry in manifest.files} if manifest is not None else {}
     found = [(e.path, e.size, *inspect(folder, e)) for e in listed.values()]
     found += [(p, None, *_presence(folder / p)) for p in needed if p not in listed]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from wan_i2v.cache import commands
-from wan_i2v.cache.layout import REPO_ID, cache_root, resolve_checkpoint_dir
+from wan_i2v.cache.layout import SPEC, cache_root, resolve_checkpoint_dir
 from wan_i2v.cache.manifest import MANIFEST_NAME
 from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated
 
@@ -17,7 +17,7 @@ _CACHE_DIR_HELP = "cache root (default: $WAN_I2V_HOME, else the Hugging Face hub
 def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     """Add `cache` and its sub-commands; each leaf sets `func(args) -> exit code`."""
     cache = subparsers.add_parser(
-        "cache", help=f"download, check and relocate the {REPO_ID} checkpoint", description=_cache_description()
+        "cache", help=f"download, check and relocate the {SPEC.repo_id} checkpoint", description=_cache_description()
     )
     _add_cache_dir(cache)
     leaves = cache.add_subparsers(dest="cache_command", metavar="COMMAND", required=True)
@@ -77,7 +77,7 @@ def _path(args: argparse.Namespace) -> int:
 
 def _cache_description() -> str:
     return (
-        f"Manage the {REPO_ID} checkpoint. The cache root is --cache-dir, else $WAN_I2V_HOME, else the "
+        f"Manage the {SPEC.repo_id} checkpoint. The cache root is --cache-dir, else $WAN_I2V_HOME, else the "
         "Hugging Face hub cache, so a snapshot downloaded with huggingface-cli is used as it is. "
         "Downloads go to temporary files renamed when complete and verified; `quick` resumes them."
     )

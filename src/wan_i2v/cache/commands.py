@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from wan_i2v.cache.check import READS, check_checkpoint
 from wan_i2v.cache.layout import (
-    CORRUPT, REPO_FOLDER, REPO_ID, USABLE, VERIFIED, WRONG_SIZE,
+    CORRUPT, SPEC, USABLE, VERIFIED, WRONG_SIZE,
     cache_root_of, find_checkpoint_dir, hub_offline, inspect, repair_advice, repo_folder, resolve_checkpoint_dir,
 )
 from wan_i2v.cache.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
@@ -22,7 +22,7 @@ from wan_i2v.disk import check_space, human_size
 from wan_i2v.errors import WanError
 
 
-def _bytes_bar(total: int, initial: int = 0, desc: str = REPO_ID) -> tqdm:
+def _bytes_bar(total: int, initial: int = 0, desc: str = SPEC.repo_id) -> tqdm:
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
 
 
@@ -47,7 +47,7 @@ def quick(root: Path, source_name: str) -> int:
                     entry.corrupt = False
                     entry.verified_mtime_ns = (checkpoint_dir / entry.path).stat().st_mtime_ns if checked else None
                     manifest.save(checkpoint_dir)
-    print(f"{REPO_ID} is complete in {checkpoint_dir}")
+    print(f"{SPEC.repo_id} is complete in {checkpoint_dir}")
     return 0
 
 
@@ -73,7 +73,7 @@ def _check_space(directory: Path, needed: int) -> None:
 @contextmanager
 def _exclusive(root: Path):
     """One writer per cache: two downloads appending to the same partial file would garble it."""
-    lock_dir = root / ".locks" / REPO_FOLDER  # beside huggingface_hub's own locks, outside what `move` moves
+    lock_dir = root / ".locks" / SPEC.repo_folder  # beside huggingface_hub's own locks, outside what `move` moves
     lock_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_dir / "wan-i2v.lock")
     try:
@@ -90,7 +90,7 @@ def status(root: Path, checkpoint_dir: Path | None) -> int:
     """The table of the files image-to-video needs, from the disk alone: never the network, so it works offline."""
     checkpoint_dir = checkpoint_dir or find_checkpoint_dir(root)
     if checkpoint_dir is None:
-        print(f"No {REPO_ID} checkpoint in {root}; `wan-i2v cache quick` downloads it.")
+        print(f"No {SPEC.repo_id} checkpoint in {root}; `wan-i2v cache quick` downloads it.")
         return 1
     if not checkpoint_dir.is_dir():
         raise WanError(f"{checkpoint_dir} is not a directory", hint="pass the checkpoint folder with --ckpt-dir")
@@ -186,7 +186,7 @@ def _save_if_possible(manifest: Manifest, checkpoint_dir: Path) -> None:
 def move(root: Path, dest: Path, link: bool) -> int:
     old = repo_folder(root)
     if not old.exists():
-        raise WanError(f"no {REPO_ID} cache in {root}", hint="nothing to move; pass --cache-dir if it is elsewhere")
+        raise WanError(f"no {SPEC.repo_id} cache in {root}", hint="nothing to move; pass --cache-dir if it is elsewhere")
     source = old.resolve()  # an earlier `move --link` left a link here
     target = repo_folder(dest.expanduser().resolve())
     if target.exists() or target.is_symlink():
@@ -205,7 +205,7 @@ def move(root: Path, dest: Path, link: bool) -> int:
             old.unlink()
         if link:
             old.symlink_to(target, target_is_directory=True)
-    print(f"Moved {REPO_ID} to {target}")
+    print(f"Moved {SPEC.repo_id} to {target}")
     if not link:
         print(f"Set WAN_I2V_HOME={target.parent} (or pass --cache-dir {target.parent}) so later commands find it.")
     return 0

@@ -24,23 +24,10 @@ from huggingface_hub.utils import filter_repo_objects
 
 from wan_i2v.cache.manifest import FileEntry, Manifest
 from wan_i2v.errors import WanError
+from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
 
-REPO_ID = "Wan-AI/Wan2.2-I2V-A14B"
-REPO_FOLDER = "models--Wan-AI--Wan2.2-I2V-A14B"  # the hub cache's folder name for REPO_ID
-
-# The files image-to-video needs; the rest of the repository (assets/, examples/, README) is left out.
-# The syntax is huggingface_hub's allow_patterns, so snapshot_download(allow_patterns=...) takes the same set.
-CHECKPOINT_PATTERNS = (
-    "high_noise_model/config.json",
-    "high_noise_model/diffusion_pytorch_model.safetensors.index.json",
-    "high_noise_model/diffusion_pytorch_model-*-of-*.safetensors",
-    "low_noise_model/config.json",
-    "low_noise_model/diffusion_pytorch_model.safetensors.index.json",
-    "low_noise_model/diffusion_pytorch_model-*-of-*.safetensors",
-    "Wan2.1_VAE.pth",
-    "models_t5_umt5-xxl-enc-bf16.pth",
-    "google/umt5-xxl/*",
-)
+# The model whose checkpoint the cache keeps: its hub repository and the files of it a run needs.
+SPEC = spec_for(DEFAULT_SPEC)
 
 # File states, as `status` shows them.
 MISSING, PARTIAL, WRONG_SIZE, CORRUPT, PRESENT, VERIFIED = (
@@ -50,12 +37,12 @@ USABLE = (PRESENT, VERIFIED)
 
 
 def required_paths(repo_paths) -> list[str]:
-    """The repository paths that make up the checkpoint; every pattern must match at least one."""
-    paths = sorted(repo_paths)
-    unmatched = [p for p in CHECKPOINT_PATTERNS if not list(filter_repo_objects(paths, allow_patterns=[p]))]
+    """The repository paths that make up the checkpoint (the spec's ``hub_patterns``); every pattern must match at least one."""
+    paths, patterns = sorted(repo_paths), list(SPEC.hub_patterns())
+    unmatched = [p for p in patterns if not list(filter_repo_objects(paths, allow_patterns=[p]))]
     if unmatched:
-        raise WanError(f"{REPO_ID} lists no file for {', '.join(unmatched)}", hint="the repository layout changed; update wan-i2v")
-    return list(filter_repo_objects(paths, allow_patterns=list(CHECKPOINT_PATTERNS)))
+        raise WanError(f"{SPEC.repo_id} lists no file for {', '.join(unmatched)}", hint="the repository layout changed; update wan-i2v")
+    return list(filter_repo_objects(paths, allow_patterns=patterns))
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -63,7 +50,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def repo_folder(root: Path) -> Path:
-    return root / REPO_FOLDER
+    return root / SPEC.repo_folder
 
 
 def blob_path(checkpoint_dir: Path, entry: FileEntry) -> Path | None:
@@ -122,7 +109,7 @@ def hub_offline() -> bool:
 def cache_root_of(checkpoint_dir: Path) -> Path | None:
     """The cache root this checkpoint directory is a snapshot of; None for a folder of the user's own."""
     snapshots = checkpoint_dir.absolute().parent
-    if snapshots.name == "snapshots" and snapshots.parent.name == REPO_FOLDER:
+    if snapshots.name == "snapshots" and snapshots.parent.name == SPEC.repo_folder:
         return snapshots.parent.parent
     return None
 
@@ -155,5 +142,5 @@ def resolve_checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         raise WanError(f"the cache {root} is a file, not a directory", hint="give the cache's directory with --cache-dir or WAN_I2V_HOME")
     found = find_checkpoint_dir(root)
     if found is None:
-        raise WanError(f"no {REPO_ID} checkpoint in {root}", hint="run `wan-i2v cache quick`, or pass --ckpt-dir")
+        raise WanError(f"no {SPEC.repo_id} checkpoint in {root}", hint="run `wan-i2v cache quick`, or pass --ckpt-dir")
     return found

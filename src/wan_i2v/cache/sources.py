@@ -14,7 +14,7 @@ from huggingface_hub import HfApi, constants, hf_hub_url
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 
-from wan_i2v.cache.layout import REPO_ID, blob_path, partial_path, required_paths
+from wan_i2v.cache.layout import SPEC, blob_path, partial_path, required_paths
 from wan_i2v.cache.manifest import FileEntry, Manifest, hash_stream
 from wan_i2v.errors import WanError, first_line
 
@@ -41,15 +41,15 @@ class HubSource:
     def listing(self, revision: str = "main") -> Manifest:
         try:
             info = HfApi(endpoint=self.endpoint).model_info(
-                REPO_ID, revision=revision, files_metadata=True, timeout=LISTING_TIMEOUT_S
+                SPEC.repo_id, revision=revision, files_metadata=True, timeout=LISTING_TIMEOUT_S
             )
         except (httpx2.HTTPError, OSError) as err:
             raise WanError(
-                f"cannot list {REPO_ID} on {self.endpoint}: {first_line(err)}", hint="check the network, HF_ENDPOINT and HF_TOKEN"
+                f"cannot list {SPEC.repo_id} on {self.endpoint}: {first_line(err)}", hint="check the network, HF_ENDPOINT and HF_TOKEN"
             ) from err
         siblings = {s.rfilename: s for s in info.siblings or []}
         files = [FileEntry(path, siblings[path].size, _hub_digest(siblings[path])) for path in required_paths(siblings)]
-        return Manifest(REPO_ID, self.name, info.sha, files)
+        return Manifest(SPEC.repo_id, self.name, info.sha, files)
 
     def prepare_checkpoint_dir(self, repo: Path, manifest: Manifest) -> Path:
         """Create the snapshot folder of this listing's commit, and point refs/main at it as huggingface_hub does."""
@@ -80,7 +80,7 @@ class HubSource:
     def _download(self, entry: FileEntry, blob: Path, revision: str, progress) -> None:
         blob.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(blob)
-        url = hf_hub_url(REPO_ID, entry.path, revision=revision, endpoint=self.endpoint)
+        url = hf_hub_url(SPEC.repo_id, entry.path, revision=revision, endpoint=self.endpoint)
         try:
             with open(partial, "a+b") as file:
                 if file.tell() > entry.size:  # cannot be a prefix of this file
@@ -119,15 +119,15 @@ class ModelScopeSource:
 
     def listing(self, revision: str = "master") -> Manifest:
         try:
-            listed = self._api.get_model_files(REPO_ID, revision=revision, recursive=True)
+            listed = self._api.get_model_files(SPEC.repo_id, revision=revision, recursive=True)
         except Exception as err:  # its client raises requests' and its own error types, varying by version
-            raise WanError(f"cannot list {REPO_ID} on ModelScope: {first_line(err)}", hint="check the network") from err
+            raise WanError(f"cannot list {SPEC.repo_id} on ModelScope: {first_line(err)}", hint="check the network") from err
         by_path = {f["Path"]: f for f in listed if f.get("Type") != "tree"}
         files = [
             FileEntry(path, int(by_path[path]["Size"]), f"sha256:{sha}" if (sha := by_path[path].get("Sha256")) else None)
             for path in required_paths(by_path)
         ]
-        return Manifest(REPO_ID, self.name, revision, files)
+        return Manifest(SPEC.repo_id, self.name, revision, files)
 
     def prepare_checkpoint_dir(self, repo: Path, manifest: Manifest) -> Path:
         checkpoint_dir = repo / "snapshots" / "modelscope"
@@ -139,7 +139,7 @@ class ModelScopeSource:
 
     def fetch(self, checkpoint_dir: Path, entry: FileEntry, revision: str, progress) -> bool:
         try:
-            self._download(REPO_ID, entry.path, revision=revision, local_dir=str(checkpoint_dir))
+            self._download(SPEC.repo_id, entry.path, revision=revision, local_dir=str(checkpoint_dir))
         except Exception as err:  # see listing()
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 raise disk_full(entry.path, err) from err

@@ -1,12 +1,7 @@
-"""Reading the official Wan2.2-I2V-A14B checkpoint layout, strictly.
-
-Layout of the checkpoint directory::
-
-    high_noise_model/  config.json + diffusion_pytorch_model.safetensors
-    low_noise_model/     (or shards diffusion_pytorch_model-0000N-of-0000M.safetensors + .index.json)
-    Wan2.1_VAE.pth                     (+ optional vae_config.json for tiny test models)
-    models_t5_umt5-xxl-enc-bf16.pth    (+ optional t5_config.json)
-    google/umt5-xxl/                   tokenizer files
+"""Reading an official checkpoint, strictly. Its layout is its model's spec's (``models/spec.py``:
+``needed_files``): a folder per expert with config.json and diffusers' safetensors (one file, or
+shards and their index), the VAE's and the text encoder's ``.pth`` (each with an optional config
+for tiny test models), and the tokenizer's folder.
 
 Models are built on the meta device and every tensor goes from the memory-mapped
 file straight to its target device and dtype, one at a time, so loading never holds
@@ -25,18 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from wan_i2v.errors import WanError, first_line
-from wan_i2v.loading.layout import (  # noqa: F401 (the layout's names, as the loader's)
-    HIGH_NOISE_DIR,
-    LOW_NOISE_DIR,
-    SAFETENSORS_FILE,
-    SAFETENSORS_INDEX,
-    SHARD_GLOB,
-    T5_FILE,
-    TOKENIZER_DIR,
-    TOKENIZER_FILES,
-    VAE_FILE,
-    needed_files,
-)
+from wan_i2v.models.spec import DEFAULT_SPEC, SAFETENSORS_FILE, SAFETENSORS_INDEX, ModelSpec, spec_for
 from wan_i2v.loading.staging import FileRange, Fill, StagingRing, upload
 
 
@@ -50,30 +34,18 @@ def checkpoint_hint(path: str | Path) -> str:
     # Imported on failure only: loading needs nothing else of the cache.
     from wan_i2v.cache.layout import loading_hint
 
-    return loading_hint(_checkpoint_dir_of(Path(path)))
+    return loading_hint(spec_for(DEFAULT_SPEC).checkpoint_dir_of(Path(path)))
 
 
-def _checkpoint_dir_of(path: Path) -> Path:
-    # Every file of the layout lies in the checkpoint directory itself, in an expert's folder, or in the tokenizer's.
-    if path.parent.name in (HIGH_NOISE_DIR, LOW_NOISE_DIR):
-        return path.parent.parent
-    for folder in (path, path.parent):  # the tokenizer's folder, or a file in it
-        if folder.as_posix().endswith(TOKENIZER_DIR):
-            return folder.parents[1]
-    return path.parent
-
-
-def check_checkpoint_dir(root: Path) -> Path:
-    """``root`` if it is a directory holding every file the loader opens (``needed_files``); else the
-    one-line error, before any planning or loading."""
+def check_checkpoint_dir(root: Path, spec: ModelSpec | str = DEFAULT_SPEC) -> Path:
+    """``root`` if it is a directory holding every file the loader opens (the spec's ``needed_files``);
+    else the one-line error, before any planning or loading."""
     if not Path(root).is_dir():
         raise WanError(f"checkpoint directory not found: {root}", "check the path; `wan-i2v cache path` prints the cache's checkpoint")
-    missing = next((path for path in needed_files(Path(root)) if not (Path(root) / path).is_file()), None)
+    missing = next((path for path in spec_for(spec).needed_files(Path(root)) if not (Path(root) / path).is_file()), None)
     if missing is not None:
         raise missing_file_error(Path(root) / missing, "checkpoint file")
     return Path(root)
-
-
 
 
 def missing_file_error(path: Path, what: str) -> WanError:

@@ -33,6 +33,7 @@ from wan_i2v.cache.manifest import hash_stream
 from wan_i2v.errors import WanError
 from wan_i2v.loading.checkpoint import TensorSource, refill
 from wan_i2v.loading.names import diffusers_to_official
+from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for
 
 # (suffix, role, the parameter it changes relative to the module path)
 SUFFIXES = (
@@ -77,28 +78,29 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class Loras:
-    """The LoRAs of each expert, applied in order."""
+    """The LoRAs of each expert, by the expert's name in the model's spec, applied in order."""
 
-    high: tuple[LoraSpec, ...] = ()
-    low: tuple[LoraSpec, ...] = ()
+    by_expert: tuple[tuple[str, tuple[LoraSpec, ...]], ...] = ()  # (name, its LoRAs), sorted by name, none empty
 
     @classmethod
-    def of(cls, loras) -> "Loras":
-        """From ``{"high": [(path, strength) or path, ...], "low": [...]}`` (or a Loras, or None)."""
+    def of(cls, loras, spec: ModelSpec | str = DEFAULT_SPEC) -> "Loras":
+        """From ``{expert name: [(path, strength) or path, ...]}`` (or a Loras, or None); the names are ``spec``'s experts'."""
         if isinstance(loras, Loras):
             return loras
         loras = loras or {}
-        unknown = set(loras) - {"high", "low"}
+        names = [expert.name for expert in spec_for(spec).experts]
+        unknown = set(loras) - set(names)
         if unknown:
-            raise WanError(f"LoRAs for an unknown expert {sorted(unknown)[0]!r}", 'the experts are "high" and "low"')
+            quoted = [f'"{name}"' for name in names]
+            raise WanError(f"LoRAs for an unknown expert {sorted(unknown)[0]!r}", f"the experts are {' and '.join(quoted)}")
 
         def specs(items) -> tuple[LoraSpec, ...]:
             return tuple(item if isinstance(item, LoraSpec) else LoraSpec(str(item)) if isinstance(item, (str, Path)) else LoraSpec(str(item[0]), float(item[1])) for item in items)  # fmt: skip
 
-        return cls(specs(loras.get("high", ())), specs(loras.get("low", ())))
+        return cls(tuple(sorted((name, specs(items)) for name, items in loras.items() if items)))
 
     def for_expert(self, name: str) -> tuple[LoraSpec, ...]:
-        return self.high if name == "high" else self.low
+        return dict(self.by_expert).get(name, ())
 
 
 @dataclass

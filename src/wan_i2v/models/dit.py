@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_i2v.errors import WanError
-from wan_i2v.loading.layout import TEXT_DIM
+from wan_i2v.models.spec import UMT5_XXL_DIM
 from wan_i2v.models.attention import Attention
 from wan_i2v.models.hooks import HookRegistry, settle
 
@@ -55,7 +55,7 @@ class DiTConfig:
     num_heads: int = 40
     num_layers: int = 40
     text_len: int = 512
-    text_dim: int = TEXT_DIM
+    text_dim: int = UMT5_XXL_DIM
     eps: float = 1e-6
     patch_size: tuple[int, int, int] = (1, 2, 2)
 

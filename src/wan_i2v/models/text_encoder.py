@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from wan_i2v.loading.checkpoint import cast_parameters, checkpoint_hint, load_strict, missing_file_error, read_config, torch_file_source
 from wan_i2v.errors import WanError, first_line
-from wan_i2v.loading.layout import T5_CONFIG_FILE, TEXT_DIM
+from wan_i2v.models.spec import T5_CONFIG_FILE, UMT5_XXL_DIM
 
 
 
@@ -32,7 +32,7 @@ class T5Config:
     """Shape of the umT5 encoder; the defaults are umT5-XXL, tiny test models override them."""
 
     vocab_size: int = 256384
-    dim: int = TEXT_DIM
+    dim: int = UMT5_XXL_DIM
     dim_attn: int = 4096
     dim_ffn: int = 10240
     num_heads: int = 64

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from wan_i2v.errors import WanError, command_line, counted, option
+from wan_i2v.models.spec import DEFAULT_SPEC, SAFETENSORS_FILE, T5_CONFIG_FILE, ModelSpec, spec_for
 
 GiB = 2**30
 
@@ -23,7 +24,7 @@ class ParallelDims:
 
     ``cfg``: 1, or 2 to run the conditional and unconditional passes on two halves of the ranks.
     ``ulysses``: the sequence-parallel degree inside each half; it must divide the attention heads.
-    ``fsdp``: shard both experts over all N ranks (FSDP2, one unit per block). The text encoder is
+    ``fsdp``: shard every expert over all N ranks (FSDP2, one unit per block). The text encoder is
     sharded in every multi-rank run (it runs once, so that is nearly free), unless ``--offload``
     without FSDP keeps it in host memory.
     Rank r is cfg half ``r // ulysses`` and sequence shard ``r % ulysses``: a Ulysses group is
@@ -107,6 +108,7 @@ class ModelSizes:
     vae_dim: int  # channels of the VAE's full-resolution stages
     stored_block: int = 0  # one block as the checkpoint stores it (fp32 or bf16): a staging slot
     blocks: int = 40  # blocks of an expert
+    experts: int = 2  # the model's experts (its spec's), each of the sizes above
 
 
 # Transient memory of each stage, in units measured on H100/H200 (docs/benchmarks.md), per GPU:
@@ -206,7 +208,7 @@ def estimate_host_memory(
         if dims.fsdp:
             held = 0
             if offloaded:  # the experts' shards, and the text encoder's, pinned
-                held = int(PINNED_ROUNDING * (2 * sizes.expert + sizes.text_encoder) / world)
+                held = int(PINNED_ROUNDING * (sizes.experts * sizes.expert + sizes.text_encoder) / world)
         else:
             held = STAGING_DEPTH * (sizes.stored_block or sizes.block)
         per_rank = {stage: HOST_PROCESS + held for stage in gpu.stages}
@@ -253,16 +255,16 @@ def estimate_memory(
         text_running = sizes.text_embedding + 2 * sizes.text_block if stream_text_encoder else sizes.text_encoder
     # Experts outside the loop, and in it.
     if dims.fsdp:
-        experts_kept = 0 if offloaded else 2 * sizes.expert // world
+        experts_kept = 0 if offloaded else sizes.experts * sizes.expert // world
         experts_running = experts_kept + sizes.expert_root + 2 * sizes.block  # the root and a block ahead, gathered
-    elif offload == "blocks":  # both experts' embeddings and head stay on the GPU; two streamed blocks are there at a time
-        experts_kept = 2 * sizes.expert_root
+    elif offload == "blocks":  # every expert's embeddings and head stay on the GPU; two streamed blocks are there at a time
+        experts_kept = sizes.experts * sizes.expert_root
         experts_running = experts_kept + (2 + kept_blocks) * sizes.block
     elif offload:  # the same, and the active expert's blocks while it runs
-        experts_kept = 2 * sizes.expert_root
-        experts_running = sizes.expert + sizes.expert_root
+        experts_kept = sizes.experts * sizes.expert_root
+        experts_running = sizes.expert + (sizes.experts - 1) * sizes.expert_root
     else:
-        experts_kept = experts_running = 2 * sizes.expert
+        experts_kept = experts_running = sizes.experts * sizes.expert
     local = -(-tokens // dims.ulysses)
     stream = sizes.dim * 4
     if dims.ulysses > 1:
@@ -399,25 +401,26 @@ def make_plan(
     return choose_plan(world, sizes, gpu_bytes=gpu_bytes, layouts=layouts, placements=placements, **shape)
 
 
-def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False) -> ModelSizes:
-    """Sizes from the checkpoint's configs (the official model's where ``ckpt_dir`` has none)."""
+def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False, spec: ModelSpec | str = DEFAULT_SPEC) -> ModelSizes:
+    """Sizes from the checkpoint's configs (``spec``'s official shapes where ``ckpt_dir`` has none)."""
     from pathlib import Path
 
     import torch
 
-    from wan_i2v.loading import checkpoint as ckpt
-    from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
-    from wan_i2v.models.text_encoder import T5_CONFIG_FILE, T5Config
-    from wan_i2v.models.vae import VAE_CONFIG_FILE, VAEConfig, WanVAE
+    from wan_i2v.models.dit import DiT, keeps_fp32
+    from wan_i2v.models.vae import VAE_CONFIG_FILE, WanVAE
 
+    spec = spec_for(spec)
     root = Path(ckpt_dir) if ckpt_dir is not None else None
+    builders = spec.builders
 
     def config(cls, path):
         return cls.from_json_file(path) if root is not None and path.is_file() else cls()
 
-    dit = config(DiTConfig, (root or Path()) / ckpt.HIGH_NOISE_DIR / "config.json")
-    t5 = config(T5Config, (root or Path()) / T5_CONFIG_FILE)
-    vae = config(VAEConfig, (root or Path()) / VAE_CONFIG_FILE)
+    expert_dir = (root or Path()) / spec.experts[0].folder  # the experts share one config (the loader checks it)
+    dit = config(builders.dit_config.target, expert_dir / "config.json")
+    t5 = config(builders.text_encoder_config.target, (root or Path()) / T5_CONFIG_FILE)
+    vae = config(builders.vae_config.target, (root or Path()) / VAE_CONFIG_FILE)
     with torch.device("meta"):
         expert, wan_vae = DiT(dit), WanVAE(vae)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
@@ -426,7 +429,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False) -> ModelSizes
     if fp8:  # the blocks' linear weights in 1 byte, with an fp32 scale per output channel (transforms/fp8.py)
         linears = [module for module in blocks[0].modules() if isinstance(module, torch.nn.Linear)]
         block -= sum(linear.weight.numel() * (dtype_bytes - 1) - linear.out_features * 4 for linear in linears)
-    stored_bytes = _stored_bytes(root / ckpt.HIGH_NOISE_DIR) if root is not None else OFFICIAL_STORED_BYTES
+    stored_bytes = _stored_bytes(expert_dir, spec.stored_bytes) if root is not None else spec.stored_bytes
     t5_layer = 4 * t5.dim * t5.dim_attn + 3 * t5.dim * t5.dim_ffn + t5.num_buckets * t5.num_heads + 2 * t5.dim
     return ModelSizes(
         expert=count(expert) * dtype_bytes - len(blocks) * (count(blocks[0]) * dtype_bytes - block),
@@ -442,20 +445,18 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False) -> ModelSizes
         vae_dim=vae.dim,
         stored_block=count(blocks[0]) * stored_bytes,
         blocks=len(blocks),
+        experts=len(spec.experts),
     )
 
 
-OFFICIAL_STORED_BYTES = 4  # the official experts are stored in fp32 (57 GB each)
-
-
-def _stored_bytes(model_dir) -> int:
-    """Bytes per parameter of an expert's blocks as its safetensors store them (from a header)."""
-    from wan_i2v.loading.checkpoint import SAFETENSORS_FILE, safetensors_ranges
+def _stored_bytes(model_dir, official: int) -> int:
+    """Bytes per parameter of an expert's blocks as its safetensors store them (from a header; else ``official``)."""
+    from wan_i2v.loading.checkpoint import safetensors_ranges
 
     files = sorted(model_dir.glob("diffusion_pytorch_model*.safetensors")) or [model_dir / SAFETENSORS_FILE]
     try:
         ranges = safetensors_ranges(files[0])
     except (OSError, ValueError, KeyError):
-        return OFFICIAL_STORED_BYTES
+        return official
     weights = [stored for key, stored in ranges.items() if key.startswith("blocks.") and key.endswith(".weight") and len(stored.shape) == 2]
-    return weights[0].dtype.itemsize if weights else OFFICIAL_STORED_BYTES
+    return weights[0].dtype.itemsize if weights else official

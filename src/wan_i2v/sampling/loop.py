@@ -12,25 +12,27 @@ with its own (this process's: each rank of a parallel run holds its own).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from wan_i2v.models.spec import ExpertSpec
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance
 from wan_i2v.sampling.schedulers import Schedule, make_solver
 
 
 class Experts:
-    """The two experts; ``activate`` returns the one to run. Offloading subclasses this."""
+    """A model's experts by name (``ExpertSpec``s: each runs from its boundary up to the previous
+    one's); ``activate`` returns the one to run. Offloading subclasses this."""
 
-    def __init__(self, high_noise: nn.Module, low_noise: nn.Module, boundary: int):
-        self.models = {"high": high_noise, "low": low_noise}
-        self.boundary = boundary
+    def __init__(self, models: Mapping[str, nn.Module], experts: Sequence[ExpertSpec]):
+        self.models = {expert.name: models[expert.name] for expert in experts}
+        self.boundaries = sorted(((expert.boundary, expert.name) for expert in experts), reverse=True)
 
     def name_for(self, timestep: float) -> str:
-        return "high" if timestep >= self.boundary else "low"
+        return next(name for boundary, name in self.boundaries if timestep >= boundary)
 
     def activate(self, name: str) -> nn.Module:
         return self.models[name]
@@ -46,7 +48,7 @@ class StepInfo:
     index: int  # 0-based
     total: int
     timestep: float
-    expert: str  # "high" or "low"
+    expert: str  # its name in the model's spec
     guide_scale: float
 
 
@@ -105,13 +107,14 @@ def denoise(
     guidance: ClassifierFreeGuidance,
     schedule: Schedule,
     solver: str,
-    guide_scale: tuple[float, float],
+    guide_scale: Mapping[str, float],
     hooks: Sequence[LoopHook] = (),
     resume: LoopState | None = None,
     on_state: Callable[[LoopState], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Run the sampler from ``noise`` [1, C, F, H, W] (fp32, run device) to clean latents.
+    """Run the sampler from ``noise`` [1, C, F, H, W] (fp32, run device) to clean latents, each
+    step with its expert's ``guide_scale`` (by expert name).
 
     ``resume`` goes on from a saved state instead of from the noise; ``on_state`` sees the
     state after each step (to save it). ``stop_requested()`` is asked before each step: True
@@ -138,7 +141,7 @@ def denoise(
                 raise Cancelled(index, len(timesteps))
             name = experts.name_for(t)
             model = experts.activate(name)
-            step = StepInfo(index, len(timesteps), float(t), name, guide_scale[1] if name == "high" else guide_scale[0])
+            step = StepInfo(index, len(timesteps), float(t), name, guide_scale[name])
             for hook in hooks:
                 hook.on_step_begin(step)
 

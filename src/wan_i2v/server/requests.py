@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import warnings
 
 from wan_i2v.errors import WanError
+from wan_i2v.models.spec import spec_for
 
 MAX_IMAGE_PIXELS = 64_000_000  # phone photos reach 50 MP; a decoded 64 MP image is 192 MB of RGB
-MODEL = "wan2.2-i2v-a14b"
+MODEL = spec_for().name.lower()  # the name the OpenAI API gives the served model
 MAX_IDEMPOTENCY_KEY = 255  # as Stripe's
 TEXT_FIELDS = ("model", "seconds", "prompt", "negative_prompt", "size", "frame_num", "steps", "guide_scale", "shift", "seed", "solver")
 # Each decode holds up to ~200 MB, and a thread's malloc arena keeps what it once held: two threads
@@ -64,7 +65,7 @@ def check_text_fields(form) -> None:
 def check_openai_fields(form) -> None:
     """The OpenAI fields this server does not honour are refused rather than silently ignored."""
     if form.get("seconds") is not None:
-        raise WanError("seconds is not read by this server: give frame_num instead (16 frames a second, 4n+1 frames: 81 is 5 s)")
+        raise WanError(f"seconds is not read by this server: give frame_num instead ({spec_for().fps} frames a second, 4n+1 frames: 81 is 5 s)")
     model = form.get("model")
     if model is not None and model != MODEL:
         raise WanError(f"model {model!r} is not served here: only {MODEL!r} (or leave model out)")
@@ -79,7 +80,6 @@ async def check_image(image: bytes, filename: str | None, max_area: int) -> tupl
 def _check_image(image: bytes, filename: str | None, max_area: int) -> tuple[int, int]:
     from PIL import Image
 
-    from wan_i2v.config import video_size
     from wan_i2v.video import load_image
 
     name = f"image {filename or 'input_reference'}"
@@ -97,7 +97,7 @@ def _check_image(image: bytes, filename: str | None, max_area: int) -> tuple[int
     if width * height > MAX_IMAGE_PIXELS:
         raise WanError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} MP), {limit}", hint)
     picture = load_image(image, name=name)
-    return video_size(picture.height, picture.width, max_area)
+    return spec_for().video_size(picture.height, picture.width, max_area)
 
 
 def same_request(known_settings: dict, known_image: bytes | None, settings: dict, image: bytes, seed_given: bool) -> bool:

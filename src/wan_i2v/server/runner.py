@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from wan_i2v.errors import WanError, first_line, is_out_of_memory
+from wan_i2v.models.spec import spec_for
 from wan_i2v.server.queue import QueueUnreachable
 from wan_i2v.server.store import Job, JobStore, exception_chain, is_disk_full
 
@@ -265,7 +266,7 @@ def files_estimate(settings: dict) -> int:
     """The most bytes a job's files take: its saved state (the latent and the solver's history: four
     float32 latents of 16 channels per 8x8 pixels, 1 byte a pixel for each latent frame) and its mp4
     (less than its frames as raw RGB)."""
-    latent_frames = (settings["frame_num"] - 1) // 4 + 1
+    latent_frames = spec_for().latent_frames(settings["frame_num"])
     return settings["max_area"] * (4 * latent_frames + 3 * settings["frame_num"])
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from wan_i2v.config import FPS
+from wan_i2v.models.spec import spec_for
 from wan_i2v.server.requests import MODEL
 from wan_i2v.server.store import Job
 
@@ -52,7 +52,7 @@ class Video(BaseModel):
             completed_at=None if job.completed_at is None else int(job.completed_at),
             error=None if job.error is None else VideoError(message=job.error),
             prompt=settings["prompt"],
-            seconds=f"{(settings['frame_num'] - 1) / FPS:g}",
+            seconds=f"{(settings['frame_num'] - 1) / spec_for().fps:g}",
             size=settings["size"],
             seed=settings["seed"],
             step=settings["steps"] if completed else job.step,  # (its last step's write may have been missed)

@@ -30,6 +30,7 @@ from torch import nn
 
 from wan_i2v.loading.checkpoint import TensorSource, fills
 from wan_i2v.loading.staging import Batch, Fill, StagingRing, mark_cold, placeholder, upload
+from wan_i2v.models.spec import ExpertSpec
 from wan_i2v.sampling.loop import Experts
 
 
@@ -220,9 +221,9 @@ def load_outside_blocks(model: nn.Module, source: TensorSource, ring: StagingRin
 class ExpertSwap(Experts):
     """Only the active expert's blocks on the GPU: they stream in behind its first forward and stay until released."""
 
-    def __init__(self, models: dict[str, nn.Module], sources: dict[str, TensorSource], ring: StagingRing, boundary: int, *,
+    def __init__(self, models: dict[str, nn.Module], sources: dict[str, TensorSource], ring: StagingRing, experts: Sequence[ExpertSpec], *,
                  dtype: torch.dtype, keep_fp32, ahead: int = 2):  # fmt: skip
-        super().__init__(models["high"], models["low"], boundary)
+        super().__init__(models, experts)
         self.streams = {name: BlockStream(model.block_stack(), sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=range(len(model.block_stack())))
                         for name, model in self.models.items()}  # fmt: skip
         self.active: str | None = None
@@ -262,13 +263,13 @@ def spread(kept: int, count: int) -> list[int]:
 
 
 class StreamedExperts(Experts):
-    """Both experts' blocks stream through the device one or two at a time (``--offload blocks``);
+    """Every expert's blocks stream through the device one or two at a time (``--offload blocks``);
     ``kept`` blocks of the active expert (what the GPU has room for, spread out) stay on it while
     the expert runs."""
 
-    def __init__(self, models: dict[str, nn.Module], sources: dict[str, TensorSource], ring: StagingRing, boundary: int, *,
+    def __init__(self, models: dict[str, nn.Module], sources: dict[str, TensorSource], ring: StagingRing, experts: Sequence[ExpertSpec], *,
                  dtype: torch.dtype, keep_fp32, ahead: int = 1, kept: int = 0):  # fmt: skip
-        super().__init__(models["high"], models["low"], boundary)
+        super().__init__(models, experts)
         self.streams = {name: BlockOffload(model, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=spread(kept, len(model.block_stack())))
                         for name, model in self.models.items()}  # fmt: skip
         self.active: str | None = None

@@ -1,0 +1,269 @@
+"""Model specs: everything the package knows of a model family, in one place (torchtitan's ``ModelSpec``).
+
+A spec names its hub repository, its checkpoint's layout (read by the loader, the cache and
+`wan-i2v cache status`), the builders of its parts, its experts and the timesteps each runs for,
+how the image conditions the video, and its size rules, presets and frame rate. Code outside this
+module asks the spec instead of naming a model's folders, experts or numbers.
+
+No torch here, even indirectly: the builders are dotted names imported when first called, so that
+`wan-i2v --help` and `cache status` read a spec without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from wan_i2v.errors import WanError, counted
+
+# How every expert is stored: diffusers' safetensors names, one file or an index and its shards.
+SAFETENSORS_FILE = "diffusion_pytorch_model.safetensors"
+SAFETENSORS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+SHARD_GLOB = "diffusion_pytorch_model-*-of-*.safetensors"
+# Beside the text encoder, for an encoder of another width than the spec's ``text_dim`` (the tiny test model's).
+T5_CONFIG_FILE = "t5_config.json"
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A callable named ``"package.module:attribute"``, imported on first use (so a spec stays torch-free)."""
+
+    path: str
+
+    @property
+    def target(self):
+        module, _, attribute = self.path.partition(":")
+        target = importlib.import_module(module)
+        for name in attribute.split("."):
+            target = getattr(target, name)
+        return target
+
+    def __call__(self, *args, **kwargs):
+        return self.target(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One denoiser of the model: it runs for timesteps >= ``boundary`` and below the previous expert's."""
+
+    name: str
+    folder: str  # its folder in the checkpoint directory (config.json and safetensors)
+    boundary: int
+    label: str = ""  # how messages call it ("the high-noise expert"); its name where empty
+
+    def __str__(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class Preset:
+    max_area: int
+    shift: float
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The checkpoint's files besides the experts' folders, by name."""
+
+    vae: str
+    text_encoder: str
+    tokenizer_dir: str
+    # What transformers reads the tokenizer from. For umT5: the vocabulary in tokenizer.json, the special
+    # tokens (padding) in tokenizer_config.json. (Without tokenizer.json it made a tokenizer of an empty
+    # vocabulary from the config alone, and spiece.model is read only through a conversion that needs protobuf.)
+    tokenizer_files: tuple[str, ...]
+    text_dim: int  # the width of the text features the experts take from the stored text encoder
+
+
+@dataclass(frozen=True)
+class Builders:
+    """How each part is made from the checkpoint's files."""
+
+    dit_config: Lazy  # the DiT's config class; its defaults are the official shapes
+    build_dit: Lazy  # (expert folder, dtype=, adapt=) -> (model on the meta device, its tensor source)
+    load_dit: Lazy  # (expert folder, device=, dtype=, before_weights=, adapt=) -> a filled model (FSDP)
+    load_vae: Lazy  # (path, device=, dtype=) -> the VAE
+    load_text_encoder: Lazy  # (weights, tokenizer folder, text_len=, device=, dtype=, ...) -> the text encoder
+    text_encoder_config: Lazy  # the text encoder's config class
+    vae_config: Lazy  # the VAE's config class
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    repo_id: str  # on the Hugging Face hub
+    experts: tuple[ExpertSpec, ...]  # from the highest boundary down; the last one's is 0
+    files: CheckpointFiles
+    builders: Builders
+    conditioning: Lazy  # the strategy class that turns the first frame into the condition (``models/conditioning.py``)
+    guide_scale_order: tuple[str, ...]  # the expert each value of a guide-scale tuple belongs to
+    presets: Mapping[str, Preset]
+    default_preset: str
+    fps: int
+    vae_stride: tuple[int, int, int]  # (frames, height, width) of pixels per latent
+    patch_size: tuple[int, int, int]  # (frames, height, width) of latents per DiT token
+    latent_channels: int
+    stored_bytes: int  # bytes per parameter of the released experts' safetensors (for an unread checkpoint)
+
+    def __post_init__(self):
+        boundaries = [expert.boundary for expert in self.experts]
+        if not self.experts or boundaries[-1] != 0 or boundaries != sorted(boundaries, reverse=True) or len(set(boundaries)) != len(boundaries):
+            raise ValueError(f"{self.name}: the experts' boundaries must fall strictly to 0, not {boundaries}")
+        if sorted(self.guide_scale_order) != sorted(expert.name for expert in self.experts):
+            raise ValueError(f"{self.name}: guide_scale_order must name each expert once")
+
+    # The guide scales.
+
+    def guide_scales(self, values: Sequence[float]) -> dict[str, float]:
+        """A guide-scale tuple by expert name: one value per expert, in ``guide_scale_order``, or one
+        value repeated (the settings' pair given one value), which every expert takes."""
+        values = tuple(values)
+        if len(values) == len(self.guide_scale_order):
+            return dict(zip(self.guide_scale_order, values))
+        if len(set(values)) == 1:
+            return dict.fromkeys(self.guide_scale_order, values[0])
+        raise WanError(
+            f"{self.name} has {counted(len(self.experts), 'expert')}: the guide scales {values} do not map to them",
+            f"give one value, or one per expert ({', '.join(self.guide_scale_order)})",
+        )
+
+    # Sizes.
+
+    @property
+    def size_multiple(self) -> int:
+        """The pixels of one latent patch's side: every video side is a multiple of it."""
+        return self.vae_stride[1] * self.patch_size[1]
+
+    def latent_frames(self, frame_num: int) -> int:
+        return (frame_num - 1) // self.vae_stride[0] + 1
+
+    def latent_shape(self, frame_num: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(channels, frames, height, width) of the latents of a video of ``frame_num`` frames of ``height`` x ``width`` pixels."""
+        return self.latent_channels, self.latent_frames(frame_num), height // self.vae_stride[1], width // self.vae_stride[2]
+
+    def video_size(self, image_height: int, image_width: int, max_area: int) -> tuple[int, int]:
+        """Pixel (height, width) of the video: the image's aspect ratio within ``max_area``, rounded
+        down to whole latent patches exactly as the official code rounds."""
+        aspect = image_height / image_width
+        (_, stride_h, stride_w), (_, patch_h, patch_w) = self.vae_stride, self.patch_size
+        lat_h = round(math.sqrt(max_area * aspect) // stride_h // patch_h * patch_h)
+        lat_w = round(math.sqrt(max_area / aspect) // stride_w // patch_w * patch_w)
+        if lat_h < patch_h or lat_w < patch_w:
+            raise WanError(
+                f"an image of {image_width}x{image_height} is too narrow for an area of {max_area} pixels",
+                "crop the image closer to a common aspect ratio, or ask for a larger video",
+            )
+        return lat_h * stride_h, lat_w * stride_w
+
+    def dit_tokens(self, frame_num: int, height: int, width: int) -> int:
+        """The DiT's sequence length for a video of ``frame_num`` frames of ``height`` x ``width`` pixels."""
+        return self.latent_frames(frame_num) * (height // self.size_multiple) * (width // self.size_multiple)
+
+    # The checkpoint's layout: one rule for the loader, the cache and `cache status`.
+
+    @property
+    def repo_folder(self) -> str:
+        """The hub cache's folder name for ``repo_id``."""
+        return "models--" + self.repo_id.replace("/", "--")
+
+    def needed_files(self, root: Path) -> list[str]:
+        """The files the loader opens in the checkpoint directory ``root`` ("/"-separated, missing ones
+        included): the loader requires them (``check_checkpoint_dir``) and `wan-i2v cache status` checks
+        them, one rule for both."""
+        files = self.files
+        paths = []
+        for expert in self.experts:
+            paths += [f"{expert.folder}/{name}" for name in ("config.json", *self._weight_files(root / expert.folder))]
+        paths += [files.vae, files.text_encoder]
+        if self._text_dim(root) not in (None, files.text_dim):  # another width: the encoder's shape is in its config
+            paths.append(T5_CONFIG_FILE)
+        return paths + [f"{files.tokenizer_dir}/{name}" for name in files.tokenizer_files]
+
+    def hub_patterns(self) -> tuple[str, ...]:
+        """The repository's files the model needs (the rest, assets/, examples/, README, is left out),
+        as huggingface_hub's allow_patterns, so snapshot_download(allow_patterns=...) takes the same set."""
+        files = self.files
+        experts = [f"{expert.folder}/{name}" for expert in self.experts for name in ("config.json", SAFETENSORS_INDEX, SHARD_GLOB)]
+        return (*experts, files.vae, files.text_encoder, f"{files.tokenizer_dir}/*")
+
+    def checkpoint_dir_of(self, path: Path) -> Path:
+        """The checkpoint directory that a file of the layout lies in."""
+        # Every file lies in the checkpoint directory itself, in an expert's folder, or in the tokenizer's.
+        if path.parent.name in {expert.folder for expert in self.experts}:
+            return path.parent.parent
+        for folder in (path, path.parent):  # the tokenizer's folder, or a file in it
+            if folder.as_posix().endswith(self.files.tokenizer_dir):
+                return folder.parents[len(Path(self.files.tokenizer_dir).parts) - 1]
+        return path.parent
+
+    def _weight_files(self, expert_dir: Path) -> list[str]:
+        """As the loader picks them: the index and the shards it names, else one unsharded file."""
+        index = expert_dir / SAFETENSORS_INDEX
+        if not index.is_file() and (expert_dir / SAFETENSORS_FILE).is_file():
+            return [SAFETENSORS_FILE]
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            shards = {name for name in weight_map.values() if isinstance(name, str)}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            # The index's own error says what is wrong with it; the shards on disk are checked all the same.
+            shards = {path.name for path in expert_dir.glob(SHARD_GLOB)}
+        return [SAFETENSORS_INDEX, *sorted(shards)]
+
+    def _text_dim(self, root: Path) -> int | None:
+        """The width of the text features the experts take (their config's text_dim; None where it does not read)."""
+        try:
+            return json.loads((root / self.experts[0].folder / "config.json").read_bytes()).get("text_dim", self.files.text_dim)
+        except (OSError, ValueError, AttributeError):
+            return None  # the config's own error says what is wrong with it
+
+
+UMT5_XXL_DIM = 4096  # umT5-XXL's width: the text features the Wan2.2 experts take
+
+WAN22_I2V_A14B = ModelSpec(
+    name="Wan2.2-I2V-A14B",
+    repo_id="Wan-AI/Wan2.2-I2V-A14B",
+    # The high-noise expert runs for timesteps >= 900 (boundary 0.900 of 1000), the low-noise one below.
+    experts=(ExpertSpec("high", "high_noise_model", 900, "high-noise"), ExpertSpec("low", "low_noise_model", 0, "low-noise")),
+    files=CheckpointFiles(
+        vae="Wan2.1_VAE.pth",
+        text_encoder="models_t5_umt5-xxl-enc-bf16.pth",
+        tokenizer_dir="google/umt5-xxl",
+        tokenizer_files=("tokenizer_config.json", "tokenizer.json"),
+        text_dim=UMT5_XXL_DIM,
+    ),
+    builders=Builders(
+        dit_config=Lazy("wan_i2v.models.dit:DiTConfig"),
+        build_dit=Lazy("wan_i2v.models.dit:build_dit"),
+        load_dit=Lazy("wan_i2v.models.dit:load_dit"),
+        load_vae=Lazy("wan_i2v.models.vae:load_vae"),
+        load_text_encoder=Lazy("wan_i2v.models.text_encoder:TextEncoder.load"),
+        text_encoder_config=Lazy("wan_i2v.models.text_encoder:T5Config"),
+        vae_config=Lazy("wan_i2v.models.vae:VAEConfig"),
+    ),
+    conditioning=Lazy("wan_i2v.models.conditioning:FirstFrameMask"),
+    guide_scale_order=("low", "high"),  # the official sample_guide_scale's order
+    presets={"720P": Preset(1280 * 720, 5.0), "480P": Preset(832 * 480, 3.0)},
+    default_preset="720P",
+    fps=16,
+    vae_stride=(4, 8, 8),
+    patch_size=(1, 2, 2),
+    latent_channels=16,
+    stored_bytes=4,  # the official experts are stored in fp32 (57 GB each)
+)
+
+DEFAULT_SPEC = WAN22_I2V_A14B.name
+SPECS: dict[str, ModelSpec] = {WAN22_I2V_A14B.name: WAN22_I2V_A14B}
+
+
+def spec_for(name: str | ModelSpec = DEFAULT_SPEC) -> ModelSpec:
+    """The registered spec called ``name`` (a spec is returned as it is)."""
+    if isinstance(name, ModelSpec):
+        return name
+    spec = SPECS.get(name)
+    if spec is None:
+        raise WanError(f"unknown model {name!r}", f"choose one of {', '.join(SPECS)}")
+    return spec
