@@ -144,7 +144,7 @@ def denoise(
 
             def call(branch, *inputs, step=step, model=model):
                 def run():
-                    with registries[step.expert].context(expert=step.expert, branch=branch):
+                    with registries[step.expert].context(expert=step.expert, branch=branch, step=step.index, steps=step.total):
                         return model(*inputs)
 
                 for hook in reversed(hooks):  # the first hook is the outermost
