@@ -3,6 +3,7 @@ skip adds the middle blocks' residual of the context's last full forward, its co
 pipeline's video with it, and its settings' errors. (Under Ulysses and FSDP: tests/test_block_hooks.py.)"""
 
 import math
+from dataclasses import replace
 
 import av
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from test_block_hooks import CONFIG, count_block_runs, make_experts
 from wan_i2v.errors import WanError
-from wan_i2v.execution import ExecutionPlan, apply_plan
+from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.models.dit import DiT
 from wan_i2v.models.hooks import settle
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
@@ -153,6 +154,11 @@ def test_a_pipeline_with_the_cache_skips_and_writes_a_finite_playable_video(tiny
     assert not torch.equal(result.latents, pipe_without_cache(tiny_checkpoint).generate(demo_image(), "a boat", **settings).latents)
     with av.open(str(tmp_path / "cached.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5
+
+    # The blocks streamed from the checkpoint (--offload blocks), the skipped ones never brought up: the same video.
+    streamed = I2VPipeline.load(tiny_checkpoint, replace(plan, offload=Offload.BLOCKS, converted_dir=None))
+    assert torch.equal(streamed.generate(demo_image(), "a boat", **settings).latents, result.latents)
+    assert skipped_forwards(streamed.experts.models) == counts
 
 
 def pipe_without_cache(checkpoint):
