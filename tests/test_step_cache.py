@@ -103,10 +103,12 @@ def test_with_a_huge_threshold_the_rules_decide_and_a_skip_adds_the_middle_block
     assert not torch.equal(expected, sample(make_experts()))
 
     experts = make_experts()
-    with_caches(experts, FORCED)
+    caches = with_caches(experts, FORCED)
     runs = count_block_runs(experts)
     latents = sample(experts)
     assert torch.equal(latents, expected)
+    # The high-noise expert's cache was dropped at the switch (its memory freed); the low-noise one's is the last step's.
+    assert caches["high"].contexts.states == {} and set(caches["low"].contexts.states) == {"low/cond", "low/uncond"}
     assert skipped_forwards(experts.models) == counts_of(FORCED_SKIPS) == {"high": (4, 10), "low": (2, 6)}
     assert len(runs) == 16 * CONFIG.num_layers - 6  # the 6 skipped forwards did not run their middle block
 
@@ -138,6 +140,9 @@ def test_a_run_resumed_mid_run_equals_the_unbroken_one():
     resumed = sample(fresh, resume=LoopState(after_4.step, after_4.latent.clone(), after_4.solver, after_4.hooks, after_4.block_hooks))
     assert torch.equal(resumed, unbroken)
     assert skipped_forwards(fresh.models) == {"high": (0, 2), "low": (2, 6)}  # of the steps the resumed run made
+    # A state saved after the switch holds the low-noise expert's cache only (the high-noise one's was dropped).
+    assert states[5].block_hooks["high"]["whole"]["step cache"] == {}
+    assert set(states[5].block_hooks["low"]["whole"]["step cache"]) == {"low/cond", "low/uncond"}
 
 
 def test_a_pipeline_with_the_cache_skips_and_writes_a_finite_playable_video(tiny_checkpoint, tmp_path):

@@ -104,6 +104,10 @@ class BlockHook:
     def reset(self) -> None:
         """Forget what earlier videos left: called before each video."""
 
+    def switched_away(self) -> None:
+        """The loop went on to another expert: what was kept for this stack's next call is of no more
+        use (a call after a switch back starts clean), and may be dropped to free its memory."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -182,6 +186,10 @@ class HookRegistry:
     def reset(self) -> None:
         for hook in self.hooks:
             hook.reset()
+
+    def switched_away(self) -> None:
+        for hook in self.hooks:
+            hook.switched_away()
 
     def state_dict(self) -> dict:
         """The named hooks' states under this process's shard key (empty without named hooks), so that

@@ -15,7 +15,8 @@ and the skip is then agreed over every rank whose blocks meet in collectives (FS
 CFG parallelism each rank runs its own branch, a context of its own, and decides for itself.
 
 The cached tensors are kept in the blocks' compute dtype (bf16 on a GPU: two [L, C] tensors per
-context, 0.8 GB each at 720P on one GPU), and saved with the resumable state.
+context, 0.8 GB each at 720P on one GPU), saved with the resumable state, and dropped when the loop
+goes on to the other expert.
 """
 
 from __future__ import annotations
@@ -123,6 +124,11 @@ class StepCache(BlockHook):
         self.contexts.reset()
         self.in_flight = None
         self.counts = {}
+
+    def switched_away(self) -> None:
+        """The other expert runs now: this one's contexts are dropped (their tensors freed), its counts kept."""
+        self.contexts.reset()
+        self.in_flight = None
 
     def state_dict(self) -> dict:
         return self.contexts.state_dict()
