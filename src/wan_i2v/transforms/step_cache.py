@@ -84,7 +84,7 @@ class StepCache(BlockHook):
     def skip_blocks(self, call: StackCall, index: int, tokens: torch.Tensor, pending: Pending) -> tuple[int, torch.Tensor, Pending] | None:
         cache = self.contexts[call.context]
         stream = settle(tokens, pending)
-        first_residual = stream - call.tokens
+        first_residual = (stream - call.tokens).to(call.tokens.dtype)  # kept as it will be cached: less memory while the middle runs
         self.in_flight = Forward(stream, first_residual)
         if not self._may_reuse(call, cache):
             return None
@@ -112,8 +112,7 @@ class StepCache(BlockHook):
         if call.skipped_blocks:
             cache.reuses += 1
             return
-        dtype = call.tokens.dtype
-        cache.reference, cache.middle, cache.reuses = forward.first_residual.to(dtype), (stream - forward.start).to(dtype), 0
+        cache.reference, cache.middle, cache.reuses = forward.first_residual, (stream - forward.start).to(call.tokens.dtype), 0
 
     def skipped(self) -> dict[str, tuple[int, int]]:
         """Forwards skipped and forwards run in all, per expert, since the video began (after a
