@@ -243,7 +243,7 @@ def _ulysses_cases(ckpt, state_file):
     with the step cache (``transforms/step_cache.py``); last, the step cache under Ulysses."""
     from wan_i2v import I2VPipeline
     from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
-    from wan_i2v.parallel.ulysses import apply_ulysses
+    from wan_i2v.parallel.ulysses import UlyssesSequence, apply_ulysses
     from test_step_cache import MEASURED, with_caches
     from test_step_cache import sample as sample_odd
     from wan_i2v.pipeline import Cancelled
@@ -320,6 +320,10 @@ def _ulysses_cases(ckpt, state_file):
     with_caches(experts, MEASURED)
     results["ulysses step cache"] = sample_odd(experts)
     results["ulysses step cache counts"] = skipped_forwards(experts.models)
+    # What the cache's decision sums: 9 tokens over 2 ranks, 5 each, the last of rank 1's padding.
+    sequence = UlyssesSequence(dist.group.WORLD)
+    sequence.scatter(torch.zeros(1, 9, 4), (torch.zeros(9, 2), torch.zeros(9, 2)))
+    results["sum of ones over 9 tokens"] = sequence.sum_over_tokens(torch.ones(2, 1, 5)).tolist()
     dist.destroy_process_group()
     return results
 
@@ -401,6 +405,7 @@ def test_under_ulysses_the_step_cache_skips_the_steps_one_process_skips(ulysses_
     with_caches(experts, MEASURED)
     expected = sample_odd(experts)
     for rank, results in ulysses_results.items():
+        assert results["sum of ones over 9 tokens"] == [9, 9], rank  # the padding token left out
         assert results["ulysses step cache counts"] == counts_of(MEASURED_SKIPS), rank
         # fp32 rounding of the sharded sums only: the decisions are the same, the closest of the
         # changes to the threshold being 0.07 from it.
