@@ -191,3 +191,25 @@ def test_blocks_that_leave_nothing_to_skip_are_refused():
     model = randomize_(DiT(CONFIG), seed=1)
     with pytest.raises(WanError, match="leaves none of the model's 3 blocks to skip"):
         apply_step_cache(model, StepCacheConfig(threshold=0.1, first_blocks=2, last_blocks=1))
+
+
+def test_with_compiled_blocks_the_cache_breaks_no_graph_and_compiles_nothing_again():
+    from torch._dynamo.utils import counters
+
+    experts = make_experts()
+    with_caches(experts, FORCED)
+    eager = sample(experts)
+    # Block by block as transforms/compile.py compiles them; dynamo's eager backend traces as inductor's
+    # does (where a graph would break) without its minute of code generation on the CPU.
+    for model in experts.models.values():
+        for block in model.block_stack():
+            block.compile(backend="eager", dynamic=False)
+    try:
+        counters.clear()
+        assert torch.equal(sample(experts), eager)
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+        counters.clear()
+        sample(experts)
+        assert counters["stats"]["unique_graphs"] == 0  # the skips of a second video need no new graph
+    finally:
+        torch._dynamo.reset()  # these blocks' graphs are of no use to later tests
