@@ -3,9 +3,10 @@
 A :class:`BlockHook` sees each run of the stack (``before_stack`` may hand back the stack's output
 and so skip every block), each block's input and output (and may replace them), may skip a span of
 blocks from one of its declared ``skip_points`` (``skip_blocks``: a step cache that always runs the
-first and last blocks) and sees the stack's output. A hook keeps state, cleared by ``reset`` at the start of each video and saved with the
-resumable state (``state_dict``), kept apart per context where it must be (:class:`PerContext`):
-the sampling loop sets the context, the expert and the guidance branch, around each model call.
+first and last blocks) and sees the stack's output. A hook keeps state, cleared by ``reset`` at the
+start of each video and saved with the resumable state (``state_dict``), kept apart per context
+where it must be (:class:`PerContext`): the sampling loop sets the context (the expert, the guidance
+branch and the step) around each model call, and tells the hooks when it leaves their expert.
 
 A block's input and output are the residual stream as the blocks pass it on: ``(tokens, pending)``,
 where ``pending`` is the previous block's last residual term ``(update, gate)``, not yet added (the
