@@ -15,8 +15,11 @@ from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Experts, LoopState, denoise
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.tiny import randomize_
+from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
 CONFIG = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=3, text_len=8, text_dim=16)
+# The step cache on the tiny pipeline's 2 blocks at 3 steps: the middle step may skip, and does.
+PIPELINE_CACHE = StepCacheConfig(threshold=1e9, first_blocks=1, last_blocks=0, warmup_steps=1, final_steps=1)
 STEPS = 3  # timesteps 999 and 856 for the high-noise expert, then 599 for the low-noise one
 EXPERTS = (ExpertSpec("high", "high", 700), ExpertSpec("low", "low", 0))
 GRID = (2, 4, 6)  # latent frames, height, width: 2 x 2 x 3 = 12 tokens
@@ -237,11 +240,15 @@ def _ulysses_cases(ckpt, state_file):
     """Each rank: the cached run, a run where only rank 0 offers its cache, the cached run resumed
     from the ranks' states merged into one (as rank 0's state file holds them), and a pipeline's run
     cancelled after its first step and resumed from its state file; then, with FSDP over the two
-    ranks (each running one guidance branch), a cached run and one where only rank 0 offers."""
+    ranks (each running one guidance branch), a cached run, one where only rank 0 offers, and one
+    with the step cache (``transforms/step_cache.py``); last, the step cache under Ulysses."""
     from wan_i2v import I2VPipeline
     from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
-    from wan_i2v.parallel.ulysses import apply_ulysses
+    from wan_i2v.parallel.ulysses import UlyssesSequence, apply_ulysses
+    from test_step_cache import MEASURED, with_caches
+    from test_step_cache import sample as sample_odd
     from wan_i2v.pipeline import Cancelled
+    from wan_i2v.transforms.step_cache import apply_step_cache, skipped_forwards
     from wan_i2v.video import demo_image
 
     torch.set_num_threads(1)
@@ -299,6 +306,25 @@ def _ulysses_cases(ckpt, state_file):
         high = caches(pipe.experts, reuse)["high"]
         results[name] = pipe.generate(demo_image(), "a boat", **settings).latents
         results[name + " skips"] = high.skipped
+    # The step cache on the same FSDP pipeline: each rank's branch decides, the mesh agrees.
+    for model in pipe.experts.models.values():
+        for hook in list(model.block_stack().hooks):
+            model.block_stack().hooks.remove(hook)
+        apply_step_cache(model, PIPELINE_CACHE)
+    results["fsdp step cache"] = pipe.generate(demo_image(), "a boat", **settings).latents
+    results["fsdp step cache counts"] = skipped_forwards(pipe.experts.models)
+
+    # The step cache under Ulysses, on an odd number of tokens: its decisions from the all-reduced change.
+    experts = make_experts()
+    for model in experts.models.values():
+        apply_ulysses(model, dist.group.WORLD)
+    with_caches(experts, MEASURED)
+    results["ulysses step cache"] = sample_odd(experts)
+    results["ulysses step cache counts"] = skipped_forwards(experts.models)
+    # What the cache's decision sums: 9 tokens over 2 ranks, 5 each, the last of rank 1's padding.
+    sequence = UlyssesSequence(dist.group.WORLD)
+    sequence.scatter(torch.zeros(1, 9, 4), (torch.zeros(9, 2), torch.zeros(9, 2)))
+    results["sum of ones over 9 tokens"] = sequence.sum_over_tokens(torch.ones(2, 1, 5)).tolist()
     dist.destroy_process_group()
     return results
 
@@ -356,3 +382,32 @@ def test_under_fsdp_every_rank_of_the_mesh_agrees_on_a_skip(ulysses_results):
     main = ulysses_results[0]
     assert torch.equal(main["fsdp disagreeing"], main["fsdp plain"])
     assert not torch.equal(main["fsdp cached"], main["fsdp plain"])
+
+
+def test_under_fsdp_the_step_cache_skips_on_both_ranks_and_gives_one_processs_latents(ulysses_results, tiny_checkpoint):
+    from wan_i2v import I2VPipeline
+    from wan_i2v.execution import ExecutionPlan
+    from wan_i2v.transforms.step_cache import skipped_forwards
+    from wan_i2v.video import demo_image
+
+    single = I2VPipeline.load(tiny_checkpoint, ExecutionPlan.for_device("cpu", torch.float32, step_cache=PIPELINE_CACHE))
+    expected = single.generate(demo_image(), "a boat", progress=False, seed=3, max_area=64 * 96, frame_num=5, steps=3, shift=5.0).latents
+    assert skipped_forwards(single.experts.models) == {"high": (2, 4), "low": (0, 2)}
+    for rank, results in ulysses_results.items():
+        assert results["fsdp step cache counts"] == {"high": (1, 2), "low": (0, 1)}, rank  # its own branch's forwards
+    assert relative(ulysses_results[0]["fsdp step cache"], expected) <= 1e-5  # fp32 rounding of the sharded weights' sums
+
+
+def test_under_ulysses_the_step_cache_skips_the_steps_one_process_skips(ulysses_results):
+    from test_step_cache import MEASURED, MEASURED_SKIPS, counts_of, with_caches
+    from test_step_cache import sample as sample_odd
+
+    experts = make_experts()
+    with_caches(experts, MEASURED)
+    expected = sample_odd(experts)
+    for rank, results in ulysses_results.items():
+        assert results["sum of ones over 9 tokens"] == [9, 9], rank  # the padding token left out
+        assert results["ulysses step cache counts"] == counts_of(MEASURED_SKIPS), rank
+        # fp32 rounding of the sharded sums only: the decisions are the same, the closest of the
+        # changes to the threshold being 0.07 from it.
+        assert relative(results["ulysses step cache"], expected) <= 1e-5, rank

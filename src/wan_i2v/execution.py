@@ -30,6 +30,7 @@ from wan_i2v.parallel.plan import (
     machine_needed,
     make_plan,
 )
+from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
 
 class Offload(enum.Enum):
@@ -84,6 +85,7 @@ class ExecutionPlan:
     loras: Loras = Loras()
     # Where streamed experts' blocks are kept converted (``loading.converted``); None: they convert as they stream.
     converted_dir: Path | None = None
+    step_cache: StepCacheConfig | None = None  # None or a threshold of 0: every forward runs every block
 
     @classmethod
     def for_device(cls, device, dtype: torch.dtype | None = None, *, attention: str | None = None, compile: bool | None = None, **options) -> "ExecutionPlan":
@@ -158,7 +160,8 @@ class ExecutionPlan:
 
     def identity(self) -> dict:
         """What in the plan changes the video's numbers: a saved state must match it to be resumed."""
-        return {"dtype": str(self.dtype), "fp8": self.fp8, "attention": self.attention, "device": self.device.type}
+        cache = {"step_cache": self.step_cache.as_dict()} if self.step_cache is not None and self.step_cache.on else {}
+        return {"dtype": str(self.dtype), "fp8": self.fp8, "attention": self.attention, "device": self.device.type, **cache}
 
     # -- checks and estimates ------------------------------------------------------------------------
 
@@ -306,6 +309,12 @@ def _compile(expert, plan, groups):
     apply_compile(expert)
 
 
+def _step_cache(expert, plan, groups):
+    from wan_i2v.transforms.step_cache import apply_step_cache
+
+    return apply_step_cache(expert, plan.step_cache)
+
+
 def _fsdp(expert, plan, groups):
     from wan_i2v.parallel.fsdp import apply_fsdp
 
@@ -323,6 +332,9 @@ EXPERT_TRANSFORMS: tuple[Transform, ...] = (
     Transform("ulysses", lambda plan, groups: groups is not None and groups.ulysses is not None, _ulysses, after=("attention kernel",)),
     Transform("compile", lambda plan, groups: plan.compile, _compile, after=("fused GELU", "fused norms", "ulysses")),
     Transform("fsdp", lambda plan, groups: plan.fsdp, _fsdp, after=("compile",)),
+    # A hook on the block stack, run eagerly between the (compiled, sharded) blocks: it needs no weights,
+    # and reads what Ulysses and FSDP set on the stack (how to sum over the sequence, whom to agree with) as it runs.
+    Transform("step cache", lambda plan, groups: plan.step_cache is not None and plan.step_cache.on, _step_cache),
 )
 
 

@@ -293,7 +293,7 @@ class BlockStack(nn.ModuleList):
 
     A ModuleList, so that the blocks keep their checkpoint names (``blocks.N.…``). Without hooks the
     loop is the plain one; with hooks, each block's input and output pass through them, and they
-    may skip every block (see ``models/hooks.py``)."""
+    may skip every block or a span of them (see ``models/hooks.py``)."""
 
     def __init__(self, blocks):
         super().__init__(blocks)
@@ -301,20 +301,26 @@ class BlockStack(nn.ModuleList):
 
     def forward(self, tokens, time_modulation, context, rope, key_mask=None):
         """The blocks' arguments as ``Block.forward`` takes them (but ``pending``) -> the residual stream."""
-        hooks = self.hooks if self.hooks else None
-        if hooks is not None:
-            call, output = hooks.begin(tokens, time_modulation)
-            if call.skipped:
-                return hooks.end(call, output)
         pending = None
-        for index, block in enumerate(self):
-            if hooks is not None:
-                tokens, pending = hooks.before_block(call, index, tokens, pending)
-            tokens, pending = block(tokens, pending, time_modulation, context, rope, key_mask)
-            if hooks is not None:
-                tokens, pending = hooks.after_block(call, index, tokens, pending)
-        tokens = settle(tokens, pending)
-        return tokens if hooks is None else hooks.end(call, tokens)
+        if not self.hooks:
+            for block in self:
+                tokens, pending = block(tokens, pending, time_modulation, context, rope, key_mask)
+            return settle(tokens, pending)
+        hooks = self.hooks
+        call, output = hooks.begin(tokens, time_modulation)
+        if call.skipped:
+            return hooks.end(call, output)
+        index = 0
+        while index < len(self):
+            skip = hooks.skip_blocks(call, index, tokens, pending)
+            if skip is not None:
+                index, tokens, pending = skip
+                continue
+            tokens, pending = hooks.before_block(call, index, tokens, pending)
+            tokens, pending = self[index](tokens, pending, time_modulation, context, rope, key_mask)
+            tokens, pending = hooks.after_block(call, index, tokens, pending)
+            index += 1
+        return hooks.end(call, settle(tokens, pending))
 
 
 class Head(nn.Module):

@@ -1,10 +1,12 @@
 """The seam inside a DiT's forward: hooks on its block stack (diffusers' ``hooks/`` is the model).
 
 A :class:`BlockHook` sees each run of the stack (``before_stack`` may hand back the stack's output
-and so skip every block), each block's input and output (and may replace them) and the stack's
-output. A hook keeps state, cleared by ``reset`` at the start of each video and saved with the
-resumable state (``state_dict``), kept apart per context where it must be (:class:`PerContext`):
-the sampling loop sets the context, the expert and the guidance branch, around each model call.
+and so skip every block), each block's input and output (and may replace them), may skip a span of
+blocks from one of its declared ``skip_points`` (``skip_blocks``: a step cache that always runs the
+first and last blocks) and sees the stack's output. A hook keeps state, cleared by ``reset`` at the
+start of each video and saved with the resumable state (``state_dict``), kept apart per context
+where it must be (:class:`PerContext`): the sampling loop sets the context (the expert, the guidance
+branch and the step) around each model call, and tells the hooks when it leaves their expert.
 
 A block's input and output are the residual stream as the blocks pass it on: ``(tokens, pending)``,
 where ``pending`` is the previous block's last residual term ``(update, gate)``, not yet added (the
@@ -38,10 +40,13 @@ def settle(tokens: torch.Tensor, pending: Pending) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class HookContext:
-    """Whose model call it is: the expert's name and the guidance branch ("cond", "uncond" or "both")."""
+    """Whose model call it is: the expert's name and the guidance branch ("cond", "uncond" or "both"),
+    and the loop's step (0-based) of ``steps``."""
 
     expert: str | None = None
     branch: str | None = None
+    step: int | None = None
+    steps: int | None = None
 
     @property
     def key(self) -> str:
@@ -53,12 +58,16 @@ class HookContext:
 class StackCall:
     """One run of the block stack as hooks see it. ``tokens``: the stack's input (this rank's tokens
     under sequence parallelism); ``modulation``: the timestep modulation [B, 6, C] the blocks take;
-    ``skipped``: the blocks did not run, the hooks' output was taken instead."""
+    ``skipped``: the blocks did not run, the hooks' output was taken instead; ``skipped_blocks``: the
+    span of blocks a hook's ``skip_blocks`` took the place of (empty: none); ``sum_over_tokens``: the
+    registry's (sums per-token values over the whole sequence, every rank's shard)."""
 
     context: HookContext
     tokens: torch.Tensor
     modulation: torch.Tensor
+    sum_over_tokens: Callable[[torch.Tensor], torch.Tensor]
     skipped: bool = False
+    skipped_blocks: range = range(0)
 
 
 class BlockHook:
@@ -66,10 +75,19 @@ class BlockHook:
     state; a hook with state must set it, or a resumed run would start it afresh."""
 
     name: str | None = None
+    # The blocks before which ``skip_blocks`` is asked. Declared, not decided per call: the ranks of a
+    # parallel run agree on a skip at each of them, so all of them must ask there.
+    skip_points: frozenset[int] = frozenset()
 
     def before_stack(self, call: StackCall) -> torch.Tensor | None:
         """A returned tensor is the stack's output: no block runs (if every rank of a sequence-parallel
         group returns one: the ranks agree, else the blocks run on all of them)."""
+        return None
+
+    def skip_blocks(self, call: StackCall, index: int, tokens: torch.Tensor, pending: Pending) -> tuple[int, torch.Tensor, Pending] | None:
+        """Before block ``index`` (one of ``skip_points``), its input: a returned (end, tokens, pending)
+        is the stream after blocks ``index`` to ``end`` - 1, which then do not run (if every rank of
+        the group returns one, as for ``before_stack``); ``call.skipped_blocks`` says whether they ran."""
         return None
 
     def before_block(self, call: StackCall, index: int, tokens: torch.Tensor, pending: Pending) -> tuple[torch.Tensor, Pending] | None:
@@ -87,6 +105,10 @@ class BlockHook:
     def reset(self) -> None:
         """Forget what earlier videos left: called before each video."""
 
+    def switched_away(self) -> None:
+        """The loop went on to another expert: what was kept for this stack's next call is of no more
+        use (a call after a switch back starts clean), and may be dropped to free its memory."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -97,6 +119,11 @@ class BlockHook:
 def decide_alone(skip: bool, device: torch.device) -> bool:
     """No other process runs these blocks with this one: its hooks' wish is the decision."""
     return skip
+
+
+def sum_whole_sequence(values: torch.Tensor) -> torch.Tensor:
+    """[k, B, L] per-token values of the whole sequence -> their k sums over batch and tokens."""
+    return values.flatten(1).sum(1)
 
 
 class AgreeOver:
@@ -116,16 +143,20 @@ class AgreeOver:
 class HookRegistry:
     """The hooks of one block stack, in the order they run, and the context of the call in flight.
 
-    Parallelism sets the two facts the hooks need of it: ``shard``, which tokens this process holds
-    (its hook states are saved under that key: "whole", or a Ulysses rank's), and ``agree_to_skip(skip,
-    device)``, which turns this process's wish to skip the stack into the decision of every process
-    whose blocks meet its own in collectives (``AgreeOver`` a group)."""
+    Parallelism sets the three facts the hooks need of it: ``shard``, which tokens this process holds
+    (its hook states are saved under that key: "whole", or a Ulysses rank's), ``agree_to_skip(skip,
+    device)``, which turns this process's wish to skip blocks into the decision of every process
+    whose blocks meet its own in collectives (``AgreeOver`` a group), and ``sum_over_tokens(values)``,
+    which sums [k, B, L] per-token values over every real token of the sequence, the other ranks'
+    shards included, so that a statistic a hook decides by is the whole sequence's on every rank."""
 
     def __init__(self):
         self.hooks: list[BlockHook] = []
+        self.skip_points: frozenset[int] = frozenset()
         self.current = HookContext()
         self.shard = "whole"
         self.agree_to_skip: Callable[[bool, torch.device], bool] = decide_alone
+        self.sum_over_tokens: Callable[[torch.Tensor], torch.Tensor] = sum_whole_sequence
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
@@ -137,15 +168,17 @@ class HookRegistry:
         if hook.name is not None and any(other.name == hook.name for other in self.hooks):
             raise ValueError(f"a block hook named {hook.name!r} is registered already")
         self.hooks.append(hook)
+        self.skip_points |= hook.skip_points
         return hook
 
     def remove(self, hook: BlockHook) -> None:
         self.hooks.remove(hook)
+        self.skip_points = frozenset().union(*(other.skip_points for other in self.hooks))
 
     @contextmanager
-    def context(self, *, expert: str | None = None, branch: str | None = None):
-        """The model calls made inside are ``expert``'s, for guidance branch ``branch``."""
-        outer, self.current = self.current, HookContext(expert, branch)
+    def context(self, *, expert: str | None = None, branch: str | None = None, step: int | None = None, steps: int | None = None):
+        """The model calls made inside are ``expert``'s, for guidance branch ``branch``, at step ``step`` of ``steps``."""
+        outer, self.current = self.current, HookContext(expert, branch, step, steps)
         try:
             yield self.current
         finally:
@@ -154,6 +187,10 @@ class HookRegistry:
     def reset(self) -> None:
         for hook in self.hooks:
             hook.reset()
+
+    def switched_away(self) -> None:
+        for hook in self.hooks:
+            hook.switched_away()
 
     def state_dict(self) -> dict:
         """The named hooks' states under this process's shard key (empty without named hooks), so that
@@ -178,7 +215,7 @@ class HookRegistry:
     def begin(self, tokens: torch.Tensor, modulation: torch.Tensor) -> tuple[StackCall, torch.Tensor | None]:
         """Every hook's ``before_stack``; returns the call and the output to take instead of the blocks, if
         the ranks agreed to skip them (the first hook's that offered one)."""
-        call = StackCall(self.current, tokens, modulation)
+        call = StackCall(self.current, tokens, modulation, self.sum_over_tokens)
         offered = None
         for hook in self.hooks:
             output = hook.before_stack(call)
@@ -186,6 +223,26 @@ class HookRegistry:
                 offered = output
         call.skipped = self.agree_to_skip(offered is not None, tokens.device)
         return call, offered if call.skipped else None
+
+    @torch.compiler.disable
+    def skip_blocks(self, call: StackCall, index: int, tokens: torch.Tensor, pending: Pending) -> tuple[int, torch.Tensor, Pending] | None:
+        """At a skip point, every hook's ``skip_blocks`` that declared it; returns the first offer,
+        if the ranks agreed to take it (and notes its span in ``call.skipped_blocks``), else None."""
+        if index not in self.skip_points:
+            return None
+        offered = None
+        for hook in self.hooks:
+            if index in hook.skip_points:
+                offer = hook.skip_blocks(call, index, tokens, pending)
+                if offered is None:
+                    offered = offer
+        if not self.agree_to_skip(offered is not None, tokens.device):
+            return None
+        end = offered[0]
+        if end <= index:
+            raise ValueError(f"a block hook offered to skip from block {index} to block {end}")
+        call.skipped_blocks = range(index, end)
+        return offered
 
     @torch.compiler.disable
     def before_block(self, call: StackCall, index: int, tokens: torch.Tensor, pending: Pending) -> tuple[torch.Tensor, Pending]:

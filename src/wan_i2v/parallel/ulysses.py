@@ -68,6 +68,15 @@ class UlyssesSequence(SequenceLayout):
             key_mask = torch.arange(padded, device=tokens.device).lt(length).expand(batch, padded)
         return tokens[:, local], tuple(table[local] for table in rope), key_mask
 
+    def sum_over_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """[k, B, L/u] per-token values of this rank's shard -> their k sums over the batch and every
+        real token of the group's sequence (the padding left out): the same numbers on every rank."""
+        local = values.shape[-1]
+        position = self.index * local + torch.arange(local, device=values.device)
+        sums = values.masked_fill(position >= self.length, 0).flatten(1).sum(1)
+        dist.all_reduce(sums, group=self.group)
+        return sums
+
     def gather(self, tokens):
         shards = tokens.new_empty(self.size * tokens.shape[0], *tokens.shape[1:])
         all_gather_into(shards, tokens, self.group)
@@ -100,4 +109,5 @@ def apply_ulysses(model: DiT, group) -> DiT:
     # The block stack's hooks hold this rank's tokens, and skip the blocks on every rank or none.
     stack.hooks.shard = f"ulysses {dist.get_rank(group)} of {size}"
     stack.hooks.agree_to_skip = AgreeOver(group)
+    stack.hooks.sum_over_tokens = model.sequence.sum_over_tokens
     return model

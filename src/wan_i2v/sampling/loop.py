@@ -6,8 +6,8 @@ and guide scale, and each model call with its guidance branch; a hook's state is
 loop's, so a resumed run goes on exactly as an uninterrupted one.
 
 Hooks inside a model call attach to each expert's block stack (``models/hooks.py``): the loop
-resets them before the run, tells them the expert and branch of each call, and saves their states
-with its own (this process's: each rank of a parallel run holds its own).
+resets them before the run, tells them the expert, branch and step of each call and when it leaves
+an expert, and saves their states with its own (this process's: each rank of a parallel run holds its own).
 """
 
 from __future__ import annotations
@@ -135,11 +135,15 @@ def denoise(
                 hook.load_state_dict(resume.hooks.get(hook.name, {}))
         for name, registry in registries.items():
             registry.load_state_dict(resume.block_hooks.get(name, {}))
+    previous = None  # the expert of the step before
     try:
         for index, t in enumerate(timesteps[first:], start=first):
             if stop_requested is not None and stop_requested():
                 raise Cancelled(index, len(timesteps))
             name = experts.name_for(t)
+            if previous is not None and name != previous:
+                registries[previous].switched_away()
+            previous = name
             model = experts.activate(name)
             step = StepInfo(index, len(timesteps), float(t), name, guide_scale[name])
             for hook in hooks:
@@ -147,7 +151,7 @@ def denoise(
 
             def call(branch, *inputs, step=step, model=model):
                 def run():
-                    with registries[step.expert].context(expert=step.expert, branch=branch):
+                    with registries[step.expert].context(expert=step.expert, branch=branch, step=step.index, steps=step.total):
                         return model(*inputs)
 
                 for hook in reversed(hooks):  # the first hook is the outermost

@@ -1,0 +1,215 @@
+"""The step cache on the block stack: off is the exact path, its rules decide which forwards skip, a
+skip adds the middle blocks' residual of the context's last full forward, its counts, a resume, a
+pipeline's video with it, and its settings' errors. (Under Ulysses and FSDP: tests/test_block_hooks.py.)"""
+
+import math
+from dataclasses import replace
+
+import av
+import pytest
+import torch
+
+from test_block_hooks import CONFIG, count_block_runs, make_experts
+from wan_i2v.errors import WanError
+from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
+from wan_i2v.models.dit import DiT
+from wan_i2v.models.hooks import settle
+from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
+from wan_i2v.sampling.loop import LoopState, denoise
+from wan_i2v.sampling.schedulers import official_schedule
+from wan_i2v.tiny import randomize_
+from wan_i2v.transforms.step_cache import StepCache, StepCacheConfig, apply_step_cache, skipped_forwards
+
+STEPS = 8  # timesteps 999 954 899 832 749 for the high-noise expert (boundary 700), 642 499 299 for the low-noise one
+GRID = (3, 6, 2)  # 3 x 3 x 1 = 9 tokens: odd, so that 2 Ulysses ranks pad the sequence
+# Every rule but the threshold's: the first 2 steps and the last run, at most 2 skips in a row.
+FORCED = StepCacheConfig(threshold=1e9, first_blocks=1, last_blocks=1, max_reuses=2, warmup_steps=2, final_steps=1)
+# Each expert's forwards (cond, uncond at each of its steps) that FORCED skips: high steps 2 and 3
+# (step 4 runs: 2 skips in a row), low step 6 (step 5 is its first, step 7 the last).
+FORCED_SKIPS = {"high": [False] * 4 + [True] * 4 + [False] * 2, "low": [False, False, True, True, False, False]}
+# Decided by the change: its first blocks' relative change at steps 3 and 4 of the high-noise expert is
+# 0.39-0.43 (against step 2's), at every other step 0.53-0.69 (printed from a run of these tiny experts).
+MEASURED = StepCacheConfig(threshold=0.5, first_blocks=1, last_blocks=1, max_reuses=2, warmup_steps=0, final_steps=1)
+MEASURED_SKIPS = {"high": [False] * 6 + [True] * 4, "low": [False] * 6}
+
+
+def sample(experts, **options) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    f, h, w = GRID
+    conditioning = Conditioning(torch.randn(1, 20, f, h, w, generator=g), torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g))
+    noise = torch.randn(1, 16, f, h, w, generator=g)
+    return denoise(noise, experts=experts, guidance=ClassifierFreeGuidance(conditioning, batched=False), schedule=official_schedule("unipc", STEPS, 3.0),
+                   solver="unipc", guide_scale=(3.0, 4.0), **options)  # fmt: skip
+
+
+def with_caches(experts, config: StepCacheConfig) -> dict[str, StepCache]:
+    return {name: apply_step_cache(model, config) for name, model in experts.models.items()}
+
+
+def counts_of(skips: dict[str, list[bool]]) -> dict[str, tuple[int, int]]:
+    return {name: (sum(pattern), len(pattern)) for name, pattern in skips.items()}
+
+
+def substitute_by_hand(experts, skips: dict[str, list[bool]]) -> None:
+    """The cache's arithmetic made with torch's forward hooks on the middle block (block 1 of 3): at
+    a forward in ``skips`` its output is replaced by its input plus what it added at the last forward
+    of the same branch (forwards alternate cond, uncond) that was not replaced."""
+    for name, model in experts.models.items():
+        middle = model.block_stack()[1]
+        calls, inputs, added = [], {}, {}
+
+        def remember_input(module, args, inputs=inputs, calls=calls):
+            calls.append(None)
+            inputs["now"] = settle(args[0], args[1])
+
+        def substitute(module, args, output, name=name, inputs=inputs, added=added, calls=calls):
+            call = len(calls) - 1
+            branch = call % 2
+            if skips[name][call]:
+                return inputs["now"] + added[branch], None
+            added[branch] = settle(*output) - inputs["now"]
+            return None
+
+        middle.register_forward_pre_hook(remember_input)
+        middle.register_forward_hook(substitute)
+
+
+def test_threshold_0_is_the_exact_path():
+    experts = make_experts()
+    exact = sample(experts)
+    plan = ExecutionPlan(torch.device("cpu"), torch.float32, step_cache=StepCacheConfig(threshold=0))
+    assert "step cache" not in apply_plan(experts.models["high"], plan)
+    assert not experts.models["high"].block_stack().hooks
+    # Registered all the same, a threshold of 0 skips nothing and changes no bit.
+    with_caches(experts, StepCacheConfig(threshold=0, warmup_steps=0, final_steps=0))
+    assert torch.equal(sample(experts), exact)
+    assert skipped_forwards(experts.models) == {"high": (0, 10), "low": (0, 6)}
+
+
+def test_the_plan_registers_the_cache_on_each_expert_and_records_it_in_the_runs_identity():
+    experts = make_experts()
+    plan = ExecutionPlan(torch.device("cpu"), torch.float32, step_cache=FORCED)
+    for model in experts.models.values():
+        assert isinstance(apply_plan(model, plan)["step cache"], StepCache)
+    assert skipped_forwards(experts.models) == {}  # nothing run yet
+    assert plan.identity()["step_cache"] == FORCED.as_dict()
+    assert "step_cache" not in ExecutionPlan(torch.device("cpu"), torch.float32, step_cache=StepCacheConfig(0)).identity()
+
+
+def test_with_a_huge_threshold_the_rules_decide_and_a_skip_adds_the_middle_blocks_last_residual():
+    by_hand = make_experts()
+    substitute_by_hand(by_hand, FORCED_SKIPS)
+    expected = sample(by_hand)
+    assert not torch.equal(expected, sample(make_experts()))
+
+    experts = make_experts()
+    caches = with_caches(experts, FORCED)
+    runs = count_block_runs(experts)
+    latents = sample(experts)
+    assert torch.equal(latents, expected)
+    # The high-noise expert's cache was dropped at the switch (its memory freed); the low-noise one's is the last step's.
+    assert caches["high"].contexts.states == {} and set(caches["low"].contexts.states) == {"low/cond", "low/uncond"}
+    assert skipped_forwards(experts.models) == counts_of(FORCED_SKIPS) == {"high": (4, 10), "low": (2, 6)}
+    assert len(runs) == 16 * CONFIG.num_layers - 6  # the 6 skipped forwards did not run their middle block
+
+    runs.clear()
+    assert torch.equal(sample(experts), expected)  # the next video starts afresh
+    assert skipped_forwards(experts.models) == {"high": (4, 10), "low": (2, 6)}
+
+
+def test_below_the_threshold_a_forward_skips_above_it_runs():
+    by_hand = make_experts()
+    substitute_by_hand(by_hand, MEASURED_SKIPS)
+    experts = make_experts()
+    with_caches(experts, MEASURED)
+    assert torch.equal(sample(experts), sample(by_hand))
+    assert skipped_forwards(experts.models) == counts_of(MEASURED_SKIPS) == {"high": (4, 10), "low": (0, 6)}
+
+
+def test_a_run_resumed_mid_run_equals_the_unbroken_one():
+    experts = make_experts()
+    with_caches(experts, FORCED)
+    states = []
+    unbroken = sample(experts, on_state=states.append)
+    after_4 = states[3]  # after 2 skips in a row of the high-noise expert: its step 4 must run
+    saved = after_4.block_hooks["high"]["whole"]["step cache"]
+    assert set(saved) == {"high/cond", "high/uncond"} and saved["high/cond"]["reuses"] == 2
+
+    fresh = make_experts()
+    with_caches(fresh, FORCED)
+    resumed = sample(fresh, resume=LoopState(after_4.step, after_4.latent.clone(), after_4.solver, after_4.hooks, after_4.block_hooks))
+    assert torch.equal(resumed, unbroken)
+    assert skipped_forwards(fresh.models) == {"high": (0, 2), "low": (2, 6)}  # of the steps the resumed run made
+    # A state saved after the switch holds the low-noise expert's cache only (the high-noise one's was dropped).
+    assert states[5].block_hooks["high"]["whole"]["step cache"] == {}
+    assert set(states[5].block_hooks["low"]["whole"]["step cache"]) == {"low/cond", "low/uncond"}
+
+
+def test_a_pipeline_with_the_cache_skips_and_writes_a_finite_playable_video(tiny_checkpoint, tmp_path):
+    from wan_i2v import I2VPipeline
+    from wan_i2v.video import demo_image
+
+    plan = ExecutionPlan.for_device("cpu", torch.float32, step_cache=StepCacheConfig(threshold=1e9, warmup_steps=1, final_steps=1))
+    pipe = I2VPipeline.load(tiny_checkpoint, plan)
+    settings = dict(progress=False, seed=3, max_area=64 * 96, frame_num=5, steps=6, shift=5.0)
+    result = pipe.generate(demo_image(), "a boat", video_file=tmp_path / "cached.mp4", **settings)
+    counts = skipped_forwards(pipe.experts.models)
+    assert sum(skipped for skipped, _ in counts.values()) > 0 and sum(total for _, total in counts.values()) == 12
+    assert torch.isfinite(result.latents).all()
+    assert not torch.equal(result.latents, pipe_without_cache(tiny_checkpoint).generate(demo_image(), "a boat", **settings).latents)
+    with av.open(str(tmp_path / "cached.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+
+    # The blocks streamed from the checkpoint (--offload blocks), the skipped ones never brought up: the same video.
+    streamed = I2VPipeline.load(tiny_checkpoint, replace(plan, offload=Offload.BLOCKS, converted_dir=None))
+    assert torch.equal(streamed.generate(demo_image(), "a boat", **settings).latents, result.latents)
+    assert skipped_forwards(streamed.experts.models) == counts
+
+
+def pipe_without_cache(checkpoint):
+    from wan_i2v import I2VPipeline
+
+    return I2VPipeline.from_pretrained(checkpoint, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"threshold": -0.1}, "step_cache=-0.1 is not a threshold"),
+        ({"threshold": math.nan}, "is not a threshold"),
+        ({"threshold": 0.1, "first_blocks": 0}, "step_cache_blocks='0,0': the first blocks must be 1 or more"),
+        ({"threshold": 0.1, "max_reuses": 0}, "step_cache_max=0"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(options, message):
+    with pytest.raises(WanError, match=message.replace("(", r"\(")) as error:
+        StepCacheConfig(**options)
+    assert "\n" not in str(error.value)
+
+
+def test_blocks_that_leave_nothing_to_skip_are_refused():
+    model = randomize_(DiT(CONFIG), seed=1)
+    with pytest.raises(WanError, match="leaves none of the model's 3 blocks to skip"):
+        apply_step_cache(model, StepCacheConfig(threshold=0.1, first_blocks=2, last_blocks=1))
+
+
+def test_with_compiled_blocks_the_cache_breaks_no_graph_and_compiles_nothing_again():
+    from torch._dynamo.utils import counters
+
+    experts = make_experts()
+    with_caches(experts, FORCED)
+    eager = sample(experts)
+    # Block by block as transforms/compile.py compiles them; dynamo's eager backend traces as inductor's
+    # does (where a graph would break) without its minute of code generation on the CPU.
+    for model in experts.models.values():
+        for block in model.block_stack():
+            block.compile(backend="eager", dynamic=False)
+    try:
+        counters.clear()
+        assert torch.equal(sample(experts), eager)
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+        counters.clear()
+        sample(experts)
+        assert counters["stats"]["unique_graphs"] == 0  # the skips of a second video need no new graph
+    finally:
+        torch._dynamo.reset()  # these blocks' graphs are of no use to later tests
