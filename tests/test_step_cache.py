@@ -39,7 +39,7 @@ def sample(experts, **options) -> torch.Tensor:
     conditioning = Conditioning(torch.randn(1, 20, f, h, w, generator=g), torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g))
     noise = torch.randn(1, 16, f, h, w, generator=g)
     return denoise(noise, experts=experts, guidance=ClassifierFreeGuidance(conditioning, batched=False), schedule=official_schedule("unipc", STEPS, 3.0),
-                   solver="unipc", guide_scale=(3.0, 4.0), **options)  # fmt: skip
+                   solver="unipc", guide_scale={"low": 3.0, "high": 4.0}, **options)  # fmt: skip
 
 
 def with_caches(experts, config: StepCacheConfig) -> dict[str, StepCache]:
