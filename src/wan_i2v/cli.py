@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from wan_i2v import locks
+from wan_i2v.options import Offload, RunOptions, add_options, options_from
 from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
 
 DEMO_FILE = "wan-i2v-demo.mp4"
@@ -22,9 +23,6 @@ OFFICIAL_TASK = "i2v-A14B"
 
 def _home() -> Path:
     return Path(os.environ.get("WAN_I2V_HOME") or Path.home() / ".cache" / "wan-i2v")
-
-
-DECODE_DTYPE_HELP = "the VAE decode's precision: fp32 as the official code (default), or bf16: about twice as fast in half the memory, ~1e-2 from fp32"
 
 
 def _print_summary(result, path: Path, loading_seconds: float, steps: "StepClock | None" = None) -> None:
@@ -248,12 +246,12 @@ def _mp4_path(text: str, option: str) -> Path:
     return path
 
 
-def _loras(args):
-    """The --lora, --lora-high and --lora-low files, each checked to exist before any loading."""
+def _loras(files: dict | None):
+    """The LoRA files of each expert as the flags gave them (``RunOptions.loras``), each checked to exist before any loading."""
     from wan_i2v.loading.lora import Loras, LoraSpec
 
-    high = [LoraSpec.parse(text) for text in (args.lora or []) + (args.lora_high or [])]
-    low = [LoraSpec.parse(text) for text in (args.lora or []) + (args.lora_low or [])]
+    files = files or {}
+    high, low = ([LoraSpec.parse(text) for text in files.get(expert, [])] for expert in ("high", "low"))
     for spec in {*high, *low}:
         if Path(spec.path).suffix != ".safetensors":
             raise WanError(f"LoRA file {spec.path} is not a .safetensors file", "only .safetensors LoRAs are read")
@@ -285,16 +283,6 @@ def _check_loras(loras, ckpt_dir: Path | None) -> None:
             expert = ckpt.TensorSource(dict.fromkeys(shapes), {}, {key: (lambda shape=shape: shape) for key, shape in shapes.items()})
         for spec in specs:
             read_lora(spec, expert)
-
-
-def _run_options(args):
-    from wan_i2v.session import RunOptions
-
-    return RunOptions(
-        ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype, split_encode=args.split_encode,
-        offload=args.offload, fsdp=args.fsdp, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fp8=args.fp8,
-        compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory, host_memory=args.host_memory, progress=not getattr(args, "quiet", False),
-    )  # fmt: skip
 
 
 # Expert size (parameters) past which a run on the CPU takes hours: the real model's 14B, not a test's tiny one.
@@ -380,7 +368,8 @@ def cmd_generate(args) -> int:
     max_area, preset_shift = parse_size(args.size)
     shift = args.shift if args.shift is not None else (preset_shift or 5.0)
     guide = _guide_pair(args)
-    loras = _loras(args)
+    options = options_from(args)
+    loras = _loras(options.loras)
     # Everything the user typed is checked before minutes of model loading.
     GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
     image = load_image(args.image)
@@ -391,7 +380,8 @@ def cmd_generate(args) -> int:
     if _is_main():
         check_writable(save_file)
         check_writable(latents_file)
-    options = replace(_run_options(args), loras=loras, guided=any(g != 1 for g in guide))
+    options = replace(options, loras=loras)
+    guided = any(g != 1 for g in guide)
     try:
         ckpt_dir = runs.checkpoint_dir(options)
     except WanError:
@@ -413,7 +403,7 @@ def cmd_generate(args) -> int:
     launching = world > 1 and not launched() and not args.dry_run
     def plan_with(options):
         return runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
-                             ckpt_dir=ckpt_dir, query_gpu=not launching, spawned=world > 1 and not launched())  # fmt: skip
+                             ckpt_dir=ckpt_dir, query_gpu=not launching, spawned=world > 1 and not launched(), guided=guided)  # fmt: skip
 
     shape = (height, width, dit_tokens(args.frame_num, height, width))
     options, planned = _checked_plan(options, device, plan_with)  # a refused combination is one line, with no plan
@@ -428,10 +418,10 @@ def cmd_generate(args) -> int:
     with (
         _exclusive(save_file, state_file, latents_file) if _is_main() else nullcontext(),
         runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned, height=height, width=width,
-                             frame_num=args.frame_num) as session,
+                             frame_num=args.frame_num, guided=guided, progress=not args.quiet) as session,
     ):  # fmt: skip
         plan = session.planned.plan  # the ranks' plan, for their GPUs' memory
-        if (plan.placement.offload != options.offload or plan.placement.fsdp != options.fsdp) and _is_main():
+        if (plan.offload is not Offload.parse(options.offload) or plan.fsdp != options.fsdp) and _is_main():
             print(f"wan-i2v: {plan.placement.describe(plan.dims, plan.on_gpu)}, to fit in memory ({_memory_needed(session.planned)})", file=sys.stderr)
         _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
              keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=state_file)  # fmt: skip
@@ -458,7 +448,9 @@ def cmd_serve(args) -> int:
         if queue is not None and not queue.startswith(("postgresql://", "postgres://")):
             raise WanError("the queue URL (--queue or WAN_I2V_QUEUE) is not a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
                            "leave it out for the queue in --state-dir (the servers of one machine)")  # fmt: skip
-    options = replace(_run_options(args), loras=_loras(args), guided=any(g != 1 for g in guide))
+    options = options_from(args)
+    options = replace(options, loras=_loras(options.loras))
+    guided = any(g != 1 for g in guide)
     options = replace(options, ckpt_dir=runs.checkpoint_dir(options))
     device = _run_device(options.device, options.ckpt_dir, options.gpus)
     options = replace(options, device=device)
@@ -466,24 +458,25 @@ def cmd_serve(args) -> int:
     height, width = video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
     options, planned = _checked_plan(options, device, lambda options: runs.plan_for(
         options, height=height, width=width, frame_num=args.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
-        query_gpu=world == 1 or launched(), spawned=world > 1 and not launched()))  # fmt: skip
+        query_gpu=world == 1 or launched(), spawned=world > 1 and not launched(), guided=guided))  # fmt: skip
     _check_fits(planned)
     _keep_compiled_code()
 
     def open_session():
-        return runs.RunSession.open(options, planned=planned, height=height, width=width, frame_num=args.frame_num)
+        return runs.RunSession.open(options, planned=planned, height=height, width=width, frame_num=args.frame_num, guided=guided, progress=True)
 
     if not _is_main():  # under torchrun: rank 0 serves, the other ranks run its jobs
         with open_session() as session:
             session.follow()
         return 0
+    from wan_i2v.execution import torch_dtype
     from wan_i2v.parallel.plan import model_sizes
     from wan_i2v.server.capacity import Capacity
 
     state_dir = Path(args.state_dir) if args.state_dir else _home() / "server"
     # (the sizes as plan_for read them: the requests are estimated on the plan it made)
     capacity = Capacity(planned, model_sizes(options.ckpt_dir if Path(options.ckpt_dir).is_dir() else None,
-                                             runs.torch_dtype(options.dtype, device).itemsize, fp8=planned.plan.fp8), spawned=world > 1 and not launched())  # fmt: skip
+                                             torch_dtype(options.dtype, device).itemsize, fp8=planned.plan.fp8), spawned=world > 1 and not launched())  # fmt: skip
     return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, tokens=tokens, defaults=defaults,
                  max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue, capacity=capacity,
                  allowed_hosts=tuple(args.allowed_hosts))  # fmt: skip
@@ -507,6 +500,7 @@ def cmd_decode(args) -> int:
 
     from wan_i2v import session as runs
     from wan_i2v.config import FPS
+    from wan_i2v.execution import torch_dtype
     from wan_i2v.loading import checkpoint as ckpt
     from wan_i2v.video import check_writable, write_mp4
 
@@ -529,8 +523,8 @@ def cmd_decode(args) -> int:
     runs.check_device(device)
     from wan_i2v.pipeline import decode_latents, load_vae_for
 
-    ckpt_dir = runs.checkpoint_dir(runs.RunOptions(ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir))
-    vae = load_vae_for(ckpt_dir / ckpt.VAE_FILE, torch.device(device), runs.torch_dtype(args.decode_dtype, device))
+    ckpt_dir = runs.checkpoint_dir(options_from(args))
+    vae = load_vae_for(ckpt_dir / ckpt.VAE_FILE, torch.device(device), torch_dtype(args.decode_dtype, device))
 
     video = decode_latents(vae, latents, torch.device(device), progress=not args.quiet)
     write_mp4(video, save_file, fps=FPS, metadata=saved.get("settings"))
@@ -539,7 +533,7 @@ def cmd_decode(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from wan_i2v.session import RunOptions, RunSession
+    from wan_i2v.session import RunSession
     from wan_i2v.tiny import ensure_tiny_checkpoint
     from wan_i2v.video import check_writable, demo_image
 
@@ -550,7 +544,7 @@ def cmd_demo(args) -> int:
     ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")
     print(f"demo: tiny random model in {ckpt_dir} (random weights: the video is noise-like, not a real video)", file=sys.stderr)
     loading_started = time.perf_counter()
-    with RunSession.open(RunOptions(ckpt_dir=ckpt_dir, device="cpu", gpus=1, dtype="fp32", progress=not args.quiet)) as session:
+    with RunSession.open(RunOptions(ckpt_dir=ckpt_dir, device="cpu", gpus=1, dtype="fp32"), progress=not args.quiet) as session:
         _run(session, demo_image(), args, max_area=args.max_area, shift=3.0, save_file=save_file, latents_file=None, keep_latents=False,
              loading_seconds=time.perf_counter() - loading_started)  # fmt: skip
     return 0
@@ -573,26 +567,6 @@ def _seed(text: str) -> int | None:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     return None if value == -1 else value
-
-
-def _device(text: str) -> str:
-    """--device: cuda, cuda:N or cpu, checked as the arguments are read (mps, tpu and typos are one line)."""
-    from wan_i2v.session import DEVICE_FORM
-
-    if not DEVICE_FORM.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device wan-i2v runs on: use cuda, cuda:N or cpu")
-    return text
-
-
-def _gib(text: str) -> float:
-    """--gpu-memory, --host-memory: a positive number of GiB."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of GiB: {text!r}") from None
-    if not 0 < value < 2**40:  # refuses nan and inf too
-        raise argparse.ArgumentTypeError(f"{text} GiB: give a positive number of GiB, such as 24")
-    return value
 
 
 def _guide_scale(text: str) -> float:
@@ -640,38 +614,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # The prefix of every other error, and the help of the command that was typed.
         self.exit(2, f"wan-i2v: error: {message} (see `{self.prog} --help`)\n")
-
-
-def run_options(p) -> None:
-    """The options that say how runs go (the checkpoint, memory, precision, GPUs): `generate`'s, and `serve`'s for every job."""
-    p.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
-    p.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
-    p.add_argument("--offload", nargs="?", const="experts", choices=["experts", "blocks"], default=None,
-                   help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
-                        "blocks: each expert's blocks streamed from the checkpoint, for 24-48 GB cards (default: chosen to fit the GPU's and the host's memory)")
-    p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]", help="a LoRA .safetensors for both experts (strength 1 unless given); repeat for more, applied in order")
-    p.add_argument("--lora-high", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the high-noise expert only")
-    p.add_argument("--lora-low", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the low-noise expert only")
-    p.add_argument("--fp8", action="store_true", help="FP8 linear layers in the transformer blocks: faster, less exact")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
-    p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
-    p.add_argument("--encode-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="the VAE encode's precision: fp32 as the official code (default), or bf16: about twice as fast")
-    p.add_argument("--attention", default=None, help="attention kernel: cudnn, sdpa, or sage (SageAttention 1, INT8, opt-in and not exact; pip install sageattention); default: the fastest exact one for the device")
-    par = p.add_argument_group("several GPUs (see README: Several GPUs)")
-    par.add_argument("--gpus", type=int, default=None, help="start this many processes, one per GPU (default 1; under torchrun: its world size)")
-    par.add_argument("--ulysses", type=int, default=None, metavar="U", help="force the plan: sequence parallel degree (divides the heads)")
-    par.add_argument("--cfg-parallel", action="store_true", help="force the plan: guidance passes on two halves of the GPUs")
-    par.add_argument("--fsdp", action="store_true", help="force the plan: shard experts and text encoder over all GPUs")
-    par.add_argument("--gpu-memory", type=_gib, default=None, metavar="GiB",
-                     help="plan for this much memory per GPU, and use no more (default: the GPU's)")
-    par.add_argument("--host-memory", type=_gib, default=None, metavar="GiB",
-                     help="plan for this much host memory on this machine (default: what it has available; the page cache it would take back counts)")
-    par.add_argument("--split-encode", action="store_true",
-                     help="split the VAE encode over the GPUs (0.8 s less at 720P on two H200s); the video then differs from one GPU's "
-                          "by rounding (default: off, the same video as one GPU to the bit)")  # fmt: skip
 
 
 def official_options(p) -> None:
@@ -723,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
-    run_options(gen)
+    add_options(gen)
     official_options(gen)
     gen.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
     gen.set_defaults(func=cmd_generate)
@@ -752,16 +694,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--solver", choices=SOLVERS, default=None, help="default unipc; euler with --distilled")
     jobs.add_argument("--distilled", action="store_true", help="jobs sample as the 4-step distilled models: euler, 4 steps, guide scale 1, shift 5")
     srv.set_defaults(func=cmd_serve, default_steps=40)
-    run_options(srv)
+    add_options(srv)
 
     dec = sub.add_parser("decode", help="decode saved latents to mp4 again")
     dec.add_argument("latents", help="a file written by `generate --save-latents` (or left by a run stopped while decoding)")
     dec.add_argument("--save-file", "--save_file", required=True, help="the .mp4 to write")
     dec.add_argument("--overwrite", action="store_true", help="replace --save-file if it exists (default: refuse)")
-    dec.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
-    dec.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
-    dec.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    dec.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
+    add_options(dec, only=("ckpt_dir", "cache_dir", "device", "decode_dtype"))
     dec.add_argument("--quiet", action="store_true", help="no progress bar")
     dec.set_defaults(func=cmd_decode)
 

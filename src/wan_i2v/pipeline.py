@@ -30,6 +30,7 @@ from wan_i2v.config import (
 )
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
+from wan_i2v.options import RunOptions
 from wan_i2v.kernels.attention import check_kernel
 from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.loading.checkpoint import load_strict, refill, safetensors_source
@@ -40,7 +41,6 @@ from wan_i2v.models.dit import DiT, build_dit, keeps_fp32, load_dit, pad_context
 from wan_i2v.models.hooks import merge_states
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE, load_vae
-from wan_i2v.parallel.plan import ParallelDims
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
 from wan_i2v.sampling.resume import load_loop_state, map_tensors, save_loop_state, state_to
@@ -139,51 +139,26 @@ class I2VPipeline:
 
     @classmethod
     def from_pretrained(
-        cls,
-        ckpt_dir: str | Path,
-        device: str | torch.device = "cuda",
-        dtype: torch.dtype | None = None,
-        *,
-        offload: bool | str = False,
-        attention: str | None = None,
-        batch_cfg: bool = False,
-        parallel=None,
-        compile: bool | None = None,
-        fp8: bool = False,
-        keep_text_encoder: bool = False,
-        decode_dtype: torch.dtype = torch.float32,
-        encode_dtype: torch.dtype = torch.float32,
-        split_encode: bool = False,
-        loras=None,
-        plan: ExecutionPlan | None = None,
+        cls, ckpt_dir: str | Path, options: RunOptions | None = None, *, parallel=None, plan: ExecutionPlan | None = None, **fields
     ) -> "I2VPipeline":
-        """Load the official checkpoint directory, in ``dtype`` (default: bf16 on a GPU, fp32 on the CPU, as the CLI).
-
-        ``offload``: ``"experts"`` (or True) keeps only the active expert on the GPU, the official
-        single-GPU mode for 80 GB cards; ``"blocks"`` streams every expert's blocks from pinned host
-        memory, for 24-48 GB cards. On a GPU the text encoder waits in host memory and visits the GPU
-        to encode, unless ``keep_text_encoder`` (it is 11 GB; a server with room keeps it).
-        ``attention`` names a kernel (default: the fastest exact one for the device). ``batch_cfg``
-        runs both guidance branches as one batch. ``compile`` (default: on for a GPU) compiles each
-        transformer block. ``fp8`` runs the blocks' linear layers in FP8 (faster, less exact).
-        ``decode_dtype``: the VAE decode's precision, fp32 as the official code (bf16: about twice as
-        fast in half the memory, ~1e-2 from fp32); ``encode_dtype`` the image encode's (fp32 as the official).
-        ``split_encode``: with ``parallel``, each rank encodes a tile of the frames (faster; the result
-        then differs from one GPU's by rounding, where by default it is the same to the bit).
-        ``loras``: ``{"high": [(path, strength), ...], "low": [...]}``, LoRA files merged into each
-        expert as it loads (``set_loras`` changes them later without reloading the pipeline).
+        """Load the official checkpoint directory as ``options`` say (a ``wan_i2v.options.RunOptions``,
+        or its fields as keywords: ``from_pretrained(ckpt_dir, device="cuda", dtype=torch.bfloat16, fp8=True)``;
+        the device is cuda unless given). Their meaning is the CLI's flags' (``RunOptions`` has each one's
+        help): ``dtype`` (default: bf16 on a GPU, fp32 on the CPU, as the CLI), ``offload`` ("experts"
+        or True: only the active expert on the GPU; "blocks": every expert's blocks streamed from the
+        checkpoint), ``keep_text_encoder``, ``attention``, ``batch_cfg``, ``compile`` (default: on
+        for a GPU), ``fp8``, ``decode_dtype``, ``encode_dtype``, ``split_encode`` and ``loras``
+        (``{"high": [(path, strength), ...], "low": [...]}``, merged into each expert as it loads;
+        ``set_loras`` changes them later without reloading the pipeline).
         ``parallel`` (a ``wan_i2v.parallel.ParallelGroups``, in a process group) spreads the run over
         its ranks; every rank of the group calls this and ``generate`` with the same arguments
         (``wan_i2v.session.RunSession`` does that for you).
         ``plan``: an ``ExecutionPlan`` decided already (``RunSession`` plans one to fit the GPUs);
-        it replaces every option above but ``parallel``.
-        """
+        it replaces ``options``."""
         if plan is None:
-            plan = ExecutionPlan.for_device(
-                parallel.device if parallel is not None else device, dtype, attention=attention, compile=compile, offload=offload,
-                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype, encode_dtype=encode_dtype, split_encode=split_encode, loras=loras,
-                dims=parallel.dims if parallel is not None else ParallelDims(),
-            )  # fmt: skip
+            options = options if options is not None else RunOptions(**{"device": "cuda", **fields})
+            device = parallel.device if parallel is not None else options.device or "cuda"
+            plan = ExecutionPlan.for_device(device, options, **({"dims": parallel.dims} if parallel is not None else {}))
         return cls.load(ckpt_dir, plan, parallel)
 
     @classmethod

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -23,55 +22,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wan_i2v.errors import WanError, option
-from wan_i2v.execution import ExecutionPlan, Offload, PlannedRun, plan_run
+from wan_i2v.execution import ExecutionPlan, PlannedRun, plan_run
+from wan_i2v.options import DEVICE_FORM, RunOptions
 from wan_i2v.parallel.groups import env_rank
 
 LATENTS_FORMAT = "wan-i2v-latents/1"
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What the user asks of a run (the CLI's run options). None: chosen for the machine."""
-
-    ckpt_dir: str | Path | None = None  # None: the cache's checkpoint
-    cache_dir: str | Path | None = None  # the cache to find it in (None: $WAN_I2V_HOME, else the hub's)
-    device: str | None = None  # cuda, cuda:N or cpu; None: cuda if present
-    gpus: int | None = None  # None: 1, or the launcher's world size
-    dtype: str | None = None  # bf16 or fp32; None: bf16 on a GPU, fp32 on the CPU
-    decode_dtype: str = "fp32"
-    encode_dtype: str = "fp32"
-    split_encode: bool = False  # the VAE encode split over the GPUs (faster; rounding then differs from one GPU's)
-    offload: str | None = None  # experts or blocks; None: chosen to fit
-    fsdp: bool = False
-    ulysses: int | None = None
-    cfg_parallel: bool = False
-    fp8: bool = False
-    compile: bool = True  # where it helps: on a GPU
-    attention: str | None = None
-    gpu_memory: float | None = None  # GiB per GPU to plan for (and the run's allocator cap); None: the GPU's
-    host_memory: float | None = None  # GiB of host memory to plan for; None: what the machine has available
-    keep_text_encoder: bool = False
-    guided: bool = True  # False: the videos run at guide scale 1 (one pass per step), so no GPU goes to CFG parallel
-    loras: object = None  # {"high": [(path, strength), ...], "low": [...]} or a Loras: merged into the experts as they load
-    progress: bool = False  # a loading bar on stderr (rank 0's)
-
-
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-
-
-def torch_dtype(name: str | None, device: str):
-    import torch
-
-    return getattr(torch, DTYPES[name or ("bf16" if device.startswith("cuda") else "fp32")])
 
 
 def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-DEVICE_FORM = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def device_error(device: str) -> WanError | None:
@@ -151,19 +112,20 @@ def available_host_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/
 
 def plan_for(
     options: RunOptions, *, height: int, width: int, frame_num: int, device: str, world: int, ckpt_dir: Path | None, query_gpu: bool = True,
-    spawned: bool = False,
+    spawned: bool = False, guided: bool = True,
 ) -> PlannedRun:
     """The execution plan for videos of this shape: what ``options`` force, the rest chosen to fit
     the GPUs' memory (``gpu_memory``, else the GPU's own when ``query_gpu``; else no limit) and the
     host's (``host_memory``, else what this machine has available). ``spawned``: this process will
-    start the ranks itself (and holds the video). Shared by the run, ``--dry-run`` and the benchmarks."""
+    start the ranks itself (and holds the video); ``guided`` false: the videos run at guide scale 1
+    (one pass per step), so no GPU goes to CFG parallel. Shared by the run, ``--dry-run`` and the benchmarks."""
     import torch
 
     from wan_i2v.config import dit_tokens
     from wan_i2v.parallel.plan import GiB, model_sizes
 
-    dtype = torch_dtype(options.dtype, device)
-    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, dtype.itemsize, fp8=options.fp8)
+    base = ExecutionPlan.for_device(_device_type(device), options)
+    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, base.dtype.itemsize, fp8=options.fp8)
     if options.gpu_memory is not None:
         gpu_bytes = int(options.gpu_memory * GiB)
     elif device.startswith("cuda") and query_gpu and torch.cuda.is_available():
@@ -171,15 +133,10 @@ def plan_for(
     else:
         gpu_bytes = None
     host_bytes = int(options.host_memory * GiB) if options.host_memory is not None else available_host_bytes()
-    base = ExecutionPlan.for_device(
-        _device_type(device), dtype, attention=options.attention, compile=None if options.compile else False, fp8=options.fp8,
-        decode_dtype=torch_dtype(options.decode_dtype, device), encode_dtype=torch_dtype(options.encode_dtype, device), split_encode=options.split_encode, keep_text_encoder=options.keep_text_encoder, loras=options.loras,
-    )  # fmt: skip
     return plan_run(
         base, sizes, gpus=world, tokens=dit_tokens(frame_num, height, width), pixels=height * width, frames=frame_num, gpu_bytes=gpu_bytes,
-        host_bytes=host_bytes, ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp,
-        offload=None if options.offload is None else Offload.parse(options.offload), guided=options.guided, spawned=spawned,
-        capped=options.gpu_memory is not None,
+        host_bytes=host_bytes, ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp, offload=options.offload,
+        guided=guided, spawned=spawned, capped=options.gpu_memory is not None,
     )  # fmt: skip
 
 
@@ -254,9 +211,11 @@ class RunSession:
         return True
 
     @classmethod
-    def open(cls, options: RunOptions, *, planned: PlannedRun | None = None, height: int = 720, width: int = 1280, frame_num: int = 81) -> "RunSession":
-        """Plan (for videos up to ``height`` x ``width`` x ``frame_num``, unless ``planned`` is given),
-        start the ranks and load the pipeline on each."""
+    def open(cls, options: RunOptions, *, planned: PlannedRun | None = None, height: int = 720, width: int = 1280, frame_num: int = 81,
+             guided: bool = True, progress: bool = False) -> "RunSession":  # fmt: skip
+        """Plan (for videos up to ``height`` x ``width`` x ``frame_num``, guided or not (``plan_for``),
+        unless ``planned`` is given), start the ranks and load the pipeline on each; ``progress``: a
+        loading bar on stderr (rank 0's)."""
         from wan_i2v.parallel.groups import launched
 
         device = options.device or default_device()
@@ -266,26 +225,26 @@ class RunSession:
         spawned = world > 1 and not launched()
         if planned is None:
             planned = plan_for(options, height=height, width=width, frame_num=frame_num, device=device, world=world,
-                               ckpt_dir=ckpt_dir, query_gpu=world == 1 or launched(), spawned=spawned)  # fmt: skip
+                               ckpt_dir=ckpt_dir, query_gpu=world == 1 or launched(), spawned=spawned, guided=guided)  # fmt: skip
             refusal = planned.refusal()
             if refusal is not None:
                 raise refusal
         if launched():
-            return RankSession(planned, ckpt_dir, device, options.progress)
+            return RankSession(planned, ckpt_dir, device, progress)
         if world > 1:
             # This process does not touch CUDA: the ranks plan again for their GPUs' memory (rank 0's wins).
             replan = None
             if device.startswith("cuda") and options.gpu_memory is None:
                 replan = partial(plan_for, options, height=height, width=width, frame_num=frame_num, device=device, world=world, ckpt_dir=ckpt_dir,
-                                 spawned=True)  # fmt: skip
-            return SpawnedSession(planned, ckpt_dir, device, replan, options.progress)
+                                 spawned=True, guided=guided)  # fmt: skip
+            return SpawnedSession(planned, ckpt_dir, device, replan, progress)
         import torch
 
         from wan_i2v.pipeline import I2VPipeline
 
         plan = replace(planned.plan, device=torch.device(device))
         cap_gpu_memory(planned, plan.device)
-        return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan, progress=options.progress))
+        return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan, progress=progress))
 
     def generate(self, image, prompt: str, *, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None, **options):
         """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path or PIL image), plus
