@@ -61,7 +61,7 @@ class StepClock:
         return text + ")"
 
 
-def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool,
+def _run(session, image, settings, *, progress: bool, save_file: Path, latents_file: Path | None, keep_latents: bool,
          loading_seconds: float, state_file: Path | None = None):
     """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4.
     With ``state_file`` the denoising state is saved after every step and the same command resumes
@@ -73,22 +73,7 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
     started = time.time()
     clock = StepClock()
     try:
-        result = session.generate(
-            image,
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            max_area=max_area,
-            frame_num=args.frame_num,
-            steps=args.steps,
-            shift=shift,
-            guide_scale=_guide_pair(args),
-            seed=args.seed,
-            solver=args.solver,
-            progress=not args.quiet,
-            latents_file=latents_file,
-            state_file=state_file,
-            on_step=clock,
-        )
+        result = session.generate(image, settings=settings, progress=progress, latents_file=latents_file, state_file=state_file, on_step=clock)
     except BaseException as exc:
         saved = latents_file is not None and latents_file.is_file() and latents_file.stat().st_mtime >= started
         if saved and session.is_main and not isinstance(exc, WanError):
@@ -109,25 +94,15 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
     return result
 
 
-# What --distilled sets, each unless given: lightx2v's recipe for the 4-step distilled models.
-DISTILLED = {"solver": "euler", "steps": 4, "guide_scale": [1.0], "shift": 5.0}
+def _settings(args, **fixed):
+    """The video's settings from the sampling flags; those not given: the official defaults (the
+    command's number of steps), or the distilled recipe. ``fixed``: settings the command has no flag for."""
+    from wan_i2v.config import DISTILLED, OFFICIAL, GenerationSettings
 
-
-def _sampling_defaults(args) -> None:
-    """Fill the sampling options not given: the official defaults, or the distilled recipe."""
-    from wan_i2v.config import GenerationSettings
-
-    official = {"solver": GenerationSettings.solver, "steps": args.default_steps, "guide_scale": list(GenerationSettings.guide_scale)}
-    recipe = DISTILLED if args.distilled else official
-    for name, value in recipe.items():
-        if getattr(args, name, None) is None and hasattr(args, name):
-            setattr(args, name, value)
-
-
-def _guide_pair(args) -> tuple[float, float]:
-    from wan_i2v.config import guide_pair
-
-    return guide_pair(args.guide_scale)
+    defaults = DISTILLED if args.distilled else OFFICIAL.given(steps=args.default_steps)
+    given = dict(size=getattr(args, "size", None), frame_num=args.frame_num, steps=args.steps, shift=getattr(args, "shift", None),
+                 guide_scale=args.guide_scale, seed=args.seed, solver=args.solver)  # fmt: skip
+    return GenerationSettings.of(args.prompt, args.negative_prompt, defaults=defaults, **{**given, **fixed})
 
 
 def _official_meanings(args) -> None:
@@ -144,7 +119,7 @@ def _is_main() -> bool:
     return env_rank() == 0
 
 
-def _explain(planned, video, args) -> None:
+def _explain(planned, video, frame_num: int) -> None:
     from wan_i2v.parallel.plan import GiB
 
     height, width, tokens = video
@@ -156,7 +131,7 @@ def _explain(planned, video, args) -> None:
     if planned.host is not None:
         host_budget = f" (of {planned.host_bytes / GiB:.1f} GiB)" if planned.host_bytes is not None else " (no host memory given: --host-memory GiB plans for a machine)"
         print(f"host memory: {planned.host.describe('on this machine')}{host_budget}")
-    print(f"video: {width}x{height}, {args.frame_num} frames, {tokens} tokens per DiT forward")
+    print(f"video: {width}x{height}, {frame_num} frames, {tokens} tokens per DiT forward")
     print(f"numerics: {planned.plan.describe_numerics()}")
 
 
@@ -359,19 +334,15 @@ def cmd_generate(args) -> int:
     from dataclasses import replace
 
     from wan_i2v import session as runs
-    from wan_i2v.config import GenerationSettings, dit_tokens, parse_size, video_size
+    from wan_i2v.config import dit_tokens, video_size
     from wan_i2v.parallel.groups import launched
     from wan_i2v.video import check_writable, load_image
 
     _official_meanings(args)
-    _sampling_defaults(args)
-    max_area, preset_shift = parse_size(args.size)
-    shift = args.shift if args.shift is not None else (preset_shift or 5.0)
-    guide = _guide_pair(args)
+    # Everything the user typed is checked before minutes of model loading.
+    settings = _settings(args)
     options = options_from(args)
     loras = _loras(options.loras)
-    # Everything the user typed is checked before minutes of model loading.
-    GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
     image = load_image(args.image)
     save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output(dry_run=args.dry_run)
     latents_file = Path(args.save_latents) if args.save_latents else save_file.with_suffix(".latents.pt")
@@ -381,7 +352,7 @@ def cmd_generate(args) -> int:
         check_writable(save_file)
         check_writable(latents_file)
     options = replace(options, loras=loras)
-    guided = any(g != 1 for g in guide)
+    guided = settings.guided
     try:
         ckpt_dir = runs.checkpoint_dir(options)
     except WanError:
@@ -397,18 +368,18 @@ def cmd_generate(args) -> int:
     # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
     device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir, args.gpus)
     world = runs.world_size(options, device, planning_only=args.dry_run)
-    height, width = video_size(image.height, image.width, max_area)
+    height, width = video_size(image.height, image.width, settings.max_area)
     if _is_main() and not args.dry_run:
-        _check_free_space(save_file, args.frame_num, height, width)
+        _check_free_space(save_file, settings.frame_num, height, width)
     launching = world > 1 and not launched() and not args.dry_run
     def plan_with(options):
-        return runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
+        return runs.plan_for(options, height=height, width=width, frame_num=settings.frame_num, device=device, world=world,
                              ckpt_dir=ckpt_dir, query_gpu=not launching, spawned=world > 1 and not launched(), guided=guided)  # fmt: skip
 
-    shape = (height, width, dit_tokens(args.frame_num, height, width))
+    shape = (height, width, dit_tokens(settings.frame_num, height, width))
     options, planned = _checked_plan(options, device, plan_with)  # a refused combination is one line, with no plan
     if args.dry_run:
-        _explain(planned, shape, args)  # as the run would go (on the CPU without --fp8 and --offload)
+        _explain(planned, shape, settings.frame_num)  # as the run would go (on the CPU without --fp8 and --offload)
     _check_fits(planned)  # after the plan a dry run shows: the refusal the run would give
     if args.dry_run:
         return 0
@@ -418,12 +389,12 @@ def cmd_generate(args) -> int:
     with (
         _exclusive(save_file, state_file, latents_file) if _is_main() else nullcontext(),
         runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned, height=height, width=width,
-                             frame_num=args.frame_num, guided=guided, progress=not args.quiet) as session,
+                             frame_num=settings.frame_num, guided=guided, progress=not args.quiet) as session,
     ):  # fmt: skip
         plan = session.planned.plan  # the ranks' plan, for their GPUs' memory
         if (plan.offload is not Offload.parse(options.offload) or plan.fsdp != options.fsdp) and _is_main():
             print(f"wan-i2v: {plan.placement.describe(plan.dims, plan.on_gpu)}, to fit in memory ({_memory_needed(session.planned)})", file=sys.stderr)
-        _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
+        _run(session, image, settings, progress=not args.quiet, save_file=save_file, latents_file=latents_file,
              keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=state_file)  # fmt: skip
     return 0
 
@@ -432,15 +403,14 @@ def cmd_serve(args) -> int:
     from dataclasses import replace
 
     from wan_i2v import session as runs
-    from wan_i2v.config import check_frame_num, parse_size, video_size
+    from wan_i2v.config import SamplingDefaults, check_frame_num, parse_size, video_size
     from wan_i2v.parallel.groups import launched
-    from wan_i2v.server import JobDefaults, check_binding, serve, server_tokens
+    from wan_i2v.server import check_binding, serve, server_tokens
 
-    _sampling_defaults(args)
-    max_area, _ = parse_size(args.size)
-    check_frame_num(args.frame_num)
-    guide = _guide_pair(args)
-    defaults = JobDefaults(size=args.size, frame_num=args.frame_num, steps=args.steps, guide_scale=guide, shift=args.shift, solver=args.solver)
+    recipe = SamplingDefaults.recipe(args.distilled)
+    defaults = recipe.given(size=args.size, frame_num=args.frame_num, steps=args.steps, guide_scale=args.guide_scale, shift=args.shift, solver=args.solver)
+    max_area, _ = parse_size(defaults.size)
+    check_frame_num(defaults.frame_num)
     tokens = server_tokens(args.token or _read_token_file(args.token_file) or os.environ.get("WAN_I2V_TOKEN") or None, args.tokens)
     queue = args.queue or os.environ.get("WAN_I2V_QUEUE") or None
     if _is_main():
@@ -450,20 +420,20 @@ def cmd_serve(args) -> int:
                            "leave it out for the queue in --state-dir (the servers of one machine)")  # fmt: skip
     options = options_from(args)
     options = replace(options, loras=_loras(options.loras))
-    guided = any(g != 1 for g in guide)
+    guided = any(scale != 1 for scale in defaults.guide_scale)
     options = replace(options, ckpt_dir=runs.checkpoint_dir(options))
     device = _run_device(options.device, options.ckpt_dir, options.gpus)
     options = replace(options, device=device)
     world = runs.world_size(options, device)
     height, width = video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
     options, planned = _checked_plan(options, device, lambda options: runs.plan_for(
-        options, height=height, width=width, frame_num=args.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
+        options, height=height, width=width, frame_num=defaults.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
         query_gpu=world == 1 or launched(), spawned=world > 1 and not launched(), guided=guided))  # fmt: skip
     _check_fits(planned)
     _keep_compiled_code()
 
     def open_session():
-        return runs.RunSession.open(options, planned=planned, height=height, width=width, frame_num=args.frame_num, guided=guided, progress=True)
+        return runs.RunSession.open(options, planned=planned, height=height, width=width, frame_num=defaults.frame_num, guided=guided, progress=True)
 
     if not _is_main():  # under torchrun: rank 0 serves, the other ranks run its jobs
         with open_session() as session:
@@ -537,15 +507,14 @@ def cmd_demo(args) -> int:
     from wan_i2v.tiny import ensure_tiny_checkpoint
     from wan_i2v.video import check_writable, demo_image
 
-    _sampling_defaults(args)
-    _guide_pair(args)  # checked before the model is made
+    settings = _settings(args, max_area=args.max_area, shift=3.0)  # checked before the model is made
     save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output(DEMO_FILE)
     check_writable(save_file)
     ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")
     print(f"demo: tiny random model in {ckpt_dir} (random weights: the video is noise-like, not a real video)", file=sys.stderr)
     loading_started = time.perf_counter()
     with RunSession.open(RunOptions(ckpt_dir=ckpt_dir, device="cpu", gpus=1, dtype="fp32"), progress=not args.quiet) as session:
-        _run(session, demo_image(), args, max_area=args.max_area, shift=3.0, save_file=save_file, latents_file=None, keep_latents=False,
+        _run(session, demo_image(), settings, progress=not args.quiet, save_file=save_file, latents_file=None, keep_latents=False,
              loading_seconds=time.perf_counter() - loading_started)  # fmt: skip
     return 0
 
@@ -630,7 +599,7 @@ def official_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_i2v.config import MAX_STEPS, SOLVERS
+    from wan_i2v.config import DISTILLED, MAX_STEPS, SOLVERS
 
     parser = _Parser(prog="wan-i2v", description="Wan2.2-I2V-A14B image-to-video.")
     parser.add_argument("--version", action="version", version=f"wan-i2v {_version()}")
@@ -643,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
         # The official script's spellings (--frame_num, --sample_steps, ...) are aliases: the same meaning.
         p.add_argument("--frame-num", "--frame_num", type=int, default=frame_num, help=f"a number of the form 4n+1 (default {frame_num})")
-        p.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps}; {DISTILLED['steps']} with --distilled)")
+        p.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps}; {DISTILLED.steps} with --distilled)")
         p.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"),
                        help="one value for both experts, or the low-noise and high-noise expert's (default 3.5; 1 with --distilled: "
                             "no guidance, one forward per step)")
@@ -688,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = srv.add_argument_group("each job's defaults (a request may set its own)")
     jobs.add_argument("--size", default="720P", help="720P, 480P or H*W (default 720P; the GPUs' plan is made for it)")
     jobs.add_argument("--frame-num", "--frame_num", type=int, default=81, help="4n+1 (default 81; the GPUs' plan is made for it)")
-    jobs.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"default 40; {DISTILLED['steps']} with --distilled")
+    jobs.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"default 40; {DISTILLED.steps} with --distilled")
     jobs.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"), help="default 3.5; 1 with --distilled")
     jobs.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the size preset's (5.0 with --distilled)")
     jobs.add_argument("--solver", choices=SOLVERS, default=None, help="default unipc; euler with --distilled")

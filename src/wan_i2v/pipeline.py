@@ -5,7 +5,6 @@ they get is the execution plan's (``execution.py``); this module wires the stage
 from __future__ import annotations
 
 import hashlib
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -21,9 +20,7 @@ from tqdm.auto import tqdm
 
 from wan_i2v.config import (
     BOUNDARY_TIMESTEP,
-    DEFAULT_NEGATIVE_PROMPT,
     FPS,
-    PRESETS,
     VAE_STRIDE,
     GenerationSettings,
     video_size,
@@ -272,15 +269,15 @@ class I2VPipeline:
     def generate(
         self,
         image: Image.Image | str | Path,
-        prompt: str,
+        prompt: str | None = None,
         negative_prompt: str | None = None,
-        max_area: int = PRESETS["720P"].max_area,
-        frame_num: int = 81,
-        steps: int = 40,
-        shift: float = 5.0,
-        guide_scale: float | tuple[float, float] = (3.5, 3.5),
+        max_area: int | None = None,
+        frame_num: int | None = None,
+        steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | tuple[float, float] | None = None,
         seed: int | None = None,
-        solver: str = "unipc",
+        solver: str | None = None,
         progress: bool = True,
         before_decode: Callable[[torch.Tensor, GenerationSettings], None] | None = None,
         state_file: str | Path | None = None,
@@ -289,11 +286,14 @@ class I2VPipeline:
         cancel=None,
         hooks: list[LoopHook] | tuple[LoopHook, ...] = (),
         video_file: str | Path | None = None,
+        settings: GenerationSettings | None = None,
     ) -> GenerationResult:
         """The official Wan2.2 I2V sampling: ``prepare``, ``sample`` and ``decode`` in a row.
 
-        ``guide_scale`` is (low-noise, high-noise) or one value for both; ``seed=None`` draws a
-        random seed, reported in ``result.settings.seed``. ``before_decode(latents, settings)`` sees
+        The settings are ``settings`` (a ``GenerationSettings``, as a front end builds it), else
+        ``GenerationSettings.of`` the keywords from ``prompt`` to ``solver``, the model card's
+        defaults for those left out: ``guide_scale`` is (low-noise, high-noise) or one value for
+        both; ``seed=None`` draws a random seed, reported in ``result.settings.seed``. ``before_decode(latents, settings)`` sees
         the latents (CPU, fp32) before decoding, e.g. to save them.
 
         ``state_file`` makes the run resumable: the denoising state is saved there after each step,
@@ -320,10 +320,10 @@ class I2VPipeline:
             check_writable(Path(video_file))
         timings: dict[str, float] = {}
         peaks: dict[str, float] = {}
-        prepared = self.prepare(
-            image, prompt, negative_prompt, max_area=max_area, frame_num=frame_num, steps=steps, shift=shift,
-            guide_scale=guide_scale, seed=seed, solver=solver, state_file=state_file, progress=progress, timings=timings, peaks=peaks,
-        )  # fmt: skip
+        if settings is None:
+            settings = GenerationSettings.of(prompt, negative_prompt, max_area=max_area, frame_num=frame_num, steps=steps, shift=shift,
+                                             guide_scale=guide_scale, seed=seed, solver=solver)  # fmt: skip
+        prepared = self.prepare(image, settings, state_file=state_file, progress=progress, timings=timings, peaks=peaks)
         log = ExpertLog()
         all_hooks = [*hooks, log]
         if callback_on_step_end is not None:
@@ -346,42 +346,22 @@ class I2VPipeline:
         """This process writes files and shows progress (rank 0 of a parallel run)."""
         return self.parallel is None or self.parallel.is_main
 
-    def settings_for(
-        self, prompt: str, negative_prompt: str | None = None, *, max_area: int = PRESETS["720P"].max_area, frame_num: int = 81,
-        steps: int = 40, shift: float = 5.0, guide_scale: float | tuple[float, float] = (3.5, 3.5), seed: int | None = None,
-        solver: str = "unipc",
-    ) -> GenerationSettings:  # fmt: skip
-        """The checked settings of a run, with a random seed drawn if none is given (rank 0's in a parallel run)."""
-        if isinstance(guide_scale, (int, float)):
-            guide_scale = (float(guide_scale), float(guide_scale))
-        settings = GenerationSettings(
-            prompt=prompt,
-            negative_prompt=DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
-            max_area=max_area,
-            frame_num=frame_num,
-            steps=steps,
-            shift=shift,
-            guide_scale=tuple(guide_scale),
-            seed=random.randint(0, sys.maxsize) if seed is None else seed,
-            solver=solver,
-        )
-        return settings if self.parallel is None else self.parallel.agree(settings)  # every rank must draw the same noise
-
     def prepare(
-        self, image: Image.Image | str | Path, prompt: str, negative_prompt: str | None = None, *, state_file: str | Path | None = None,
-        progress: bool = False, timings: dict | None = None, peaks: dict | None = None, seed: int | None = None, **settings,
+        self, image: Image.Image | str | Path, settings: GenerationSettings, *, state_file: str | Path | None = None, progress: bool = False,
+        timings: dict | None = None, peaks: dict | None = None,
     ) -> Prepared:  # fmt: skip
-        """Stage 1: the settings (``settings_for``'s keywords), the text and image encodings, the
-        noise, and with ``state_file`` the saved state to resume from (whose seed is taken when none is given)."""
+        """Stage 1: the text and image encodings of ``settings``' video, the noise, and with
+        ``state_file`` the saved state to resume from (whose seed is taken when ``settings``' was drawn).
+        In a parallel run the settings are rank 0's (every rank must draw the same noise)."""
         timings = {} if timings is None else timings
         peaks = {} if peaks is None else peaks
-        chosen = self.settings_for(prompt, negative_prompt, seed=seed, **settings)
+        chosen = settings if self.parallel is None else self.parallel.agree(settings)
         pixels = image_to_tensor(load_image(image))
         resume = run = None
         if state_file is not None:
             state_file = Path(state_file)
             run = {**self.identity, "image": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()}
-            saved = load_loop_state(state_file, chosen, run, seed_given=seed is not None) if self.is_main else None
+            saved = load_loop_state(state_file, chosen, run, seed_given=not chosen.seed_drawn) if self.is_main else None
             if self.parallel is not None:  # rank 0's file, read once, on every rank
                 saved = self.parallel.agree(saved)
             if saved is not None:

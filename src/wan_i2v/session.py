@@ -21,6 +21,7 @@ from functools import partial
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, PlannedRun, plan_run
 from wan_i2v.options import DEVICE_FORM, RunOptions
@@ -163,8 +164,9 @@ class Job:
     a PIL image (read by the caller: every rank gets the same pixels)."""
 
     image: object
-    prompt: str
-    options: dict  # generate's keywords: negative_prompt, max_area, frame_num, steps, shift, guide_scale, seed, solver, state_file, progress
+    settings: GenerationSettings
+    state_file: str | None = None  # the denoising state is saved there after each step (the same job resumes from it)
+    progress: bool = True  # progress bars on stderr (rank 0's)
     latents_file: str | None = None  # the latents are saved there before decoding (a decode that dies loses nothing)
     video_file: str | None = None  # rank 0 writes the mp4 there as it decodes; the video then stays there (the result's is None)
 
@@ -189,7 +191,8 @@ def _run_job(pipe, job: Job, *, cancel=None, on_step=None):
             save_latents(Path(job.latents_file), latents, settings.as_dict())
 
     hooks = [StepEvents()] if on_step is not None and pipe.is_main else []
-    result = pipe.generate(job.image, job.prompt, before_decode=before_decode, cancel=cancel, hooks=hooks, video_file=job.video_file, **job.options)
+    result = pipe.generate(job.image, settings=job.settings, state_file=job.state_file, progress=job.progress, before_decode=before_decode,
+                           cancel=cancel, hooks=hooks, video_file=job.video_file)  # fmt: skip
     # Written to its file, the video does not travel back (0.9 GB of float frames at 720P, through shared memory from a spawned rank).
     return result if job.video_file is None else replace(result, video=None)
 
@@ -246,15 +249,21 @@ class RunSession:
         cap_gpu_memory(planned, plan.device)
         return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan, progress=progress))
 
-    def generate(self, image, prompt: str, *, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None, **options):
-        """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path or PIL image), plus
-        ``latents_file`` (the latents are saved there before decoding), ``video_file`` (the mp4 is
-        written there as the frames are decoded; the result's video is then None), ``cancel``
-        (``is_set()``: stop before the next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
+    def generate(self, image, prompt: str | None = None, negative_prompt: str | None = None, *, settings: GenerationSettings | None = None,
+                 state_file=None, progress: bool = True, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None,
+                 **sampling):  # fmt: skip
+        """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path or PIL image; ``settings``,
+        else ``GenerationSettings.of`` the prompts and the ``sampling`` keywords), plus ``latents_file``
+        (the latents are saved there before decoding), ``video_file`` (the mp4 is written there as the
+        frames are decoded; the result's video is then None), ``cancel`` (``is_set()``: stop before the
+        next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
         from wan_i2v.video import load_image
 
-        job = Job(load_image(image), prompt, options, *(None if path is None else str(path) for path in (latents_file, video_file)))
-        return self._run(job, cancel, on_step)
+        if settings is None:
+            settings = GenerationSettings.of(prompt, negative_prompt, **sampling)
+        paths = (None if path is None else str(path) for path in (state_file, latents_file, video_file))
+        state_file, latents_file, video_file = paths
+        return self._run(Job(load_image(image), settings, state_file, progress, latents_file, video_file), cancel, on_step)
 
     def _run(self, job: Job, cancel, on_step):
         raise NotImplementedError
@@ -485,7 +494,7 @@ class SpawnedSession(RunSession):
     def _run(self, job, cancel, on_step):
         from wan_i2v.video import check_writable
 
-        for path in (job.latents_file, job.video_file, job.options.get("state_file")):
+        for path in (job.latents_file, job.video_file, job.state_file):
             if path is not None:  # rank 0 alone writes them: an error there would leave the other ranks behind
                 check_writable(Path(path))
         with self.lock:
