@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from wan_i2v import locks
+from wan_i2v.disk import check_space
 from wan_i2v.options import Offload, RunOptions, add_options, options_from
 from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
 
@@ -158,16 +159,6 @@ def _warning_line(message, *_args, **_kwargs) -> None:
     print(f"wan-i2v: warning: {message}", file=sys.stderr)
 
 
-def _check_free_space(save_file: Path, frame_num: int, height: int, width: int) -> None:
-    """Refuse a run whose outputs (latents, the state saved each step, the mp4, each written beside a
-    temporary copy) would not fit on the output's disk, before hours of work rather than after."""
-    from wan_i2v.disk import check_space
-
-    latent_bytes = 16 * ((frame_num - 1) // 4 + 1) * (height // 8) * (width // 8) * 4
-    needed = 6 * latent_bytes + frame_num * height * width // 4 + 16 * 2**20
-    check_space(save_file.parent, needed, "free some space or choose another --save-file")
-
-
 def _fresh_output(default: str = DEFAULT_OUTPUT, *, dry_run: bool = False) -> Path:
     """The default output: wan-i2v-output.mp4 (or the demo's), else the first -N.mp4 free, so that runs
     never overwrite each other's videos; a name whose run was interrupted (its state file is there) is
@@ -260,50 +251,13 @@ def _check_loras(loras, ckpt_dir: Path | None) -> None:
             read_lora(spec, expert)
 
 
-# Expert size (parameters) past which a run on the CPU takes hours: the real model's 14B, not a test's tiny one.
-CPU_PARAMETERS_LIMIT = 2e9
-
-
-def _run_device(asked: str | None, ckpt_dir: Path, gpus: int | None) -> str:
-    """``--device``, else the GPU. With no GPU visible the run goes to the CPU only for a small model
-    (a tiny test checkpoint) in one process, and says so; the real model there would take hours, and
-    several processes were asked for GPUs, so those need --device cpu."""
-    from wan_i2v import session as runs
-    from wan_i2v.parallel.groups import env_world
-
-    if asked:
-        runs.check_device(asked)
-        return asked
-    device = runs.default_device()
-    processes = gpus or env_world()
-    if device == "cpu" and processes > 1:
-        raise WanError(f"{processes} GPUs asked for but no GPU is visible",
-                       f"check the GPU driver (nvidia-smi), or give --device cpu to run {processes} processes on the CPU")
-    if device == "cpu":
-        from wan_i2v.parallel.plan import model_sizes
-
-        # (a folder that is not there is the loader's to report)
-        parameters = model_sizes(ckpt_dir, dtype_bytes=1).expert if ckpt_dir.is_dir() else 0
-        if parameters > CPU_PARAMETERS_LIMIT:
-            raise WanError(f"no GPU is visible, and a video of this {parameters / 1e9:.0f}B-parameter model takes hours on the CPU",
-                           "check the GPU driver (nvidia-smi), or give --device cpu to run on the CPU all the same")  # fmt: skip
-        if _is_main():
-            print("wan-i2v: no GPU is visible: running on the CPU (--device cpu says so and silences this)", file=sys.stderr)
-    return device
-
-
-def _checked_plan(options, device: str, plan_with):
-    """``plan_with(options)``, a refused combination raised (whether it fits is `_check_fits`'s).
-    On the CPU, --fp8, which would only slow the run there (FP8 emulated), is dropped with a word;
-    --offload holds there too: the experts then stay in the checkpoint's files, not in host memory."""
-    from dataclasses import replace
-
-    if device == "cpu" and options.fp8:
-        warnings.warn("--fp8 does nothing on the CPU (FP8 matmuls need an NVIDIA GPU); ignored")
-        options = replace(options, fp8=False)
-    planned = plan_with(options)
-    planned.plan.check()
-    return options, planned
+def _tell(session_plan) -> None:
+    """What the plan chose unasked (a line each, from rank 0) and dropped of what was asked (warnings)."""
+    if _is_main():
+        for note in session_plan.notes:
+            print(f"wan-i2v: {note}", file=sys.stderr)
+    for warning in session_plan.warnings:
+        warnings.warn(warning)
 
 
 def _check_fits(planned) -> None:
@@ -335,7 +289,6 @@ def cmd_generate(args) -> int:
 
     from wan_i2v import session as runs
     from wan_i2v.config import dit_tokens, video_size
-    from wan_i2v.parallel.groups import launched
     from wan_i2v.video import check_writable, load_image
 
     _official_meanings(args)
@@ -351,36 +304,18 @@ def cmd_generate(args) -> int:
     if _is_main():
         check_writable(save_file)
         check_writable(latents_file)
-    options = replace(options, loras=loras)
-    guided = settings.guided
-    try:
-        ckpt_dir = runs.checkpoint_dir(options)
-    except WanError:
-        if not args.dry_run:
-            raise
-        ckpt_dir = None  # a dry run plans for the official model's shapes
-    if not args.dry_run:
-        from wan_i2v.loading.checkpoint import check_checkpoint_dir
-
-        check_checkpoint_dir(ckpt_dir)
-    else:
-        _check_loras(loras, ckpt_dir)
-    # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
-    device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir, args.gpus)
-    world = runs.world_size(options, device, planning_only=args.dry_run)
     height, width = video_size(image.height, image.width, settings.max_area)
-    if _is_main() and not args.dry_run:
-        _check_free_space(save_file, settings.frame_num, height, width)
-    launching = world > 1 and not launched() and not args.dry_run
-    def plan_with(options):
-        return runs.plan_for(options, height=height, width=width, frame_num=settings.frame_num, device=device, world=world,
-                             ckpt_dir=ckpt_dir, query_gpu=not launching, spawned=world > 1 and not launched(), guided=guided)  # fmt: skip
-
-    shape = (height, width, dit_tokens(settings.frame_num, height, width))
-    options, planned = _checked_plan(options, device, plan_with)  # a refused combination is one line, with no plan
+    # A refused combination is one line, with no plan.
+    session_plan = runs.plan(replace(options, loras=loras), height=height, width=width, frame_num=settings.frame_num, guided=settings.guided,
+                             dry_run=args.dry_run)  # fmt: skip
     if args.dry_run:
-        _explain(planned, shape, settings.frame_num)  # as the run would go (on the CPU without --fp8 and --offload)
-    _check_fits(planned)  # after the plan a dry run shows: the refusal the run would give
+        _check_loras(loras, session_plan.ckpt_dir)
+    _tell(session_plan)
+    if _is_main() and not args.dry_run:
+        check_space(save_file.parent, session_plan.output_bytes, "free some space or choose another --save-file")
+    if args.dry_run:  # as the run would go (on the CPU without --fp8)
+        _explain(session_plan.planned, (height, width, dit_tokens(settings.frame_num, height, width)), settings.frame_num)
+    _check_fits(session_plan)  # after the plan a dry run shows: the refusal the run would give
     if args.dry_run:
         return 0
     _keep_compiled_code()
@@ -388,8 +323,7 @@ def cmd_generate(args) -> int:
     state_file = save_file.with_suffix(".state.pt")
     with (
         _exclusive(save_file, state_file, latents_file) if _is_main() else nullcontext(),
-        runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned, height=height, width=width,
-                             frame_num=settings.frame_num, guided=guided, progress=not args.quiet) as session,
+        runs.RunSession.open(session_plan, progress=not args.quiet) as session,
     ):  # fmt: skip
         plan = session.planned.plan  # the ranks' plan, for their GPUs' memory
         if (plan.offload is not Offload.parse(options.offload) or plan.fsdp != options.fsdp) and _is_main():
@@ -419,21 +353,16 @@ def cmd_serve(args) -> int:
             raise WanError("the queue URL (--queue or WAN_I2V_QUEUE) is not a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
                            "leave it out for the queue in --state-dir (the servers of one machine)")  # fmt: skip
     options = options_from(args)
-    options = replace(options, loras=_loras(options.loras))
-    guided = any(scale != 1 for scale in defaults.guide_scale)
-    options = replace(options, ckpt_dir=runs.checkpoint_dir(options))
-    device = _run_device(options.device, options.ckpt_dir, options.gpus)
-    options = replace(options, device=device)
-    world = runs.world_size(options, device)
     height, width = video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
-    options, planned = _checked_plan(options, device, lambda options: runs.plan_for(
-        options, height=height, width=width, frame_num=defaults.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
-        query_gpu=world == 1 or launched(), spawned=world > 1 and not launched(), guided=guided))  # fmt: skip
-    _check_fits(planned)
+    session_plan = runs.plan(replace(options, loras=_loras(options.loras)), height=height, width=width, frame_num=defaults.frame_num,
+                             guided=any(scale != 1 for scale in defaults.guide_scale))  # fmt: skip
+    _tell(session_plan)
+    _check_fits(session_plan)
     _keep_compiled_code()
+    options, planned = session_plan.options, session_plan.planned
 
     def open_session():
-        return runs.RunSession.open(options, planned=planned, height=height, width=width, frame_num=defaults.frame_num, guided=guided, progress=True)
+        return runs.RunSession.open(session_plan, progress=True)
 
     if not _is_main():  # under torchrun: rank 0 serves, the other ranks run its jobs
         with open_session() as session:
@@ -446,7 +375,8 @@ def cmd_serve(args) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else _home() / "server"
     # (the sizes as plan_for read them: the requests are estimated on the plan it made)
     capacity = Capacity(planned, model_sizes(options.ckpt_dir if Path(options.ckpt_dir).is_dir() else None,
-                                             torch_dtype(options.dtype, device).itemsize, fp8=planned.plan.fp8), spawned=world > 1 and not launched())  # fmt: skip
+                                             torch_dtype(options.dtype, options.device).itemsize, fp8=planned.plan.fp8),
+                        spawned=session_plan.world > 1 and not launched())  # fmt: skip
     return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, tokens=tokens, defaults=defaults,
                  max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue, capacity=capacity,
                  allowed_hosts=tuple(args.allowed_hosts))  # fmt: skip

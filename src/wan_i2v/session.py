@@ -141,6 +141,99 @@ def plan_for(
     )  # fmt: skip
 
 
+# Expert size (parameters) past which a run on the CPU takes hours: the real model's 14B, not a test's tiny one.
+CPU_PARAMETERS_LIMIT = 2e9
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """A session planned for videos up to a shape, as data: what the front end prints (``notes``,
+    ``warnings``, ``--dry-run``'s plan), checks (``output_bytes``, ``refusal``) and ``RunSession.open`` runs."""
+
+    options: RunOptions  # as the run goes: the device and checkpoint resolved, what the device cannot do dropped
+    planned: PlannedRun
+    world: int
+    height: int
+    width: int
+    frame_num: int
+    guided: bool
+    notes: tuple[str, ...] = ()  # what the plan chose that the user did not ask for (the CPU, with no GPU visible)
+    warnings: tuple[str, ...] = ()  # what the user asked for that the plan dropped (--fp8 on the CPU)
+
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return None if self.options.ckpt_dir is None else Path(self.options.ckpt_dir)
+
+    @property
+    def output_bytes(self) -> int:
+        """What a video's files take beside its output, at most: the latents, the state saved each step
+        and the mp4, each written beside a temporary copy."""
+        latent_bytes = 16 * ((self.frame_num - 1) // 4 + 1) * (self.height // 8) * (self.width // 8) * 4
+        return 6 * latent_bytes + self.frame_num * self.height * self.width // 4 + 16 * 2**20
+
+    def refusal(self) -> WanError | None:
+        """The one-line error of videos that fit nowhere on this machine (None: they fit)."""
+        return self.planned.refusal()
+
+
+def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num: int = 81, guided: bool = True, dry_run: bool = False) -> SessionPlan:
+    """Plan a session for videos up to ``height`` x ``width`` x ``frame_num`` (``guided`` as ``plan_for``):
+    the checkpoint, the device (with no GPU visible, the CPU for a small model, said in ``notes``), the
+    world, and the execution plan, a combination the run refuses raised. On the CPU, --fp8, which would
+    only slow the run there (FP8 emulated), is dropped with a warning; --offload holds there too: the
+    experts then stay in the checkpoint's files, not in host memory. ``dry_run``: planned for GPUs this
+    machine need not have (unless the device is the CPU), and without a checkpoint for the official model's shapes."""
+    from wan_i2v.parallel.groups import launched
+
+    try:
+        ckpt_dir = checkpoint_dir(options)
+    except WanError:
+        if not dry_run:
+            raise
+        ckpt_dir = None  # a dry run plans for the official model's shapes
+    notes, warned = [], []
+    device = (options.device or "cuda") if dry_run else _run_device(options, ckpt_dir, notes)
+    if not dry_run:
+        from wan_i2v.loading.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(ckpt_dir)
+    world = world_size(options, device, planning_only=dry_run)
+    if device == "cpu" and options.fp8:
+        warned.append(f"{option('fp8')} does nothing on the CPU (FP8 matmuls need an NVIDIA GPU); ignored")
+        options = replace(options, fp8=False)
+    spawned = world > 1 and not launched()
+    planned = plan_for(options, height=height, width=width, frame_num=frame_num, device=device, world=world, ckpt_dir=ckpt_dir,
+                       query_gpu=not (spawned and not dry_run), spawned=spawned, guided=guided)  # fmt: skip
+    planned.plan.check()
+    options = replace(options, ckpt_dir=ckpt_dir, device=device)
+    return SessionPlan(options, planned, world, height, width, frame_num, guided, tuple(notes), tuple(warned))
+
+
+def _run_device(options: RunOptions, ckpt_dir: Path, notes: list[str]) -> str:
+    """``device``, else the GPU. With no GPU visible the run goes to the CPU only for a small model
+    (a tiny test checkpoint) in one process, and says so in ``notes``; the real model there would
+    take hours, and several processes were asked for GPUs, so those need the CPU asked for."""
+    from wan_i2v.parallel.groups import env_world
+    from wan_i2v.parallel.plan import model_sizes
+
+    if options.device:
+        check_device(options.device)
+        return options.device
+    device = default_device()
+    processes = options.gpus or env_world()
+    if device == "cpu" and processes > 1:
+        raise WanError(f"{processes} GPUs asked for but no GPU is visible",
+                       f"check the GPU driver (nvidia-smi), or give {option('device', 'cpu')} to run {processes} processes on the CPU")  # fmt: skip
+    if device == "cpu":
+        # (a folder that is not there is the loader's to report)
+        parameters = model_sizes(ckpt_dir, dtype_bytes=1).expert if ckpt_dir.is_dir() else 0
+        if parameters > CPU_PARAMETERS_LIMIT:
+            raise WanError(f"no GPU is visible, and a video of this {parameters / 1e9:.0f}B-parameter model takes hours on the CPU",
+                           f"check the GPU driver (nvidia-smi), or give {option('device', 'cpu')} to run on the CPU all the same")  # fmt: skip
+        notes.append(f"no GPU is visible: running on the CPU ({option('device', 'cpu')} says so and silences this)")
+    return device
+
+
 def cap_gpu_memory(planned: PlannedRun, device) -> None:
     """Hold the run's allocator to the GPU memory it was planned for (``gpu_memory``): a GPU shared with
     other work keeps what the run was told to leave."""
@@ -214,40 +307,39 @@ class RunSession:
         return True
 
     @classmethod
-    def open(cls, options: RunOptions, *, planned: PlannedRun | None = None, height: int = 720, width: int = 1280, frame_num: int = 81,
-             guided: bool = True, progress: bool = False) -> "RunSession":  # fmt: skip
-        """Plan (for videos up to ``height`` x ``width`` x ``frame_num``, guided or not (``plan_for``),
-        unless ``planned`` is given), start the ranks and load the pipeline on each; ``progress``: a
-        loading bar on stderr (rank 0's)."""
+    def open(cls, options: RunOptions | SessionPlan, *, height: int = 720, width: int = 1280, frame_num: int = 81, guided: bool = True,
+             progress: bool = False) -> "RunSession":  # fmt: skip
+        """Run a session: ``options`` planned (``plan``: for videos up to ``height`` x ``width`` x
+        ``frame_num``, guided or not; videos that fit nowhere refused), or a ``SessionPlan`` made
+        already; start the ranks and load the pipeline on each. ``progress``: a loading bar on stderr (rank 0's)."""
         from wan_i2v.parallel.groups import launched
 
-        device = options.device or default_device()
-        check_device(device)
-        world = world_size(options, device)
-        ckpt_dir = checkpoint_dir(options)
-        spawned = world > 1 and not launched()
-        if planned is None:
-            planned = plan_for(options, height=height, width=width, frame_num=frame_num, device=device, world=world,
-                               ckpt_dir=ckpt_dir, query_gpu=world == 1 or launched(), spawned=spawned, guided=guided)  # fmt: skip
-            refusal = planned.refusal()
+        if isinstance(options, SessionPlan):
+            session_plan = options
+        else:
+            session_plan = plan(options, height=height, width=width, frame_num=frame_num, guided=guided)
+            for warning in session_plan.warnings:
+                warnings.warn(warning)
+            refusal = session_plan.refusal()
             if refusal is not None:
                 raise refusal
+        options, planned, device, ckpt_dir = session_plan.options, session_plan.planned, session_plan.options.device, session_plan.ckpt_dir
         if launched():
             return RankSession(planned, ckpt_dir, device, progress)
-        if world > 1:
+        if session_plan.world > 1:
             # This process does not touch CUDA: the ranks plan again for their GPUs' memory (rank 0's wins).
             replan = None
             if device.startswith("cuda") and options.gpu_memory is None:
-                replan = partial(plan_for, options, height=height, width=width, frame_num=frame_num, device=device, world=world, ckpt_dir=ckpt_dir,
-                                 spawned=True, guided=guided)  # fmt: skip
+                replan = partial(plan_for, options, height=session_plan.height, width=session_plan.width, frame_num=session_plan.frame_num,
+                                 device=device, world=session_plan.world, ckpt_dir=ckpt_dir, spawned=True, guided=session_plan.guided)  # fmt: skip
             return SpawnedSession(planned, ckpt_dir, device, replan, progress)
         import torch
 
         from wan_i2v.pipeline import I2VPipeline
 
-        plan = replace(planned.plan, device=torch.device(device))
-        cap_gpu_memory(planned, plan.device)
-        return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan, progress=progress))
+        plan_here = replace(planned.plan, device=torch.device(device))
+        cap_gpu_memory(planned, plan_here.device)
+        return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan_here, progress=progress))
 
     def generate(self, image, prompt: str | None = None, negative_prompt: str | None = None, *, settings: GenerationSettings | None = None,
                  state_file=None, progress: bool = True, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None,
