@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import os
 import signal
@@ -10,12 +11,19 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+# The modules imported here are torch-free: --version, --help and `cache status` never import torch
+# (the torch-heavy ones are imported by the commands that run models, in their functions).
 from wan_i2v import locks
+from wan_i2v.cache import add_cache_parser
+from wan_i2v.config import DISTILLED, FPS, MAX_STEPS, OFFICIAL, SOLVERS, GenerationSettings, SamplingDefaults, check_frame_num, dit_tokens, parse_size, video_size
 from wan_i2v.disk import check_space
-from wan_i2v.options import Offload, RunOptions, add_options, options_from
 from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
+from wan_i2v.options import Offload, RunOptions, add_options, options_from
+from wan_i2v.parallel.env import env_rank
 
 DEMO_FILE = "wan-i2v-demo.mp4"
 DEFAULT_OUTPUT = "wan-i2v-output.mp4"
@@ -68,7 +76,6 @@ def _run(session, image, settings, *, progress: bool, save_file: Path, latents_f
     With ``state_file`` the denoising state is saved after every step and the same command resumes
     a run that died. In a multi-process run only rank 0 writes and prints."""
 
-    from wan_i2v.config import FPS
     from wan_i2v.video import write_mp4
 
     started = time.time()
@@ -98,8 +105,6 @@ def _run(session, image, settings, *, progress: bool, save_file: Path, latents_f
 def _settings(args, **fixed):
     """The video's settings from the sampling flags; those not given: the official defaults (the
     command's number of steps), or the distilled recipe. ``fixed``: settings the command has no flag for."""
-    from wan_i2v.config import DISTILLED, OFFICIAL, GenerationSettings
-
     defaults = DISTILLED if args.distilled else OFFICIAL.given(steps=args.default_steps)
     given = dict(size=getattr(args, "size", None), frame_num=args.frame_num, steps=args.steps, shift=getattr(args, "shift", None),
                  guide_scale=args.guide_scale, seed=args.seed, solver=args.solver)  # fmt: skip
@@ -115,8 +120,6 @@ def _official_meanings(args) -> None:
 
 
 def _is_main() -> bool:
-    from wan_i2v.parallel.env import env_rank
-
     return env_rank() == 0
 
 
@@ -285,10 +288,7 @@ def _keep_compiled_code() -> None:
 
 
 def cmd_generate(args) -> int:
-    from dataclasses import replace
-
     from wan_i2v import session as runs
-    from wan_i2v.config import dit_tokens, video_size
     from wan_i2v.video import check_writable, load_image
 
     _official_meanings(args)
@@ -334,10 +334,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from dataclasses import replace
-
     from wan_i2v import session as runs
-    from wan_i2v.config import SamplingDefaults, check_frame_num, parse_size, video_size
     from wan_i2v.parallel.groups import launched
     from wan_i2v.server import check_binding, serve, server_tokens
 
@@ -399,7 +396,6 @@ def cmd_decode(args) -> int:
     import torch
 
     from wan_i2v import session as runs
-    from wan_i2v.config import FPS
     from wan_i2v.execution import torch_dtype
     from wan_i2v.loading import checkpoint as ckpt
     from wan_i2v.video import check_writable, write_mp4
@@ -490,8 +486,6 @@ def _official_bool(text: str) -> bool:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("wan-i2v")
     except PackageNotFoundError:  # run from a source tree that is not installed
@@ -529,8 +523,6 @@ def official_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_i2v.config import DISTILLED, MAX_STEPS, SOLVERS
-
     parser = _Parser(prog="wan-i2v", description="Wan2.2-I2V-A14B image-to-video.")
     parser.add_argument("--version", action="version", version=f"wan-i2v {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -614,8 +606,6 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0)")
     tiny.set_defaults(func=cmd_make_tiny)
 
-    from wan_i2v.cache import add_cache_parser
-
     add_cache_parser(sub)
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)
@@ -674,8 +664,6 @@ def run() -> None:
     ``python -m wan_i2v.cli`` interrupted while loading), which shells and launchers read differently."""
     code = main()
     if code in (INTERRUPTED, TERMINATED):
-        import atexit
-
         atexit._run_exitfuncs()  # the exit's cleanup (multiprocessing's queues and semaphores), then the code
         sys.stdout.flush()
         sys.stderr.flush()
