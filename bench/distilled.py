@@ -67,8 +67,8 @@ def run_config(ckpt_dir: Path, world: int, vae_dtype: str, fp8: bool, split_enco
     device = init_distributed("cuda") if world > 1 else torch.device("cuda")
     image = demo_image(1280, 720)
     height, width = A14B.video_size(image.height, image.width, A14B.presets["720P"].max_area)
-    options = RunOptions(ckpt_dir=ckpt_dir, device="cuda", gpus=world, decode_dtype=vae_dtype, encode_dtype=vae_dtype, fp8=fp8, split_encode=split_encode, guided=False, loras=loras)
-    planned = plan_for(options, height=height, width=width, frame_num=81, device="cuda", world=world, ckpt_dir=ckpt_dir)
+    options = RunOptions(ckpt_dir=ckpt_dir, device="cuda", gpus=world, decode_dtype=vae_dtype, encode_dtype=vae_dtype, fp8=fp8, split_encode=split_encode, loras=loras)
+    planned = plan_for(options, height=height, width=width, frame_num=81, device="cuda", world=world, ckpt_dir=ckpt_dir, guided=False)
     groups = ParallelGroups.build(planned.plan.dims, device) if world > 1 else None
     torch.cuda.synchronize()
     started = time.perf_counter()

@@ -188,7 +188,7 @@ def pipeline_alone(ckpt: str, device: str, size: str, frames: int, seeds: list[i
     settings = {"negative_prompt": None, "max_area": max_area, "frame_num": frames, **recipe}
     folder = Path(folder)
     rows = []
-    with RunSession.open(RunOptions(ckpt_dir=ckpt, device=device, gpus=1, guided=False), height=height, width=width, frame_num=frames) as session:
+    with RunSession.open(RunOptions(ckpt_dir=ckpt, device=device, gpus=1), height=height, width=width, frame_num=frames, guided=False) as session:
         session.generate(image, PROMPT, **{**settings, "steps": WARM_UP_STEPS}, seed=0, progress=False)
         for seed in seeds:
             video_file, state_file, latents_file = (folder / f"pipeline-{seed}{suffix}" for suffix in (".mp4", ".state.pt", ".latents.pt"))

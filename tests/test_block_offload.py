@@ -120,9 +120,10 @@ def test_a_shard_cut_short_or_gone_mid_run_is_one_line(tiny_checkpoint, tmp_path
 
 def converted_pipeline(root, folder, **options):
     from wan_i2v.execution import ExecutionPlan
+    from wan_i2v.options import RunOptions
     from wan_i2v.pipeline import I2VPipeline
 
-    plan = ExecutionPlan.for_device("cpu", torch.float32, offload="blocks", fp8=True, converted_dir=folder, **options)
+    plan = ExecutionPlan.for_device("cpu", RunOptions(dtype="fp32", offload="blocks", fp8=True, **options), converted_dir=folder)
     return I2VPipeline.load(root, plan)
 
 

@@ -611,6 +611,34 @@ def test_the_guide_scale_help_says_one_or_two_values(capsys):
     assert "--guide-scale LOW [HIGH]" in help_text and "HIGH ...]" not in help_text
 
 
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_every_run_option_is_a_flag_with_its_help(command, capsys):
+    """The run options and the command's flags cannot drift: each field has its flags in --help, with its
+    help, and what its flag sets comes back as the field."""
+    from dataclasses import fields
+
+    from wan_i2v.cli import _parse
+    from wan_i2v.options import Offload, RunOptions, options_from
+
+    assert main([command, "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for field in fields(RunOptions):
+        assert field.metadata["flags"], f"{field.name} has no flag"
+        for flag in field.metadata["flags"]:
+            assert all(name in help_text for name in flag.names) and " ".join(flag.help.split()) in help_text, field.name
+    required = ["--image", "x.png", "--prompt", "p"] if command == "generate" else []
+    given = [command, *required, "--ckpt-dir", "ckpt", "--cache-dir", "cache", "--offload", "blocks", "--lora", "a.safetensors",
+             "--lora-high", "h.safetensors:0.5", "--fp8", "--no-compile", "--device", "cpu", "--dtype", "bf16", "--decode-dtype", "bf16",
+             "--encode-dtype", "bf16", "--attention", "sdpa", "--keep-text-encoder", "--batch-cfg", "--gpus", "2", "--ulysses", "2",
+             "--cfg-parallel", "--fsdp", "--gpu-memory", "24", "--host-memory", "32", "--split-encode"]  # fmt: skip
+    assert options_from(_parse(given)) == RunOptions(
+        ckpt_dir="ckpt", cache_dir="cache", offload=Offload.BLOCKS, loras={"high": ["a.safetensors", "h.safetensors:0.5"], "low": ["a.safetensors"]},
+        fp8=True, compile=False, device="cpu", dtype="bf16", decode_dtype="bf16", encode_dtype="bf16", attention="sdpa", keep_text_encoder=True,
+        batch_cfg=True, gpus=2, ulysses=2, cfg_parallel=True, fsdp=True, gpu_memory=24.0, host_memory=32.0, split_encode=True,
+    )  # fmt: skip
+    assert options_from(_parse([command, *required])) == RunOptions()
+
+
 def test_the_official_command_line_runs_unchanged(tiny_checkpoint, image_file, tmp_path, capsys):
     out = tmp_path / "official.mp4"
     assert main(["generate", "--task", "i2v-A14B", "--size", "64*96", "--ckpt_dir", str(tiny_checkpoint), "--offload_model", "True",

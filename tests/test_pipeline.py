@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError
 from wan_i2v.models.spec import spec_for
 from wan_i2v.pipeline import Cancelled, LoopHook
@@ -187,10 +188,25 @@ def test_a_state_for_other_settings_is_not_resumed(tiny_pipeline, tmp_path):
     assert torch.equal(other_prompt.latents, tiny_pipeline.generate(demo_image(), "a car", **settings).latents)
 
 
+def test_settings_have_one_set_of_defaults_and_one_seed_policy(tiny_pipeline):
+    from wan_i2v.config import DEFAULT_NEGATIVE_PROMPT, DISTILLED
+
+    drawn = GenerationSettings.of("a boat")
+    assert drawn.seed_drawn and 0 <= drawn.seed < 2**53  # a drawn seed is exact in JSON's numbers
+    assert drawn == GenerationSettings("a boat", DEFAULT_NEGATIVE_PROMPT, max_area=1280 * 720, frame_num=81, steps=40, shift=5.0,
+                                       guide_scale=(3.5, 3.5), seed=drawn.seed, solver="unipc")  # fmt: skip
+    distilled = GenerationSettings.of("a boat", defaults=DISTILLED, size="480P", seed=-1, steps=6)
+    assert (distilled.max_area, distilled.steps, distilled.guide_scale, distilled.shift, distilled.solver) == (832 * 480, 6, (1.0, 1.0), 5.0, "euler")
+    given = GenerationSettings.of("a boat", size="480P", guide_scale=2, seed=7)
+    assert (given.shift, given.guide_scale, given.seed, given.seed_drawn) == (3.0, (2.0, 2.0), 7, False)
+    assert "seed_drawn" not in given.as_dict()
+    assert 0 <= tiny_pipeline.generate(demo_image(), "a boat", progress=False, **{**SMALL, "steps": 1}).settings.seed < 2**53
+
+
 def test_the_stages_run_on_their_own_give_the_same_video(tiny_pipeline):
     image = demo_image()
     whole = tiny_pipeline.generate(image, "a boat", seed=4, progress=False, **SMALL)
-    prepared = tiny_pipeline.prepare(image, "a boat", seed=4, **SMALL)
+    prepared = tiny_pipeline.prepare(image, GenerationSettings.of("a boat", seed=4, **SMALL))
     latents = tiny_pipeline.sample(prepared)
     assert torch.equal(latents.cpu(), whole.latents)
     assert torch.equal(tiny_pipeline.decode(latents), whole.video)

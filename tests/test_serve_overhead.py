@@ -146,7 +146,8 @@ def test_on_two_ranks_rank_0_writes_the_video_file_and_sends_back_no_frames(tiny
 def test_the_runner_records_a_job_done_when_its_generate_returns_with_the_mp4_in_place(tiny_checkpoint, tmp_path):
     """No encode after the job, in the runner's thread or behind the next job: the mp4 is whole when
     the session returns, and the job is completed at once."""
-    from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, Runner, job_settings
     from wan_i2v.session import RunOptions, RunSession
 
     store = JobStore(tmp_path / "state")
@@ -156,8 +157,8 @@ def test_the_runner_records_a_job_done_when_its_generate_returns_with_the_mp4_in
         def __init__(self):
             self.session, self.alive = RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu")), True
 
-        def generate(self, image, prompt, **options):
-            result = self.session.generate(image, prompt, **options)
+        def generate(self, image, **options):
+            result = self.session.generate(image, **options)
             seen_at_return.append((Path(options["video_file"]).is_file(), result.video is None, store.get(Path(options["video_file"]).parent.name).status))
             return result
 
@@ -167,7 +168,7 @@ def test_the_runner_records_a_job_done_when_its_generate_returns_with_the_mp4_in
         def close(self):
             self.session.close()
 
-    job = store.submit(png_bytes(), job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults()))[0]
+    job = store.submit(png_bytes(), job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults()))[0]
     runner = Runner(store, WatchedSession)
     runner.start()
     wait_until(lambda: store.get(job.id).status == "completed", timeout=60)

@@ -232,7 +232,8 @@ def test_a_job_that_fails_records_its_error_and_the_queue_goes_on(server, client
 
 
 def test_out_of_memory_in_one_job_fails_that_job_alone(tiny_checkpoint, tmp_path):
-    from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, Runner, job_settings
     from wan_i2v.session import RunOptions, RunSession
 
     class OutOfMemoryError(RuntimeError):
@@ -258,7 +259,7 @@ def test_out_of_memory_in_one_job_fails_that_job_alone(tiny_checkpoint, tmp_path
             self.session.close()
 
     store = JobStore(tmp_path / "state")
-    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
     ids = [store.submit(png_bytes(), settings)[0].id for _ in range(2)]
     runner = Runner(store, FirstJobOutOfMemory)
     runner.start()
@@ -447,10 +448,11 @@ def test_two_servers_share_one_queue(tiny_checkpoint, tmp_path, queue):
 def test_a_cut_connection_keeps_its_job_and_a_dead_servers_job_is_taken_after_the_grace(tmp_path, queue_url, monkeypatch):
     import psycopg
 
-    from wan_i2v.server import JobDefaults, JobStore, job_settings, postgres
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, job_settings, postgres
 
     monkeypatch.setattr(postgres, "TAKEOVER_GRACE_SECONDS", 3.0)
-    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
     cut_off, other = JobStore(tmp_path / "shared", queue_url=queue_url), JobStore(tmp_path / "shared", queue_url=queue_url)
     job = cut_off.submit(png_bytes(), settings)[0].id
     assert cut_off.claim().id == job and other.claim() is None  # a live server's job is not taken
@@ -479,10 +481,11 @@ def test_a_cut_connection_keeps_its_job_and_a_dead_servers_job_is_taken_after_th
 
 
 def test_a_claim_whose_answer_was_lost_is_taken_again_by_its_server(tmp_path, queue):
-    from wan_i2v.server import JobDefaults, JobStore, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, job_settings
 
     store = JobStore(tmp_path / "state", queue_url=queue[1] if queue else None)
-    job = store.submit(png_bytes(), job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults()))[0].id
+    job = store.submit(png_bytes(), job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults()))[0].id
     with store._db(write=True) as db:  # a claim's commit that went through while its answer was lost
         db.execute("UPDATE jobs SET status = 'in_progress', owner = ?, runs = 1 WHERE id = ?", (store.owner, job))
     assert store.claim().id == job
@@ -521,10 +524,11 @@ def test_a_database_restart_mid_job_loses_nothing_and_the_server_goes_on(tiny_ch
 
 
 def test_serve_refuses_a_queue_it_cannot_use(tiny_checkpoint, tmp_path, queue_url, postgres, capsys):
-    from wan_i2v.server import JobDefaults, JobStore, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, job_settings
 
     JobStore(tmp_path / "shared", queue_url=queue_url).close()  # the queue's servers share this folder
-    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
     JobStore(tmp_path / "sqlite").submit(png_bytes(), settings)  # one machine's queue, with a job
     serve = ["serve", "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu", "--port", str(free_port())]
     cases = [
@@ -565,9 +569,10 @@ def test_sigterm_stops_after_a_step_and_puts_the_job_back(tiny_checkpoint, tmp_p
 
 
 def test_a_job_whose_server_keeps_dying_fails_instead_of_starving_the_queue(tmp_path, queue, monkeypatch):
-    from wan_i2v.server import JobDefaults, JobStore, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, job_settings
 
-    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
     queue_url = queue[1] if queue else None
     if queue_url:
         from wan_i2v.server import postgres
@@ -628,11 +633,12 @@ def test_a_job_the_oom_killer_stopped_fails_at_once_and_says_why(tiny_checkpoint
      ({"machine_kills": 4, "boot": "boot-2", "cgroup": "restarted.scope"}, True)],  # a new cgroup's count says nothing: the machine's decides
 ], ids=["in-its-own-cgroup", "after-a-reboot-and-a-new-cgroup"])  # fmt: skip
 def test_an_oom_kill_fails_a_job_at_once_only_when_the_counts_show_it(tmp_path, monkeypatch, deaths):
-    from wan_i2v.server import JobDefaults, JobStore, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, job_settings
 
     kernel = fake_kernel(tmp_path / "root", cgroup="wan.scope")
     monkeypatch.setenv("WAN_I2V_SYSTEM_ROOT", str(kernel))
-    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
     server = JobStore(tmp_path / "state")
     job = server.submit(png_bytes(), settings)[0].id
     assert server.claim().id == job
@@ -648,11 +654,12 @@ def test_an_oom_kill_fails_a_job_at_once_only_when_the_counts_show_it(tmp_path, 
 
 
 def test_a_queue_an_older_version_made_gains_the_new_columns(tmp_path, queue):
-    from wan_i2v.server import JobDefaults, JobStore, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, job_settings
 
     queue_url = queue[1] if queue else None
     older = JobStore(tmp_path / "state", queue_url=queue_url)
-    job = older.submit(png_bytes(), job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults()))[0].id
+    job = older.submit(png_bytes(), job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults()))[0].id
     with older._db(write=True) as db:
         db.execute("ALTER TABLE jobs DROP COLUMN memory_kills_at_start")  # as the version before it made the table
     older.close()
@@ -664,10 +671,11 @@ def test_a_queue_an_older_version_made_gains_the_new_columns(tmp_path, queue):
 def test_what_a_kill_left_half_written_is_swept_at_the_next_start(tmp_path):
     import os
 
-    from wan_i2v.server import JobDefaults, JobStore, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, job_settings
 
     store = JobStore(tmp_path / "state")
-    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
     kept = store.submit(png_bytes(), settings)[0].id
     jobs = tmp_path / "state" / "jobs"
     orphan, fresh_orphan = jobs / "video_killed_before_its_row", jobs / "video_being_written_by_another_server"
@@ -691,9 +699,10 @@ def test_what_a_kill_9_left_is_swept_at_once_when_no_other_server_runs(tmp_path)
     # A server killed while it wrote an upload's folder (no row yet) and a job's mp4.
     killed = subprocess.run([sys.executable, "-c", """if True:
         import os, sys
-        from wan_i2v.server import JobDefaults, JobStore, job_settings
+        from wan_i2v.config import SamplingDefaults
+        from wan_i2v.server import JobStore, job_settings
         store = JobStore(sys.argv[1])
-        settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+        settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
         job = store.submit(b"png", settings)[0].id
         (store.root / "jobs" / "video_killed_before_its_row").mkdir()
         (store.job_dir(job) / ".video.abc123.mp4").write_bytes(b"half an mp4")
@@ -713,10 +722,11 @@ def test_what_a_kill_9_left_is_swept_at_once_when_no_other_server_runs(tmp_path)
 def test_a_delete_during_a_download_leaves_the_download_whole(tmp_path):
     import asyncio
 
-    from wan_i2v.server import JobDefaults, JobStore, create_app, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, create_app, job_settings
 
     store = JobStore(tmp_path / "state")
-    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
     job = store.submit(png_bytes(), settings)[0].id
     assert store.claim().id == job
     video = bytes(range(256)) * 1000  # more than one of FileResponse's chunks
@@ -807,7 +817,8 @@ def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_r
     import torch
 
     from wan_i2v import pipeline
-    from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings, runner
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, Runner, job_settings, runner
     from wan_i2v.session import RunOptions, RunSession
 
     monkeypatch.setattr(runner, "DISK_POLL_SECONDS", 0.1)
@@ -826,7 +837,8 @@ def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_r
         def __init__(self):
             self.session, self.alive = RunSession.open(RunOptions(ckpt_dir=tiny_checkpoint, device="cpu")), True
 
-        def generate(self, image, prompt, *, on_step, **options):
+        def generate(self, image, *, settings, on_step, **options):
+            prompt = settings.prompt
             runs.append((prompt, []))
 
             def step(info):
@@ -835,7 +847,7 @@ def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_r
                 if prompt == "state" and info.index == 1:
                     fill_once("state")
 
-            return self.session.generate(image, prompt, on_step=step, **options)
+            return self.session.generate(image, settings=settings, on_step=step, **options)
 
         def keep_alive(self):
             pass
@@ -856,7 +868,7 @@ def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_r
     (tmp_path / "state" / "jobs").symlink_to(small_disk / "jobs")  # the jobs' files on a volume of their own, the queue beside
     store = JobStore(tmp_path / "state")
     settings = {"size": "32*48", "frame_num": "5", "steps": "6"}
-    ids = {prompt: store.submit(png_bytes(), job_settings({"prompt": prompt, **settings}, JobDefaults()))[0].id for prompt in ("state", "mp4")}
+    ids = {prompt: store.submit(png_bytes(), job_settings({"prompt": prompt, **settings}, SamplingDefaults()))[0].id for prompt in ("state", "mp4")}
     worker = Runner(store, FillsTheDisk)
     worker.start()
 
@@ -890,10 +902,11 @@ def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_r
 def test_torchs_short_write_counts_as_a_full_disk_only_when_the_disk_lacks_room(tmp_path):
     import errno
 
-    from wan_i2v.server import JobDefaults, JobStore, Runner, job_settings
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import JobStore, Runner, job_settings
 
     runner = Runner(JobStore(tmp_path / "state"), open_session=None)
-    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+    settings = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
     try:  # what torch.save raises on a full disk (its errno lost), as a write error of any other kind would
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534") from RuntimeError("basic_ios::clear: iostream error")
     except RuntimeError as exc:

@@ -89,7 +89,7 @@ def test_the_videos_router_serves_alone_with_the_client_as_a_dependency(tmp_path
     from server_process import IdleRunner
     from wan_i2v.server.access import Client
     from wan_i2v.server.context import ServerContext, request_client
-    from wan_i2v.server.job_form import JobDefaults
+    from wan_i2v.config import SamplingDefaults
     from wan_i2v.server.routes import videos
     from wan_i2v.server.store import JobStore
 
@@ -99,7 +99,7 @@ def test_the_videos_router_serves_alone_with_the_client_as_a_dependency(tmp_path
     theirs, _ = store.submit(b"image", settings, client="bob")
     app = FastAPI()
     app.include_router(videos.router)
-    app.state.context = ServerContext(store, IdleRunner(), events=None, defaults=JobDefaults(), capacity=None, max_upload_bytes=2**20,
+    app.state.context = ServerContext(store, IdleRunner(), events=None, defaults=SamplingDefaults(), capacity=None, max_upload_bytes=2**20,
                                       loopback=True, metrics=None)  # fmt: skip
     app.dependency_overrides[request_client] = lambda: Client("alice", admin=False)
     with TestClient(app) as http:

@@ -18,7 +18,8 @@ from PIL import Image
 
 from server_process import IdleRunner, free_port, png_bytes, wait_until
 from wan_i2v.errors import on_the_command_line
-from wan_i2v.server.app import JobDefaults, create_app
+from wan_i2v.config import SamplingDefaults
+from wan_i2v.server.app import create_app
 from wan_i2v.server.store import JobStore
 
 LIMIT_MB = 1
@@ -37,7 +38,7 @@ def serving(state_dir, max_queued: int, capacity=None):
     """The app over a real store in ``state_dir``, on a free port; yields its URL."""
     store = JobStore(state_dir, max_queued=max_queued)
     app = create_app(store, CountingRunner(), max_upload_bytes=LIMIT_MB * 2**20,
-                     defaults=JobDefaults(size="96*160", frame_num=5, steps=2), capacity=capacity)  # fmt: skip
+                     defaults=SamplingDefaults(size="96*160", frame_num=5, steps=2), capacity=capacity)  # fmt: skip
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     with on_the_command_line():  # as `wan-i2v serve` runs it: inside the command line's spelling of errors

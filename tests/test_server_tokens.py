@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 from server_process import IdleRunner, Server, free_port, png_bytes
 from wan_i2v.cli import main
-from wan_i2v.server import JobDefaults, JobStore, create_app, job_settings
+from wan_i2v.config import SamplingDefaults
+from wan_i2v.server import JobStore, create_app, job_settings
 from wan_i2v.server.access import Client, Tokens, read_tokens
 
 TOKENS_FILE = """# the studio's clients
@@ -24,7 +25,7 @@ alice s3cret-of-alice
 root s3cret-of-root admin
 """
 ALICE, BOB, ROOT = ({"Authorization": f"Bearer s3cret-of-{name}"} for name in ("alice", "bob", "root"))
-SETTINGS = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, JobDefaults())
+SETTINGS = job_settings({"prompt": "a boat", "size": "32*48", "frame_num": "5", "steps": "1"}, SamplingDefaults())
 
 
 @pytest.fixture()

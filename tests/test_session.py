@@ -126,3 +126,22 @@ def test_ranks_plan_for_their_gpus_and_take_rank_0s_plan(tiny_checkpoint):
 
     results = launch(_replanned, (tiny_checkpoint,), 2)
     assert results[0] == results[1] == (ParallelDims(2, 1), ParallelDims(2, 1))
+
+
+def test_the_session_plans_with_its_fallbacks_as_data(tiny_checkpoint, monkeypatch, capsys):
+    """No GPU visible: the plan says it goes to the CPU and drops --fp8 there, as data the front end prints (nothing printed here)."""
+    import warnings
+
+    from wan_i2v.session import plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        planned = plan(RunOptions(ckpt_dir=tiny_checkpoint, fp8=True), height=64, width=96, frame_num=5)
+    assert planned.notes == ("no GPU is visible: running on the CPU (device='cpu' says so and silences this)",)
+    assert planned.warnings == ("fp8 does nothing on the CPU (FP8 matmuls need an NVIDIA GPU); ignored",)
+    assert planned.options.device == "cpu" and not planned.options.fp8 and not planned.planned.plan.fp8
+    assert planned.world == 1 and planned.refusal() is None and planned.ckpt_dir == tiny_checkpoint
+    # the latents (16 x 2 x 8 x 12 fp32 values), each of six copies, plus the frames' quarter bytes and 16 MiB
+    assert planned.output_bytes == 6 * 16 * 2 * 8 * 12 * 4 + 5 * 64 * 96 // 4 + 16 * 2**20
+    assert capsys.readouterr() == ("", "")

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
-import math
 import os
 import signal
 import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+# The modules imported here are torch-free: --version, --help and `cache status` never import torch
+# (the torch-heavy ones are imported by the commands that run models, in their functions).
 from wan_i2v import locks
+from wan_i2v.cache import add_cache_parser
+from wan_i2v.config import DISTILLED, MAX_STEPS, OFFICIAL, SOLVERS, GenerationSettings, SamplingDefaults, check_frame_num, parse_size
+from wan_i2v.disk import check_space
 from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
+from wan_i2v.models.spec import spec_for
+from wan_i2v.options import Offload, RunOptions, add_options, options_from
+from wan_i2v.parallel.env import env_rank
 
 DEMO_FILE = "wan-i2v-demo.mp4"
 DEFAULT_OUTPUT = "wan-i2v-output.mp4"
@@ -23,9 +33,6 @@ OFFICIAL_TASK = "i2v-A14B"
 
 def _home() -> Path:
     return Path(os.environ.get("WAN_I2V_HOME") or Path.home() / ".cache" / "wan-i2v")
-
-
-DECODE_DTYPE_HELP = "the VAE decode's precision: fp32 as the official code (default), or bf16: about twice as fast in half the memory, ~1e-2 from fp32"
 
 
 def _print_summary(result, path: Path, loading_seconds: float, steps: "StepClock | None" = None) -> None:
@@ -64,34 +71,18 @@ class StepClock:
         return text + ")"
 
 
-def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, latents_file: Path | None, keep_latents: bool,
+def _run(session, image, settings, *, progress: bool, save_file: Path, latents_file: Path | None, keep_latents: bool,
          loading_seconds: float, state_file: Path | None = None):
     """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4.
     With ``state_file`` the denoising state is saved after every step and the same command resumes
     a run that died. In a multi-process run only rank 0 writes and prints."""
 
-    from wan_i2v.models.spec import spec_for
     from wan_i2v.video import write_mp4
 
     started = time.time()
     clock = StepClock()
     try:
-        result = session.generate(
-            image,
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            max_area=max_area,
-            frame_num=args.frame_num,
-            steps=args.steps,
-            shift=shift,
-            guide_scale=_guide_pair(args),
-            seed=args.seed,
-            solver=args.solver,
-            progress=not args.quiet,
-            latents_file=latents_file,
-            state_file=state_file,
-            on_step=clock,
-        )
+        result = session.generate(image, settings=settings, progress=progress, latents_file=latents_file, state_file=state_file, on_step=clock)
     except BaseException as exc:
         saved = latents_file is not None and latents_file.is_file() and latents_file.stat().st_mtime >= started
         if saved and session.is_main and not isinstance(exc, WanError):
@@ -112,25 +103,13 @@ def _run(session, image, args, *, max_area: int, shift: float, save_file: Path, 
     return result
 
 
-# What --distilled sets, each unless given: lightx2v's recipe for the 4-step distilled models.
-DISTILLED = {"solver": "euler", "steps": 4, "guide_scale": [1.0], "shift": 5.0}
-
-
-def _sampling_defaults(args) -> None:
-    """Fill the sampling options not given: the official defaults, or the distilled recipe."""
-    from wan_i2v.config import GenerationSettings
-
-    official = {"solver": GenerationSettings.solver, "steps": args.default_steps, "guide_scale": list(GenerationSettings.guide_scale)}
-    recipe = DISTILLED if args.distilled else official
-    for name, value in recipe.items():
-        if getattr(args, name, None) is None and hasattr(args, name):
-            setattr(args, name, value)
-
-
-def _guide_pair(args) -> tuple[float, float]:
-    from wan_i2v.config import guide_pair
-
-    return guide_pair(args.guide_scale)
+def _settings(args, **fixed):
+    """The video's settings from the sampling flags; those not given: the official defaults (the
+    command's number of steps), or the distilled recipe. ``fixed``: settings the command has no flag for."""
+    defaults = DISTILLED if args.distilled else OFFICIAL.given(steps=args.default_steps)
+    given = dict(size=getattr(args, "size", None), frame_num=args.frame_num, steps=args.steps, shift=getattr(args, "shift", None),
+                 guide_scale=args.guide_scale, seed=args.seed, solver=args.solver)  # fmt: skip
+    return GenerationSettings.of(args.prompt, args.negative_prompt, defaults=defaults, **{**given, **fixed})
 
 
 def _official_meanings(args) -> None:
@@ -142,12 +121,10 @@ def _official_meanings(args) -> None:
 
 
 def _is_main() -> bool:
-    from wan_i2v.parallel.env import env_rank
-
     return env_rank() == 0
 
 
-def _explain(planned, video, args) -> None:
+def _explain(planned, video, frame_num: int) -> None:
     from wan_i2v.parallel.plan import GiB
 
     height, width, tokens = video
@@ -159,7 +136,7 @@ def _explain(planned, video, args) -> None:
     if planned.host is not None:
         host_budget = f" (of {planned.host_bytes / GiB:.1f} GiB)" if planned.host_bytes is not None else " (no host memory given: --host-memory GiB plans for a machine)"
         print(f"host memory: {planned.host.describe('on this machine')}{host_budget}")
-    print(f"video: {width}x{height}, {args.frame_num} frames, {tokens} tokens per DiT forward")
+    print(f"video: {width}x{height}, {frame_num} frames, {tokens} tokens per DiT forward")
     print(f"numerics: {planned.plan.describe_numerics()}")
 
 
@@ -184,17 +161,6 @@ def _one_line_warnings():
 
 def _warning_line(message, *_args, **_kwargs) -> None:
     print(f"wan-i2v: warning: {message}", file=sys.stderr)
-
-
-def _check_free_space(save_file: Path, frame_num: int, height: int, width: int) -> None:
-    """Refuse a run whose outputs (latents, the state saved each step, the mp4, each written beside a
-    temporary copy) would not fit on the output's disk, before hours of work rather than after."""
-    from wan_i2v.disk import check_space
-    from wan_i2v.models.spec import spec_for
-
-    latent_bytes = math.prod(spec_for().latent_shape(frame_num, height, width)) * 4  # float32
-    needed = 6 * latent_bytes + frame_num * height * width // 4 + 16 * 2**20
-    check_space(save_file.parent, needed, "free some space or choose another --save-file")
 
 
 def _fresh_output(default: str = DEFAULT_OUTPUT, *, dry_run: bool = False) -> Path:
@@ -250,18 +216,17 @@ def _mp4_path(text: str, option: str) -> Path:
     return path
 
 
-def _loras(args):
-    """The --lora, --lora-high and --lora-low files, each checked to exist before any loading."""
+def _loras(files: dict | None):
+    """The LoRA files of each expert as the flags gave them (``RunOptions.loras``), each checked to exist before any loading."""
     from wan_i2v.loading.lora import Loras, LoraSpec
 
-    high = [LoraSpec.parse(text) for text in (args.lora or []) + (args.lora_high or [])]
-    low = [LoraSpec.parse(text) for text in (args.lora or []) + (args.lora_low or [])]
-    for spec in {*high, *low}:
+    by_expert = {expert: [LoraSpec.parse(text) for text in texts] for expert, texts in (files or {}).items()}
+    for spec in {spec for specs in by_expert.values() for spec in specs}:
         if Path(spec.path).suffix != ".safetensors":
             raise WanError(f"LoRA file {spec.path} is not a .safetensors file", "only .safetensors LoRAs are read")
         if not Path(spec.path).is_file():
             raise WanError(f"LoRA file not found: {spec.path}", "give the path of a .safetensors LoRA")
-    return Loras.of({"high": high, "low": low})
+    return Loras.of(by_expert)
 
 
 def _check_loras(loras, ckpt_dir: Path | None) -> None:
@@ -274,7 +239,6 @@ def _check_loras(loras, ckpt_dir: Path | None) -> None:
     from wan_i2v.loading import checkpoint as ckpt
     from wan_i2v.loading.lora import read_lora
     from wan_i2v.models.dit import DiT, DiTConfig
-    from wan_i2v.models.spec import spec_for
 
     for expert_spec in spec_for().experts:
         specs = loras.for_expert(expert_spec.name)
@@ -290,60 +254,13 @@ def _check_loras(loras, ckpt_dir: Path | None) -> None:
             read_lora(spec, expert)
 
 
-def _run_options(args):
-    from wan_i2v.session import RunOptions
-
-    return RunOptions(
-        ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir, device=args.device, gpus=args.gpus, dtype=args.dtype, decode_dtype=args.decode_dtype, encode_dtype=args.encode_dtype, split_encode=args.split_encode,
-        offload=args.offload, fsdp=args.fsdp, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fp8=args.fp8,
-        compile=args.compile, attention=args.attention, gpu_memory=args.gpu_memory, host_memory=args.host_memory, progress=not getattr(args, "quiet", False),
-    )  # fmt: skip
-
-
-# Expert size (parameters) past which a run on the CPU takes hours: the real model's 14B, not a test's tiny one.
-CPU_PARAMETERS_LIMIT = 2e9
-
-
-def _run_device(asked: str | None, ckpt_dir: Path, gpus: int | None) -> str:
-    """``--device``, else the GPU. With no GPU visible the run goes to the CPU only for a small model
-    (a tiny test checkpoint) in one process, and says so; the real model there would take hours, and
-    several processes were asked for GPUs, so those need --device cpu."""
-    from wan_i2v import session as runs
-    from wan_i2v.parallel.groups import env_world
-
-    if asked:
-        runs.check_device(asked)
-        return asked
-    device = runs.default_device()
-    processes = gpus or env_world()
-    if device == "cpu" and processes > 1:
-        raise WanError(f"{processes} GPUs asked for but no GPU is visible",
-                       f"check the GPU driver (nvidia-smi), or give --device cpu to run {processes} processes on the CPU")
-    if device == "cpu":
-        from wan_i2v.parallel.plan import model_sizes
-
-        # (a folder that is not there is the loader's to report)
-        parameters = model_sizes(ckpt_dir, dtype_bytes=1).expert if ckpt_dir.is_dir() else 0
-        if parameters > CPU_PARAMETERS_LIMIT:
-            raise WanError(f"no GPU is visible, and a video of this {parameters / 1e9:.0f}B-parameter model takes hours on the CPU",
-                           "check the GPU driver (nvidia-smi), or give --device cpu to run on the CPU all the same")  # fmt: skip
-        if _is_main():
-            print("wan-i2v: no GPU is visible: running on the CPU (--device cpu says so and silences this)", file=sys.stderr)
-    return device
-
-
-def _checked_plan(options, device: str, plan_with):
-    """``plan_with(options)``, a refused combination raised (whether it fits is `_check_fits`'s).
-    On the CPU, --fp8, which would only slow the run there (FP8 emulated), is dropped with a word;
-    --offload holds there too: the experts then stay in the checkpoint's files, not in host memory."""
-    from dataclasses import replace
-
-    if device == "cpu" and options.fp8:
-        warnings.warn("--fp8 does nothing on the CPU (FP8 matmuls need an NVIDIA GPU); ignored")
-        options = replace(options, fp8=False)
-    planned = plan_with(options)
-    planned.plan.check()
-    return options, planned
+def _tell(session_plan) -> None:
+    """What the plan chose unasked (a line each, from rank 0) and dropped of what was asked (warnings)."""
+    if _is_main():
+        for note in session_plan.notes:
+            print(f"wan-i2v: {note}", file=sys.stderr)
+    for warning in session_plan.warnings:
+        warnings.warn(warning)
 
 
 def _check_fits(planned) -> None:
@@ -371,22 +288,14 @@ def _keep_compiled_code() -> None:
 
 
 def cmd_generate(args) -> int:
-    from dataclasses import replace
-
     from wan_i2v import session as runs
-    from wan_i2v.config import GenerationSettings, parse_size
-    from wan_i2v.models.spec import spec_for
-    from wan_i2v.parallel.groups import launched
     from wan_i2v.video import check_writable, load_image
 
     _official_meanings(args)
-    _sampling_defaults(args)
-    max_area, preset_shift = parse_size(args.size)
-    shift = args.shift if args.shift is not None else (preset_shift or 5.0)
-    guide = _guide_pair(args)
-    loras = _loras(args)
     # Everything the user typed is checked before minutes of model loading.
-    GenerationSettings(args.prompt, "", max_area, args.frame_num, args.steps, shift, guide, args.seed or 0, args.solver)
+    settings = _settings(args)
+    options = options_from(args)
+    loras = _loras(options.loras)
     image = load_image(args.image)
     save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output(dry_run=args.dry_run)
     latents_file = Path(args.save_latents) if args.save_latents else save_file.with_suffix(".latents.pt")
@@ -395,35 +304,18 @@ def cmd_generate(args) -> int:
     if _is_main():
         check_writable(save_file)
         check_writable(latents_file)
-    options = replace(_run_options(args), loras=loras, guided=any(g != 1 for g in guide))
-    try:
-        ckpt_dir = runs.checkpoint_dir(options)
-    except WanError:
-        if not args.dry_run:
-            raise
-        ckpt_dir = None  # a dry run plans for the official model's shapes
-    if not args.dry_run:
-        from wan_i2v.loading.checkpoint import check_checkpoint_dir
-
-        check_checkpoint_dir(ckpt_dir)
-    else:
-        _check_loras(loras, ckpt_dir)
-    # A dry run plans for GPUs this machine need not have: the GPUs' dtype, unless --device cpu.
-    device = (args.device or "cuda") if args.dry_run else _run_device(args.device, ckpt_dir, args.gpus)
-    world = runs.world_size(options, device, planning_only=args.dry_run)
-    height, width = spec_for().video_size(image.height, image.width, max_area)
-    if _is_main() and not args.dry_run:
-        _check_free_space(save_file, args.frame_num, height, width)
-    launching = world > 1 and not launched() and not args.dry_run
-    def plan_with(options):
-        return runs.plan_for(options, height=height, width=width, frame_num=args.frame_num, device=device, world=world,
-                             ckpt_dir=ckpt_dir, query_gpu=not launching, spawned=world > 1 and not launched())  # fmt: skip
-
-    shape = (height, width, spec_for().dit_tokens(args.frame_num, height, width))
-    options, planned = _checked_plan(options, device, plan_with)  # a refused combination is one line, with no plan
+    height, width = spec_for().video_size(image.height, image.width, settings.max_area)
+    # A refused combination is one line, with no plan.
+    session_plan = runs.plan(replace(options, loras=loras), height=height, width=width, frame_num=settings.frame_num, guided=settings.guided,
+                             dry_run=args.dry_run)  # fmt: skip
     if args.dry_run:
-        _explain(planned, shape, args)  # as the run would go (on the CPU without --fp8 and --offload)
-    _check_fits(planned)  # after the plan a dry run shows: the refusal the run would give
+        _check_loras(loras, session_plan.ckpt_dir)
+    _tell(session_plan)
+    if _is_main() and not args.dry_run:
+        check_space(save_file.parent, session_plan.output_bytes, "free some space or choose another --save-file")
+    if args.dry_run:  # as the run would go (on the CPU without --fp8)
+        _explain(session_plan.planned, (height, width, spec_for().dit_tokens(settings.frame_num, height, width)), settings.frame_num)
+    _check_fits(session_plan)  # after the plan a dry run shows: the refusal the run would give
     if args.dry_run:
         return 0
     _keep_compiled_code()
@@ -431,31 +323,25 @@ def cmd_generate(args) -> int:
     state_file = save_file.with_suffix(".state.pt")
     with (
         _exclusive(save_file, state_file, latents_file) if _is_main() else nullcontext(),
-        runs.RunSession.open(replace(options, ckpt_dir=ckpt_dir, device=device), planned=planned, height=height, width=width,
-                             frame_num=args.frame_num) as session,
+        runs.RunSession.open(session_plan, progress=not args.quiet) as session,
     ):  # fmt: skip
         plan = session.planned.plan  # the ranks' plan, for their GPUs' memory
-        if (plan.placement.offload != options.offload or plan.placement.fsdp != options.fsdp) and _is_main():
+        if (plan.offload is not Offload.parse(options.offload) or plan.fsdp != options.fsdp) and _is_main():
             print(f"wan-i2v: {plan.placement.describe(plan.dims, plan.on_gpu)}, to fit in memory ({_memory_needed(session.planned)})", file=sys.stderr)
-        _run(session, image, args, max_area=max_area, shift=shift, save_file=save_file, latents_file=latents_file,
+        _run(session, image, settings, progress=not args.quiet, save_file=save_file, latents_file=latents_file,
              keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started, state_file=state_file)  # fmt: skip
     return 0
 
 
 def cmd_serve(args) -> int:
-    from dataclasses import replace
-
     from wan_i2v import session as runs
-    from wan_i2v.config import check_frame_num, parse_size
-    from wan_i2v.models.spec import spec_for
     from wan_i2v.parallel.groups import launched
-    from wan_i2v.server import JobDefaults, check_binding, serve, server_tokens
+    from wan_i2v.server import check_binding, serve, server_tokens
 
-    _sampling_defaults(args)
-    max_area, _ = parse_size(args.size)
-    check_frame_num(args.frame_num)
-    guide = _guide_pair(args)
-    defaults = JobDefaults(size=args.size, frame_num=args.frame_num, steps=args.steps, guide_scale=guide, shift=args.shift, solver=args.solver)
+    recipe = SamplingDefaults.recipe(args.distilled)
+    defaults = recipe.given(size=args.size, frame_num=args.frame_num, steps=args.steps, guide_scale=args.guide_scale, shift=args.shift, solver=args.solver)
+    max_area, _ = parse_size(defaults.size)
+    check_frame_num(defaults.frame_num)
     tokens = server_tokens(args.token or _read_token_file(args.token_file) or os.environ.get("WAN_I2V_TOKEN") or None, args.tokens)
     queue = args.queue or os.environ.get("WAN_I2V_QUEUE") or None
     if _is_main():
@@ -463,32 +349,31 @@ def cmd_serve(args) -> int:
         if queue is not None and not queue.startswith(("postgresql://", "postgres://")):
             raise WanError("the queue URL (--queue or WAN_I2V_QUEUE) is not a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
                            "leave it out for the queue in --state-dir (the servers of one machine)")  # fmt: skip
-    options = replace(_run_options(args), loras=_loras(args), guided=any(g != 1 for g in guide))
-    options = replace(options, ckpt_dir=runs.checkpoint_dir(options))
-    device = _run_device(options.device, options.ckpt_dir, options.gpus)
-    options = replace(options, device=device)
-    world = runs.world_size(options, device)
+    options = options_from(args)
     height, width = spec_for().video_size(720, 1280, max_area)  # planned for landscape videos of the default size and length
-    options, planned = _checked_plan(options, device, lambda options: runs.plan_for(
-        options, height=height, width=width, frame_num=args.frame_num, device=device, world=world, ckpt_dir=options.ckpt_dir,
-        query_gpu=world == 1 or launched(), spawned=world > 1 and not launched()))  # fmt: skip
-    _check_fits(planned)
+    session_plan = runs.plan(replace(options, loras=_loras(options.loras)), height=height, width=width, frame_num=defaults.frame_num,
+                             guided=any(scale != 1 for scale in defaults.guide_scale))  # fmt: skip
+    _tell(session_plan)
+    _check_fits(session_plan)
     _keep_compiled_code()
+    options, planned = session_plan.options, session_plan.planned
 
     def open_session():
-        return runs.RunSession.open(options, planned=planned, height=height, width=width, frame_num=args.frame_num)
+        return runs.RunSession.open(session_plan, progress=True)
 
     if not _is_main():  # under torchrun: rank 0 serves, the other ranks run its jobs
         with open_session() as session:
             session.follow()
         return 0
+    from wan_i2v.execution import torch_dtype
     from wan_i2v.parallel.plan import model_sizes
     from wan_i2v.server.capacity import Capacity
 
     state_dir = Path(args.state_dir) if args.state_dir else _home() / "server"
     # (the sizes as plan_for read them: the requests are estimated on the plan it made)
     capacity = Capacity(planned, model_sizes(options.ckpt_dir if Path(options.ckpt_dir).is_dir() else None,
-                                             runs.torch_dtype(options.dtype, device).itemsize, fp8=planned.plan.fp8), spawned=world > 1 and not launched())  # fmt: skip
+                                             torch_dtype(options.dtype, options.device).itemsize, fp8=planned.plan.fp8),
+                        spawned=session_plan.world > 1 and not launched())  # fmt: skip
     return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, tokens=tokens, defaults=defaults,
                  max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue, capacity=capacity,
                  allowed_hosts=tuple(args.allowed_hosts))  # fmt: skip
@@ -511,7 +396,7 @@ def cmd_decode(args) -> int:
     import torch
 
     from wan_i2v import session as runs
-    from wan_i2v.models.spec import spec_for
+    from wan_i2v.execution import torch_dtype
     from wan_i2v.video import check_writable, write_mp4
 
     source = Path(args.latents)
@@ -533,8 +418,8 @@ def cmd_decode(args) -> int:
     runs.check_device(device)
     from wan_i2v.pipeline import decode_latents, load_vae_for
 
-    ckpt_dir = runs.checkpoint_dir(runs.RunOptions(ckpt_dir=args.ckpt_dir, cache_dir=args.cache_dir))
-    vae = load_vae_for(ckpt_dir / spec_for().files.vae, torch.device(device), runs.torch_dtype(args.decode_dtype, device))
+    ckpt_dir = runs.checkpoint_dir(options_from(args))
+    vae = load_vae_for(ckpt_dir / spec_for().files.vae, torch.device(device), torch_dtype(args.decode_dtype, device))
 
     video = decode_latents(vae, latents, torch.device(device), progress=not args.quiet)
     write_mp4(video, save_file, fps=spec_for().fps, metadata=saved.get("settings"))
@@ -543,19 +428,18 @@ def cmd_decode(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from wan_i2v.session import RunOptions, RunSession
+    from wan_i2v.session import RunSession
     from wan_i2v.tiny import ensure_tiny_checkpoint
     from wan_i2v.video import check_writable, demo_image
 
-    _sampling_defaults(args)
-    _guide_pair(args)  # checked before the model is made
+    settings = _settings(args, max_area=args.max_area, shift=3.0)  # checked before the model is made
     save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output(DEMO_FILE)
     check_writable(save_file)
     ckpt_dir = ensure_tiny_checkpoint(_home() / "tiny-checkpoint")
     print(f"demo: tiny random model in {ckpt_dir} (random weights: the video is noise-like, not a real video)", file=sys.stderr)
     loading_started = time.perf_counter()
-    with RunSession.open(RunOptions(ckpt_dir=ckpt_dir, device="cpu", gpus=1, dtype="fp32", progress=not args.quiet)) as session:
-        _run(session, demo_image(), args, max_area=args.max_area, shift=3.0, save_file=save_file, latents_file=None, keep_latents=False,
+    with RunSession.open(RunOptions(ckpt_dir=ckpt_dir, device="cpu", gpus=1, dtype="fp32"), progress=not args.quiet) as session:
+        _run(session, demo_image(), settings, progress=not args.quiet, save_file=save_file, latents_file=None, keep_latents=False,
              loading_seconds=time.perf_counter() - loading_started)  # fmt: skip
     return 0
 
@@ -577,26 +461,6 @@ def _seed(text: str) -> int | None:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     return None if value == -1 else value
-
-
-def _device(text: str) -> str:
-    """--device: cuda, cuda:N or cpu, checked as the arguments are read (mps, tpu and typos are one line)."""
-    from wan_i2v.session import DEVICE_FORM
-
-    if not DEVICE_FORM.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device wan-i2v runs on: use cuda, cuda:N or cpu")
-    return text
-
-
-def _gib(text: str) -> float:
-    """--gpu-memory, --host-memory: a positive number of GiB."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of GiB: {text!r}") from None
-    if not 0 < value < 2**40:  # refuses nan and inf too
-        raise argparse.ArgumentTypeError(f"{text} GiB: give a positive number of GiB, such as 24")
-    return value
 
 
 def _guide_scale(text: str) -> float:
@@ -621,8 +485,6 @@ def _official_bool(text: str) -> bool:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("wan-i2v")
     except PackageNotFoundError:  # run from a source tree that is not installed
@@ -646,38 +508,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"wan-i2v: error: {message} (see `{self.prog} --help`)\n")
 
 
-def run_options(p) -> None:
-    """The options that say how runs go (the checkpoint, memory, precision, GPUs): `generate`'s, and `serve`'s for every job."""
-    p.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
-    p.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
-    p.add_argument("--offload", nargs="?", const="experts", choices=["experts", "blocks"], default=None,
-                   help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
-                        "blocks: each expert's blocks streamed from the checkpoint, for 24-48 GB cards (default: chosen to fit the GPU's and the host's memory)")
-    p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]", help="a LoRA .safetensors for both experts (strength 1 unless given); repeat for more, applied in order")
-    p.add_argument("--lora-high", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the high-noise expert only")
-    p.add_argument("--lora-low", action="append", metavar="PATH[:STRENGTH]", help="a LoRA for the low-noise expert only")
-    p.add_argument("--fp8", action="store_true", help="FP8 linear layers in the transformer blocks: faster, less exact")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
-    p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
-    p.add_argument("--encode-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="the VAE encode's precision: fp32 as the official code (default), or bf16: about twice as fast")
-    p.add_argument("--attention", default=None, help="attention kernel: cudnn, sdpa, or sage (SageAttention 1, INT8, opt-in and not exact; pip install sageattention); default: the fastest exact one for the device")
-    par = p.add_argument_group("several GPUs (see README: Several GPUs)")
-    par.add_argument("--gpus", type=int, default=None, help="start this many processes, one per GPU (default 1; under torchrun: its world size)")
-    par.add_argument("--ulysses", type=int, default=None, metavar="U", help="force the plan: sequence parallel degree (divides the heads)")
-    par.add_argument("--cfg-parallel", action="store_true", help="force the plan: guidance passes on two halves of the GPUs")
-    par.add_argument("--fsdp", action="store_true", help="force the plan: shard experts and text encoder over all GPUs")
-    par.add_argument("--gpu-memory", type=_gib, default=None, metavar="GiB",
-                     help="plan for this much memory per GPU, and use no more (default: the GPU's)")
-    par.add_argument("--host-memory", type=_gib, default=None, metavar="GiB",
-                     help="plan for this much host memory on this machine (default: what it has available; the page cache it would take back counts)")
-    par.add_argument("--split-encode", action="store_true",
-                     help="split the VAE encode over the GPUs (0.8 s less at 720P on two H200s); the video then differs from one GPU's "
-                          "by rounding (default: off, the same video as one GPU to the bit)")  # fmt: skip
-
-
 def official_options(p) -> None:
     """The official generate.py's I2V options that ours do not already spell its way, so that its
     command lines run unchanged (README: The official command lines)."""
@@ -692,8 +522,6 @@ def official_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_i2v.config import MAX_STEPS, SOLVERS
-
     parser = _Parser(prog="wan-i2v", description="Wan2.2-I2V-A14B image-to-video.")
     parser.add_argument("--version", action="version", version=f"wan-i2v {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -705,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
         # The official script's spellings (--frame_num, --sample_steps, ...) are aliases: the same meaning.
         p.add_argument("--frame-num", "--frame_num", type=int, default=frame_num, help=f"a number of the form 4n+1 (default {frame_num})")
-        p.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps}; {DISTILLED['steps']} with --distilled)")
+        p.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps}; {DISTILLED.steps} with --distilled)")
         p.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"),
                        help="one value for both experts, or the low-noise and high-noise expert's (default 3.5; 1 with --distilled: "
                             "no guidance, one forward per step)")
@@ -727,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
-    run_options(gen)
+    add_options(gen)
     official_options(gen)
     gen.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
     gen.set_defaults(func=cmd_generate)
@@ -750,22 +578,19 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = srv.add_argument_group("each job's defaults (a request may set its own)")
     jobs.add_argument("--size", default="720P", help="720P, 480P or H*W (default 720P; the GPUs' plan is made for it)")
     jobs.add_argument("--frame-num", "--frame_num", type=int, default=81, help="4n+1 (default 81; the GPUs' plan is made for it)")
-    jobs.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"default 40; {DISTILLED['steps']} with --distilled")
+    jobs.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"default 40; {DISTILLED.steps} with --distilled")
     jobs.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"), help="default 3.5; 1 with --distilled")
     jobs.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the size preset's (5.0 with --distilled)")
     jobs.add_argument("--solver", choices=SOLVERS, default=None, help="default unipc; euler with --distilled")
     jobs.add_argument("--distilled", action="store_true", help="jobs sample as the 4-step distilled models: euler, 4 steps, guide scale 1, shift 5")
     srv.set_defaults(func=cmd_serve, default_steps=40)
-    run_options(srv)
+    add_options(srv)
 
     dec = sub.add_parser("decode", help="decode saved latents to mp4 again")
     dec.add_argument("latents", help="a file written by `generate --save-latents` (or left by a run stopped while decoding)")
     dec.add_argument("--save-file", "--save_file", required=True, help="the .mp4 to write")
     dec.add_argument("--overwrite", action="store_true", help="replace --save-file if it exists (default: refuse)")
-    dec.add_argument("--ckpt-dir", "--ckpt_dir", default=None, help="default: the cache's checkpoint (`wan-i2v cache path`)")
-    dec.add_argument("--cache-dir", default=None, help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
-    dec.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    dec.add_argument("--decode-dtype", choices=["fp32", "bf16"], default="fp32", help=DECODE_DTYPE_HELP)
+    add_options(dec, only=("ckpt_dir", "cache_dir", "device", "decode_dtype"))
     dec.add_argument("--quiet", action="store_true", help="no progress bar")
     dec.set_defaults(func=cmd_decode)
 
@@ -779,8 +604,6 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0)")
     tiny.set_defaults(func=cmd_make_tiny)
-
-    from wan_i2v.cache import add_cache_parser
 
     add_cache_parser(sub)
     for command in sub.choices.values():
@@ -840,8 +663,6 @@ def run() -> None:
     ``python -m wan_i2v.cli`` interrupted while loading), which shells and launchers read differently."""
     code = main()
     if code in (INTERRUPTED, TERMINATED):
-        import atexit
-
         atexit._run_exitfuncs()  # the exit's cleanup (multiprocessing's queues and semaphores), then the code
         sys.stdout.flush()
         sys.stderr.flush()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, field, replace
 
 from wan_i2v.errors import WanError, option
 from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
@@ -58,26 +59,88 @@ def check_frame_num(frame_num: int) -> None:
 
 
 def guide_pair(values) -> tuple[float, float]:
-    """One guide scale for both experts, or the (low-noise, high-noise) pair."""
-    values = tuple(float(value) for value in values)
+    """One guide scale for both experts (a number, or a sequence of one), or the (low-noise, high-noise) pair."""
+    values = (float(values),) if isinstance(values, (int, float)) else tuple(float(value) for value in values)
     if not 1 <= len(values) <= 2:
         raise WanError(f"{option('guide_scale')} takes one or two values, not {len(values)}", "the low-noise and the high-noise expert's, e.g. 3.5 and 3.5")
     return values * (2 // len(values))
 
 
+# Drawn seeds stay below 2**53: exact in JavaScript's numbers (the server's page, most JSON clients).
+DRAWN_SEEDS = 2**53
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a video gets for the sampling settings it leaves out: the model card's (``OFFICIAL``), the
+    distilled models' recipe (``DISTILLED``), or a server's own (its command line's)."""
+
+    size: str = "720P"
+    frame_num: int = 81
+    steps: int = 40
+    guide_scale: tuple[float, float] = (3.5, 3.5)  # (low-noise expert, high-noise expert)
+    shift: float | None = None  # None: the size preset's (5.0 for other sizes)
+    solver: str = "unipc"
+
+    @classmethod
+    def recipe(cls, distilled: bool) -> "SamplingDefaults":
+        """The model card's defaults, or with ``distilled`` lightx2v's recipe for the 4-step distilled models."""
+        return DISTILLED if distilled else OFFICIAL
+
+    def given(self, **values) -> "SamplingDefaults":
+        """These defaults with the ``values`` that are not None in their place (``guide_scale`` as its pair)."""
+        values = {name: value for name, value in values.items() if value is not None}
+        if "guide_scale" in values:
+            values["guide_scale"] = guide_pair(values["guide_scale"])
+        return replace(self, **values)
+
+
+OFFICIAL = SamplingDefaults()
+DISTILLED = SamplingDefaults(steps=4, guide_scale=(1.0, 1.0), shift=5.0, solver="euler")
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Everything that, with the checkpoint and the image, determines the video."""
+    """Everything that, with the checkpoint and the image, determines the video. Front ends build it
+    with ``of`` (defaults, the size's preset, the guide pair and a drawn seed in one place); the
+    pipeline takes it whole."""
 
     prompt: str
     negative_prompt: str
     max_area: int = SPEC.presets[SPEC.default_preset].max_area
-    frame_num: int = 81
-    steps: int = 40
+    frame_num: int = OFFICIAL.frame_num
+    steps: int = OFFICIAL.steps
     shift: float = 5.0
-    guide_scale: tuple[float, float] = (3.5, 3.5)  # (low-noise expert, high-noise expert)
+    guide_scale: tuple[float, float] = OFFICIAL.guide_scale  # (low-noise expert, high-noise expert)
     seed: int = 0
-    solver: str = "unipc"
+    solver: str = OFFICIAL.solver
+    # The seed was drawn, not asked for: a saved state's seed is then taken instead (not a setting of the video).
+    seed_drawn: bool = field(default=False, compare=False, repr=False)
+
+    @classmethod
+    def of(
+        cls, prompt: str, negative_prompt: str | None = None, *, defaults: SamplingDefaults = OFFICIAL, size: str | None = None,
+        max_area: int | None = None, frame_num: int | None = None, steps: int | None = None, shift: float | None = None,
+        guide_scale=None, seed: int | None = None, solver: str | None = None,
+    ) -> "GenerationSettings":  # fmt: skip
+        """The checked settings of a video from what was given (None: ``defaults``'): ``size`` (a
+        preset or H*W) or ``max_area``; ``guide_scale`` one value or the (low-noise, high-noise) pair;
+        ``seed`` None or -1 draws one; the negative prompt defaults to the official one."""
+        chosen = defaults.given(size=size, frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver)
+        area, preset_shift = parse_size(chosen.size)
+        drawn = seed is None or seed == -1
+        return cls(
+            prompt=prompt,
+            negative_prompt=DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
+            max_area=area if max_area is None else max_area,
+            frame_num=chosen.frame_num,
+            steps=chosen.steps,
+            shift=chosen.shift if chosen.shift is not None else preset_shift or 5.0,
+            guide_scale=chosen.guide_scale,
+            seed=random.randrange(DRAWN_SEEDS) if drawn else seed,
+            solver=chosen.solver,
+            seed_drawn=drawn,
+        )
 
     def __post_init__(self):
         for name in ("frame_num", "steps", "max_area", "seed"):
@@ -100,5 +163,14 @@ class GenerationSettings:
         if not 0 <= self.seed < 2**63:
             raise WanError(f"seed {self.seed} out of range", "use an integer from 0 to 2**63-1")
 
+    @property
+    def guided(self) -> bool:
+        """Guidance runs (a scale other than 1: two passes per step)."""
+        return any(scale != 1 for scale in self.guide_scale)
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The settings as the video's metadata and the saved state record them."""
+        settings = asdict(self)
+        del settings["seed_drawn"]
+        return settings
+

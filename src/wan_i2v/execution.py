@@ -9,7 +9,6 @@ row of ``EXPERT_TRANSFORMS``.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from wan_i2v.errors import WanError, command_line, option
 from wan_i2v.loading.converted import default_converted_dir
 from wan_i2v.loading.lora import Loras
+from wan_i2v.options import DTYPES, Offload, RunOptions
 from wan_i2v.parallel.plan import (
     GiB,
     MemoryEstimate,
@@ -31,33 +31,6 @@ from wan_i2v.parallel.plan import (
     make_plan,
 )
 from wan_i2v.transforms.step_cache_config import StepCacheConfig
-
-
-class Offload(enum.Enum):
-    """Where the experts wait when they are not running (``--offload``)."""
-
-    NONE = "none"  # on the GPU, both
-    EXPERTS = "experts"  # one expert at a time on the GPU (with FSDP: every shard in pinned host memory)
-    BLOCKS = "blocks"  # each expert's blocks streamed from pinned host memory (one GPU)
-
-    @classmethod
-    def parse(cls, value) -> "Offload":
-        """An Offload from what users write: None/False (none), True (experts), or a mode's name."""
-        if isinstance(value, cls):
-            return value
-        if value is None or value is False:
-            return cls.NONE
-        if value is True:
-            return cls.EXPERTS
-        try:
-            return cls(value)
-        except ValueError:
-            raise WanError(f"unknown offload mode {value!r}", f"choose one of {', '.join(m.value for m in cls)}") from None
-
-    @property
-    def flag(self) -> str | None:
-        """The placement's name for it (None when the experts stay on the GPU)."""
-        return None if self is Offload.NONE else self.value
 
 
 @dataclass(frozen=True)
@@ -88,22 +61,30 @@ class ExecutionPlan:
     step_cache: StepCacheConfig | None = None  # None or a threshold of 0: every forward runs every block
 
     @classmethod
-    def for_device(cls, device, dtype: torch.dtype | None = None, *, attention: str | None = None, compile: bool | None = None, **options) -> "ExecutionPlan":
-        """The plan with this device's defaults for what is not given: bf16 and compile on a GPU, fp32
-        and no compile on the CPU, the fastest exact attention kernel for the device."""
+    def for_device(cls, device, options: RunOptions = RunOptions(), **resolved) -> "ExecutionPlan":
+        """The plan of ``options`` on this device, with the device's defaults for what they leave open:
+        bf16 and compile on a GPU, fp32 and no compile on the CPU, the fastest exact attention kernel
+        for the device, the experts on the GPU. ``resolved``: plan fields decided elsewhere (the
+        parallel layout ``dims``, ``converted_dir``)."""
         from wan_i2v.kernels.attention import default_kernel
 
         device = torch.device(device)
         gpu = device.type == "cuda"
-        options["offload"] = Offload.parse(options.get("offload"))
-        options["loras"] = Loras.of(options.get("loras"))
-        options.setdefault("converted_dir", default_converted_dir())
+        resolved.setdefault("converted_dir", default_converted_dir())
         return cls(
             device=device,
-            dtype=dtype if dtype is not None else (torch.bfloat16 if gpu else torch.float32),
-            compile=gpu if compile is None else compile,
-            attention=attention or (default_kernel(device) if gpu and torch.cuda.is_available() else "cudnn" if gpu else "sdpa"),
-            **options,
+            dtype=torch_dtype(options.dtype, device),
+            offload=Offload.parse(options.offload),
+            fp8=options.fp8,
+            compile=gpu if options.compile is None else options.compile,
+            attention=options.attention or (default_kernel(device) if gpu and torch.cuda.is_available() else "cudnn" if gpu else "sdpa"),
+            decode_dtype=torch_dtype(options.decode_dtype, device),
+            encode_dtype=torch_dtype(options.encode_dtype, device),
+            split_encode=options.split_encode,
+            batch_cfg=options.batch_cfg,
+            keep_text_encoder=options.keep_text_encoder,
+            loras=Loras.of(options.loras),
+            **resolved,
         )
 
     # -- where things live ------------------------------------------------------------------------
@@ -181,6 +162,11 @@ class ExecutionPlan:
             decode_bytes=self.decode_dtype.itemsize, encode_bytes=self.encode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
             stream_text_encoder=self.stream_text_encoder and self.text_encoder_visits, kept_blocks=self.kept_blocks,
         )  # fmt: skip
+
+
+def torch_dtype(name: str | None, device) -> torch.dtype:
+    """The torch dtype of a precision's name (None: bf16 on a GPU, fp32 on the CPU)."""
+    return getattr(torch, DTYPES[name or ("bf16" if torch.device(device).type == "cuda" else "fp32")])
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -4,7 +4,6 @@ they get is the execution plan's (``execution.py``); this module wires the stage
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -18,9 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from wan_i2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationSettings
+from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
+from wan_i2v.options import RunOptions
 from wan_i2v.kernels.attention import check_kernel
 from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.loading.checkpoint import load_strict, safetensors_source
@@ -32,7 +32,6 @@ from wan_i2v.models.hooks import merge_states
 from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE
-from wan_i2v.parallel.plan import ParallelDims
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
 from wan_i2v.sampling.resume import load_loop_state, map_tensors, run_identity, save_loop_state, state_to
@@ -134,53 +133,29 @@ class I2VPipeline:
 
     @classmethod
     def from_pretrained(
-        cls,
-        ckpt_dir: str | Path,
-        device: str | torch.device = "cuda",
-        dtype: torch.dtype | None = None,
-        *,
-        offload: bool | str = False,
-        attention: str | None = None,
-        batch_cfg: bool = False,
-        parallel=None,
-        compile: bool | None = None,
-        fp8: bool = False,
-        keep_text_encoder: bool = False,
-        decode_dtype: torch.dtype = torch.float32,
-        encode_dtype: torch.dtype = torch.float32,
-        split_encode: bool = False,
-        loras=None,
-        plan: ExecutionPlan | None = None,
-        spec: ModelSpec | str = DEFAULT_SPEC,
+        cls, ckpt_dir: str | Path, options: RunOptions | None = None, *, parallel=None, plan: ExecutionPlan | None = None,
+        spec: ModelSpec | str = DEFAULT_SPEC, **fields,
     ) -> "I2VPipeline":
-        """Load the official checkpoint directory, in ``dtype`` (default: bf16 on a GPU, fp32 on the CPU, as the CLI).
-
-        ``offload``: ``"experts"`` (or True) keeps only the active expert on the GPU, the official
-        single-GPU mode for 80 GB cards; ``"blocks"`` streams every expert's blocks from pinned host
-        memory, for 24-48 GB cards. On a GPU the text encoder waits in host memory and visits the GPU
-        to encode, unless ``keep_text_encoder`` (it is 11 GB; a server with room keeps it).
-        ``attention`` names a kernel (default: the fastest exact one for the device). ``batch_cfg``
-        runs both guidance branches as one batch. ``compile`` (default: on for a GPU) compiles each
-        transformer block. ``fp8`` runs the blocks' linear layers in FP8 (faster, less exact).
-        ``decode_dtype``: the VAE decode's precision, fp32 as the official code (bf16: about twice as
-        fast in half the memory, ~1e-2 from fp32); ``encode_dtype`` the image encode's (fp32 as the official).
-        ``split_encode``: with ``parallel``, each rank encodes a tile of the frames (faster; the result
-        then differs from one GPU's by rounding, where by default it is the same to the bit).
-        ``loras``: ``{expert name: [(path, strength), ...]}`` (the names of the spec's experts), LoRA
-        files merged into each expert as it loads (``set_loras`` changes them later without reloading the pipeline).
+        """Load the official checkpoint directory as ``options`` say (a ``wan_i2v.options.RunOptions``,
+        or its fields as keywords: ``from_pretrained(ckpt_dir, device="cuda", dtype=torch.bfloat16, fp8=True)``;
+        the device is cuda unless given). Their meaning is the CLI's flags' (``RunOptions`` has each one's
+        help): ``dtype`` (default: bf16 on a GPU, fp32 on the CPU, as the CLI), ``offload`` ("experts"
+        or True: only the active expert on the GPU; "blocks": every expert's blocks streamed from the
+        checkpoint), ``keep_text_encoder``, ``attention``, ``batch_cfg``, ``compile`` (default: on
+        for a GPU), ``fp8``, ``decode_dtype``, ``encode_dtype``, ``split_encode`` and ``loras``
+        (``{expert name: [(path, strength), ...]}``, the names of the spec's experts, merged into each
+        expert as it loads; ``set_loras`` changes them later without reloading the pipeline).
         ``parallel`` (a ``wan_i2v.parallel.ParallelGroups``, in a process group) spreads the run over
         its ranks; every rank of the group calls this and ``generate`` with the same arguments
         (``wan_i2v.session.RunSession`` does that for you).
         ``plan``: an ``ExecutionPlan`` decided already (``RunSession`` plans one to fit the GPUs);
-        it replaces every option above but ``parallel``.
-        ``spec``: the model (a ``ModelSpec`` or a registered name, ``models/spec.py``); by default Wan2.2-I2V-A14B.
-        """
+        it replaces ``options``.
+        ``spec``: the model (a ``ModelSpec`` or a registered name, ``models/spec.py``); by default Wan2.2-I2V-A14B."""
         if plan is None:
-            plan = ExecutionPlan.for_device(
-                parallel.device if parallel is not None else device, dtype, attention=attention, compile=compile, offload=offload,
-                fp8=fp8, batch_cfg=batch_cfg, keep_text_encoder=keep_text_encoder, decode_dtype=decode_dtype, encode_dtype=encode_dtype, split_encode=split_encode, loras=Loras.of(loras, spec),
-                dims=parallel.dims if parallel is not None else ParallelDims(),
-            )  # fmt: skip
+            options = options if options is not None else RunOptions(**{"device": "cuda", **fields})
+            options = replace(options, loras=Loras.of(options.loras, spec))  # (named by this model's experts)
+            device = parallel.device if parallel is not None else options.device or "cuda"
+            plan = ExecutionPlan.for_device(device, options, **({"dims": parallel.dims} if parallel is not None else {}))
         return cls.load(ckpt_dir, plan, parallel, spec=spec)
 
     @classmethod
@@ -281,15 +256,15 @@ class I2VPipeline:
     def generate(
         self,
         image: Image.Image | str | Path,
-        prompt: str,
+        prompt: str | None = None,
         negative_prompt: str | None = None,
-        max_area: int = GenerationSettings.max_area,
-        frame_num: int = 81,
-        steps: int = 40,
-        shift: float = 5.0,
-        guide_scale: float | tuple[float, float] = (3.5, 3.5),
+        max_area: int | None = None,
+        frame_num: int | None = None,
+        steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | tuple[float, float] | None = None,
         seed: int | None = None,
-        solver: str = "unipc",
+        solver: str | None = None,
         progress: bool = True,
         before_decode: Callable[[torch.Tensor, GenerationSettings], None] | None = None,
         state_file: str | Path | None = None,
@@ -298,12 +273,16 @@ class I2VPipeline:
         cancel=None,
         hooks: list[LoopHook] | tuple[LoopHook, ...] = (),
         video_file: str | Path | None = None,
+        settings: GenerationSettings | None = None,
     ) -> GenerationResult:
         """The official Wan2.2 I2V sampling: ``prepare``, ``sample`` and ``decode`` in a row.
 
-        ``guide_scale`` is one value per expert, in the spec's ``guide_scale_order``, or one value for
-        all; ``seed=None`` draws a random seed, reported in ``result.settings.seed``.
-        ``before_decode(latents, settings)`` sees the latents (CPU, fp32) before decoding, e.g. to save them.
+        The settings are ``settings`` (a ``GenerationSettings``, as a front end builds it), else
+        ``GenerationSettings.of`` the keywords from ``prompt`` to ``solver``, the model card's
+        defaults for those left out: ``guide_scale`` is one value per expert, in the spec's
+        ``guide_scale_order``, or one value for all; ``seed=None`` draws a random seed, reported in
+        ``result.settings.seed``. ``before_decode(latents, settings)`` sees the latents (CPU, fp32)
+        before decoding, e.g. to save them.
 
         ``state_file`` makes the run resumable: the denoising state is saved there after each step,
         and a run started again with the same image and settings (a random seed is taken from the
@@ -329,10 +308,10 @@ class I2VPipeline:
             check_writable(Path(video_file))
         timings: dict[str, float] = {}
         peaks: dict[str, float] = {}
-        prepared = self.prepare(
-            image, prompt, negative_prompt, max_area=max_area, frame_num=frame_num, steps=steps, shift=shift,
-            guide_scale=guide_scale, seed=seed, solver=solver, state_file=state_file, progress=progress, timings=timings, peaks=peaks,
-        )  # fmt: skip
+        if settings is None:
+            settings = GenerationSettings.of(prompt, negative_prompt, max_area=max_area, frame_num=frame_num, steps=steps, shift=shift,
+                                             guide_scale=guide_scale, seed=seed, solver=solver)  # fmt: skip
+        prepared = self.prepare(image, settings, state_file=state_file, progress=progress, timings=timings, peaks=peaks)
         log = ExpertLog()
         all_hooks = [*hooks, log]
         if callback_on_step_end is not None:
@@ -355,42 +334,22 @@ class I2VPipeline:
         """This process writes files and shows progress (rank 0 of a parallel run)."""
         return self.parallel is None or self.parallel.is_main
 
-    def settings_for(
-        self, prompt: str, negative_prompt: str | None = None, *, max_area: int = GenerationSettings.max_area, frame_num: int = 81,
-        steps: int = 40, shift: float = 5.0, guide_scale: float | tuple[float, float] = (3.5, 3.5), seed: int | None = None,
-        solver: str = "unipc",
-    ) -> GenerationSettings:  # fmt: skip
-        """The checked settings of a run, with a random seed drawn if none is given (rank 0's in a parallel run)."""
-        if isinstance(guide_scale, (int, float)):
-            guide_scale = (float(guide_scale), float(guide_scale))
-        settings = GenerationSettings(
-            prompt=prompt,
-            negative_prompt=DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
-            max_area=max_area,
-            frame_num=frame_num,
-            steps=steps,
-            shift=shift,
-            guide_scale=tuple(guide_scale),
-            seed=random.randint(0, sys.maxsize) if seed is None else seed,
-            solver=solver,
-        )
-        return settings if self.parallel is None else self.parallel.agree(settings)  # every rank must draw the same noise
-
     def prepare(
-        self, image: Image.Image | str | Path, prompt: str, negative_prompt: str | None = None, *, state_file: str | Path | None = None,
-        progress: bool = False, timings: dict | None = None, peaks: dict | None = None, seed: int | None = None, **settings,
+        self, image: Image.Image | str | Path, settings: GenerationSettings, *, state_file: str | Path | None = None, progress: bool = False,
+        timings: dict | None = None, peaks: dict | None = None,
     ) -> Prepared:  # fmt: skip
-        """Stage 1: the settings (``settings_for``'s keywords), the text and image encodings, the
-        noise, and with ``state_file`` the saved state to resume from (whose seed is taken when none is given)."""
+        """Stage 1: the text and image encodings of ``settings``' video, the noise, and with
+        ``state_file`` the saved state to resume from (whose seed is taken when ``settings``' was drawn).
+        In a parallel run the settings are rank 0's (every rank must draw the same noise)."""
         timings = {} if timings is None else timings
         peaks = {} if peaks is None else peaks
-        chosen = self.settings_for(prompt, negative_prompt, seed=seed, **settings)
+        chosen = settings if self.parallel is None else self.parallel.agree(settings)
         pixels = image_to_tensor(load_image(image))
         resume = run = None
         if state_file is not None:
             state_file = Path(state_file)
             run = run_identity(self.checkpoint, self.plan.identity(), self.loras, pixels)
-            saved = load_loop_state(state_file, chosen, run, seed_given=seed is not None) if self.is_main else None
+            saved = load_loop_state(state_file, chosen, run, seed_given=not chosen.seed_drawn) if self.is_main else None
             if self.parallel is not None:  # rank 0's file, read once, on every rank
                 saved = self.parallel.agree(saved)
             if saved is not None:

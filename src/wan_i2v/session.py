@@ -12,9 +12,9 @@ Three ways a session runs, chosen by ``RunSession.open``:
 
 from __future__ import annotations
 
+import math
 import os
 import queue
-import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -22,56 +22,20 @@ from functools import partial
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, option
-from wan_i2v.execution import ExecutionPlan, Offload, PlannedRun, plan_run
+from wan_i2v.execution import ExecutionPlan, PlannedRun, plan_run
+from wan_i2v.models.spec import spec_for
+from wan_i2v.options import DEVICE_FORM, RunOptions
 from wan_i2v.parallel.groups import env_rank
 
 LATENTS_FORMAT = "wan-i2v-latents/1"
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What the user asks of a run (the CLI's run options). None: chosen for the machine."""
-
-    ckpt_dir: str | Path | None = None  # None: the cache's checkpoint
-    cache_dir: str | Path | None = None  # the cache to find it in (None: $WAN_I2V_HOME, else the hub's)
-    device: str | None = None  # cuda, cuda:N or cpu; None: cuda if present
-    gpus: int | None = None  # None: 1, or the launcher's world size
-    dtype: str | None = None  # bf16 or fp32; None: bf16 on a GPU, fp32 on the CPU
-    decode_dtype: str = "fp32"
-    encode_dtype: str = "fp32"
-    split_encode: bool = False  # the VAE encode split over the GPUs (faster; rounding then differs from one GPU's)
-    offload: str | None = None  # experts or blocks; None: chosen to fit
-    fsdp: bool = False
-    ulysses: int | None = None
-    cfg_parallel: bool = False
-    fp8: bool = False
-    compile: bool = True  # where it helps: on a GPU
-    attention: str | None = None
-    gpu_memory: float | None = None  # GiB per GPU to plan for (and the run's allocator cap); None: the GPU's
-    host_memory: float | None = None  # GiB of host memory to plan for; None: what the machine has available
-    keep_text_encoder: bool = False
-    guided: bool = True  # False: the videos run at guide scale 1 (one pass per step), so no GPU goes to CFG parallel
-    loras: object = None  # {"high": [(path, strength), ...], "low": [...]} or a Loras: merged into the experts as they load
-    progress: bool = False  # a loading bar on stderr (rank 0's)
-
-
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-
-
-def torch_dtype(name: str | None, device: str):
-    import torch
-
-    return getattr(torch, DTYPES[name or ("bf16" if device.startswith("cuda") else "fp32")])
 
 
 def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-DEVICE_FORM = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def device_error(device: str) -> WanError | None:
@@ -151,19 +115,19 @@ def available_host_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/
 
 def plan_for(
     options: RunOptions, *, height: int, width: int, frame_num: int, device: str, world: int, ckpt_dir: Path | None, query_gpu: bool = True,
-    spawned: bool = False,
+    spawned: bool = False, guided: bool = True,
 ) -> PlannedRun:
     """The execution plan for videos of this shape: what ``options`` force, the rest chosen to fit
     the GPUs' memory (``gpu_memory``, else the GPU's own when ``query_gpu``; else no limit) and the
     host's (``host_memory``, else what this machine has available). ``spawned``: this process will
-    start the ranks itself (and holds the video). Shared by the run, ``--dry-run`` and the benchmarks."""
+    start the ranks itself (and holds the video); ``guided`` false: the videos run at guide scale 1
+    (one pass per step), so no GPU goes to CFG parallel. Shared by the run, ``--dry-run`` and the benchmarks."""
     import torch
 
-    from wan_i2v.models.spec import spec_for
     from wan_i2v.parallel.plan import GiB, model_sizes
 
-    dtype = torch_dtype(options.dtype, device)
-    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, dtype.itemsize, fp8=options.fp8)
+    base = ExecutionPlan.for_device(_device_type(device), options)
+    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, base.dtype.itemsize, fp8=options.fp8)
     if options.gpu_memory is not None:
         gpu_bytes = int(options.gpu_memory * GiB)
     elif device.startswith("cuda") and query_gpu and torch.cuda.is_available():
@@ -171,16 +135,104 @@ def plan_for(
     else:
         gpu_bytes = None
     host_bytes = int(options.host_memory * GiB) if options.host_memory is not None else available_host_bytes()
-    base = ExecutionPlan.for_device(
-        _device_type(device), dtype, attention=options.attention, compile=None if options.compile else False, fp8=options.fp8,
-        decode_dtype=torch_dtype(options.decode_dtype, device), encode_dtype=torch_dtype(options.encode_dtype, device), split_encode=options.split_encode, keep_text_encoder=options.keep_text_encoder, loras=options.loras,
-    )  # fmt: skip
     return plan_run(
         base, sizes, gpus=world, tokens=spec_for().dit_tokens(frame_num, height, width), pixels=height * width, frames=frame_num, gpu_bytes=gpu_bytes,
-        host_bytes=host_bytes, ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp,
-        offload=None if options.offload is None else Offload.parse(options.offload), guided=options.guided, spawned=spawned,
-        capped=options.gpu_memory is not None,
+        host_bytes=host_bytes, ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp, offload=options.offload,
+        guided=guided, spawned=spawned, capped=options.gpu_memory is not None,
     )  # fmt: skip
+
+
+# Expert size (parameters) past which a run on the CPU takes hours: the real model's 14B, not a test's tiny one.
+CPU_PARAMETERS_LIMIT = 2e9
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """A session planned for videos up to a shape, as data: what the front end prints (``notes``,
+    ``warnings``, ``--dry-run``'s plan), checks (``output_bytes``, ``refusal``) and ``RunSession.open`` runs."""
+
+    options: RunOptions  # as the run goes: the device and checkpoint resolved, what the device cannot do dropped
+    planned: PlannedRun
+    world: int
+    height: int
+    width: int
+    frame_num: int
+    guided: bool
+    notes: tuple[str, ...] = ()  # what the plan chose that the user did not ask for (the CPU, with no GPU visible)
+    warnings: tuple[str, ...] = ()  # what the user asked for that the plan dropped (--fp8 on the CPU)
+
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return None if self.options.ckpt_dir is None else Path(self.options.ckpt_dir)
+
+    @property
+    def output_bytes(self) -> int:
+        """What a video's files take beside its output, at most: the latents, the state saved each step
+        and the mp4, each written beside a temporary copy."""
+        latent_bytes = math.prod(spec_for().latent_shape(self.frame_num, self.height, self.width)) * 4  # float32
+        return 6 * latent_bytes + self.frame_num * self.height * self.width // 4 + 16 * 2**20
+
+    def refusal(self) -> WanError | None:
+        """The one-line error of videos that fit nowhere on this machine (None: they fit)."""
+        return self.planned.refusal()
+
+
+def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num: int = 81, guided: bool = True, dry_run: bool = False) -> SessionPlan:
+    """Plan a session for videos up to ``height`` x ``width`` x ``frame_num`` (``guided`` as ``plan_for``):
+    the checkpoint, the device (with no GPU visible, the CPU for a small model, said in ``notes``), the
+    world, and the execution plan, a combination the run refuses raised. On the CPU, --fp8, which would
+    only slow the run there (FP8 emulated), is dropped with a warning; --offload holds there too: the
+    experts then stay in the checkpoint's files, not in host memory. ``dry_run``: planned for GPUs this
+    machine need not have (unless the device is the CPU), and without a checkpoint for the official model's shapes."""
+    from wan_i2v.parallel.groups import launched
+
+    try:
+        ckpt_dir = checkpoint_dir(options)
+    except WanError:
+        if not dry_run:
+            raise
+        ckpt_dir = None  # a dry run plans for the official model's shapes
+    notes, warned = [], []
+    device = (options.device or "cuda") if dry_run else _run_device(options, ckpt_dir, notes)
+    if not dry_run:
+        from wan_i2v.loading.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(ckpt_dir)
+    world = world_size(options, device, planning_only=dry_run)
+    if device == "cpu" and options.fp8:
+        warned.append(f"{option('fp8')} does nothing on the CPU (FP8 matmuls need an NVIDIA GPU); ignored")
+        options = replace(options, fp8=False)
+    spawned = world > 1 and not launched()
+    planned = plan_for(options, height=height, width=width, frame_num=frame_num, device=device, world=world, ckpt_dir=ckpt_dir,
+                       query_gpu=not (spawned and not dry_run), spawned=spawned, guided=guided)  # fmt: skip
+    planned.plan.check()
+    options = replace(options, ckpt_dir=ckpt_dir, device=device)
+    return SessionPlan(options, planned, world, height, width, frame_num, guided, tuple(notes), tuple(warned))
+
+
+def _run_device(options: RunOptions, ckpt_dir: Path, notes: list[str]) -> str:
+    """``device``, else the GPU. With no GPU visible the run goes to the CPU only for a small model
+    (a tiny test checkpoint) in one process, and says so in ``notes``; the real model there would
+    take hours, and several processes were asked for GPUs, so those need the CPU asked for."""
+    from wan_i2v.parallel.groups import env_world
+    from wan_i2v.parallel.plan import model_sizes
+
+    if options.device:
+        check_device(options.device)
+        return options.device
+    device = default_device()
+    processes = options.gpus or env_world()
+    if device == "cpu" and processes > 1:
+        raise WanError(f"{processes} GPUs asked for but no GPU is visible",
+                       f"check the GPU driver (nvidia-smi), or give {option('device', 'cpu')} to run {processes} processes on the CPU")  # fmt: skip
+    if device == "cpu":
+        # (a folder that is not there is the loader's to report)
+        parameters = model_sizes(ckpt_dir, dtype_bytes=1).expert if ckpt_dir.is_dir() else 0
+        if parameters > CPU_PARAMETERS_LIMIT:
+            raise WanError(f"no GPU is visible, and a video of this {parameters / 1e9:.0f}B-parameter model takes hours on the CPU",
+                           f"check the GPU driver (nvidia-smi), or give {option('device', 'cpu')} to run on the CPU all the same")  # fmt: skip
+        notes.append(f"no GPU is visible: running on the CPU ({option('device', 'cpu')} says so and silences this)")
+    return device
 
 
 def cap_gpu_memory(planned: PlannedRun, device) -> None:
@@ -206,8 +258,9 @@ class Job:
     a PIL image (read by the caller: every rank gets the same pixels)."""
 
     image: object
-    prompt: str
-    options: dict  # generate's keywords: negative_prompt, max_area, frame_num, steps, shift, guide_scale, seed, solver, state_file, progress
+    settings: GenerationSettings
+    state_file: str | None = None  # the denoising state is saved there after each step (the same job resumes from it)
+    progress: bool = True  # progress bars on stderr (rank 0's)
     latents_file: str | None = None  # the latents are saved there before decoding (a decode that dies loses nothing)
     video_file: str | None = None  # rank 0 writes the mp4 there as it decodes; the video then stays there (the result's is None)
 
@@ -232,7 +285,8 @@ def _run_job(pipe, job: Job, *, cancel=None, on_step=None):
             save_latents(Path(job.latents_file), latents, settings.as_dict())
 
     hooks = [StepEvents()] if on_step is not None and pipe.is_main else []
-    result = pipe.generate(job.image, job.prompt, before_decode=before_decode, cancel=cancel, hooks=hooks, video_file=job.video_file, **job.options)
+    result = pipe.generate(job.image, settings=job.settings, state_file=job.state_file, progress=job.progress, before_decode=before_decode,
+                           cancel=cancel, hooks=hooks, video_file=job.video_file)  # fmt: skip
     # Written to its file, the video does not travel back (0.9 GB of float frames at 720P, through shared memory from a spawned rank).
     return result if job.video_file is None else replace(result, video=None)
 
@@ -254,48 +308,55 @@ class RunSession:
         return True
 
     @classmethod
-    def open(cls, options: RunOptions, *, planned: PlannedRun | None = None, height: int = 720, width: int = 1280, frame_num: int = 81) -> "RunSession":
-        """Plan (for videos up to ``height`` x ``width`` x ``frame_num``, unless ``planned`` is given),
-        start the ranks and load the pipeline on each."""
+    def open(cls, options: RunOptions | SessionPlan, *, height: int = 720, width: int = 1280, frame_num: int = 81, guided: bool = True,
+             progress: bool = False) -> "RunSession":  # fmt: skip
+        """Run a session: ``options`` planned (``plan``: for videos up to ``height`` x ``width`` x
+        ``frame_num``, guided or not; videos that fit nowhere refused), or a ``SessionPlan`` made
+        already; start the ranks and load the pipeline on each. ``progress``: a loading bar on stderr (rank 0's)."""
         from wan_i2v.parallel.groups import launched
 
-        device = options.device or default_device()
-        check_device(device)
-        world = world_size(options, device)
-        ckpt_dir = checkpoint_dir(options)
-        spawned = world > 1 and not launched()
-        if planned is None:
-            planned = plan_for(options, height=height, width=width, frame_num=frame_num, device=device, world=world,
-                               ckpt_dir=ckpt_dir, query_gpu=world == 1 or launched(), spawned=spawned)  # fmt: skip
-            refusal = planned.refusal()
+        if isinstance(options, SessionPlan):
+            session_plan = options
+        else:
+            session_plan = plan(options, height=height, width=width, frame_num=frame_num, guided=guided)
+            for warning in session_plan.warnings:
+                warnings.warn(warning)
+            refusal = session_plan.refusal()
             if refusal is not None:
                 raise refusal
+        options, planned, device, ckpt_dir = session_plan.options, session_plan.planned, session_plan.options.device, session_plan.ckpt_dir
         if launched():
-            return RankSession(planned, ckpt_dir, device, options.progress)
-        if world > 1:
+            return RankSession(planned, ckpt_dir, device, progress)
+        if session_plan.world > 1:
             # This process does not touch CUDA: the ranks plan again for their GPUs' memory (rank 0's wins).
             replan = None
             if device.startswith("cuda") and options.gpu_memory is None:
-                replan = partial(plan_for, options, height=height, width=width, frame_num=frame_num, device=device, world=world, ckpt_dir=ckpt_dir,
-                                 spawned=True)  # fmt: skip
-            return SpawnedSession(planned, ckpt_dir, device, replan, options.progress)
+                replan = partial(plan_for, options, height=session_plan.height, width=session_plan.width, frame_num=session_plan.frame_num,
+                                 device=device, world=session_plan.world, ckpt_dir=ckpt_dir, spawned=True, guided=session_plan.guided)  # fmt: skip
+            return SpawnedSession(planned, ckpt_dir, device, replan, progress)
         import torch
 
         from wan_i2v.pipeline import I2VPipeline
 
-        plan = replace(planned.plan, device=torch.device(device))
-        cap_gpu_memory(planned, plan.device)
-        return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan, progress=options.progress))
+        plan_here = replace(planned.plan, device=torch.device(device))
+        cap_gpu_memory(planned, plan_here.device)
+        return LocalSession(planned, I2VPipeline.load(ckpt_dir, plan_here, progress=progress))
 
-    def generate(self, image, prompt: str, *, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None, **options):
-        """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path or PIL image), plus
-        ``latents_file`` (the latents are saved there before decoding), ``video_file`` (the mp4 is
-        written there as the frames are decoded; the result's video is then None), ``cancel``
-        (``is_set()``: stop before the next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
+    def generate(self, image, prompt: str | None = None, negative_prompt: str | None = None, *, settings: GenerationSettings | None = None,
+                 state_file=None, progress: bool = True, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None,
+                 **sampling):  # fmt: skip
+        """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path or PIL image; ``settings``,
+        else ``GenerationSettings.of`` the prompts and the ``sampling`` keywords), plus ``latents_file``
+        (the latents are saved there before decoding), ``video_file`` (the mp4 is written there as the
+        frames are decoded; the result's video is then None), ``cancel`` (``is_set()``: stop before the
+        next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
         from wan_i2v.video import load_image
 
-        job = Job(load_image(image), prompt, options, *(None if path is None else str(path) for path in (latents_file, video_file)))
-        return self._run(job, cancel, on_step)
+        if settings is None:
+            settings = GenerationSettings.of(prompt, negative_prompt, **sampling)
+        paths = (None if path is None else str(path) for path in (state_file, latents_file, video_file))
+        state_file, latents_file, video_file = paths
+        return self._run(Job(load_image(image), settings, state_file, progress, latents_file, video_file), cancel, on_step)
 
     def _run(self, job: Job, cancel, on_step):
         raise NotImplementedError
@@ -526,7 +587,7 @@ class SpawnedSession(RunSession):
     def _run(self, job, cancel, on_step):
         from wan_i2v.video import check_writable
 
-        for path in (job.latents_file, job.video_file, job.options.get("state_file")):
+        for path in (job.latents_file, job.video_file, job.state_file):
             if path is not None:  # rank 0 alone writes them: an error there would leave the other ranks behind
                 check_writable(Path(path))
         with self.lock:

@@ -17,11 +17,12 @@ import uvicorn
 from wan_i2v.errors import WanError, counted, first_line
 from wan_i2v.server.access import Tokens, server_tokens
 from wan_i2v.server.app import create_app
-from wan_i2v.server.job_form import JobDefaults, job_settings
+from wan_i2v.config import SamplingDefaults
+from wan_i2v.server.job_form import job_settings
 from wan_i2v.server.runner import Runner
 from wan_i2v.server.store import JobStore
 
-__all__ = ["JobDefaults", "JobStore", "Runner", "check_binding", "create_app", "job_settings", "serve", "server_tokens"]
+__all__ = ["JobStore", "Runner", "check_binding", "create_app", "job_settings", "serve", "server_tokens"]
 
 
 def _loopback(host: str) -> bool:
@@ -49,7 +50,7 @@ def check_binding(host: str, port: int, tokens: Tokens | None) -> None:
         raise WanError(f"cannot listen on {host}:{port}: {exc.strerror}", "give another --port, or stop what uses it") from None
 
 
-def serve(open_session, *, state_dir: Path, host: str, port: int, tokens: Tokens | None, defaults: JobDefaults,
+def serve(open_session, *, state_dir: Path, host: str, port: int, tokens: Tokens | None, defaults: SamplingDefaults,
           max_queued: int = 1000, max_upload_mb: float = 50, queue_url: str | None = None, capacity=None,
           allowed_hosts: tuple[str, ...] = ()) -> int:  # fmt: skip
     """Run the server until interrupted; ``open_session()`` loads the pipeline (in the runner's

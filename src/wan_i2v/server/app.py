@@ -14,12 +14,12 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from wan_i2v.config import OFFICIAL, SamplingDefaults
 from wan_i2v.errors import by_keyword
 from wan_i2v.server.access import ANYONE, HostCheck, Tokens, cross_site_refusal
 from wan_i2v.server.capacity import Capacity
 from wan_i2v.server.context import ServerContext
 from wan_i2v.server.events import JobEvents
-from wan_i2v.server.job_form import JobDefaults
 from wan_i2v.server.queue import QueueUnreachable
 from wan_i2v.server.routes import page, service, videos
 from wan_i2v.server.schemas import ErrorBody, ErrorDetail
@@ -70,7 +70,7 @@ EXCEPTION_HANDLERS = {StarletteHTTPException: _http_error, RequestValidationErro
                       DiskFull: _disk_full, Exception: _internal}  # fmt: skip
 
 
-def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upload_bytes: int = 50 * 2**20, defaults: JobDefaults = JobDefaults(),
+def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upload_bytes: int = 50 * 2**20, defaults: SamplingDefaults = OFFICIAL,
                capacity: Capacity | None = None, allowed_hosts: tuple[str, ...] = (), loopback: bool = True) -> FastAPI:  # fmt: skip
     """The server's app. ``runner`` runs while the app does (``start`` and ``stop``, in its lifespan), is
     told of each new job (``notify``) and reports ``status``; ``tokens``: the clients it serves (None:

@@ -4,18 +4,17 @@ client a request comes from (which the app's middleware has named)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.exceptions import HTTPException
 
+from wan_i2v.config import SamplingDefaults
 from wan_i2v.server.access import Client
 from wan_i2v.server.capacity import Capacity
 from wan_i2v.server.events import JobEvents
 from wan_i2v.server.store import Job, JobStore
 
-if TYPE_CHECKING:  # (the job form's module depends on this one)
-    from wan_i2v.server.job_form import JobDefaults
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class ServerContext:
     store: JobStore
     runner: Any
     events: JobEvents  # the jobs' changes, pushed to their event streams
-    defaults: JobDefaults
+    defaults: SamplingDefaults
     capacity: Capacity | None
     max_upload_bytes: int
     loopback: bool

@@ -8,31 +8,14 @@ which FastAPI's validation would word its own way."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 from fastapi import Request
 
-from wan_i2v.config import DEFAULT_NEGATIVE_PROMPT, GenerationSettings, guide_pair, parse_size
+from wan_i2v.config import GenerationSettings, SamplingDefaults, guide_pair
 from wan_i2v.errors import WanError
 from wan_i2v.server.context import Context, refuse
 from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying
-
-JSON_SAFE_SEEDS = 2**53  # drawn seeds stay exact in JavaScript's numbers (the page, most JSON clients)
-
-
-@dataclass(frozen=True)
-class JobDefaults:
-    """What a job gets for the fields its request leaves out (the server's command line sets them;
-    otherwise the model card's, as ``GenerationSettings`` has them)."""
-
-    size: str = "720P"
-    frame_num: int = GenerationSettings.frame_num
-    steps: int = GenerationSettings.steps
-    guide_scale: tuple[float, float] = GenerationSettings.guide_scale
-    shift: float | None = None  # None: the size preset's
-    solver: str = GenerationSettings.solver
-
 
 def _number(form, name: str, kind, default):
     text = form.get(name)
@@ -47,31 +30,23 @@ def _number(form, name: str, kind, default):
         raise WanError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {text!r}") from None
 
 
-def job_settings(form, defaults: JobDefaults) -> dict:
+def job_settings(form, defaults: SamplingDefaults) -> dict:
     """A request's fields, checked as the CLI checks them, with the seed drawn when not given (or -1)."""
     size = str(form.get("size") or defaults.size).strip()
-    max_area, preset_shift = parse_size(size)
     guide_text = form.get("guide_scale")
     if guide_text is None or not str(guide_text).strip():
-        guide = defaults.guide_scale
+        guide = None
     else:
         try:
             guide = guide_pair(str(guide_text).split(","))
         except ValueError:
             raise WanError(f"guide_scale must be one number or two separated by a comma, not {guide_text!r}", "e.g. 3.5 or 3.5,3.5") from None
-    seed = _number(form, "seed", int, None)
     negative = form.get("negative_prompt")
-    settings = GenerationSettings(
-        prompt=str(form.get("prompt")),
-        negative_prompt=DEFAULT_NEGATIVE_PROMPT if negative is None else str(negative),
-        max_area=max_area,
-        frame_num=_number(form, "frame_num", int, defaults.frame_num),
-        steps=_number(form, "steps", int, defaults.steps),
-        shift=_number(form, "shift", float, defaults.shift or preset_shift or 5.0),
-        guide_scale=guide,
-        seed=random.randint(0, JSON_SAFE_SEEDS - 1) if seed in (None, -1) else seed,
-        solver=str(form.get("solver") or defaults.solver),
-    )
+    settings = GenerationSettings.of(
+        str(form.get("prompt")), None if negative is None else str(negative), defaults=defaults, size=size,
+        frame_num=_number(form, "frame_num", int, None), steps=_number(form, "steps", int, None), shift=_number(form, "shift", float, None),
+        guide_scale=guide, seed=_number(form, "seed", int, None), solver=str(form.get("solver") or "") or None,
+    )  # fmt: skip
     return {**settings.as_dict(), "size": size, "negative_prompt": None if negative is None else str(negative)}
 
 

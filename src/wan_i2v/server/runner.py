@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, first_line, is_out_of_memory
 from wan_i2v.models.spec import spec_for
 from wan_i2v.server.queue import QueueUnreachable
@@ -163,10 +164,8 @@ class Runner:
         try:
             with _JobWatch(self.store, job.id, self.stopping) as watch:
                 result = session.generate(
-                    self.store.image_path(job.id), settings["prompt"], negative_prompt=settings["negative_prompt"],
-                    max_area=settings["max_area"], frame_num=settings["frame_num"], steps=settings["steps"], shift=settings["shift"],
-                    guide_scale=tuple(settings["guide_scale"]), seed=settings["seed"], solver=settings["solver"], progress=False,
-                    state_file=self.store.state_path(job.id), video_file=self.store.video_path(job.id), cancel=watch, on_step=on_step,
+                    self.store.image_path(job.id), settings=_generation_settings(settings), progress=False, state_file=self.store.state_path(job.id),
+                    video_file=self.store.video_path(job.id), cancel=watch, on_step=on_step,
                 )  # fmt: skip
             outcome = "generated"
         except Cancelled:
@@ -260,6 +259,12 @@ class Runner:
                 if self.stopping.is_set():
                     raise
                 time.sleep(POLL_SECONDS)
+
+
+def _generation_settings(stored: dict) -> GenerationSettings:
+    """A job's settings as the queue stores them (its seed drawn at submission), for the session."""
+    sampling = ("max_area", "frame_num", "steps", "shift", "guide_scale", "seed", "solver")
+    return GenerationSettings.of(stored["prompt"], stored["negative_prompt"], **{name: stored[name] for name in sampling})
 
 
 def files_estimate(settings: dict) -> int:
