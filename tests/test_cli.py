@@ -619,6 +619,7 @@ def test_every_run_option_is_a_flag_with_its_help(command, capsys):
 
     from wan_i2v.cli import _parse
     from wan_i2v.options import Offload, RunOptions, options_from
+    from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
     assert main([command, "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
@@ -630,11 +631,13 @@ def test_every_run_option_is_a_flag_with_its_help(command, capsys):
     given = [command, *required, "--ckpt-dir", "ckpt", "--cache-dir", "cache", "--offload", "blocks", "--lora", "a.safetensors",
              "--lora-high", "h.safetensors:0.5", "--fp8", "--no-compile", "--device", "cpu", "--dtype", "bf16", "--decode-dtype", "bf16",
              "--encode-dtype", "bf16", "--attention", "sdpa", "--keep-text-encoder", "--batch-cfg", "--gpus", "2", "--ulysses", "2",
-             "--cfg-parallel", "--fsdp", "--gpu-memory", "24", "--host-memory", "32", "--split-encode"]  # fmt: skip
+             "--cfg-parallel", "--fsdp", "--gpu-memory", "24", "--host-memory", "32", "--split-encode", "--step-cache-blocks", "2,1",
+             "--step-cache", "0.2", "--step-cache-max", "4"]  # fmt: skip
     assert options_from(_parse(given)) == RunOptions(
         ckpt_dir="ckpt", cache_dir="cache", offload=Offload.BLOCKS, loras={"high": ["a.safetensors", "h.safetensors:0.5"], "low": ["a.safetensors"]},
         fp8=True, compile=False, device="cpu", dtype="bf16", decode_dtype="bf16", encode_dtype="bf16", attention="sdpa", keep_text_encoder=True,
         batch_cfg=True, gpus=2, ulysses=2, cfg_parallel=True, fsdp=True, gpu_memory=24.0, host_memory=32.0, split_encode=True,
+        step_cache=StepCacheConfig(threshold=0.2, first_blocks=2, last_blocks=1, max_reuses=4),
     )  # fmt: skip
     assert options_from(_parse([command, *required])) == RunOptions()
 
@@ -742,3 +745,32 @@ def test_the_cheap_commands_run_without_torch(command, tiny_checkpoint):
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stdout.strip(), "nothing printed"
     assert subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\nimport wan_i2v\nfrom wan_i2v.config import GenerationSettings"]).returncode == 0
+
+
+def test_the_step_cache_runs_from_the_command_line_and_the_summary_and_the_mp4_say_what_it_skipped(tiny_checkpoint, image_file, tmp_path, capsys):
+    exact, cached = tmp_path / "exact.mp4", tmp_path / "cached.mp4"
+    assert generate(tiny_checkpoint, image_file, exact, "--steps", "8", "--seed", "1", "--step-cache", "0") == 0
+    assert "step cache" not in capsys.readouterr().err and "step_cache" not in read_mp4_metadata(exact)
+    # A threshold no change reaches: every forward the rules allow reuses the cache.
+    assert generate(tiny_checkpoint, image_file, cached, "--steps", "8", "--seed", "1", "--step-cache", "1000", "--step-cache-max", "2") == 0
+    summary = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step cache:")]
+    recorded = read_mp4_metadata(cached)["step_cache"]
+    assert recorded["threshold"] == 1000 and recorded["max_reuses"] == 2
+    skipped = {expert: tuple(counts) for expert, counts in recorded["skipped"].items()}
+    assert sum(total for _, total in skipped.values()) == 16  # 8 steps, two guidance branches each
+    assert 0 < sum(skips for skips, _ in skipped.values()) < 16
+    skips = sum(s for s, _ in skipped.values())
+    assert summary == [f"step cache: skipped {skips} of 16 forwards (" + ", ".join(f"{e} {s} of {t}" for e, (s, t) in skipped.items()) + ")"]
+    assert not np.array_equal(mp4_frames(exact)[0], mp4_frames(cached)[0])
+
+
+def test_compare_prints_each_frame_and_the_whole_video_and_refuses_a_missing_one_in_a_line(tiny_checkpoint, image_file, tmp_path, capsys):
+    out = tmp_path / "a.mp4"
+    assert generate(tiny_checkpoint, image_file, out) == 0
+    capsys.readouterr()
+    assert main(["compare", str(out), str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["frame", "PSNR", "(dB)", "SSIM"] and lines[-1].split() == ["all", "inf", "1.0000"]
+    assert len(lines) == 2 + mp4_frames(out)[0].shape[0]
+    assert main(["compare", str(out), str(tmp_path / "missing.mp4")]) == 2
+    assert capsys.readouterr().err.strip() == f"wan-i2v: error: no video at {tmp_path / 'missing.mp4'} (check the path)"

@@ -44,8 +44,16 @@ def _print_summary(result, path: Path, loading_seconds: float, steps: "StepClock
     if result.peak_memory_gb is not None:
         stages = ", ".join(f"{stage} {peak:.1f}" for stage, peak in result.stage_peaks_gb.items())
         print(f"peak GPU memory: {result.peak_memory_gb:.1f} GiB ({stages} GiB)", file=sys.stderr)
+    if result.step_cache is not None:
+        print(_step_cache_line(result.step_cache["skipped"]), file=sys.stderr)
     print(f"seed: {result.settings.seed}", file=sys.stderr)
     print(path)
+
+
+def _step_cache_line(skipped: dict) -> str:
+    """The forwards the step cache skipped, in all and per expert."""
+    skips, total = (sum(counts[i] for counts in skipped.values()) for i in (0, 1))
+    return f"step cache: skipped {skips} of {total} forwards (" + ", ".join(f"{expert} {s} of {t}" for expert, (s, t) in skipped.items()) + ")"
 
 
 # When this process started: the summary says how long the first denoising step took to come.
@@ -444,6 +452,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    # (here: the metrics' library takes a second to import, which --help and the other commands need not pay)
+    from wan_i2v.compare import compare_videos, format_report
+
+    print(format_report(compare_videos(args.reference, args.video)))
+    return 0
+
+
 def cmd_make_tiny(args) -> int:
     from wan_i2v.tiny import write_tiny_checkpoint
 
@@ -599,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
     demo.add_argument("--save-file", default=None, help=f"default {DEMO_FILE}, or {Path(DEMO_FILE).stem}-N.mp4 when that exists")
     demo.set_defaults(func=cmd_demo)
+
+    cmp = sub.add_parser("compare", help="PSNR and SSIM of a video against a reference, per frame and overall (what a fast mode costs)")
+    cmp.add_argument("reference", help="the video of the exact path (an .mp4)")
+    cmp.add_argument("video", help="the video to measure against it, of the same size and frame count")
+    cmp.set_defaults(func=cmd_compare)
 
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the official layout")
     tiny.add_argument("directory")

@@ -84,6 +84,7 @@ class ExecutionPlan:
             batch_cfg=options.batch_cfg,
             keep_text_encoder=options.keep_text_encoder,
             loras=Loras.of(options.loras),
+            step_cache=options.step_cache,
             **resolved,
         )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from wan_i2v.errors import WanError
+from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
 
 class Offload(enum.Enum):
@@ -96,6 +97,26 @@ def _lora_files(given: dict | None) -> dict | None:
     return {expert: [*given.get("both", []), *given.get(expert, [])] for expert in ("high", "low")}
 
 
+class _StepCacheSetting(argparse.Action):
+    """--step-cache, --step-cache-blocks, --step-cache-max: each sets its part of the one step-cache setting."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), **dict(zip(self.const, value if len(self.const) > 1 else (value,)))})
+
+
+def _block_counts(text: str) -> tuple[int, int]:
+    """--step-cache-blocks F,B: the first and the last blocks that always run."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not F,B: give the first and the last blocks that always run, such as 1,0")
+    return int(parts[0]), int(parts[1])
+
+
+def _step_cache(given: dict | None) -> StepCacheConfig | None:
+    """The step cache's setting from its flags (None: none given, the cache is off)."""
+    return StepCacheConfig(**given) if given else None
+
+
 # -- fields that carry their flags ----------------------------------------------------------------
 
 
@@ -117,6 +138,7 @@ def option(default, *names: str, help: str, group: str | None = None, more: tupl
 
 
 SEVERAL_GPUS = "several GPUs (see README: Several GPUs)"
+STEP_CACHE = "the step cache (see README: The step cache)"
 DECODE_DTYPE_HELP = "the VAE decode's precision: fp32 as the official code (default), or bf16: about twice as fast in half the memory, ~1e-2 from fp32"
 
 
@@ -162,12 +184,25 @@ class RunOptions:
     split_encode: bool = option(False, "--split-encode", action="store_true", group=SEVERAL_GPUS,
                                 help="split the VAE encode over the GPUs (0.8 s less at 720P on two H200s); the video then differs from one GPU's "
                                      "by rounding (default: off, the same video as one GPU to the bit)")  # fmt: skip
+    # The step cache (transforms/step_cache.py): None, or a threshold of 0, is every forward whole.
+    step_cache: StepCacheConfig | None = option(
+        None, "--step-cache", type=float, action=_StepCacheSetting, const=("threshold",), metavar="THRESHOLD", group=STEP_CACHE,
+        help="reuse the middle blocks' output of an earlier step while the first blocks' output changes by less than this "
+             "relative amount (e.g. 0.1; default 0: off, every forward exact)",
+        more=(Flag(("--step-cache-blocks",), "the first F blocks, which decide, and the last B blocks always run (default 1,0)",
+                   {"type": _block_counts, "action": _StepCacheSetting, "const": ("first_blocks", "last_blocks"), "metavar": "F,B"}),
+              Flag(("--step-cache-max",), "at most K forwards in a row reuse the cache (default 3)",
+                   {"type": int, "action": _StepCacheSetting, "const": ("max_reuses",), "metavar": "K"})),
+        read=_step_cache,
+    )  # fmt: skip
 
     def __post_init__(self):
         # Each field in one form whatever the caller wrote: the offload mode as its enum (None: chosen
-        # to fit), precisions by name (a torch dtype is taken too).
+        # to fit), precisions by name (a torch dtype is taken too), the step cache's threshold alone as its setting.
         if self.offload is not None:
             object.__setattr__(self, "offload", Offload.parse(self.offload))
+        if isinstance(self.step_cache, (int, float)) and not isinstance(self.step_cache, bool):
+            object.__setattr__(self, "step_cache", StepCacheConfig(threshold=float(self.step_cache)))
         for name in ("dtype", "decode_dtype", "encode_dtype"):
             object.__setattr__(self, name, dtype_name(getattr(self, name)))
 

@@ -36,6 +36,7 @@ from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
 from wan_i2v.sampling.resume import load_loop_state, map_tensors, run_identity, save_loop_state, state_to
 from wan_i2v.sampling.schedulers import official_schedule
+from wan_i2v.transforms.step_cache import skipped_forwards
 from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
 from wan_i2v.video import check_writable, image_to_tensor, load_image, mp4_writer
 
@@ -55,11 +56,13 @@ class GenerationResult:
     stage_peaks_gb: dict[str, float] = field(default_factory=dict)  # peak GPU memory allocated in each stage; empty on CPU
     experts_used: list[str] = field(default_factory=list)  # the expert of each step run (after a resume: the rest)
     loras: list[dict] = field(default_factory=list)  # each LoRA merged in: expert, file, sha256, strength
+    # With the step cache on: its setting and, per expert, the forwards it skipped of those run ("skipped": {expert: [skipped, total]})
+    step_cache: dict | None = None
 
     @property
     def metadata(self) -> dict:
-        """What the mp4 records: the settings, and the LoRAs when there are any."""
-        return video_metadata(self.settings, self.loras)
+        """What the mp4 records: the settings, and the LoRAs and the step cache when there are any."""
+        return video_metadata(self.settings, self.loras, self.step_cache)
 
     @property
     def peak_memory_gb(self) -> float | None:
@@ -67,9 +70,9 @@ class GenerationResult:
         return max(self.stage_peaks_gb.values(), default=None)
 
 
-def video_metadata(settings: GenerationSettings, loras: list[dict]) -> dict:
-    """What a video's mp4 records: its settings, and the LoRAs when there are any."""
-    return {**settings.as_dict(), **({"loras": loras} if loras else {})}
+def video_metadata(settings: GenerationSettings, loras: list[dict], step_cache: dict | None = None) -> dict:
+    """What a video's mp4 records: its settings, and the LoRAs and the step cache when there are any."""
+    return {**settings.as_dict(), **({"loras": loras} if loras else {}), **({"step_cache": step_cache} if step_cache else {})}
 
 
 @dataclass
@@ -321,13 +324,28 @@ class I2VPipeline:
         latents_cpu = latents.float().cpu()
         if before_decode is not None and self.is_main:
             before_decode(latents_cpu, prepared.settings)
-        with mp4_writer(video_file, fps=self.spec.fps, metadata=video_metadata(prepared.settings, self.loras)) if writing else nullcontext() as write:
+        step_cache = self._step_cache_record()
+        with mp4_writer(video_file, fps=self.spec.fps, metadata=video_metadata(prepared.settings, self.loras, step_cache)) if writing else nullcontext() as write:
             with _timed(timings, peaks, "decoding", self.device):
                 video = self.decode(latents, progress and self.is_main, on_frames=write)
             decoded = time.perf_counter()
         if writing:  # what the encode adds after the decode: its last frames, and the file's sync to disk
             timings["mp4 after the decode"] = time.perf_counter() - decoded
-        return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts, loras=self.loras)
+        return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts, loras=self.loras,
+                                step_cache=step_cache)  # fmt: skip
+
+    def _step_cache_record(self) -> dict | None:
+        """The step cache's setting and the forwards it skipped per expert in the video just sampled
+        (None without a cache). Under CFG parallel each rank ran one guidance branch: their counts are added."""
+        config = self.plan.step_cache
+        if config is None or not config.on:
+            return None
+        skipped = skipped_forwards(self.experts.models)
+        if self.parallel is not None and self.parallel.cfg is not None and skipped:
+            counts = torch.tensor(list(skipped.values()), device=self.device)
+            dist.all_reduce(counts, group=self.parallel.cfg)
+            skipped = dict(zip(skipped, counts.tolist()))
+        return {**config.as_dict(), "skipped": {expert: list(count) for expert, count in skipped.items()}}
 
     @property
     def is_main(self) -> bool:
