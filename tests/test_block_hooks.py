@@ -11,6 +11,7 @@ import torch.distributed as dist
 from wan_i2v.models.dit import DiT, DiTConfig
 from wan_i2v.models.hooks import BlockHook, PerContext, merge_states
 from wan_i2v.models.spec import ExpertSpec
+from wan_i2v.options import RunOptions
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Experts, LoopState, denoise
 from wan_i2v.sampling.schedulers import official_schedule
@@ -390,7 +391,7 @@ def test_under_fsdp_the_step_cache_skips_on_both_ranks_and_gives_one_processs_la
     from wan_i2v.transforms.step_cache import skipped_forwards
     from wan_i2v.video import demo_image
 
-    single = I2VPipeline.load(tiny_checkpoint, ExecutionPlan.for_device("cpu", torch.float32, step_cache=PIPELINE_CACHE))
+    single = I2VPipeline.load(tiny_checkpoint, ExecutionPlan.for_device("cpu", RunOptions(dtype="fp32", step_cache=PIPELINE_CACHE)))
     expected = single.generate(demo_image(), "a boat", progress=False, seed=3, max_area=64 * 96, frame_num=5, steps=3, shift=5.0).latents
     assert skipped_forwards(single.experts.models) == {"high": (2, 4), "low": (0, 2)}
     for rank, results in ulysses_results.items():

@@ -12,6 +12,7 @@ import torch
 from test_block_hooks import CONFIG, count_block_runs, make_experts
 from wan_i2v.errors import WanError
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
+from wan_i2v.options import RunOptions
 from wan_i2v.models.dit import DiT
 from wan_i2v.models.hooks import settle
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
@@ -149,7 +150,7 @@ def test_a_pipeline_with_the_cache_skips_and_writes_a_finite_playable_video(tiny
     from wan_i2v import I2VPipeline
     from wan_i2v.video import demo_image
 
-    plan = ExecutionPlan.for_device("cpu", torch.float32, step_cache=StepCacheConfig(threshold=1e9, warmup_steps=1, final_steps=1))
+    plan = ExecutionPlan.for_device("cpu", RunOptions(dtype="fp32", step_cache=StepCacheConfig(threshold=1e9, warmup_steps=1, final_steps=1)))
     pipe = I2VPipeline.load(tiny_checkpoint, plan)
     settings = dict(progress=False, seed=3, max_area=64 * 96, frame_num=5, steps=6, shift=5.0)
     result = pipe.generate(demo_image(), "a boat", video_file=tmp_path / "cached.mp4", **settings)
