@@ -102,16 +102,13 @@ def test_under_a_launcher_every_rank_may_call_generate_and_close(tiny_checkpoint
 
 
 def _replanned(ckpt):
-    """Each rank plans for its own GPU (here: rank 1 would choose otherwise); rank 0's plan is used by all."""
-    from dataclasses import replace
-
+    """Rank 0 plans for its own GPU; the other ranks receive its plan and plan nothing."""
     from wan_i2v.parallel.groups import env_rank
-    from wan_i2v.parallel.plan import ParallelDims
     from wan_i2v.session import _join_ranks, plan_for
 
     def replan():
-        planned = plan_for(RunOptions(ckpt_dir=ckpt, device="cpu", dtype="fp32"), height=64, width=96, frame_num=5, device="cpu", world=2, ckpt_dir=ckpt)
-        return planned if env_rank() == 0 else replace(planned, plan=replace(planned.plan, dims=ParallelDims(1, 2)))
+        assert env_rank() == 0, "a rank other than 0 planned"
+        return plan_for(RunOptions(ckpt_dir=ckpt, device="cpu", dtype="fp32"), height=64, width=96, frame_num=5, device="cpu", world=2, ckpt_dir=ckpt)
 
     planned, groups, pipe = _join_ranks(None, ckpt, "cpu", replan)
     import torch.distributed as dist
@@ -120,7 +117,7 @@ def _replanned(ckpt):
     return planned.plan.dims, groups.dims
 
 
-def test_ranks_plan_for_their_gpus_and_take_rank_0s_plan(tiny_checkpoint):
+def test_rank_0_plans_for_its_gpu_and_the_other_ranks_receive_its_plan(tiny_checkpoint):
     from wan_i2v.parallel.launch import launch
     from wan_i2v.parallel.plan import ParallelDims
 

@@ -328,7 +328,8 @@ class RunSession:
         if launched():
             return RankSession(planned, ckpt_dir, device, progress)
         if session_plan.world > 1:
-            # This process does not touch CUDA: the ranks plan again for their GPUs' memory (rank 0's wins).
+            # This process does not touch CUDA (its context would hold GPU memory all along): rank 0 plans for its
+            # GPU's memory and the other ranks receive its plan.
             replan = None
             if device.startswith("cuda") and options.gpu_memory is None:
                 replan = partial(plan_for, options, height=session_plan.height, width=session_plan.width, frame_num=session_plan.frame_num,
@@ -390,9 +391,9 @@ class LocalSession(RunSession):
 
 
 def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str, replan=None, progress: bool = False):
-    """In a rank: join the process group, plan again with ``replan()`` if given (for this rank's GPU),
-    take rank 0's plan (ranks on different GPUs could plan differently), build the groups and load
-    the pipeline."""
+    """In a rank: join the process group; rank 0 plans again with ``replan()`` if given (for its GPU,
+    which the process that started the ranks did not query), and every rank takes rank 0's plan
+    (``planned`` elsewhere); build the groups and load the pipeline."""
     import torch
 
     from wan_i2v.parallel import ParallelGroups, init_distributed
@@ -402,7 +403,7 @@ def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str, replan=None, p
     if _device_type(device) == "cpu":  # CPU ranks on one machine split its cores rather than each taking them all
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     run_device = init_distributed(_device_type(device))
-    planned = agree(replan() if replan is not None else planned, run_device)
+    planned = agree(replan() if replan is not None and env_rank() == 0 else planned, run_device)
     cap_gpu_memory(planned, run_device)
     groups = ParallelGroups.build(planned.plan.dims, run_device)
     plan = replace(planned.plan, device=run_device)
