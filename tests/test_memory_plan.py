@@ -112,6 +112,25 @@ def test_the_gpu_estimate_counts_fp8_blocks_in_one_byte_a_weight():
     assert 2 * 12.5 < saved < 2 * 13.5, saved  # two experts, each 13.1 GiB lighter
 
 
+def test_the_gpu_estimate_counts_the_step_caches_copies_of_the_stream():
+    """Two copies of the stream (the first blocks' residual, the middle blocks') per guidance branch, in
+    the compute dtype: at 720P x 81 frames (75600 tokens of 5120 values) 774 MB each in bf16."""
+    from dataclasses import replace
+
+    from wan_i2v.parallel.plan import ParallelDims, model_sizes
+    from wan_i2v.transforms.step_cache_config import StepCacheConfig
+
+    sizes, hd = model_sizes(None), dict(tokens=21 * 45 * 80, pixels=1280 * 720)
+    exact = ExecutionPlan(torch.device("cuda"), torch.bfloat16)
+    cached = replace(exact, step_cache=StepCacheConfig(threshold=0.1))
+    added = cached.estimate(sizes, **hd).stages["denoising"] - exact.estimate(sizes, **hd).stages["denoising"]
+    assert added == 2 * 2 * 75600 * 5120 * 2  # both branches on one GPU
+    halves = [replace(plan, dims=ParallelDims(cfg=2)).estimate(sizes, **hd).stages["denoising"] for plan in (cached, exact)]
+    assert halves[0] - halves[1] == 2 * 75600 * 5120 * 2  # under CFG parallel a GPU holds its branch's alone
+    assert replace(cached, step_cache=StepCacheConfig(threshold=0)).estimate(sizes, **hd) == exact.estimate(sizes, **hd)
+    assert cached.estimate(sizes, **hd).stages["text encoding"] == exact.estimate(sizes, **hd).stages["text encoding"]
+
+
 def test_counts_take_the_number_of_their_noun():
     from wan_i2v.parallel.plan import ParallelDims
     from wan_i2v.server.store import QueueFull

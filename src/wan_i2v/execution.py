@@ -137,6 +137,9 @@ class ExecutionPlan:
     def describe_numerics(self) -> str:
         extras = [name for name, on in (("FP8 linear layers", self.fp8), ("compiled blocks", self.compile), ("batched guidance", self.batch_cfg),
                                         ("encode split over the ranks", self.split_encode and self.dims.world > 1)) if on]  # fmt: skip
+        if self.step_cache is not None and self.step_cache.on:
+            cache = self.step_cache
+            extras.append(f"step cache (threshold {cache.threshold:g}, blocks {cache.first_blocks},{cache.last_blocks}, at most {cache.max_reuses} in a row)")
         encode = [] if self.encode_dtype == torch.float32 else [f"{_dtype_name(self.encode_dtype)} encode"]
         return ", ".join([f"{_dtype_name(self.dtype)} weights", f"{self.attention} attention", *encode, f"{_dtype_name(self.decode_dtype)} decode", *extras])
 
@@ -162,7 +165,13 @@ class ExecutionPlan:
             self.dims, sizes, tokens=tokens, pixels=pixels, offload=self.offload.flag,
             decode_bytes=self.decode_dtype.itemsize, encode_bytes=self.encode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
             stream_text_encoder=self.stream_text_encoder and self.text_encoder_visits, kept_blocks=self.kept_blocks,
+            step_cache_bytes=self.step_cache_bytes,
         )  # fmt: skip
+
+    @property
+    def step_cache_bytes(self) -> int:
+        """The bytes of an element of the stream the step cache keeps (0: no cache), for the memory estimate."""
+        return self.dtype.itemsize if self.step_cache is not None and self.step_cache.on else 0
 
 
 def torch_dtype(name: str | None, device) -> torch.dtype:
@@ -238,7 +247,8 @@ def plan_run(
     choice = make_plan(
         gpus, sizes, ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp, offload=None if offload is None else offload.flag,
         gpu_bytes=gpu_bytes, host_bytes=host_bytes, tokens=tokens, pixels=pixels, frames=frames, decode_bytes=base.decode_dtype.itemsize,
-        encode_bytes=base.encode_dtype.itemsize, keep_text_encoder=base.keep_text_encoder, guided=guided, on_gpu=base.on_gpu, spawned=spawned,
+        encode_bytes=base.encode_dtype.itemsize, keep_text_encoder=base.keep_text_encoder, step_cache_bytes=base.step_cache_bytes, guided=guided,
+        on_gpu=base.on_gpu, spawned=spawned,
     )  # fmt: skip
     plan = replace(base, dims=choice.dims, offload=Offload.parse(choice.placement.offload), stream_text_encoder=choice.stream_text_encoder,
                    kept_blocks=choice.kept_blocks)  # fmt: skip

@@ -121,6 +121,7 @@ VAE_ENCODE_UNITS = 10.0  # the first frame and 80 black ones, fp32, every rank e
 VAE_DECODE_UNITS = 11.0  # one GPU, a whole latent frame at a time (14.2 GiB at 720P in fp32)
 VAE_TILE_UNITS = 8.5  # split over the ranks, frame by frame, on this rank's tile with its halo
 TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
+STEP_CACHE_COPIES = 2  # the stream copies the step cache keeps per guidance branch (transforms/step_cache.py)
 HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation and the estimate's roughness
 
 # Host memory of each process that cannot be reclaimed (anonymous and pinned; the checkpoint's pages
@@ -234,6 +235,7 @@ def estimate_memory(
     keep_text_encoder: bool = False,
     stream_text_encoder: bool = False,
     kept_blocks: int = 0,
+    step_cache_bytes: int = 0,
 ) -> MemoryEstimate:
     """The per-GPU peak of each stage: the weights on the GPU then, plus that stage's transients.
 
@@ -241,7 +243,8 @@ def estimate_memory(
     output frame's height x width, ``decode_bytes`` 4 for an fp32 decode, 2 for bf16.
     ``stream_text_encoder``: a visiting text encoder's blocks stream through the GPU (its embedding
     stays while it encodes); ``kept_blocks``: with ``offload="blocks"``, the active expert's blocks
-    that stay on the GPU while it runs.
+    that stay on the GPU while it runs. ``step_cache_bytes``: with the step cache on, the bytes of an
+    element of the stream it keeps (the compute dtype's); 0: no cache.
     """
     world, offloaded = dims.world, bool(offload)
     # Text encoder: sharded (gathering a block ahead and its embedding while it encodes), visiting the GPU, or kept.
@@ -271,6 +274,10 @@ def estimate_memory(
         activations = max(ULYSSES_STREAMS * local * stream, GATHER_STREAMS * tokens * stream)
     else:
         activations = DIT_STREAMS * tokens * stream
+    # The step cache keeps two copies of this rank's stream (the first blocks' residual, the middle
+    # blocks') per guidance branch of the active expert: both branches on a GPU but under CFG parallel
+    # (a run without guidance has one, counted as two here: the estimate does not know the guide scale).
+    activations += STEP_CACHE_COPIES * (1 if dims.cfg > 1 else 2) * local * sizes.dim * step_cache_bytes
     unit = 4 * sizes.vae_dim * pixels  # elements of 4 full-resolution frames at the VAE's width
     if world > 1:
         share = min(1.0, 1 / world + 0.16)  # a tile and its halo (13 latent pixels of the longer side's 80 at 720P)
