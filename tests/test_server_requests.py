@@ -298,3 +298,20 @@ def test_event_streams_get_this_servers_changes_at_once_and_read_the_queue_once_
 
     for job_id in ids:
         client.delete(f"/v1/videos/{job_id}")
+
+
+def test_a_jobs_text_fields_are_read_as_the_command_line_reads_its_flags():
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.errors import WanError
+    from wan_i2v.server.job_form import JobFields
+
+    fields = JobFields.of({"prompt": "a boat", "frame_num": " 9 ", "steps": "", "guide_scale": "2,3", "seed": "-1", "size": " "})
+    assert (fields.frame_num, fields.steps, fields.guide_scale, fields.seed_given, fields.size) == (9, None, (2.0, 3.0), False, None)
+    settings = fields.settings(SamplingDefaults(steps=7, size="480P"))
+    assert (settings["steps"], settings["size"], settings["max_area"], settings["frame_num"]) == (7, "480P", 832 * 480, 9)
+    assert JobFields.of({"prompt": "", "seed": "12"}).seed_given
+    for field, text, message in [("frame_num", "1_7", "frame_num must be a whole number, not '1_7'"), ("steps", "1.0", "steps must be a whole number, not '1.0'"),
+                                 ("shift", "x", "shift must be a number, not 'x'"), ("guide_scale", "a,b", "guide_scale must be one number or two separated by a comma")]:  # fmt: skip
+        with pytest.raises(WanError) as refused:
+            JobFields.of({"prompt": "a boat", field: text})
+        assert str(refused.value).startswith(message), refused.value

@@ -1,53 +1,96 @@
 """A job's form (``POST /v1/videos``), read within the upload limit and checked as the command line
 checks its flags, into the image and the job's settings.
 
-The form is read and checked here rather than declared as FastAPI ``Form`` fields: the body must be
-counted as it arrives (a chunked upload has no Content-Length to refuse it by), and each field's
-message and status are the ones clients know (``frame_num must be a whole number, not 'many'``),
-which FastAPI's validation would word its own way."""
+The body is read here, by the route's dependency, rather than by FastAPI ``Form`` fields: it must be
+counted as it arrives (a chunked upload has no Content-Length to refuse it by). Its text fields are
+then a pydantic model, ``JobFields``, whose validators read each value as the command line reads its
+flag and word a refusal as clients know it (``frame_num must be a whole number, not 'many'``), where
+pydantic's own parsing would take ``1_7`` for 17 and ``1.0`` for 1."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 from fastapi import Request
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 
 from wan_i2v.config import GenerationSettings, SamplingDefaults, guide_pair
 from wan_i2v.errors import WanError
 from wan_i2v.server.context import Context, refuse
 from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying
 
-def _number(form, name: str, kind, default):
-    text = form.get(name)
-    if text is None or str(text).strip() == "":
-        return default
+
+def _written(value) -> str | None:
+    """A field's text, None when it is absent or blank (the default then applies)."""
+    text = None if value is None else str(value).strip()
+    return text or None
+
+
+def _number_of(kind):
+    def read(value, info: ValidationInfo):
+        text = _written(value)
+        try:
+            if text is None:
+                return None
+            if "_" in text:  # Python reads 1_7 as 17; no client means that
+                raise ValueError(text)
+            return kind(text)
+        except ValueError:
+            raise WanError(f"{info.field_name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}") from None
+
+    return read
+
+
+def _guide_scales(value):
+    text = _written(value)
+    if text is None:
+        return None
     try:
-        written = str(text).strip()
-        if "_" in written:  # Python reads 1_7 as 17; no client means that
-            raise ValueError(written)
-        return kind(written)
+        return guide_pair(text.split(","))
     except ValueError:
-        raise WanError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {text!r}") from None
+        raise WanError(f"guide_scale must be one number or two separated by a comma, not {value!r}", "e.g. 3.5 or 3.5,3.5") from None
+
+
+WholeNumber = Annotated[int | None, BeforeValidator(_number_of(int))]
+Number = Annotated[float | None, BeforeValidator(_number_of(float))]
+Text = Annotated[str | None, BeforeValidator(_written)]
+
+
+class JobFields(BaseModel):
+    """The text fields of a job's form, typed; absent or blank ones take the server's defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    prompt: str
+    negative_prompt: str | None = None  # (kept as sent: an empty negative prompt is one)
+    size: Text = None
+    frame_num: WholeNumber = None
+    steps: WholeNumber = None
+    shift: Number = None
+    guide_scale: Annotated[tuple[float, float] | None, BeforeValidator(_guide_scales)] = None
+    seed: WholeNumber = None  # None or -1: drawn
+    solver: Text = None
+
+    @classmethod
+    def of(cls, form) -> "JobFields":
+        return cls.model_validate({name: form.get(name) for name in cls.model_fields if form.get(name) is not None})
+
+    @property
+    def seed_given(self) -> bool:
+        return self.seed not in (None, -1)
+
+    def settings(self, defaults: SamplingDefaults) -> dict:
+        """The job's settings, checked as the CLI checks them, with the seed drawn when not given (or -1)."""
+        size = self.size or defaults.size
+        settings = GenerationSettings.of(self.prompt, self.negative_prompt, defaults=defaults, size=size, frame_num=self.frame_num, steps=self.steps,
+                                         shift=self.shift, guide_scale=self.guide_scale, seed=self.seed, solver=self.solver)  # fmt: skip
+        return {**settings.as_dict(), "size": size, "negative_prompt": self.negative_prompt}
 
 
 def job_settings(form, defaults: SamplingDefaults) -> dict:
-    """A request's fields, checked as the CLI checks them, with the seed drawn when not given (or -1)."""
-    size = str(form.get("size") or defaults.size).strip()
-    guide_text = form.get("guide_scale")
-    if guide_text is None or not str(guide_text).strip():
-        guide = None
-    else:
-        try:
-            guide = guide_pair(str(guide_text).split(","))
-        except ValueError:
-            raise WanError(f"guide_scale must be one number or two separated by a comma, not {guide_text!r}", "e.g. 3.5 or 3.5,3.5") from None
-    negative = form.get("negative_prompt")
-    settings = GenerationSettings.of(
-        str(form.get("prompt")), None if negative is None else str(negative), defaults=defaults, size=size,
-        frame_num=_number(form, "frame_num", int, None), steps=_number(form, "steps", int, None), shift=_number(form, "shift", float, None),
-        guide_scale=guide, seed=_number(form, "seed", int, None), solver=str(form.get("solver") or "") or None,
-    )  # fmt: skip
-    return {**settings.as_dict(), "size": size, "negative_prompt": None if negative is None else str(negative)}
+    """A request's fields (a form, or a dict of its texts), checked as the CLI checks them, with the seed drawn when not given (or -1)."""
+    return JobFields.of(form).settings(defaults)
 
 
 @dataclass(frozen=True)
@@ -89,9 +132,9 @@ async def job_request(request: Request, context: Context) -> JobRequest:
     try:
         check_text_fields(form)
         check_openai_fields(form)
-        settings = job_settings(form, context.defaults)
+        fields = JobFields.of(form)
+        settings = fields.settings(context.defaults)
         height, width = await check_image(image, upload.filename, settings["max_area"])
-        seed_given = _number(form, "seed", int, -1) != -1
     except WanError as exc:
         refuse(400, str(exc))
-    return JobRequest(image, settings, key, seed_given, height, width)
+    return JobRequest(image, settings, key, fields.seed_given, height, width)
