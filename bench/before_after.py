@@ -3,9 +3,8 @@
     git archive REV src bench | (mkdir -p /tmp/before && tar -x -C /tmp/before)
     python bench/before_after.py --before /tmp/before --ckpt /tmp/wanckpt [--parts forward pipeline]
 
-``forward``: one DiT forward at 720P with the stack a one-GPU run executes (``dit_forward.py``:
-the before tree's ``ours+fused+gelu-epilogue+compile``, which is that stack, against this tree's
-``plan``). ``pipeline``: a short 720P run on one GPU (``multi_gpu.py --plans 1gpu``: load, one
+``forward``: one DiT forward at 720P with the stack a one-GPU run executes (``dit_forward.py``'s
+``plan`` mode in both trees; ``--before-mode`` names it for a tree older than that mode). ``pipeline``: a short 720P run on one GPU (``multi_gpu.py --plans 1gpu``: load, one
 warm-up step, then ``--steps`` timed), its seconds per step and each stage's peak memory. Prints
 after / before for each figure.
 """
@@ -20,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# What runs the default stack in each tree's dit_forward.py.
-FORWARD_MODES = {"before": "ours+fused+gelu-epilogue+compile", "after": "plan"}
+# What runs the default stack in each tree's dit_forward.py: `plan` in trees since 2026-11-30 (older
+# trees: --before-mode ours+fused+gelu-epilogue+compile).
+FORWARD_MODE = "plan"
 
 
 def run(tree: Path, script: str, args: list[str], out: Path) -> dict:
@@ -37,6 +37,7 @@ def main():
     parser.add_argument("--ckpt", type=Path, required=True, help="the full-size random checkpoint (written if absent)")
     parser.add_argument("--parts", nargs="+", default=["forward", "pipeline"], choices=["forward", "pipeline"])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--before-mode", default=FORWARD_MODE, help=f"dit_forward.py's mode of the default stack in the before tree (default {FORWARD_MODE})")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     trees = {"before": args.before.resolve(), "after": HERE.parent}
@@ -46,7 +47,7 @@ def main():
             for name, tree in trees.items():
                 out = Path(tmp, f"{part}-{name}.json")
                 if part == "forward":
-                    result = run(tree, "dit_forward.py", ["--modes", FORWARD_MODES[name], "--sizes", "720P"], out)
+                    result = run(tree, "dit_forward.py", ["--modes", args.before_mode if name == "before" else FORWARD_MODE, "--sizes", "720P"], out)
                     row = result["results"][0]
                     report[f"forward {name}"] = {"seconds": row["seconds"], "activation_peak_gb": row["activation_peak_gb"]}
                 else:
