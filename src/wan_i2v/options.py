@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from wan_i2v.errors import WanError
+from wan_i2v.models.spec import spec_for
 from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
 
@@ -91,10 +92,10 @@ class _LoraFiles(argparse.Action):
 
 
 def _lora_files(given: dict | None) -> dict | None:
-    """The LoRA files of each expert from the flags': --lora's (both experts) first, then the expert's own."""
+    """The LoRA files of each expert from the flags': --lora's (every expert's) first, then the expert's own."""
     if not given:
         return None
-    return {expert: [*given.get("both", []), *given.get(expert, [])] for expert in ("high", "low")}
+    return {expert.name: [*given.get("both", []), *given.get(expert.name, [])] for expert in spec_for().experts}
 
 
 class _StepCacheSetting(argparse.Action):
