@@ -22,19 +22,28 @@ from functools import partial
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from wan_i2v.cache import resolve_checkpoint_dir
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, PlannedRun, plan_run
+from wan_i2v.loading.checkpoint import check_checkpoint_dir
 from wan_i2v.models.spec import spec_for
 from wan_i2v.options import DEVICE_FORM, RunOptions
-from wan_i2v.parallel.groups import env_rank
+from wan_i2v.parallel import ParallelGroups, init_distributed
+from wan_i2v.parallel.groups import agree, env_rank, env_world, launched
+from wan_i2v.parallel.launch import launch
+from wan_i2v.parallel.plan import GiB, model_sizes
+from wan_i2v.sampling.loop import Cancelled, LoopHook
+from wan_i2v.video import check_writable, load_image, write_atomically
 
 LATENTS_FORMAT = "wan-i2v-latents/1"
 
 
 def default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -46,8 +55,6 @@ def device_error(device: str) -> WanError | None:
 
 
 def check_device(device: str) -> None:
-    import torch
-
     error = device_error(device)
     if error is not None:
         raise error
@@ -58,15 +65,11 @@ def check_device(device: str) -> None:
 def checkpoint_dir(options: RunOptions) -> Path:
     if options.ckpt_dir:
         return Path(options.ckpt_dir)
-    from wan_i2v.cache import resolve_checkpoint_dir
-
     return resolve_checkpoint_dir(options.cache_dir)
 
 
 def world_size(options: RunOptions, device: str, *, planning_only: bool = False) -> int:
     """How many processes the run has: the launcher's WORLD_SIZE, else ``gpus`` (checked against the machine)."""
-    from wan_i2v.parallel.groups import env_world, launched
-
     if launched():
         world = env_world()
         if options.gpus not in (None, world):
@@ -79,8 +82,6 @@ def world_size(options: RunOptions, device: str, *, planning_only: bool = False)
         raise WanError(f"{option('device', device)} names one GPU but {option('gpus')} is {gpus}",
                        f"use {option('device', 'cuda')}, and CUDA_VISIBLE_DEVICES to pick the GPUs")  # fmt: skip
     if device.startswith("cuda") and gpus > 1 and not planning_only:
-        import torch
-
         visible = torch.cuda.device_count()
         if gpus > visible:
             raise WanError(
@@ -122,10 +123,6 @@ def plan_for(
     host's (``host_memory``, else what this machine has available). ``spawned``: this process will
     start the ranks itself (and holds the video); ``guided`` false: the videos run at guide scale 1
     (one pass per step), so no GPU goes to CFG parallel. Shared by the run, ``--dry-run`` and the benchmarks."""
-    import torch
-
-    from wan_i2v.parallel.plan import GiB, model_sizes
-
     base = ExecutionPlan.for_device(_device_type(device), options)
     sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, base.dtype.itemsize, fp8=options.fp8)
     if options.gpu_memory is not None:
@@ -184,8 +181,6 @@ def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num
     only slow the run there (FP8 emulated), is dropped with a warning; --offload holds there too: the
     experts then stay in the checkpoint's files, not in host memory. ``dry_run``: planned for GPUs this
     machine need not have (unless the device is the CPU), and without a checkpoint for the official model's shapes."""
-    from wan_i2v.parallel.groups import launched
-
     try:
         ckpt_dir = checkpoint_dir(options)
     except WanError:
@@ -195,8 +190,6 @@ def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num
     notes, warned = [], []
     device = (options.device or "cuda") if dry_run else _run_device(options, ckpt_dir, notes)
     if not dry_run:
-        from wan_i2v.loading.checkpoint import check_checkpoint_dir
-
         check_checkpoint_dir(ckpt_dir)
     world = world_size(options, device, planning_only=dry_run)
     if device == "cpu" and options.fp8:
@@ -214,9 +207,6 @@ def _run_device(options: RunOptions, ckpt_dir: Path, notes: list[str]) -> str:
     """``device``, else the GPU. With no GPU visible the run goes to the CPU only for a small model
     (a tiny test checkpoint) in one process, and says so in ``notes``; the real model there would
     take hours, and several processes were asked for GPUs, so those need the CPU asked for."""
-    from wan_i2v.parallel.groups import env_world
-    from wan_i2v.parallel.plan import model_sizes
-
     if options.device:
         check_device(options.device)
         return options.device
@@ -238,8 +228,6 @@ def _run_device(options: RunOptions, ckpt_dir: Path, notes: list[str]) -> str:
 def cap_gpu_memory(planned: PlannedRun, device) -> None:
     """Hold the run's allocator to the GPU memory it was planned for (``gpu_memory``): a GPU shared with
     other work keeps what the run was told to leave."""
-    import torch
-
     if planned.gpu_bytes is None or not planned.capped or torch.device(device).type != "cuda":
         return
     device = torch.device(device)
@@ -266,16 +254,10 @@ class Job:
 
 
 def save_latents(path: Path, latents, settings: dict) -> None:
-    import torch
-
-    from wan_i2v.video import write_atomically
-
     write_atomically(Path(path), lambda tmp: torch.save({"format": LATENTS_FORMAT, "latents": latents, "settings": settings}, tmp))
 
 
 def _run_job(pipe, job: Job, *, cancel=None, on_step=None):
-    from wan_i2v.sampling.loop import LoopHook
-
     class StepEvents(LoopHook):
         def on_step_end(self, step, latent):
             on_step(step)
@@ -313,8 +295,6 @@ class RunSession:
         """Run a session: ``options`` planned (``plan``: for videos up to ``height`` x ``width`` x
         ``frame_num``, guided or not; videos that fit nowhere refused), or a ``SessionPlan`` made
         already; start the ranks and load the pipeline on each. ``progress``: a loading bar on stderr (rank 0's)."""
-        from wan_i2v.parallel.groups import launched
-
         if isinstance(options, SessionPlan):
             session_plan = options
         else:
@@ -335,9 +315,7 @@ class RunSession:
                 replan = partial(plan_for, options, height=session_plan.height, width=session_plan.width, frame_num=session_plan.frame_num,
                                  device=device, world=session_plan.world, ckpt_dir=ckpt_dir, spawned=True, guided=session_plan.guided)  # fmt: skip
             return SpawnedSession(planned, ckpt_dir, device, replan, progress)
-        import torch
-
-        from wan_i2v.pipeline import I2VPipeline
+        from wan_i2v.pipeline import I2VPipeline  # (the models' stack: planning, and a dry run, go without it)
 
         plan_here = replace(planned.plan, device=torch.device(device))
         cap_gpu_memory(planned, plan_here.device)
@@ -351,8 +329,6 @@ class RunSession:
         (the latents are saved there before decoding), ``video_file`` (the mp4 is written there as the
         frames are decoded; the result's video is then None), ``cancel`` (``is_set()``: stop before the
         next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
-        from wan_i2v.video import load_image
-
         if settings is None:
             settings = GenerationSettings.of(prompt, negative_prompt, **sampling)
         paths = (None if path is None else str(path) for path in (state_file, latents_file, video_file))
@@ -394,11 +370,7 @@ def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str, replan=None, p
     """In a rank: join the process group; rank 0 plans again with ``replan()`` if given (for its GPU,
     which the process that started the ranks did not query), and every rank takes rank 0's plan
     (``planned`` elsewhere); build the groups and load the pipeline."""
-    import torch
-
-    from wan_i2v.parallel import ParallelGroups, init_distributed
-    from wan_i2v.parallel.groups import agree
-    from wan_i2v.pipeline import I2VPipeline
+    from wan_i2v.pipeline import I2VPipeline  # (the models' stack: planning, and a dry run, go without it)
 
     if _device_type(device) == "cpu":  # CPU ranks on one machine split its cores rather than each taking them all
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -428,8 +400,6 @@ class RankSession(RunSession):
 
     def follow(self) -> None:
         """On a rank other than 0: run rank 0's jobs until rank 0 closes the session."""
-        from wan_i2v.sampling.loop import Cancelled
-
         while (job := self.groups.agree(None)) is not None:
             if job == IDLE:
                 continue
@@ -446,8 +416,6 @@ class RankSession(RunSession):
     def close(self) -> None:
         """Every rank calls it: rank 0's None ends the followers' loops, or meets the other ranks' own
         ``close`` (when every rank called ``generate``, as the CLI under torchrun does)."""
-        import torch.distributed as dist
-
         if dist.is_initialized():
             if not self.ended_by_main:
                 self.groups.agree(None)
@@ -456,8 +424,6 @@ class RankSession(RunSession):
 
 def _rank_main(planned: PlannedRun, ckpt_dir: str, device: str, replan, progress: bool, jobs, replies, acks, cancel) -> None:
     """A rank started by ``SpawnedSession``: load, then run rank 0's jobs until it receives None."""
-    import torch.distributed as dist
-
     with warnings.catch_warnings():
         # Rank 0's warnings (a truncated prompt, skipped LoRA keys) go to the caller, which shows them
         # as its own; the other ranks would only repeat them.
@@ -473,8 +439,6 @@ def _serve_jobs(planned, groups, pipe, jobs, replies, acks, cancel) -> None:
     """Rank 0 takes each job from the queue and hands it to the other ranks, until it gets None.
     While idle it hands them ``IDLE`` now and then: a rank waiting longer than the collectives'
     timeout for the next job would end the session."""
-    from wan_i2v.sampling.loop import Cancelled
-
     if groups.is_main:
         replies.put(("ready", planned))
     while True:
@@ -516,10 +480,6 @@ class SpawnedSession(RunSession):
     """N ranks started from this process; it hands them jobs and gets back events and results."""
 
     def __init__(self, planned: PlannedRun, ckpt_dir: Path, device: str, replan=None, progress: bool = False):
-        import torch.multiprocessing as mp
-
-        from wan_i2v.parallel.launch import launch
-
         super().__init__(planned)
         context = mp.get_context("spawn")
         self.jobs, self.replies, self.acks, self.cancel = context.Queue(), context.Queue(), context.Queue(), context.Event()
@@ -586,8 +546,6 @@ class SpawnedSession(RunSession):
                 return
 
     def _run(self, job, cancel, on_step):
-        from wan_i2v.video import check_writable
-
         for path in (job.latents_file, job.video_file, job.state_file):
             if path is not None:  # rank 0 alone writes them: an error there would leave the other ranks behind
                 check_writable(Path(path))
