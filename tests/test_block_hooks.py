@@ -30,12 +30,12 @@ def make_experts() -> Experts:
     return Experts({"high": randomize_(DiT(CONFIG), seed=1).eval(), "low": randomize_(DiT(CONFIG), seed=2).eval()}, EXPERTS)
 
 
-def sample(experts: Experts, **options) -> torch.Tensor:
+def sample(experts: Experts, *, steps: int = STEPS, grid: tuple[int, int, int] = GRID, **options) -> torch.Tensor:
     g = torch.Generator().manual_seed(5)
-    f, h, w = GRID
+    f, h, w = grid
     conditioning = Conditioning(torch.randn(1, 20, f, h, w, generator=g), torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g))
     noise = torch.randn(1, 16, f, h, w, generator=g)
-    return denoise(noise, experts=experts, guidance=ClassifierFreeGuidance(conditioning, batched=False), schedule=official_schedule("unipc", STEPS, 3.0),
+    return denoise(noise, experts=experts, guidance=ClassifierFreeGuidance(conditioning, batched=False), schedule=official_schedule("unipc", steps, 3.0),
                    solver="unipc", guide_scale={"low": 3.0, "high": 4.0}, **options)  # fmt: skip
 
 

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from test_block_hooks import CONFIG, count_block_runs, make_experts
+from test_block_hooks import sample as hooks_sample
 from wan_i2v.errors import WanError
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.options import RunOptions
 from wan_i2v.models.dit import DiT
 from wan_i2v.models.hooks import settle
-from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
-from wan_i2v.sampling.loop import LoopState, denoise
-from wan_i2v.sampling.schedulers import official_schedule
+from wan_i2v.sampling.loop import LoopState
 from wan_i2v.tiny import randomize_
 from wan_i2v.transforms.step_cache import StepCache, StepCacheConfig, apply_step_cache, skipped_forwards
 
@@ -35,12 +34,7 @@ MEASURED_SKIPS = {"high": [False] * 6 + [True] * 4, "low": [False] * 6}
 
 
 def sample(experts, **options) -> torch.Tensor:
-    g = torch.Generator().manual_seed(5)
-    f, h, w = GRID
-    conditioning = Conditioning(torch.randn(1, 20, f, h, w, generator=g), torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g))
-    noise = torch.randn(1, 16, f, h, w, generator=g)
-    return denoise(noise, experts=experts, guidance=ClassifierFreeGuidance(conditioning, batched=False), schedule=official_schedule("unipc", STEPS, 3.0),
-                   solver="unipc", guide_scale={"low": 3.0, "high": 4.0}, **options)  # fmt: skip
+    return hooks_sample(experts, steps=STEPS, grid=GRID, **options)
 
 
 def with_caches(experts, config: StepCacheConfig) -> dict[str, StepCache]:
