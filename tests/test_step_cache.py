@@ -11,6 +11,7 @@ import torch
 
 from test_block_hooks import CONFIG, count_block_runs, make_experts
 from test_block_hooks import sample as hooks_sample
+from test_lora import expert_weights, lightx2v_lora
 from wan_i2v.errors import WanError
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.options import RunOptions
@@ -18,6 +19,7 @@ from wan_i2v.models.dit import DiT
 from wan_i2v.models.hooks import settle
 from wan_i2v.sampling.loop import LoopState
 from wan_i2v.tiny import randomize_
+from wan_i2v.transforms.fp8 import apply_fp8
 from wan_i2v.transforms.step_cache import StepCache, StepCacheConfig, apply_step_cache, skipped_forwards
 
 STEPS = 8  # timesteps 999 954 899 832 749 for the high-noise expert (boundary 700), 642 499 299 for the low-noise one
@@ -121,6 +123,17 @@ def test_below_the_threshold_a_forward_skips_above_it_runs():
     assert skipped_forwards(experts.models) == counts_of(MEASURED_SKIPS) == {"high": (4, 10), "low": (0, 6)}
 
 
+def test_fp8_blocks_skip_as_the_rules_say_with_the_same_arithmetic():
+    # FP8 changes the weights, not the stack: the cache's reuse under it is the substitution by hand under it.
+    by_hand, experts = make_experts(), make_experts()
+    for model in [*by_hand.models.values(), *experts.models.values()]:
+        apply_fp8(model)
+    substitute_by_hand(by_hand, FORCED_SKIPS)
+    with_caches(experts, FORCED)
+    assert torch.equal(sample(experts), sample(by_hand))
+    assert skipped_forwards(experts.models) == counts_of(FORCED_SKIPS)
+
+
 def test_a_run_resumed_mid_run_equals_the_unbroken_one():
     experts = make_experts()
     with_caches(experts, FORCED)
@@ -159,6 +172,30 @@ def test_a_pipeline_with_the_cache_skips_and_writes_a_finite_playable_video(tiny
     streamed = I2VPipeline.load(tiny_checkpoint, replace(plan, offload=Offload.BLOCKS, converted_dir=None))
     assert torch.equal(streamed.generate(demo_image(), "a boat", **settings).latents, result.latents)
     assert skipped_forwards(streamed.experts.models) == counts
+
+
+def test_loras_switched_on_a_cached_pipeline_give_the_video_of_one_loaded_with_them(tiny_checkpoint, tmp_path):
+    from wan_i2v import I2VPipeline
+    from wan_i2v.video import demo_image
+
+    lora = tmp_path / "low.safetensors"
+    lightx2v_lora(lora, expert_weights(tiny_checkpoint, "low_noise_model"), seed=3)
+    cache = StepCacheConfig(threshold=1e9, warmup_steps=1, final_steps=1)
+    settings = dict(progress=False, seed=3, max_area=64 * 96, frame_num=5, steps=6, shift=5.0)
+    pipe = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, step_cache=cache)
+    without = pipe.generate(demo_image(), "a boat", **settings).latents  # the cache now holds this video's residuals
+    pipe.set_loras({"low": [str(lora)]})
+    switched = pipe.generate(demo_image(), "a boat", **settings).latents
+    loaded = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, step_cache=cache, loras={"low": [str(lora)]})
+    assert torch.equal(switched, loaded.generate(demo_image(), "a boat", **settings).latents)
+    assert not torch.equal(switched, without)
+    assert skipped_forwards(pipe.experts.models) == skipped_forwards(loaded.experts.models)
+
+    # Only the active expert on the device (--offload experts): the same video, the same skips.
+    swapped = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, step_cache=cache, loras={"low": [str(lora)]},
+                                          offload="experts")  # fmt: skip
+    assert torch.equal(swapped.generate(demo_image(), "a boat", **settings).latents, switched)
+    assert skipped_forwards(swapped.experts.models) == skipped_forwards(pipe.experts.models)
 
 
 def pipe_without_cache(checkpoint):
