@@ -642,6 +642,53 @@ def test_every_run_option_is_a_flag_with_its_help(command, capsys):
     assert options_from(_parse([command, *required])) == RunOptions()
 
 
+@pytest.mark.parametrize("command", ["generate", "demo", "serve"])
+def test_every_sampling_flag_is_declared_once_and_sets_its_setting(command, capsys, monkeypatch):
+    """The video's settings and their flags cannot drift: every setting has a flag of the one declaration,
+    each in the command's --help with its help (the server's in its wording), and what a flag sets comes back
+    in the video's settings (the server's: each job's defaults), under our spelling and the official one."""
+    from dataclasses import fields
+
+    from wan_i2v.cli import _parse
+    from wan_i2v.commands.common import settings_from
+    from wan_i2v.config import OFFICIAL, SAMPLING_FLAGS, GenerationSettings, SamplingDefaults, sampling_given
+
+    monkeypatch.setenv("COLUMNS", "10000")  # the help unwrapped: argparse breaks lines at hyphens too
+    dests = {flag.dest for flag in SAMPLING_FLAGS}
+    assert {field.name for field in fields(GenerationSettings)} - {"seed_drawn", "max_area"} <= dests and "size" in dests  # (--size sets max_area)
+    assert dests - {"distilled"} <= set(GenerationSettings.of.__code__.co_varnames)
+    assert main([command, "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    own_defaults = {"frame_num": 17, "steps": 12, "prompt": "A small paper boat drifts on a calm pond.", "seed": 0} if command == "demo" else {"frame_num": 81, "steps": 40}
+    shown = {"generate": dests, "demo": dests - {"size", "shift"}, "serve": dests - {"prompt", "negative_prompt", "seed"}}[command]
+    for flag in SAMPLING_FLAGS:
+        assert all(name in help_text for name in flag.names) == (flag.dest in shown), flag.names
+        wording = flag.job_help if command == "serve" else flag.given_help if command == "demo" and flag.given_help else flag.help
+        if flag.dest in shown:
+            wording = wording.format(**own_defaults)
+            assert " ".join(wording.split()) in help_text, flag.names
+    ours = ["--size", "480P", "--frame-num", "33", "--steps", "7", "--guide-scale", "2", "4", "--shift", "2.5", "--solver", "dpm++"]
+    official = ["--size", "480P", "--frame_num", "33", "--sample_steps", "7", "--sample_guide_scale", "2", "4", "--sample_shift", "2.5", "--sample_solver", "dpm++"]
+    if command == "serve":
+        for line in (ours, official):
+            assert SamplingDefaults().given(**sampling_given(_parse(["serve", *line]))) == SamplingDefaults("480P", 33, 7, (2.0, 4.0), 2.5, "dpm++")
+        assert SamplingDefaults().given(**sampling_given(_parse(["serve"]))) == OFFICIAL
+        return
+    required = ["--image", "x.png"] if command == "generate" else []
+    sizes = [] if command == "demo" else ["--size", "480P", "--shift", "2.5"]
+    for line in (ours, official):
+        given = [arg for arg in line if arg not in ("--size", "480P", "--shift", "--sample_shift", "2.5")] + sizes
+        settings = settings_from(_parse([command, *required, *given, "--prompt", "p", "--negative-prompt", "n", "--base_seed", "5"]))
+        assert (settings.prompt, settings.negative_prompt, settings.frame_num, settings.steps, settings.guide_scale, settings.seed, settings.solver) == (
+            "p", "n", 33, 7, (2.0, 4.0), 5, "dpm++")
+        if command == "generate":
+            assert (settings.max_area, settings.shift) == (832 * 480, 2.5)
+    defaults = settings_from(_parse([command, *required, "--prompt", "p"]))
+    assert (defaults.frame_num, defaults.steps, defaults.seed_drawn) == ((81, 40, True) if command == "generate" else (17, 12, False))
+    distilled = settings_from(_parse([command, *required, "--prompt", "p", "--distilled"]))
+    assert (distilled.steps, distilled.solver, distilled.guide_scale) == (4, "euler", (1.0, 1.0))
+
+
 def test_the_official_command_line_runs_unchanged(tiny_checkpoint, image_file, tmp_path, capsys):
     out = tmp_path / "official.mp4"
     assert main(["generate", "--task", "i2v-A14B", "--size", "64*96", "--ckpt_dir", str(tiny_checkpoint), "--offload_model", "True",

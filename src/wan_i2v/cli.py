@@ -18,11 +18,12 @@ from pathlib import Path
 # (the commands that run models import it, in their own modules, imported when they run).
 from wan_i2v.cache import add_cache_parser
 from wan_i2v.commands import DEFAULT_OUTPUT, DEMO_FILE, is_main
-from wan_i2v.config import DISTILLED, MAX_STEPS, SOLVERS
+from wan_i2v.config import add_sampling_flags
 from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
 from wan_i2v.options import add_options
 
 OFFICIAL_TASK = "i2v-A14B"
+DEMO_PROMPT = "A small paper boat drifts on a calm pond."
 
 
 def _command(name: str):
@@ -47,22 +48,6 @@ def _one_line_warnings():
 
 def _warning_line(message, *_args, **_kwargs) -> None:
     print(f"wan-i2v: warning: {message}", file=sys.stderr)
-
-
-def _seed(text: str) -> int | None:
-    """A seed; -1 means random, as in the official script."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    return None if value == -1 else value
-
-
-def _guide_scale(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def _task(text: str) -> str:
@@ -121,32 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wan-i2v {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def sampling_options(p, *, frame_num, steps, prompt_required, seed=None):
-        demo_prompt = "A small paper boat drifts on a calm pond."
-        p.add_argument("--prompt", required=prompt_required, default=None if prompt_required else demo_prompt,
-                       help="what happens in the video" if prompt_required else f"default: {demo_prompt!r}")
-        p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
-        # The official script's spellings (--frame_num, --sample_steps, ...) are aliases: the same meaning.
-        p.add_argument("--frame-num", "--frame_num", type=int, default=frame_num, help=f"a number of the form 4n+1 (default {frame_num})")
-        p.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps}; {DISTILLED.steps} with --distilled)")
-        p.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"),
-                       help="one value for both experts, or the low-noise and high-noise expert's (default 3.5; 1 with --distilled: "
-                            "no guidance, one forward per step)")
-        p.add_argument("--seed", "--base_seed", type=_seed, default=seed,
-                       help="default (or -1): random, printed and stored in the mp4" if seed is None else f"default {seed}: the same video each time (-1: random)")
-        p.add_argument("--solver", "--sample_solver", choices=SOLVERS, default=None,
-                       help="unipc (default, the official), dpm++, or euler (the distilled models' 4-step schedule; default with --distilled)")
-        p.add_argument("--distilled", action="store_true",
-                       help="sample as the 4-step distilled models (Lightning LoRAs, distilled checkpoints) are: "
-                            "--solver euler --steps 4 --guide-scale 1 --shift 5, each overridable")
-        p.set_defaults(default_steps=steps)
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-
     gen = sub.add_parser("generate", help="make a video from an image and a prompt")
     gen.add_argument("--image", required=True, help="the first frame: a PNG, JPEG or WebP file")
-    sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
-    gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
-    gen.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
+    add_sampling_flags(gen)
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
@@ -171,14 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=1000, help="jobs that may wait; more are refused with 429 (default 1000)")
     srv.add_argument("--max-upload-mb", type=float, default=50, help="the largest image accepted, in MiB (default 50)")
     jobs = srv.add_argument_group("each job's defaults (a request may set its own)")
-    jobs.add_argument("--size", default="720P", help="720P, 480P or H*W (default 720P; the GPUs' plan is made for it)")
-    jobs.add_argument("--frame-num", "--frame_num", type=int, default=81, help="4n+1 (default 81; the GPUs' plan is made for it)")
-    jobs.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"default 40; {DISTILLED.steps} with --distilled")
-    jobs.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"), help="default 3.5; 1 with --distilled")
-    jobs.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the size preset's (5.0 with --distilled)")
-    jobs.add_argument("--solver", choices=SOLVERS, default=None, help="default unipc; euler with --distilled")
-    jobs.add_argument("--distilled", action="store_true", help="jobs sample as the 4-step distilled models: euler, 4 steps, guide scale 1, shift 5")
-    srv.set_defaults(func=_command("serve"), default_steps=40)
+    add_sampling_flags(jobs, jobs=True)
+    srv.set_defaults(func=_command("serve"))
     add_options(srv)
 
     dec = sub.add_parser("decode", help="decode saved latents to mp4 again")
@@ -190,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec.set_defaults(func=_command("decode"))
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny random model on the CPU")
-    sampling_options(demo, frame_num=17, steps=12, prompt_required=False, seed=0)
+    add_sampling_flags(demo, frame_num=17, steps=12, prompt=DEMO_PROMPT, seed=0, leave_out=("size", "shift"))
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
     demo.add_argument("--save-file", default=None, help=f"default {DEMO_FILE}, or {Path(DEMO_FILE).stem}-N.mp4 when that exists")
     demo.set_defaults(func=_command("demo"))

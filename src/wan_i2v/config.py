@@ -1,7 +1,9 @@
-"""Generation settings: presets, defaults from the model card, and input validation."""
+"""Generation settings: presets, defaults from the model card, input validation, and the flags that
+set them (``SAMPLING_FLAGS``)."""
 
 from __future__ import annotations
 
+import argparse
 import random
 from dataclasses import asdict, dataclass, field, replace
 
@@ -174,3 +176,91 @@ class GenerationSettings:
         del settings["seed_drawn"]
         return settings
 
+
+
+# -- the flags that set them ----------------------------------------------------------------------
+
+
+def seed_argument(text: str) -> int | None:
+    """--seed: an integer; -1 means random, as in the official script."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    return None if value == -1 else value
+
+
+def guide_scale_argument(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+@dataclass(frozen=True)
+class SamplingFlag:
+    """A flag of the video's settings. What it sets (``dest``, argparse's name for its first flag) is
+    the ``GenerationSettings.of`` keyword of that name, but for ``--distilled``, which picks the
+    recipe the others default to."""
+
+    names: tuple[str, ...]  # ours, then the official script's spelling
+    help: str  # for one video (generate, demo); {frame_num}, {steps}, {prompt!r}, {seed}: the command's defaults
+    job_help: str | None = None  # for a server's jobs, as their default (None: each job gives its own)
+    given_help: str | None = None  # for a command that gives the setting a default of its own (the demo's prompt and seed)
+    required: bool = False  # unless the command gives it a default
+    default: object = None
+    arguments: dict = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.names[0].removeprefix("--").replace("-", "_")
+
+
+# In the order of the server's job defaults (as before they were declared once), the video's own (prompt, seed) around them.
+SAMPLING_FLAGS = (
+    SamplingFlag(("--prompt",), "what happens in the video", given_help="default: {prompt!r}", required=True),
+    SamplingFlag(("--negative-prompt",), "default: the official negative prompt"),
+    SamplingFlag(("--size",), "720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept",
+                 job_help="720P, 480P or H*W (default 720P; the GPUs' plan is made for it)", default=OFFICIAL.size),
+    SamplingFlag(("--frame-num", "--frame_num"), "a number of the form 4n+1 (default {frame_num})",
+                 job_help="4n+1 (default {frame_num}; the GPUs' plan is made for it)", default=OFFICIAL.frame_num, arguments={"type": int}),
+    SamplingFlag(("--steps", "--sample_steps"), f"1 to {MAX_STEPS} (default {{steps}}; {DISTILLED.steps} with --distilled)",
+                 job_help=f"default {{steps}}; {DISTILLED.steps} with --distilled", arguments={"type": int}),
+    SamplingFlag(("--guide-scale", "--sample_guide_scale"),
+                 "one value for both experts, or the low-noise and high-noise expert's (default 3.5; 1 with --distilled: no guidance, one forward per step)",
+                 job_help="default 3.5; 1 with --distilled", arguments={"type": guide_scale_argument, "nargs": "+", "metavar": ("LOW", "HIGH")}),
+    SamplingFlag(("--shift", "--sample_shift"), "default: the preset's (5.0 for custom sizes and with --distilled)",
+                 job_help="default: the size preset's (5.0 with --distilled)", arguments={"type": float}),
+    SamplingFlag(("--seed", "--base_seed"), "default (or -1): random, printed and stored in the mp4",
+                 given_help="default {seed}: the same video each time (-1: random)", arguments={"type": seed_argument}),
+    SamplingFlag(("--solver", "--sample_solver"), "unipc (default, the official), dpm++, or euler (the distilled models' 4-step schedule; default with --distilled)",
+                 job_help="default unipc; euler with --distilled", arguments={"choices": SOLVERS}),
+    SamplingFlag(("--distilled",), "sample as the 4-step distilled models (Lightning LoRAs, distilled checkpoints) are: "
+                 "--solver euler --steps 4 --guide-scale 1 --shift 5, each overridable",
+                 job_help="jobs sample as the 4-step distilled models: euler, 4 steps, guide scale 1, shift 5", default=False, arguments={"action": "store_true"}),
+)  # fmt: skip
+
+
+def add_sampling_flags(parser, *, frame_num: int = OFFICIAL.frame_num, steps: int = OFFICIAL.steps, prompt: str | None = None,
+                       seed: int | None = None, leave_out: tuple[str, ...] = (), jobs: bool = False) -> None:  # fmt: skip
+    """Add the flags of the video's settings to ``parser``: a command's defaults of ``frame_num``,
+    ``steps`` (then in ``args.default_steps``), ``prompt`` (None: required) and ``seed`` (None:
+    drawn), without the settings in ``leave_out``. With ``jobs``: the flags of a server's defaults
+    for each job, in their wording."""
+    own = {"frame_num": frame_num, "prompt": prompt, "seed": seed}
+    for flag in SAMPLING_FLAGS:
+        text = flag.job_help if jobs else flag.help
+        if flag.dest in leave_out or text is None:
+            continue
+        default = own.get(flag.dest, flag.default)
+        if flag.given_help is not None and default is not None:
+            text = flag.given_help
+        parser.add_argument(*flag.names, default=default, required=flag.required and default is None,
+                            help=text.format(frame_num=frame_num, steps=steps, prompt=prompt, seed=seed), **flag.arguments)  # fmt: skip
+    if not jobs:
+        parser.set_defaults(default_steps=steps)
+
+
+def sampling_given(args: argparse.Namespace) -> dict:
+    """What the sampling flags ``add_sampling_flags`` added gave, as ``GenerationSettings.of``'s keywords."""
+    return {flag.dest: getattr(args, flag.dest) for flag in SAMPLING_FLAGS if flag.dest != "distilled" and hasattr(args, flag.dest)}

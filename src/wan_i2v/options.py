@@ -202,8 +202,10 @@ class RunOptions:
         # to fit), precisions by name (a torch dtype is taken too), the step cache's threshold alone as its setting.
         if self.offload is not None:
             object.__setattr__(self, "offload", Offload.parse(self.offload))
-        if isinstance(self.step_cache, (int, float)) and not isinstance(self.step_cache, bool):
-            object.__setattr__(self, "step_cache", StepCacheConfig(threshold=float(self.step_cache)))
+        if self.step_cache is not None and not isinstance(self.step_cache, StepCacheConfig):
+            # A threshold alone; anything else is refused there with the command line's words, not as a traceback later.
+            threshold = self.step_cache
+            object.__setattr__(self, "step_cache", StepCacheConfig(threshold=float(threshold) if isinstance(threshold, int) and not isinstance(threshold, bool) else threshold))
         for name in ("dtype", "decode_dtype", "encode_dtype"):
             object.__setattr__(self, name, dtype_name(getattr(self, name)))
 

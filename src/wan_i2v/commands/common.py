@@ -12,7 +12,7 @@ from pathlib import Path
 
 from wan_i2v import locks
 from wan_i2v.commands import DEFAULT_OUTPUT, STARTED, home, is_main
-from wan_i2v.config import DISTILLED, OFFICIAL, GenerationSettings
+from wan_i2v.config import DISTILLED, OFFICIAL, GenerationSettings, sampling_given
 from wan_i2v.errors import WanError
 from wan_i2v.loading.lora import Loras, LoraSpec
 from wan_i2v.models.spec import spec_for
@@ -91,9 +91,7 @@ def settings_from(args, **fixed):
     """The video's settings from the sampling flags; those not given: the official defaults (the
     command's number of steps), or the distilled recipe. ``fixed``: settings the command has no flag for."""
     defaults = DISTILLED if args.distilled else OFFICIAL.given(steps=args.default_steps)
-    given = dict(size=getattr(args, "size", None), frame_num=args.frame_num, steps=args.steps, shift=getattr(args, "shift", None),
-                 guide_scale=args.guide_scale, seed=args.seed, solver=args.solver)  # fmt: skip
-    return GenerationSettings.of(args.prompt, args.negative_prompt, defaults=defaults, **{**given, **fixed})
+    return GenerationSettings.of(defaults=defaults, **{**sampling_given(args), **fixed})
 
 
 def fresh_output(default: str = DEFAULT_OUTPUT, *, dry_run: bool = False) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 from wan_i2v import session as runs
 from wan_i2v.commands import home, is_main
 from wan_i2v.commands.common import check_fits, keep_compiled_code, loras_from, tell
-from wan_i2v.config import SamplingDefaults, check_frame_num, parse_size
+from wan_i2v.config import SamplingDefaults, check_frame_num, parse_size, sampling_given
 from wan_i2v.errors import WanError
 from wan_i2v.execution import torch_dtype
 from wan_i2v.models.spec import spec_for
@@ -22,7 +22,7 @@ from wan_i2v.server.capacity import Capacity
 
 def run(args) -> int:
     recipe = SamplingDefaults.recipe(args.distilled)
-    defaults = recipe.given(size=args.size, frame_num=args.frame_num, steps=args.steps, guide_scale=args.guide_scale, shift=args.shift, solver=args.solver)
+    defaults = recipe.given(**sampling_given(args))
     max_area, _ = parse_size(defaults.size)
     check_frame_num(defaults.frame_num)
     tokens = server_tokens(args.token or _read_token_file(args.token_file) or os.environ.get("WAN_I2V_TOKEN") or None, args.tokens)

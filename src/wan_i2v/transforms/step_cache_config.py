@@ -25,8 +25,14 @@ class StepCacheConfig:
     final_steps: int = 1
 
     def __post_init__(self):
-        if not self.threshold >= 0:  # also refuses NaN
+        # (types first: a string from Python code would otherwise fail later, as a traceback)
+        if not _is_number(self.threshold) or not self.threshold >= 0:  # also refuses NaN
             raise WanError(f"{option('step_cache', self.threshold)} is not a threshold", "give 0 (off) or a relative change such as 0.1")
+        if not all(_is_whole(count) for count in (self.first_blocks, self.last_blocks)):
+            raise WanError(f"{option('step_cache_blocks', f'{self.first_blocks},{self.last_blocks}')} is not F,B",
+                           "give the first and the last blocks that always run, such as 1,0")  # fmt: skip
+        if not _is_whole(self.max_reuses):
+            raise WanError(f"{option('step_cache_max', self.max_reuses)} is not a whole number", "give 1 or more, or leave the cache off")
         if self.first_blocks < 1 or self.last_blocks < 0:
             raise WanError(f"{option('step_cache_blocks', f'{self.first_blocks},{self.last_blocks}')}: the first blocks must be 1 or more and the last 0 or more",
                            "the first blocks' change decides, so at least one must run")  # fmt: skip
@@ -48,3 +54,11 @@ class StepCacheConfig:
     def as_dict(self) -> dict:
         """What a video's metadata records of the setting."""
         return asdict(self)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
