@@ -149,7 +149,7 @@ class GenerationSettings:
         or the (low-noise, high-noise) pair; ``seed`` None or -1 draws one; the negative prompt defaults
         to the official one; ``fps``: the spec's unless given."""
         exact = height is not None or width is not None
-        if exact and (size is not None or max_area is not None):
+        if exact and size is not None:
             raise WanError(f"{option('size')} and {option('height')}/{option('width')} both set the video's size", "give one of them")
         chosen = defaults.given(size=size, frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver)
         area, preset_shift = parse_size(chosen.size)
