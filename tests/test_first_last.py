@@ -123,3 +123,41 @@ def test_the_mp4_records_the_frames_given_and_its_frame_rate(tiny_pipeline, tmp_
     assert metadata["conditioning"] == "first and last frame"
     assert metadata["image_sha256"] == hashlib.sha256(np.asarray(demo_image()).tobytes()).hexdigest()
     assert metadata["last_image_sha256"] == hashlib.sha256(np.asarray(last_picture()).tobytes()).hexdigest()
+
+
+def run_cli(*args) -> int:
+    from wan_i2v.cli import main
+
+    return main(["generate", "--prompt", "a boat", "--frame-num", "5", "--steps", "1", "--quiet", "--device", "cpu", *args])
+
+
+def test_generate_with_a_last_image_and_a_frame_rate(tiny_checkpoint, tmp_path, capsys):
+    first, last, out = tmp_path / "first.png", tmp_path / "last.png", tmp_path / "out.mp4"
+    demo_image(96, 64).save(first)
+    last_picture(96, 64).save(last)
+    common = ["--ckpt-dir", str(tiny_checkpoint), "--image", str(first), "--size", "64*96"]
+    assert run_cli(*common, "--last-image", str(last), "--dry-run") == 0
+    assert "conditioning: first and last frame" in capsys.readouterr().out
+    assert run_cli(*common, "--dry-run") == 0
+    assert "conditioning: first frame" in capsys.readouterr().out
+    assert run_cli(*common, "--last-image", str(last), "--fps", "12", "--save-file", str(out)) == 0
+    with av.open(str(out)) as container:
+        metadata = json.loads(container.metadata["comment"])
+        assert container.streams.video[0].average_rate == 12
+    assert metadata["conditioning"] == "first and last frame" and metadata["fps"] == 12
+    assert metadata["last_image_sha256"] == hashlib.sha256(np.asarray(Image.open(last).convert("RGB")).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--last-image", "nowhere.png"], "last image not found: nowhere.png (check the --last-image path)"),
+    (["--height", "64"], "--height and --width go together"),
+    (["--height", "64", "--width", "100"], "--width 100 is not a multiple of 16 of at least 32 (the VAE's stride times the patch size) (use 96 or 112)"),
+    (["--height", "64", "--width", "64", "--size", "480P"], "--size and --height/--width both set the video's size"),
+    (["--fps", "0"], "--fps 0 out of range"),
+])  # fmt: skip
+def test_bad_frames_sizes_and_rates_are_one_line(tiny_checkpoint, tmp_path, capsys, flags, message):
+    first = tmp_path / "first.png"
+    demo_image(96, 64).save(first)
+    assert run_cli("--ckpt-dir", str(tiny_checkpoint), "--image", str(first), *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"wan-i2v: error: {message}") and err.count("\n") == 1

@@ -20,6 +20,7 @@ from wan_i2v.cache import add_cache_parser
 from wan_i2v.commands import DEFAULT_OUTPUT, DEMO_FILE, is_main
 from wan_i2v.config import DISTILLED, MAX_STEPS, SOLVERS
 from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
+from wan_i2v.models.spec import spec_for
 from wan_i2v.options import add_options
 
 OFFICIAL_TASK = "i2v-A14B"
@@ -144,8 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="make a video from an image and a prompt")
     gen.add_argument("--image", required=True, help="the first frame: a PNG, JPEG or WebP file")
+    gen.add_argument("--last-image", default=None, metavar="FILE",
+                     help="the last frame (optional): the video goes from --image to it. It is resized to the video's size as the first is; "
+                          "of another aspect ratio than the first, it is scaled to cover the video and center-cropped")
     sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
-    gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
+    gen.add_argument("--size", default=None, help="720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
+    gen.add_argument("--height", type=int, default=None, help=f"with --width: exactly this size (each a multiple of {spec_for().size_multiple}), "
+                     "where --size's area rule would round to the image's aspect ratio; the image is resized and center-cropped to it; not with --size")
+    gen.add_argument("--width", type=int, default=None, help="with --height: the video's exact width")
+    gen.add_argument("--fps", type=int, default=None, help=f"the mp4's frame rate (default {spec_for().fps}, the model's); the frames made are the same")
     gen.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
