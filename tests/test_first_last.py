@@ -56,9 +56,6 @@ def test_the_last_image_conditions_the_video(tiny_pipeline):
     assert (conditions[1][:, -1] - conditions[2][:, -1]).abs().max() > 1e-2
     assert first_only.given == {"conditioning": "first frame", "image_sha256": hashlib.sha256(np.asarray(demo_image()).tobytes()).hexdigest()}
     assert with_last.given["conditioning"] == "first and last frame"
-    # Sampling is the one loop: its input differs, so does the video.
-    videos = [tiny_pipeline.decode(tiny_pipeline.sample(prepared)) for prepared in (first_only, with_last)]
-    assert videos[0].shape == videos[1].shape and (videos[0] - videos[1]).abs().max() > 1e-3
 
 
 def test_a_last_image_of_another_shape_is_center_cropped_to_the_video(tiny_pipeline):
@@ -82,9 +79,7 @@ def test_an_exact_size_crops_the_image_to_it(tiny_pipeline):
     image = torch.zeros(3, 64, 128)
     image[:, :, :32], image[:, :, -32:] = 1.0, -1.0  # the outer quarters, cut off by the square crop
     known = tiny_pipeline.known_frames(image, settings)
-    assert known.frames.shape == (3, 1, 64, 64) and known.frames.abs().max() == 0
-    result = tiny_pipeline.generate(demo_image(), "a boat", seed=1, progress=False, settings=settings)
-    assert result.video.shape == (3, 5, 64, 64)
+    assert known.frames.shape == (3, 1, 64, 64) and known.frames.abs().max() == 0  # (a whole run at an exact size: tests/test_server.py)
 
 
 @pytest.mark.parametrize("given,message", [
