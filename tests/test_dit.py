@@ -7,20 +7,12 @@ import pytest
 import torch
 
 from wan_i2v.errors import WanError
-from diffusers_names import diffusers_transformer_kwargs
+from diffusers_names import diffusers_transformer
 
-from wan_i2v.loading.names import official_to_diffusers
 from wan_i2v.models.dit import ROPE_CACHE_SIZES, DiT, DiTConfig, load_dit, rope_tables
 from wan_i2v.tiny import randomize_
 
 CONFIG = DiTConfig(dim=48, ffn_dim=96, freq_dim=32, num_heads=4, num_layers=2, text_len=16, text_dim=24)
-
-def diffusers_twin(model: DiT):
-    from diffusers import WanTransformer3DModel
-
-    reference = WanTransformer3DModel(**diffusers_transformer_kwargs(model.config))
-    reference.load_state_dict({official_to_diffusers(k): v for k, v in model.state_dict().items()}, strict=True)
-    return reference.eval()
 
 
 def relative_error(a, b):
@@ -31,7 +23,7 @@ def relative_error(a, b):
 def test_matches_diffusers(grid, timestep):
     torch.manual_seed(0)
     model = randomize_(DiT(CONFIG), seed=1).eval()
-    reference = diffusers_twin(model)
+    reference = diffusers_transformer(model)
     f, h, w = grid
     latent = torch.randn(2, CONFIG.out_dim, f, 2 * h, 2 * w)
     condition = torch.randn(2, CONFIG.in_dim - CONFIG.out_dim, f, 2 * h, 2 * w)

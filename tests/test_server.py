@@ -54,6 +54,34 @@ def test_a_job_runs_to_an_mp4_with_its_settings(server, client):
     assert recorded["seed"] == 7 and recorded["prompt"] == "a red boat"
 
 
+def test_a_job_with_a_last_frame_an_exact_size_and_a_frame_rate(server, client):
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    last = png_bytes(96, 160, colour=(20, 200, 90))  # upright where the first is wide: center-cropped to the video
+    files = {"input_reference": ("first.png", png_bytes(), "image/png"), "last_image": ("last.png", last, "image/png")}
+    answer = client.post("/v1/videos", files=files, data={"prompt": "a boat", "height": "64", "width": "64", "frame_num": "5", "fps": "8", "seed": "3"})
+    assert answer.status_code == 200, answer.text
+    settings = answer.json()["settings"]
+    assert settings["last_image_file_sha256"] == hashlib.sha256(last).hexdigest()
+    assert (settings["height"], settings["width"], settings["fps"], settings["size"]) == (64, 64, 8, "64*64")
+    assert server.wait_for(client, answer.json()["id"])["status"] == "completed"
+    video = client.get(f"/v1/videos/{answer.json()['id']}/content").content
+    assert frames_of(video).shape == (5, 64, 64, 3)
+    with av.open(io.BytesIO(video)) as container:
+        recorded = json.loads(container.metadata["comment"])
+        assert container.streams.video[0].average_rate == 8
+    assert recorded["conditioning"] == "first and last frame"
+    assert recorded["last_image_sha256"] == hashlib.sha256(np.asarray(Image.open(io.BytesIO(last)).convert("RGB")).tobytes()).hexdigest()
+
+    bad = client.post("/v1/videos", files={**files, "last_image": ("last.png", b"not an image", "image/png")}, data={"prompt": "a boat"})
+    assert bad.status_code == 400 and bad.json()["error"]["message"].startswith("cannot read image last.png: not an image file")
+    text = client.post("/v1/videos", files={"input_reference": files["input_reference"]}, data={"prompt": "a boat", "last_image": "last.png"})
+    assert text.status_code == 400 and "last_image must be a file" in text.json()["error"]["message"]
+
+
 def test_a_seed_not_given_is_drawn_and_shown(server, client):
     first, second = (server.submit(client, seed=-1).json() for _ in range(2))
     assert isinstance(first["seed"], int) and first["seed"] != second["seed"]

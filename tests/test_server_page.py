@@ -3,6 +3,7 @@ submit from the page, watch the progress, play the result."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -114,12 +115,14 @@ def test_fields_show_the_servers_defaults(browser, shared_server):
 
 
 def test_every_sampling_field_and_a_seed_above_2_53_reach_the_job_exactly(browser, shared_server, tmp_path):
-    image = tmp_path / "photo.png"
+    image, last = tmp_path / "photo.png", tmp_path / "last.png"
     image.write_bytes(png_bytes(160, 96))
+    last.write_bytes(png_bytes(160, 96, colour=(10, 40, 220)))
     seed = "9223372036854775807"  # 2**63-1: a JavaScript number would make it ...775808
     page = page_with_token(browser, shared_server)
     page.goto(shared_server.url)
     page.set_input_files("#image", str(image))
+    page.set_input_files("#last-image", str(last))
     page.fill("#prompt", "a kite")
     page.fill("#seed", seed)
     page.fill("#negative", "blurry")
@@ -140,6 +143,7 @@ def test_every_sampling_field_and_a_seed_above_2_53_reach_the_job_exactly(browse
     assert job["settings"]["guide_scale"] == [2.5, 4.0]
     assert job["settings"]["shift"] == 7.0
     assert job["settings"]["solver"] == "euler"
+    assert job["settings"]["last_image_file_sha256"] == hashlib.sha256(last.read_bytes()).hexdigest()
 
 
 def test_a_wrong_token_says_so_and_waits_for_the_right_one(browser, shared_server):

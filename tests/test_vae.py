@@ -8,6 +8,8 @@ from wan_i2v.errors import WanError
 from wan_i2v.models.vae import LATENT_MEAN, LATENT_STD, VAEConfig, WanVAE, load_vae
 from wan_i2v.tiny import randomize_
 
+from diffusers_names import diffusers_vae
+
 TINY = VAEConfig(dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
 
 
@@ -30,52 +32,6 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).norm() / reference.norm()).item()
 
 
-def diffusers_key(key: str, config: VAEConfig) -> str:
-    """Official parameter name -> diffusers' AutoencoderKLWan name."""
-    blocks_per_stage = config.num_res_blocks + 2  # residual blocks + the upsampling
-
-    def up_block(match: re.Match) -> str:
-        stage, index = divmod(int(match[1]), blocks_per_stage)
-        part = "upsamplers.0" if index == blocks_per_stage - 1 else f"resnets.{index}"
-        return f"decoder.up_blocks.{stage}.{part}."
-
-    for pattern, replacement in [
-        (r"^conv1\.", "quant_conv."),
-        (r"^conv2\.", "post_quant_conv."),
-        (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
-        (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."),
-        (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
-        (r"\.middle\.0\.", ".mid_block.resnets.0."),
-        (r"\.middle\.1\.", ".mid_block.attentions.0."),
-        (r"\.middle\.2\.", ".mid_block.resnets.1."),
-        (r"^encoder\.downsamples\.", "encoder.down_blocks."),
-        (r"^decoder\.upsamples\.(\d+)\.", up_block),
-        (r"\.residual\.0\.", ".norm1."),
-        (r"\.residual\.2\.", ".conv1."),
-        (r"\.residual\.3\.", ".norm2."),
-        (r"\.residual\.6\.", ".conv2."),
-        (r"\.shortcut\.", ".conv_shortcut."),
-    ]:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
-def diffusers_twin(model: WanVAE):
-    """diffusers' AutoencoderKLWan with the same config and weights."""
-    from diffusers import AutoencoderKLWan
-
-    config = model.config
-    reference = AutoencoderKLWan(
-        base_dim=config.dim,
-        z_dim=config.z_dim,
-        dim_mult=list(config.dim_mult),
-        num_res_blocks=config.num_res_blocks,
-        temperal_downsample=list(config.temperal_downsample),
-    ).eval()
-    reference.load_state_dict({diffusers_key(k, config): v for k, v in model.state_dict().items()}, strict=True)
-    return reference
-
-
 # diffusers leaves the latent normalization to its pipelines; the official code divides by 1/std
 MEAN = torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1)
 INV_STD = 1.0 / torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1)
@@ -84,7 +40,7 @@ INV_STD = 1.0 / torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1)
 @torch.no_grad()
 def test_matches_diffusers_encode_and_decode():
     model = tiny_vae()
-    reference = diffusers_twin(model)
+    reference = diffusers_vae(model)
     video = random_video()
 
     latents = model.encode(video)

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="make a video from an image and a prompt")
     gen.add_argument("--image", required=True, help="the first frame: a PNG, JPEG or WebP file")
+    gen.add_argument("--last-image", default=None, metavar="FILE",
+                     help="the last frame (optional): the video goes from --image to it. It is resized to the video's size as the first is; "
+                          "of another aspect ratio than the first, it is scaled to cover the video and center-cropped")
     add_sampling_flags(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--save-file", "--save_file", default=None,
@@ -147,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.set_defaults(func=_command("decode"))
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny random model on the CPU")
-    add_sampling_flags(demo, frame_num=17, steps=12, prompt=DEMO_PROMPT, seed=0, leave_out=("size", "shift"))
+    add_sampling_flags(demo, frame_num=17, steps=12, prompt=DEMO_PROMPT, seed=0, leave_out=("size", "shift", "height", "width"))
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
     demo.add_argument("--save-file", default=None, help=f"default {DEMO_FILE}, or {Path(DEMO_FILE).stem}-N.mp4 when that exists")

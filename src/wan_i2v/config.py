@@ -30,6 +30,7 @@ MAX_STEPS = 1000
 MAX_AREA = 2048 * 2048
 MAX_FRAMES = 321
 MAX_GUIDE_SCALE = 30.0
+MAX_FPS = 240
 
 
 def parse_size(size: str) -> tuple[int, float | None]:
@@ -48,6 +49,21 @@ def parse_size(size: str) -> tuple[int, float | None]:
     if sides[0] * sides[1] > MAX_AREA:
         raise WanError(f"size {size} is too large", "at most 2048*2048 pixels (the model is trained for 1280*720)")
     return sides[0] * sides[1], None
+
+
+def check_exact_size(height, width) -> None:
+    """An exact video size (``--height``/``--width``): both given, each a whole number of latent patches."""
+    if height is None or width is None:
+        raise WanError(f"{option('height')} and {option('width')} go together", "give both for an exact size, or neither for the area rule")
+    for name, side in (("height", height), ("width", width)):
+        if isinstance(side, bool) or not isinstance(side, int):
+            raise WanError(f"{option(name)} must be a whole number, not {side!r}")
+        if side % SPEC.size_multiple or side < MIN_SIDE:
+            below = max(side // SPEC.size_multiple * SPEC.size_multiple, MIN_SIDE)
+            raise WanError(f"{option(name, side)} is not a multiple of {SPEC.size_multiple} of at least {MIN_SIDE} (the VAE's stride times the patch size)",
+                           f"use {below} or {below + SPEC.size_multiple}")  # fmt: skip
+    if height * width > MAX_AREA:
+        raise WanError(f"{option('height')} {height} by {option('width')} {width} is too large", "at most 2048*2048 pixels (the model is trained for 1280*720)")
 
 
 def check_frame_num(frame_num: int) -> None:
@@ -116,6 +132,10 @@ class GenerationSettings:
     guide_scale: tuple[float, float] = OFFICIAL.guide_scale  # (low-noise expert, high-noise expert)
     seed: int = 0
     solver: str = OFFICIAL.solver
+    # An exact video size asked for (both or neither; None: the image's aspect ratio within max_area, the official rule)
+    height: int | None = None
+    width: int | None = None
+    fps: int = SPEC.fps  # the mp4's frame rate (the output's only: a saved state is resumed whatever it is)
     # The seed was drawn, not asked for: a saved state's seed is then taken instead (not a setting of the video).
     seed_drawn: bool = field(default=False, compare=False, repr=False)
 
@@ -123,18 +143,29 @@ class GenerationSettings:
     def of(
         cls, prompt: str, negative_prompt: str | None = None, *, defaults: SamplingDefaults = OFFICIAL, size: str | None = None,
         max_area: int | None = None, frame_num: int | None = None, steps: int | None = None, shift: float | None = None,
-        guide_scale=None, seed: int | None = None, solver: str | None = None,
+        guide_scale=None, seed: int | None = None, solver: str | None = None, height: int | None = None, width: int | None = None,
+        fps: int | None = None,
     ) -> "GenerationSettings":  # fmt: skip
         """The checked settings of a video from what was given (None: ``defaults``'): ``size`` (a
-        preset or H*W) or ``max_area``; ``guide_scale`` one value or the (low-noise, high-noise) pair;
-        ``seed`` None or -1 draws one; the negative prompt defaults to the official one."""
+        preset or H*W) or ``max_area``, or an exact ``height`` and ``width``; ``guide_scale`` one value
+        or the (low-noise, high-noise) pair; ``seed`` None or -1 draws one; the negative prompt defaults
+        to the official one; ``fps``: the spec's unless given."""
+        exact = height is not None or width is not None
+        if exact and size is not None:
+            raise WanError(f"{option('size')} and {option('height')}/{option('width')} both set the video's size", "give one of them")
         chosen = defaults.given(size=size, frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver)
         area, preset_shift = parse_size(chosen.size)
+        if exact:
+            check_exact_size(height, width)
+            area = height * width
         drawn = seed is None or seed == -1
         return cls(
             prompt=prompt,
             negative_prompt=DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
             max_area=area if max_area is None else max_area,
+            height=height,
+            width=width,
+            fps=SPEC.fps if fps is None else fps,
             frame_num=chosen.frame_num,
             steps=chosen.steps,
             shift=chosen.shift if chosen.shift is not None else preset_shift or 5.0,
@@ -164,6 +195,19 @@ class GenerationSettings:
             raise WanError(f"area {self.max_area} is too small", f"use at least {MIN_SIDE}*{MIN_SIDE}")
         if not 0 <= self.seed < 2**63:
             raise WanError(f"seed {self.seed} out of range", "use an integer from 0 to 2**63-1")
+        if self.height is not None or self.width is not None:
+            check_exact_size(self.height, self.width)
+            if self.max_area != self.height * self.width:
+                raise WanError(f"max_area {self.max_area} is not height*width {self.height}*{self.width}", "give an exact size or an area, not both")
+        if isinstance(self.fps, bool) or not isinstance(self.fps, int) or not 1 <= self.fps <= MAX_FPS:
+            raise WanError(f"{option('fps')} {self.fps!r} out of range", f"give a whole number of frames a second from 1 to {MAX_FPS} (the model's is {SPEC.fps})")
+
+    def video_size(self, image_height: int, image_width: int) -> tuple[int, int]:
+        """The video's pixel (height, width) for an image of this size: the exact size asked for, else
+        the official area rule (the image's aspect ratio within ``max_area``)."""
+        if self.height is not None:
+            return self.height, self.width
+        return SPEC.video_size(image_height, image_width, self.max_area)
 
     @property
     def guided(self) -> bool:
@@ -221,7 +265,12 @@ SAMPLING_FLAGS = (
     SamplingFlag(("--prompt",), "what happens in the video", given_help="default: {prompt!r}", required=True),
     SamplingFlag(("--negative-prompt",), "default: the official negative prompt"),
     SamplingFlag(("--size",), "720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept",
-                 job_help="720P, 480P or H*W (default 720P; the GPUs' plan is made for it)", default=OFFICIAL.size),
+                 job_help="720P, 480P or H*W (default 720P; the GPUs' plan is made for it)"),
+    # An exact size and the mp4's rate: a video's own (a server's jobs give them in their requests).
+    SamplingFlag(("--height",), f"with --width: exactly this size (each a multiple of {SPEC.size_multiple}), where --size's area rule would "
+                 "round to the image's aspect ratio; the image is resized and center-cropped to it; not with --size", arguments={"type": int}),
+    SamplingFlag(("--width",), "with --height: the video's exact width", arguments={"type": int}),
+    SamplingFlag(("--fps",), f"the mp4's frame rate (default {SPEC.fps}, the model's); the frames made are the same", arguments={"type": int}),
     SamplingFlag(("--frame-num", "--frame_num"), "a number of the form 4n+1 (default {frame_num})",
                  job_help="4n+1 (default {frame_num}; the GPUs' plan is made for it)", default=OFFICIAL.frame_num, arguments={"type": int}),
     SamplingFlag(("--steps", "--sample_steps"), f"1 to {MAX_STEPS} (default {{steps}}; {DISTILLED.steps} with --distilled)",

@@ -39,7 +39,7 @@ from wan_i2v.sampling.resume import load_loop_state, map_tensors, run_identity, 
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.transforms.step_cache import skipped_forwards
 from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
-from wan_i2v.video import check_writable, image_to_tensor, load_image, mp4_writer
+from wan_i2v.video import check_writable, image_sha256, image_to_tensor, load_image, mp4_writer
 
 __all__ = ["Cancelled", "GenerationResult", "I2VPipeline", "LoopHook", "Prepared", "StepInfo"]
 
@@ -59,11 +59,12 @@ class GenerationResult:
     loras: list[dict] = field(default_factory=list)  # each LoRA merged in: expert, file, sha256, strength
     # With the step cache on: its setting and, per expert, the forwards it skipped of those run ("skipped": {expert: [skipped, total]})
     step_cache: dict | None = None
+    given: dict = field(default_factory=dict)  # the frames given (``Prepared.given``): what conditions the video, each image's SHA-256
 
     @property
     def metadata(self) -> dict:
-        """What the mp4 records: the settings, and the LoRAs and the step cache when there are any."""
-        return video_metadata(self.settings, self.loras, self.step_cache)
+        """What the mp4 records: the settings, the frames given, and the LoRAs and the step cache when there are any."""
+        return video_metadata(self.settings, self.loras, self.step_cache, self.given)
 
     @property
     def peak_memory_gb(self) -> float | None:
@@ -71,9 +72,9 @@ class GenerationResult:
         return max(self.stage_peaks_gb.values(), default=None)
 
 
-def video_metadata(settings: GenerationSettings, loras: list[dict], step_cache: dict | None = None) -> dict:
-    """What a video's mp4 records: its settings, and the LoRAs and the step cache when there are any."""
-    return {**settings.as_dict(), **({"loras": loras} if loras else {}), **({"step_cache": step_cache} if step_cache else {})}
+def video_metadata(settings: GenerationSettings, loras: list[dict], step_cache: dict | None = None, given: dict | None = None) -> dict:
+    """What a video's mp4 records: its settings, the frames given (``Prepared.given``), and the LoRAs and the step cache when there are any."""
+    return {**settings.as_dict(), **(given or {}), **({"loras": loras} if loras else {}), **({"step_cache": step_cache} if step_cache else {})}
 
 
 @dataclass
@@ -86,7 +87,10 @@ class Prepared:
     noise: torch.Tensor | None  # [16, F', H', W'] fp32 on the run device; None when ``sampled``
     resume: LoopState | None = None
     state_file: Path | None = None
-    run: dict | None = None  # what a saved state must match (checkpoint, precision, image)
+    run: dict | None = None  # what a saved state must match (checkpoint, precision, images)
+    # The frames given, as the mp4 records them: "conditioning" ("first frame", "first and last frame"),
+    # and the SHA-256 of each image's RGB pixels ("image_sha256", "last_image_sha256"; ``video.image_sha256``)
+    given: dict = field(default_factory=dict)
 
     @property
     def sampled(self) -> bool:
@@ -278,11 +282,19 @@ class I2VPipeline:
         hooks: list[LoopHook] | tuple[LoopHook, ...] = (),
         video_file: str | Path | None = None,
         settings: GenerationSettings | None = None,
+        last_image: Image.Image | str | Path | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        fps: int | None = None,
     ) -> GenerationResult:
         """The official Wan2.2 I2V sampling: ``prepare``, ``sample`` and ``decode`` in a row.
 
+        ``image`` is the video's first frame; ``last_image``, if given, its last (resized and cropped
+        to the video's size: ``known_frames``).
+
         The settings are ``settings`` (a ``GenerationSettings``, as a front end builds it), else
-        ``GenerationSettings.of`` the keywords from ``prompt`` to ``solver``, the model card's
+        ``GenerationSettings.of`` the keywords from ``prompt`` to ``solver`` and ``height``, ``width``
+        (an exact size, instead of ``max_area``'s rule) and ``fps`` (the mp4's), the model card's
         defaults for those left out: ``guide_scale`` is one value per expert, in the spec's
         ``guide_scale_order``, or one value for all; ``seed=None`` draws a random seed, reported in
         ``result.settings.seed``. ``before_decode(latents, settings)`` sees the latents (CPU, fp32)
@@ -303,7 +315,7 @@ class I2VPipeline:
 
         ``video_file``: the mp4 is written there as the frames are decoded, so that it is complete
         moments after the decode ends (rather than encoded after it: about a second at 720P); it appears
-        whole, or not at all (checked writable before the run starts). The same bytes as ``write_mp4`` of the result's video at the spec's fps with its metadata.
+        whole, or not at all (checked writable before the run starts). The same bytes as ``write_mp4`` of the result's video at the settings' fps with its metadata.
 
         In a parallel run the seed is rank 0's, progress and ``before_decode`` are rank 0's only, and
         only rank 0's result has the video (None elsewhere); a cancel on any rank stops every rank."""
@@ -314,8 +326,8 @@ class I2VPipeline:
         peaks: dict[str, float] = {}
         if settings is None:
             settings = GenerationSettings.of(prompt, negative_prompt, max_area=max_area, frame_num=frame_num, steps=steps, shift=shift,
-                                             guide_scale=guide_scale, seed=seed, solver=solver)  # fmt: skip
-        prepared = self.prepare(image, settings, state_file=state_file, progress=progress, timings=timings, peaks=peaks)
+                                             guide_scale=guide_scale, seed=seed, solver=solver, height=height, width=width, fps=fps)  # fmt: skip
+        prepared = self.prepare(image, settings, last_image=last_image, state_file=state_file, progress=progress, timings=timings, peaks=peaks)
         log = ExpertLog()
         all_hooks = [*hooks, log]
         if callback_on_step_end is not None:
@@ -326,14 +338,15 @@ class I2VPipeline:
         if before_decode is not None and self.is_main:
             before_decode(latents_cpu, prepared.settings)
         step_cache = self._step_cache_record()
-        with mp4_writer(video_file, fps=self.spec.fps, metadata=video_metadata(prepared.settings, self.loras, step_cache)) if writing else nullcontext() as write:
+        metadata = video_metadata(prepared.settings, self.loras, step_cache, prepared.given)
+        with mp4_writer(video_file, fps=prepared.settings.fps, metadata=metadata) if writing else nullcontext() as write:
             with _timed(timings, peaks, "decoding", self.device):
                 video = self.decode(latents, progress and self.is_main, on_frames=write)
             decoded = time.perf_counter()
         if writing:  # what the encode adds after the decode: its last frames, and the file's sync to disk
             timings["mp4 after the decode"] = time.perf_counter() - decoded
         return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts, loras=self.loras,
-                                step_cache=step_cache)  # fmt: skip
+                                step_cache=step_cache, given=prepared.given)  # fmt: skip
 
     def _step_cache_record(self) -> dict | None:
         """The step cache's setting and the forwards it skipped per expert in the video just sampled
@@ -354,35 +367,42 @@ class I2VPipeline:
         return self.parallel is None or self.parallel.is_main
 
     def prepare(
-        self, image: Image.Image | str | Path, settings: GenerationSettings, *, state_file: str | Path | None = None, progress: bool = False,
-        timings: dict | None = None, peaks: dict | None = None,
+        self, image: Image.Image | str | Path, settings: GenerationSettings, *, last_image: Image.Image | str | Path | None = None,
+        state_file: str | Path | None = None, progress: bool = False, timings: dict | None = None, peaks: dict | None = None,
     ) -> Prepared:  # fmt: skip
-        """Stage 1: the text and image encodings of ``settings``' video, the noise, and with
-        ``state_file`` the saved state to resume from (whose seed is taken when ``settings``' was drawn).
-        In a parallel run the settings are rank 0's (every rank must draw the same noise)."""
+        """Stage 1: the text and image encodings of ``settings``' video (``image`` its first frame,
+        ``last_image`` if given its last), the noise, and with ``state_file`` the saved state to resume
+        from (whose seed is taken when ``settings``' was drawn). In a parallel run the settings are
+        rank 0's (every rank must draw the same noise)."""
         timings = {} if timings is None else timings
         peaks = {} if peaks is None else peaks
         chosen = settings if self.parallel is None else self.parallel.agree(settings)
-        pixels = image_to_tensor(load_image(image))
+        images = {"image": load_image(image)}
+        if last_image is not None:
+            images["last_image"] = load_image(last_image, flag="last_image")
+        hashes = {name: image_sha256(picture) for name, picture in images.items()}
+        pixels = [image_to_tensor(picture) for picture in images.values()]
         resume = run = None
         if state_file is not None:
             state_file = Path(state_file)
-            run = run_identity(self.checkpoint, self.plan.identity(), self.loras, pixels)
+            run = run_identity(self.checkpoint, self.plan.identity(), self.loras, hashes)
             saved = load_loop_state(state_file, chosen, run, seed_given=not chosen.seed_drawn) if self.is_main else None
             if self.parallel is not None:  # rank 0's file, read once, on every rank
                 saved = self.parallel.agree(saved)
             if saved is not None:
                 chosen, resume = saved[0], state_to(saved[1], self.device)
-        sampled = Prepared(chosen, None, None, resume, state_file, run)
+        known = self.known_frames(pixels[0], chosen, last=pixels[1] if len(pixels) > 1 else None)
+        given = {"conditioning": known.describe(chosen.frame_num), **{f"{name}_sha256": digest for name, digest in hashes.items()}}
+        sampled = Prepared(chosen, None, None, resume, state_file, run, given)
         if sampled.sampled:  # the latents are done: the encoders need not run again (12.8 s at 720P)
             return sampled
         with _timed(timings, peaks, "text encoding", self.device):
             context, context_null = self.encode_text([chosen.prompt, chosen.negative_prompt], progress and self.is_main)
         with _timed(timings, peaks, "image encoding", self.device):
-            condition = self.encode_image(pixels, chosen.max_area, chosen.frame_num, progress and self.is_main)
+            condition = self.encode_frames(known, chosen.frame_num, progress and self.is_main)
         noise = self.initial_noise(condition.shape[1:], chosen.seed)
         conditioning = Conditioning(condition[None], context[None], context_null[None])
-        return Prepared(chosen, conditioning, noise, resume, state_file, run)
+        return Prepared(chosen, conditioning, noise, resume, state_file, run, given)
 
     def sample(self, prepared: Prepared, *, hooks=(), cancel=None, progress: bool = False) -> torch.Tensor:
         """Stage 2: the denoising loop from ``prepared`` -> [16, F', H', W'] latents on the run device.
@@ -441,13 +461,27 @@ class I2VPipeline:
                 self.text_encoder_visits.to_host()
         return [pad_context(f, self.text_len).to(self.device) for f in features]
 
-    def encode_image(self, pixels: torch.Tensor, max_area: int, frame_num: int, progress: bool = False) -> torch.Tensor:
-        """[3, h, w] image in [-1, 1] -> the condition the spec's strategy makes of the resized image
-        (Wan2.2-I2V-A14B's: [20, F', H/8, W/8], a first-frame mask, then the VAE latents of the image
-        followed by black frames)."""
-        height, width = self.spec.video_size(pixels.shape[1], pixels.shape[2], max_area)
-        # Resized on the CPU in fp32, bicubic without antialiasing, as the official code does.
-        first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
+    def known_frames(self, first: torch.Tensor, settings: GenerationSettings, *, last: torch.Tensor | None = None) -> KnownFrames:
+        """The first frame, and the last if given ([3, h, w] images in [-1, 1]), at the video's size
+        (``settings.video_size`` of the first image). Each is resized as the official code resizes the
+        first frame where the area rule gives it that size; an image of another aspect ratio (a last
+        frame of another shape, any image at an exact ``--height``/``--width``) is scaled to cover the
+        size and center-cropped, rather than stretched."""
+        height, width = settings.video_size(first.shape[1], first.shape[2])
+
+        def sized(image: torch.Tensor) -> torch.Tensor:
+            if settings.height is None and self.spec.video_size(image.shape[1], image.shape[2], settings.max_area) == (height, width):
+                return official_resize(image, height, width)
+            return cover_and_crop(image, height, width)
+
+        if last is None:
+            return KnownFrames.first(sized(first))
+        return KnownFrames.first_and_last(sized(first), sized(last), settings.frame_num)
+
+    def encode_frames(self, known: KnownFrames, frame_num: int, progress: bool = False) -> torch.Tensor:
+        """The condition the spec's strategy makes of the ``known`` frames at the video's size
+        (Wan2.2-I2V-A14B's: [20, F', H/8, W/8], a mask of the known frames, then the VAE latents of
+        the video with them in their places and black frames elsewhere)."""
         bar = tqdm(total=self.spec.latent_frames(frame_num), desc="image encoding", unit="latent frame", disable=not progress)
         advance = _advancing(bar)
 
@@ -460,7 +494,7 @@ class I2VPipeline:
 
         try:
             with torch.no_grad():
-                return self.conditioning.condition(KnownFrames.first(first), frame_num, self.spec.vae_stride[0], encode)
+                return self.conditioning.condition(known, frame_num, self.spec.vae_stride[0], encode)
         finally:
             bar.close()
 
@@ -482,6 +516,21 @@ class I2VPipeline:
 
             return ParallelGuidance(conditioning, self.parallel.cfg, self.parallel.cfg_index)
         return ClassifierFreeGuidance(conditioning, batched=self.plan.batch_cfg)
+
+
+def official_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[3, h, w] -> [3, height, width], as the official code resizes the first frame: on the CPU in
+    fp32, bicubic without antialiasing, to the size whatever its aspect ratio."""
+    return F.interpolate(image[None], size=(height, width), mode="bicubic")[0]
+
+
+def cover_and_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[3, h, w] -> [3, height, width]: resized (as ``official_resize``) to the smallest size that covers
+    ``height`` x ``width`` with the image's aspect ratio, then its center cut out."""
+    scale = max(height / image.shape[1], width / image.shape[2])
+    covering = max(height, round(image.shape[1] * scale)), max(width, round(image.shape[2] * scale))
+    top, left = (covering[0] - height) // 2, (covering[1] - width) // 2
+    return official_resize(image, *covering)[:, top : top + height, left : left + width]
 
 
 # Slots of the staging ring: one block is read while the one before is copied up and the one

@@ -242,8 +242,8 @@ def _device_type(device: str) -> str:
 
 @dataclass
 class Job:
-    """One video: ``generate``'s arguments as data, so that it can travel to the ranks. ``image`` is
-    a PIL image (read by the caller: every rank gets the same pixels)."""
+    """One video: ``generate``'s arguments as data, so that it can travel to the ranks. ``image`` (and
+    ``last_image``) are PIL images (read by the caller: every rank gets the same pixels)."""
 
     image: object
     settings: GenerationSettings
@@ -251,6 +251,7 @@ class Job:
     progress: bool = True  # progress bars on stderr (rank 0's)
     latents_file: str | None = None  # the latents are saved there before decoding (a decode that dies loses nothing)
     video_file: str | None = None  # rank 0 writes the mp4 there as it decodes; the video then stays there (the result's is None)
+    last_image: object = None  # the video's last frame, if given
 
 
 def save_latents(path: Path, latents, settings: dict) -> None:
@@ -268,7 +269,7 @@ def _run_job(pipe, job: Job, *, cancel=None, on_step=None):
 
     hooks = [StepEvents()] if on_step is not None and pipe.is_main else []
     result = pipe.generate(job.image, settings=job.settings, state_file=job.state_file, progress=job.progress, before_decode=before_decode,
-                           cancel=cancel, hooks=hooks, video_file=job.video_file)  # fmt: skip
+                           cancel=cancel, hooks=hooks, video_file=job.video_file, last_image=job.last_image)  # fmt: skip
     # Written to its file, the video does not travel back (0.9 GB of float frames at 720P, through shared memory from a spawned rank).
     return result if job.video_file is None else replace(result, video=None)
 
@@ -323,8 +324,8 @@ class RunSession:
 
     def generate(self, image, prompt: str | None = None, negative_prompt: str | None = None, *, settings: GenerationSettings | None = None,
                  state_file=None, progress: bool = True, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None,
-                 **sampling):  # fmt: skip
-        """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path or PIL image; ``settings``,
+                 last_image=None, **sampling):  # fmt: skip
+        """Run one job: ``I2VPipeline.generate``'s arguments (``image``, and ``last_image`` if given, a path or PIL image; ``settings``,
         else ``GenerationSettings.of`` the prompts and the ``sampling`` keywords), plus ``latents_file``
         (the latents are saved there before decoding), ``video_file`` (the mp4 is written there as the
         frames are decoded; the result's video is then None), ``cancel`` (``is_set()``: stop before the
@@ -333,7 +334,8 @@ class RunSession:
             settings = GenerationSettings.of(prompt, negative_prompt, **sampling)
         paths = (None if path is None else str(path) for path in (state_file, latents_file, video_file))
         state_file, latents_file, video_file = paths
-        return self._run(Job(load_image(image), settings, state_file, progress, latents_file, video_file), cancel, on_step)
+        last = None if last_image is None else load_image(last_image, flag="last_image")
+        return self._run(Job(load_image(image), settings, state_file, progress, latents_file, video_file, last), cancel, on_step)
 
     def _run(self, job: Job, cancel, on_step):
         raise NotImplementedError

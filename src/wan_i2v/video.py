@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -23,9 +24,9 @@ from wan_i2v.errors import WanError, option
 MAX_IMAGE_PIXELS = 100_000_000
 
 
-def load_image(image: str | os.PathLike | bytes | Image.Image, *, name: str | None = None) -> Image.Image:
+def load_image(image: str | os.PathLike | bytes | Image.Image, *, name: str | None = None, flag: str = "image") -> Image.Image:
     """An upright RGB image from a path, a file's bytes (``name`` says what they are in errors) or a
-    PIL image.
+    PIL image. ``flag``: the option that gave it (``image``, ``last_image``), which errors name.
 
     Unlike the official code, EXIF rotation is applied, so a phone photo is not
     sideways; other modes (RGBA, grayscale, palette, 16-bit) become RGB.
@@ -34,11 +35,12 @@ def load_image(image: str | os.PathLike | bytes | Image.Image, *, name: str | No
         image = _decode(io.BytesIO(image), name or "image")
     elif not isinstance(image, Image.Image):
         path = Path(image)
+        what = flag.replace("_", " ")
         if path.is_dir():
-            raise WanError(f"image path {path} is a directory", "give an image file (PNG, JPEG or WebP)")
+            raise WanError(f"{what} path {path} is a directory", "give an image file (PNG, JPEG or WebP)")
         if not path.is_file():
-            raise WanError(f"image not found: {path}", f"check the {option('image')} path")
-        image = _decode(path, f"image {path}")
+            raise WanError(f"{what} not found: {path}", f"check the {option(flag)} path")
+        image = _decode(path, f"{what} {path}")
     elif image.width * image.height > MAX_IMAGE_PIXELS:
         raise WanError(f"image of {image.width}x{image.height} is over {MAX_IMAGE_PIXELS // 1_000_000} megapixels", "downscale it first")
     image = ImageOps.exif_transpose(image)
@@ -74,6 +76,12 @@ def _decode(source, label: str) -> Image.Image:
         raise WanError(f"cannot read {label}: not an image file", "use a PNG, JPEG or WebP file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise WanError(f"cannot read {label}: {exc}", "the file is damaged or not an image; use a PNG, JPEG or WebP file") from None
+
+
+def image_sha256(image: Image.Image) -> str:
+    """The SHA-256 of an image's 8-bit RGB pixels, row by row (the same for a file and the PIL image read from it):
+    ``hashlib.sha256(numpy.asarray(image).tobytes())``, which the mp4's metadata and a saved state record."""
+    return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -15,7 +15,6 @@ from wan_i2v.commands import DEFAULT_OUTPUT, STARTED, home, is_main
 from wan_i2v.config import DISTILLED, OFFICIAL, GenerationSettings, sampling_given
 from wan_i2v.errors import WanError
 from wan_i2v.loading.lora import Loras, LoraSpec
-from wan_i2v.models.spec import spec_for
 from wan_i2v.video import leftover_temporaries, write_mp4
 
 
@@ -59,14 +58,15 @@ class StepClock:
 
 
 def generate_and_write(session, image, settings, *, progress: bool, save_file: Path, latents_file: Path | None, keep_latents: bool,
-                       loading_seconds: float, state_file: Path | None = None):
+                       loading_seconds: float, state_file: Path | None = None, last_image=None):
     """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4.
     With ``state_file`` the denoising state is saved after every step and the same command resumes
     a run that died. In a multi-process run only rank 0 writes and prints."""
     started = time.time()
     clock = StepClock()
     try:
-        result = session.generate(image, settings=settings, progress=progress, latents_file=latents_file, state_file=state_file, on_step=clock)
+        result = session.generate(image, settings=settings, progress=progress, latents_file=latents_file, state_file=state_file, on_step=clock,
+                                  last_image=last_image)  # fmt: skip
     except BaseException as exc:
         saved = latents_file is not None and latents_file.is_file() and latents_file.stat().st_mtime >= started
         if saved and session.is_main and not isinstance(exc, WanError):
@@ -78,7 +78,7 @@ def generate_and_write(session, image, settings, *, progress: bool, save_file: P
         raise
     if result.video is None:  # a rank other than 0 of a parallel run
         return result
-    write_mp4(result.video, save_file, fps=spec_for().fps, metadata=result.metadata)
+    write_mp4(result.video, save_file, fps=result.settings.fps, metadata=result.metadata)
     if latents_file is not None and not keep_latents:
         latents_file.unlink(missing_ok=True)
     if state_file is not None:

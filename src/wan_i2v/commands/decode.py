@@ -39,6 +39,7 @@ def run(args) -> int:
     vae = load_vae_for(ckpt_dir / spec_for().files.vae, torch.device(device), torch_dtype(args.decode_dtype, device))
 
     video = decode_latents(vae, latents, torch.device(device), progress=not args.quiet)
-    write_mp4(video, save_file, fps=spec_for().fps, metadata=saved.get("settings"))
+    settings = saved.get("settings") or {}
+    write_mp4(video, save_file, fps=settings.get("fps", spec_for().fps), metadata=settings)  # (a file saved before the fps setting: the model's)
     print(save_file)
     return 0

@@ -19,6 +19,7 @@ from wan_i2v.disk import check_space
 from wan_i2v.errors import WanError
 from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.loading.lora import read_lora
+from wan_i2v.models.conditioning import describe_known
 from wan_i2v.models.dit import DiT, DiTConfig
 from wan_i2v.models.spec import spec_for
 from wan_i2v.options import Offload, options_from
@@ -33,6 +34,7 @@ def run(args) -> int:
     options = options_from(args)
     loras = loras_from(options.loras)
     image = load_image(args.image)
+    last_image = None if args.last_image is None else load_image(args.last_image, flag="last_image")
     save_file = mp4_path(args.save_file, "--save-file") if args.save_file is not None else fresh_output(dry_run=args.dry_run)
     latents_file = Path(args.save_latents) if args.save_latents else save_file.with_suffix(".latents.pt")
     if args.save_latents and latents_file.resolve() == save_file.resolve():
@@ -40,7 +42,7 @@ def run(args) -> int:
     if is_main():
         check_writable(save_file)
         check_writable(latents_file)
-    height, width = spec_for().video_size(image.height, image.width, settings.max_area)
+    height, width = settings.video_size(image.height, image.width)
     # A refused combination is one line, with no plan.
     session_plan = runs.plan(replace(options, loras=loras), height=height, width=width, frame_num=settings.frame_num, guided=settings.guided,
                              dry_run=args.dry_run)  # fmt: skip
@@ -51,6 +53,8 @@ def run(args) -> int:
         check_space(save_file.parent, session_plan.output_bytes, "free some space or choose another --save-file")
     if args.dry_run:  # as the run would go (on the CPU without --fp8)
         _explain(session_plan.planned, (height, width, spec_for().dit_tokens(settings.frame_num, height, width)), settings.frame_num)
+        given = (0,) if last_image is None else (0, settings.frame_num - 1)  # the frames the run gives (I2VPipeline.known_frames)
+        print(f"conditioning: {describe_known(given, settings.frame_num)}")
     check_fits(session_plan)  # after the plan a dry run shows: the refusal the run would give
     if args.dry_run:
         return 0
@@ -66,7 +70,7 @@ def run(args) -> int:
             print(f"wan-i2v: {plan.placement.describe(plan.dims, plan.on_gpu)}, to fit in memory ({_memory_needed(session.planned)})", file=sys.stderr)
         generate_and_write(session, image, settings, progress=not args.quiet, save_file=save_file, latents_file=latents_file,
                            keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started,
-                           state_file=state_file)  # fmt: skip
+                           state_file=state_file, last_image=last_image)  # fmt: skip
     return 0
 
 

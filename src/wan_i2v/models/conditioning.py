@@ -25,6 +25,15 @@ class KnownFrames:
         """``image``: [3, H, W], the first frame."""
         return cls(image[:, None], (0,))
 
+    @classmethod
+    def first_and_last(cls, first: torch.Tensor, last: torch.Tensor, frame_num: int) -> KnownFrames:
+        """``first``, ``last``: [3, H, W], the first and the last frame of a video of ``frame_num`` frames."""
+        return cls(torch.stack([first, last], dim=1), (0, frame_num - 1))
+
+    def describe(self, frame_num: int) -> str:
+        """What conditions the video, in words (``--dry-run``, the mp4's metadata)."""
+        return describe_known(self.positions, frame_num)
+
     def video(self, frame_num: int) -> torch.Tensor:
         """[3, frame_num, H, W]: the known frames in their places, black (zeros) elsewhere."""
         video = torch.zeros(3, frame_num, *self.frames.shape[2:], dtype=self.frames.dtype)
@@ -36,6 +45,16 @@ class KnownFrames:
         mask = torch.zeros(frame_num)
         mask[list(self.positions)] = 1
         return mask
+
+
+def describe_known(positions: tuple[int, ...], frame_num: int) -> str:
+    """The given frames at ``positions`` of a video of ``frame_num`` frames, in words: "first frame",
+    "first and last frame", else the positions."""
+    if positions == (0,):
+        return "first frame"
+    if positions == (0, frame_num - 1):
+        return "first and last frame"
+    return "frames " + ", ".join(map(str, positions))
 
 
 class KnownFramesMask:

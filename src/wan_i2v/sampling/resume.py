@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -32,17 +31,16 @@ def state_to(state: LoopState, device: torch.device) -> LoopState:
     return LoopState(**map_tensors(vars(state), lambda t: t.to(device)))
 
 
-def run_identity(checkpoint: Path | None, plan_identity: dict, loras: list[dict], image: torch.Tensor | None = None) -> dict:
+def run_identity(checkpoint: Path | None, plan_identity: dict, loras: list[dict], images: dict[str, str] | None = None) -> dict:
     """What, besides the generation settings, decides a run's video, which a saved state must match
     to be resumed: the checkpoint's folder, what in the execution plan changes the numbers
     (``ExecutionPlan.identity``), the LoRAs' records (none: no entry, as before LoRAs existed) and
-    the input image's pixels."""
+    the given images' pixels (``images``: "image", and "last_image" when one is given, to the SHA-256
+    of its pixels), so a run with another first or last frame starts over rather than mixes them."""
     identity = {**({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else {}), **plan_identity}
     if loras:
         identity["loras"] = loras
-    if image is not None:
-        identity["image"] = hashlib.sha256(image.numpy().tobytes()).hexdigest()
-    return identity
+    return {**identity, **(images or {})}
 
 
 def save_loop_state(path, state: LoopState, settings: GenerationSettings, run: dict) -> None:
@@ -76,6 +74,7 @@ def load_loop_state(path, settings: GenerationSettings, run: dict, *, seed_given
     except (TypeError, WanError):
         warnings.warn(discarded)
         return None
+    saved = replace(saved, fps=settings.fps)  # the output's frame rate: the one asked for now
     wanted = settings if seed_given else replace(settings, seed=saved.seed)
     if saved != wanted:
         warnings.warn(discarded)

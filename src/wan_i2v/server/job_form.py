@@ -9,6 +9,7 @@ pydantic's own parsing would take ``1_7`` for 17 and ``1.0`` for 1."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -65,12 +66,15 @@ class JobFields(BaseModel):
     prompt: str
     negative_prompt: str | None = None  # (kept as sent: an empty negative prompt is one)
     size: Text = None
+    height: WholeNumber = None  # an exact size: both or neither, not with size
+    width: WholeNumber = None
     frame_num: WholeNumber = None
     steps: WholeNumber = None
     shift: Number = None
     guide_scale: Annotated[tuple[float, float] | None, BeforeValidator(_guide_scales)] = None
     seed: WholeNumber = None  # None or -1: drawn
     solver: Text = None
+    fps: WholeNumber = None  # the mp4's frame rate
 
     @classmethod
     def of(cls, form) -> "JobFields":
@@ -82,9 +86,17 @@ class JobFields(BaseModel):
 
     def settings(self, defaults: SamplingDefaults) -> dict:
         """The job's settings, checked as the CLI checks them, with the seed drawn when not given (or -1)."""
-        size = self.size or defaults.size
-        settings = GenerationSettings.of(self.prompt, self.negative_prompt, defaults=defaults, size=size, frame_num=self.frame_num, steps=self.steps,
-                                         shift=self.shift, guide_scale=self.guide_scale, seed=self.seed, solver=self.solver)  # fmt: skip
+        return self.stored(self.generation_settings(defaults), defaults)
+
+    def generation_settings(self, defaults: SamplingDefaults) -> GenerationSettings:
+        exact = self.height is not None or self.width is not None
+        return GenerationSettings.of(self.prompt, self.negative_prompt, defaults=defaults, size=self.size or (None if exact else defaults.size),
+                                     frame_num=self.frame_num, steps=self.steps, shift=self.shift, guide_scale=self.guide_scale, seed=self.seed,
+                                     solver=self.solver, height=self.height, width=self.width, fps=self.fps)  # fmt: skip
+
+    def stored(self, settings: GenerationSettings, defaults: SamplingDefaults) -> dict:
+        """``settings`` as the queue stores them: with the size as asked (an exact one as WIDTH*HEIGHT) and the negative prompt as sent."""
+        size = self.size or (f"{settings.width}*{settings.height}" if settings.height is not None else defaults.size)
         return {**settings.as_dict(), "size": size, "negative_prompt": self.negative_prompt}
 
 
@@ -98,11 +110,12 @@ class JobRequest:
     """A checked request for a video."""
 
     image: bytes
-    settings: dict
+    settings: dict  # with "last_image_file_sha256", the SHA-256 of the last image's file, when one is given
     idempotency_key: str | None
     seed_given: bool  # (a seed drawn for the job is not part of the request)
     height: int  # the video's
     width: int
+    last_image: bytes | None = None  # the video's last frame, when given
 
 
 async def job_request(request: Request, context: Context) -> JobRequest:
@@ -128,13 +141,21 @@ async def job_request(request: Request, context: Context) -> JobRequest:
         refuse(400, "input_reference is required: the image file (PNG, JPEG or WebP)")
     if form.get("prompt") is None:
         refuse(400, "prompt is required (it may be empty)")
+    last_upload = form.get("last_image")
+    if isinstance(last_upload, str):
+        refuse(400, "last_image must be a file, the video's last frame (with curl: -F last_image=@FILE)")
     image = await upload.read()
+    last_image = None if last_upload is None else await last_upload.read()
     try:
         check_text_fields(form)
         check_openai_fields(form)
         fields = JobFields.of(form)
-        settings = fields.settings(context.defaults)
-        height, width = await check_image(image, upload.filename, settings["max_area"])
+        generation = fields.generation_settings(context.defaults)
+        settings = fields.stored(generation, context.defaults)
+        height, width = await check_image(image, upload.filename, generation)
+        if last_image is not None:
+            await check_image(last_image, last_upload.filename, generation, "last_image")
+            settings["last_image_file_sha256"] = hashlib.sha256(last_image).hexdigest()
     except WanError as exc:
         refuse(400, str(exc))
-    return JobRequest(image, settings, key, fields.seed_given, height, width)
+    return JobRequest(image, settings, key, fields.seed_given, height, width, last_image)

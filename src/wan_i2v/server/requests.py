@@ -15,7 +15,7 @@ from wan_i2v.models.spec import spec_for
 MAX_IMAGE_PIXELS = 64_000_000  # phone photos reach 50 MP; a decoded 64 MP image is 192 MB of RGB
 MODEL = spec_for().name.lower()  # the name the OpenAI API gives the served model
 MAX_IDEMPOTENCY_KEY = 255  # as Stripe's
-TEXT_FIELDS = ("model", "seconds", "prompt", "negative_prompt", "size", "frame_num", "steps", "guide_scale", "shift", "seed", "solver")
+TEXT_FIELDS = ("model", "seconds", "prompt", "negative_prompt", "size", "height", "width", "frame_num", "steps", "guide_scale", "shift", "seed", "solver", "fps")
 # Each decode holds up to ~200 MB, and a thread's malloc arena keeps what it once held: two threads
 # of their own (not a semaphore in the request pool's many threads) bound both the decodes and the arenas.
 _decoders = ThreadPoolExecutor(2, thread_name_prefix="image-decode")
@@ -71,18 +71,19 @@ def check_openai_fields(form) -> None:
         raise WanError(f"model {model!r} is not served here: only {MODEL!r} (or leave model out)")
 
 
-async def check_image(image: bytes, filename: str | None, max_area: int) -> tuple[int, int]:
+async def check_image(image: bytes, filename: str | None, settings, field: str = "input_reference") -> tuple[int, int]:
     """Refuse an image too large to decode from its header's size alone, then decode it (two at a
-    time at most) to check that it is a whole image of a usable shape; returns the video's (height, width)."""
-    return await asyncio.get_running_loop().run_in_executor(_decoders, _check_image, image, filename, max_area)
+    time at most) to check that it is a whole image of a usable shape; returns the video's (height,
+    width) for it as the first frame of ``settings``' video (a ``GenerationSettings``). ``field``: the form's field it came in."""
+    return await asyncio.get_running_loop().run_in_executor(_decoders, _check_image, image, filename, settings, field)
 
 
-def _check_image(image: bytes, filename: str | None, max_area: int) -> tuple[int, int]:
+def _check_image(image: bytes, filename: str | None, settings, field: str) -> tuple[int, int]:
     from PIL import Image
 
     from wan_i2v.video import load_image
 
-    name = f"image {filename or 'input_reference'}"
+    name = f"image {filename or field}"
     limit = f"over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} MP"
     hint = "scale it down first; the video is made at the size field's resolution anyway"
     try:
@@ -97,7 +98,7 @@ def _check_image(image: bytes, filename: str | None, max_area: int) -> tuple[int
     if width * height > MAX_IMAGE_PIXELS:
         raise WanError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} MP), {limit}", hint)
     picture = load_image(image, name=name)
-    return spec_for().video_size(picture.height, picture.width, max_area)
+    return settings.video_size(picture.height, picture.width)
 
 
 def same_request(known_settings: dict, known_image: bytes | None, settings: dict, image: bytes, seed_given: bool) -> bool:

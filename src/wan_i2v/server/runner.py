@@ -166,6 +166,7 @@ class Runner:
                 result = session.generate(
                     self.store.image_path(job.id), settings=_generation_settings(settings), progress=False, state_file=self.store.state_path(job.id),
                     video_file=self.store.video_path(job.id), cancel=watch, on_step=on_step,
+                    last_image=self.store.last_image_path(job.id) if settings.get("last_image_file_sha256") else None,
                 )  # fmt: skip
             outcome = "generated"
         except Cancelled:
@@ -263,8 +264,8 @@ class Runner:
 
 def _generation_settings(stored: dict) -> GenerationSettings:
     """A job's settings as the queue stores them (its seed drawn at submission), for the session."""
-    sampling = ("max_area", "frame_num", "steps", "shift", "guide_scale", "seed", "solver")
-    return GenerationSettings.of(stored["prompt"], stored["negative_prompt"], **{name: stored[name] for name in sampling})
+    sampling = ("max_area", "frame_num", "steps", "shift", "guide_scale", "seed", "solver", "height", "width", "fps")
+    return GenerationSettings.of(stored["prompt"], stored["negative_prompt"], **{name: stored.get(name) for name in sampling})  # (a job queued before a setting existed: its default)
 
 
 def files_estimate(settings: dict) -> int:

@@ -309,6 +309,10 @@ class JobStore:
     def image_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "input"
 
+    def last_image_path(self, job_id: str) -> Path:
+        """The job's last frame, when it was given one."""
+        return self.job_dir(job_id) / "last-input"
+
     def video_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "video.mp4"
 
@@ -323,9 +327,10 @@ class JobStore:
         values["settings"] = json.loads(values["settings"])
         return Job(**values)
 
-    def submit(self, image: bytes, settings: dict, idempotency_key: str | None = None, client: str | None = None) -> tuple[Job, bool]:
-        """Queue ``client``'s job (its image written first); returns (job, created). A key that client
-        used before returns that key's job instead; a full queue is refused."""
+    def submit(self, image: bytes, settings: dict, idempotency_key: str | None = None, client: str | None = None,
+               last_image: bytes | None = None) -> tuple[Job, bool]:  # fmt: skip
+        """Queue ``client``'s job (its image, and its last frame's if given, written first); returns
+        (job, created). A key that client used before returns that key's job instead; a full queue is refused."""
         if idempotency_key is not None and (known := self.by_key(idempotency_key, client)) is not None:
             return known, False
         from wan_i2v.video import write_atomically
@@ -335,6 +340,8 @@ class JobStore:
         directory.mkdir()
         try:
             write_atomically(self.image_path(job_id), lambda tmp: tmp.write_bytes(image))
+            if last_image is not None:
+                write_atomically(self.last_image_path(job_id), lambda tmp: tmp.write_bytes(last_image))
             with self._db(write=True) as db:
                 queued = db.execute("SELECT count(*) AS n FROM jobs WHERE status = 'queued'").fetchone()["n"]
                 if queued >= self.max_queued:

@@ -27,7 +27,7 @@ async def create(asked: Annotated[JobRequest, Depends(job_request)], context: Co
     if context.capacity is not None and (refusal := await run_in_threadpool(context.capacity.refusal, settings["frame_num"], asked.height, asked.width)):
         refuse(400, refusal)
     try:
-        job, created = await run_in_threadpool(context.store.submit, asked.image, settings, asked.idempotency_key, client.name)
+        job, created = await run_in_threadpool(context.store.submit, asked.image, settings, asked.idempotency_key, client.name, asked.last_image)
     except QueueFull as exc:
         refuse(429, f"{exc}; try again later")
     if created:
