@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
+from wan_i2v.extend import CONTEXT_FRAMES, ExtensionResult, extend_video, read_source, source_settings
 from wan_i2v.options import RunOptions
 from wan_i2v.kernels.attention import check_kernel
 from wan_i2v.loading import checkpoint as ckpt
@@ -259,7 +260,7 @@ class I2VPipeline:
 
     def generate(
         self,
-        image: Image.Image | str | Path,
+        image: Image.Image | str | Path | KnownFrames,
         prompt: str | None = None,
         negative_prompt: str | None = None,
         max_area: int | None = None,
@@ -335,6 +336,44 @@ class I2VPipeline:
         return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts, loras=self.loras,
                                 step_cache=step_cache)  # fmt: skip
 
+    def extend(
+        self,
+        video: str | Path | torch.Tensor,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        *,
+        context_frames: int = CONTEXT_FRAMES,
+        extend_times: int = 1,
+        frame_num: int | None = None,
+        steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | tuple[float, float] | None = None,
+        seed: int | None = None,
+        solver: str | None = None,
+        settings: GenerationSettings | None = None,
+        state_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> ExtensionResult:
+        """Continue ``video`` (an mp4's path, or a [3, F, H, W] tensor in [-1, 1]) with a clip of
+        ``frame_num`` frames conditioned on its last ``context_frames`` frames (4m+1), at its size;
+        ``extend_times`` clips, each conditioned on the end of the one before. The result's video is
+        ``video`` then the new frames (each clip's first ``context_frames`` reproduce its context and are
+        left out); its metadata, the chain: the source's SHA-256 and each clip's settings.
+
+        The settings are ``settings``, else ``GenerationSettings.of`` the keywords, as in ``generate``;
+        each clip after the first takes the next seed (or a drawn one). ``state_dir``: each clip's
+        denoising state is kept there (``generate``'s ``state_file``), so the same call resumes an
+        interrupted extension."""
+        source = read_source(video, self.spec)
+        if settings is None:
+            settings = source_settings(source, self.spec, prompt, negative_prompt, frame_num=frame_num, steps=steps, shift=shift,
+                                       guide_scale=guide_scale, seed=seed, solver=solver)  # fmt: skip
+
+        def clip(known: KnownFrames, settings: GenerationSettings, state_file: Path | None) -> GenerationResult:
+            return self.generate(known, settings=settings, state_file=state_file, progress=progress)
+
+        return extend_video(clip, source, settings, context_frames=context_frames, times=extend_times, spec=self.spec, state_dir=state_dir)
+
     def _step_cache_record(self) -> dict | None:
         """The step cache's setting and the forwards it skipped per expert in the video just sampled
         (None without a cache). Under CFG parallel each rank ran one guidance branch: their counts are added."""
@@ -354,16 +393,22 @@ class I2VPipeline:
         return self.parallel is None or self.parallel.is_main
 
     def prepare(
-        self, image: Image.Image | str | Path, settings: GenerationSettings, *, state_file: str | Path | None = None, progress: bool = False,
+        self, image: Image.Image | str | Path | KnownFrames, settings: GenerationSettings, *, state_file: str | Path | None = None, progress: bool = False,
         timings: dict | None = None, peaks: dict | None = None,
     ) -> Prepared:  # fmt: skip
         """Stage 1: the text and image encodings of ``settings``' video, the noise, and with
         ``state_file`` the saved state to resume from (whose seed is taken when ``settings``' was drawn).
-        In a parallel run the settings are rank 0's (every rank must draw the same noise)."""
+        ``image`` is resized to the settings' size; ``KnownFrames`` (an extension's context) are taken
+        at their own. In a parallel run the settings and known frames are rank 0's (every rank must
+        draw the same noise)."""
         timings = {} if timings is None else timings
         peaks = {} if peaks is None else peaks
         chosen = settings if self.parallel is None else self.parallel.agree(settings)
-        pixels = image_to_tensor(load_image(image))
+        if isinstance(image, KnownFrames):  # frames at the video's size (an extension's context); rank 0's in a parallel run
+            known = image if self.parallel is None else self.parallel.agree(image)
+            pixels = known.frames
+        else:
+            known, pixels = None, image_to_tensor(load_image(image))
         resume = run = None
         if state_file is not None:
             state_file = Path(state_file)
@@ -379,7 +424,10 @@ class I2VPipeline:
         with _timed(timings, peaks, "text encoding", self.device):
             context, context_null = self.encode_text([chosen.prompt, chosen.negative_prompt], progress and self.is_main)
         with _timed(timings, peaks, "image encoding", self.device):
-            condition = self.encode_image(pixels, chosen.max_area, chosen.frame_num, progress and self.is_main)
+            if known is None:
+                condition = self.encode_image(pixels, chosen.max_area, chosen.frame_num, progress and self.is_main)
+            else:
+                condition = self.encode_known(known, chosen.frame_num, progress and self.is_main)
         noise = self.initial_noise(condition.shape[1:], chosen.seed)
         conditioning = Conditioning(condition[None], context[None], context_null[None])
         return Prepared(chosen, conditioning, noise, resume, state_file, run)
@@ -448,6 +496,10 @@ class I2VPipeline:
         height, width = self.spec.video_size(pixels.shape[1], pixels.shape[2], max_area)
         # Resized on the CPU in fp32, bicubic without antialiasing, as the official code does.
         first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
+        return self.encode_known(KnownFrames.first(first), frame_num, progress)
+
+    def encode_known(self, known: KnownFrames, frame_num: int, progress: bool = False) -> torch.Tensor:
+        """The condition the spec's strategy makes of ``known`` frames, at their size, in a video of ``frame_num`` frames."""
         bar = tqdm(total=self.spec.latent_frames(frame_num), desc="image encoding", unit="latent frame", disable=not progress)
         advance = _advancing(bar)
 
@@ -460,7 +512,7 @@ class I2VPipeline:
 
         try:
             with torch.no_grad():
-                return self.conditioning.condition(KnownFrames.first(first), frame_num, self.spec.vae_stride[0], encode)
+                return self.conditioning.condition(known, frame_num, self.spec.vae_stride[0], encode)
         finally:
             bar.close()
 

@@ -1,0 +1,96 @@
+"""Video extension (``I2VPipeline.extend``, ``wan-i2v extend``) on the tiny checkpoint: a 9-frame
+source, 9-frame clips conditioned on its last 5 frames, 2 steps."""
+
+import hashlib
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from wan_i2v.errors import WanError
+from wan_i2v.video import write_mp4
+
+CLIP = dict(frame_num=9, steps=2, context_frames=5)
+SOURCE_FRAMES, HEIGHT, WIDTH = 9, 32, 48
+
+
+def decoded_frames(path) -> torch.Tensor:
+    """An mp4's frames as PyAV decodes them, as [3, F, H, W] in [-1, 1]."""
+    with av.open(str(path)) as container:
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+@pytest.fixture(scope="module")
+def source_file(tmp_path_factory):
+    """A 9-frame mp4 at 24 fps, not the model's 16: a bright square moving over a gradient."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, HEIGHT), torch.linspace(-1, 1, WIDTH), indexing="ij")
+    frames = torch.stack([torch.stack([x, y, x * y]) for _ in range(SOURCE_FRAMES)], dim=1) * 0.6
+    for index in range(SOURCE_FRAMES):
+        frames[:, index, 8:20, 2 + 3 * index : 14 + 3 * index] = 0.9
+    return write_mp4(frames, tmp_path_factory.mktemp("source") / "source.mp4", fps=24, metadata={"prompt": "where it began", "seed": 7})
+
+
+@pytest.fixture(scope="module")
+def once(tiny_pipeline, source_file):
+    return tiny_pipeline.extend(source_file, "a boat", seed=1, progress=False, **CLIP)
+
+
+@pytest.fixture(scope="module")
+def twice(tiny_pipeline, source_file):
+    return tiny_pipeline.extend(source_file, "a boat", seed=1, extend_times=2, progress=False, **CLIP)
+
+
+def new_frames(result):
+    return result.video[:, SOURCE_FRAMES:]
+
+
+def test_the_join_repeats_no_frame(once, source_file):
+    """The source's frames as the file decodes, then the clip's frames after its 5 context frames."""
+    assert once.video.shape == (3, SOURCE_FRAMES + CLIP["frame_num"] - CLIP["context_frames"], HEIGHT, WIDTH)
+    # (both from the same 8-bit frames: the division's rounding is all that differs)
+    torch.testing.assert_close(once.video[:, :SOURCE_FRAMES], decoded_frames(source_file), rtol=0, atol=1e-6)
+    assert once.fps == 24 and len(once.segments) == 1 and once.segments[0].video is None
+
+
+def test_the_context_frames_condition_the_new_clip(tiny_pipeline, source_file, once):
+    """Other last 5 frames: another clip. Other frames before them: the same clip, bit for bit."""
+    frames = decoded_frames(source_file)
+    other_context, other_start = frames.clone(), frames.clone()
+    other_context[:, -CLIP["context_frames"] :] = other_context[:, -CLIP["context_frames"] :].flip(-1)
+    other_start[:, : SOURCE_FRAMES - CLIP["context_frames"]] = 0
+    changed = tiny_pipeline.extend(other_context, "a boat", seed=1, progress=False, **CLIP)
+    kept = tiny_pipeline.extend(other_start, "a boat", seed=1, progress=False, **CLIP)
+    assert (new_frames(changed) - new_frames(once)).abs().mean() > 0.01
+    assert torch.equal(new_frames(kept), new_frames(once))
+    assert torch.equal(kept.video[:, : SOURCE_FRAMES - CLIP["context_frames"]], other_start[:, : SOURCE_FRAMES - CLIP["context_frames"]])
+
+
+def test_extending_twice_conditions_each_clip_on_the_end_of_the_one_before(tiny_pipeline, once, twice):
+    assert twice.video.shape[1] == SOURCE_FRAMES + 2 * (CLIP["frame_num"] - CLIP["context_frames"])
+    assert torch.equal(twice.video[:, : once.video.shape[1]], once.video)
+    assert [segment.settings.seed for segment in twice.segments] == [1, 2]
+    continued = tiny_pipeline.extend(once.video, "a boat", seed=2, progress=False, **CLIP)
+    assert torch.equal(continued.video, twice.video)
+
+
+def test_the_metadata_records_the_chain(once, twice, source_file, tmp_path):
+    from wan_i2v.extend import read_source
+    from wan_i2v.models.spec import spec_for
+
+    sha256 = hashlib.sha256(source_file.read_bytes()).hexdigest()
+    (link,) = once.metadata["chain"]
+    assert {key: link[key] for key in ("source_sha256", "source_frames", "context_frames")} == {"source_sha256": sha256, "source_frames": 9, "context_frames": 5}
+    assert [(segment["prompt"], segment["seed"], segment["frame_num"]) for segment in link["segments"]] == [("a boat", 1, 9)]
+    assert [segment["seed"] for segment in twice.metadata["chain"][0]["segments"]] == [1, 2]
+    extended = write_mp4(twice.video, tmp_path / "extended.mp4", fps=twice.fps, metadata=twice.metadata)
+    # (the next extension's chain starts from it; as JSON, the guide scale's pair is a list)
+    assert read_source(extended, spec_for()).chain == json.loads(json.dumps(twice.metadata["chain"]))
+
+
+@pytest.mark.parametrize("size", [(40, 48), (32, 24)])
+def test_a_source_of_a_size_the_model_does_not_take_is_refused(tiny_pipeline, size):
+    with pytest.raises(WanError, match=rf"the video is {size[1]}x{size[0]}, a size the model does not take \(resize it to sides that are multiples of 16"):
+        tiny_pipeline.extend(torch.zeros(3, 9, *size), "a boat", progress=False, **CLIP)
