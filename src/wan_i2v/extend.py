@@ -60,15 +60,20 @@ def read_source(video: str | Path | torch.Tensor, spec: ModelSpec, *, fps: Fract
     return Source(frames_to_tensor(mp4.frames), mp4.fps, sha256, chain if isinstance(chain, list) else [])
 
 
-def source_size(source: Source, spec: ModelSpec) -> str:
-    """The ``size`` setting of a clip at the source's size: the preset of that area (its shift), else H*W.
-    Refused in one line when the model does not take that size (the source is not resized)."""
+def check_size(source: Source, spec: ModelSpec) -> None:
+    """The clips are at the source's size (it is not resized): one the model takes, or a one-line refusal."""
     height, width = source.frames.shape[2:]
     multiple = spec.size_multiple
     if height % multiple or width % multiple or min(height, width) < MIN_SIDE or height * width > MAX_AREA:
         raise WanError(f"{source.name} is {width}x{height}, a size the model does not take",
                        f"resize it to sides that are multiples of {multiple}, at least {MIN_SIDE} and at most 2048*2048 pixels in all, "
                        "such as 1280x720 or 832x480")  # fmt: skip
+
+
+def source_size(source: Source, spec: ModelSpec) -> str:
+    """The ``size`` setting of a clip at the source's size: the preset of that area (its shift), else H*W."""
+    check_size(source, spec)
+    height, width = source.frames.shape[2:]
     presets = [name for name, preset in spec.presets.items() if preset.max_area == height * width]
     return presets[0] if presets else f"{height}*{width}"
 
@@ -81,6 +86,7 @@ def source_settings(source: Source, spec: ModelSpec, prompt: str, negative_promp
 
 def check_extension(source: Source, context_frames: int, frame_num: int, times: int, spec: ModelSpec) -> None:
     """One-line refusals of an extension that cannot run as asked."""
+    check_size(source, spec)
     stride = spec.vae_stride[0]
     if context_frames < 1 or (context_frames - 1) % stride:
         below = max(1, (context_frames - 1) // stride * stride + 1)
