@@ -47,6 +47,18 @@ def new_frames(result):
     return result.video[:, SOURCE_FRAMES:]
 
 
+def test_4m_plus_1_context_frames_are_whole_latent_frames_of_the_mask():
+    """The mask's first latent frame stands for frame 0 alone, each later one for 4 frames: the 5 context
+    frames at positions 0-4 mark the first two latent frames whole and leave the third unmarked."""
+    from wan_i2v.extend import context
+    from wan_i2v.models.conditioning import KnownFramesMask
+
+    latents = torch.zeros(16, 3, 2, 3)
+    condition = KnownFramesMask().condition(context(torch.ones(3, 9, 16, 24), 5), 9, 4, lambda video: latents)
+    mask = condition[:4]
+    assert mask[:, :2].eq(1).all() and mask[:, 2].eq(0).all()
+
+
 def test_the_join_repeats_no_frame(once, source_file):
     """The source's frames as the file decodes, then the clip's frames after its 5 context frames."""
     assert once.video.shape == (3, SOURCE_FRAMES + CLIP["frame_num"] - CLIP["context_frames"], HEIGHT, WIDTH)
