@@ -106,3 +106,102 @@ def test_the_metadata_records_the_chain(once, twice, source_file, tmp_path):
 def test_a_source_of_a_size_the_model_does_not_take_is_refused(tiny_pipeline, size):
     with pytest.raises(WanError, match=rf"the video is {size[1]}x{size[0]}, a size the model does not take \(resize it to sides that are multiples of 16"):
         tiny_pipeline.extend(torch.zeros(3, 9, *size), "a boat", progress=False, **CLIP)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def extend(ckpt, video, out, *extra):
+    from wan_i2v.cli import main
+
+    return main(["extend", str(video), "--ckpt-dir", str(ckpt), "--prompt", "a boat", "--save-file", str(out), "--seed", "1",
+                 "--frame-num", "9", "--steps", "2", "--quiet", "--device", "cpu", *extra])  # fmt: skip
+
+
+def read_metadata(path) -> dict:
+    with av.open(str(path)) as container:
+        return json.loads(container.metadata["comment"])
+
+
+def test_an_interrupted_extension_resumes_with_the_same_command(tiny_checkpoint, source_file, twice, tmp_path, monkeypatch, capsys):
+    """Stopped in the second clip's second step: the same command keeps the first clip (no forward of
+    it again), resumes the second from its saved step, and writes the video of a run never stopped."""
+    from wan_i2v.models.dit import DiT
+
+    out, forward, calls = tmp_path / "longer.mp4", DiT.forward, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(calls))
+        if stop_at is not None and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiT, "forward", counted)
+    stop_at = 7  # 2 guided steps of 2 forwards a clip: the 7th forward is the second clip's second step
+    assert extend(tiny_checkpoint, source_file, out, "--extend-times", "2") == 130
+    states = tmp_path / "longer.extend"
+    assert f"the denoising states are saved in {states}; the same command resumes from them" in capsys.readouterr().err and not out.exists()
+    assert [torch.load(states / f"segment-{n}.state.pt", weights_only=True)["step"] for n in (1, 2)] == [2, 1]
+    stop_at, calls[:] = None, []
+    assert extend(tiny_checkpoint, source_file, out, "--extend-times", "2") == 0
+    assert len(calls) == 2 and not states.exists()
+    unbroken = write_mp4(twice.video, tmp_path / "unbroken.mp4", fps=24)
+    assert torch.equal(decoded_frames(out), decoded_frames(unbroken))
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].average_rate == 24
+    assert read_metadata(out) == json.loads(json.dumps(twice.metadata))
+
+
+def test_extending_an_extension_continues_its_chain(tiny_checkpoint, twice, tmp_path, capsys):
+    extended = write_mp4(twice.video, tmp_path / "extended.mp4", fps=24, metadata=twice.metadata)
+    out = tmp_path / "again.mp4"
+    assert extend(tiny_checkpoint, extended, out) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    first, second = read_metadata(out)["chain"]
+    assert first == json.loads(json.dumps(twice.metadata["chain"][0]))
+    assert second["source_sha256"] == hashlib.sha256(extended.read_bytes()).hexdigest() and second["source_frames"] == twice.video.shape[1]
+    assert [(segment["prompt"], segment["seed"]) for segment in second["segments"]] == [("a boat", 1)]
+    assert decoded_frames(out).shape[1] == twice.video.shape[1] + 4
+
+
+def test_a_dry_run_says_what_it_extends_and_writes_nothing(tiny_checkpoint, source_file, tmp_path, capsys):
+    out = tmp_path / "longer.mp4"
+    assert extend(tiny_checkpoint, source_file, out, "--dry-run", "--context-frames", "1") == 0
+    printed = capsys.readouterr().out
+    assert f"extending 1 frame of {source_file}" in printed and "video: 48x32, 9 frames" in printed and "plan: " in printed
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--context-frames", "4"], "--context-frames 4 is not of the form 4m+1 (so that the context fills whole latent frames: use 1 or 5)"),
+        (["--context-frames", "9"], "--context-frames 9 leaves no new frame in a clip of --frame-num 9"),
+        (["--context-frames", "13", "--frame-num", "17"], "the source video has 9 frames, fewer than --context-frames 13"),
+        (["--extend-times", "0"], "--extend-times 0: extend at least once"),
+        (["--frame-num", "8"], "--frame-num 8 is not of the form 4n+1"),
+    ],
+)
+def test_bad_extensions_are_one_line(tiny_checkpoint, source_file, tmp_path, capsys, args, message):
+    assert extend(tiny_checkpoint, source_file, tmp_path / "out.mp4", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"wan-i2v: error: {message}") and err.count("\n") == 1, err
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_source_that_is_not_an_mp4_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    image, text, missing = tmp_path / "image.png", tmp_path / "notes.mp4", tmp_path / "missing.mp4"
+    Image.new("RGB", (48, 32)).save(image)
+    text.write_text("not a video")
+    for source, message in ((image, f"{image} is not an mp4 video"), (text, f"cannot read {text}"), (missing, f"video not found: {missing}")):
+        assert extend(tiny_checkpoint, source, tmp_path / "out.mp4") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"wan-i2v: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_the_output_is_not_the_source(tiny_checkpoint, source_file, capsys):
+    assert extend(tiny_checkpoint, source_file, source_file) == 2
+    assert capsys.readouterr().err.startswith(f"wan-i2v: error: --save-file {source_file} is the video to extend")

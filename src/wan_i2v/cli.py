@@ -21,7 +21,7 @@ from wan_i2v import locks
 from wan_i2v.cache import add_cache_parser
 from wan_i2v.config import DISTILLED, MAX_STEPS, OFFICIAL, SOLVERS, GenerationSettings, SamplingDefaults, check_frame_num, parse_size
 from wan_i2v.disk import check_space
-from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
+from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, counted, is_out_of_memory, on_the_command_line, stop_on_sigterm
 from wan_i2v.models.spec import spec_for
 from wan_i2v.options import Offload, RunOptions, add_options, options_from
 from wan_i2v.parallel.env import env_rank
@@ -341,6 +341,67 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_extend(args) -> int:
+    import shutil
+
+    from wan_i2v import session as runs
+    from wan_i2v.extend import check_extension, extend_video, read_source, segment_state_file, source_size
+    from wan_i2v.video import check_writable, write_mp4
+
+    # Everything the user typed is checked before minutes of model loading.
+    spec = spec_for()
+    source = read_source(args.video, spec)
+    settings = _settings(args, size=source_size(source, spec))
+    check_extension(source, args.context_frames, settings.frame_num, args.extend_times, spec)
+    options = options_from(args)
+    loras = _loras(options.loras)
+    default = f"{Path(args.video).stem}-extended.mp4"
+    save_file = _mp4_path(args.save_file, "--save-file") if args.save_file is not None else _fresh_output(default, dry_run=args.dry_run)
+    if save_file.resolve() == Path(args.video).resolve():
+        raise WanError(f"--save-file {save_file} is the video to extend", "give the longer video another name")
+    if _is_main():
+        check_writable(save_file)
+    height, width = source.frames.shape[2:]
+    session_plan = runs.plan(replace(options, loras=loras), height=height, width=width, frame_num=settings.frame_num, guided=settings.guided,
+                             dry_run=args.dry_run)  # fmt: skip
+    if args.dry_run:
+        _check_loras(loras, session_plan.ckpt_dir)
+    _tell(session_plan)
+    if _is_main() and not args.dry_run:  # every clip's state is kept until the video is written
+        check_space(save_file.parent, session_plan.output_bytes * args.extend_times + source.frames.numel(), "free some space or choose another --save-file")
+    if args.dry_run:
+        _explain(session_plan.planned, (height, width, spec.dit_tokens(settings.frame_num, height, width)), settings.frame_num)
+        print(f"conditioning: extending {counted(args.context_frames, 'frame')} of {args.video}")
+    _check_fits(session_plan)
+    if args.dry_run:
+        return 0
+    _keep_compiled_code()
+    loading_started = time.perf_counter()
+    states = save_file.with_suffix(".extend")
+    state_files = [segment_state_file(states, index) for index in range(args.extend_times)]
+    with _exclusive(save_file, *state_files) if _is_main() else nullcontext(), runs.RunSession.open(session_plan, progress=not args.quiet) as session:
+        loading_seconds = time.perf_counter() - loading_started
+
+        def clip(known, settings, state_file):
+            return session.generate(known, settings=settings, state_file=state_file, progress=not args.quiet)
+
+        try:
+            result = extend_video(clip, source, settings, context_frames=args.context_frames, times=args.extend_times, spec=spec, state_dir=states)
+        except BaseException:
+            if _is_main() and states.is_dir():
+                print(f"wan-i2v: the denoising states are saved in {states}; the same command resumes from them", file=sys.stderr)
+            raise
+        if result.video is None:  # a rank other than 0 of a parallel run
+            return 0
+        write_mp4(result.video, save_file, fps=source.fps, metadata=result.metadata)
+        shutil.rmtree(states)
+    seconds = sum(sum(segment.timings.values()) for segment in result.segments)
+    print(f"time: loading {loading_seconds:.1f}s, {counted(len(result.segments), 'clip')} {seconds:.1f}s", file=sys.stderr)
+    print(f"seeds: {', '.join(str(segment.settings.seed) for segment in result.segments)}", file=sys.stderr)
+    print(save_file)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from wan_i2v import session as runs
     from wan_i2v.parallel.groups import launched
@@ -575,6 +636,18 @@ def build_parser() -> argparse.ArgumentParser:
     official_options(gen)
     gen.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
     gen.set_defaults(func=cmd_generate)
+
+    ext = sub.add_parser("extend", help="continue a video with new clips, each conditioned on the last frames before it")
+    ext.add_argument("video", help="the mp4 to continue: its size is the new clips' (sides multiples of 16)")
+    sampling_options(ext, frame_num=81, steps=40, prompt_required=True)
+    ext.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the size preset's (5.0 for custom sizes and with --distilled)")
+    ext.add_argument("--context-frames", type=int, default=5,
+                     help="the video's last frames each clip is conditioned on and starts with (left out of the join): 4m+1 (default 5)")
+    ext.add_argument("--extend-times", type=int, default=1, help="how many clips to add, each after the one before (default 1); clip i takes --seed + i")
+    ext.add_argument("--save-file", "--save_file", default=None, help="the .mp4 to write: the video, then the new frames (default VIDEO-extended.mp4)")
+    add_options(ext)
+    ext.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
+    ext.set_defaults(func=cmd_extend)
 
     srv = sub.add_parser("serve", help="an HTTP server (OpenAI videos API, web page) with a job queue that survives restarts")
     srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only; another needs --token)")

@@ -142,6 +142,11 @@ def chain_metadata(source: Source, context_frames: int, segments: list) -> dict:
     return {"chain": [*source.chain, link]}
 
 
+def segment_state_file(state_dir: str | Path, index: int) -> Path:
+    """Where segment ``index`` (from 0) keeps its denoising state."""
+    return Path(state_dir) / f"segment-{index + 1}.state.pt"
+
+
 def extend_video(
     generate: Callable, source: Source, settings: GenerationSettings, *, context_frames: int = CONTEXT_FRAMES, times: int = 1,
     spec: ModelSpec, state_dir: str | Path | None = None,
@@ -154,7 +159,7 @@ def extend_video(
         Path(state_dir).mkdir(parents=True, exist_ok=True)
     video, segments, main = source.frames, [], True
     for index in range(times):
-        state_file = None if state_dir is None else Path(state_dir) / f"segment-{index + 1}.state.pt"
+        state_file = None if state_dir is None else segment_state_file(state_dir, index)
         result = generate(context(video, context_frames), segment_settings(settings, index), state_file)
         if result.video is None:  # a rank other than 0 of a parallel run: rank 0's context is the one sampled
             main = False
