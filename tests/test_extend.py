@@ -205,3 +205,11 @@ def test_a_source_that_is_not_an_mp4_is_one_line(tiny_checkpoint, tmp_path, caps
 def test_the_output_is_not_the_source(tiny_checkpoint, source_file, capsys):
     assert extend(tiny_checkpoint, source_file, source_file) == 2
     assert capsys.readouterr().err.startswith(f"wan-i2v: error: --save-file {source_file} is the video to extend")
+
+
+def test_two_processes_extend_as_one_does(tiny_checkpoint, source_file, twice, tmp_path):
+    """`--gpus 2 --device cpu` (two gloo ranks, CFG parallel): rank 0's context goes to both ranks,
+    clip after clip, and the video is the one process's."""
+    out = tmp_path / "longer.mp4"
+    assert extend(tiny_checkpoint, source_file, out, "--extend-times", "2", "--gpus", "2") == 0
+    assert torch.equal(decoded_frames(out), decoded_frames(write_mp4(twice.video, tmp_path / "one.mp4", fps=24)))
