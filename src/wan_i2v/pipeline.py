@@ -427,7 +427,7 @@ class I2VPipeline:
             if known is None:
                 condition = self.encode_image(pixels, chosen.max_area, chosen.frame_num, progress and self.is_main)
             else:
-                condition = self.encode_known(known, chosen.frame_num, progress and self.is_main)
+                condition = self.encode_frames(known, chosen.frame_num, progress and self.is_main)
         noise = self.initial_noise(condition.shape[1:], chosen.seed)
         conditioning = Conditioning(condition[None], context[None], context_null[None])
         return Prepared(chosen, conditioning, noise, resume, state_file, run)
@@ -496,9 +496,9 @@ class I2VPipeline:
         height, width = self.spec.video_size(pixels.shape[1], pixels.shape[2], max_area)
         # Resized on the CPU in fp32, bicubic without antialiasing, as the official code does.
         first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
-        return self.encode_known(KnownFrames.first(first), frame_num, progress)
+        return self.encode_frames(KnownFrames.first(first), frame_num, progress)
 
-    def encode_known(self, known: KnownFrames, frame_num: int, progress: bool = False) -> torch.Tensor:
+    def encode_frames(self, known: KnownFrames, frame_num: int, progress: bool = False) -> torch.Tensor:
         """The condition the spec's strategy makes of ``known`` frames, at their size, in a video of ``frame_num`` frames."""
         bar = tqdm(total=self.spec.latent_frames(frame_num), desc="image encoding", unit="latent frame", disable=not progress)
         advance = _advancing(bar)
