@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from wan_i2v.cache.manifest import hash_stream
 from wan_i2v.config import DRAWN_SEEDS, MAX_AREA, MIN_SIDE, OFFICIAL, GenerationSettings, SamplingDefaults
 from wan_i2v.errors import WanError, option
 from wan_i2v.models.conditioning import KnownFrames
@@ -54,10 +55,11 @@ def read_source(video: str | Path | torch.Tensor, spec: ModelSpec, *, fps: Fract
             raise WanError(f"a video tensor of shape {list(video.shape)}", "give [3, frames, height, width] in [-1, 1]")
         return Source(video.detach().float().cpu(), fps or spec.fps)
     mp4 = read_mp4(video)
+    digest = hashlib.sha256()
     with open(video, "rb") as file:
-        sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+        hash_stream(digest, file)
     chain = mp4.metadata.get("chain")
-    return Source(frames_to_tensor(mp4.frames), mp4.fps, sha256, chain if isinstance(chain, list) else [])
+    return Source(frames_to_tensor(mp4.frames), mp4.fps, digest.hexdigest(), chain if isinstance(chain, list) else [])
 
 
 def check_size(source: Source, spec: ModelSpec) -> None:
