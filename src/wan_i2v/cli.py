@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wan-i2v {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def dry_run_option(p):
+        p.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
+
     gen = sub.add_parser("generate", help="make a video from an image and a prompt")
     gen.add_argument("--image", required=True, help="the first frame: a PNG, JPEG or WebP file")
     gen.add_argument("--last-image", default=None, metavar="FILE",
@@ -118,8 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-latents", default=None, help="also keep the latents here (`wan-i2v decode` re-decodes them)")
     add_options(gen)
     official_options(gen)
-    gen.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
+    dry_run_option(gen)
     gen.set_defaults(func=_command("generate"))
+
+    ext = sub.add_parser("extend", help="continue a video with new clips, each conditioned on the last frames before it")
+    ext.add_argument("video", help="the mp4 to continue: the new clips are at its size (sides multiples of 16) and frame rate")
+    add_sampling_flags(ext, leave_out=("size", "height", "width", "fps"))  # the video's own
+    ext.add_argument("--quiet", action="store_true", help="no progress bars")
+    ext.add_argument("--context-frames", type=int, default=5,
+                     help="the video's last frames each clip is conditioned on and starts with (left out of the join): 4m+1 (default 5)")
+    ext.add_argument("--extend-times", type=int, default=1, help="how many clips to add, each after the one before (default 1); clip i takes --seed + i")
+    ext.add_argument("--save-file", "--save_file", default=None, help="the .mp4 to write: the video, then the new frames (default VIDEO-extended.mp4)")
+    add_options(ext)
+    dry_run_option(ext)
+    ext.set_defaults(func=_command("extend"))
 
     srv = sub.add_parser("serve", help="an HTTP server (OpenAI videos API, web page) with a job queue that survives restarts")
     srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only; another needs --token)")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
+from wan_i2v.extend import CONTEXT_FRAMES, ExtensionResult, extend_video, read_source, source_settings
 from wan_i2v.options import RunOptions
 from wan_i2v.kernels.attention import check_kernel
 from wan_i2v.loading import checkpoint as ckpt
@@ -263,7 +264,7 @@ class I2VPipeline:
 
     def generate(
         self,
-        image: Image.Image | str | Path,
+        image: Image.Image | str | Path | KnownFrames,
         prompt: str | None = None,
         negative_prompt: str | None = None,
         max_area: int | None = None,
@@ -348,6 +349,44 @@ class I2VPipeline:
         return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts, loras=self.loras,
                                 step_cache=step_cache, given=prepared.given)  # fmt: skip
 
+    def extend(
+        self,
+        video: str | Path | torch.Tensor,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        *,
+        context_frames: int = CONTEXT_FRAMES,
+        extend_times: int = 1,
+        frame_num: int | None = None,
+        steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | tuple[float, float] | None = None,
+        seed: int | None = None,
+        solver: str | None = None,
+        settings: GenerationSettings | None = None,
+        state_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> ExtensionResult:
+        """Continue ``video`` (an mp4's path, or a [3, F, H, W] tensor in [-1, 1]) with a clip of
+        ``frame_num`` frames conditioned on its last ``context_frames`` frames (4m+1), at its size;
+        ``extend_times`` clips, each conditioned on the end of the one before. The result's video is
+        ``video`` then the new frames (each clip's first ``context_frames`` reproduce its context and are
+        left out); its metadata, the chain: the source's SHA-256 and each clip's settings.
+
+        The settings are ``settings``, else ``GenerationSettings.of`` the keywords, as in ``generate``;
+        each clip after the first takes the next seed (or a drawn one). ``state_dir``: each clip's
+        denoising state is kept there (``generate``'s ``state_file``), so the same call resumes an
+        interrupted extension."""
+        source = read_source(video, self.spec)
+        if settings is None:
+            settings = source_settings(source, self.spec, prompt, negative_prompt, frame_num=frame_num, steps=steps, shift=shift,
+                                       guide_scale=guide_scale, seed=seed, solver=solver)  # fmt: skip
+
+        def clip(known: KnownFrames, settings: GenerationSettings, state_file: Path | None) -> GenerationResult:
+            return self.generate(known, settings=settings, state_file=state_file, progress=progress)
+
+        return extend_video(clip, source, settings, context_frames=context_frames, times=extend_times, spec=self.spec, state_dir=state_dir)
+
     def _step_cache_record(self) -> dict | None:
         """The step cache's setting and the forwards it skipped per expert in the video just sampled
         (None without a cache). Under CFG parallel each rank ran one guidance branch: their counts are added."""
@@ -367,21 +406,26 @@ class I2VPipeline:
         return self.parallel is None or self.parallel.is_main
 
     def prepare(
-        self, image: Image.Image | str | Path, settings: GenerationSettings, *, last_image: Image.Image | str | Path | None = None,
+        self, image: Image.Image | str | Path | KnownFrames, settings: GenerationSettings, *, last_image: Image.Image | str | Path | None = None,
         state_file: str | Path | None = None, progress: bool = False, timings: dict | None = None, peaks: dict | None = None,
     ) -> Prepared:  # fmt: skip
         """Stage 1: the text and image encodings of ``settings``' video (``image`` its first frame,
-        ``last_image`` if given its last), the noise, and with ``state_file`` the saved state to resume
-        from (whose seed is taken when ``settings``' was drawn). In a parallel run the settings are
-        rank 0's (every rank must draw the same noise)."""
+        ``last_image`` if given its last, each resized to the settings' size; or the ``KnownFrames`` of
+        an extension's context, taken at their own size), the noise, and with ``state_file`` the saved
+        state to resume from (whose seed is taken when ``settings``' was drawn). In a parallel run the
+        settings and known frames are rank 0's (every rank must draw the same noise)."""
         timings = {} if timings is None else timings
         peaks = {} if peaks is None else peaks
         chosen = settings if self.parallel is None else self.parallel.agree(settings)
-        images = {"image": load_image(image)}
-        if last_image is not None:
-            images["last_image"] = load_image(last_image, flag="last_image")
-        hashes = {name: image_sha256(picture) for name, picture in images.items()}
-        pixels = [image_to_tensor(picture) for picture in images.values()]
+        if isinstance(image, KnownFrames):  # frames at the video's size (an extension's context)
+            known = image if self.parallel is None else self.parallel.agree(image)
+            hashes, pixels = {"context_frames": known.sha256()}, None
+        else:
+            images = {"image": load_image(image)}
+            if last_image is not None:
+                images["last_image"] = load_image(last_image, flag="last_image")
+            hashes = {name: image_sha256(picture) for name, picture in images.items()}
+            pixels = [image_to_tensor(picture) for picture in images.values()]
         resume = run = None
         if state_file is not None:
             state_file = Path(state_file)
@@ -391,7 +435,8 @@ class I2VPipeline:
                 saved = self.parallel.agree(saved)
             if saved is not None:
                 chosen, resume = saved[0], state_to(saved[1], self.device)
-        known = self.known_frames(pixels[0], chosen, last=pixels[1] if len(pixels) > 1 else None)
+        if pixels is not None:
+            known = self.known_frames(pixels[0], chosen, last=pixels[1] if len(pixels) > 1 else None)
         given = {"conditioning": known.describe(chosen.frame_num), **{f"{name}_sha256": digest for name, digest in hashes.items()}}
         sampled = Prepared(chosen, None, None, resume, state_file, run, given)
         if sampled.sampled:  # the latents are done: the encoders need not run again (12.8 s at 720P)

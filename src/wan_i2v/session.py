@@ -31,6 +31,7 @@ from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, PlannedRun, plan_run
 from wan_i2v.loading.checkpoint import check_checkpoint_dir
+from wan_i2v.models.conditioning import KnownFrames
 from wan_i2v.models.spec import spec_for
 from wan_i2v.options import DEVICE_FORM, RunOptions
 from wan_i2v.parallel import ParallelGroups, init_distributed
@@ -243,7 +244,8 @@ def _device_type(device: str) -> str:
 @dataclass
 class Job:
     """One video: ``generate``'s arguments as data, so that it can travel to the ranks. ``image`` (and
-    ``last_image``) are PIL images (read by the caller: every rank gets the same pixels)."""
+    ``last_image``) are PIL images (read by the caller: every rank gets the same pixels), or ``image`` is
+    the ``KnownFrames`` of an extension."""
 
     image: object
     settings: GenerationSettings
@@ -325,7 +327,8 @@ class RunSession:
     def generate(self, image, prompt: str | None = None, negative_prompt: str | None = None, *, settings: GenerationSettings | None = None,
                  state_file=None, progress: bool = True, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None,
                  last_image=None, **sampling):  # fmt: skip
-        """Run one job: ``I2VPipeline.generate``'s arguments (``image``, and ``last_image`` if given, a path or PIL image; ``settings``,
+        """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path, a PIL image or ``KnownFrames``, and ``last_image`` if
+        given, a path or PIL image; ``settings``,
         else ``GenerationSettings.of`` the prompts and the ``sampling`` keywords), plus ``latents_file``
         (the latents are saved there before decoding), ``video_file`` (the mp4 is written there as the
         frames are decoded; the result's video is then None), ``cancel`` (``is_set()``: stop before the
@@ -334,8 +337,9 @@ class RunSession:
             settings = GenerationSettings.of(prompt, negative_prompt, **sampling)
         paths = (None if path is None else str(path) for path in (state_file, latents_file, video_file))
         state_file, latents_file, video_file = paths
+        image = image if isinstance(image, KnownFrames) else load_image(image)
         last = None if last_image is None else load_image(last_image, flag="last_image")
-        return self._run(Job(load_image(image), settings, state_file, progress, latents_file, video_file, last), cancel, on_step)
+        return self._run(Job(image, settings, state_file, progress, latents_file, video_file, last), cancel, on_step)
 
     def _run(self, job: Job, cancel, on_step):
         raise NotImplementedError

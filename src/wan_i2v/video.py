@@ -12,6 +12,8 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +88,12 @@ def image_sha256(image: Image.Image) -> str:
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """[3, H, W] float32 in [-1, 1], as the official preprocessing computes it."""
-    array = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
-    return array.float().div(255).sub_(0.5).div_(0.5)
+    return frames_to_tensor(np.array(image, copy=True)[None])[:, 0]
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """[F, H, W, 3] uint8 RGB -> [3, F, H, W] float32 in [-1, 1], each frame as ``image_to_tensor`` makes an image."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(255).sub_(0.5).div_(0.5)
 
 
 def check_writable(path: Path) -> None:
@@ -145,7 +151,7 @@ def rgb24_frames(video: torch.Tensor) -> np.ndarray:
 
 
 @contextmanager
-def mp4_writer(path: Path, *, fps: int, metadata: dict | None = None) -> Iterator[Callable[[torch.Tensor], None]]:
+def mp4_writer(path: Path, *, fps: int | Fraction, metadata: dict | None = None) -> Iterator[Callable[[torch.Tensor], None]]:
     """An H.264 yuv420p mp4 that common players open, written as its frames come: the block gets
     ``write(frames)`` for consecutive runs of [3, n, H, W] frames in [-1, 1], which a thread of its own
     converts and encodes while the caller (a decode) goes on. The file appears at ``path`` when the
@@ -206,11 +212,50 @@ def leftover_temporaries(path: Path) -> list[Path]:
     return [p for p in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(path.suffix)}") if len(p.name) == length]
 
 
-def write_mp4(video: torch.Tensor, path: Path, *, fps: int, metadata: dict | None = None) -> Path:
+def write_mp4(video: torch.Tensor, path: Path, *, fps: int | Fraction, metadata: dict | None = None) -> Path:
     """[3, F, H, W] in [-1, 1] -> H.264 yuv420p mp4 that common players open (``mp4_writer``'s, whole)."""
     with mp4_writer(path, fps=fps, metadata=metadata) as write:
         write(video)
     return Path(path)
+
+
+@dataclass(frozen=True)
+class Mp4:
+    """An mp4 as read back: its frames, its frame rate and what its metadata records (``mp4_writer``'s)."""
+
+    frames: np.ndarray  # [F, H, W, 3] uint8 RGB
+    fps: Fraction
+    metadata: dict  # the JSON of its comment; empty when it has none (a video not made here)
+
+
+# The demuxer's names for an ISO media file (mp4, mov and kin), as FFmpeg reports them.
+MP4_FORMATS = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2"}
+
+
+def read_mp4(path: str | os.PathLike) -> Mp4:
+    """An mp4 file's frames, frame rate and metadata; anything else is a one-line error."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise WanError(f"video not found: {path}", "give the path of an mp4 file")
+    try:
+        with av.open(str(path)) as container:
+            if not MP4_FORMATS & set(container.format.name.split(",")) or not container.streams.video:
+                raise WanError(f"{path} is not an mp4 video", "give an mp4 file, such as one wan-i2v wrote")
+            stream = container.streams.video[0]
+            fps = stream.average_rate or stream.guessed_rate
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            comment = container.metadata.get("comment")
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise WanError(f"cannot read {path}: {exc}", "give an mp4 file, such as one wan-i2v wrote") from None
+    if not frames or not fps:
+        raise WanError(f"{path} has no frames" if not frames else f"{path} has no frame rate", "give an mp4 video that plays")
+    try:
+        metadata = json.loads(comment) if comment else {}
+    except json.JSONDecodeError:  # another program's comment: not ours to read
+        metadata = {}
+    return Mp4(np.stack(frames), Fraction(fps), metadata if isinstance(metadata, dict) else {})
 
 
 def demo_image(width: int = 320, height: int = 192) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ class KnownFrames:
         """``first``, ``last``: [3, H, W], the first and the last frame of a video of ``frame_num`` frames."""
         return cls(torch.stack([first, last], dim=1), (0, frame_num - 1))
 
+    def sha256(self) -> str:
+        """Of the frames' values and positions: what a saved state of a run they condition must match."""
+        digest = hashlib.sha256(self.frames.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(repr(self.positions).encode())
+        return digest.hexdigest()
+
     def describe(self, frame_num: int) -> str:
         """What conditions the video, in words (``--dry-run``, the mp4's metadata)."""
         return describe_known(self.positions, frame_num)
@@ -54,6 +61,8 @@ def describe_known(positions: tuple[int, ...], frame_num: int) -> str:
         return "first frame"
     if positions == (0, frame_num - 1):
         return "first and last frame"
+    if len(positions) > 1 and positions == tuple(range(len(positions))):
+        return f"first {len(positions)} frames (a video's end, continued)"
     return "frames " + ", ".join(map(str, positions))
 
 
