@@ -250,7 +250,7 @@ WAN22_I2V_A14B = ModelSpec(
         text_encoder_config=Lazy("wan_i2v.models.text_encoder:T5Config"),
         vae_config=Lazy("wan_i2v.models.vae:VAEConfig"),
     ),
-    conditioning=Lazy("wan_i2v.models.conditioning:FirstFrameMask"),
+    conditioning=Lazy("wan_i2v.models.conditioning:KnownFramesMask"),
     guide_scale_order=("low", "high"),  # the official sample_guide_scale's order
     presets={"720P": Preset(1280 * 720, 5.0), "480P": Preset(832 * 480, 3.0)},
     default_preset="720P",
