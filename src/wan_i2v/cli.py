@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wan-i2v {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def sampling_options(p, *, frame_num, steps, prompt_required, seed=None):
+    def sampling_options(p, *, frame_num, steps, prompt_required, seed=None, distilled=True):
         demo_prompt = "A small paper boat drifts on a calm pond."
         p.add_argument("--prompt", required=prompt_required, default=None if prompt_required else demo_prompt,
                        help="what happens in the video" if prompt_required else f"default: {demo_prompt!r}")
@@ -136,15 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default (or -1): random, printed and stored in the mp4" if seed is None else f"default {seed}: the same video each time (-1: random)")
         p.add_argument("--solver", "--sample_solver", choices=SOLVERS, default=None,
                        help="unipc (default, the official), dpm++, or euler (the distilled models' 4-step schedule; default with --distilled)")
-        p.add_argument("--distilled", action="store_true",
-                       help="sample as the 4-step distilled models (Lightning LoRAs, distilled checkpoints) are: "
-                            "--solver euler --steps 4 --guide-scale 1 --shift 5, each overridable")
+        if distilled:  # (generate's and serve's is a run option: it merges the 4-step LoRAs too)
+            p.add_argument("--distilled", action="store_true",
+                           help="sample as the 4-step distilled models (Lightning LoRAs, distilled checkpoints) are: "
+                                "--solver euler --steps 4 --guide-scale 1 --shift 5, each overridable")
         p.set_defaults(default_steps=steps)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     gen = sub.add_parser("generate", help="make a video from an image and a prompt")
     gen.add_argument("--image", required=True, help="the first frame: a PNG, JPEG or WebP file")
-    sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
+    sampling_options(gen, frame_num=81, steps=40, prompt_required=True, distilled=False)
     gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
     gen.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
     gen.add_argument("--save-file", "--save_file", default=None,
@@ -177,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"), help="default 3.5; 1 with --distilled")
     jobs.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the size preset's (5.0 with --distilled)")
     jobs.add_argument("--solver", choices=SOLVERS, default=None, help="default unipc; euler with --distilled")
-    jobs.add_argument("--distilled", action="store_true", help="jobs sample as the 4-step distilled models: euler, 4 steps, guide scale 1, shift 5")
     srv.set_defaults(func=_command("serve"), default_steps=40)
     add_options(srv)
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, command_line, option as option_name
 from wan_i2v.models.spec import spec_for
 from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
@@ -163,6 +163,14 @@ class RunOptions:
               Flag(("--lora-low",), "a LoRA for the low-noise expert only", {"action": _LoraFiles, "const": "low", "metavar": "PATH[:STRENGTH]"})),
         read=_lora_files,
     )  # fmt: skip
+    distilled: bool = option(
+        False, "--distilled", action="store_true",
+        help="the distilled recipe of 4 steps: the LoRAs given with --lora*, else the pair that `cache quick --lightning` put in the cache, "
+             "merged into the experts (without any, a checkpoint of the A14B's shapes is refused; one of other shapes, such as a tiny "
+             "test model, runs as it is), sampled with euler, 4 steps, guide scale 1 and shift 5, each overridable",
+    )  # fmt: skip
+    lightning: bool = option(True, "--no-lightning", action="store_false",
+                             help="with --distilled: no LoRAs from the cache, for a checkpoint that is distilled itself")  # fmt: skip
     fp8: bool = option(False, "--fp8", action="store_true", help="FP8 linear layers in the transformer blocks: faster, less exact")
     compile: bool | None = option(None, "--no-compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
     device: str | None = option(None, "--device", type=device_argument, help="cuda, cuda:N or cpu (default: cuda if present)")
@@ -206,6 +214,9 @@ class RunOptions:
             object.__setattr__(self, "step_cache", StepCacheConfig(threshold=float(self.step_cache)))
         for name in ("dtype", "decode_dtype", "encode_dtype"):
             object.__setattr__(self, name, dtype_name(getattr(self, name)))
+        if not self.lightning and not self.distilled:
+            without = "--no-lightning" if command_line() else "lightning=False"
+            raise WanError(f"{without} is for {option_name('distilled')}", f"add {option_name('distilled')}, or leave it out")
 
 
 def add_options(parser, options=RunOptions, only: tuple[str, ...] | None = None) -> None:

@@ -56,14 +56,15 @@ def _lightning_by_label() -> dict[str, HubFile]:
     return {labels[name]: lora for name, lora in distilled_loras().items()}
 
 
-def fetch(root: Path, files: HubFiles, source=None) -> Path:
+def fetch(root: Path, files: HubFiles, source=None, *, wait: bool = False) -> Path:
     """Bring ``files`` into the cache ``root`` from ``source`` (the hub's by default): listed with
     their published hashes, partial downloads resumed, each verified as it arrives. Returns their
-    snapshot folder."""
+    snapshot folder. ``wait``: for another process fetching into the same repository folder (the
+    ranks of a launcher, each planning its run), rather than refuse."""
     from wan_i2v.cache.sources import HubSource
 
     source = source or HubSource()
-    with _exclusive(root, files):
+    with _exclusive(root, files, wait):
         manifest = source.listing(files)
         checkpoint_dir = source.prepare_checkpoint_dir(repo_folder(root, files), manifest, files.revision)
         previous = Manifest.load(checkpoint_dir)
@@ -109,13 +110,13 @@ def _check_space(directory: Path, needed: int) -> None:
 
 
 @contextmanager
-def _exclusive(root: Path, files: HubFiles = MODEL_FILES):
+def _exclusive(root: Path, files: HubFiles = MODEL_FILES, wait: bool = False):
     """One writer per repository of a cache: two downloads appending to the same partial file would garble it."""
     lock_dir = root / ".locks" / files.folder  # beside huggingface_hub's own locks, outside what `move` moves
     lock_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_dir / "wan-i2v.lock")
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
         raise WanError(f"another wan-i2v cache command is writing to {root}", hint="wait for it to finish") from None
     try:

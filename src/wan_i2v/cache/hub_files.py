@@ -70,7 +70,7 @@ class HubFile:
         from wan_i2v.cache.commands import fetch
 
         files = HubFiles(self.repo_id, (self.path,), self.revision, fetched_by, missing_hint=f"check the path: {FORM_HINT}")
-        return fetch(root, files) / self.path
+        return fetch(root, files, wait=True) / self.path
 
 
 def distilled_loras(spec=SPEC) -> dict[str, HubFile]:
