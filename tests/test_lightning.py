@@ -7,12 +7,14 @@ import hashlib
 import json
 import shutil
 import socket
+import threading
 import time
 from dataclasses import replace
 
 import av
 import pytest
 import torch
+from filelock import FileLock
 from huggingface_hub import constants
 from safetensors.torch import save
 
@@ -230,3 +232,21 @@ def test_an_unreachable_hub_is_one_line(tiny_checkpoint, image, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"wan-i2v: error: cannot list {REPO} on http://127.0.0.1:"), err
     assert "check the network, HF_ENDPOINT and HF_TOKEN" in err[0]
+
+
+def test_ranks_fetching_one_hf_lora_wait_for_each_other(hub, tmp_path):
+    """Every rank of a launcher plans its run: one fetches, the others wait for it (a cache command refuses instead)."""
+    locks = tmp_path / "cache" / ".locks" / "models--lightx2v--Wan2.2-Lightning"
+    locks.mkdir(parents=True)
+    taken, released = threading.Event(), threading.Event()
+
+    def another_rank():
+        with FileLock(locks / "wan-i2v.lock"):
+            taken.set()
+            time.sleep(0.3)
+        released.set()
+
+    threading.Thread(target=another_rank).start()
+    taken.wait()
+    assert HubFile.parse(f"hf://{REPO}/{OTHER}").fetched(tmp_path / "cache").read_bytes() == FILES[OTHER]
+    assert released.is_set()
