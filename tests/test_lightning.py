@@ -187,6 +187,9 @@ def test_distilled_without_the_pair_says_how_to_get_it(tiny_checkpoint, image, t
 
 def test_an_hf_lora_is_fetched_once_then_found_offline(hub, tiny_checkpoint, image, tmp_path, capsys, monkeypatch):
     lora = f"hf://{REPO}/{OTHER}"
+    assert generate(tiny_checkpoint, image, tmp_path / "out.mp4", "--lora-low", f"{lora}:0.5", "--dry-run") == 0
+    assert f"wan-i2v: {lora} is not in the cache {tmp_path / 'cache'} yet: the run fetches it" in capsys.readouterr().err
+    assert not hub.content_gets(OTHER)  # a dry run fetches nothing
     assert generate(tiny_checkpoint, image, tmp_path / "out.mp4", "--steps", "1", "--guide-scale", "1", "--lora-low", f"{lora}:0.5") == 0
     assert lora_records(tmp_path / "out.mp4") == [
         {"expert": "low", "file": "high_noise_model.safetensors", "sha256": hashlib.sha256(FILES[OTHER]).hexdigest(), "strength": 0.5}

@@ -32,7 +32,8 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     status = leaves.add_parser(
         "status", help="table of the required files, from the disk alone (works offline); exit code 0 only when all are there and read",
         description="Check each file image-to-video needs without the network: there or missing, its size (compared with the "
-        f"published one where `quick` or `verify` left a {MANIFEST_NAME}), and whether its header reads.",
+        f"published one where `quick` or `verify` left a {MANIFEST_NAME}), and whether its header reads; then a line per "
+        "4-step LoRA of `generate --distilled` (`quick --lightning` fetches them).",
     )  # fmt: skip
     status.add_argument("--ckpt-dir", type=Path, help="check this checkpoint folder instead of the cache")
     status.set_defaults(func=lambda args: commands.status(_root(args), args.ckpt_dir))
