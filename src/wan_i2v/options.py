@@ -158,7 +158,8 @@ class RunOptions:
     # {"high": [path, (path, strength), ...], "low": [...]} or a Loras: merged into the experts as they load
     loras: object = option(
         None, "--lora", action=_LoraFiles, const="both", metavar="PATH[:STRENGTH]",
-        help="a LoRA .safetensors for both experts (strength 1 unless given); repeat for more, applied in order",
+        help="a LoRA .safetensors for both experts (strength 1 unless given): a file, or one on the Hugging Face hub as "
+             "hf://OWNER/REPO/PATH or hf://OWNER/REPO@REVISION/PATH (fetched into the cache once); repeat for more, applied in order",
         more=(Flag(("--lora-high",), "a LoRA for the high-noise expert only", {"action": _LoraFiles, "const": "high", "metavar": "PATH[:STRENGTH]"}),
               Flag(("--lora-low",), "a LoRA for the low-noise expert only", {"action": _LoraFiles, "const": "low", "metavar": "PATH[:STRENGTH]"})),
         read=_lora_files,
