@@ -2,7 +2,7 @@
 
     python bench/memory_tiers.py [--ckpt /tmp/wanckpt] [--rows default swap blocks disk 480p second cold] [--json FILE]
 
-Each row runs the CLI in a process of its own (720P, 81 frames, ``--distilled``, seed 0, a full-size
+Each row runs the CLI in a process of its own (720P, 81 frames, ``--distilled --no-lightning``: no LoRA, seed 0, a full-size
 random checkpoint in the official layout, ``multi_gpu.py``'s, written once) with ``--gpu-memory G``
 (the run plans for G GiB and caps its allocator there) and ``--host-memory H``, inside a cgroup v2
 whose ``memory.max`` is H GiB (page cache included; where the machine has no cgroup v2 the row runs
@@ -163,7 +163,7 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     for path in (out, latents, out.with_suffix(".state.pt")):
         path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(args.ckpt), "--image", str(image), "--prompt", PROMPT,
-               "--distilled", "--seed", "0", "--host-memory", str(host), "--save-file", str(out), "--save-latents", str(latents)]  # fmt: skip
+               "--distilled", "--no-lightning", "--seed", "0", "--host-memory", str(host), "--save-file", str(out), "--save-latents", str(latents)]  # fmt: skip
     command += ["--size", "64*96", "--frame-num", "9", "--device", "cpu"] if args.tiny else ["--size", size, "--gpu-memory", str(gpu)]
     command += options
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),

@@ -7,7 +7,7 @@ in one run on one GPU (the default); and jobs per hour of server layouts on two 
 
 **The overhead** (default: 720P, 81 frames, the distilled recipe: euler, 4 steps, guide scale 1,
 shift 5; the full-size random checkpoint of ``multi_gpu.py``, written once, ~65 s). First the
-pipeline alone, in a process of its own: a run session opened as ``wan-i2v serve --distilled`` opens
+pipeline alone, in a process of its own: a run session opened as ``wan-i2v serve --distilled --no-lightning`` opens
 it (the same options, hence the same plan), a warm-up job of 2 steps (both experts compile, the VAE
 warms up), then ``--jobs`` jobs as ``wan-i2v generate`` runs them (``session.generate`` with the state
 saved after each step and the latents before the decode, then ``write_mp4``), each timed. That
@@ -169,7 +169,7 @@ def run_jobs(url: str, fields_list: list[dict], image: bytes) -> tuple[float, li
 
 
 def pipeline_alone(ckpt: str, device: str, size: str, frames: int, seeds: list[int], folder: str) -> list[dict]:
-    """In a process of its own: the session ``wan-i2v serve --distilled`` opens, a warm-up job, then a
+    """In a process of its own: the session ``wan-i2v serve --distilled --no-lightning`` opens, a warm-up job, then a
     job per seed as ``wan-i2v generate`` runs it; each job's seconds (``generate``, its stages, then
     ``write_mp4``) and its mp4's path."""
     import torch
@@ -244,7 +244,7 @@ def measure_overhead(args, log_dir: Path) -> dict:
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as alone:  # its GPU memory freed when it ends
         pipeline = alone.submit(pipeline_alone, str(args.ckpt), args.device, args.size, args.frames, seeds, str(folder)).result()
     print(f"the pipeline alone: {time.perf_counter() - started:.0f} s", flush=True)
-    servers = start_servers(args.ckpt, folder / "state", [("0", 1)], ["--distilled", "--size", args.size, "--frame-num", str(args.frames)],
+    servers = start_servers(args.ckpt, folder / "state", [("0", 1)], ["--distilled", "--no-lightning", "--size", args.size, "--frame-num", str(args.frames)],
                             args.device, log_dir, "overhead")  # fmt: skip
     try:
         served = server_jobs(servers[0][1], servers[0][2], args.size, args.frames, seeds, folder)
@@ -278,7 +278,7 @@ def measure_layout(layout: str, recipes: list[str], args, log_dir: Path) -> list
     for group in [recipes] if layout == "1gpu+1gpu" else [[recipe] for recipe in recipes]:
         state = Path(tempfile.mkdtemp(prefix=f"serve-{layout}-"))
         guided = "40 steps" in group
-        servers = start_servers(args.ckpt, state, groups, [] if guided else ["--distilled"], args.device, log_dir, f"{layout}-{'guided' if guided else 'distilled'}")
+        servers = start_servers(args.ckpt, state, groups, [] if guided else ["--distilled", "--no-lightning"], args.device, log_dir, f"{layout}-{'guided' if guided else 'distilled'}")
         url = servers[0][1]  # the servers share the queue: any of them takes the jobs
         jobs = len(servers) * args.jobs_per_server  # every GPU busy
         try:

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--last-image", default=None, metavar="FILE",
                      help="the last frame (optional): the video goes from --image to it. It is resized to the video's size as the first is; "
                           "of another aspect ratio than the first, it is scaled to cover the video and center-cropped")
-    add_sampling_flags(gen)
+    add_sampling_flags(gen, leave_out=("distilled",))  # a run option (it merges the 4-step LoRAs too)
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ext = sub.add_parser("extend", help="continue a video with new clips, each conditioned on the last frames before it")
     ext.add_argument("video", help="the mp4 to continue: the new clips are at its size (sides multiples of 16) and frame rate")
-    add_sampling_flags(ext, leave_out=("size", "height", "width", "fps"))  # the video's own
+    add_sampling_flags(ext, leave_out=("size", "height", "width", "fps", "distilled"))  # the size: the video's own; --distilled: a run option
     ext.add_argument("--quiet", action="store_true", help="no progress bars")
     ext.add_argument("--context-frames", type=int, default=5,
                      help="the video's last frames each clip is conditioned on and starts with (left out of the join): 4m+1 (default 5)")
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=1000, help="jobs that may wait; more are refused with 429 (default 1000)")
     srv.add_argument("--max-upload-mb", type=float, default=50, help="the largest image accepted, in MiB (default 50)")
     jobs = srv.add_argument_group("each job's defaults (a request may set its own)")
-    add_sampling_flags(jobs, jobs=True)
+    add_sampling_flags(jobs, jobs=True, leave_out=("distilled",))
     srv.set_defaults(func=_command("serve"))
     add_options(srv)
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, command_line, option as option_name
 from wan_i2v.models.spec import spec_for
 from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
@@ -158,11 +158,20 @@ class RunOptions:
     # {"high": [path, (path, strength), ...], "low": [...]} or a Loras: merged into the experts as they load
     loras: object = option(
         None, "--lora", action=_LoraFiles, const="both", metavar="PATH[:STRENGTH]",
-        help="a LoRA .safetensors for both experts (strength 1 unless given); repeat for more, applied in order",
+        help="a LoRA .safetensors for both experts (strength 1 unless given): a file, or one on the Hugging Face hub as "
+             "hf://OWNER/REPO/PATH or hf://OWNER/REPO@REVISION/PATH (fetched into the cache once); repeat for more, applied in order",
         more=(Flag(("--lora-high",), "a LoRA for the high-noise expert only", {"action": _LoraFiles, "const": "high", "metavar": "PATH[:STRENGTH]"}),
               Flag(("--lora-low",), "a LoRA for the low-noise expert only", {"action": _LoraFiles, "const": "low", "metavar": "PATH[:STRENGTH]"})),
         read=_lora_files,
     )  # fmt: skip
+    distilled: bool = option(
+        False, "--distilled", action="store_true",
+        help="the distilled recipe of 4 steps: the LoRAs given with --lora*, else the pair that `cache quick --lightning` put in the cache, "
+             "merged into the experts (without any, a checkpoint of the A14B's shapes is refused; one of other shapes, such as a tiny "
+             "test model, runs as it is), sampled with euler, 4 steps, guide scale 1 and shift 5, each overridable",
+    )  # fmt: skip
+    lightning: bool = option(True, "--no-lightning", action="store_false",
+                             help="with --distilled: no LoRAs from the cache, for a checkpoint that is distilled itself")  # fmt: skip
     fp8: bool = option(False, "--fp8", action="store_true", help="FP8 linear layers in the transformer blocks: faster, less exact")
     compile: bool | None = option(None, "--no-compile", action="store_false", help="skip torch.compile of the transformer blocks (on by default on a GPU)")
     device: str | None = option(None, "--device", type=device_argument, help="cuda, cuda:N or cpu (default: cuda if present)")
@@ -208,6 +217,9 @@ class RunOptions:
             object.__setattr__(self, "step_cache", StepCacheConfig(threshold=float(threshold) if isinstance(threshold, int) and not isinstance(threshold, bool) else threshold))
         for name in ("dtype", "decode_dtype", "encode_dtype"):
             object.__setattr__(self, name, dtype_name(getattr(self, name)))
+        if not self.lightning and not self.distilled:
+            without = "--no-lightning" if command_line() else "lightning=False"
+            raise WanError(f"{without} is for {option_name('distilled')}", f"add {option_name('distilled')}, or leave it out")
 
 
 def add_options(parser, options=RunOptions, only: tuple[str, ...] | None = None) -> None:

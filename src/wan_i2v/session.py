@@ -26,11 +26,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wan_i2v.cache import resolve_checkpoint_dir
-from wan_i2v.config import GenerationSettings
-from wan_i2v.errors import WanError, option
+from wan_i2v.cache import cache_root, resolve_checkpoint_dir
+from wan_i2v.cache.hub_files import distilled_loras as distilled_loras_of
+from wan_i2v.config import OFFICIAL, GenerationSettings, SamplingDefaults
+from wan_i2v.errors import WanError, command_line, option
 from wan_i2v.execution import ExecutionPlan, PlannedRun, plan_run
 from wan_i2v.loading.checkpoint import check_checkpoint_dir
+from wan_i2v.loading.lora import Loras
 from wan_i2v.models.conditioning import KnownFrames
 from wan_i2v.models.spec import spec_for
 from wan_i2v.options import DEVICE_FORM, RunOptions
@@ -192,6 +194,7 @@ def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num
     device = (options.device or "cuda") if dry_run else _run_device(options, ckpt_dir, notes)
     if not dry_run:
         check_checkpoint_dir(ckpt_dir)
+    options = replace(options, loras=run_loras(options, ckpt_dir, notes, fetch=not dry_run))
     world = world_size(options, device, planning_only=dry_run)
     if device == "cpu" and options.fp8:
         warned.append(f"{option('fp8')} does nothing on the CPU (FP8 matmuls need an NVIDIA GPU); ignored")
@@ -202,6 +205,55 @@ def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num
     planned.plan.check()
     options = replace(options, ckpt_dir=ckpt_dir, device=device)
     return SessionPlan(options, planned, world, height, width, frame_num, guided, tuple(notes), tuple(warned))
+
+
+def run_loras(options: RunOptions, ckpt_dir: Path | None, notes: list[str], fetch: bool = True) -> Loras:
+    """The LoRAs the run merges, each hub file (hf://...) as its copy in the cache (fetched first
+    unless not ``fetch``: a dry run fetches nothing, and says so in ``notes``). With ``distilled`` and
+    none given, the spec's distilled pair from the cache (see ``distilled_loras``)."""
+    loras = Loras.of(options.loras)
+    if options.distilled and options.lightning and not loras.by_expert:
+        loras = distilled_loras(options, ckpt_dir, notes)
+    root = cache_root(options.cache_dir)
+    loras = loras.from_cache(root, fetch=fetch)
+    for hub_file in loras.hub_files():
+        notes.append(f"{hub_file} is not in the cache {root} yet: the run fetches it")
+    return loras
+
+
+def distilled_loras(options: RunOptions, ckpt_dir: Path | None, notes: list[str]) -> Loras:
+    """``distilled``'s LoRAs where none are given: the spec's distilled pair, found in the cache
+    offline (said in ``notes``). Without it a checkpoint of the spec's shapes, which the pair is for,
+    is refused: the base model is not made for four steps. A checkpoint of other shapes (a tiny
+    test model) has no pair to miss and runs the recipe as it is; one distilled itself says so with
+    ``lightning`` False."""
+    spec = spec_for()
+    root = cache_root(options.cache_dir)
+    pair = {name: hub_file.cached(root) for name, hub_file in distilled_loras_of(spec).items()}
+    if pair and all(pair.values()):
+        notes.append(f"{option('distilled')}: the 4-step LoRAs from the cache ({', '.join(str(path) for path in pair.values())})")
+        return Loras.of({name: [path] for name, path in pair.items()}, spec)
+    if pair and _of_the_spec_shapes(ckpt_dir, spec):
+        given = "--lora-high and --lora-low" if command_line() else "loras="
+        distilled_itself = "--no-lightning" if command_line() else "lightning=False"
+        raise WanError(f"{option('distilled')} needs {spec.name}'s 4-step LoRAs, which are not in the cache {root}",
+                       f"`wan-i2v cache quick --lightning` fetches them; or give your own with {given}, or {distilled_itself} for a checkpoint distilled itself")  # fmt: skip
+    if pair:
+        notes.append(f"{option('distilled')}: no 4-step LoRAs in the cache, and {ckpt_dir} is not of {spec.name}'s shapes, which they are for: it runs without")
+    else:
+        notes.append(f"{option('distilled')}: {spec.name} has no 4-step LoRAs: the checkpoint runs as it is")
+    return Loras()
+
+
+def _of_the_spec_shapes(ckpt_dir: Path | None, spec) -> bool:
+    """The checkpoint's experts have the width, depth and feed-forward size of the spec's (those a LoRA
+    for it changes); a dry run without a checkpoint counts as the spec's."""
+    official = spec.builders.dit_config.target()
+    config_file = None if ckpt_dir is None else ckpt_dir / spec.experts[0].folder / "config.json"
+    if config_file is None or not config_file.is_file():
+        return True
+    config = spec.builders.dit_config.target.from_json_file(config_file)
+    return (config.dim, config.ffn_dim, config.num_layers) == (official.dim, official.ffn_dim, official.num_layers)
 
 
 def _run_device(options: RunOptions, ckpt_dir: Path, notes: list[str]) -> str:
@@ -280,6 +332,8 @@ class RunSession:
     """A loaded pipeline on 1..N GPUs (or the CPU) that runs jobs until ``close``. Open with
     ``RunSession.open``; use as a context manager."""
 
+    defaults: SamplingDefaults = OFFICIAL  # a job's sampling settings where it leaves them out
+
     def __init__(self, planned: PlannedRun):
         self.planned = planned
 
@@ -307,6 +361,13 @@ class RunSession:
             refusal = session_plan.refusal()
             if refusal is not None:
                 raise refusal
+        session = cls._start(session_plan, progress)
+        # (with distilled, the LoRAs merged at load; the recipe is then every job's default)
+        session.defaults = SamplingDefaults.recipe(session_plan.options.distilled)
+        return session
+
+    @staticmethod
+    def _start(session_plan: SessionPlan, progress: bool) -> "RunSession":
         options, planned, device, ckpt_dir = session_plan.options, session_plan.planned, session_plan.options.device, session_plan.ckpt_dir
         if launched():
             return RankSession(planned, ckpt_dir, device, progress)
@@ -328,13 +389,13 @@ class RunSession:
                  state_file=None, progress: bool = True, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None,
                  last_image=None, **sampling):  # fmt: skip
         """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path, a PIL image or ``KnownFrames``, and ``last_image`` if
-        given, a path or PIL image; ``settings``,
-        else ``GenerationSettings.of`` the prompts and the ``sampling`` keywords), plus ``latents_file``
+        given, a path or PIL image; ``settings``, else ``GenerationSettings.of`` the prompts and the ``sampling`` keywords, whose
+        defaults are the distilled recipe in a session opened ``distilled``), plus ``latents_file``
         (the latents are saved there before decoding), ``video_file`` (the mp4 is written there as the
         frames are decoded; the result's video is then None), ``cancel`` (``is_set()``: stop before the
         next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
         if settings is None:
-            settings = GenerationSettings.of(prompt, negative_prompt, **sampling)
+            settings = GenerationSettings.of(prompt, negative_prompt, **{"defaults": self.defaults, **sampling})
         paths = (None if path is None else str(path) for path in (state_file, latents_file, video_file))
         state_file, latents_file, video_file = paths
         image = image if isinstance(image, KnownFrames) else load_image(image)

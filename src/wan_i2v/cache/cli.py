@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 from wan_i2v.cache import commands
+from wan_i2v.cache.hub_files import LIGHTNING_COMMAND
 from wan_i2v.cache.layout import SPEC, cache_root, resolve_checkpoint_dir
 from wan_i2v.cache.manifest import MANIFEST_NAME
-from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated
+from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError
 
 _CACHE_DIR_HELP = "cache root (default: $WAN_I2V_HOME, else the Hugging Face hub cache: $HF_HUB_CACHE or $HF_HOME/hub)"
 
@@ -24,12 +25,15 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
 
     quick = leaves.add_parser("quick", help="download the files image-to-video needs, resuming partial downloads")
     quick.add_argument("--source", choices=("hf", "modelscope"), default="hf", help="where to download from (default: hf)")
+    quick.add_argument("--lightning", action="store_true",
+                       help="instead of the model, lightx2v's 4-step LoRA pair (Wan2.2-Lightning, from the hub), which `generate --distilled` merges")
     quick.set_defaults(func=_quick)
 
     status = leaves.add_parser(
         "status", help="table of the required files, from the disk alone (works offline); exit code 0 only when all are there and read",
         description="Check each file image-to-video needs without the network: there or missing, its size (compared with the "
-        f"published one where `quick` or `verify` left a {MANIFEST_NAME}), and whether its header reads.",
+        f"published one where `quick` or `verify` left a {MANIFEST_NAME}), and whether its header reads; then a line per "
+        "4-step LoRA of `generate --distilled` (`quick --lightning` fetches them).",
     )  # fmt: skip
     status.add_argument("--ckpt-dir", type=Path, help="check this checkpoint folder instead of the cache")
     status.set_defaults(func=lambda args: commands.status(_root(args), args.ckpt_dir))
@@ -62,11 +66,14 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def _quick(args: argparse.Namespace) -> int:
+    if args.lightning and args.source != "hf":
+        raise WanError("the 4-step LoRAs are on the Hugging Face hub only", "leave out --source")
     try:
-        return commands.quick(_root(args), args.source)
+        return commands.quick_lightning(_root(args)) if args.lightning else commands.quick(_root(args), args.source)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
         terminated = isinstance(stop, Terminated)
-        print(f"\n{'stopped by SIGTERM' if terminated else 'interrupted'}; `wan-i2v cache quick` resumes where it stopped", file=sys.stderr)
+        again = LIGHTNING_COMMAND if args.lightning else "`wan-i2v cache quick`"
+        print(f"\n{'stopped by SIGTERM' if terminated else 'interrupted'}; {again} resumes where it stopped", file=sys.stderr)
         return TERMINATED if terminated else INTERRUPTED
 
 

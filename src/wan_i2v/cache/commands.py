@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -14,9 +15,10 @@ from tqdm import tqdm
 
 from wan_i2v.cache.check import READS, check_checkpoint
 from wan_i2v.cache.layout import (
-    CORRUPT, SPEC, USABLE, VERIFIED, WRONG_SIZE,
+    CORRUPT, MISSING, MODEL_FILES, PRESENT, SPEC, USABLE, VERIFIED, WRONG_SIZE, HubFiles,
     cache_root_of, find_checkpoint_dir, hub_offline, inspect, repair_advice, repo_folder, resolve_checkpoint_dir,
 )
+from wan_i2v.cache.hub_files import LIGHTNING_COMMAND, HubFile, distilled_loras
 from wan_i2v.cache.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
 from wan_i2v.disk import check_space, human_size
 from wan_i2v.errors import WanError
@@ -30,31 +32,68 @@ def quick(root: Path, source_name: str) -> int:
     # Imported here so that status, verify and path never load the download stack.
     from wan_i2v.cache.sources import make_source
 
-    source = make_source(source_name)
-    with _exclusive(root):
-        manifest = source.listing()
-        checkpoint_dir = source.prepare_checkpoint_dir(repo_folder(root), manifest)
-        manifest.keep_checks_from(Manifest.load(checkpoint_dir))
-        manifest.save(checkpoint_dir)
-        todo = _files_to_fetch(checkpoint_dir, manifest)
-        remaining = sum(entry.size - source.bytes_on_disk(checkpoint_dir, entry) for entry in todo)
-        _check_space(checkpoint_dir, remaining)
-        if todo:
-            total = sum(entry.size for entry in manifest.files)
-            with _bytes_bar(total, initial=total - remaining) as bar:
-                for entry in todo:
-                    checked = source.fetch(checkpoint_dir, entry, manifest.revision, bar)
-                    entry.corrupt = False
-                    entry.verified_mtime_ns = (checkpoint_dir / entry.path).stat().st_mtime_ns if checked else None
-                    manifest.save(checkpoint_dir)
+    checkpoint_dir = fetch(root, MODEL_FILES, make_source(source_name))
     print(f"{SPEC.repo_id} is complete in {checkpoint_dir}")
     return 0
 
 
-def _files_to_fetch(checkpoint_dir: Path, manifest: Manifest) -> list[FileEntry]:
+def quick_lightning(root: Path) -> int:
+    """Fetch the model's 4-step LoRAs (the spec's ``distilled_loras``) into the cache, as ``quick`` fetches the model."""
+    by_repository: dict[tuple[str, str], list[str]] = {}
+    for lora in distilled_loras().values():
+        by_repository.setdefault((lora.repo_id, lora.revision), []).append(lora.path)
+    for (repo_id, revision), paths in by_repository.items():
+        fetch(root, HubFiles(repo_id, tuple(paths), revision, LIGHTNING_COMMAND))
+    for expert, lora in _lightning_by_label().items():
+        print(f"{expert}: {lora.cached(root)}")
+    print("the 4-step LoRAs are complete: `wan-i2v generate --distilled` uses them")
+    return 0
+
+
+def _lightning_by_label() -> dict[str, HubFile]:
+    """The spec's distilled LoRAs by how messages call their experts ("high-noise")."""
+    labels = {expert.name: str(expert) for expert in SPEC.experts}
+    return {labels[name]: lora for name, lora in distilled_loras().items()}
+
+
+def fetch(root: Path, files: HubFiles, source=None, *, wait: bool = False) -> Path:
+    """Bring ``files`` into the cache ``root`` from ``source`` (the hub's by default): listed with
+    their published hashes, partial downloads resumed, each verified as it arrives. Returns their
+    snapshot folder. ``wait``: for another process fetching into the same repository folder (the
+    ranks of a launcher, each planning its run), rather than refuse."""
+    from wan_i2v.cache.sources import HubSource
+
+    source = source or HubSource()
+    with _exclusive(root, files, wait):
+        manifest = source.listing(files)
+        checkpoint_dir = source.prepare_checkpoint_dir(repo_folder(root, files), manifest, files.revision)
+        previous = Manifest.load(checkpoint_dir)
+        manifest.keep_checks_from(previous)
+        wanted = manifest.files
+        if previous is not None and source.name == "hf":
+            # A hub snapshot is one commit, so the files fetched into it before (another hf:// LoRA of the
+            # repository) are still its files: the manifest keeps them beside these.
+            listed = {entry.path for entry in wanted}
+            manifest.files = [*wanted, *(entry for entry in previous.files if entry.path not in listed)]
+        manifest.save(checkpoint_dir)
+        todo = _files_to_fetch(checkpoint_dir, wanted)
+        remaining = sum(entry.size - source.bytes_on_disk(checkpoint_dir, entry) for entry in todo)
+        _check_space(checkpoint_dir, remaining)
+        if todo:
+            total = sum(entry.size for entry in wanted)
+            with _bytes_bar(total, initial=total - remaining, desc=files.repo_id) as bar:
+                for entry in todo:
+                    checked = source.fetch(checkpoint_dir, entry, files, manifest.revision, bar)
+                    entry.corrupt = False
+                    entry.verified_mtime_ns = (checkpoint_dir / entry.path).stat().st_mtime_ns if checked else None
+                    manifest.save(checkpoint_dir)
+    return checkpoint_dir
+
+
+def _files_to_fetch(checkpoint_dir: Path, entries: list[FileEntry]) -> list[FileEntry]:
     """The files not usable yet. A wrong-sized or corrupt one is removed, with its blob, to be fetched anew."""
     todo = []
-    for entry in manifest.files:
+    for entry in entries:
         state, _ = inspect(checkpoint_dir, entry)
         if state in (WRONG_SIZE, CORRUPT):
             path = checkpoint_dir / entry.path
@@ -71,13 +110,13 @@ def _check_space(directory: Path, needed: int) -> None:
 
 
 @contextmanager
-def _exclusive(root: Path):
-    """One writer per cache: two downloads appending to the same partial file would garble it."""
-    lock_dir = root / ".locks" / SPEC.repo_folder  # beside huggingface_hub's own locks, outside what `move` moves
+def _exclusive(root: Path, files: HubFiles = MODEL_FILES, wait: bool = False):
+    """One writer per repository of a cache: two downloads appending to the same partial file would garble it."""
+    lock_dir = root / ".locks" / files.folder  # beside huggingface_hub's own locks, outside what `move` moves
     lock_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_dir / "wan-i2v.lock")
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
         raise WanError(f"another wan-i2v cache command is writing to {root}", hint="wait for it to finish") from None
     try:
@@ -91,6 +130,7 @@ def status(root: Path, checkpoint_dir: Path | None) -> int:
     checkpoint_dir = checkpoint_dir or find_checkpoint_dir(root)
     if checkpoint_dir is None:
         print(f"No {SPEC.repo_id} checkpoint in {root}; `wan-i2v cache quick` downloads it.")
+        _lightning_status(root)
         return 1
     if not checkpoint_dir.is_dir():
         raise WanError(f"{checkpoint_dir} is not a directory", hint="pass the checkpoint folder with --ckpt-dir")
@@ -116,6 +156,7 @@ def status(root: Path, checkpoint_dir: Path | None) -> int:
     else:
         verified = sum(check.state == VERIFIED for check in needed)
         print(f"total: {on_disk} of {human_size(sum(e.size for e in manifest.files))}; {usable} of {len(needed)} needed files usable, {verified} verified")
+    _lightning_status(root)
     if usable < len(needed):
         print(f"incomplete: {repair_advice(checkpoint_dir)}")
         unreadable = [check.path for check in needed if check.state in USABLE and check.header != READS]
@@ -125,6 +166,24 @@ def status(root: Path, checkpoint_dir: Path | None) -> int:
         return 1
     print("complete")
     return 0
+
+
+def _lightning_status(root: Path) -> None:
+    """A line per 4-step LoRA (``--distilled``'s, from the cache ``root``): its state as the model's files show theirs."""
+    for expert, lora in _lightning_by_label().items():
+        state, on_disk = _hub_file_state(root, lora)
+        print(f"4-step LoRA, {expert}: {lora}  {human_size(on_disk)}  {state}")
+
+
+def _hub_file_state(root: Path, lora: HubFile) -> tuple[str, int]:
+    """The file's state and bytes on disk: from its snapshot's manifest where `fetch` left one, else there or not."""
+    snapshot = lora.snapshot(root)
+    manifest = Manifest.load(snapshot) if snapshot is not None else None
+    entry = next((entry for entry in manifest.files if entry.path == lora.path), None) if manifest is not None else None
+    if entry is not None:
+        return inspect(snapshot, entry)
+    cached = lora.cached(root)
+    return (PRESENT, cached.stat().st_size) if cached is not None else (MISSING, 0)
 
 
 def verify(root: Path, checkpoint_dir: Path | None, full: bool) -> int:
@@ -169,7 +228,7 @@ def _manifest_for(checkpoint_dir: Path) -> Manifest:
     # A hub snapshot folder is named after its commit: list exactly that one.
     revision = checkpoint_dir.name if re.fullmatch(r"[0-9a-f]{40}", checkpoint_dir.name) else "main"
     try:
-        manifest = HubSource().listing(revision)
+        manifest = HubSource().listing(replace(MODEL_FILES, revision=revision))
     except WanError as err:
         raise WanError(f"{checkpoint_dir} has no {MANIFEST_NAME}, and {err.message}", hint=f"{err.hint}; {offline_check}") from err
     _save_if_possible(manifest, checkpoint_dir)

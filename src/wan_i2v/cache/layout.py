@@ -17,9 +17,11 @@ The checkpoint directory (what `--ckpt-dir` takes) is one snapshot folder.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import constants
+from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects
 
 from wan_i2v.cache.manifest import FileEntry, Manifest
@@ -36,12 +38,33 @@ MISSING, PARTIAL, WRONG_SIZE, CORRUPT, PRESENT, VERIFIED = (
 USABLE = (PRESENT, VERIFIED)
 
 
-def required_paths(repo_paths) -> list[str]:
-    """The repository paths that make up the checkpoint (the spec's ``hub_patterns``); every pattern must match at least one."""
-    paths, patterns = sorted(repo_paths), list(SPEC.hub_patterns())
+@dataclass(frozen=True)
+class HubFiles:
+    """Files of one hub repository that the cache keeps (the model's checkpoint, a LoRA pair, one
+    hf:// file), fetched by the same machinery: listed with their hashes, resumed, verified."""
+
+    repo_id: str
+    patterns: tuple[str, ...]  # huggingface_hub's allow_patterns; each must match a file of the repository
+    revision: str = "main"
+    fetched_by: str = "`wan-i2v cache quick`"  # the command that fetches them (again)
+    missing_hint: str = "the repository layout changed; update wan-i2v"  # when a pattern matches no file
+
+    @property
+    def folder(self) -> str:
+        """The hub cache's folder of the repository."""
+        return repo_folder_name(repo_id=self.repo_id, repo_type="model")
+
+
+# The checkpoint the cache keeps.
+MODEL_FILES = HubFiles(SPEC.repo_id, SPEC.hub_patterns())
+
+
+def required_paths(repo_paths, files: HubFiles = MODEL_FILES) -> list[str]:
+    """The repository paths ``files`` names (the model's: the spec's ``hub_patterns``); every pattern must match at least one."""
+    paths, patterns = sorted(repo_paths), list(files.patterns)
     unmatched = [p for p in patterns if not list(filter_repo_objects(paths, allow_patterns=[p]))]
     if unmatched:
-        raise WanError(f"{SPEC.repo_id} lists no file for {', '.join(unmatched)}", hint="the repository layout changed; update wan-i2v")
+        raise WanError(f"{files.repo_id} lists no file for {', '.join(unmatched)}", hint=files.missing_hint)
     return list(filter_repo_objects(paths, allow_patterns=patterns))
 
 
@@ -49,8 +72,8 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("WAN_I2V_HOME") or constants.HF_HUB_CACHE).expanduser()
 
 
-def repo_folder(root: Path) -> Path:
-    return root / SPEC.repo_folder
+def repo_folder(root: Path, files: HubFiles = MODEL_FILES) -> Path:
+    return root / files.folder
 
 
 def blob_path(checkpoint_dir: Path, entry: FileEntry) -> Path | None:

@@ -14,12 +14,11 @@ from huggingface_hub import HfApi, constants, hf_hub_url
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 
-from wan_i2v.cache.layout import SPEC, blob_path, partial_path, required_paths
+from wan_i2v.cache.layout import MODEL_FILES, HubFiles, blob_path, partial_path, required_paths
 from wan_i2v.cache.manifest import FileEntry, Manifest, hash_stream
 from wan_i2v.errors import WanError, first_line
 
 LISTING_TIMEOUT_S = 30
-_RESUME_HINT = "run `wan-i2v cache quick` again; it resumes where it stopped"
 
 
 def disk_full(path: str, err: OSError) -> WanError:
@@ -38,23 +37,25 @@ class HubSource:
         # HF_ENDPOINT is read now, not when huggingface_hub was imported, so a mirror set at run time counts.
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
-    def listing(self, revision: str = "main") -> Manifest:
+    def listing(self, files: HubFiles = MODEL_FILES) -> Manifest:
         try:
             info = HfApi(endpoint=self.endpoint).model_info(
-                SPEC.repo_id, revision=revision, files_metadata=True, timeout=LISTING_TIMEOUT_S
+                files.repo_id, revision=files.revision, files_metadata=True, timeout=LISTING_TIMEOUT_S
             )
         except (httpx2.HTTPError, OSError) as err:
             raise WanError(
-                f"cannot list {SPEC.repo_id} on {self.endpoint}: {first_line(err)}", hint="check the network, HF_ENDPOINT and HF_TOKEN"
+                f"cannot list {files.repo_id} on {self.endpoint}: {first_line(err)}", hint="check the network, HF_ENDPOINT and HF_TOKEN"
             ) from err
         siblings = {s.rfilename: s for s in info.siblings or []}
-        files = [FileEntry(path, siblings[path].size, _hub_digest(siblings[path])) for path in required_paths(siblings)]
-        return Manifest(SPEC.repo_id, self.name, info.sha, files)
+        entries = [FileEntry(path, siblings[path].size, _hub_digest(siblings[path])) for path in required_paths(siblings, files)]
+        return Manifest(files.repo_id, self.name, info.sha, entries)
 
-    def prepare_checkpoint_dir(self, repo: Path, manifest: Manifest) -> Path:
-        """Create the snapshot folder of this listing's commit, and point refs/main at it as huggingface_hub does."""
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text(manifest.revision)
+    def prepare_checkpoint_dir(self, repo: Path, manifest: Manifest, revision: str = "main") -> Path:
+        """Create the snapshot folder of this listing's commit, and point the revision's ref (refs/main) at it as huggingface_hub does."""
+        if revision != manifest.revision:  # (a commit asked for by its hash needs no ref)
+            ref = repo / "refs" / revision
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(manifest.revision)
         checkpoint_dir = repo / "snapshots" / manifest.revision
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         return checkpoint_dir
@@ -67,20 +68,20 @@ class HubSource:
         partial = partial_path(blob)
         return min(partial.stat().st_size, entry.size) if partial.is_file() else 0
 
-    def fetch(self, checkpoint_dir: Path, entry: FileEntry, revision: str, progress) -> bool:
-        """Bring one file into the snapshot; True when its hash was checked on the way."""
+    def fetch(self, checkpoint_dir: Path, entry: FileEntry, files: HubFiles, revision: str, progress) -> bool:
+        """Bring one file of ``files`` at the commit ``revision`` into the snapshot; True when its hash was checked on the way."""
         blob = blob_path(checkpoint_dir, entry)
         checked = False
         if not _blob_complete(blob, entry):
-            self._download(entry, blob, revision, progress)
+            self._download(entry, blob, files, revision, progress)
             checked = True
         _link(blob, checkpoint_dir / entry.path)
         return checked
 
-    def _download(self, entry: FileEntry, blob: Path, revision: str, progress) -> None:
+    def _download(self, entry: FileEntry, blob: Path, files: HubFiles, revision: str, progress) -> None:
         blob.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(blob)
-        url = hf_hub_url(SPEC.repo_id, entry.path, revision=revision, endpoint=self.endpoint)
+        url = hf_hub_url(files.repo_id, entry.path, revision=revision, endpoint=self.endpoint)
         try:
             with open(partial, "a+b") as file:
                 if file.tell() > entry.size:  # cannot be a prefix of this file
@@ -93,12 +94,12 @@ class HubSource:
         except (OSError, httpx2.HTTPError) as err:
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 raise disk_full(entry.path, err) from err
-            raise WanError(f"download of {entry.path} stopped: {first_line(err)}", hint=_RESUME_HINT) from err
+            raise WanError(f"download of {entry.path} stopped: {first_line(err)}", hint=_resume_hint(files)) from err
         if writer.hexdigest() != entry.hex_digest:
             partial.unlink()
             raise WanError(
                 f"{entry.path}: the downloaded bytes do not match the published hash; discarded them",
-                hint="run `wan-i2v cache quick` again",
+                hint=f"run {files.fetched_by} again",
             )
         os.replace(partial, blob)
 
@@ -117,19 +118,19 @@ class ModelScopeSource:
         self._api = HubApi()
         self._download = model_file_download
 
-    def listing(self, revision: str = "master") -> Manifest:
+    def listing(self, files: HubFiles = MODEL_FILES, revision: str = "master") -> Manifest:
         try:
-            listed = self._api.get_model_files(SPEC.repo_id, revision=revision, recursive=True)
+            listed = self._api.get_model_files(files.repo_id, revision=revision, recursive=True)
         except Exception as err:  # its client raises requests' and its own error types, varying by version
-            raise WanError(f"cannot list {SPEC.repo_id} on ModelScope: {first_line(err)}", hint="check the network") from err
+            raise WanError(f"cannot list {files.repo_id} on ModelScope: {first_line(err)}", hint="check the network") from err
         by_path = {f["Path"]: f for f in listed if f.get("Type") != "tree"}
-        files = [
+        entries = [
             FileEntry(path, int(by_path[path]["Size"]), f"sha256:{sha}" if (sha := by_path[path].get("Sha256")) else None)
-            for path in required_paths(by_path)
+            for path in required_paths(by_path, files)
         ]
-        return Manifest(SPEC.repo_id, self.name, revision, files)
+        return Manifest(files.repo_id, self.name, revision, entries)
 
-    def prepare_checkpoint_dir(self, repo: Path, manifest: Manifest) -> Path:
+    def prepare_checkpoint_dir(self, repo: Path, manifest: Manifest, revision: str = "main") -> Path:
         checkpoint_dir = repo / "snapshots" / "modelscope"
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         return checkpoint_dir
@@ -137,15 +138,19 @@ class ModelScopeSource:
     def bytes_on_disk(self, checkpoint_dir: Path, entry: FileEntry) -> int:
         return 0  # its partial downloads live in its own temporary folder
 
-    def fetch(self, checkpoint_dir: Path, entry: FileEntry, revision: str, progress) -> bool:
+    def fetch(self, checkpoint_dir: Path, entry: FileEntry, files: HubFiles, revision: str, progress) -> bool:
         try:
-            self._download(SPEC.repo_id, entry.path, revision=revision, local_dir=str(checkpoint_dir))
+            self._download(files.repo_id, entry.path, revision=revision, local_dir=str(checkpoint_dir))
         except Exception as err:  # see listing()
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 raise disk_full(entry.path, err) from err
-            raise WanError(f"download of {entry.path} stopped: {first_line(err)}", hint=_RESUME_HINT) from err
+            raise WanError(f"download of {entry.path} stopped: {first_line(err)}", hint=_resume_hint(files)) from err
         progress.update(entry.size)
         return False
+
+
+def _resume_hint(files: HubFiles) -> str:
+    return f"run {files.fetched_by} again; it resumes where it stopped"
 
 
 def _hub_digest(sibling) -> str:

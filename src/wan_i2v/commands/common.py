@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wan_i2v import locks
+from wan_i2v.cache.hub_files import is_hub_file
 from wan_i2v.commands import DEFAULT_OUTPUT, STARTED, home, is_main
 from wan_i2v.config import DISTILLED, OFFICIAL, GenerationSettings, sampling_given
 from wan_i2v.errors import WanError
@@ -151,7 +152,7 @@ def loras_from(files: dict | None):
     for spec in {spec for specs in by_expert.values() for spec in specs}:
         if Path(spec.path).suffix != ".safetensors":
             raise WanError(f"LoRA file {spec.path} is not a .safetensors file", "only .safetensors LoRAs are read")
-        if not Path(spec.path).is_file():
+        if not is_hub_file(spec.path) and not Path(spec.path).is_file():  # (a hub file is fetched, or found in the cache, by the plan)
             raise WanError(f"LoRA file not found: {spec.path}", "give the path of a .safetensors LoRA")
     return Loras.of(by_expert)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from wan_i2v import session as runs
+from wan_i2v.cache.hub_files import is_hub_file
 from wan_i2v.commands import is_main
 from wan_i2v.commands.common import (
     check_fits, exclusive, fresh_output, generate_and_write, keep_compiled_code, loras_from, mp4_path, settings_from, tell,
@@ -47,7 +48,7 @@ def run(args) -> int:
     session_plan = runs.plan(replace(options, loras=loras), height=height, width=width, frame_num=settings.frame_num, guided=settings.guided,
                              dry_run=args.dry_run)  # fmt: skip
     if args.dry_run:
-        _check_loras(loras, session_plan.ckpt_dir)
+        _check_loras(session_plan.options.loras, session_plan.ckpt_dir)
     tell(session_plan)
     if is_main() and not args.dry_run:
         check_space(save_file.parent, session_plan.output_bytes, "free some space or choose another --save-file")
@@ -120,4 +121,5 @@ def _check_loras(loras, ckpt_dir: Path | None) -> None:
                 shapes = {key: tuple(value.shape) for key, value in DiT(DiTConfig()).state_dict().items()}
             expert = ckpt.TensorSource(dict.fromkeys(shapes), {}, {key: (lambda shape=shape: shape) for key, shape in shapes.items()})
         for spec in specs:
-            read_lora(spec, expert)
+            if not is_hub_file(spec.path):  # (one not fetched yet: the plan's notes say the run fetches it)
+                read_lora(spec, expert)

@@ -24,11 +24,12 @@ import hashlib
 import re
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from wan_i2v.cache.hub_files import HubFile, is_hub_file
 from wan_i2v.cache.manifest import hash_stream
 from wan_i2v.errors import WanError
 from wan_i2v.loading.checkpoint import TensorSource, refill
@@ -64,16 +65,19 @@ class LoraSpec:
 
     @classmethod
     def parse(cls, text: str) -> "LoraSpec":
-        """``PATH`` or ``PATH:STRENGTH``."""
+        """``PATH`` or ``PATH:STRENGTH``; the path may be a hub file, ``hf://OWNER/REPO[@REVISION]/PATH``."""
         path, sep, strength = text.rpartition(":")
+        spec = cls(text)
         if sep and path:
             try:
-                return cls(path, float(strength))
+                spec = cls(path, float(strength))
             except ValueError:
                 # After a .safetensors name the colon was meant for a strength; elsewhere it is the path's.
                 if path.endswith(".safetensors") and not text.endswith(".safetensors"):
                     raise WanError(f"the LoRA strength {strength!r} in {text} is not a number", f"give a number such as {path}:0.8") from None
-        return cls(text)
+        if is_hub_file(spec.path):
+            HubFile.parse(spec.path)  # a form that names no file is refused here, before any download
+        return spec
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,23 @@ class Loras:
 
     def for_expert(self, name: str) -> tuple[LoraSpec, ...]:
         return dict(self.by_expert).get(name, ())
+
+    def from_cache(self, root: Path, fetch: bool = True) -> "Loras":
+        """These LoRAs with each hub file (hf://...) as its copy in the cache ``root``: fetched there
+        first (resumed, verified) where it is not, unless not ``fetch`` (it then stays a hub file)."""
+
+        def local(spec: LoraSpec) -> LoraSpec:
+            if not is_hub_file(spec.path):
+                return spec
+            hub_file = HubFile.parse(spec.path)
+            path = hub_file.fetched(root) if fetch else hub_file.cached(root)
+            return spec if path is None else replace(spec, path=str(path))
+
+        return Loras(tuple((name, tuple(local(spec) for spec in specs)) for name, specs in self.by_expert))
+
+    def hub_files(self) -> list[str]:
+        """The hub files (hf://...) among these LoRAs' paths, each once."""
+        return sorted({spec.path for _, specs in self.by_expert for spec in specs if is_hub_file(spec.path)})
 
 
 @dataclass

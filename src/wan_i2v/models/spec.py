@@ -108,6 +108,9 @@ class ModelSpec:
     patch_size: tuple[int, int, int]  # (frames, height, width) of latents per DiT token
     latent_channels: int
     stored_bytes: int  # bytes per parameter of the released experts' safetensors (for an unread checkpoint)
+    # The LoRAs that distill the experts to the 4-step recipe, by expert name, as hub files
+    # (hf://OWNER/REPO/PATH): `wan-i2v cache quick --lightning` fetches them and `--distilled` merges them.
+    distilled_loras: Mapping[str, str] | None = None
 
     def __post_init__(self):
         boundaries = [expert.boundary for expert in self.experts]
@@ -115,6 +118,8 @@ class ModelSpec:
             raise ValueError(f"{self.name}: the experts' boundaries must fall strictly to 0, not {boundaries}")
         if sorted(self.guide_scale_order) != sorted(expert.name for expert in self.experts):
             raise ValueError(f"{self.name}: guide_scale_order must name each expert once")
+        if self.distilled_loras is not None and sorted(self.distilled_loras) != sorted(expert.name for expert in self.experts):
+            raise ValueError(f"{self.name}: distilled_loras must name each expert once")
 
     # The guide scales.
 
@@ -222,6 +227,7 @@ class ModelSpec:
 
 
 UMT5_XXL_DIM = 4096  # umT5-XXL's width: the text features the Wan2.2 experts take
+LIGHTNING_I2V_V1 = "Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1"
 
 WAN22_I2V_A14B = ModelSpec(
     name="Wan2.2-I2V-A14B",
@@ -253,6 +259,13 @@ WAN22_I2V_A14B = ModelSpec(
     patch_size=(1, 2, 2),
     latent_channels=16,
     stored_bytes=4,  # the official experts are stored in fp32 (57 GB each)
+    # lightx2v's Wan2.2-Lightning, Seko V1: the repository's only I2V-A14B 4-step pair (its V1.1 is for
+    # T2V), rank 64, in lightx2v's key names; its README's recipe is ours (euler, 4 steps, guide scale 1,
+    # shift 5). lightx2v's later distillations live in other repositories, which --lora hf://... reaches.
+    distilled_loras={
+        "high": f"hf://lightx2v/Wan2.2-Lightning/{LIGHTNING_I2V_V1}/high_noise_model.safetensors",
+        "low": f"hf://lightx2v/Wan2.2-Lightning/{LIGHTNING_I2V_V1}/low_noise_model.safetensors",
+    },
 )
 
 DEFAULT_SPEC = WAN22_I2V_A14B.name
