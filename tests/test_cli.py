@@ -647,6 +647,7 @@ def test_every_sampling_flag_is_declared_once_and_sets_its_setting(command, caps
     """The video's settings and their flags cannot drift: every setting has a flag of the one declaration,
     each in the command's --help with its help (the server's in its wording), and what a flag sets comes back
     in the video's settings (the server's: each job's defaults), under our spelling and the official one."""
+    import inspect
     from dataclasses import fields
 
     from wan_i2v.cli import _parse
@@ -656,7 +657,7 @@ def test_every_sampling_flag_is_declared_once_and_sets_its_setting(command, caps
     monkeypatch.setenv("COLUMNS", "10000")  # the help unwrapped: argparse breaks lines at hyphens too
     dests = {flag.dest for flag in SAMPLING_FLAGS}
     assert {field.name for field in fields(GenerationSettings)} - {"seed_drawn", "max_area"} <= dests and "size" in dests  # (--size sets max_area)
-    assert dests - {"distilled"} <= set(GenerationSettings.of.__code__.co_varnames)
+    assert dests - {"distilled"} <= set(inspect.signature(GenerationSettings.of).parameters)
     assert main([command, "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     own_defaults = {"frame_num": 17, "steps": 12, "prompt": "A small paper boat drifts on a calm pond.", "seed": 0} if command == "demo" else {"frame_num": 81, "steps": 40}

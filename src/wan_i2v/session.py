@@ -18,6 +18,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from wan_i2v.parallel.groups import agree, env_rank, env_world, launched
 from wan_i2v.parallel.launch import launch
 from wan_i2v.parallel.plan import GiB, model_sizes
 from wan_i2v.sampling.loop import Cancelled, LoopHook
+from wan_i2v.transforms.step_cache import step_cache_threshold
 from wan_i2v.video import check_writable, load_image, write_atomically
 
 LATENTS_FORMAT = "wan-i2v-latents/1"
@@ -306,6 +308,7 @@ class Job:
     latents_file: str | None = None  # the latents are saved there before decoding (a decode that dies loses nothing)
     video_file: str | None = None  # rank 0 writes the mp4 there as it decodes; the video then stays there (the result's is None)
     last_image: object = None  # the video's last frame, if given
+    step_cache: float | None = None  # this job's threshold for the session's step cache (None: the plan's)
 
 
 def save_latents(path: Path, latents, settings: dict) -> None:
@@ -322,10 +325,34 @@ def _run_job(pipe, job: Job, *, cancel=None, on_step=None):
             save_latents(Path(job.latents_file), latents, settings.as_dict())
 
     hooks = [StepEvents()] if on_step is not None and pipe.is_main else []
-    result = pipe.generate(job.image, settings=job.settings, state_file=job.state_file, progress=job.progress, before_decode=before_decode,
-                           cancel=cancel, hooks=hooks, video_file=job.video_file, last_image=job.last_image)  # fmt: skip
+    with _job_step_cache(pipe, job.step_cache):
+        result = pipe.generate(job.image, settings=job.settings, state_file=job.state_file, progress=job.progress, before_decode=before_decode,
+                               cancel=cancel, hooks=hooks, video_file=job.video_file, last_image=job.last_image)  # fmt: skip
     # Written to its file, the video does not travel back (0.9 GB of float frames at 720P, through shared memory from a spawned rank).
     return result if job.video_file is None else replace(result, video=None)
+
+
+@contextmanager
+def _job_step_cache(pipe, threshold: float | None):
+    """A job's own step cache threshold, for its run only: the loaded cache decides with it, and the
+    plan the run records (the video's metadata, the saved state's identity) says it."""
+    cache = pipe.plan.step_cache
+    if threshold is None or (cache is not None and threshold == cache.threshold):
+        yield
+        return
+    if cache is None or not cache.on:
+        if threshold > 0:
+            raise WanError(f"{option('step_cache', threshold)} asked of a pipeline loaded without the step cache",
+                           "load it with a step cache (its threshold is then each job's default)")  # fmt: skip
+        yield  # (0: off, as it is)
+        return
+    plan = pipe.plan
+    pipe.plan = replace(plan, step_cache=replace(cache, threshold=threshold))
+    try:
+        with step_cache_threshold(pipe.experts.models, threshold):
+            yield
+    finally:
+        pipe.plan = plan
 
 
 class RunSession:
@@ -387,20 +414,21 @@ class RunSession:
 
     def generate(self, image, prompt: str | None = None, negative_prompt: str | None = None, *, settings: GenerationSettings | None = None,
                  state_file=None, progress: bool = True, latents_file=None, video_file=None, cancel=None, on_step: Callable | None = None,
-                 last_image=None, **sampling):  # fmt: skip
+                 last_image=None, step_cache: float | None = None, **sampling):  # fmt: skip
         """Run one job: ``I2VPipeline.generate``'s arguments (``image`` a path, a PIL image or ``KnownFrames``, and ``last_image`` if
         given, a path or PIL image; ``settings``, else ``GenerationSettings.of`` the prompts and the ``sampling`` keywords, whose
         defaults are the distilled recipe in a session opened ``distilled``), plus ``latents_file``
         (the latents are saved there before decoding), ``video_file`` (the mp4 is written there as the
         frames are decoded; the result's video is then None), ``cancel`` (``is_set()``: stop before the
-        next step, raising ``Cancelled``) and ``on_step(StepInfo)`` after each step."""
+        next step, raising ``Cancelled``), ``on_step(StepInfo)`` after each step and ``step_cache``
+        (this job's threshold for the step cache the session loaded; 0: off; None: the plan's)."""
         if settings is None:
             settings = GenerationSettings.of(prompt, negative_prompt, **{"defaults": self.defaults, **sampling})
         paths = (None if path is None else str(path) for path in (state_file, latents_file, video_file))
         state_file, latents_file, video_file = paths
         image = image if isinstance(image, KnownFrames) else load_image(image)
         last = None if last_image is None else load_image(last_image, flag="last_image")
-        return self._run(Job(image, settings, state_file, progress, latents_file, video_file, last), cancel, on_step)
+        return self._run(Job(image, settings, state_file, progress, latents_file, video_file, last, step_cache), cancel, on_step)
 
     def _run(self, job: Job, cancel, on_step):
         raise NotImplementedError

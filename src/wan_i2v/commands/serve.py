@@ -55,7 +55,7 @@ def run(args) -> int:
                         spawned=session_plan.world > 1 and not launched())  # fmt: skip
     return serve(open_session, state_dir=state_dir, host=args.host, port=args.port, tokens=tokens, defaults=defaults,
                  max_queued=args.max_queue, max_upload_mb=args.max_upload_mb, queue_url=queue, capacity=capacity,
-                 allowed_hosts=tuple(args.allowed_hosts))  # fmt: skip
+                 allowed_hosts=tuple(args.allowed_hosts), step_cache=planned.plan.step_cache)  # fmt: skip
 
 
 def _read_token_file(path: str | None) -> str | None:

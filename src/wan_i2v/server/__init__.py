@@ -52,13 +52,14 @@ def check_binding(host: str, port: int, tokens: Tokens | None) -> None:
 
 def serve(open_session, *, state_dir: Path, host: str, port: int, tokens: Tokens | None, defaults: SamplingDefaults,
           max_queued: int = 1000, max_upload_mb: float = 50, queue_url: str | None = None, capacity=None,
-          allowed_hosts: tuple[str, ...] = ()) -> int:  # fmt: skip
+          allowed_hosts: tuple[str, ...] = (), step_cache=None) -> int:  # fmt: skip
     """Run the server until interrupted; ``open_session()`` loads the pipeline (in the runner's
     thread: the API answers, and takes jobs, while it loads). ``queue_url``: a PostgreSQL database
     that servers on several machines share (``state_dir`` is then their shared folder); ``capacity``:
     the loaded plan's, which refuses the videos that would not fit; ``tokens``: the clients served
     (None: anyone, on loopback only).
-    ``allowed_hosts``: the names clients reach it by, besides IP addresses and localhost. Returns the
+    ``allowed_hosts``: the names clients reach it by, besides IP addresses and localhost; ``step_cache``:
+    the pipeline's (a ``StepCacheConfig``), whose threshold each job may set for itself. Returns the
     exit code."""
     os.umask(0o077)  # the queue, images and videos are private whatever the shell's umask (the store fixes older files)
     store = JobStore(state_dir, max_queued=max_queued, queue_url=queue_url)
@@ -74,7 +75,7 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, tokens: Tokens
 
     runner = Runner(store, open_session, on_failure=failed)
     config.app = create_app(store, runner, tokens=tokens, max_upload_bytes=int(max_upload_mb * 2**20), defaults=defaults,
-                            capacity=capacity, allowed_hosts=allowed_hosts, loopback=_loopback(host))  # fmt: skip
+                            capacity=capacity, allowed_hosts=allowed_hosts, loopback=_loopback(host), step_cache=step_cache)  # fmt: skip
     counts = store.counts()
     print(f"wan-i2v: serving on http://{host}:{port}/ (queue {store.database.describe()}, files in {state_dir}: "
           f"{counted(counts['queued'] + counts['in_progress'], 'job')} to run); "

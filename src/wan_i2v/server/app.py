@@ -24,6 +24,7 @@ from wan_i2v.server.queue import QueueUnreachable
 from wan_i2v.server.routes import page, service, videos
 from wan_i2v.server.schemas import ErrorBody, ErrorDetail
 from wan_i2v.server.store import DiskFull, JobStore
+from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
 log = logging.getLogger("wan_i2v.server")
 
@@ -71,12 +72,14 @@ EXCEPTION_HANDLERS = {StarletteHTTPException: _http_error, RequestValidationErro
 
 
 def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upload_bytes: int = 50 * 2**20, defaults: SamplingDefaults = OFFICIAL,
-               capacity: Capacity | None = None, allowed_hosts: tuple[str, ...] = (), loopback: bool = True) -> FastAPI:  # fmt: skip
+               capacity: Capacity | None = None, allowed_hosts: tuple[str, ...] = (), loopback: bool = True,
+               step_cache: StepCacheConfig | None = None) -> FastAPI:  # fmt: skip
     """The server's app. ``runner`` runs while the app does (``start`` and ``stop``, in its lifespan), is
     told of each new job (``notify``) and reports ``status``; ``tokens``: the clients it serves (None:
     anyone, with no token); ``capacity`` (the loaded plan's) refuses the videos that would not fit
     (None: no limit); ``allowed_hosts``: the names, besides IP addresses and localhost, that clients
-    reach it by; ``loopback``: it listens on this machine only."""
+    reach it by; ``loopback``: it listens on this machine only; ``step_cache``: the loaded pipeline's,
+    whose threshold each job may set for itself."""
     events = JobEvents(store)
 
     @contextlib.asynccontextmanager
@@ -94,7 +97,8 @@ def create_app(store: JobStore, runner, *, tokens: Tokens | None = None, max_upl
             await run_in_threadpool(runner.stop)
 
     app = FastAPI(title="wan-i2v", docs_url=None, redoc_url=None, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    app.state.context = ServerContext(store, runner, events, defaults, capacity, max_upload_bytes, loopback, service.metrics_registry(store, runner))
+    app.state.context = ServerContext(store, runner, events, defaults, capacity, max_upload_bytes, loopback, service.metrics_registry(store, runner),
+                                      step_cache)  # fmt: skip
     for router in (videos.router, service.router, page.router):
         app.include_router(router)
 

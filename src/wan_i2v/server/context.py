@@ -14,6 +14,7 @@ from wan_i2v.server.access import Client
 from wan_i2v.server.capacity import Capacity
 from wan_i2v.server.events import JobEvents
 from wan_i2v.server.store import Job, JobStore
+from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
 
 
@@ -31,6 +32,7 @@ class ServerContext:
     max_upload_bytes: int
     loopback: bool
     metrics: Any  # prometheus_client's registry, read from the queue at each scrape
+    step_cache: StepCacheConfig | None = None  # the loaded pipeline's (its threshold: the jobs' default)
 
 
 def refuse(status: int, message: str):

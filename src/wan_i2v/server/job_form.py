@@ -17,9 +17,10 @@ from fastapi import Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 
 from wan_i2v.config import GenerationSettings, SamplingDefaults, guide_pair
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, option
 from wan_i2v.server.context import Context, refuse
 from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying
+from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
 
 def _written(value) -> str | None:
@@ -75,6 +76,7 @@ class JobFields(BaseModel):
     seed: WholeNumber = None  # None or -1: drawn
     solver: Text = None
     fps: WholeNumber = None  # the mp4's frame rate
+    step_cache: Number = None  # the job's threshold for the server's step cache (0: off); None: the server's
 
     @classmethod
     def of(cls, form) -> "JobFields":
@@ -84,9 +86,11 @@ class JobFields(BaseModel):
     def seed_given(self) -> bool:
         return self.seed not in (None, -1)
 
-    def settings(self, defaults: SamplingDefaults) -> dict:
-        """The job's settings, checked as the CLI checks them, with the seed drawn when not given (or -1)."""
-        return self.stored(self.generation_settings(defaults), defaults)
+    def settings(self, defaults: SamplingDefaults, step_cache: StepCacheConfig | None = None) -> dict:
+        """The job's settings, checked as the CLI checks them, with the seed drawn when not given (or -1),
+        and the step cache's threshold it runs with: its own, else that of the server's ``step_cache``
+        (None: the server loaded none, and a job cannot turn one on)."""
+        return self.stored(self.generation_settings(defaults), defaults, step_cache)
 
     def generation_settings(self, defaults: SamplingDefaults) -> GenerationSettings:
         exact = self.height is not None or self.width is not None
@@ -94,15 +98,25 @@ class JobFields(BaseModel):
                                      frame_num=self.frame_num, steps=self.steps, shift=self.shift, guide_scale=self.guide_scale, seed=self.seed,
                                      solver=self.solver, height=self.height, width=self.width, fps=self.fps)  # fmt: skip
 
-    def stored(self, settings: GenerationSettings, defaults: SamplingDefaults) -> dict:
+    def stored(self, settings: GenerationSettings, defaults: SamplingDefaults, step_cache: StepCacheConfig | None = None) -> dict:
         """``settings`` as the queue stores them: with the size as asked (an exact one as WIDTH*HEIGHT) and the negative prompt as sent."""
         size = self.size or (f"{settings.width}*{settings.height}" if settings.height is not None else defaults.size)
-        return {**settings.as_dict(), "size": size, "negative_prompt": self.negative_prompt}
+        return {**settings.as_dict(), "size": size, "negative_prompt": self.negative_prompt, **self._step_cache(step_cache)}
+
+    def _step_cache(self, server: StepCacheConfig | None) -> dict:
+        loaded = server is not None and server.on
+        if self.step_cache is None:
+            return {"step_cache": server.threshold} if loaded else {}
+        StepCacheConfig(threshold=self.step_cache)  # refused in the command line's words
+        if self.step_cache > 0 and not loaded:
+            raise WanError(f"{option('step_cache', self.step_cache)}: this server runs without the step cache",
+                           "leave step_cache out, or start the server with --step-cache (its threshold is then the jobs' default)")  # fmt: skip
+        return {"step_cache": self.step_cache}
 
 
-def job_settings(form, defaults: SamplingDefaults) -> dict:
+def job_settings(form, defaults: SamplingDefaults, step_cache: StepCacheConfig | None = None) -> dict:
     """A request's fields (a form, or a dict of its texts), checked as the CLI checks them, with the seed drawn when not given (or -1)."""
-    return JobFields.of(form).settings(defaults)
+    return JobFields.of(form).settings(defaults, step_cache)
 
 
 @dataclass(frozen=True)
@@ -151,7 +165,7 @@ async def job_request(request: Request, context: Context) -> JobRequest:
         check_openai_fields(form)
         fields = JobFields.of(form)
         generation = fields.generation_settings(context.defaults)
-        settings = fields.stored(generation, context.defaults)
+        settings = fields.stored(generation, context.defaults, context.step_cache)
         height, width = await check_image(image, upload.filename, generation)
         if last_image is not None:
             await check_image(last_image, last_upload.filename, generation, "last_image")

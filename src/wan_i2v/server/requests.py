@@ -15,7 +15,8 @@ from wan_i2v.models.spec import spec_for
 MAX_IMAGE_PIXELS = 64_000_000  # phone photos reach 50 MP; a decoded 64 MP image is 192 MB of RGB
 MODEL = spec_for().name.lower()  # the name the OpenAI API gives the served model
 MAX_IDEMPOTENCY_KEY = 255  # as Stripe's
-TEXT_FIELDS = ("model", "seconds", "prompt", "negative_prompt", "size", "height", "width", "frame_num", "steps", "guide_scale", "shift", "seed", "solver", "fps")
+TEXT_FIELDS = ("model", "seconds", "prompt", "negative_prompt", "size", "height", "width", "frame_num", "steps", "guide_scale", "shift", "seed", "solver", "fps",
+               "step_cache")
 # Each decode holds up to ~200 MB, and a thread's malloc arena keeps what it once held: two threads
 # of their own (not a semaphore in the request pool's many threads) bound both the decodes and the arenas.
 _decoders = ThreadPoolExecutor(2, thread_name_prefix="image-decode")

@@ -165,7 +165,7 @@ class Runner:
             with _JobWatch(self.store, job.id, self.stopping) as watch:
                 result = session.generate(
                     self.store.image_path(job.id), settings=_generation_settings(settings), progress=False, state_file=self.store.state_path(job.id),
-                    video_file=self.store.video_path(job.id), cancel=watch, on_step=on_step,
+                    video_file=self.store.video_path(job.id), cancel=watch, on_step=on_step, step_cache=settings.get("step_cache"),
                     last_image=self.store.last_image_path(job.id) if settings.get("last_image_file_sha256") else None,
                 )  # fmt: skip
             outcome = "generated"

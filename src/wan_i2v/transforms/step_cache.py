@@ -21,14 +21,15 @@ goes on to the other expert.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 
 from wan_i2v.models.hooks import BlockHook, PerContext, Pending, StackCall, settle
 from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
-__all__ = ["StepCache", "StepCacheConfig", "apply_step_cache", "skipped_forwards"]
+__all__ = ["StepCache", "StepCacheConfig", "apply_step_cache", "skipped_forwards", "step_cache_threshold"]
 
 
 @dataclass
@@ -151,3 +152,18 @@ def skipped_forwards(models: dict) -> dict[str, tuple[int, int]]:
             if isinstance(hook, StepCache):
                 counts.update(hook.skipped())
     return counts
+
+
+@contextmanager
+def step_cache_threshold(models: dict, threshold: float):
+    """The step caches on ``models`` (name -> DiT) decide with ``threshold`` for what runs inside (a
+    job of its own setting on a loaded pipeline), then with their own again."""
+    caches = [hook for model in models.values() for hook in model.block_stack().hooks if isinstance(hook, StepCache)]
+    configs = [cache.config for cache in caches]
+    for cache in caches:
+        cache.config = replace(cache.config, threshold=threshold)
+    try:
+        yield
+    finally:
+        for cache, config in zip(caches, configs):
+            cache.config = config
