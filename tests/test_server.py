@@ -67,6 +67,7 @@ def test_a_job_with_a_last_frame_an_exact_size_and_a_frame_rate(server, client):
     settings = answer.json()["settings"]
     assert settings["last_image_file_sha256"] == hashlib.sha256(last).hexdigest()
     assert (settings["height"], settings["width"], settings["fps"], settings["size"]) == (64, 64, 8, "64*64")
+    assert answer.json()["seconds"] == "0.5"  # 4 frames' time at 8 frames a second
     assert server.wait_for(client, answer.json()["id"])["status"] == "completed"
     video = client.get(f"/v1/videos/{answer.json()['id']}/content").content
     assert frames_of(video).shape == (5, 64, 64, 3)

@@ -52,7 +52,7 @@ class Video(BaseModel):
             completed_at=None if job.completed_at is None else int(job.completed_at),
             error=None if job.error is None else VideoError(message=job.error),
             prompt=settings["prompt"],
-            seconds=f"{(settings['frame_num'] - 1) / spec_for().fps:g}",
+            seconds=f"{(settings['frame_num'] - 1) / settings.get('fps', spec_for().fps):g}",  # (a job queued before the fps setting: the model's)
             size=settings["size"],
             seed=settings["seed"],
             step=settings["steps"] if completed else job.step,  # (its last step's write may have been missed)
