@@ -6,7 +6,7 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 
 from wan_i2v.errors import WanError, option
-from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
+from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for
 
 # The samplers' names (``sampling/schedulers.py`` has the samplers): here, so that the settings and
 # the command's help need no torch.
@@ -30,14 +30,14 @@ MAX_FRAMES = 321
 MAX_GUIDE_SCALE = 30.0
 
 
-def parse_size(size: str) -> tuple[int, float | None]:
-    """``720P``, ``480P`` or ``A*B`` -> (max_area, preset shift or None)."""
-    preset = SPEC.presets.get(size.upper())
+def parse_size(size: str, spec: ModelSpec | str = DEFAULT_SPEC) -> tuple[int, float | None]:
+    """A preset of ``spec``'s (``720P``, ``480P``) or ``A*B`` -> (max_area, preset shift or None)."""
+    preset = spec_for(spec).presets.get(size.upper())
     if preset is not None:
         return preset.max_area, preset.shift
     parts = size.replace("x", "*").split("*")
     if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
-        raise WanError(f"unknown size {size!r}", f"use {', '.join(SPEC.presets)} or H*W such as 1280*720")
+        raise WanError(f"unknown size {size!r}", f"use {', '.join(spec_for(spec).presets)} or H*W such as 1280*720")
     sides = [int(p) for p in parts]
     if any(side % SPEC.size_multiple for side in sides):
         raise WanError(f"size {size} has a side that is not a multiple of {SPEC.size_multiple}", "e.g. 1280*720, 832*480, 1024*576")
@@ -81,11 +81,18 @@ class SamplingDefaults:
     guide_scale: tuple[float, float] = (3.5, 3.5)  # (low-noise expert, high-noise expert)
     shift: float | None = None  # None: the size preset's (5.0 for other sizes)
     solver: str = "unipc"
+    model: ModelSpec | str = DEFAULT_SPEC  # whose presets the size names
 
     @classmethod
-    def recipe(cls, distilled: bool) -> "SamplingDefaults":
-        """The model card's defaults, or with ``distilled`` lightx2v's recipe for the 4-step distilled models."""
-        return DISTILLED if distilled else OFFICIAL
+    def official(cls, spec: ModelSpec | str = DEFAULT_SPEC) -> "SamplingDefaults":
+        """``spec``'s model card's defaults (``OFFICIAL``: the default model's)."""
+        card = spec_for(spec).defaults
+        return cls(size=spec_for(spec).default_preset, frame_num=card.frame_num, steps=card.steps, guide_scale=card.guide_scale, model=spec)
+
+    @classmethod
+    def recipe(cls, distilled: bool, spec: ModelSpec | str = DEFAULT_SPEC) -> "SamplingDefaults":
+        """``spec``'s model card's defaults, or with ``distilled`` lightx2v's recipe for the 4-step distilled models."""
+        return DISTILLED if distilled else cls.official(spec)
 
     def given(self, **values) -> "SamplingDefaults":
         """These defaults with the ``values`` that are not None in their place (``guide_scale`` as its pair)."""
@@ -95,7 +102,7 @@ class SamplingDefaults:
         return replace(self, **values)
 
 
-OFFICIAL = SamplingDefaults()
+OFFICIAL = SamplingDefaults.official()
 DISTILLED = SamplingDefaults(steps=4, guide_scale=(1.0, 1.0), shift=5.0, solver="euler")
 
 
@@ -127,7 +134,7 @@ class GenerationSettings:
         preset or H*W) or ``max_area``; ``guide_scale`` one value or the (low-noise, high-noise) pair;
         ``seed`` None or -1 draws one; the negative prompt defaults to the official one."""
         chosen = defaults.given(size=size, frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver)
-        area, preset_shift = parse_size(chosen.size)
+        area, preset_shift = parse_size(chosen.size, chosen.model)
         drawn = seed is None or seed == -1
         return cls(
             prompt=prompt,

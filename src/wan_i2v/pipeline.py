@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from wan_i2v.config import GenerationSettings
+from wan_i2v.config import GenerationSettings, SamplingDefaults
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.options import RunOptions
@@ -312,8 +312,8 @@ class I2VPipeline:
         timings: dict[str, float] = {}
         peaks: dict[str, float] = {}
         if settings is None:
-            settings = GenerationSettings.of(prompt, negative_prompt, max_area=max_area, frame_num=frame_num, steps=steps, shift=shift,
-                                             guide_scale=guide_scale, seed=seed, solver=solver)  # fmt: skip
+            settings = GenerationSettings.of(prompt, negative_prompt, defaults=SamplingDefaults.official(self.spec), max_area=max_area, frame_num=frame_num,
+                                             steps=steps, shift=shift, guide_scale=guide_scale, seed=seed, solver=solver)  # fmt: skip
         prepared = self.prepare(image, settings, state_file=state_file, progress=progress, timings=timings, peaks=peaks)
         log = ExpertLog()
         all_hooks = [*hooks, log]

@@ -67,12 +67,14 @@ class DiTConfig:
     def from_json_file(cls, path: Path) -> "DiTConfig":
         from wan_i2v.loading.checkpoint import read_json
 
+        from wan_i2v.models.spec import SPECS
+
         raw = read_json(path, "expert config")
         model_type = raw.get("model_type", "i2v")
-        if model_type != "i2v":
+        if model_type not in {spec.model_type for spec in SPECS.values()}:
             raise WanError(
                 f"{path} describes a {model_type!r} model, not image-to-video",
-                "use a Wan2.2-I2V-A14B checkpoint",
+                f"use a checkpoint of {' or '.join(SPECS)}",
             )
         # Keys the official config may carry that only restate the architecture we implement.
         fixed = {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}
@@ -92,6 +94,18 @@ class DiTConfig:
         if config.dim % config.num_heads or config.head_dim % 2:
             raise WanError(f"{path}: dim {config.dim} does not split into {config.num_heads} heads of even size")
         return config
+
+
+@dataclass(frozen=True)
+class TI2V5BConfig(DiTConfig):
+    """Wan2.2-TI2V-5B's DiT: 48 latent channels in and out (the image is a latent frame, not extra channels)."""
+
+    dim: int = 3072
+    ffn_dim: int = 14336
+    in_dim: int = 48
+    out_dim: int = 48
+    num_heads: int = 24
+    num_layers: int = 30
 
 
 def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:

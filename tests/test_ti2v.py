@@ -1,0 +1,55 @@
+"""Wan2.2-TI2V-5B through the model spec: its layout, defaults and sizes, and a checkpoint telling its spec."""
+
+import json
+
+import pytest
+
+from wan_i2v.config import OFFICIAL, GenerationSettings, SamplingDefaults
+from wan_i2v.models.spec import WAN22_I2V_A14B, WAN22_TI2V_5B, spec_for, spec_of_checkpoint
+
+
+def test_the_ti2v_spec_is_found_by_its_names_and_holds_the_official_layout(tmp_path):
+    assert spec_for("ti2v-5b") is spec_for("ti2v-5B") is spec_for("Wan2.2-TI2V-5B") is WAN22_TI2V_5B  # ours, the official --task
+    assert spec_for("i2v-a14b") is WAN22_I2V_A14B
+    # The DiT's files at the top of the checkpoint, the Wan2.2 VAE, the same text encoder.
+    assert WAN22_TI2V_5B.needed_files(tmp_path) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "Wan2.2_VAE.pth",
+        "models_t5_umt5-xxl-enc-bf16.pth",
+        "google/umt5-xxl/tokenizer_config.json",
+        "google/umt5-xxl/tokenizer.json",
+    ]
+    assert WAN22_TI2V_5B.hub_patterns() == (
+        "config.json", "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model-*-of-*.safetensors",
+        "Wan2.2_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/*",
+    )  # fmt: skip
+    assert WAN22_TI2V_5B.checkpoint_dir_of(tmp_path / "diffusion_pytorch_model-00001-of-00003.safetensors") == tmp_path
+    assert WAN22_TI2V_5B.repo_folder == "models--Wan-AI--Wan2.2-TI2V-5B"
+
+
+def test_a_checkpoint_tells_its_spec_by_its_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "ti2v", "dim": 3072}))
+    assert spec_of_checkpoint(tmp_path) is WAN22_TI2V_5B
+    a14b = tmp_path / "a14b"
+    (a14b / "high_noise_model").mkdir(parents=True)
+    (a14b / "high_noise_model" / "config.json").write_text(json.dumps({"model_type": "i2v"}))
+    assert spec_of_checkpoint(a14b) is WAN22_I2V_A14B
+    assert spec_of_checkpoint(tmp_path / "nowhere") is WAN22_I2V_A14B  # the default: its loader says what is missing
+
+
+def test_the_model_cards_defaults_come_from_the_spec():
+    ti2v = GenerationSettings.of("a boat", defaults=SamplingDefaults.official("ti2v-5b"), seed=1)
+    assert (ti2v.max_area, ti2v.frame_num, ti2v.steps, ti2v.shift, ti2v.guide_scale) == (1280 * 704, 121, 50, 5.0, (5.0, 5.0))
+    assert WAN22_TI2V_5B.fps == 24 and WAN22_TI2V_5B.guide_scales(ti2v.guide_scale) == {"dit": 5.0}
+    a14b = GenerationSettings.of("a boat", seed=1)  # the default model's, as before
+    assert (a14b.max_area, a14b.frame_num, a14b.steps, a14b.shift, a14b.guide_scale) == (1280 * 720, 81, 40, 5.0, (3.5, 3.5))
+    assert OFFICIAL == SamplingDefaults() == SamplingDefaults.official()
+
+
+@pytest.mark.parametrize("image,expected", [((704, 1280), (704, 1280)), ((720, 1280), (704, 1248)), ((1280, 720), (1248, 704)),
+                                            ((600, 800), (800, 1088)), ((1000, 1000), (928, 960))])  # fmt: skip
+def test_sizes_follow_the_official_best_output_size(image, expected):
+    # The official wan.utils.utils.best_output_size(w, h, 32, 32, 1280*704)'s answers (width first or
+    # height first, the closer aspect ratio: a 16:9 image is 1248*704, not 1280*704)
+    assert WAN22_TI2V_5B.video_size(*image, 1280 * 704) == expected
