@@ -53,3 +53,33 @@ def test_sizes_follow_the_official_best_output_size(image, expected):
     # The official wan.utils.utils.best_output_size(w, h, 32, 32, 1280*704)'s answers (width first or
     # height first, the closer aspect ratio: a 16:9 image is 1248*704, not 1280*704)
     assert WAN22_TI2V_5B.video_size(*image, 1280 * 704) == expected
+
+
+def test_the_dit_takes_a_timestep_per_latent_frame_as_diffusers_takes_one_per_token():
+    import torch
+    from diffusers_names import diffusers_transformer_kwargs
+
+    from wan_i2v.loading.names import official_to_diffusers
+    from wan_i2v.models.dit import DiT, DiTConfig
+    from wan_i2v.tiny import randomize_
+
+    from diffusers import WanTransformer3DModel
+
+    # TI2V's shape: as many channels in as out (no condition channels), 48 of them as the 5B's.
+    config = DiTConfig(dim=48, ffn_dim=96, freq_dim=32, in_dim=48, out_dim=48, num_heads=4, num_layers=2, text_len=16, text_dim=24)
+    model = randomize_(DiT(config), seed=1).eval()
+    reference = WanTransformer3DModel(**diffusers_transformer_kwargs(config))
+    reference.load_state_dict({official_to_diffusers(k): v for k, v in model.state_dict().items()}, strict=True)
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 48, 3, 8, 12, generator=generator)
+    context = torch.randn(2, config.text_len, config.text_dim, generator=generator)
+    per_frame = torch.tensor([[0.0, 937.5, 937.5], [0.0, 400.0, 400.0]])  # the first (given) frame's is 0
+    per_token = per_frame.repeat_interleave(4 * 6, dim=1)  # diffusers' expand_timesteps: [B, seq_len]
+    with torch.no_grad():
+        ours = model(latent, per_frame, context)
+        theirs = reference(latent, per_token, context, return_dict=False)[0]
+        uniform = model(latent, torch.tensor([937.5, 400.0]), context)
+    assert ours.shape == latent.shape
+    assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5
+    # The first frame's tokens see t = 0: the other frames' flow is not the one of a uniform timestep.
+    assert (ours[:, :, 1:] - uniform[:, :, 1:]).abs().max() > 1e-3
