@@ -27,6 +27,7 @@ from wan_i2v.loading.checkpoint import load_strict, safetensors_source
 from wan_i2v.loading.converted import converted_blocks
 from wan_i2v.loading.staging import StagingRing
 from wan_i2v.loading.lora import LoraFile, Loras, MergedLoras, adapted, read_lora, switch_loras
+from wan_i2v.models.conditioning import KnownFrames
 from wan_i2v.models.dit import DiT, keeps_fp32, pad_context
 from wan_i2v.models.hooks import merge_states
 from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for
@@ -459,7 +460,7 @@ class I2VPipeline:
 
         try:
             with torch.no_grad():
-                return self.conditioning.condition(first, frame_num, self.spec.vae_stride[0], encode)
+                return self.conditioning.condition(KnownFrames.first(first), frame_num, self.spec.vae_stride[0], encode)
         finally:
             bar.close()
 

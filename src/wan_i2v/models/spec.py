@@ -312,7 +312,7 @@ WAN22_I2V_A14B = ModelSpec(
         vae_config=Lazy("wan_i2v.models.vae:VAEConfig"),
     ),
     model_type="i2v",
-    conditioning=Lazy("wan_i2v.models.conditioning:FirstFrameMask"),
+    conditioning=Lazy("wan_i2v.models.conditioning:KnownFramesMask"),
     fit=AreaFit(),
     guide_scale_order=("low", "high"),  # the official sample_guide_scale's order
     presets={"720P": Preset(1280 * 720, 5.0), "480P": Preset(832 * 480, 3.0)},
