@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -27,7 +26,7 @@ from wan_i2v.loading.checkpoint import load_strict, safetensors_source
 from wan_i2v.loading.converted import converted_blocks
 from wan_i2v.loading.staging import StagingRing
 from wan_i2v.loading.lora import LoraFile, Loras, MergedLoras, adapted, read_lora, switch_loras
-from wan_i2v.models.conditioning import KnownFrames
+from wan_i2v.models.conditioning import Condition, KnownFrames
 from wan_i2v.models.dit import DiT, keeps_fp32, pad_context
 from wan_i2v.models.hooks import merge_states
 from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for
@@ -259,7 +258,7 @@ class I2VPipeline:
 
     def generate(
         self,
-        image: Image.Image | str | Path,
+        image: Image.Image | str | Path | None,
         prompt: str | None = None,
         negative_prompt: str | None = None,
         max_area: int | None = None,
@@ -354,16 +353,19 @@ class I2VPipeline:
         return self.parallel is None or self.parallel.is_main
 
     def prepare(
-        self, image: Image.Image | str | Path, settings: GenerationSettings, *, state_file: str | Path | None = None, progress: bool = False,
+        self, image: Image.Image | str | Path | None, settings: GenerationSettings, *, state_file: str | Path | None = None, progress: bool = False,
         timings: dict | None = None, peaks: dict | None = None,
     ) -> Prepared:  # fmt: skip
         """Stage 1: the text and image encodings of ``settings``' video, the noise, and with
         ``state_file`` the saved state to resume from (whose seed is taken when ``settings``' was drawn).
-        In a parallel run the settings are rank 0's (every rank must draw the same noise)."""
+        In a parallel run the settings are rank 0's (every rank must draw the same noise). ``image``
+        None: text-to-video, for a model whose conditioning makes videos without one."""
         timings = {} if timings is None else timings
         peaks = {} if peaks is None else peaks
         chosen = settings if self.parallel is None else self.parallel.agree(settings)
-        pixels = image_to_tensor(load_image(image))
+        if image is None and self.conditioning.needs_image:
+            raise WanError(f"{self.spec.name} makes a video from an image", f"give one with {option('image')}")
+        pixels = None if image is None else image_to_tensor(load_image(image))
         resume = run = None
         if state_file is not None:
             state_file = Path(state_file)
@@ -380,8 +382,9 @@ class I2VPipeline:
             context, context_null = self.encode_text([chosen.prompt, chosen.negative_prompt], progress and self.is_main)
         with _timed(timings, peaks, "image encoding", self.device):
             condition = self.encode_image(pixels, chosen.max_area, chosen.frame_num, progress and self.is_main)
-        noise = self.initial_noise(condition.shape[1:], chosen.seed)
-        conditioning = Conditioning(condition[None], context[None], context_null[None])
+        noise = self.initial_noise(self.spec.latent_shape(chosen.frame_num, *self.video_size(pixels, chosen.max_area))[1:], chosen.seed)
+        channels = None if condition.channels is None else condition.channels[None]
+        conditioning = Conditioning(channels, context[None], context_null[None], condition.fixed)
         return Prepared(chosen, conditioning, noise, resume, state_file, run)
 
     def sample(self, prepared: Prepared, *, hooks=(), cancel=None, progress: bool = False) -> torch.Tensor:
@@ -405,6 +408,7 @@ class I2VPipeline:
                 resume=resume,
                 on_state=None if prepared.state_file is None else lambda state: self._save_state(prepared, state),
                 stop_requested=self._stop_requested(cancel),
+                fixed=prepared.conditioning.fixed,
             )[0]
         finally:
             bar.close()
@@ -441,13 +445,18 @@ class I2VPipeline:
                 self.text_encoder_visits.to_host()
         return [pad_context(f, self.text_len).to(self.device) for f in features]
 
-    def encode_image(self, pixels: torch.Tensor, max_area: int, frame_num: int, progress: bool = False) -> torch.Tensor:
-        """[3, h, w] image in [-1, 1] -> the condition the spec's strategy makes of the resized image
-        (Wan2.2-I2V-A14B's: [20, F', H/8, W/8], a first-frame mask, then the VAE latents of the image
-        followed by black frames)."""
-        height, width = self.spec.video_size(pixels.shape[1], pixels.shape[2], max_area)
-        # Resized on the CPU in fp32, bicubic without antialiasing, as the official code does.
-        first = F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
+    def video_size(self, pixels: torch.Tensor | None, max_area: int) -> tuple[int, int]:
+        """(height, width) of the video of the [3, h, w] image (None: of the spec's text-to-video shape) within ``max_area``."""
+        shape = self.spec.defaults.text_to_video_shape if pixels is None else pixels.shape[1:]
+        return self.spec.video_size(*shape, max_area)
+
+    def encode_image(self, pixels: torch.Tensor | None, max_area: int, frame_num: int, progress: bool = False) -> Condition:
+        """[3, h, w] image in [-1, 1] (or None) -> the ``Condition`` the spec's strategy makes of the
+        image fitted to the video's size as the official code fits it (Wan2.2-I2V-A14B's: channels
+        [20, F', H/8, W/8], a first-frame mask, then the VAE latents of the image followed by black
+        frames; Wan2.2-TI2V-5B's: the image's latent as the fixed first latent frame)."""
+        height, width = self.video_size(pixels, max_area)
+        known = None if pixels is None else KnownFrames.first(self.spec.fit.resize(pixels, height, width))
         bar = tqdm(total=self.spec.latent_frames(frame_num), desc="image encoding", unit="latent frame", disable=not progress)
         advance = _advancing(bar)
 
@@ -460,14 +469,14 @@ class I2VPipeline:
 
         try:
             with torch.no_grad():
-                return self.conditioning.condition(KnownFrames.first(first), frame_num, self.spec.vae_stride[0], encode)
+                return self.conditioning.condition(known, frame_num, self.spec.vae_stride[0], encode)
         finally:
             bar.close()
 
     def initial_noise(self, latent_shape, seed: int) -> torch.Tensor:
-        """The official noise: one randn of [16, F', H', W'] from a generator on the run device."""
+        """The official noise: one randn of [the spec's latent channels, F', H', W'] from a generator on the run device."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        channels = self.config.out_dim
+        channels = self.spec.latent_channels
         return torch.randn(channels, *latent_shape, dtype=torch.float32, generator=generator, device=self.device)
 
     def decode(self, latents: torch.Tensor, progress: bool = False, on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:

@@ -76,6 +76,7 @@ class CardDefaults:
     frame_num: int
     steps: int
     guide_scale: tuple[float, float]  # (low-noise expert, high-noise expert); one model of one expert repeats its value
+    text_to_video_shape: tuple[int, int] = (704, 1280)  # (height, width) whose aspect a video without an image takes (the official t2v size)
 
 
 class AreaFit:
