@@ -174,13 +174,13 @@ def pipeline_alone(ckpt: str, device: str, size: str, frames: int, seeds: list[i
     ``write_mp4``) and its mp4's path."""
     import torch
 
-    from wan_i2v.cli import _keep_compiled_code
+    from wan_i2v.commands.common import keep_compiled_code
     from wan_i2v.config import parse_size
     from wan_i2v.models.spec import spec_for
     from wan_i2v.session import RunOptions, RunSession
     from wan_i2v.video import load_image, write_mp4
 
-    _keep_compiled_code()  # as serve and generate do
+    keep_compiled_code()  # as serve and generate do
     max_area, _ = parse_size(size)
     height, width = spec_for().video_size(720, 1280, max_area)  # what serve plans for
     image = load_image(image_bytes(size))

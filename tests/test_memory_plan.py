@@ -1,6 +1,7 @@
 """The machine's memory as the planner reads it, and the GPU cap as the run sets it (with a fake CUDA:
 CI has no GPU, and the device index the API wants is what broke on the first GPU run)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -173,16 +174,16 @@ def test_the_cli_compiles_without_inductors_pool_of_processes_unless_told(monkey
     inductor's config is imported, which the CLI has done before it runs: the config itself must change."""
     import torch._inductor.config as inductor_config
 
-    from wan_i2v import cli
+    from wan_i2v.commands.common import keep_compiled_code
 
     monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path))
     for name in ("TORCHINDUCTOR_COMPILE_THREADS", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(inductor_config, "compile_threads", 16)  # as imported on a 16-core machine
-    cli._keep_compiled_code()
+    keep_compiled_code()
     assert inductor_config.compile_threads == 1
-    assert Path(cli.os.environ["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(tmp_path)
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(tmp_path)
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "16")  # the user's choice stands
     monkeypatch.setattr(inductor_config, "compile_threads", 16)
-    cli._keep_compiled_code()
+    keep_compiled_code()
     assert inductor_config.compile_threads == 16

@@ -1,0 +1,191 @@
+"""What several commands share: the run's summary, the output's name and lock, the settings and
+LoRAs read from the flags, the plan's notes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from wan_i2v import locks
+from wan_i2v.commands import DEFAULT_OUTPUT, STARTED, home, is_main
+from wan_i2v.config import DISTILLED, OFFICIAL, GenerationSettings
+from wan_i2v.errors import WanError
+from wan_i2v.loading.lora import Loras, LoraSpec
+from wan_i2v.models.spec import spec_for
+from wan_i2v.video import leftover_temporaries, write_mp4
+
+
+def _print_summary(result, path: Path, loading_seconds: float, steps: "StepClock | None" = None) -> None:
+    timings = {"loading": loading_seconds, **result.timings}
+    stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items())
+    print(f"time: {stages}; total {sum(timings.values()):.1f}s", file=sys.stderr)
+    if steps is not None and steps.ends:
+        print(steps.describe(result.timings), file=sys.stderr)
+    if result.peak_memory_gb is not None:
+        stages = ", ".join(f"{stage} {peak:.1f}" for stage, peak in result.stage_peaks_gb.items())
+        print(f"peak GPU memory: {result.peak_memory_gb:.1f} GiB ({stages} GiB)", file=sys.stderr)
+    if result.step_cache is not None:
+        print(_step_cache_line(result.step_cache["skipped"]), file=sys.stderr)
+    print(f"seed: {result.settings.seed}", file=sys.stderr)
+    print(path)
+
+
+def _step_cache_line(skipped: dict) -> str:
+    """The forwards the step cache skipped, in all and per expert."""
+    skips, total = (sum(counts[i] for counts in skipped.values()) for i in (0, 1))
+    return f"step cache: skipped {skips} of {total} forwards (" + ", ".join(f"{expert} {s} of {t}" for expert, (s, t) in skipped.items()) + ")"
+
+
+class StepClock:
+    """When each denoising step ended: the time from the start to the first step, and the steps' pace
+    (the first step also compiles the blocks)."""
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.ends: list[float] = []
+
+    def __call__(self, step) -> None:
+        self.ends.append(time.perf_counter())
+
+    def describe(self, timings: dict) -> str:
+        denoising = self.started + timings.get("text encoding", 0) + timings.get("image encoding", 0)
+        text = f"steps: first step done {self.ends[0] - STARTED:.1f}s after start (first step {self.ends[0] - denoising:.1f}s"
+        if len(self.ends) > 1:
+            text += f", then {(self.ends[-1] - self.ends[0]) / (len(self.ends) - 1):.2f}s a step"
+        return text + ")"
+
+
+def generate_and_write(session, image, settings, *, progress: bool, save_file: Path, latents_file: Path | None, keep_latents: bool,
+                       loading_seconds: float, state_file: Path | None = None):
+    """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4.
+    With ``state_file`` the denoising state is saved after every step and the same command resumes
+    a run that died. In a multi-process run only rank 0 writes and prints."""
+    started = time.time()
+    clock = StepClock()
+    try:
+        result = session.generate(image, settings=settings, progress=progress, latents_file=latents_file, state_file=state_file, on_step=clock)
+    except BaseException as exc:
+        saved = latents_file is not None and latents_file.is_file() and latents_file.stat().st_mtime >= started
+        if saved and session.is_main and not isinstance(exc, WanError):
+            # (with every step in the state file, the same command goes straight to the decode too)
+            again = "the same command finishes the video, as does " if state_file is not None and state_file.is_file() else "finish with: "
+            print(f"wan-i2v: the latents are saved in {latents_file}; {again}wan-i2v decode {latents_file} --save-file {save_file}", file=sys.stderr)
+        elif state_file is not None and session.is_main and state_file.is_file():
+            print(f"wan-i2v: the denoising state is saved in {state_file}; the same command resumes from it", file=sys.stderr)
+        raise
+    if result.video is None:  # a rank other than 0 of a parallel run
+        return result
+    write_mp4(result.video, save_file, fps=spec_for().fps, metadata=result.metadata)
+    if latents_file is not None and not keep_latents:
+        latents_file.unlink(missing_ok=True)
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
+    _print_summary(result, save_file, loading_seconds, clock)
+    return result
+
+
+def settings_from(args, **fixed):
+    """The video's settings from the sampling flags; those not given: the official defaults (the
+    command's number of steps), or the distilled recipe. ``fixed``: settings the command has no flag for."""
+    defaults = DISTILLED if args.distilled else OFFICIAL.given(steps=args.default_steps)
+    given = dict(size=getattr(args, "size", None), frame_num=args.frame_num, steps=args.steps, shift=getattr(args, "shift", None),
+                 guide_scale=args.guide_scale, seed=args.seed, solver=args.solver)  # fmt: skip
+    return GenerationSettings.of(args.prompt, args.negative_prompt, defaults=defaults, **{**given, **fixed})
+
+
+def fresh_output(default: str = DEFAULT_OUTPUT, *, dry_run: bool = False) -> Path:
+    """The default output: wan-i2v-output.mp4 (or the demo's), else the first -N.mp4 free, so that runs
+    never overwrite each other's videos; a name whose run was interrupted (its state file is there) is
+    taken again, so that the same command resumes it."""
+    stem, n = Path(default).stem, 0
+    while True:
+        path = Path(f"{stem}-{n}.mp4" if n else default)
+        free = not path.exists() or path.with_suffix(".state.pt").is_file()
+        if free and not locks.held(_lock_path(path)):  # (a state file with its lock held is a run in progress)
+            if n and is_main():
+                print(f"wan-i2v: {'the run would write' if dry_run else 'writing'} {path} ({default} exists)", file=sys.stderr)
+            return path
+        n += 1
+
+
+def _lock_path(save_file: Path) -> Path:
+    return save_file.with_name(f".{save_file.name}.lock")
+
+
+@contextmanager
+def exclusive(save_file: Path, *companions: Path):
+    """Hold a lock on the output while the run writes it: two runs on one --save-file would share its
+    state file and one video would be lost. The lock is released (and its file removed) at the end.
+    Held, it makes the temporaries a run killed mid-write left of the output and its ``companions``
+    (the state, the latents) this run's to remove: no other run writes them."""
+    lock = _lock_path(save_file)
+    handle = locks.hold(lock)
+    if handle is None:
+        raise WanError(f"another run is writing {save_file}", "wait for it to finish, or give another --save-file")
+    try:
+        for path in (save_file, *companions):
+            for leftover in leftover_temporaries(path):
+                leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
+
+
+def mp4_path(text: str, option: str) -> Path:
+    """An output video's path: a file name that ends in .mp4 (what is written there is an mp4)."""
+    path = Path(text)
+    if not text.strip():
+        raise WanError(f"{option} is empty", "give a file name such as out.mp4")
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise WanError(f"output path {text} is a directory", f"give a file name such as {path / 'out.mp4'}")
+    if path.suffix.lower() != ".mp4":
+        raise WanError(f"{option} {text} does not end in .mp4", f"the video is an mp4: use {path.with_suffix('.mp4')}")
+    return path
+
+
+def loras_from(files: dict | None):
+    """The LoRA files of each expert as the flags gave them (``RunOptions.loras``), each checked to exist before any loading."""
+    by_expert = {expert: [LoraSpec.parse(text) for text in texts] for expert, texts in (files or {}).items()}
+    for spec in {spec for specs in by_expert.values() for spec in specs}:
+        if Path(spec.path).suffix != ".safetensors":
+            raise WanError(f"LoRA file {spec.path} is not a .safetensors file", "only .safetensors LoRAs are read")
+        if not Path(spec.path).is_file():
+            raise WanError(f"LoRA file not found: {spec.path}", "give the path of a .safetensors LoRA")
+    return Loras.of(by_expert)
+
+
+def tell(session_plan) -> None:
+    """What the plan chose unasked (a line each, from rank 0) and dropped of what was asked (warnings)."""
+    if is_main():
+        for note in session_plan.notes:
+            print(f"wan-i2v: {note}", file=sys.stderr)
+    for warning in session_plan.warnings:
+        warnings.warn(warning)
+
+
+def check_fits(planned) -> None:
+    refusal = planned.refusal()
+    if refusal is not None:
+        raise refusal
+
+
+def keep_compiled_code() -> None:
+    """The compiled blocks' code is kept beside the model cache (a pod's persistent volume), not in
+    /tmp, so that a new process, even after a restart, finds it instead of compiling for a minute."""
+    compiled = home() / "compiled"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compiled / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(compiled / "triton"))
+    # Compiled in this process, without inductor's pool of one compiler process per core: on a
+    # 16-core H200 machine the pool held 5.6 GiB of host memory for the whole run (11.4 GiB against
+    # 5.8 without it, measured), memory a 32 GB machine needs for the page cache; the code it would
+    # compile in parallel comes from the cache above after the first run. Set in inductor's config:
+    # the environment variable is read when the config is imported, which the plan has done by now
+    # (setting only the variable left the pool on: 11.6 GiB measured).
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1

@@ -1,0 +1,16 @@
+"""`wan-i2v make-tiny-checkpoint`: a tiny random checkpoint in the official layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wan_i2v.errors import WanError
+from wan_i2v.tiny import write_tiny_checkpoint
+
+
+def run(args) -> int:
+    target = Path(args.directory)
+    if target.exists():
+        raise WanError(f"{target} already exists", "give a new directory")
+    print(write_tiny_checkpoint(target, seed=args.seed))
+    return 0
