@@ -20,9 +20,10 @@ from wan_i2v.cache import add_cache_parser
 from wan_i2v.commands import DEFAULT_OUTPUT, DEMO_FILE, is_main
 from wan_i2v.config import DISTILLED, MAX_STEPS, SOLVERS
 from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
-from wan_i2v.options import add_options
+from wan_i2v.options import add_options, model_argument
 
-OFFICIAL_TASK = "i2v-A14B"
+# The official generate.py's --task values of the models run here.
+OFFICIAL_TASKS = {"i2v-A14B": "i2v-a14b", "ti2v-5B": "ti2v-5b"}
 
 
 def _command(name: str):
@@ -66,9 +67,10 @@ def _guide_scale(text: str) -> float:
 
 
 def _task(text: str) -> str:
-    if text != OFFICIAL_TASK:
-        raise argparse.ArgumentTypeError(f"task {text!r} is not run here: wan-i2v runs {OFFICIAL_TASK} only")
-    return text
+    """--task: an official task run here, as the model it names (``--model``'s value)."""
+    if text not in OFFICIAL_TASKS:
+        raise argparse.ArgumentTypeError(f"task {text!r} is not run here: wan-i2v runs {' and '.join(OFFICIAL_TASKS)}")
+    return model_argument(OFFICIAL_TASKS[text])
 
 
 def _official_bool(text: str) -> bool:
@@ -107,13 +109,16 @@ def official_options(p) -> None:
     """The official generate.py's I2V options that ours do not already spell its way, so that its
     command lines run unchanged (README: The official command lines)."""
     off = p.add_argument_group("the official generate.py's options")
-    off.add_argument("--task", type=_task, default=OFFICIAL_TASK, help=f"{OFFICIAL_TASK}, the only task run here")
+    off.add_argument("--task", dest="model", type=_task, default=argparse.SUPPRESS, help=f"{' or '.join(OFFICIAL_TASKS)}: --model")
     off.add_argument("--offload_model", type=_official_bool, default=None, metavar="True|False",
                      help="True: --offload experts; False: no offload asked (the plan still offloads what does not fit)")
     off.add_argument("--convert_model_dtype", action="store_true", help="--dtype bf16")
     off.add_argument("--t5_cpu", action="store_true", help="accepted; the plan places the text encoder (README: The official command lines)")
     off.add_argument("--t5_fsdp", "--dit_fsdp", dest="fsdp", action="store_true", help="--fsdp (it shards both)")
     off.add_argument("--ulysses_size", dest="ulysses", type=int, metavar="U", help="--ulysses")
+
+
+MODEL_DEFAULTS = "the model's: i2v-a14b 81 frames, 40 steps, guide scale 3.5; ti2v-5b 121 frames, 50 steps, guide scale 5"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what happens in the video" if prompt_required else f"default: {demo_prompt!r}")
         p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
         # The official script's spellings (--frame_num, --sample_steps, ...) are aliases: the same meaning.
-        p.add_argument("--frame-num", "--frame_num", type=int, default=frame_num, help=f"a number of the form 4n+1 (default {frame_num})")
-        p.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps}; {DISTILLED.steps} with --distilled)")
+        p.add_argument("--frame-num", "--frame_num", type=int, default=frame_num, help=f"a number of the form 4n+1 (default {frame_num or MODEL_DEFAULTS})")
+        p.add_argument("--steps", "--sample_steps", type=int, default=None, help=f"1 to {MAX_STEPS} (default {steps or MODEL_DEFAULTS}; {DISTILLED.steps} with --distilled)")
         p.add_argument("--guide-scale", "--sample_guide_scale", type=_guide_scale, nargs="+", default=None, metavar=("LOW", "HIGH"),
-                       help="one value for both experts, or the low-noise and high-noise expert's (default 3.5; 1 with --distilled: "
+                       help=f"one value for both experts, or the low-noise and high-noise expert's (default {MODEL_DEFAULTS}; 1 with --distilled: "
                             "no guidance, one forward per step)")
         p.add_argument("--seed", "--base_seed", type=_seed, default=seed,
                        help="default (or -1): random, printed and stored in the mp4" if seed is None else f"default {seed}: the same video each time (-1: random)")
@@ -143,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     gen = sub.add_parser("generate", help="make a video from an image and a prompt")
-    gen.add_argument("--image", required=True, help="the first frame: a PNG, JPEG or WebP file")
-    sampling_options(gen, frame_num=81, steps=40, prompt_required=True)
-    gen.add_argument("--size", default="720P", help="720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept")
+    gen.add_argument("--image", default=None, help="the first frame: a PNG, JPEG or WebP file (ti2v-5b: optional, without one text-to-video)")
+    sampling_options(gen, frame_num=None, steps=None, prompt_required=True)
+    gen.add_argument("--size", default="720P", help="720P (i2v-a14b: 1280*720, shift 5, the default; ti2v-5b: 1280*704), 480P (i2v-a14b: 832*480, shift 3) "
+                                                    "or H*W; the image's aspect ratio is kept")
     gen.add_argument("--shift", "--sample_shift", type=float, default=None, help="default: the preset's (5.0 for custom sizes and with --distilled)")
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_options(demo, frame_num=17, steps=12, prompt_required=False, seed=0)
     demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
     demo.add_argument("--save-file", default=None, help=f"default {DEMO_FILE}, or {Path(DEMO_FILE).stem}-N.mp4 when that exists")
+    add_options(demo, only=("model",))
     demo.set_defaults(func=_command("demo"))
 
     cmp = sub.add_parser("compare", help="PSNR and SSIM of a video against a reference, per frame and overall (what a fast mode costs)")
@@ -203,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the official layout")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0)")
+    add_options(tiny, only=("model",))
     tiny.set_defaults(func=_command("make_tiny"))
 
     add_cache_parser(sub)

@@ -29,7 +29,7 @@ from wan_i2v.loading.lora import LoraFile, Loras, MergedLoras, adapted, read_lor
 from wan_i2v.models.conditioning import Condition, KnownFrames
 from wan_i2v.models.dit import DiT, keeps_fp32, pad_context
 from wan_i2v.models.hooks import merge_states
-from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for
+from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for, spec_of_checkpoint
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
@@ -137,7 +137,7 @@ class I2VPipeline:
     @classmethod
     def from_pretrained(
         cls, ckpt_dir: str | Path, options: RunOptions | None = None, *, parallel=None, plan: ExecutionPlan | None = None,
-        spec: ModelSpec | str = DEFAULT_SPEC, **fields,
+        spec: ModelSpec | str | None = None, **fields,
     ) -> "I2VPipeline":
         """Load the official checkpoint directory as ``options`` say (a ``wan_i2v.options.RunOptions``,
         or its fields as keywords: ``from_pretrained(ckpt_dir, device="cuda", dtype=torch.bfloat16, fp8=True)``;
@@ -153,22 +153,23 @@ class I2VPipeline:
         (``wan_i2v.session.RunSession`` does that for you).
         ``plan``: an ``ExecutionPlan`` decided already (``RunSession`` plans one to fit the GPUs);
         it replaces ``options``.
-        ``spec``: the model (a ``ModelSpec`` or a registered name, ``models/spec.py``); by default Wan2.2-I2V-A14B."""
+        ``spec``: the model (a ``ModelSpec`` or a registered name, ``models/spec.py``); by default
+        ``options.model``, else the checkpoint's (its config.json says it)."""
         if plan is None:
             options = options if options is not None else RunOptions(**{"device": "cuda", **fields})
-            options = replace(options, loras=Loras.of(options.loras, spec))  # (named by this model's experts)
+            options = replace(options, model=spec_for(spec or options.model or spec_of_checkpoint(Path(ckpt_dir))))
             device = parallel.device if parallel is not None else options.device or "cuda"
             plan = ExecutionPlan.for_device(device, options, **({"dims": parallel.dims} if parallel is not None else {}))
-        return cls.load(ckpt_dir, plan, parallel, spec=spec)
+        return cls.load(ckpt_dir, plan, parallel)
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None, progress: bool = False, spec: ModelSpec | str = DEFAULT_SPEC) -> "I2VPipeline":
+    def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None, progress: bool = False, spec: ModelSpec | str | None = None) -> "I2VPipeline":
         """Load the checkpoint as ``plan`` says: each expert built, transformed by ``apply_plan`` (on
         the meta device first with FSDP, so each rank reads only its rows) and filled, or, when its
         blocks stream (``--offload``), left in the checkpoint's files with only its embeddings and
         head on the device. ``progress``: a bar over the parts (minutes for the real model). ``spec``: the
-        model, whose experts, builders and files are read."""
-        spec = spec_for(spec)
+        model, whose experts, builders and files are read (default: the plan's)."""
+        spec = spec_for(plan.model if spec is None else spec)
         root = ckpt.check_checkpoint_dir(Path(ckpt_dir), spec)
         if plan.on_gpu and not torch.cuda.is_available():
             raise WanError("CUDA was asked for but no GPU is visible", f"use {option('device', 'cpu')}, or check the driver")

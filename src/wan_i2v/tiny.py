@@ -114,14 +114,14 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0, spec: ModelSpec | str 
     return directory
 
 
-def ensure_tiny_checkpoint(directory: Path) -> Path:
-    """The tiny checkpoint at ``directory``, made if missing (an interrupted one is redone)."""
+def ensure_tiny_checkpoint(directory: Path, spec: ModelSpec | str = DEFAULT_SPEC) -> Path:
+    """The tiny checkpoint of ``spec`` at ``directory``, made if missing (an interrupted one is redone)."""
     directory = Path(directory)
     if (directory / MARKER).is_file():
         return directory
     if directory.exists():
         shutil.rmtree(directory)
-    return write_tiny_checkpoint(directory)
+    return write_tiny_checkpoint(directory, spec=spec)
 
 
 # Lower-case text keeps the alphabet small: the trainer keeps every character of the

@@ -65,6 +65,11 @@ class VAEConfig:
     def pixels_per_latent(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
 
+    @property
+    def full_resolution_channels(self) -> int:
+        """Channels of its stages at the video's full resolution (what its activations scale with)."""
+        return self.dim
+
     def build(self) -> "WanVAE":
         return WanVAE(self)
 

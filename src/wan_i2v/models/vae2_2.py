@@ -67,6 +67,12 @@ class VAE22Config:
     def pixels_per_latent(self) -> int:
         return PATCH * 2 ** (len(self.dim_mult) - 1)
 
+    @property
+    def full_resolution_channels(self) -> int:
+        """As ``VAEConfig``'s: its outermost stages run at half the resolution (the 2x2 fold), the
+        decoder's (the wider) with ``dec_dim`` channels, a quarter of that per full-resolution pixel."""
+        return self.dec_dim // (PATCH * PATCH)
+
     def build(self) -> "WanVAE22":
         return WanVAE22(self)
 
