@@ -83,3 +83,32 @@ def test_the_dit_takes_a_timestep_per_latent_frame_as_diffusers_takes_one_per_to
     assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5
     # The first frame's tokens see t = 0: the other frames' flow is not the one of a uniform timestep.
     assert (ours[:, :, 1:] - uniform[:, :, 1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model", [["--model", "ti2v-5b"], ["--task", "ti2v-5B"]])
+def test_the_planner_fits_720p_text_to_video_on_a_24_gib_card(model, tmp_path, capsys, monkeypatch):
+    from wan_i2v.cli import main
+
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "empty"))  # no checkpoint: the official model's shapes
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    assert main(["generate", *model, "--prompt", "a boat", "--gpu-memory", "24", "--host-memory", "64", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "plan: 1 GPU; the DiT on the GPU; the text encoder's blocks streamed; on a GPU"
+    assert "video: 1280x704, 121 frames, 27280 tokens per DiT forward" in out  # the official 1280*704 (31 x 44 x 80 / 4 tokens)
+
+
+def test_the_a14b_wants_an_image(tmp_path, capsys, monkeypatch):
+    from wan_i2v.cli import main
+
+    monkeypatch.setenv("WAN_I2V_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    assert main(["generate", "--prompt", "a boat", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == "wan-i2v: error: Wan2.2-I2V-A14B makes a video from an image (give one with --image)"
+
+
+def test_a_checkpoint_of_another_model_than_asked_is_refused(tiny_checkpoint, capsys):
+    from wan_i2v.cli import main
+
+    assert main(["generate", "--model", "ti2v-5b", "--ckpt-dir", str(tiny_checkpoint), "--prompt", "a boat", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (f"wan-i2v: error: the checkpoint in {tiny_checkpoint} is Wan2.2-I2V-A14B, not Wan2.2-TI2V-5B "
+                                               "(give --ckpt-dir a Wan2.2-TI2V-5B checkpoint, or leave out --model)")
