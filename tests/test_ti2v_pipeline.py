@@ -85,3 +85,21 @@ def test_without_an_image_the_a14b_refuses_and_ti2v_makes_text_to_video(tiny_pip
         tiny_pipeline.generate(None, "a boat", progress=False, **SMALL)
     condition = ti2v.encode_image(None, 64 * 96, 9)
     assert condition.channels is None and condition.fixed is None
+
+
+def test_decode_takes_the_checkpoints_model(ti2v, tiny_checkpoint, tmp_path, capsys):
+    import av
+
+    from wan_i2v.cli import main
+    from wan_i2v.session import LATENTS_FORMAT
+
+    latents = tmp_path / "ti2v.latents.pt"
+    torch.save({"format": LATENTS_FORMAT, "latents": torch.randn(48, 2, 4, 6, generator=torch.Generator().manual_seed(0))}, latents)
+    out = tmp_path / "out.mp4"
+    assert main(["decode", str(latents), "--save-file", str(out), "--ckpt-dir", str(ti2v.checkpoint), "--device", "cpu", "--quiet"]) == 0
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert (stream.average_rate, stream.frames, stream.width, stream.height) == (24, 5, 96, 64)  # TI2V's 24 fps, 16x the latents
+    assert main(["decode", str(latents), "--save-file", str(tmp_path / "a14b.mp4"), "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (f"wan-i2v: error: {latents} holds latents of another model than Wan2.2-I2V-A14B's in {tiny_checkpoint} "
+                                               "(give --ckpt-dir the checkpoint that made them)")

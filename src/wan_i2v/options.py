@@ -168,7 +168,7 @@ class RunOptions:
     the GPUs. None: chosen for the machine."""
 
     ckpt_dir: str | Path | None = option(None, "--ckpt-dir", "--ckpt_dir", help="default: the cache's checkpoint (`wan-i2v cache path`)")
-    model: str | None = option(
+    model: str | ModelSpec | None = option(
         None, "--model", type=model_argument, metavar="MODEL",
         help=f"the model: {' or '.join(alias for spec in SPECS.values() for alias in spec.aliases)} (the official ti2v-5B and i2v-A14B too); "
              "default: the checkpoint's (its config.json says it), else i2v-a14b",
