@@ -1,5 +1,22 @@
 """Wan2.2-TI2V-5B's pipeline on a tiny checkpoint in the official layout, against diffusers' Wan2.2
-TI2V pipelines (``expand_timesteps=True``) run on the same weights, CPU fp32."""
+TI2V pipelines (``expand_timesteps=True``) run on the same weights, CPU fp32.
+
+Where diffusers' pipeline differs from the official ``WanTI2V.generate``, and how the test deals with it:
+- The image's latent: the official loop puts it back into the first latent frame after every solver
+  step (``latent = (1 - mask2) * z + mask2 * latent``), as ours does; diffusers mixes it into the
+  model's input each step and into the latents only at the end. The solvers' steps act element by
+  element, so the other frames go the same way in both and the first ends as the image's latent:
+  the same latents (compared here).
+- The image's size: the official code scales the image to cover the video's size (Lanczos) and crops
+  its centre; diffusers resizes it to the size. The test gives an image at the video's size, where
+  both leave it as it is; the sizing rule is checked against the official ``best_output_size`` in
+  test_ti2v.py.
+- The schedule: diffusers makes its own sigmas; its solver is given the official ones, as in test_schedulers.py.
+- Text-to-video: the official model is given t per token (all equal), ours one per sample: the same
+  numbers, by other rounding (within 1e-5).
+- The prompts go in as our text encoder's features (diffusers' encoder is transformers' umT5, which
+  test_text_encoder.py compares with ours).
+"""
 
 import pytest
 import torch
