@@ -618,7 +618,7 @@ def test_every_run_option_is_a_flag_with_its_help(command, capsys):
     from dataclasses import fields
 
     from wan_i2v.cli import _parse
-    from wan_i2v.options import Offload, RunOptions, options_from
+    from wan_i2v.options import Offload, RunOptions, expert_loras, options_from
     from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
     assert main([command, "--help"]) == 0
@@ -633,8 +633,11 @@ def test_every_run_option_is_a_flag_with_its_help(command, capsys):
              "--encode-dtype", "bf16", "--attention", "sdpa", "--keep-text-encoder", "--batch-cfg", "--gpus", "2", "--ulysses", "2",
              "--cfg-parallel", "--fsdp", "--gpu-memory", "24", "--host-memory", "32", "--split-encode", "--step-cache-blocks", "2,1",
              "--step-cache", "0.2", "--step-cache-max", "4"]  # fmt: skip
-    assert options_from(_parse(given)) == RunOptions(
-        ckpt_dir="ckpt", cache_dir="cache", offload=Offload.BLOCKS, loras={"high": ["a.safetensors", "h.safetensors:0.5"], "low": ["a.safetensors"]},
+    parsed = options_from(_parse(given))
+    # --lora's files go to every expert of the run's model (known once its checkpoint is: expert_loras), before an expert's own
+    assert expert_loras(parsed.loras) == {"high": ["a.safetensors", "h.safetensors:0.5"], "low": ["a.safetensors"]}
+    assert parsed == RunOptions(
+        ckpt_dir="ckpt", cache_dir="cache", offload=Offload.BLOCKS, loras={"both": ["a.safetensors"], "high": ["h.safetensors:0.5"]},
         fp8=True, compile=False, device="cpu", dtype="bf16", decode_dtype="bf16", encode_dtype="bf16", attention="sdpa", keep_text_encoder=True,
         batch_cfg=True, gpus=2, ulysses=2, cfg_parallel=True, fsdp=True, gpu_memory=24.0, host_memory=32.0, split_encode=True,
         step_cache=StepCacheConfig(threshold=0.2, first_blocks=2, last_blocks=1, max_reuses=4),
