@@ -105,14 +105,14 @@ def test_a_hook_may_replace_a_blocks_output():
 def _time_embedding(model, inputs):
     from wan_i2v.models.dit import sinusoidal_embedding
 
-    return model.time_embedding(sinusoidal_embedding(inputs[1], CONFIG.freq_dim))
+    return model.time_embedding(sinusoidal_embedding(inputs[1], CONFIG.freq_dim))[:, None]  # [B, 1, C]: one per sample
 
 
 def _block_inputs(model, inputs):
     """What the stack passes each block besides the stream: (modulation, context, rope, key_mask)."""
     from wan_i2v.models.dit import rope_tables
 
-    modulation = model.time_projection(_time_embedding(model, inputs)).unflatten(1, (6, CONFIG.dim))
+    modulation = model.time_projection(_time_embedding(model, inputs)).unflatten(2, (6, CONFIG.dim))
     return modulation, model.text_embedding(inputs[2]), rope_tables((2, 2, 3), CONFIG.head_dim, "cpu"), None
 
 

@@ -618,7 +618,7 @@ def test_every_run_option_is_a_flag_with_its_help(command, capsys):
     from dataclasses import fields
 
     from wan_i2v.cli import _parse
-    from wan_i2v.options import Offload, RunOptions, options_from
+    from wan_i2v.options import Offload, RunOptions, expert_loras, options_from
     from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
     assert main([command, "--help"]) == 0
@@ -633,8 +633,11 @@ def test_every_run_option_is_a_flag_with_its_help(command, capsys):
              "--encode-dtype", "bf16", "--attention", "sdpa", "--keep-text-encoder", "--batch-cfg", "--gpus", "2", "--ulysses", "2",
              "--cfg-parallel", "--fsdp", "--gpu-memory", "24", "--host-memory", "32", "--split-encode", "--step-cache-blocks", "2,1",
              "--step-cache", "0.2", "--step-cache-max", "4"]  # fmt: skip
-    assert options_from(_parse(given)) == RunOptions(
-        ckpt_dir="ckpt", cache_dir="cache", offload=Offload.BLOCKS, loras={"high": ["a.safetensors", "h.safetensors:0.5"], "low": ["a.safetensors"]},
+    parsed = options_from(_parse(given))
+    # --lora's files go to every expert of the run's model (known once its checkpoint is: expert_loras), before an expert's own
+    assert expert_loras(parsed.loras) == {"high": ["a.safetensors", "h.safetensors:0.5"], "low": ["a.safetensors"]}
+    assert parsed == RunOptions(
+        ckpt_dir="ckpt", cache_dir="cache", offload=Offload.BLOCKS, loras={"both": ["a.safetensors"], "high": ["h.safetensors:0.5"]},
         fp8=True, compile=False, device="cpu", dtype="bf16", decode_dtype="bf16", encode_dtype="bf16", attention="sdpa", keep_text_encoder=True,
         batch_cfg=True, gpus=2, ulysses=2, cfg_parallel=True, fsdp=True, gpu_memory=24.0, host_memory=32.0, split_encode=True,
         step_cache=StepCacheConfig(threshold=0.2, first_blocks=2, last_blocks=1, max_reuses=4),
@@ -660,7 +663,11 @@ def test_every_sampling_flag_is_declared_once_and_sets_its_setting(command, caps
     assert dests - {"distilled"} <= set(inspect.signature(GenerationSettings.of).parameters)
     assert main([command, "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    own_defaults = {"frame_num": 17, "steps": 12, "prompt": "A small paper boat drifts on a calm pond.", "seed": 0} if command == "demo" else {"frame_num": 81, "steps": 40}
+    own_defaults = {
+        "demo": {"frame_num": 17, "steps": 12, "prompt": "A small paper boat drifts on a calm pond.", "seed": 0},
+        "generate": {"frame_num": "the model's: 81 for i2v-a14b, 121 for ti2v-5b", "steps": "the model's: 40 for i2v-a14b, 50 for ti2v-5b"},
+        "serve": {"frame_num": 81, "steps": 40},
+    }[command]
     shown = {"generate": dests, "demo": dests - {"size", "shift", "height", "width"}, "serve": dests - {"prompt", "negative_prompt", "seed", "height", "width", "fps"}}[command]
     for flag in SAMPLING_FLAGS:
         if flag.dest == "distilled" and command != "demo":  # there a run option (it merges the 4-step LoRAs too): RunOptions' flag
@@ -710,10 +717,10 @@ def test_the_official_multi_gpu_options_force_the_same_plan(tiny_checkpoint, ima
     assert capsys.readouterr().out.splitlines()[0] == "plan: 2 processes, no CFG parallel, Ulysses 2; experts and text encoder sharded (FSDP); on the CPU"
 
 
-@pytest.mark.parametrize("task", ["t2v-A14B", "ti2v-5B", "s2v-14B"])
+@pytest.mark.parametrize("task", ["t2v-A14B", "s2v-14B"])
 def test_other_official_tasks_are_refused_in_one_line(task, capsys):
     assert main(["generate", "--task", task, "--image", "x.png", "--prompt", "p"]) == 2
-    assert error_line(capsys) == (f"wan-i2v: error: argument --task: task '{task}' is not run here: wan-i2v runs i2v-A14B only "
+    assert error_line(capsys) == (f"wan-i2v: error: argument --task: task '{task}' is not run here: wan-i2v runs i2v-A14B and ti2v-5B "
                                   "(see `wan-i2v generate --help`)")
 
 

@@ -13,7 +13,7 @@ def _encode_every_fourth(video):
 def test_the_mask_marks_first_and_last_frames_in_the_official_channel_layout():
     first, last = torch.full((3, 4, 4), 0.5), torch.full((3, 4, 4), -0.5)
     known = KnownFrames(torch.stack([first, last], dim=1), (0, 8))
-    condition = KnownFramesMask().condition(known, 9, 4, _encode_every_fourth)
+    condition = KnownFramesMask().condition(known, 9, 4, _encode_every_fourth).channels
     assert condition.shape == (4 + 3, 3, 2, 2)
     # 9 pixel frames, the first repeated 4 times: 12 mask entries, 4 per latent frame. The first latent
     # frame is wholly known; the last's fourth channel is pixel frame 8.

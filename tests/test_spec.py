@@ -22,7 +22,7 @@ def test_the_registry_holds_wan22_i2v_a14b_by_default_and_refuses_an_unknown_nam
     assert spec_for(ONE_EXPERT) is ONE_EXPERT
     with pytest.raises(WanError, match="unknown model 'Wan9'") as error:
         spec_for("Wan9")
-    assert error.value.hint == "choose one of Wan2.2-I2V-A14B"
+    assert error.value.hint == "choose one of Wan2.2-I2V-A14B, Wan2.2-TI2V-5B"
 
 
 def test_the_a14b_layout_is_the_official_one(tiny_checkpoint):

@@ -20,10 +20,11 @@ from wan_i2v.cache import add_cache_parser
 from wan_i2v.commands import DEFAULT_OUTPUT, DEMO_FILE, is_main
 from wan_i2v.config import add_sampling_flags
 from wan_i2v.errors import INTERRUPTED, TERMINATED, Terminated, WanError, is_out_of_memory, on_the_command_line, stop_on_sigterm
-from wan_i2v.options import add_options
+from wan_i2v.options import add_options, model_argument
 
-OFFICIAL_TASK = "i2v-A14B"
 DEMO_PROMPT = "A small paper boat drifts on a calm pond."
+# The official generate.py's --task values of the models run here.
+OFFICIAL_TASKS = {"i2v-A14B": "i2v-a14b", "ti2v-5B": "ti2v-5b"}
 
 
 def _command(name: str):
@@ -51,9 +52,10 @@ def _warning_line(message, *_args, **_kwargs) -> None:
 
 
 def _task(text: str) -> str:
-    if text != OFFICIAL_TASK:
-        raise argparse.ArgumentTypeError(f"task {text!r} is not run here: wan-i2v runs {OFFICIAL_TASK} only")
-    return text
+    """--task: an official task run here, as the model it names (``--model``'s value)."""
+    if text not in OFFICIAL_TASKS:
+        raise argparse.ArgumentTypeError(f"task {text!r} is not run here: wan-i2v runs {' and '.join(OFFICIAL_TASKS)}")
+    return model_argument(OFFICIAL_TASKS[text])
 
 
 def _official_bool(text: str) -> bool:
@@ -92,7 +94,7 @@ def official_options(p) -> None:
     """The official generate.py's I2V options that ours do not already spell its way, so that its
     command lines run unchanged (README: The official command lines)."""
     off = p.add_argument_group("the official generate.py's options")
-    off.add_argument("--task", type=_task, default=OFFICIAL_TASK, help=f"{OFFICIAL_TASK}, the only task run here")
+    off.add_argument("--task", dest="model", type=_task, default=argparse.SUPPRESS, help=f"{' or '.join(OFFICIAL_TASKS)}: --model")
     off.add_argument("--offload_model", type=_official_bool, default=None, metavar="True|False",
                      help="True: --offload experts; False: no offload asked (the plan still offloads what does not fit)")
     off.add_argument("--convert_model_dtype", action="store_true", help="--dtype bf16")
@@ -110,11 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="print the plan and per-GPU memory estimate, then exit")
 
     gen = sub.add_parser("generate", help="make a video from an image and a prompt")
-    gen.add_argument("--image", required=True, help="the first frame: a PNG, JPEG or WebP file")
+    gen.add_argument("--image", default=None, help="the first frame: a PNG, JPEG or WebP file (ti2v-5b: optional, without one text-to-video)")
     gen.add_argument("--last-image", default=None, metavar="FILE",
                      help="the last frame (optional): the video goes from --image to it. It is resized to the video's size as the first is; "
                           "of another aspect ratio than the first, it is scaled to cover the video and center-cropped")
-    add_sampling_flags(gen, leave_out=("distilled",))  # a run option (it merges the 4-step LoRAs too)
+    add_sampling_flags(gen, frame_num=None, steps=None, leave_out=("distilled",))  # a run option (it merges the 4-step LoRAs too)
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--save-file", "--save_file", default=None,
                      help=f"an .mp4 file (default {DEFAULT_OUTPUT}, or {Path(DEFAULT_OUTPUT).stem}-N.mp4 when that exists)")
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--max-area", type=int, default=160 * 96, help=argparse.SUPPRESS)
     demo.add_argument("--save-file", default=None, help=f"default {DEMO_FILE}, or {Path(DEMO_FILE).stem}-N.mp4 when that exists")
+    add_options(demo, only=("model",))
     demo.set_defaults(func=_command("demo"))
 
     cmp = sub.add_parser("compare", help="PSNR and SSIM of a video against a reference, per frame and overall (what a fast mode costs)")
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-checkpoint", help="write a tiny random checkpoint in the official layout")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0)")
+    add_options(tiny, only=("model",))
     tiny.set_defaults(func=_command("make_tiny"))
 
     add_cache_parser(sub)

@@ -8,7 +8,7 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 
 from wan_i2v.errors import WanError, option
-from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
+from wan_i2v.models.spec import DEFAULT_SPEC, SPECS, ModelSpec, spec_for
 
 # The samplers' names (``sampling/schedulers.py`` has the samplers): here, so that the settings and
 # the command's help need no torch.
@@ -33,14 +33,14 @@ MAX_GUIDE_SCALE = 30.0
 MAX_FPS = 240
 
 
-def parse_size(size: str) -> tuple[int, float | None]:
-    """``720P``, ``480P`` or ``A*B`` -> (max_area, preset shift or None)."""
-    preset = SPEC.presets.get(size.upper())
+def parse_size(size: str, spec: ModelSpec | str = DEFAULT_SPEC) -> tuple[int, float | None]:
+    """A preset of ``spec``'s (``720P``, ``480P``) or ``A*B`` -> (max_area, preset shift or None)."""
+    preset = spec_for(spec).presets.get(size.upper())
     if preset is not None:
         return preset.max_area, preset.shift
     parts = size.replace("x", "*").split("*")
     if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
-        raise WanError(f"unknown size {size!r}", f"use {', '.join(SPEC.presets)} or H*W such as 1280*720")
+        raise WanError(f"unknown size {size!r}", f"use {', '.join(spec_for(spec).presets)} or H*W such as 1280*720")
     sides = [int(p) for p in parts]
     if any(side % SPEC.size_multiple for side in sides):
         raise WanError(f"size {size} has a side that is not a multiple of {SPEC.size_multiple}", "e.g. 1280*720, 832*480, 1024*576")
@@ -99,11 +99,18 @@ class SamplingDefaults:
     guide_scale: tuple[float, float] = (3.5, 3.5)  # (low-noise expert, high-noise expert)
     shift: float | None = None  # None: the size preset's (5.0 for other sizes)
     solver: str = "unipc"
+    model: ModelSpec | str = DEFAULT_SPEC  # whose presets the size names
 
     @classmethod
-    def recipe(cls, distilled: bool) -> "SamplingDefaults":
-        """The model card's defaults, or with ``distilled`` lightx2v's recipe for the 4-step distilled models."""
-        return DISTILLED if distilled else OFFICIAL
+    def official(cls, spec: ModelSpec | str = DEFAULT_SPEC) -> "SamplingDefaults":
+        """``spec``'s model card's defaults (``OFFICIAL``: the default model's)."""
+        card = spec_for(spec).defaults
+        return cls(size=spec_for(spec).default_preset, frame_num=card.frame_num, steps=card.steps, guide_scale=card.guide_scale, model=spec)
+
+    @classmethod
+    def recipe(cls, distilled: bool, spec: ModelSpec | str = DEFAULT_SPEC) -> "SamplingDefaults":
+        """``spec``'s model card's defaults, or with ``distilled`` lightx2v's recipe for the 4-step distilled models."""
+        return DISTILLED if distilled else cls.official(spec)
 
     def given(self, **values) -> "SamplingDefaults":
         """These defaults with the ``values`` that are not None in their place (``guide_scale`` as its pair)."""
@@ -113,7 +120,7 @@ class SamplingDefaults:
         return replace(self, **values)
 
 
-OFFICIAL = SamplingDefaults()
+OFFICIAL = SamplingDefaults.official()
 DISTILLED = SamplingDefaults(steps=4, guide_scale=(1.0, 1.0), shift=5.0, solver="euler")
 
 
@@ -154,7 +161,7 @@ class GenerationSettings:
         if exact and size is not None:
             raise WanError(f"{option('size')} and {option('height')}/{option('width')} both set the video's size", "give one of them")
         chosen = defaults.given(size=size, frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver)
-        area, preset_shift = parse_size(chosen.size)
+        area, preset_shift = parse_size(chosen.size, chosen.model)
         if exact:
             check_exact_size(height, width)
             area = height * width
@@ -241,6 +248,12 @@ def guide_scale_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def per_model(default) -> str:
+    """A default that is each model's own, for the help: "the model's: 81 for i2v-a14b, 121 for ti2v-5b"
+    (``default`` of a spec's ``CardDefaults``)."""
+    return "the model's: " + ", ".join(f"{default(spec.defaults):g} for {spec.aliases[0]}" for spec in SPECS.values())
+
+
 @dataclass(frozen=True)
 class SamplingFlag:
     """A flag of the video's settings. What it sets (``dest``, argparse's name for its first flag) is
@@ -276,7 +289,8 @@ SAMPLING_FLAGS = (
     SamplingFlag(("--steps", "--sample_steps"), f"1 to {MAX_STEPS} (default {{steps}}; {DISTILLED.steps} with --distilled)",
                  job_help=f"default {{steps}}; {DISTILLED.steps} with --distilled", arguments={"type": int}),
     SamplingFlag(("--guide-scale", "--sample_guide_scale"),
-                 "one value for both experts, or the low-noise and high-noise expert's (default 3.5; 1 with --distilled: no guidance, one forward per step)",
+                 f"one value for both experts, or the low-noise and high-noise expert's (default {per_model(lambda card: card.guide_scale[0])}; 1 with --distilled: "
+                 "no guidance, one forward per step)",
                  job_help="default 3.5; 1 with --distilled", arguments={"type": guide_scale_argument, "nargs": "+", "metavar": ("LOW", "HIGH")}),
     SamplingFlag(("--shift", "--sample_shift"), "default: the preset's (5.0 for custom sizes and with --distilled)",
                  job_help="default: the size preset's (5.0 with --distilled)", arguments={"type": float}),
@@ -290,10 +304,10 @@ SAMPLING_FLAGS = (
 )  # fmt: skip
 
 
-def add_sampling_flags(parser, *, frame_num: int = OFFICIAL.frame_num, steps: int = OFFICIAL.steps, prompt: str | None = None,
+def add_sampling_flags(parser, *, frame_num: int | None = OFFICIAL.frame_num, steps: int | None = OFFICIAL.steps, prompt: str | None = None,
                        seed: int | None = None, leave_out: tuple[str, ...] = (), jobs: bool = False) -> None:  # fmt: skip
     """Add the flags of the video's settings to ``parser``: a command's defaults of ``frame_num``,
-    ``steps`` (then in ``args.default_steps``), ``prompt`` (None: required) and ``seed`` (None:
+    ``steps`` (then in ``args.default_steps``; None for both: the model's), ``prompt`` (None: required) and ``seed`` (None:
     drawn), without the settings in ``leave_out``. With ``jobs``: the flags of a server's defaults
     for each job, in their wording."""
     own = {"frame_num": frame_num, "prompt": prompt, "seed": seed}
@@ -305,7 +319,9 @@ def add_sampling_flags(parser, *, frame_num: int = OFFICIAL.frame_num, steps: in
         if flag.given_help is not None and default is not None:
             text = flag.given_help
         parser.add_argument(*flag.names, default=default, required=flag.required and default is None,
-                            help=text.format(frame_num=frame_num, steps=steps, prompt=prompt, seed=seed), **flag.arguments)  # fmt: skip
+                            help=text.format(frame_num=frame_num if frame_num is not None else per_model(lambda card: card.frame_num),
+                                             steps=steps if steps is not None else per_model(lambda card: card.steps), prompt=prompt, seed=seed),
+                            **flag.arguments)  # fmt: skip
     if not jobs:
         parser.set_defaults(default_steps=steps)
 

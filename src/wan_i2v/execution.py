@@ -19,7 +19,8 @@ from torch import nn
 from wan_i2v.errors import WanError, command_line, option
 from wan_i2v.loading.converted import default_converted_dir
 from wan_i2v.loading.lora import Loras
-from wan_i2v.options import DTYPES, Offload, RunOptions
+from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec
+from wan_i2v.options import DTYPES, Offload, RunOptions, expert_loras
 from wan_i2v.parallel.plan import (
     GiB,
     MemoryEstimate,
@@ -56,6 +57,7 @@ class ExecutionPlan:
     stream_text_encoder: bool = False  # a visiting text encoder's blocks stream through the GPU (it does not fit whole)
     kept_blocks: int = 0  # with --offload blocks: the active expert's blocks that stay on the GPU (what it has room for)
     loras: Loras = Loras()
+    model: ModelSpec | str = DEFAULT_SPEC  # the model's spec (``models/spec.py``), which the pipeline loads
     # Where streamed experts' blocks are kept converted (``loading.converted``); None: they convert as they stream.
     converted_dir: Path | None = None
     step_cache: StepCacheConfig | None = None  # None or a threshold of 0: every forward runs every block
@@ -70,6 +72,7 @@ class ExecutionPlan:
 
         device = torch.device(device)
         gpu = device.type == "cuda"
+        model = options.model or DEFAULT_SPEC
         resolved.setdefault("converted_dir", default_converted_dir())
         return cls(
             device=device,
@@ -83,7 +86,8 @@ class ExecutionPlan:
             split_encode=options.split_encode,
             batch_cfg=options.batch_cfg,
             keep_text_encoder=options.keep_text_encoder,
-            loras=Loras.of(options.loras),
+            loras=Loras.of(expert_loras(options.loras, model), model),
+            model=model,
             step_cache=options.step_cache,
             **resolved,
         )
@@ -132,7 +136,7 @@ class ExecutionPlan:
         where = ("GPUs" if self.dims.world > 1 else "a GPU") if self.on_gpu else "the CPU"
         extras = [f"{self.kept_blocks} blocks of the active expert kept on the GPU"] if self.kept_blocks else []
         extras += ["the text encoder's blocks streamed"] if self.stream_text_encoder and self.text_encoder_visits else []
-        return "; ".join([self.dims.describe(self.on_gpu), self.placement.describe(self.dims, self.on_gpu), *extras, f"on {where}"])
+        return "; ".join([self.dims.describe(self.on_gpu), self.placement.describe(self.dims, self.on_gpu, self.model), *extras, f"on {where}"])
 
     def describe_numerics(self) -> str:
         extras = [name for name, on in (("FP8 linear layers", self.fp8), ("compiled blocks", self.compile), ("batched guidance", self.batch_cfg),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from wan_i2v.errors import WanError, command_line, option as option_name
-from wan_i2v.models.spec import spec_for
+from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, SPECS, spec_for
 from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
 
@@ -92,10 +92,29 @@ class _LoraFiles(argparse.Action):
 
 
 def _lora_files(given: dict | None) -> dict | None:
-    """The LoRA files of each expert from the flags': --lora's (every expert's) first, then the expert's own."""
-    if not given:
-        return None
-    return {expert.name: [*given.get("both", []), *given.get(expert.name, [])] for expert in spec_for().experts}
+    """The LoRA files by the flags' keys: --lora's under ``EVERY_EXPERT`` (``expert_loras`` gives them to the model's experts)."""
+    return given or None
+
+
+EVERY_EXPERT = "both"  # --lora's key: the files every expert of the model takes
+
+
+def expert_loras(loras, spec: ModelSpec | str = DEFAULT_SPEC):
+    """``loras`` by ``spec``'s expert names: the files under ``EVERY_EXPERT`` (--lora's) go to every expert,
+    before the expert's own; anything else (a ``Loras``, None) is returned as it is."""
+    if not isinstance(loras, dict) or EVERY_EXPERT not in loras:
+        return loras
+    every = loras[EVERY_EXPERT]
+    named = {name: files for name, files in loras.items() if name != EVERY_EXPERT}
+    return {**named, **{expert.name: [*every, *named.get(expert.name, [])] for expert in spec_for(spec).experts}}
+
+
+def model_argument(text: str) -> str:
+    """--model, --task: a registered model by its name or alias (the official ``ti2v-5B``), as its spec's name."""
+    try:
+        return spec_for(text).name
+    except WanError:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}: choose one of {', '.join(alias for spec in SPECS.values() for alias in spec.aliases)}") from None
 
 
 class _StepCacheSetting(argparse.Action):
@@ -149,6 +168,11 @@ class RunOptions:
     the GPUs. None: chosen for the machine."""
 
     ckpt_dir: str | Path | None = option(None, "--ckpt-dir", "--ckpt_dir", help="default: the cache's checkpoint (`wan-i2v cache path`)")
+    model: str | ModelSpec | None = option(
+        None, "--model", type=model_argument, metavar="MODEL",
+        help=f"the model: {' or '.join(alias for spec in SPECS.values() for alias in spec.aliases)} (the official ti2v-5B and i2v-A14B too); "
+             "default: the checkpoint's (its config.json says it), else i2v-a14b",
+    )  # fmt: skip
     cache_dir: str | Path | None = option(None, "--cache-dir", help="the cache to find the checkpoint in (default: $WAN_I2V_HOME, else the Hugging Face cache)")
     offload: Offload | None = option(
         None, "--offload", nargs="?", const="experts", choices=["experts", "blocks"],
@@ -220,6 +244,8 @@ class RunOptions:
         if not self.lightning and not self.distilled:
             without = "--no-lightning" if command_line() else "lightning=False"
             raise WanError(f"{without} is for {option_name('distilled')}", f"add {option_name('distilled')}, or leave it out")
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", spec_for(self.model).name)
 
 
 def add_options(parser, options=RunOptions, only: tuple[str, ...] | None = None) -> None:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from wan_i2v.config import GenerationSettings
+from wan_i2v.config import GenerationSettings, SamplingDefaults
 from wan_i2v.errors import WanError, option
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.extend import CONTEXT_FRAMES, ExtensionResult, extend_video, read_source, source_settings
@@ -28,10 +27,10 @@ from wan_i2v.loading.checkpoint import load_strict, safetensors_source
 from wan_i2v.loading.converted import converted_blocks
 from wan_i2v.loading.staging import StagingRing
 from wan_i2v.loading.lora import LoraFile, Loras, MergedLoras, adapted, read_lora, switch_loras
-from wan_i2v.models.conditioning import KnownFrames
+from wan_i2v.models.conditioning import Condition, KnownFrames
 from wan_i2v.models.dit import DiT, keeps_fp32, pad_context
 from wan_i2v.models.hooks import merge_states
-from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for
+from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for, spec_of_checkpoint
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
@@ -143,7 +142,7 @@ class I2VPipeline:
     @classmethod
     def from_pretrained(
         cls, ckpt_dir: str | Path, options: RunOptions | None = None, *, parallel=None, plan: ExecutionPlan | None = None,
-        spec: ModelSpec | str = DEFAULT_SPEC, **fields,
+        spec: ModelSpec | str | None = None, **fields,
     ) -> "I2VPipeline":
         """Load the official checkpoint directory as ``options`` say (a ``wan_i2v.options.RunOptions``,
         or its fields as keywords: ``from_pretrained(ckpt_dir, device="cuda", dtype=torch.bfloat16, fp8=True)``;
@@ -159,22 +158,23 @@ class I2VPipeline:
         (``wan_i2v.session.RunSession`` does that for you).
         ``plan``: an ``ExecutionPlan`` decided already (``RunSession`` plans one to fit the GPUs);
         it replaces ``options``.
-        ``spec``: the model (a ``ModelSpec`` or a registered name, ``models/spec.py``); by default Wan2.2-I2V-A14B."""
+        ``spec``: the model (a ``ModelSpec`` or a registered name, ``models/spec.py``); by default
+        ``options.model``, else the checkpoint's (its config.json says it)."""
         if plan is None:
             options = options if options is not None else RunOptions(**{"device": "cuda", **fields})
-            options = replace(options, loras=Loras.of(options.loras, spec))  # (named by this model's experts)
+            options = replace(options, model=spec_for(spec or options.model or spec_of_checkpoint(Path(ckpt_dir))))
             device = parallel.device if parallel is not None else options.device or "cuda"
             plan = ExecutionPlan.for_device(device, options, **({"dims": parallel.dims} if parallel is not None else {}))
-        return cls.load(ckpt_dir, plan, parallel, spec=spec)
+        return cls.load(ckpt_dir, plan, parallel)
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None, progress: bool = False, spec: ModelSpec | str = DEFAULT_SPEC) -> "I2VPipeline":
+    def load(cls, ckpt_dir: str | Path, plan: ExecutionPlan, parallel=None, progress: bool = False, spec: ModelSpec | str | None = None) -> "I2VPipeline":
         """Load the checkpoint as ``plan`` says: each expert built, transformed by ``apply_plan`` (on
         the meta device first with FSDP, so each rank reads only its rows) and filled, or, when its
         blocks stream (``--offload``), left in the checkpoint's files with only its embeddings and
         head on the device. ``progress``: a bar over the parts (minutes for the real model). ``spec``: the
-        model, whose experts, builders and files are read."""
-        spec = spec_for(spec)
+        model, whose experts, builders and files are read (default: the plan's)."""
+        spec = spec_for(plan.model if spec is None else spec)
         root = ckpt.check_checkpoint_dir(Path(ckpt_dir), spec)
         if plan.on_gpu and not torch.cuda.is_available():
             raise WanError("CUDA was asked for but no GPU is visible", f"use {option('device', 'cpu')}, or check the driver")
@@ -264,7 +264,7 @@ class I2VPipeline:
 
     def generate(
         self,
-        image: Image.Image | str | Path | KnownFrames,
+        image: Image.Image | str | Path | KnownFrames | None,
         prompt: str | None = None,
         negative_prompt: str | None = None,
         max_area: int | None = None,
@@ -326,8 +326,9 @@ class I2VPipeline:
         timings: dict[str, float] = {}
         peaks: dict[str, float] = {}
         if settings is None:
-            settings = GenerationSettings.of(prompt, negative_prompt, max_area=max_area, frame_num=frame_num, steps=steps, shift=shift,
-                                             guide_scale=guide_scale, seed=seed, solver=solver, height=height, width=width, fps=fps)  # fmt: skip
+            settings = GenerationSettings.of(prompt, negative_prompt, defaults=SamplingDefaults.official(self.spec), max_area=max_area, frame_num=frame_num,
+                                             steps=steps, shift=shift, guide_scale=guide_scale, seed=seed, solver=solver, height=height, width=width,
+                                             fps=fps)  # fmt: skip
         prepared = self.prepare(image, settings, last_image=last_image, state_file=state_file, progress=progress, timings=timings, peaks=peaks)
         log = ExpertLog()
         all_hooks = [*hooks, log]
@@ -406,22 +407,26 @@ class I2VPipeline:
         return self.parallel is None or self.parallel.is_main
 
     def prepare(
-        self, image: Image.Image | str | Path | KnownFrames, settings: GenerationSettings, *, last_image: Image.Image | str | Path | None = None,
+        self, image: Image.Image | str | Path | KnownFrames | None, settings: GenerationSettings, *, last_image: Image.Image | str | Path | None = None,
         state_file: str | Path | None = None, progress: bool = False, timings: dict | None = None, peaks: dict | None = None,
     ) -> Prepared:  # fmt: skip
         """Stage 1: the text and image encodings of ``settings``' video (``image`` its first frame,
-        ``last_image`` if given its last, each resized to the settings' size; or the ``KnownFrames`` of
-        an extension's context, taken at their own size), the noise, and with ``state_file`` the saved
+        ``last_image`` if given its last, each fitted to the settings' size; or the ``KnownFrames`` of
+        an extension's context, taken at their own size; None: text-to-video, for a model whose
+        conditioning makes videos without an image), the noise, and with ``state_file`` the saved
         state to resume from (whose seed is taken when ``settings``' was drawn). In a parallel run the
         settings and known frames are rank 0's (every rank must draw the same noise)."""
         timings = {} if timings is None else timings
         peaks = {} if peaks is None else peaks
         chosen = settings if self.parallel is None else self.parallel.agree(settings)
+        if image is None and (self.conditioning.needs_image or last_image is not None):
+            raise WanError(f"{self.spec.name} makes a video from an image" if last_image is None else "a last image needs a first",
+                           f"give one with {option('image')}")  # fmt: skip
         if isinstance(image, KnownFrames):  # frames at the video's size (an extension's context)
             known = image if self.parallel is None else self.parallel.agree(image)
             hashes, pixels = {"context_frames": known.sha256()}, None
         else:
-            images = {"image": load_image(image)}
+            images = {} if image is None else {"image": load_image(image)}
             if last_image is not None:
                 images["last_image"] = load_image(last_image, flag="last_image")
             hashes = {name: image_sha256(picture) for name, picture in images.items()}
@@ -436,8 +441,9 @@ class I2VPipeline:
             if saved is not None:
                 chosen, resume = saved[0], state_to(saved[1], self.device)
         if pixels is not None:
-            known = self.known_frames(pixels[0], chosen, last=pixels[1] if len(pixels) > 1 else None)
-        given = {"conditioning": known.describe(chosen.frame_num), **{f"{name}_sha256": digest for name, digest in hashes.items()}}
+            known = self.known_frames(pixels, chosen)
+        described = "text only" if known is None else known.describe(chosen.frame_num)
+        given = {"conditioning": described, **{f"{name}_sha256": digest for name, digest in hashes.items()}}
         sampled = Prepared(chosen, None, None, resume, state_file, run, given)
         if sampled.sampled:  # the latents are done: the encoders need not run again (12.8 s at 720P)
             return sampled
@@ -445,8 +451,9 @@ class I2VPipeline:
             context, context_null = self.encode_text([chosen.prompt, chosen.negative_prompt], progress and self.is_main)
         with _timed(timings, peaks, "image encoding", self.device):
             condition = self.encode_frames(known, chosen.frame_num, progress and self.is_main)
-        noise = self.initial_noise(condition.shape[1:], chosen.seed)
-        conditioning = Conditioning(condition[None], context[None], context_null[None])
+        noise = self.initial_noise(self.spec.latent_shape(chosen.frame_num, *self.video_size(known, chosen))[1:], chosen.seed)
+        channels = None if condition.channels is None else condition.channels[None]
+        conditioning = Conditioning(channels, context[None], context_null[None], condition.fixed)
         return Prepared(chosen, conditioning, noise, resume, state_file, run, given)
 
     def sample(self, prepared: Prepared, *, hooks=(), cancel=None, progress: bool = False) -> torch.Tensor:
@@ -470,6 +477,7 @@ class I2VPipeline:
                 resume=resume,
                 on_state=None if prepared.state_file is None else lambda state: self._save_state(prepared, state),
                 stop_requested=self._stop_requested(cancel),
+                fixed=prepared.conditioning.fixed,
             )[0]
         finally:
             bar.close()
@@ -506,27 +514,41 @@ class I2VPipeline:
                 self.text_encoder_visits.to_host()
         return [pad_context(f, self.text_len).to(self.device) for f in features]
 
-    def known_frames(self, first: torch.Tensor, settings: GenerationSettings, *, last: torch.Tensor | None = None) -> KnownFrames:
-        """The first frame, and the last if given ([3, h, w] images in [-1, 1]), at the video's size
-        (``settings.video_size`` of the first image). Each is resized as the official code resizes the
-        first frame where the area rule gives it that size; an image of another aspect ratio (a last
-        frame of another shape, any image at an exact ``--height``/``--width``) is scaled to cover the
-        size and center-cropped, rather than stretched."""
-        height, width = settings.video_size(first.shape[1], first.shape[2])
+    def video_size(self, known: KnownFrames | torch.Tensor | None, settings: GenerationSettings) -> tuple[int, int]:
+        """(height, width) of the video: the exact size asked for, that of ``known`` frames (already at
+        the video's size), else fitted by the spec to the [3, h, w] first image (None: the spec's
+        text-to-video shape) within the settings' area."""
+        if isinstance(known, KnownFrames):
+            return tuple(known.frames.shape[2:])
+        if settings.height is not None:
+            return settings.height, settings.width
+        shape = self.spec.defaults.text_to_video_shape if known is None else known.shape[1:]
+        return self.spec.video_size(*shape, settings.max_area)
+
+    def known_frames(self, pixels: list[torch.Tensor], settings: GenerationSettings) -> KnownFrames | None:
+        """The first frame, and the last if given ([3, h, w] images in [-1, 1]; none: text-to-video), at
+        the video's size. Each is fitted as the spec fits the first frame (the official code's resize)
+        where that gives it the video's size; an image of another aspect ratio (a last frame of another
+        shape, any image at an exact ``--height``/``--width``) is scaled to cover the size and
+        center-cropped, rather than stretched."""
+        if not pixels:
+            return None
+        height, width = self.video_size(pixels[0], settings)
 
         def sized(image: torch.Tensor) -> torch.Tensor:
             if settings.height is None and self.spec.video_size(image.shape[1], image.shape[2], settings.max_area) == (height, width):
-                return official_resize(image, height, width)
+                return self.spec.fit.resize(image, height, width)
             return cover_and_crop(image, height, width)
 
-        if last is None:
-            return KnownFrames.first(sized(first))
-        return KnownFrames.first_and_last(sized(first), sized(last), settings.frame_num)
+        if len(pixels) == 1:
+            return KnownFrames.first(sized(pixels[0]))
+        return KnownFrames.first_and_last(sized(pixels[0]), sized(pixels[1]), settings.frame_num)
 
-    def encode_frames(self, known: KnownFrames, frame_num: int, progress: bool = False) -> torch.Tensor:
-        """The condition the spec's strategy makes of the ``known`` frames at the video's size
-        (Wan2.2-I2V-A14B's: [20, F', H/8, W/8], a mask of the known frames, then the VAE latents of
-        the video with them in their places and black frames elsewhere)."""
+    def encode_frames(self, known: KnownFrames | None, frame_num: int, progress: bool = False) -> Condition:
+        """The ``Condition`` the spec's strategy makes of the ``known`` frames at the video's size (None:
+        text-to-video) (Wan2.2-I2V-A14B's: channels [20, F', H/8, W/8], a mask of the known frames, then
+        the VAE latents of the video with them in their places and black frames elsewhere;
+        Wan2.2-TI2V-5B's: the first frame's latent as the fixed first latent frame)."""
         bar = tqdm(total=self.spec.latent_frames(frame_num), desc="image encoding", unit="latent frame", disable=not progress)
         advance = _advancing(bar)
 
@@ -544,9 +566,9 @@ class I2VPipeline:
             bar.close()
 
     def initial_noise(self, latent_shape, seed: int) -> torch.Tensor:
-        """The official noise: one randn of [16, F', H', W'] from a generator on the run device."""
+        """The official noise: one randn of [the spec's latent channels, F', H', W'] from a generator on the run device."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        channels = self.config.out_dim
+        channels = self.spec.latent_channels
         return torch.randn(channels, *latent_shape, dtype=torch.float32, generator=generator, device=self.device)
 
     def decode(self, latents: torch.Tensor, progress: bool = False, on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:

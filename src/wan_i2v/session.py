@@ -35,7 +35,7 @@ from wan_i2v.execution import ExecutionPlan, PlannedRun, plan_run
 from wan_i2v.loading.checkpoint import check_checkpoint_dir
 from wan_i2v.loading.lora import Loras
 from wan_i2v.models.conditioning import KnownFrames
-from wan_i2v.models.spec import spec_for
+from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for, spec_of_checkpoint
 from wan_i2v.options import DEVICE_FORM, RunOptions
 from wan_i2v.parallel import ParallelGroups, init_distributed
 from wan_i2v.parallel.groups import agree, env_rank, env_world, launched
@@ -71,6 +71,19 @@ def checkpoint_dir(options: RunOptions) -> Path:
     if options.ckpt_dir:
         return Path(options.ckpt_dir)
     return resolve_checkpoint_dir(options.cache_dir)
+
+
+def model_spec(options: RunOptions, ckpt_dir: Path | None) -> ModelSpec:
+    """The run's model: ``options.model``, else the checkpoint's (its config.json says it), else the
+    default. A checkpoint of another model than the one asked for is refused in one line."""
+    found = spec_of_checkpoint(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else None
+    if options.model is None:
+        return found or spec_for(DEFAULT_SPEC)
+    asked = spec_for(options.model)
+    if found is not None and (ckpt_dir / found.experts[0].file("config.json")).is_file() and found is not asked:
+        raise WanError(f"the checkpoint in {ckpt_dir} is {found.name}, not {asked.name}",
+                       f"give {option('ckpt_dir')} a {asked.name} checkpoint, or leave out {option('model')}")  # fmt: skip
+    return asked
 
 
 def world_size(options: RunOptions, device: str, *, planning_only: bool = False) -> int:
@@ -129,7 +142,8 @@ def plan_for(
     start the ranks itself (and holds the video); ``guided`` false: the videos run at guide scale 1
     (one pass per step), so no GPU goes to CFG parallel. Shared by the run, ``--dry-run`` and the benchmarks."""
     base = ExecutionPlan.for_device(_device_type(device), options)
-    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, base.dtype.itemsize, fp8=options.fp8)
+    spec = spec_for(base.model)
+    sizes = model_sizes(ckpt_dir if ckpt_dir is not None and ckpt_dir.is_dir() else None, base.dtype.itemsize, fp8=options.fp8, spec=spec)
     if options.gpu_memory is not None:
         gpu_bytes = int(options.gpu_memory * GiB)
     elif device.startswith("cuda") and query_gpu and torch.cuda.is_available():
@@ -138,7 +152,7 @@ def plan_for(
         gpu_bytes = None
     host_bytes = int(options.host_memory * GiB) if options.host_memory is not None else available_host_bytes()
     return plan_run(
-        base, sizes, gpus=world, tokens=spec_for().dit_tokens(frame_num, height, width), pixels=height * width, frames=frame_num, gpu_bytes=gpu_bytes,
+        base, sizes, gpus=world, tokens=spec.dit_tokens(frame_num, height, width), pixels=height * width, frames=frame_num, gpu_bytes=gpu_bytes,
         host_bytes=host_bytes, ulysses=options.ulysses, cfg_parallel=options.cfg_parallel, fsdp=options.fsdp, offload=options.offload,
         guided=guided, spawned=spawned, capped=options.gpu_memory is not None,
     )  # fmt: skip
@@ -171,7 +185,7 @@ class SessionPlan:
     def output_bytes(self) -> int:
         """What a video's files take beside its output, at most: the latents, the state saved each step
         and the mp4, each written beside a temporary copy."""
-        latent_bytes = math.prod(spec_for().latent_shape(self.frame_num, self.height, self.width)) * 4  # float32
+        latent_bytes = math.prod(spec_for(self.planned.plan.model).latent_shape(self.frame_num, self.height, self.width)) * 4  # float32
         return 6 * latent_bytes + self.frame_num * self.height * self.width // 4 + 16 * 2**20
 
     def refusal(self) -> WanError | None:
@@ -192,10 +206,11 @@ def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num
         if not dry_run:
             raise
         ckpt_dir = None  # a dry run plans for the official model's shapes
+    options = replace(options, model=model_spec(options, ckpt_dir).name)
     notes, warned = [], []
     device = (options.device or "cuda") if dry_run else _run_device(options, ckpt_dir, notes)
     if not dry_run:
-        check_checkpoint_dir(ckpt_dir)
+        check_checkpoint_dir(ckpt_dir, options.model)
     options = replace(options, loras=run_loras(options, ckpt_dir, notes, fetch=not dry_run))
     world = world_size(options, device, planning_only=dry_run)
     if device == "cpu" and options.fp8:
@@ -272,7 +287,7 @@ def _run_device(options: RunOptions, ckpt_dir: Path, notes: list[str]) -> str:
                        f"check the GPU driver (nvidia-smi), or give {option('device', 'cpu')} to run {processes} processes on the CPU")  # fmt: skip
     if device == "cpu":
         # (a folder that is not there is the loader's to report)
-        parameters = model_sizes(ckpt_dir, dtype_bytes=1).expert if ckpt_dir.is_dir() else 0
+        parameters = model_sizes(ckpt_dir, dtype_bytes=1, spec=options.model).expert if ckpt_dir.is_dir() else 0
         if parameters > CPU_PARAMETERS_LIMIT:
             raise WanError(f"no GPU is visible, and a video of this {parameters / 1e9:.0f}B-parameter model takes hours on the CPU",
                            f"check the GPU driver (nvidia-smi), or give {option('device', 'cpu')} to run on the CPU all the same")  # fmt: skip
@@ -390,7 +405,7 @@ class RunSession:
                 raise refusal
         session = cls._start(session_plan, progress)
         # (with distilled, the LoRAs merged at load; the recipe is then every job's default)
-        session.defaults = SamplingDefaults.recipe(session_plan.options.distilled)
+        session.defaults = SamplingDefaults.recipe(session_plan.options.distilled, session_plan.planned.plan.model)
         return session
 
     @staticmethod
@@ -426,7 +441,7 @@ class RunSession:
             settings = GenerationSettings.of(prompt, negative_prompt, **{"defaults": self.defaults, **sampling})
         paths = (None if path is None else str(path) for path in (state_file, latents_file, video_file))
         state_file, latents_file, video_file = paths
-        image = image if isinstance(image, KnownFrames) else load_image(image)
+        image = image if image is None or isinstance(image, KnownFrames) else load_image(image)  # (None: text-to-video, for a model that makes it)
         last = None if last_image is None else load_image(last_image, flag="last_image")
         return self._run(Job(image, settings, state_file, progress, latents_file, video_file, last, step_cache), cancel, on_step)
 

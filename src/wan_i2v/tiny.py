@@ -7,7 +7,7 @@ read. The weights are random: the video it makes is noise-like, not a real video
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 import math
 import shutil
 import tempfile
@@ -20,11 +20,12 @@ from wan_i2v.errors import WanError
 from wan_i2v.models.dit import DiT, DiTConfig
 from wan_i2v.models.spec import DEFAULT_SPEC, SAFETENSORS_FILE, SAFETENSORS_INDEX, T5_CONFIG_FILE, ModelSpec, spec_for
 from wan_i2v.models.text_encoder import T5Config, build_umt5, transformers_to_official_key
-from wan_i2v.models.vae import VAE_CONFIG_FILE, VAEConfig, WanVAE
+from wan_i2v.models.vae import VAE_CONFIG_FILE
 
 TINY_T5 = T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, encoder_layers=2, num_buckets=32)
 TINY_DIT = DiTConfig(dim=64, ffn_dim=128, freq_dim=32, num_heads=4, num_layers=2, text_len=32, text_dim=TINY_T5.dim)
-TINY_VAE = VAEConfig(dim=8, num_res_blocks=1)
+# The VAE's widths and depth in a tiny checkpoint, whichever the spec's VAE (those of its fields it has).
+TINY_VAE_SHAPE = {"dim": 8, "dec_dim": 8, "num_res_blocks": 1}
 MARKER = "wan-i2v-tiny.json"
 
 
@@ -49,12 +50,13 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def save_dit(model: DiT, directory: Path, shards: int) -> None:
-    """An expert in its official folder layout: config.json and safetensors (one file or ``shards``)."""
+def save_dit(model: DiT, directory: Path, shards: int, model_type: str = "i2v") -> None:
+    """An expert in its official folder layout: config.json (naming ``model_type``) and safetensors
+    (one file or ``shards``); ``directory`` may exist (a checkpoint whose DiT is at its top)."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True)
-    config = {"_class_name": "WanModel", "model_type": "i2v", **asdict(model.config)}
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "WanModel", "model_type": model_type, **asdict(model.config)}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if shards == 1:
@@ -87,13 +89,18 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0, spec: ModelSpec | str 
         raise FileExistsError(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    # The official channels (the latents', and the condition's beside them) at the tiny width.
+    official = spec.builders.dit_config.target()
+    dit_config = replace(TINY_DIT, in_dim=official.in_dim, out_dim=official.out_dim)
+    vae_class = spec.builders.vae_config.target
+    vae_config = vae_class(**{f.name: TINY_VAE_SHAPE[f.name] for f in fields(vae_class) if f.name in TINY_VAE_SHAPE})
     try:
         for index, expert in enumerate(spec.experts):
-            save_dit(randomize_(DiT(TINY_DIT), seed + 1 + index), staging / expert.folder, shards=index + 1)
+            save_dit(randomize_(DiT(dit_config), seed + 1 + index), staging / expert.folder, shards=index + 1, model_type=spec.model_type)
         others = seed + 1 + len(spec.experts)
 
-        torch.save(randomize_(WanVAE(TINY_VAE), others).state_dict(), staging / spec.files.vae)
-        (staging / VAE_CONFIG_FILE).write_text(json.dumps(asdict(TINY_VAE)))
+        torch.save(randomize_(vae_config.build(), others).state_dict(), staging / spec.files.vae)
+        (staging / VAE_CONFIG_FILE).write_text(json.dumps(asdict(vae_config)))
 
         save_text_encoder(randomize_(build_umt5(TINY_T5), others + 1), staging / spec.files.text_encoder)
         (staging / T5_CONFIG_FILE).write_text(json.dumps(asdict(TINY_T5)))
@@ -107,14 +114,14 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0, spec: ModelSpec | str 
     return directory
 
 
-def ensure_tiny_checkpoint(directory: Path) -> Path:
-    """The tiny checkpoint at ``directory``, made if missing (an interrupted one is redone)."""
+def ensure_tiny_checkpoint(directory: Path, spec: ModelSpec | str = DEFAULT_SPEC) -> Path:
+    """The tiny checkpoint of ``spec`` at ``directory``, made if missing (an interrupted one is redone)."""
     directory = Path(directory)
     if (directory / MARKER).is_file():
         return directory
     if directory.exists():
         shutil.rmtree(directory)
-    return write_tiny_checkpoint(directory)
+    return write_tiny_checkpoint(directory, spec=spec)
 
 
 # Lower-case text keeps the alphabet small: the trainer keeps every character of the

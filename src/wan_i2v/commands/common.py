@@ -13,9 +13,11 @@ from pathlib import Path
 from wan_i2v import locks
 from wan_i2v.cache.hub_files import is_hub_file
 from wan_i2v.commands import DEFAULT_OUTPUT, STARTED, home, is_main
-from wan_i2v.config import DISTILLED, OFFICIAL, GenerationSettings, sampling_given
+from wan_i2v.config import DISTILLED, GenerationSettings, SamplingDefaults, sampling_given
 from wan_i2v.errors import WanError
 from wan_i2v.loading.lora import Loras, LoraSpec
+from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
+from wan_i2v.options import expert_loras
 from wan_i2v.video import leftover_temporaries, write_mp4
 
 
@@ -88,10 +90,10 @@ def generate_and_write(session, image, settings, *, progress: bool, save_file: P
     return result
 
 
-def settings_from(args, **fixed):
-    """The video's settings from the sampling flags; those not given: the official defaults (the
-    command's number of steps), or the distilled recipe. ``fixed``: settings the command has no flag for."""
-    defaults = DISTILLED if args.distilled else OFFICIAL.given(steps=args.default_steps)
+def settings_from(args, spec=DEFAULT_SPEC, **fixed):
+    """The video's settings from the sampling flags; those not given: ``spec``'s model card's defaults
+    (the command's number of steps, if it has one), or the distilled recipe. ``fixed``: settings the command has no flag for."""
+    defaults = DISTILLED if args.distilled else SamplingDefaults.official(spec).given(steps=args.default_steps)
     return GenerationSettings.of(defaults=defaults, **{**sampling_given(args), **fixed})
 
 
@@ -146,15 +148,15 @@ def mp4_path(text: str, option: str) -> Path:
     return path
 
 
-def loras_from(files: dict | None):
-    """The LoRA files of each expert as the flags gave them (``RunOptions.loras``), each checked to exist before any loading."""
-    by_expert = {expert: [LoraSpec.parse(text) for text in texts] for expert, texts in (files or {}).items()}
+def loras_from(files: dict | None, model=DEFAULT_SPEC):
+    """The LoRA files of each of ``model``'s experts as the flags gave them (``RunOptions.loras``), each checked to exist before any loading."""
+    by_expert = {expert: [LoraSpec.parse(text) for text in texts] for expert, texts in (expert_loras(files, model) or {}).items()}
     for spec in {spec for specs in by_expert.values() for spec in specs}:
         if Path(spec.path).suffix != ".safetensors":
             raise WanError(f"LoRA file {spec.path} is not a .safetensors file", "only .safetensors LoRAs are read")
         if not is_hub_file(spec.path) and not Path(spec.path).is_file():  # (a hub file is fetched, or found in the cache, by the plan)
             raise WanError(f"LoRA file not found: {spec.path}", "give the path of a .safetensors LoRA")
-    return Loras.of(by_expert)
+    return Loras.of(by_expert, model)
 
 
 def tell(session_plan) -> None:

@@ -21,8 +21,7 @@ from wan_i2v.errors import WanError
 from wan_i2v.loading import checkpoint as ckpt
 from wan_i2v.loading.lora import read_lora
 from wan_i2v.models.conditioning import describe_known
-from wan_i2v.models.dit import DiT, DiTConfig
-from wan_i2v.models.spec import spec_for
+from wan_i2v.models.dit import DiT
 from wan_i2v.options import Offload, options_from
 from wan_i2v.parallel.plan import GiB
 from wan_i2v.video import check_writable, load_image
@@ -31,10 +30,15 @@ from wan_i2v.video import check_writable, load_image
 def run(args) -> int:
     _official_meanings(args)
     # Everything the user typed is checked before minutes of model loading.
-    settings = settings_from(args)
     options = options_from(args)
-    loras = loras_from(options.loras)
-    image = load_image(args.image)
+    spec = _model(options, args.dry_run)
+    settings = settings_from(args, spec)
+    loras = loras_from(options.loras, spec)
+    if args.image is None and spec.conditioning.target.needs_image:
+        raise WanError(f"{spec.name} makes a video from an image", "give one with --image")
+    if args.image is None and args.last_image is not None:
+        raise WanError("--last-image needs --image (the first frame)", "give both, or neither for text-to-video")
+    image = None if args.image is None else load_image(args.image)
     last_image = None if args.last_image is None else load_image(args.last_image, flag="last_image")
     save_file = mp4_path(args.save_file, "--save-file") if args.save_file is not None else fresh_output(dry_run=args.dry_run)
     latents_file = Path(args.save_latents) if args.save_latents else save_file.with_suffix(".latents.pt")
@@ -43,19 +47,22 @@ def run(args) -> int:
     if is_main():
         check_writable(save_file)
         check_writable(latents_file)
-    height, width = settings.video_size(image.height, image.width)
+    if settings.height is not None:
+        height, width = settings.height, settings.width
+    else:
+        height, width = spec.video_size(*((image.height, image.width) if image is not None else spec.defaults.text_to_video_shape), settings.max_area)
     # A refused combination is one line, with no plan.
     session_plan = runs.plan(replace(options, loras=loras), height=height, width=width, frame_num=settings.frame_num, guided=settings.guided,
                              dry_run=args.dry_run)  # fmt: skip
     if args.dry_run:
-        _check_loras(session_plan.options.loras, session_plan.ckpt_dir)
+        _check_loras(loras, session_plan.ckpt_dir, spec)
     tell(session_plan)
     if is_main() and not args.dry_run:
         check_space(save_file.parent, session_plan.output_bytes, "free some space or choose another --save-file")
     if args.dry_run:  # as the run would go (on the CPU without --fp8)
-        _explain(session_plan.planned, (height, width, spec_for().dit_tokens(settings.frame_num, height, width)), settings.frame_num)
-        given = (0,) if last_image is None else (0, settings.frame_num - 1)  # the frames the run gives (I2VPipeline.known_frames)
-        print(f"conditioning: {describe_known(given, settings.frame_num)}")
+        _explain(session_plan.planned, (height, width, spec.dit_tokens(settings.frame_num, height, width)), settings.frame_num)
+        given = () if image is None else (0,) if last_image is None else (0, settings.frame_num - 1)  # the frames the run gives (I2VPipeline.known_frames)
+        print(f"conditioning: {describe_known(given, settings.frame_num) if given else 'text only'}")
     check_fits(session_plan)  # after the plan a dry run shows: the refusal the run would give
     if args.dry_run:
         return 0
@@ -68,11 +75,22 @@ def run(args) -> int:
     ):  # fmt: skip
         plan = session.planned.plan  # the ranks' plan, for their GPUs' memory
         if (plan.offload is not Offload.parse(options.offload) or plan.fsdp != options.fsdp) and is_main():
-            print(f"wan-i2v: {plan.placement.describe(plan.dims, plan.on_gpu)}, to fit in memory ({_memory_needed(session.planned)})", file=sys.stderr)
+            print(f"wan-i2v: {plan.placement.describe(plan.dims, plan.on_gpu, plan.model)}, to fit in memory ({_memory_needed(session.planned)})", file=sys.stderr)
         generate_and_write(session, image, settings, progress=not args.quiet, save_file=save_file, latents_file=latents_file,
                            keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started,
                            state_file=state_file, last_image=last_image)  # fmt: skip
     return 0
+
+
+def _model(options, dry_run: bool):
+    """The model the command runs: --model, else the checkpoint's (a dry run without one: the default's)."""
+    try:
+        ckpt_dir = runs.checkpoint_dir(options)
+    except WanError:
+        if not dry_run and options.model is None:
+            raise
+        ckpt_dir = None
+    return runs.model_spec(options, ckpt_dir)
 
 
 def _official_meanings(args) -> None:
@@ -105,12 +123,12 @@ def _memory_needed(planned) -> str:
     return host or planned.estimate.describe("per process")
 
 
-def _check_loras(loras, ckpt_dir: Path | None) -> None:
+def _check_loras(loras, ckpt_dir: Path | None, model) -> None:
     """Read each LoRA against its expert as the run does (``read_lora``): a file that does not read,
     a key that matches no layer or a delta of the wrong shape is the run's own refusal, without
     loading the model. The experts' parameters come from the checkpoint's headers, else from the
     official model's shapes (a dry run without a checkpoint plans for it)."""
-    for expert_spec in spec_for().experts:
+    for expert_spec in model.experts:
         specs = loras.for_expert(expert_spec.name)
         if not specs:
             continue
@@ -118,7 +136,7 @@ def _check_loras(loras, ckpt_dir: Path | None) -> None:
             expert = ckpt.safetensors_source(ckpt_dir / expert_spec.folder)
         else:
             with torch.device("meta"):
-                shapes = {key: tuple(value.shape) for key, value in DiT(DiTConfig()).state_dict().items()}
+                shapes = {key: tuple(value.shape) for key, value in DiT(model.builders.dit_config()).state_dict().items()}
             expert = ckpt.TensorSource(dict.fromkeys(shapes), {}, {key: (lambda shape=shape: shape) for key, shape in shapes.items()})
         for spec in specs:
             if not is_hub_file(spec.path):  # (one not fetched yet: the plan's notes say the run fetches it)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wan_i2v.errors import WanError
+from wan_i2v.models.spec import DEFAULT_SPEC
 from wan_i2v.tiny import write_tiny_checkpoint
 
 
@@ -12,5 +13,5 @@ def run(args) -> int:
     target = Path(args.directory)
     if target.exists():
         raise WanError(f"{target} already exists", "give a new directory")
-    print(write_tiny_checkpoint(target, seed=args.seed))
+    print(write_tiny_checkpoint(target, seed=args.seed, spec=args.model or DEFAULT_SPEC))
     return 0

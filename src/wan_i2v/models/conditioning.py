@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from wan_i2v.errors import WanError
+
 
 @dataclass(frozen=True)
 class KnownFrames:
@@ -66,16 +68,74 @@ def describe_known(positions: tuple[int, ...], frame_num: int) -> str:
     return "frames " + ", ".join(map(str, positions))
 
 
+@dataclass(frozen=True)
+class FixedFrames:
+    """Latent frames the sampling keeps as given: they replace the noise's, their tokens' timestep is 0,
+    and they are put back after every step (the official TI2V's ``mask2``)."""
+
+    latents: torch.Tensor  # [1, C, F', H', W']; only the fixed frames' are read
+    frames: torch.Tensor  # [F'] bool: the fixed ones
+
+    def put_back(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, C, F', H', W'] -> the same with the fixed frames' latents in their places."""
+        return torch.where(self.frames[:, None, None], self.latents, latent)
+
+    def timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """[B] -> [B, F']: one per latent frame, 0 for the fixed ones."""
+        return timestep[:, None].expand(-1, self.frames.shape[0]).masked_fill(self.frames, 0)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a strategy makes of the known frames, on the run device: ``channels`` the DiT takes beside
+    the latents ([C', F', H', W']: I2V's mask and latents), ``fixed`` latent frames (TI2V's image); either,
+    both or neither (text-to-video)."""
+
+    channels: torch.Tensor | None = None
+    fixed: FixedFrames | None = None
+
+
 class KnownFramesMask:
     """Wan2.2-I2V's: a mask that marks the known pixel frames, then the VAE latents of the video that has
     them in their places and black frames elsewhere. The mask has one channel per frame of the VAE's
     temporal stride; the first latent frame stands for one pixel frame, so its channels repeat it."""
 
-    def condition(self, known: KnownFrames, frame_num: int, temporal_stride: int, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    needs_image = True
+
+    def condition(self, known: KnownFrames, frame_num: int, temporal_stride: int, encode: Callable[[torch.Tensor], torch.Tensor]) -> Condition:
         """``encode``: [3, F, H, W] video -> [C, F', H', W'] fp32 latents on the run device.
-        -> the [temporal_stride + C, F', H', W'] condition."""
+        -> the [temporal_stride + C, F', H', W'] condition channels."""
         latents = encode(known.video(frame_num))
         pixel_mask = known.mask(frame_num)
         per_channel = torch.cat([pixel_mask[:1].repeat(temporal_stride), pixel_mask[1:]]).view(-1, temporal_stride).T
         mask = per_channel[:, :, None, None].expand(-1, -1, *latents.shape[2:]).to(latents.device)
-        return torch.cat([mask, latents])
+        return Condition(channels=torch.cat([mask, latents]))
+
+
+class KnownLatentFrames:
+    """Wan2.2-TI2V's: the VAE latents of the known frames take the place of the latent frames they
+    cover (every pixel frame of it known: with a first frame, latent frame 0), which the sampling
+    then keeps fixed (``FixedFrames``). No known frames: text-to-video, no condition at all."""
+
+    needs_image = False
+
+    def condition(self, known: KnownFrames | None, frame_num: int, temporal_stride: int, encode: Callable[[torch.Tensor], torch.Tensor]) -> Condition:
+        """``encode`` as ``KnownFramesMask.condition``'s."""
+        if known is None:
+            return Condition()
+        latent_frames = (frame_num - 1) // temporal_stride + 1
+        covers = [range(1)] + [range(temporal_stride * j - temporal_stride + 1, temporal_stride * j + 1) for j in range(1, latent_frames)]
+        fixed = [all(p in known.positions for p in pixels) for pixels in covers]
+        if not any(fixed):
+            raise WanError(
+                f"the known frames {list(known.positions)} cover no latent frame whole",
+                f"give the first frame, or {temporal_stride} frames in a row after it",
+            )
+        # Only the frames up to the last fixed latent frame are encoded: a first frame alone, as the official code encodes it.
+        last = max(j for j, is_fixed in enumerate(fixed) if is_fixed)
+        pixel_frames = covers[last][-1] + 1
+        kept = [i for i, p in enumerate(known.positions) if p < pixel_frames]
+        encoded = encode(KnownFrames(known.frames[:, kept], tuple(known.positions[i] for i in kept)).video(pixel_frames))
+        latents = encoded.new_zeros(encoded.shape[0], latent_frames, *encoded.shape[2:])
+        latents[:, : last + 1] = encoded
+        return Condition(fixed=FixedFrames(latents[None], torch.tensor(fixed, device=encoded.device)))

@@ -67,12 +67,14 @@ class DiTConfig:
     def from_json_file(cls, path: Path) -> "DiTConfig":
         from wan_i2v.loading.checkpoint import read_json
 
+        from wan_i2v.models.spec import SPECS
+
         raw = read_json(path, "expert config")
         model_type = raw.get("model_type", "i2v")
-        if model_type != "i2v":
+        if model_type not in {spec.model_type for spec in SPECS.values()}:
             raise WanError(
                 f"{path} describes a {model_type!r} model, not image-to-video",
-                "use a Wan2.2-I2V-A14B checkpoint",
+                f"use a checkpoint of {' or '.join(SPECS)}",
             )
         # Keys the official config may carry that only restate the architecture we implement.
         fixed = {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}
@@ -92,6 +94,18 @@ class DiTConfig:
         if config.dim % config.num_heads or config.head_dim % 2:
             raise WanError(f"{path}: dim {config.dim} does not split into {config.num_heads} heads of even size")
         return config
+
+
+@dataclass(frozen=True)
+class TI2V5BConfig(DiTConfig):
+    """Wan2.2-TI2V-5B's DiT: 48 latent channels in and out (the image is a latent frame, not extra channels)."""
+
+    dim: int = 3072
+    ffn_dim: int = 14336
+    in_dim: int = 48
+    out_dim: int = 48
+    num_heads: int = 24
+    num_layers: int = 30
 
 
 def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -280,7 +294,7 @@ class Block(nn.Module):
         left for the next step that reads the stream to add, so that the add and the next norm
         are one step (one pass over the stream with the fused kernels)."""
         dtype = context.dtype
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_modulation).unsqueeze(2).unbind(1)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_modulation).unbind(2)
         update, gate = (None, None) if pending is None else pending
         x, attn_in = self.residual_norm(x, update, gate, self.norm1, shift_sa, scale_sa, dtype)
         x, cross_in = self.residual_norm(x, self.self_attn(attn_in, rope, key_mask), gate_sa, self.norm3, None, None, dtype)
@@ -331,7 +345,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, config.dim))
 
     def forward(self, x, time_embedding):
-        shift, scale = (self.modulation + time_embedding[:, None]).unsqueeze(2).unbind(1)
+        """x [B, L, C]; time_embedding [B, 1, C], or [B, L, C] with a timestep per token."""
+        shift, scale = (self.modulation[:, None] + time_embedding[:, :, None]).unbind(2)
         return self.head(self.norm(x) * (1 + scale) + shift)
 
 
@@ -368,25 +383,33 @@ class DiT(nn.Module):
         # latest few sizes are kept: a server sees many (720P tables are 39 MB).
         self.rope_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def forward(self, latent, timestep, context, condition):
+    def forward(self, latent, timestep, context, condition=None):
         """
         latent:    [B, out_dim, F, H, W] noisy latents
-        timestep:  [B] timesteps in [0, 1000]
+        timestep:  [B] timesteps in [0, 1000], or [B, F] one per latent frame, which its tokens take
+                   (TI2V: a given frame's is 0; the official model takes it per token, [B, seq_len])
         context:   [B, text_len, text_dim] text features, zero-padded to text_len
-        condition: [B, in_dim - out_dim, F, H, W] first-frame mask and VAE latents
+        condition: [B, in_dim - out_dim, F, H, W] channels concatenated to the latents (I2V: a
+                   first-frame mask and VAE latents), or None where in_dim == out_dim
         returns    [B, out_dim, F, H, W] fp32 flow prediction
         """
         cfg = self.config
         compute_dtype = self.patch_embedding.weight.dtype
-        video = torch.cat([latent, condition], dim=1).to(compute_dtype)
+        video = (latent if condition is None else torch.cat([latent, condition], dim=1)).to(compute_dtype)
         patches = self.patch_embedding(video)
         grid = tuple(patches.shape[2:])
         # Left in the compute dtype, as the official model leaves it: the first block's norm
         # rounds to it, and the first residual add makes the stream fp32 from there on.
         tokens = patches.flatten(2).transpose(1, 2)
 
-        time_embedding = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim))
-        time_modulation = self.time_projection(time_embedding).unflatten(1, (6, cfg.dim))
+        # Embedded once per sample, or once per latent frame (not once per token, as the official
+        # model does), then repeated for the frame's tokens: [B, 1 or L, C] and [B, 1 or L, 6, C].
+        time_embedding = self.time_embedding(sinusoidal_embedding(timestep.flatten(), cfg.freq_dim)).view(timestep.shape[0], -1, cfg.dim)
+        time_modulation = self.time_projection(time_embedding).unflatten(2, (6, cfg.dim))
+        if timestep.dim() == 2:
+            tokens_per_frame = grid[1] * grid[2]
+            time_embedding = time_embedding.repeat_interleave(tokens_per_frame, dim=1)
+            time_modulation = time_modulation.repeat_interleave(tokens_per_frame, dim=1)
         context = self.text_embedding(context.to(compute_dtype))
 
         key = (grid, tokens.device)

@@ -57,7 +57,7 @@ class HookContext:
 @dataclass
 class StackCall:
     """One run of the block stack as hooks see it. ``tokens``: the stack's input (this rank's tokens
-    under sequence parallelism); ``modulation``: the timestep modulation [B, 6, C] the blocks take;
+    under sequence parallelism); ``modulation``: the timestep modulation [B, 1 or L, 6, C] the blocks take;
     ``skipped``: the blocks did not run, the hooks' output was taken instead; ``skipped_blocks``: the
     span of blocks a hook's ``skip_blocks`` took the place of (empty: none); ``sum_over_tokens``: the
     registry's (sums per-token values over the whole sequence, every rank's shard)."""

@@ -51,9 +51,13 @@ class ExpertSpec:
     """One denoiser of the model: it runs for timesteps >= ``boundary`` and below the previous expert's."""
 
     name: str
-    folder: str  # its folder in the checkpoint directory (config.json and safetensors)
+    folder: str  # its folder in the checkpoint directory (config.json and safetensors); "" for the directory itself
     boundary: int
     label: str = ""  # how messages call it ("the high-noise expert"); its name where empty
+
+    def file(self, name: str) -> str:
+        """The "/"-separated path of its file ``name`` in the checkpoint directory."""
+        return f"{self.folder}/{name}" if self.folder else name
 
     def __str__(self) -> str:
         return self.label or self.name
@@ -63,6 +67,69 @@ class ExpertSpec:
 class Preset:
     max_area: int
     shift: float
+
+
+@dataclass(frozen=True)
+class CardDefaults:
+    """The model card's sampling defaults (``config.SamplingDefaults.official`` reads them)."""
+
+    frame_num: int
+    steps: int
+    guide_scale: tuple[float, float]  # (low-noise expert, high-noise expert); one model of one expert repeats its value
+    text_to_video_shape: tuple[int, int] = (704, 1280)  # (height, width) whose aspect a video without an image takes (the official t2v size)
+
+
+class AreaFit:
+    """Wan2.2-I2V's sizing: the image's aspect ratio within the area, each side rounded down to whole
+    latent patches; the image is stretched to it (bicubic, without antialiasing, as the official code)."""
+
+    def video_size(self, image_height: int, image_width: int, max_area: int, stride: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
+        aspect = image_height / image_width
+        lat_h = round(math.sqrt(max_area * aspect) // stride[0] // patch[0] * patch[0])
+        lat_w = round(math.sqrt(max_area / aspect) // stride[1] // patch[1] * patch[1])
+        return lat_h * stride[0], lat_w * stride[1]
+
+    def resize(self, pixels, height: int, width: int):
+        """[3, h, w] in [-1, 1] -> [3, height, width], resized on the CPU in fp32."""
+        import torch.nn.functional as F
+
+        return F.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
+
+
+class CropFit:
+    """Wan2.2-TI2V's sizing (the official ``best_output_size``): whole multiples of a latent patch
+    within the area, width-first or height-first, whichever keeps the aspect ratio closer; the image
+    is scaled to cover it (Lanczos, on the 8-bit image) and cropped at the centre."""
+
+    def video_size(self, image_height: int, image_width: int, max_area: int, stride: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
+        step_h, step_w = stride[0] * patch[0], stride[1] * patch[1]
+        ratio = image_width / image_height
+        width = (max_area * ratio) ** 0.5
+        height = max_area / width
+        width_first_w = int(width // step_w * step_w)
+        width_first = (int(max_area / max(width_first_w, 1) // step_h * step_h), width_first_w)
+        height_first_h = int(height // step_h * step_h)
+        height_first = (height_first_h, int(max_area / max(height_first_h, 1) // step_w * step_w))
+
+        def distortion(size):
+            other = size[1] / size[0] if min(size) > 0 else math.inf
+            return max(ratio / other, other / ratio) if other else math.inf
+
+        return width_first if distortion(width_first) < distortion(height_first) else height_first
+
+    def resize(self, pixels, height: int, width: int):
+        """[3, h, w] in [-1, 1] -> [3, height, width]: the 8-bit image scaled to cover the size, then its centre."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        image = Image.fromarray(pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+        scale = max(width / image.width, height / image.height)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+        array = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
+        return array.float().div(255).sub_(0.5).div_(0.5)
 
 
 @dataclass(frozen=True)
@@ -99,7 +166,9 @@ class ModelSpec:
     experts: tuple[ExpertSpec, ...]  # from the highest boundary down; the last one's is 0
     files: CheckpointFiles
     builders: Builders
+    model_type: str  # the experts' config.json says it: how a checkpoint tells its spec
     conditioning: Lazy  # the strategy class that turns the first frame into the condition (``models/conditioning.py``)
+    fit: AreaFit | CropFit  # how an image of any size becomes the video's size
     guide_scale_order: tuple[str, ...]  # the expert each value of a guide-scale tuple belongs to
     presets: Mapping[str, Preset]
     default_preset: str
@@ -108,6 +177,8 @@ class ModelSpec:
     patch_size: tuple[int, int, int]  # (frames, height, width) of latents per DiT token
     latent_channels: int
     stored_bytes: int  # bytes per parameter of the released experts' safetensors (for an unread checkpoint)
+    defaults: CardDefaults
+    aliases: tuple[str, ...] = ()  # other names it is chosen by (``--model``, the official ``--task``), any case
     # The LoRAs that distill the experts to the 4-step recipe, by expert name, as hub files
     # (hf://OWNER/REPO/PATH): `wan-i2v cache quick --lightning` fetches them and `--distilled` merges them.
     distilled_loras: Mapping[str, str] | None = None
@@ -153,16 +224,13 @@ class ModelSpec:
     def video_size(self, image_height: int, image_width: int, max_area: int) -> tuple[int, int]:
         """Pixel (height, width) of the video: the image's aspect ratio within ``max_area``, rounded
         down to whole latent patches exactly as the official code rounds."""
-        aspect = image_height / image_width
-        (_, stride_h, stride_w), (_, patch_h, patch_w) = self.vae_stride, self.patch_size
-        lat_h = round(math.sqrt(max_area * aspect) // stride_h // patch_h * patch_h)
-        lat_w = round(math.sqrt(max_area / aspect) // stride_w // patch_w * patch_w)
-        if lat_h < patch_h or lat_w < patch_w:
+        height, width = self.fit.video_size(image_height, image_width, max_area, self.vae_stride[1:], self.patch_size[1:])
+        if height < self.vae_stride[1] * self.patch_size[1] or width < self.vae_stride[2] * self.patch_size[2]:
             raise WanError(
                 f"an image of {image_width}x{image_height} is too narrow for an area of {max_area} pixels",
                 "crop the image closer to a common aspect ratio, or ask for a larger video",
             )
-        return lat_h * stride_h, lat_w * stride_w
+        return height, width
 
     def dit_tokens(self, frame_num: int, height: int, width: int) -> int:
         """The DiT's sequence length for a video of ``frame_num`` frames of ``height`` x ``width`` pixels."""
@@ -182,7 +250,7 @@ class ModelSpec:
         files = self.files
         paths = []
         for expert in self.experts:
-            paths += [f"{expert.folder}/{name}" for name in ("config.json", *self._weight_files(root / expert.folder))]
+            paths += [expert.file(name) for name in ("config.json", *self._weight_files(root / expert.folder))]
         paths += [files.vae, files.text_encoder]
         if self._text_dim(root) not in (None, files.text_dim):  # another width: the encoder's shape is in its config
             paths.append(T5_CONFIG_FILE)
@@ -192,13 +260,13 @@ class ModelSpec:
         """The repository's files the model needs (the rest, assets/, examples/, README, is left out),
         as huggingface_hub's allow_patterns, so snapshot_download(allow_patterns=...) takes the same set."""
         files = self.files
-        experts = [f"{expert.folder}/{name}" for expert in self.experts for name in ("config.json", SAFETENSORS_INDEX, SHARD_GLOB)]
+        experts = [expert.file(name) for expert in self.experts for name in ("config.json", SAFETENSORS_INDEX, SHARD_GLOB)]
         return (*experts, files.vae, files.text_encoder, f"{files.tokenizer_dir}/*")
 
     def checkpoint_dir_of(self, path: Path) -> Path:
         """The checkpoint directory that a file of the layout lies in."""
         # Every file lies in the checkpoint directory itself, in an expert's folder, or in the tokenizer's.
-        if path.parent.name in {expert.folder for expert in self.experts}:
+        if path.parent.name in {expert.folder for expert in self.experts if expert.folder}:
             return path.parent.parent
         for folder in (path, path.parent):  # the tokenizer's folder, or a file in it
             if folder.as_posix().endswith(self.files.tokenizer_dir):
@@ -250,7 +318,9 @@ WAN22_I2V_A14B = ModelSpec(
         text_encoder_config=Lazy("wan_i2v.models.text_encoder:T5Config"),
         vae_config=Lazy("wan_i2v.models.vae:VAEConfig"),
     ),
+    model_type="i2v",
     conditioning=Lazy("wan_i2v.models.conditioning:KnownFramesMask"),
+    fit=AreaFit(),
     guide_scale_order=("low", "high"),  # the official sample_guide_scale's order
     presets={"720P": Preset(1280 * 720, 5.0), "480P": Preset(832 * 480, 3.0)},
     default_preset="720P",
@@ -266,17 +336,68 @@ WAN22_I2V_A14B = ModelSpec(
         "high": f"hf://lightx2v/Wan2.2-Lightning/{LIGHTNING_I2V_V1}/high_noise_model.safetensors",
         "low": f"hf://lightx2v/Wan2.2-Lightning/{LIGHTNING_I2V_V1}/low_noise_model.safetensors",
     },
+    defaults=CardDefaults(frame_num=81, steps=40, guide_scale=(3.5, 3.5)),
+    aliases=("i2v-a14b",),
+)
+
+WAN22_TI2V_5B = ModelSpec(
+    name="Wan2.2-TI2V-5B",
+    repo_id="Wan-AI/Wan2.2-TI2V-5B",
+    experts=(ExpertSpec("dit", "", 0, "the DiT"),),  # one dense DiT, its files at the top of the checkpoint
+    files=CheckpointFiles(
+        vae="Wan2.2_VAE.pth",
+        text_encoder="models_t5_umt5-xxl-enc-bf16.pth",
+        tokenizer_dir="google/umt5-xxl",
+        tokenizer_files=("tokenizer_config.json", "tokenizer.json"),
+        text_dim=UMT5_XXL_DIM,
+    ),
+    builders=Builders(
+        dit_config=Lazy("wan_i2v.models.dit:TI2V5BConfig"),
+        build_dit=Lazy("wan_i2v.models.dit:build_dit"),
+        load_dit=Lazy("wan_i2v.models.dit:load_dit"),
+        load_vae=Lazy("wan_i2v.models.vae2_2:load_vae"),
+        load_text_encoder=Lazy("wan_i2v.models.text_encoder:TextEncoder.load"),
+        text_encoder_config=Lazy("wan_i2v.models.text_encoder:T5Config"),
+        vae_config=Lazy("wan_i2v.models.vae2_2:VAE22Config"),
+    ),
+    model_type="ti2v",
+    conditioning=Lazy("wan_i2v.models.conditioning:KnownLatentFrames"),
+    fit=CropFit(),
+    guide_scale_order=("dit",),
+    presets={"720P": Preset(1280 * 704, 5.0)},  # the official sizes 1280*704 and 704*1280: one area
+    default_preset="720P",
+    fps=24,
+    vae_stride=(4, 16, 16),
+    patch_size=(1, 2, 2),
+    latent_channels=48,
+    stored_bytes=4,  # the released DiT is stored in fp32 (20 GB)
+    defaults=CardDefaults(frame_num=121, steps=50, guide_scale=(5.0, 5.0)),
+    aliases=("ti2v-5b",),  # also the official --task ti2v-5B
 )
 
 DEFAULT_SPEC = WAN22_I2V_A14B.name
-SPECS: dict[str, ModelSpec] = {WAN22_I2V_A14B.name: WAN22_I2V_A14B}
+SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (WAN22_I2V_A14B, WAN22_TI2V_5B)}
 
 
 def spec_for(name: str | ModelSpec = DEFAULT_SPEC) -> ModelSpec:
-    """The registered spec called ``name`` (a spec is returned as it is)."""
+    """The registered spec called ``name`` or one of its aliases, in any case (a spec is returned as it is)."""
     if isinstance(name, ModelSpec):
         return name
-    spec = SPECS.get(name)
+    wanted = str(name).lower()
+    spec = next((spec for spec in SPECS.values() if wanted in (spec.name.lower(), *spec.aliases)), None)
     if spec is None:
         raise WanError(f"unknown model {name!r}", f"choose one of {', '.join(SPECS)}")
     return spec
+
+
+def spec_of_checkpoint(root: Path) -> ModelSpec:
+    """The spec whose first expert's config.json in ``root`` names its model type; the default spec
+    where none does (its loader then says what is missing)."""
+    for spec in SPECS.values():
+        try:
+            config = json.loads((Path(root) / spec.experts[0].file("config.json")).read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("model_type", "i2v") == spec.model_type:
+            return spec
+    return spec_for(DEFAULT_SPEC)

@@ -65,6 +65,14 @@ class VAEConfig:
     def pixels_per_latent(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
 
+    @property
+    def full_resolution_channels(self) -> int:
+        """Channels of its stages at the video's full resolution (what its activations scale with)."""
+        return self.dim
+
+    def build(self) -> "WanVAE":
+        return WanVAE(self)
+
 
 class CausalModule(nn.Module):
     """A layer whose forward is ``forward(x, cache)``: it looks at frames of earlier chunks."""
@@ -212,17 +220,17 @@ class AttentionBlock(nn.Module):
 class Resample(CausalModule):
     """Halves (``up=False``) or doubles height and width; with ``temporal`` also the frame count.
 
-    Upsampling halves the channels. The first chunk (the first frame alone) passes through
+    Upsampling halves the channels unless ``out_dim`` says otherwise. The first chunk (the first frame alone) passes through
     without temporal resampling, so T frames map to 1 + (T - 1) * 2 and back.
     """
 
-    def __init__(self, dim: int, *, up: bool, temporal: bool):
+    def __init__(self, dim: int, *, up: bool, temporal: bool, out_dim: int | None = None):
         super().__init__()
         self.up, self.temporal = up, temporal
         if up:
             self.resample = nn.Sequential(
                 nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact"),
-                FrameConv2d(dim, dim // 2, 3, padding=1),
+                FrameConv2d(dim, dim // 2 if out_dim is None else out_dim, 3, padding=1),
             )
         else:  # pad right and bottom only, as the official model does
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), FrameConv2d(dim, dim, 3, stride=2))
@@ -329,6 +337,8 @@ def _decoder(config: VAEConfig) -> CausalSequential:
 class WanVAE(nn.Module):
     """Video <-> normalized latents. Runs in the dtype of its weights; results are float32."""
 
+    latent_mean, latent_std = LATENT_MEAN, LATENT_STD
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
@@ -361,8 +371,8 @@ class WanVAE(nn.Module):
 
     def _latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and 1/std, shaped to broadcast over [B, z_dim, T, H, W]; 1/std as the official code has it."""
-        mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(LATENT_STD, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+        mean = torch.tensor(self.latent_mean, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.latent_std, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
         return mean, 1.0 / std
 
     @torch.no_grad()
@@ -479,13 +489,14 @@ class WanVAE(nn.Module):
         return free < needed
 
 
-def load_vae(path: Path, *, device: torch.device | str, dtype: torch.dtype) -> WanVAE:
-    """The VAE from an official ``Wan2.1_VAE.pth``; a ``vae_config.json`` beside it overrides the config."""
+def load_vae(path: Path, *, device: torch.device | str, dtype: torch.dtype, config_class=VAEConfig) -> WanVAE:
+    """The VAE from an official ``Wan2.1_VAE.pth`` (another VAE's with its ``config_class``); a
+    ``vae_config.json`` beside it overrides the config."""
     path = Path(path)
     source = torch_file_source(path, "VAE weights")
     config_path = path.parent / VAE_CONFIG_FILE
-    config = VAEConfig.from_json_file(config_path) if config_path.is_file() else VAEConfig()
+    config = config_class.from_json_file(config_path) if config_path.is_file() else config_class()
     with torch.device("meta"):
-        model = WanVAE(config)
+        model = config.build()
     load_strict(model, source, device=device, dtype=dtype)
     return model

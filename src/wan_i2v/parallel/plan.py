@@ -149,12 +149,14 @@ class Placement:
     fsdp: bool = False
     offload: str | None = None
 
-    def describe(self, dims: ParallelDims, on_gpu: bool = True) -> str:
-        """Where the weights live, said of the GPU, or of host memory when the run is on the CPU."""
+    def describe(self, dims: ParallelDims, on_gpu: bool = True, spec: ModelSpec | str = DEFAULT_SPEC) -> str:
+        """Where ``spec``'s weights live, said of the GPU, or of host memory when the run is on the CPU."""
         if self.fsdp:
             return "experts and text encoder sharded (FSDP)" + (", the shards in host memory" if self.offload and on_gpu else "")
         one_expert = "one expert on the GPU at a time" if on_gpu else "one expert at a time"
-        experts = {None: "both experts on the GPU" if on_gpu else "both experts in host memory",
+        experts = spec_for(spec).experts
+        every = "both experts" if len(experts) == 2 else str(experts[0]) if len(experts) == 1 else f"all {len(experts)} experts"
+        experts = {None: f"{every} on the GPU" if on_gpu else f"{every} in host memory",
                    "experts": f"{one_expert}, streamed in from the checkpoint", "blocks": "expert blocks streamed from the checkpoint"}[self.offload]  # fmt: skip
         return experts + (", text encoder sharded" if dims.shards_text_encoder(bool(self.offload)) else "")
 
@@ -415,7 +417,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False, spec: ModelSp
     import torch
 
     from wan_i2v.models.dit import DiT, keeps_fp32
-    from wan_i2v.models.vae import VAE_CONFIG_FILE, WanVAE
+    from wan_i2v.models.vae import VAE_CONFIG_FILE
 
     spec = spec_for(spec)
     root = Path(ckpt_dir) if ckpt_dir is not None else None
@@ -429,7 +431,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False, spec: ModelSp
     t5 = config(builders.text_encoder_config.target, (root or Path()) / T5_CONFIG_FILE)
     vae = config(builders.vae_config.target, (root or Path()) / VAE_CONFIG_FILE)
     with torch.device("meta"):
-        expert, wan_vae = DiT(dit), WanVAE(vae)
+        expert, wan_vae = DiT(dit), vae.build()
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     blocks = expert.block_stack()
     block = count(blocks[0]) * dtype_bytes
@@ -449,7 +451,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False, spec: ModelSp
         dim=dit.dim,
         ffn_dim=dit.ffn_dim,
         num_heads=dit.num_heads,
-        vae_dim=vae.dim,
+        vae_dim=vae.full_resolution_channels,
         stored_block=count(blocks[0]) * stored_bytes,
         blocks=len(blocks),
         experts=len(spec.experts),

@@ -11,17 +11,20 @@ from dataclasses import dataclass
 
 import torch
 
+from wan_i2v.models.conditioning import FixedFrames
+
 # call(branch, latent, timestep, context, condition) -> flow; branch is "cond", "uncond" or "both" (batched).
-ModelCall = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ModelCall = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
 class Conditioning:
     """What stays fixed over the loop, on the run device."""
 
-    condition: torch.Tensor  # [1, 20, F, H, W]: first-frame mask and VAE latents
+    condition: torch.Tensor | None  # [1, C', F, H, W] channels beside the latents (I2V: mask and VAE latents); None: none
     context: torch.Tensor  # [1, text_len, text_dim]: the prompt, zero-padded
     context_null: torch.Tensor  # [1, text_len, text_dim]: the negative prompt
+    fixed: FixedFrames | None = None  # latent frames the loop keeps as given (TI2V's image)
 
 
 def combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -41,14 +44,15 @@ class ClassifierFreeGuidance:
         self.condition = conditioning.condition
         self.contexts = (conditioning.context, conditioning.context_null)
         if batched:
-            self.batched_condition = conditioning.condition.expand(2, *conditioning.condition.shape[1:])
+            condition = conditioning.condition
+            self.batched_condition = None if condition is None else condition.expand(2, *condition.shape[1:])
             self.batched_context = torch.cat(self.contexts)
 
     def __call__(self, call: ModelCall, latent: torch.Tensor, timestep: torch.Tensor, scale: float) -> torch.Tensor:
         if scale == 1:
             return call("cond", latent, timestep, self.contexts[0], self.condition)
         if self.batched:
-            pair = call("both", latent.expand(2, *latent.shape[1:]), timestep.expand(2), self.batched_context, self.batched_condition)
+            pair = call("both", latent.expand(2, *latent.shape[1:]), timestep.expand(2, *timestep.shape[1:]), self.batched_context, self.batched_condition)
             cond, uncond = pair.chunk(2)
         else:
             cond = call("cond", latent, timestep, self.contexts[0], self.condition)

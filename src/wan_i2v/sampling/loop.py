@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wan_i2v.models.conditioning import FixedFrames
 from wan_i2v.models.spec import ExpertSpec
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance
 from wan_i2v.sampling.schedulers import Schedule, make_solver
@@ -112,16 +113,18 @@ def denoise(
     resume: LoopState | None = None,
     on_state: Callable[[LoopState], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    fixed: FixedFrames | None = None,
 ) -> torch.Tensor:
     """Run the sampler from ``noise`` [1, C, F, H, W] (fp32, run device) to clean latents, each
-    step with its expert's ``guide_scale`` (by expert name).
+    step with its expert's ``guide_scale`` (by expert name). ``fixed`` latent frames replace the
+    noise's, are called with timestep 0 and are put back after every step.
 
     ``resume`` goes on from a saved state instead of from the noise; ``on_state`` sees the
     state after each step (to save it). ``stop_requested()`` is asked before each step: True
     raises ``Cancelled``, the state of the steps done already seen by ``on_state``.
     """
     stepper = make_solver(solver, schedule)
-    latent = noise
+    latent = noise if fixed is None else fixed.put_back(noise)
     timesteps = schedule.timesteps.tolist()
     first = 0
     registries = {name: model.block_stack().hooks for name, model in experts.models.items()}
@@ -159,9 +162,13 @@ def denoise(
                 return run()
 
             timestep = torch.full((1,), float(t), device=latent.device)
+            if fixed is not None:
+                timestep = fixed.timestep(timestep)
             with torch.no_grad():
                 flow = guidance(call, latent, timestep, step.guide_scale)
             latent = stepper.step(flow, latent)
+            if fixed is not None:
+                latent = fixed.put_back(latent)
             for hook in hooks:
                 replaced = hook.on_step_end(step, latent)
                 latent = latent if replaced is None else replaced
