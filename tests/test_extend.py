@@ -55,7 +55,7 @@ def test_4m_plus_1_context_frames_are_whole_latent_frames_of_the_mask():
 
     latents = torch.zeros(16, 3, 2, 3)
     condition = KnownFramesMask().condition(context(torch.ones(3, 9, 16, 24), 5), 9, 4, lambda video: latents)
-    mask = condition[:4]
+    mask = condition.channels[:4]
     assert mask[:, :2].eq(1).all() and mask[:, 2].eq(0).all()
 
 

@@ -33,7 +33,7 @@ def test_the_first_and_last_frame_condition_equals_diffusers(tiny_pipeline):
     settings = GenerationSettings.of("a boat", **SMALL)
     pixels = [torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1 for image in (demo_image(), last_picture())]
     known = tiny_pipeline.known_frames(pixels[0], settings, last=pixels[1])
-    ours = tiny_pipeline.encode_frames(known, settings.frame_num)
+    ours = tiny_pipeline.encode_frames(known, settings.frame_num).channels
     reference = diffusers_i2v_pipeline(tiny_pipeline, settings.shift)
     first, last = known.frames[:, 0], known.frames[:, 1]
     height, width = first.shape[1:]

@@ -58,7 +58,7 @@ def test_each_expert_matters(tiny_pipeline):
 def test_conditioning_follows_official_layout(tiny_pipeline):
     pixels = torch.rand(3, 50, 70) * 2 - 1
     settings = GenerationSettings.of("a boat", max_area=64 * 64, frame_num=9)
-    condition = tiny_pipeline.encode_frames(tiny_pipeline.known_frames([pixels], settings), 9).channels
+    condition = tiny_pipeline.encode_frames(tiny_pipeline.known_frames(pixels, settings), 9).channels
     # The official sizing: rows sqrt(4096 * 50/70) = 54.1 -> 6 latent rows (// 8, then even),
     # columns sqrt(4096 * 70/50) = 75.7 -> 9 -> 8 latent columns.
     assert condition.shape == (20, 3, 6, 8)

@@ -14,7 +14,8 @@ from wan_i2v.tiny import write_tiny_checkpoint
 from wan_i2v.video import demo_image
 
 # A model of one expert: the tiny model's layout with a single expert folder.
-ONE_EXPERT = replace(WAN22_I2V_A14B, name="tiny-one-expert", experts=(ExpertSpec("only", "transformer", 0),), guide_scale_order=("only",))
+ONE_EXPERT = replace(WAN22_I2V_A14B, name="tiny-one-expert", experts=(ExpertSpec("only", "transformer", 0),), guide_scale_order=("only",),
+                     distilled_loras=None)
 
 
 def test_the_registry_holds_wan22_i2v_a14b_by_default_and_refuses_an_unknown_name():

@@ -91,8 +91,9 @@ def test_latents_and_video_equal_diffusers(ti2v, with_image):
 def test_the_image_is_fitted_as_the_official_code_fits_it(ti2v):
     # 16:9 in the area of 64*96: the official best_output_size(160, 90, 32, 32, 6144) is 96 x 64 (width
     # first: 104.5 rounded down to 32s, then 6144 / 96 = 64); the image is scaled to cover it and cropped.
-    assert ti2v.video_size(torch.zeros(3, 90, 160), 64 * 96) == (64, 96)
-    condition = ti2v.encode_image(torch.rand(3, 90, 160) * 2 - 1, 64 * 96, 9)
+    settings = GenerationSettings.of("a boat", max_area=64 * 96, frame_num=9)
+    assert ti2v.video_size(torch.zeros(3, 90, 160), settings) == (64, 96)
+    condition = ti2v.encode_frames(ti2v.known_frames(torch.rand(3, 90, 160) * 2 - 1, settings), 9)
     assert condition.channels is None and condition.fixed.latents.shape == (1, 48, 3, 4, 6)
     assert condition.fixed.frames.tolist() == [True, False, False]
 
@@ -100,7 +101,7 @@ def test_the_image_is_fitted_as_the_official_code_fits_it(ti2v):
 def test_without_an_image_the_a14b_refuses_and_ti2v_makes_text_to_video(tiny_pipeline, ti2v):
     with pytest.raises(WanError, match="Wan2.2-I2V-A14B makes a video from an image"):
         tiny_pipeline.generate(None, "a boat", progress=False, **SMALL)
-    condition = ti2v.encode_image(None, 64 * 96, 9)
+    condition = ti2v.encode_frames(None, 9)
     assert condition.channels is None and condition.fixed is None
 
 

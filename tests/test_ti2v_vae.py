@@ -4,7 +4,8 @@ import re
 
 import pytest
 import torch
-from test_vae import diffusers_key, random_video, relative_error
+from diffusers_names import diffusers_vae_key as diffusers_key
+from test_vae import random_video, relative_error
 
 from wan_i2v.models.vae2_2 import LATENT_MEAN, LATENT_STD, VAE22Config, WanVAE22
 from wan_i2v.tiny import randomize_
@@ -14,7 +15,7 @@ TINY = VAE22Config(dim=8, dec_dim=8, num_res_blocks=1)
 
 def diffusers_key_22(key: str, config: VAE22Config) -> str:
     """Official Wan2.2 VAE parameter name -> diffusers' (``is_residual=True``): its stages' blocks
-    first, then the names the two VAEs share (``test_vae.diffusers_key``)."""
+    first, then the names the two VAEs share (``diffusers_names.diffusers_vae_key``)."""
     key = re.sub(
         r"^encoder\.downsamples\.(\d+)\.downsamples\.(\d+)\.",
         lambda m: f"encoder.down_blocks.{m[1]}." + ("downsampler." if int(m[2]) == config.num_res_blocks else f"resnets.{m[2]}."),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -441,7 +442,7 @@ class I2VPipeline:
             if saved is not None:
                 chosen, resume = saved[0], state_to(saved[1], self.device)
         if pixels is not None:
-            known = self.known_frames(pixels, chosen)
+            known = self.known_frames(pixels[0] if pixels else None, chosen, last=pixels[1] if len(pixels) > 1 else None)
         described = "text only" if known is None else known.describe(chosen.frame_num)
         given = {"conditioning": described, **{f"{name}_sha256": digest for name, digest in hashes.items()}}
         sampled = Prepared(chosen, None, None, resume, state_file, run, given)
@@ -525,24 +526,24 @@ class I2VPipeline:
         shape = self.spec.defaults.text_to_video_shape if known is None else known.shape[1:]
         return self.spec.video_size(*shape, settings.max_area)
 
-    def known_frames(self, pixels: list[torch.Tensor], settings: GenerationSettings) -> KnownFrames | None:
-        """The first frame, and the last if given ([3, h, w] images in [-1, 1]; none: text-to-video), at
-        the video's size. Each is fitted as the spec fits the first frame (the official code's resize)
+    def known_frames(self, first: torch.Tensor | None, settings: GenerationSettings, *, last: torch.Tensor | None = None) -> KnownFrames | None:
+        """The first frame, and the last if given ([3, h, w] images in [-1, 1]; no first: text-to-video),
+        at the video's size. Each is fitted as the spec fits the first frame (the official code's resize)
         where that gives it the video's size; an image of another aspect ratio (a last frame of another
         shape, any image at an exact ``--height``/``--width``) is scaled to cover the size and
         center-cropped, rather than stretched."""
-        if not pixels:
+        if first is None:
             return None
-        height, width = self.video_size(pixels[0], settings)
+        height, width = self.video_size(first, settings)
 
         def sized(image: torch.Tensor) -> torch.Tensor:
             if settings.height is None and self.spec.video_size(image.shape[1], image.shape[2], settings.max_area) == (height, width):
                 return self.spec.fit.resize(image, height, width)
             return cover_and_crop(image, height, width)
 
-        if len(pixels) == 1:
-            return KnownFrames.first(sized(pixels[0]))
-        return KnownFrames.first_and_last(sized(pixels[0]), sized(pixels[1]), settings.frame_num)
+        if last is None:
+            return KnownFrames.first(sized(first))
+        return KnownFrames.first_and_last(sized(first), sized(last), settings.frame_num)
 
     def encode_frames(self, known: KnownFrames | None, frame_num: int, progress: bool = False) -> Condition:
         """The ``Condition`` the spec's strategy makes of the ``known`` frames at the video's size (None:

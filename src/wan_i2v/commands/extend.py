@@ -28,7 +28,7 @@ def run(args) -> int:
     settings = settings_from(args, size=source_size(source, spec))
     check_extension(source, args.context_frames, settings.frame_num, args.extend_times, spec)
     options = options_from(args)
-    loras = loras_from(options.loras)
+    loras = loras_from(options.loras, spec)
     default = f"{Path(args.video).stem}-extended.mp4"
     save_file = mp4_path(args.save_file, "--save-file") if args.save_file is not None else fresh_output(default, dry_run=args.dry_run)
     if save_file.resolve() == Path(args.video).resolve():
@@ -39,7 +39,7 @@ def run(args) -> int:
     session_plan = runs.plan(replace(options, loras=loras), height=height, width=width, frame_num=settings.frame_num, guided=settings.guided,
                              dry_run=args.dry_run)  # fmt: skip
     if args.dry_run:
-        _check_loras(loras, session_plan.ckpt_dir)
+        _check_loras(loras, session_plan.ckpt_dir, spec)
     tell(session_plan)
     if is_main() and not args.dry_run:  # every clip's state is kept until the video is written
         check_space(save_file.parent, session_plan.output_bytes * args.extend_times + source.frames.numel(), "free some space or choose another --save-file")
