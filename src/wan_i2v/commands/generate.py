@@ -31,7 +31,7 @@ def run(args) -> int:
     _official_meanings(args)
     # Everything the user typed is checked before minutes of model loading.
     options = options_from(args)
-    spec = _model(options, args.dry_run)
+    spec = _model(options)
     settings = settings_from(args, spec)
     loras = loras_from(options.loras, spec)
     if args.image is None and spec.conditioning.target.needs_image:
@@ -82,13 +82,12 @@ def run(args) -> int:
     return 0
 
 
-def _model(options, dry_run: bool):
-    """The model the command runs: --model, else the checkpoint's (a dry run without one: the default's)."""
+def _model(options):
+    """The model the command runs: --model, else the checkpoint's, else the default's (where no checkpoint
+    is found, the run's planning says so, after everything typed has been checked)."""
     try:
         ckpt_dir = runs.checkpoint_dir(options)
     except WanError:
-        if not dry_run and options.model is None:
-            raise
         ckpt_dir = None
     return runs.model_spec(options, ckpt_dir)
 
