@@ -138,12 +138,12 @@ def test_too_little_disk_for_the_outputs_is_refused_before_the_run(tiny_checkpoi
 def test_a_full_disk_mid_run_is_one_line(tiny_checkpoint, image_file, tmp_path, monkeypatch, capsys):
     import errno
 
-    from wan_i2v.commands import common
+    from wan_i2v import pipeline
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o.mp4"))
 
-    monkeypatch.setattr(common, "write_mp4", full)  # (where the command writes its video)
+    monkeypatch.setattr(pipeline, "mp4_writer", full)  # (where the run writes its video, as it decodes)
     assert run(tiny_checkpoint, image_file, "--save-file", str(tmp_path / "o.mp4")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"wan-i2v: error: no space left on the disk writing {tmp_path / 'o.mp4'} (free some space; a run's saved state lets the same command resume)"

@@ -18,7 +18,7 @@ from wan_i2v.errors import WanError
 from wan_i2v.loading.lora import Loras, LoraSpec
 from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
 from wan_i2v.options import expert_loras
-from wan_i2v.video import leftover_temporaries, write_mp4
+from wan_i2v.video import leftover_temporaries
 
 
 def _print_summary(result, path: Path, loading_seconds: float, steps: "StepClock | None" = None) -> None:
@@ -62,14 +62,14 @@ class StepClock:
 
 def generate_and_write(session, image, settings, *, progress: bool, save_file: Path, latents_file: Path | None, keep_latents: bool,
                        loading_seconds: float, state_file: Path | None = None, last_image=None):
-    """Generate, save the latents before decoding (a decode that dies loses nothing), write the mp4.
-    With ``state_file`` the denoising state is saved after every step and the same command resumes
+    """Generate, save the latents before decoding (a decode that dies loses nothing), and write the mp4
+    as the frames are decoded (after the decode, its encode took 4.9 s at 720P). With ``state_file`` the denoising state is saved after every step and the same command resumes
     a run that died. In a multi-process run only rank 0 writes and prints."""
     started = time.time()
     clock = StepClock()
     try:
         result = session.generate(image, settings=settings, progress=progress, latents_file=latents_file, state_file=state_file, on_step=clock,
-                                  last_image=last_image)  # fmt: skip
+                                  last_image=last_image, video_file=save_file)  # fmt: skip
     except BaseException as exc:
         saved = latents_file is not None and latents_file.is_file() and latents_file.stat().st_mtime >= started
         if saved and session.is_main and not isinstance(exc, WanError):
@@ -79,9 +79,8 @@ def generate_and_write(session, image, settings, *, progress: bool, save_file: P
         elif state_file is not None and session.is_main and state_file.is_file():
             print(f"wan-i2v: the denoising state is saved in {state_file}; the same command resumes from it", file=sys.stderr)
         raise
-    if result.video is None:  # a rank other than 0 of a parallel run
+    if not session.is_main:
         return result
-    write_mp4(result.video, save_file, fps=result.settings.fps, metadata=result.metadata)
     if latents_file is not None and not keep_latents:
         latents_file.unlink(missing_ok=True)
     if state_file is not None:
