@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -31,7 +30,7 @@ from wan_i2v.loading.lora import LoraFile, Loras, MergedLoras, adapted, read_lor
 from wan_i2v.models.conditioning import Condition, KnownFrames
 from wan_i2v.models.dit import DiT, keeps_fp32, pad_context
 from wan_i2v.models.hooks import merge_states
-from wan_i2v.models.spec import DEFAULT_SPEC, ModelSpec, spec_for, spec_of_checkpoint
+from wan_i2v.models.spec import DEFAULT_SPEC, AreaFit, ModelSpec, spec_for, spec_of_checkpoint
 from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
@@ -586,19 +585,13 @@ class I2VPipeline:
         return ClassifierFreeGuidance(conditioning, batched=self.plan.batch_cfg)
 
 
-def official_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[3, h, w] -> [3, height, width], as the official code resizes the first frame: on the CPU in
-    fp32, bicubic without antialiasing, to the size whatever its aspect ratio."""
-    return F.interpolate(image[None], size=(height, width), mode="bicubic")[0]
-
-
 def cover_and_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[3, h, w] -> [3, height, width]: resized (as ``official_resize``) to the smallest size that covers
-    ``height`` x ``width`` with the image's aspect ratio, then its center cut out."""
+    """[3, h, w] -> [3, height, width]: resized as the official code resizes the first frame (``AreaFit``)
+    to the smallest size that covers ``height`` x ``width`` with the image's aspect ratio, then its center cut out."""
     scale = max(height / image.shape[1], width / image.shape[2])
     covering = max(height, round(image.shape[1] * scale)), max(width, round(image.shape[2] * scale))
     top, left = (covering[0] - height) // 2, (covering[1] - width) // 2
-    return official_resize(image, *covering)[:, top : top + height, left : left + width]
+    return AreaFit().resize(image, *covering)[:, top : top + height, left : left + width]
 
 
 # Slots of the staging ring: one block is read while the one before is copied up and the one
