@@ -15,7 +15,8 @@ pinned memory included) against its estimate, and whether the latents equal the 
 JSON also has the cgroup's peak, which counts the page cache the row's warm-up read).
 
 Rows: ``default`` (80 GiB GPU, 32 GiB host), ``swap`` (48/40: one expert on the GPU), ``blocks``
-(24/32: blocks streamed; the page cache holds most of an expert), ``disk`` (24/16: the page cache
+(24/32: blocks streamed; the page cache holds most of an expert), ``blocks-cached`` (the same with the
+whole checkpoint in the page cache: the streaming's own cost, without the disk), ``disk`` (24/16: the page cache
 holds little of an expert, so most blocks come from the disk), ``480p`` (12/16: the text encoder's
 blocks stream too; its reference ``480p-resident`` at 80/32), ``second`` (the
 default row again: a new process whose compile comes from the cache; ``second-1-compile-thread``
@@ -56,6 +57,7 @@ ROWS = {
     "swap": ("720P", 48, 40, "group", [], {}, "default"),
     "blocks": ("720P", 24, 32, "group", [], {}, "default"),
     "disk": ("720P", 24, 16, "group", [], {}, "default"),
+    "blocks-cached": ("720P", 24, 32, "machine", [], {}, "default"),
     "480p-resident": ("480P", 80, 32, "group", [], {}, None),
     "480p": ("480P", 12, 16, "group", [], {}, "480p-resident"),
     "second": ("720P", 80, 32, "machine", [], {}, "default"),
