@@ -204,20 +204,12 @@ def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num
     machine need not have (unless the device is the CPU), and without a checkpoint for the official model's shapes.
 
     Under a launcher (unless ``dry_run``, which runs nothing) every rank calls it: each checks its own
-    device and joins the process group on it, then rank 0 alone plans and every rank gets its plan,
-    or raises the error its planning raised. The ranks of a plan that does not run (refused) leave the group."""
+    device and joins the process group on it (the session then runs in that group), then rank 0
+    alone plans and every rank gets its plan, or raises the error its planning raised."""
     planning = partial(_plan_here, options, height=height, width=width, frame_num=frame_num, guided=guided, dry_run=dry_run)
     if dry_run or not launched():
         return planning()
-    device = _join_group(_run_device(options, None, []))
-    try:
-        session_plan = _rank_0_plans(planning, device)
-    except WanError:
-        dist.destroy_process_group()
-        raise
-    if session_plan.refusal() is not None:
-        dist.destroy_process_group()
-    return session_plan
+    return _rank_0_plans(planning, _join_group(_run_device(options, None, [])))
 
 
 def _plan_here(options: RunOptions, *, height: int, width: int, frame_num: int, guided: bool, dry_run: bool) -> SessionPlan:
