@@ -209,7 +209,9 @@ def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num
     planning = partial(_plan_here, options, height=height, width=width, frame_num=frame_num, guided=guided, dry_run=dry_run)
     if dry_run or not launched():
         return planning()
-    return _rank_0_plans(planning, _join_group(_run_device(options, None, [])))
+    # Each rank checks its own device, the backend it joins with; all the rest is rank 0's to find.
+    device = _join_group(_run_device(options, None, []))
+    return _rank_0_plans(planning, device)
 
 
 def _plan_here(options: RunOptions, *, height: int, width: int, frame_num: int, guided: bool, dry_run: bool) -> SessionPlan:
