@@ -3,8 +3,10 @@ jobs on it, one after another, until closed. The CLI (and a server) are thin lay
 
 Three ways a session runs, chosen by ``RunSession.open``:
 - one process (one GPU, or the CPU): the pipeline lives in the caller's process;
-- under a launcher (torchrun, a cluster): every rank opens the session in its own process and
-  calls ``generate``; rank 0's job is the one run, handed to the others;
+- under a launcher (torchrun, a cluster): every rank plans and opens the session in its own
+  process and calls ``generate``. The ranks join their process group as they plan: rank 0 alone
+  plans (its memory, its LoRAs, its recipe) and the others receive its plan, or its refusal; rank
+  0's job is the one run, handed to the others;
 - ``gpus=N`` from a plain process: the session starts N ranks (``parallel.launch``) in the
   background and hands each job to rank 0 over a queue, which hands it to the others. Progress
   comes back as events, the video through shared memory, and a failed rank fails the session.
@@ -199,7 +201,21 @@ def plan(options: RunOptions, *, height: int = 720, width: int = 1280, frame_num
     world, and the execution plan, a combination the run refuses raised. On the CPU, --fp8, which would
     only slow the run there (FP8 emulated), is dropped with a warning; --offload holds there too: the
     experts then stay in the checkpoint's files, not in host memory. ``dry_run``: planned for GPUs this
-    machine need not have (unless the device is the CPU), and without a checkpoint for the official model's shapes."""
+    machine need not have (unless the device is the CPU), and without a checkpoint for the official model's shapes.
+
+    Under a launcher (unless ``dry_run``, which runs nothing) every rank calls it: each checks its own
+    device and joins the process group on it (the session then runs in that group), then rank 0
+    alone plans and every rank gets its plan, or raises the error its planning raised."""
+    planning = partial(_plan_here, options, height=height, width=width, frame_num=frame_num, guided=guided, dry_run=dry_run)
+    if dry_run or not launched():
+        return planning()
+    # Each rank checks its own device, the backend it joins with; all the rest is rank 0's to find.
+    device = _join_group(_run_device(options, None, []))
+    return _rank_0_plans(planning, device)
+
+
+def _plan_here(options: RunOptions, *, height: int, width: int, frame_num: int, guided: bool, dry_run: bool) -> SessionPlan:
+    """``plan`` in this process."""
     try:
         ckpt_dir = checkpoint_dir(options)
     except WanError:
@@ -273,15 +289,16 @@ def _of_the_spec_shapes(ckpt_dir: Path | None, spec) -> bool:
     return (config.dim, config.ffn_dim, config.num_layers) == (official.dim, official.ffn_dim, official.num_layers)
 
 
-def _run_device(options: RunOptions, ckpt_dir: Path, notes: list[str]) -> str:
+def _run_device(options: RunOptions, ckpt_dir: Path | None, notes: list[str]) -> str:
     """``device``, else the GPU. With no GPU visible the run goes to the CPU only for a small model
     (a tiny test checkpoint) in one process, and says so in ``notes``; the real model there would
-    take hours, and several processes were asked for GPUs, so those need the CPU asked for."""
+    take hours, and several processes were asked for GPUs, so those need the CPU asked for.
+    (``ckpt_dir`` is read for one process only.)"""
     if options.device:
         check_device(options.device)
         return options.device
     device = default_device()
-    processes = options.gpus or env_world()
+    processes = env_world() if launched() else options.gpus or 1
     if device == "cpu" and processes > 1:
         raise WanError(f"{processes} GPUs asked for but no GPU is visible",
                        f"check the GPU driver (nvidia-smi), or give {option('device', 'cpu')} to run {processes} processes on the CPU")  # fmt: skip
@@ -476,16 +493,38 @@ class LocalSession(RunSession):
         return _run_job(self.pipe, job, cancel=cancel, on_step=on_step)
 
 
+def _join_group(device: str) -> torch.device:
+    """In a rank: join the process group on ``device`` (once); the device this rank runs on."""
+    if _device_type(device) == "cpu" and not dist.is_initialized():  # CPU ranks on one machine split its cores rather than each taking them all
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return init_distributed(_device_type(device))
+
+
+def _rank_0_plans(planning: Callable, device: torch.device):
+    """In a rank of the group: ``planning()`` on rank 0 alone, and its outcome on every rank: what
+    it returned, or the one-line error it raised, raised on every rank alike (not a hang on the others)."""
+    outcome = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = planning()
+        except WanError as error:
+            outcome = error
+    outcome = agree(outcome, device)
+    if isinstance(outcome, WanError):
+        raise outcome
+    return outcome
+
+
 def _join_ranks(planned: PlannedRun, ckpt_dir: Path, device: str, replan=None, progress: bool = False):
-    """In a rank: join the process group; rank 0 plans again with ``replan()`` if given (for its GPU,
-    which the process that started the ranks did not query), and every rank takes rank 0's plan
-    (``planned`` elsewhere); build the groups and load the pipeline."""
+    """In a rank: join the process group (planning under a launcher joined it already); with
+    ``replan``, rank 0 plans again (for its GPU, which the process that started the ranks did not
+    query) and every rank takes its plan, else ``planned``, which every rank has; build the groups
+    and load the pipeline."""
     from wan_i2v.pipeline import I2VPipeline  # (the models' stack: planning, and a dry run, go without it)
 
-    if _device_type(device) == "cpu":  # CPU ranks on one machine split its cores rather than each taking them all
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    run_device = init_distributed(_device_type(device))
-    planned = agree(replan() if replan is not None and env_rank() == 0 else planned, run_device)
+    run_device = _join_group(device)
+    if replan is not None:
+        planned = _rank_0_plans(replan, run_device)
     cap_gpu_memory(planned, run_device)
     groups = ParallelGroups.build(planned.plan.dims, run_device)
     plan = replace(planned.plan, device=run_device)

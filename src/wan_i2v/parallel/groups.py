@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,20 +26,30 @@ def agree(value, device: torch.device, group=None, src: int = 0):
 
 
 def init_distributed(device_type: str) -> torch.device:
-    """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+    """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
+    unless this process has joined it already (under a launcher, planning joins it before the
+    session opens); the device this rank runs on. A group still joined at exit (a run refused
+    after its planning) is left then: NCCL warns of a group never destroyed.
 
     CUDA ranks use NCCL on ``cuda:LOCAL_RANK``; CPU ranks use gloo. Collectives time out after
     ``$WAN_I2V_DIST_TIMEOUT`` seconds (default 600), so a lost rank ends the run rather than hanging it.
     """
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if device_type == "cuda" else torch.device("cpu")
+    if dist.is_initialized():
+        return device
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     if device_type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=timeout, device_id=device)
     else:
-        device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
+    atexit.register(_leave_at_exit)
     return device
+
+
+def _leave_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
