@@ -1,6 +1,6 @@
 """Wan2.2-TI2V-5B on several processes (gloo, on the CPU) makes the single-process video: Ulysses with
 a timestep per latent frame (an image) and one per sample (text-to-video), CFG parallel, FSDP, and the
-Wan2.2 VAE's decode split into tiles over the ranks.
+Wan2.2 VAE's decode and encode split into tiles over the ranks.
 
 One launch of 2 ranks runs every case; the single-process references are computed in this process.
 """
@@ -12,7 +12,7 @@ import torch.distributed as dist
 from wan_i2v.models.vae2_2 import VAE22Config, WanVAE22
 from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
 from wan_i2v.parallel.launch import launch
-from wan_i2v.parallel.vae import decode_tiled
+from wan_i2v.parallel.vae import decode_tiled, encode_tiled
 from wan_i2v.tiny import randomize_, write_tiny_checkpoint
 from wan_i2v.video import demo_image
 
@@ -35,6 +35,8 @@ REAL_DEPTH = VAE22Config(dim=4, dec_dim=8, num_res_blocks=2)
 # (VAE config or None: the checkpoint's, latents [B, 48, f, h, w]), split over the 2 ranks: tiles wide
 # enough to be real ones (their halo inside the frame), across the width or the height.
 DECODES = {"decode-tiny-width": (None, (1, 48, 2, 3, 24)), "decode-tiny-height": (None, (1, 48, 2, 20, 2)), "decode-real-depth": (REAL_DEPTH, (1, 48, 2, 3, 32))}
+# (VAE config or None, video [B, 3, F, H, W]); the encoder folds 2x2 pixels into channels first.
+ENCODES = {"encode-tiny": (None, (1, 3, 5, 32, 384)), "encode-real-depth": (REAL_DEPTH, (1, 3, 5, 32, 512))}
 
 
 def _vae(config, ckpt):
@@ -67,6 +69,11 @@ def _all_cases(ckpt):
         video = decode_tiled(_vae(config, ckpt), _random(shape, 3), dist.group.WORLD)
         if dist.get_rank() == 0:
             results[name] = video
+    for name, (config, shape) in ENCODES.items():
+        latents = encode_tiled(_vae(config, ckpt), _random(shape, 4), dist.group.WORLD)
+        gathered = [torch.empty_like(latents) for _ in range(2)]
+        dist.all_gather(gathered, latents)
+        results[name] = gathered
     dist.destroy_process_group()
     return results
 
@@ -116,3 +123,11 @@ def test_split_decode_equals_single_decode(name, parallel_results, checkpoint):
     # fp32 rounding only (see test_parallel.py's): a halo too narrow shows as differences of 1e-2 and more.
     assert (parallel_results[name] - single).abs().max() <= 5e-5
 
+
+@pytest.mark.parametrize("name", list(ENCODES))
+def test_split_encode_equals_single_encode_on_every_rank(name, parallel_results, checkpoint):
+    config, shape = ENCODES[name]
+    single = _vae(config, checkpoint).encode(_random(shape, 4))
+    for rank_latents in parallel_results[name]:
+        assert rank_latents.shape == single.shape == (1, 48, 2, shape[3] // 16, shape[4] // 16)
+        assert (rank_latents - single).abs().max() <= 5e-5  # fp32 rounding only
