@@ -131,3 +131,25 @@ def test_split_encode_equals_single_encode_on_every_rank(name, parallel_results,
     for rank_latents in parallel_results[name]:
         assert rank_latents.shape == single.shape == (1, 48, 2, shape[3] // 16, shape[4] // 16)
         assert (rank_latents - single).abs().max() <= 5e-5  # fp32 rounding only
+
+
+def test_the_denoising_estimate_counts_the_modulation_per_token_of_a_timestep_per_frame():
+    """TI2V-5B's DiT takes a timestep per latent frame, so each of a rank's tokens has its own [6, 3072]
+    fp32 modulation, twice over (the DiT's and a block's sum with its own): at 720P x 121 frames
+    (27280 tokens) 1.9 GiB each on one GPU. The A14B's timestep is one per sample: nothing added."""
+    from dataclasses import replace
+
+    from wan_i2v.parallel.plan import ParallelDims, estimate_memory, model_sizes
+
+    ti2v, a14b = model_sizes(None, spec="ti2v-5b"), model_sizes(None)
+    assert ti2v.timestep_per_frame and not a14b.timestep_per_frame
+    shape = dict(tokens=27280, pixels=1280 * 704)
+    # (plan, tokens on a rank): Ulysses divides them (3 does not: 9094 on each, padded), CFG parallel does not.
+    for dims, local in ((ParallelDims(), 27280), (ParallelDims(2, 1), 27280), (ParallelDims(1, 2), 13640), (ParallelDims(1, 3), 9094)):
+        for offload in (None, "blocks"):
+            per_frame = estimate_memory(dims, ti2v, offload=offload, **shape).stages
+            per_sample = estimate_memory(dims, replace(ti2v, timestep_per_frame=False), offload=offload, **shape).stages
+            assert per_frame["denoising"] - per_sample["denoising"] == 2 * local * 6 * 3072 * 4, (dims, offload)
+            assert {stage: per_frame[stage] for stage in per_frame if stage != "denoising"} == {
+                stage: per_sample[stage] for stage in per_sample if stage != "denoising"
+            }

@@ -70,7 +70,7 @@ class UlyssesSequence(SequenceLayout):
 
     def per_token(self, per_frame: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
         """[B, F, ...] values of each latent frame -> [B, L/u, ...] for this rank's tokens alone: the
-        whole sequence's would be u times the memory (TI2V's modulation: 12 KB a token in fp32). The
+        whole sequence's would be u times the memory (TI2V-5B's modulation: 72 KB a token in fp32). The
         padding takes the last frame's: its tokens are masked out and cut off."""
         local = -(-self.length // self.size)
         position = self.index * local + torch.arange(local, device=per_frame.device)
