@@ -21,13 +21,15 @@ from wan_i2v.video import demo_image
 RUN = dict(max_area=96 * 96, frame_num=9, steps=3, shift=5.0, seed=7)
 IMAGE = demo_image(96, 96)
 
-# name -> (plan, with an image)
+# name -> (plan, with an image, other from_pretrained options)
 CASES = {
-    "u2-image": (ParallelDims(1, 2), True),
-    "u2-text": (ParallelDims(1, 2), False),
-    "cfg2-image": (ParallelDims(2, 1), True),
-    "cfg2-fsdp-image": (ParallelDims(2, 1, True), True),
-    "u2-fsdp-image": (ParallelDims(1, 2, True), True),
+    "u2-image": (ParallelDims(1, 2), True, {}),
+    "u2-text": (ParallelDims(1, 2), False, {}),
+    "u2-batched-guidance-image": (ParallelDims(1, 2), True, {"batch_cfg": True}),  # two samples' timesteps per frame
+    "u2-split-encode-image": (ParallelDims(1, 2), True, {"split_encode": True}),
+    "cfg2-image": (ParallelDims(2, 1), True, {}),
+    "cfg2-fsdp-image": (ParallelDims(2, 1, True), True, {}),
+    "u2-fsdp-image": (ParallelDims(1, 2, True), True, {}),
 }
 
 # The Wan2.2 VAE's decoder at its real depth, few channels; the checkpoint's tiny one is shallower.
@@ -59,9 +61,9 @@ def _all_cases(ckpt):
     torch.set_num_threads(1)
     device = init_distributed("cpu")
     results = {}
-    for name, (dims, with_image) in CASES.items():
+    for name, (dims, with_image, options) in CASES.items():
         groups = ParallelGroups.build(dims, device, ranks=range(dims.world))
-        pipe = I2VPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32, parallel=groups)
+        pipe = I2VPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32, parallel=groups, **options)
         result = pipe.generate(IMAGE if with_image else None, "a boat", progress=False, **RUN)
         if groups.is_main:
             results[name] = (result.latents, result.video)
@@ -102,7 +104,7 @@ def relative(a, b):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_parallel_run_equals_single_process(name, parallel_results, references):
-    _, with_image = CASES[name]
+    _, with_image, _ = CASES[name]
     latents, video = parallel_results[name]
     reference = references[with_image]
     assert latents.shape == reference.latents.shape == ((48, 3, 6, 6) if with_image else (48, 3, 4, 8))  # text-to-video: 16:9 in the area
