@@ -290,9 +290,10 @@ class Block(nn.Module):
         """x: residual stream [B, L, C] (fp32 after the first block); pending: the previous block's
         last residual term as (update, gate), not yet added to x, or None; time_modulation: fp32
         [B, 1, 6, C], or [B, L, 6, C] with a timestep per token; context: [B, text_len, C] in the
-        compute dtype, which the linear layers take their inputs in. Returns (x, pending): this block's own last term (the gated FFN output) is
-        left for the next step that reads the stream to add, so that the add and the next norm
-        are one step (one pass over the stream with the fused kernels)."""
+        compute dtype, which the linear layers take their inputs in. Returns (x, pending): this
+        block's own last term (the gated FFN output) is left for the next step that reads the
+        stream to add, so that the add and the next norm are one step (one pass over the stream
+        with the fused kernels)."""
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_modulation).unbind(2)
         update, gate = (None, None) if pending is None else pending

@@ -124,7 +124,7 @@ VAE_TILE_UNITS = 8.5  # split over the ranks, frame by frame, on this rank's til
 TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
 STEP_CACHE_COPIES = 2  # the stream copies the step cache keeps per guidance branch (transforms/step_cache.py)
 # With a timestep per latent frame the blocks' modulation is per token, [tokens, 6, dim] fp32 of this
-# rank's tokens (72 KB a token for TI2V-5B: 1.9 GiB at 720P on one GPU): the DiT's, held for the whole
+# rank's tokens (72 KB a token for TI2V-5B: 1.9 GiB on one GPU at 720P x 121 frames): the DiT's, held for the whole
 # forward, and each block's sum of it and its own modulation (compiled blocks may fuse that one away:
 # then this errs high).
 PER_TOKEN_MODULATIONS = 2
