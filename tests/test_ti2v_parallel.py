@@ -36,7 +36,12 @@ CASES = {
 REAL_DEPTH = VAE22Config(dim=4, dec_dim=8, num_res_blocks=2)
 # (VAE config or None: the checkpoint's, latents [B, 48, f, h, w]), split over the 2 ranks: tiles wide
 # enough to be real ones (their halo inside the frame), across the width or the height.
-DECODES = {"decode-tiny-width": (None, (1, 48, 2, 3, 24)), "decode-tiny-height": (None, (1, 48, 2, 20, 2)), "decode-real-depth": (REAL_DEPTH, (1, 48, 2, 3, 32))}
+DECODES = {
+    "decode-tiny-width": (None, (1, 48, 2, 3, 24)),
+    "decode-tiny-height": (None, (1, 48, 2, 20, 2)),
+    "decode-tiny-more-ranks-than-columns": (None, (1, 48, 2, 1, 1)),
+    "decode-real-depth": (REAL_DEPTH, (1, 48, 2, 3, 32)),
+}
 # (VAE config or None, video [B, 3, F, H, W]); the encoder folds 2x2 pixels into channels first.
 ENCODES = {"encode-tiny": (None, (1, 3, 5, 32, 384)), "encode-real-depth": (REAL_DEPTH, (1, 3, 5, 32, 512))}
 
