@@ -5,9 +5,13 @@ Wan2.2 VAE's decode and encode split into tiles over the ranks.
 One launch of 2 ranks runs every case; the single-process references are computed in this process.
 """
 
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from wan_i2v.models.vae2_2 import VAE22Config, WanVAE22
 from wan_i2v.parallel import ParallelDims, ParallelGroups, init_distributed
@@ -143,8 +147,9 @@ def test_split_encode_equals_single_encode_on_every_rank(name, parallel_results,
 
 def test_the_denoising_estimate_counts_the_modulation_per_token_of_a_timestep_per_frame():
     """TI2V-5B's DiT takes a timestep per latent frame, so each of a rank's tokens has its own [6, 3072]
-    fp32 modulation, twice over (the DiT's and a block's sum with its own): at 720P x 121 frames
-    (27280 tokens) 1.9 GiB each on one GPU. The A14B's timestep is one per sample: nothing added."""
+    fp32 modulation, three times over (the DiT's, a block's sum with its own, the previous block's; see
+    the next test): at 720P x 121 frames (27280 tokens) 1.9 GiB each on one GPU. The A14B's timestep is
+    one per sample: nothing added."""
     from dataclasses import replace
 
     from wan_i2v.parallel.plan import ParallelDims, estimate_memory, model_sizes
@@ -157,7 +162,49 @@ def test_the_denoising_estimate_counts_the_modulation_per_token_of_a_timestep_pe
         for offload in (None, "blocks"):
             per_frame = estimate_memory(dims, ti2v, offload=offload, **shape).stages
             per_sample = estimate_memory(dims, replace(ti2v, timestep_per_frame=False), offload=offload, **shape).stages
-            assert per_frame["denoising"] - per_sample["denoising"] == 2 * local * 6 * 3072 * 4, (dims, offload)
+            assert per_frame["denoising"] - per_sample["denoising"] == 3 * local * 6 * 3072 * 4, (dims, offload)
             assert {stage: per_frame[stage] for stage in per_frame if stage != "denoising"} == {
                 stage: per_sample[stage] for stage in per_sample if stage != "denoising"
             }
+
+
+class PeakBytes(TorchDispatchMode):
+    """The peak of the bytes held by tensors the ops under it made (their storages, each counted while it lives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.held = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)):
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self.held and storage.nbytes():
+                self.held.add(key)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+    def _freed(self, key, nbytes):
+        self.held.discard(key)
+        self.live -= nbytes
+
+
+def test_the_counted_modulations_are_what_a_forward_holds_more_with_a_timestep_per_frame():
+    from wan_i2v.models.dit import DiT, DiTConfig
+    from wan_i2v.parallel.plan import PER_TOKEN_MODULATIONS
+
+    # Wide and short, so that the modulation's copies stand out of the rest.
+    config = DiTConfig(dim=256, ffn_dim=256, freq_dim=32, in_dim=48, out_dim=48, num_heads=2, num_layers=2, text_len=16, text_dim=24)
+    model = randomize_(DiT(config), seed=0).eval()
+    latent, context = torch.randn(1, 48, 5, 16, 16), torch.randn(1, 16, 24)
+    peaks = []
+    for timestep in (torch.tensor([500.0]), torch.tensor([[0.0, 500.0, 500.0, 500.0, 500.0]])):
+        with torch.no_grad(), PeakBytes() as measured:
+            model(latent, timestep, context)
+        peaks.append(measured.peak)
+    copies = (peaks[1] - peaks[0]) / (5 * 8 * 8 * 6 * config.dim * 4)  # of [tokens, 6, dim] fp32
+    # Beside the copies, a few [tokens, dim] tensors (a sixth of one each): 1 + scale, the head's modulation.
+    assert PER_TOKEN_MODULATIONS <= copies < PER_TOKEN_MODULATIONS + 0.5, copies

@@ -124,10 +124,12 @@ VAE_TILE_UNITS = 8.5  # split over the ranks, frame by frame, on this rank's til
 TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
 STEP_CACHE_COPIES = 2  # the stream copies the step cache keeps per guidance branch (transforms/step_cache.py)
 # With a timestep per latent frame the blocks' modulation is per token, [tokens, 6, dim] fp32 of this
-# rank's tokens (72 KB a token for TI2V-5B: 1.9 GiB on one GPU at 720P x 121 frames): the DiT's, held for the whole
-# forward, and each block's sum of it and its own modulation (compiled blocks may fuse that one away:
-# then this errs high).
-PER_TOKEN_MODULATIONS = 2
+# rank's tokens (72 KB a token for TI2V-5B: 1.9 GiB on one GPU at 720P x 121 frames): the DiT's, held
+# for the whole forward, each block's sum of it and its own modulation, and the previous block's, whose
+# gate the block adds first. Measured in an eager forward on the CPU (tests/test_ti2v_parallel.py:
+# 3.2 copies more than with a timestep per sample); compiled blocks may fuse the sums away, and then
+# this errs high.
+PER_TOKEN_MODULATIONS = 3
 HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation and the estimate's roughness
 
 # Host memory of each process that cannot be reclaimed (anonymous and pinned; the checkpoint's pages
