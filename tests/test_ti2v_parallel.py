@@ -1,6 +1,7 @@
 """Wan2.2-TI2V-5B on several processes (gloo, on the CPU) makes the single-process video: Ulysses with
 a timestep per latent frame (an image) and one per sample (text-to-video), CFG parallel, FSDP, and the
-Wan2.2 VAE's decode and encode split into tiles over the ranks.
+Wan2.2 VAE's decode and encode split into tiles over the ranks; and the memory the planner counts for
+the modulation per token that a timestep per latent frame makes.
 
 One launch of 2 ranks runs every case; the single-process references are computed in this process.
 """
