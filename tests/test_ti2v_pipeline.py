@@ -121,3 +121,22 @@ def test_decode_takes_the_checkpoints_model(ti2v, tiny_checkpoint, tmp_path, cap
     assert main(["decode", str(latents), "--save-file", str(tmp_path / "a14b.mp4"), "--ckpt-dir", str(tiny_checkpoint), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip() == (f"wan-i2v: error: {latents} holds latents of another model than Wan2.2-I2V-A14B's in {tiny_checkpoint} "
                                                "(give --ckpt-dir the checkpoint that made them)")
+
+
+def test_streamed_blocks_and_fp8_make_ti2vs_video(ti2v):
+    """With an image (a timestep per latent frame): blocks streamed from the checkpoint's files give the
+    resident model's latents to the bit, FP8 gives finite latents near them, and FP8 blocks streamed
+    (from a converted copy of the DiT at the checkpoint's top) give resident FP8's to the bit."""
+    from wan_i2v import I2VPipeline
+
+    run = dict(max_area=64 * 96, frame_num=5, steps=2, seed=3, progress=False)
+
+    def latents(**options):
+        pipe = ti2v if not options else I2VPipeline.from_pretrained(ti2v.checkpoint, device="cpu", dtype=torch.float32, **options)
+        return pipe.generate(demo_image(96, 64), "a boat", **run).latents
+
+    resident, fp8 = latents(), latents(fp8=True)
+    assert torch.equal(latents(offload="blocks"), resident)
+    assert torch.isfinite(fp8).all()
+    assert 1e-3 < relative_error(fp8, resident) < 0.1  # e4m3's 3 mantissa bits, averaged down by the dot products
+    assert torch.equal(latents(fp8=True, offload="blocks"), fp8)

@@ -101,6 +101,7 @@ class KnownFramesMask:
     temporal stride; the first latent frame stands for one pixel frame, so its channels repeat it."""
 
     needs_image = True
+    timestep_per_frame = False  # the DiT takes one timestep per sample
 
     def condition(self, known: KnownFrames, frame_num: int, temporal_stride: int, encode: Callable[[torch.Tensor], torch.Tensor]) -> Condition:
         """``encode``: [3, F, H, W] video -> [C, F', H', W'] fp32 latents on the run device.
@@ -118,6 +119,7 @@ class KnownLatentFrames:
     then keeps fixed (``FixedFrames``). No known frames: text-to-video, no condition at all."""
 
     needs_image = False
+    timestep_per_frame = True  # with known frames, the DiT takes a timestep per latent frame (0 for the fixed ones)
 
     def condition(self, known: KnownFrames | None, frame_num: int, temporal_stride: int, encode: Callable[[torch.Tensor], torch.Tensor]) -> Condition:
         """``encode`` as ``KnownFramesMask.condition``'s."""

@@ -289,10 +289,11 @@ class Block(nn.Module):
     def forward(self, x, pending, time_modulation, context, rope, key_mask=None):
         """x: residual stream [B, L, C] (fp32 after the first block); pending: the previous block's
         last residual term as (update, gate), not yet added to x, or None; time_modulation: fp32
-        [B, 6, C]; context: [B, text_len, C] in the compute dtype, which the linear layers take
-        their inputs in. Returns (x, pending): this block's own last term (the gated FFN output) is
-        left for the next step that reads the stream to add, so that the add and the next norm
-        are one step (one pass over the stream with the fused kernels)."""
+        [B, 1, 6, C], or [B, L, 6, C] with a timestep per token; context: [B, text_len, C] in the
+        compute dtype, which the linear layers take their inputs in. Returns (x, pending): this
+        block's own last term (the gated FFN output) is left for the next step that reads the
+        stream to add, so that the add and the next norm are one step (one pass over the stream
+        with the fused kernels)."""
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_modulation).unbind(2)
         update, gate = (None, None) if pending is None else pending
@@ -354,11 +355,16 @@ class SequenceLayout(nn.Module):
     """Where each rank's tokens come from: here, one rank holds them all.
 
     Sequence parallelism replaces this module (``wan_i2v.parallel``); ``scatter``
-    returns the local tokens, their RoPE tables and a key mask (None: no padding).
+    returns the local tokens, their RoPE tables and a key mask (None: no padding), and
+    ``per_token`` the local tokens' rows of values given per latent frame.
     """
 
     def scatter(self, tokens, rope):
         return tokens, rope, None
+
+    def per_token(self, per_frame: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+        """[B, F, ...] values of each latent frame -> [B, L, ...]: each token of the last ``scatter`` takes its frame's."""
+        return per_frame.repeat_interleave(tokens_per_frame, dim=1)
 
     def gather(self, tokens):
         return tokens
@@ -403,13 +409,9 @@ class DiT(nn.Module):
         tokens = patches.flatten(2).transpose(1, 2)
 
         # Embedded once per sample, or once per latent frame (not once per token, as the official
-        # model does), then repeated for the frame's tokens: [B, 1 or L, C] and [B, 1 or L, 6, C].
+        # model does): [B, 1 or F, C] and [B, 1 or F, 6, C].
         time_embedding = self.time_embedding(sinusoidal_embedding(timestep.flatten(), cfg.freq_dim)).view(timestep.shape[0], -1, cfg.dim)
         time_modulation = self.time_projection(time_embedding).unflatten(2, (6, cfg.dim))
-        if timestep.dim() == 2:
-            tokens_per_frame = grid[1] * grid[2]
-            time_embedding = time_embedding.repeat_interleave(tokens_per_frame, dim=1)
-            time_modulation = time_modulation.repeat_interleave(tokens_per_frame, dim=1)
         context = self.text_embedding(context.to(compute_dtype))
 
         key = (grid, tokens.device)
@@ -420,6 +422,10 @@ class DiT(nn.Module):
         self.rope_cache.move_to_end(key)
         rope = self.rope_cache[key]
         tokens, rope, key_mask = self.sequence.scatter(tokens, rope)
+        if timestep.dim() == 2:  # each token takes its frame's: the blocks' of this rank's tokens, the head's of all
+            tokens_per_frame = grid[1] * grid[2]
+            time_modulation = self.sequence.per_token(time_modulation, tokens_per_frame)
+            time_embedding = time_embedding.repeat_interleave(tokens_per_frame, dim=1)
         tokens = self.sequence.gather(self.blocks(tokens, time_modulation, context, rope, key_mask))
         return self.unpatchify(self.head(tokens, time_embedding), grid)
 

@@ -109,6 +109,7 @@ class ModelSizes:
     stored_block: int = 0  # one block as the checkpoint stores it (fp32 or bf16): a staging slot
     blocks: int = 40  # blocks of an expert
     experts: int = 2  # the model's experts (its spec's), each of the sizes above
+    timestep_per_frame: bool = False  # the DiT may take a timestep per latent frame (its spec's conditioning), so a modulation per token
 
 
 # Transient memory of each stage, in units measured on H100/H200 (docs/benchmarks.md), per GPU:
@@ -122,6 +123,13 @@ VAE_DECODE_UNITS = 11.0  # one GPU, a whole latent frame at a time (14.2 GiB at 
 VAE_TILE_UNITS = 8.5  # split over the ranks, frame by frame, on this rank's tile with its halo
 TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
 STEP_CACHE_COPIES = 2  # the stream copies the step cache keeps per guidance branch (transforms/step_cache.py)
+# With a timestep per latent frame the blocks' modulation is per token, [tokens, 6, dim] fp32 of this
+# rank's tokens (72 KB a token for TI2V-5B: 1.9 GiB on one GPU at 720P x 121 frames): the DiT's, held
+# for the whole forward, each block's sum of it and its own modulation, and the previous block's, whose
+# gate the block adds first. Measured in an eager forward on the CPU (tests/test_ti2v_parallel.py:
+# 3.2 copies more than with a timestep per sample); compiled blocks may fuse the sums away, and then
+# this errs high.
+PER_TOKEN_MODULATIONS = 3
 HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation and the estimate's roughness
 
 # Host memory of each process that cannot be reclaimed (anonymous and pinned; the checkpoint's pages
@@ -280,6 +288,8 @@ def estimate_memory(
     # blocks') per guidance branch of the active expert: both branches on a GPU but under CFG parallel
     # (a run without guidance has one, counted as two here: the estimate does not know the guide scale).
     activations += STEP_CACHE_COPIES * (1 if dims.cfg > 1 else 2) * local * sizes.dim * step_cache_bytes
+    if sizes.timestep_per_frame:  # with or without an image: a server's plan serves both kinds of job
+        activations += PER_TOKEN_MODULATIONS * local * 6 * sizes.dim * 4
     unit = 4 * sizes.vae_dim * pixels  # elements of 4 full-resolution frames at the VAE's width
     if world > 1:
         share = min(1.0, 1 / world + 0.16)  # a tile and its halo (13 latent pixels of the longer side's 80 at 720P)
@@ -455,6 +465,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False, spec: ModelSp
         stored_block=count(blocks[0]) * stored_bytes,
         blocks=len(blocks),
         experts=len(spec.experts),
+        timestep_per_frame=spec.conditioning.target.timestep_per_frame,
     )
 
 

@@ -68,6 +68,15 @@ class UlyssesSequence(SequenceLayout):
             key_mask = torch.arange(padded, device=tokens.device).lt(length).expand(batch, padded)
         return tokens[:, local], tuple(table[local] for table in rope), key_mask
 
+    def per_token(self, per_frame: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+        """[B, F, ...] values of each latent frame -> [B, L/u, ...] for this rank's tokens alone: the
+        whole sequence's would be u times the memory (TI2V-5B's modulation: 72 KB a token in fp32). The
+        padding takes the last frame's: its tokens are masked out and cut off."""
+        local = -(-self.length // self.size)
+        position = self.index * local + torch.arange(local, device=per_frame.device)
+        frames = (position // tokens_per_frame).clamp_(max=per_frame.shape[1] - 1)
+        return per_frame.index_select(1, frames)
+
     def sum_over_tokens(self, values: torch.Tensor) -> torch.Tensor:
         """[k, B, L/u] per-token values of this rank's shard -> their k sums over the batch and every
         real token of the group's sequence (the padding left out): the same numbers on every rank."""

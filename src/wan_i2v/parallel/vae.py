@@ -36,10 +36,11 @@ from torch import nn
 from wan_i2v.models.vae import AttentionBlock, CausalCache, WanVAE, layout_of
 
 
-def _reach(layers, where: str) -> float:
-    """How far, in the input's pixels, an output pixel of ``layers`` sees to each side: each
-    convolution adds its kernel's half at the resolution it runs at (a stride-2 one also its one
-    pixel of right and bottom padding), upsampling and striding change that resolution."""
+def _footprint(layers, where: str) -> tuple[float, float]:
+    """How far, in the input's pixels, an output pixel of ``layers`` sees to each side, and how many
+    input pixels it stands for per side: each convolution adds its kernel's half at the resolution
+    it runs at (a stride-2 one also its one pixel of right and bottom padding), upsampling and
+    striding change that resolution."""
     reach, scale = 0.0, 1.0  # scale: input pixels per pixel at the current layer
     for module in [module for layer in layers for module in layer.modules()]:
         if isinstance(module, AttentionBlock):
@@ -50,12 +51,12 @@ def _reach(layers, where: str) -> float:
             stride = module.stride[-1]
             reach += (module.kernel_size[-1] // 2 + (stride > 1)) * scale
             scale *= stride
-    return reach
+    return reach, scale
 
 
 def spatial_halo(vae: WanVAE) -> int:
     """Latent pixels of context a tile needs on each side for the decoder after its middle block."""
-    return math.ceil(_reach([vae.decoder.upsamples, vae.decoder.head], "after its middle block"))
+    return math.ceil(_footprint([vae.decoder.upsamples, vae.decoder.head], "after its middle block")[0])
 
 
 def tiles(size: int, parts: int) -> list[tuple[int, int]]:
@@ -122,11 +123,19 @@ def decode_tiled(
     return torch.cat(frames, dim=2) if me == 0 else None
 
 
+def _encoder_tiling(vae: WanVAE) -> tuple[int, int]:
+    """The encoder input's pixels per latent pixel (the Wan2.2 VAE's input is its video folded 2x2
+    into channels: 8, not 16) and the halo of them a tile needs on each side for the downsampling
+    stages, rounded up to whole latent pixels (so that every tile's stride-2 grids fall where the
+    whole frame's do)."""
+    reach, per_latent = _footprint([vae.encoder.conv1, vae.encoder.downsamples], "before its middle block")
+    per_latent = round(per_latent)
+    return per_latent, math.ceil(reach / per_latent) * per_latent
+
+
 def encoder_halo(vae: WanVAE) -> int:
-    """Pixels of context a tile needs on each side for the encoder's downsampling stages, rounded up
-    to whole latent pixels (so that every tile's stride-2 grids fall where the whole frame's do)."""
-    per_latent = vae.config.pixels_per_latent
-    return math.ceil(_reach([vae.encoder.conv1, vae.encoder.downsamples], "before its middle block") / per_latent) * per_latent
+    """Pixels of the encoder's input a tile needs on each side (see ``_encoder_tiling``)."""
+    return _encoder_tiling(vae)[1]
 
 
 @torch.no_grad()
@@ -136,13 +145,13 @@ def encode_tiled(vae: WanVAE, video: torch.Tensor, group, progress: Callable[[in
     ``encoder_halo`` pixels), the tiles are gathered at latent size, and every rank runs the middle
     block (its attention needs whole frames) and the head on them: a few percent of the work."""
     ranks, me = dist.get_world_size(group), dist.get_rank(group)
-    per_latent = vae.config.pixels_per_latent
-    size = max(video.shape[3], video.shape[4]) // per_latent  # in latent columns
-    axis, spans, start, end = _my_tile(video.shape, size, ranks, me)
-    halo = encoder_halo(vae)
+    per_latent, halo = _encoder_tiling(vae)
+    inputs = vae.encoder_input(video)
+    size = max(inputs.shape[3], inputs.shape[4]) // per_latent  # in latent columns
+    axis, spans, start, end = _my_tile(inputs.shape, size, ranks, me)
     lo, hi = max(0, start * per_latent - halo), min(size * per_latent, end * per_latent + halo)
     width = max(e - s for s, e in spans)  # latent columns every rank sends, zero-padded
-    tile = vae.encoder_input(video).narrow(axis, lo, hi - lo)
+    tile = inputs.narrow(axis, lo, hi - lo)
     downsampling, rest = vae.encoder_stages()
     cache: CausalCache = {}
     chunks, encoded = vae.encoder_chunks(video.shape[2]), []
