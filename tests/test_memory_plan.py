@@ -187,3 +187,48 @@ def test_the_cli_compiles_without_inductors_pool_of_processes_unless_told(monkey
     monkeypatch.setattr(inductor_config, "compile_threads", 16)
     keep_compiled_code()
     assert inductor_config.compile_threads == 16
+
+
+def test_a_decode_that_does_not_fit_whole_is_planned_frame_by_frame_with_its_vaes_units():
+    """TI2V-5B at 720P (1280x704, 121 frames): the Wan2.2 VAE's whole-chunk decode (14.2 units of 4
+    output frames x 64 channels, measured on an H200) does not fit beside the DiT on a 26 GiB GPU, the
+    frame-by-frame one (11.4 units) does, so the DiT stays on the GPU and the decode goes frame by
+    frame; with room (80 GiB) the decode is whole; at 24 GiB neither fits beside the DiT, which then
+    leaves the GPU for the decode (one expert at a time). A14B keeps Wan2.1's 11 and 8.5 units."""
+    from wan_i2v.parallel.plan import ParallelDims, choose_plan, estimate_memory, model_sizes
+
+    sizes = model_sizes(None, spec="ti2v-5b")
+    assert model_sizes(None).vae_decode_units == (11.0, 8.5)
+    shape = {"tokens": 31 * 22 * 40, "pixels": 1280 * 704}  # 31 latent frames of 44 x 80, patches of 2 x 2
+    unit = 4 * 64 * 1280 * 704 * 4  # 4 fp32 frames at the decoder's 64 channels per full-resolution pixel
+    whole = estimate_memory(ParallelDims(), sizes, **shape)
+    by_frame = estimate_memory(ParallelDims(), sizes, decode_frame_by_frame=True, **shape)
+    assert whole.stages["decoding"] - by_frame.stages["decoding"] == pytest.approx((14.2 - 11.4) * unit, rel=1e-6)
+    roomy = choose_plan(1, sizes, gpu_bytes=80 * GiB, **shape)
+    assert roomy.fits and roomy.placement.offload is None and not roomy.decode_frame_by_frame
+    tight = choose_plan(1, sizes, gpu_bytes=26 * GiB, **shape)
+    assert not whole.fits(26 * GiB) and tight.fits and tight.placement.offload is None and tight.decode_frame_by_frame
+    assert tight.estimate.stages["decoding"] == by_frame.stages["decoding"]
+    smaller = choose_plan(1, sizes, gpu_bytes=24 * GiB, **shape)
+    assert smaller.fits and smaller.placement.offload == "experts" and not smaller.decode_frame_by_frame
+    plan = ExecutionPlan(device=torch.device("cuda"), dtype=torch.bfloat16, decode_frame_by_frame=True)
+    assert "fp32 decode frame by frame" in plan.describe_numerics()
+
+
+@pytest.mark.parametrize("fraction_api", [True, False], ids=["torch>=2.6", "older torch"])
+def test_the_decoders_free_memory_is_held_to_the_per_process_cap(monkeypatch, fraction_api):
+    """``--gpu-memory`` caps the allocator with ``set_per_process_memory_fraction``, which the GPU's
+    free memory does not show: on an 80 GiB GPU capped at 24 GiB with 20 GiB allocated, the decoder
+    has 4 GiB (plus nothing reserved), not the GPU's 60. Torch without the query sees only the GPU."""
+    from wan_i2v.models.vae import free_gpu_bytes
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (60 * GiB, 80 * GiB))
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 20 * GiB)
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 21 * GiB)
+    if fraction_api:
+        monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device=None: 0.3, raising=False)
+        assert free_gpu_bytes(torch.device("cuda")) == 24 * GiB - 20 * GiB
+    else:
+        monkeypatch.delattr(cuda, "get_per_process_memory_fraction", raising=False)
+        assert free_gpu_bytes(torch.device("cuda")) == 61 * GiB

@@ -93,7 +93,9 @@ def test_the_planner_fits_720p_text_to_video_on_a_24_gib_card(model, tmp_path, c
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     assert main(["generate", *model, "--prompt", "a boat", "--gpu-memory", "24", "--host-memory", "64", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "plan: 1 GPU; the DiT on the GPU; the text encoder's blocks streamed; on a GPU"
+    # The DiT (9.3 GiB) and the Wan2.2 VAE's 720P decode do not fit together in 24 GiB (an H200 capped
+    # there ran out of memory in the decode with the DiT kept, docs/benchmarks.md): it leaves for the decode.
+    assert out[0] == "plan: 1 GPU; the DiT on the GPU while it denoises, streamed in from the checkpoint; on a GPU"
     assert "video: 1280x704, 121 frames, 27280 tokens per DiT forward" in out  # the official 1280*704 (31 x 44 x 80 / 4 tokens)
 
 

@@ -56,6 +56,7 @@ class ExecutionPlan:
     keep_text_encoder: bool = False
     stream_text_encoder: bool = False  # a visiting text encoder's blocks stream through the GPU (it does not fit whole)
     kept_blocks: int = 0  # with --offload blocks: the active expert's blocks that stay on the GPU (what it has room for)
+    decode_frame_by_frame: bool = False  # one GPU decodes one output frame at a time: the whole latent frame's do not fit
     loras: Loras = Loras()
     model: ModelSpec | str = DEFAULT_SPEC  # the model's spec (``models/spec.py``), which the pipeline loads
     # Where streamed experts' blocks are kept converted (``loading.converted``); None: they convert as they stream.
@@ -145,7 +146,8 @@ class ExecutionPlan:
             cache = self.step_cache
             extras.append(f"step cache (threshold {cache.threshold:g}, blocks {cache.first_blocks},{cache.last_blocks}, at most {cache.max_reuses} in a row)")
         encode = [] if self.encode_dtype == torch.float32 else [f"{_dtype_name(self.encode_dtype)} encode"]
-        return ", ".join([f"{_dtype_name(self.dtype)} weights", f"{self.attention} attention", *encode, f"{_dtype_name(self.decode_dtype)} decode", *extras])
+        decode = f"{_dtype_name(self.decode_dtype)} decode" + (" frame by frame" if self.decode_frame_by_frame else "")
+        return ", ".join([f"{_dtype_name(self.dtype)} weights", f"{self.attention} attention", *encode, decode, *extras])
 
     def identity(self) -> dict:
         """What in the plan changes the video's numbers: a saved state must match it to be resumed."""
@@ -169,7 +171,7 @@ class ExecutionPlan:
             self.dims, sizes, tokens=tokens, pixels=pixels, offload=self.offload.flag,
             decode_bytes=self.decode_dtype.itemsize, encode_bytes=self.encode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
             stream_text_encoder=self.stream_text_encoder and self.text_encoder_visits, kept_blocks=self.kept_blocks,
-            step_cache_bytes=self.step_cache_bytes,
+            step_cache_bytes=self.step_cache_bytes, decode_frame_by_frame=self.decode_frame_by_frame,
         )  # fmt: skip
 
     @property
@@ -255,7 +257,7 @@ def plan_run(
         on_gpu=base.on_gpu, spawned=spawned,
     )  # fmt: skip
     plan = replace(base, dims=choice.dims, offload=Offload.parse(choice.placement.offload), stream_text_encoder=choice.stream_text_encoder,
-                   kept_blocks=choice.kept_blocks)  # fmt: skip
+                   kept_blocks=choice.kept_blocks, decode_frame_by_frame=choice.decode_frame_by_frame)  # fmt: skip
     return PlannedRun(plan, choice.estimate, choice.fits, gpu_bytes, choice.host, host_bytes, machine_needed(choice, base.on_gpu), capped)
 
 

@@ -575,7 +575,7 @@ class I2VPipeline:
         """[16, f, h, w] latents -> [3, F, H, W] video (in a parallel run: split over the ranks, on
         rank 0); ``on_frames`` as ``decode_latents``'."""
         group = self.parallel.group if self.parallel is not None else None
-        return decode_latents(self.vae, latents, self.device, progress, group, on_frames)
+        return decode_latents(self.vae, latents, self.device, progress, group, on_frames, frame_by_frame=self.plan.decode_frame_by_frame or None)
 
     def _guidance(self, conditioning: Conditioning) -> ClassifierFreeGuidance:
         if self.parallel is not None and self.parallel.cfg is not None:  # this rank's half of the pair
@@ -668,12 +668,13 @@ def load_vae_for(path: Path, device: torch.device, decode_dtype: torch.dtype = t
 
 def decode_latents(
     vae: WanVAE, latents: torch.Tensor, device: torch.device, progress: bool = False, group=None,
-    on_frames: Callable[[torch.Tensor], None] | None = None,
+    on_frames: Callable[[torch.Tensor], None] | None = None, frame_by_frame: bool | None = None,
 ) -> torch.Tensor | None:  # fmt: skip
     """[16, F', H', W'] latents -> [3, F, H, W] float32 video on CPU in [-1, 1]. With a process
     ``group``, the decode is split over its ranks and only its rank 0 gets the video (None elsewhere).
     ``on_frames(frames)`` is handed the video in order, in runs of [3, n, H, W] frames, each as soon
-    as it is decoded (on a ``group``'s rank 0); it must not modify them."""
+    as it is decoded (on a ``group``'s rank 0); it must not modify them. ``frame_by_frame`` as
+    ``WanVAE.decode``'s (None: when memory is short)."""
     inputs = latents[None].to(device)  # the decoder casts them to its dtype after de-normalizing in fp32
     bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
     advance = _advancing(bar)
@@ -687,7 +688,8 @@ def decode_latents(
             # Frames go to host memory as they come: the video (0.9 GB at 720P) never sits on the GPU.
             video = torch.empty(vae.video_shape(inputs.shape), dtype=torch.float32)
             with torch.no_grad():
-                vae.decode(inputs, progress=advance if on_frames is None else _handing_on(advance, vae, inputs.shape, video, on_frames), out=video)
+                progress_of = advance if on_frames is None else _handing_on(advance, vae, inputs.shape, video, on_frames)
+                vae.decode(inputs, progress=progress_of, frame_by_frame=frame_by_frame, out=video)
     finally:
         bar.close()
     return None if video is None else video[0]

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,11 @@ class VAEConfig:
     def full_resolution_channels(self) -> int:
         """Channels of its stages at the video's full resolution (what its activations scale with)."""
         return self.dim
+
+    # The decode's peak activations, in units of one latent frame's output frames at
+    # ``full_resolution_channels`` (whole chunks, then frame by frame): measured on an H100 at 720P in
+    # channels-last memory (bench/vae_decode.py), 7.1 GiB in bf16 and 14.2 GiB in fp32 for whole chunks.
+    decode_units: ClassVar[tuple[float, float]] = (11.0, 8.5)
 
     def build(self) -> "WanVAE":
         return WanVAE(self)
@@ -479,14 +485,23 @@ class WanVAE(nn.Module):
     def _memory_is_short(self, latents: torch.Tensor) -> bool:
         if latents.device.type != "cuda":
             return False
-        free, _ = torch.cuda.mem_get_info(latents.device)
-        free += torch.cuda.memory_reserved(latents.device) - torch.cuda.memory_allocated(latents.device)
         height, width = (side * self.config.pixels_per_latent for side in latents.shape[3:])
-        # Measured on an H100 at 720P in channels-last memory (bench/vae_decode.py): the whole-chunk
-        # decode peaks at about 11 full-resolution activations of one latent frame's 4 frames (7.1 GiB
-        # in bf16, 14.2 GiB in fp32); frame by frame at about 8.5.
-        needed = 11 * self.config.frames_per_latent * self.config.dim * height * width * latents.element_size()
-        return free < needed
+        unit = self.config.frames_per_latent * self.config.full_resolution_channels * height * width * latents.element_size()
+        return free_gpu_bytes(latents.device) < self.config.decode_units[0] * unit
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """What the allocator can still hand out on ``device``: the GPU's free memory and the allocator's
+    unused reserve, within the per-process cap where one is set (``set_per_process_memory_fraction``,
+    as ``--gpu-memory`` does; the GPU's free memory does not see it). Torch before 2.6 cannot tell the
+    cap (no ``get_per_process_memory_fraction``): there only the GPU's free memory counts."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None:
+        free = min(free, int(get_fraction(device) * total) - allocated)
+    return free
 
 
 def load_vae(path: Path, *, device: torch.device | str, dtype: torch.dtype, config_class=VAEConfig) -> WanVAE:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,12 @@ class VAE22Config:
         """As ``VAEConfig``'s: its outermost stages run at half the resolution (the 2x2 fold), the
         decoder's (the wider) with ``dec_dim`` channels, a quarter of that per full-resolution pixel."""
         return self.dec_dim // (PATCH * PATCH)
+
+    # As ``VAEConfig.decode_units``. Whole chunks: 14.2 from a 50-step 720P video on one H200 (its
+    # 24.2 GiB peak less the weights the planner counts; docs/benchmarks.md); frame by frame: that
+    # scaled by the ratio of the two measured on the CPU in fp32 (0.77 and 0.84 in two runs of
+    # bench/vae_units.py: 0.80). Not yet measured on a GPU.
+    decode_units: ClassVar[tuple[float, float]] = (14.2, 11.4)
 
     def build(self) -> "WanVAE22":
         return WanVAE22(self)

@@ -7,6 +7,7 @@ chosen, explained (``--dry-run``) and rejected before any process is started.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import product
 
 from wan_i2v.errors import WanError, command_line, counted, option
 from wan_i2v.models.spec import DEFAULT_SPEC, SAFETENSORS_FILE, T5_CONFIG_FILE, ModelSpec, spec_for
@@ -106,6 +107,7 @@ class ModelSizes:
     ffn_dim: int
     num_heads: int
     vae_dim: int  # channels of the VAE's full-resolution stages
+    vae_decode_units: tuple[float, float] = (11.0, 8.5)  # its decode's activations, whole chunks and frame by frame (its config's)
     stored_block: int = 0  # one block as the checkpoint stores it (fp32 or bf16): a staging slot
     blocks: int = 40  # blocks of an expert
     experts: int = 2  # the model's experts (its spec's), each of the sizes above
@@ -114,13 +116,12 @@ class ModelSizes:
 
 # Transient memory of each stage, in units measured on H100/H200 (docs/benchmarks.md), per GPU:
 # the DiT's activations in fp32 copies of its token stream (x tokens x dim x 4 bytes); the VAE's in
-# full-resolution activations of 4 frames (x 4 x vae_dim x height x width x bytes per element).
+# full-resolution activations of 4 frames (x 4 x vae_dim x height x width x bytes per element; the
+# decode's units are its VAE's, ``ModelSizes.vae_decode_units``).
 DIT_STREAMS = 5.0  # one forward, compiled, fused norms: 7.2 GiB at 720P
 ULYSSES_STREAMS = 6.0  # the same on 1/u of the tokens, with the all-to-all's buffers
 GATHER_STREAMS = 2.0  # the whole sequence gathered for the output head (Ulysses)
 VAE_ENCODE_UNITS = 10.0  # the first frame and 80 black ones, fp32, every rank encodes
-VAE_DECODE_UNITS = 11.0  # one GPU, a whole latent frame at a time (14.2 GiB at 720P in fp32)
-VAE_TILE_UNITS = 8.5  # split over the ranks, frame by frame, on this rank's tile with its halo
 TEXT_ACTIVATIONS = 2**30  # umT5 over two prompts of 512 tokens
 STEP_CACHE_COPIES = 2  # the stream copies the step cache keeps per guidance branch (transforms/step_cache.py)
 # With a timestep per latent frame the blocks' modulation is per token, [tokens, 6, dim] fp32 of this
@@ -134,13 +135,15 @@ HEADROOM = 0.9  # plan for 90% of a GPU's memory: the allocator's fragmentation 
 
 # Host memory of each process that cannot be reclaimed (anonymous and pinned; the checkpoint's pages
 # in the page cache are not counted, the kernel gives them back under pressure): Python, torch and
-# the CUDA context; and the video's copies on their way out (the fp32 frames, their 8-bit copy, the
-# encoder's buffers). Fitted to two runs on one H200 (docs/benchmarks.md, third session): 5.83 GiB
-# for the process tree at 720P and 4.31 GiB at 480P, each with a 2.0 GiB staging ring; the
-# difference is 3.2 times that of the fp32 videos. (With inductor's pool of compiler processes,
-# which the CLI turns off, 11.4-11.9 GiB.)
+# the CUDA context; and the video on its way out, in fp32 copies of it. The per-process share is fitted
+# to two runs on one H200 (docs/benchmarks.md, third session: 5.83 GiB for the process tree at 720P
+# and 4.31 GiB at 480P, each with a 2.0 GiB staging ring, the whole video then held before the mp4
+# was encoded). Since the CLI and the server write the mp4 as the frames are decoded, 720P peaks at
+# 4.35 GiB (fifth session): 1.3 copies of the fp32 video (the API, which returns the whole video and
+# its 8-bit copy, holds about 3.2). (With inductor's pool of compiler processes, which the CLI turns
+# off, 11.4-11.9 GiB.)
 HOST_PROCESS = 1.25 * GiB
-VIDEO_COPIES = 3.2
+VIDEO_COPIES = 1.3
 HOST_PROCESS_CPU = 1.0 * GiB  # the same without CUDA
 HOST_SPAWNER = 1.0 * GiB  # the process that starts N ranks itself (--gpus N): torch without CUDA
 STAGING_DEPTH = 3  # slots of the staging ring, one block each: one read while one is copied up and one computes
@@ -161,11 +164,16 @@ class Placement:
         """Where ``spec``'s weights live, said of the GPU, or of host memory when the run is on the CPU."""
         if self.fsdp:
             return "experts and text encoder sharded (FSDP)" + (", the shards in host memory" if self.offload and on_gpu else "")
-        one_expert = "one expert on the GPU at a time" if on_gpu else "one expert at a time"
         experts = spec_for(spec).experts
         every = "both experts" if len(experts) == 2 else str(experts[0]) if len(experts) == 1 else f"all {len(experts)} experts"
+        if len(experts) == 1:  # a dense model's one expert leaves the GPU between its runs, for the other stages
+            one_expert = f"{every} on the GPU while it denoises" if on_gpu else f"{every} while it denoises"
+            blocks = f"{every}'s blocks streamed from the checkpoint"
+        else:
+            one_expert = "one expert on the GPU at a time" if on_gpu else "one expert at a time"
+            blocks = "expert blocks streamed from the checkpoint"
         experts = {None: f"{every} on the GPU" if on_gpu else f"{every} in host memory",
-                   "experts": f"{one_expert}, streamed in from the checkpoint", "blocks": "expert blocks streamed from the checkpoint"}[self.offload]  # fmt: skip
+                   "experts": f"{one_expert}, streamed in from the checkpoint", "blocks": blocks}[self.offload]  # fmt: skip
         return experts + (", text encoder sharded" if dims.shards_text_encoder(bool(self.offload)) else "")
 
 
@@ -246,6 +254,7 @@ def estimate_memory(
     stream_text_encoder: bool = False,
     kept_blocks: int = 0,
     step_cache_bytes: int = 0,
+    decode_frame_by_frame: bool = False,
 ) -> MemoryEstimate:
     """The per-GPU peak of each stage: the weights on the GPU then, plus that stage's transients.
 
@@ -254,7 +263,8 @@ def estimate_memory(
     ``stream_text_encoder``: a visiting text encoder's blocks stream through the GPU (its embedding
     stays while it encodes); ``kept_blocks``: with ``offload="blocks"``, the active expert's blocks
     that stay on the GPU while it runs. ``step_cache_bytes``: with the step cache on, the bytes of an
-    element of the stream it keeps (the compute dtype's); 0: no cache.
+    element of the stream it keeps (the compute dtype's); 0: no cache. ``decode_frame_by_frame``: one
+    GPU decodes one output frame at a time (smaller, slower), as a split decode always does.
     """
     world, offloaded = dims.world, bool(offload)
     # Text encoder: sharded (gathering a block ahead and its embedding while it encodes), visiting the GPU, or kept.
@@ -291,11 +301,12 @@ def estimate_memory(
     if sizes.timestep_per_frame:  # with or without an image: a server's plan serves both kinds of job
         activations += PER_TOKEN_MODULATIONS * local * 6 * sizes.dim * 4
     unit = 4 * sizes.vae_dim * pixels  # elements of 4 full-resolution frames at the VAE's width
-    if world > 1:
-        share = min(1.0, 1 / world + 0.16)  # a tile and its halo (13 latent pixels of the longer side's 80 at 720P)
-        decode = VAE_TILE_UNITS * share * unit * decode_bytes
-    else:  # whole latent frames (the decode goes frame by frame, smaller, only when memory is short)
-        decode = VAE_DECODE_UNITS * unit * decode_bytes
+    whole, frame_by_frame = sizes.vae_decode_units
+    if world > 1:  # this rank's tile with its halo (13 latent pixels of the longer side's 80 at 720P), frame by frame
+        share = min(1.0, 1 / world + 0.16)
+        decode = frame_by_frame * share * unit * decode_bytes
+    else:
+        decode = (frame_by_frame if decode_frame_by_frame else whole) * unit * decode_bytes
     stages = {
         "text encoding": experts_kept + text_running + sizes.vae + TEXT_ACTIVATIONS,
         "image encoding": experts_kept + text_kept + sizes.vae + int(VAE_ENCODE_UNITS * unit * encode_bytes),
@@ -313,8 +324,8 @@ def text_encoder_kept(dims: ParallelDims, offload: str | None, keep_text_encoder
 @dataclass(frozen=True)
 class Choice:
     """A plan and its two estimates: per GPU, and for the host memory of the machine; whether the
-    text encoder's blocks stream through the GPU, and how many of the active expert's blocks stay
-    on it with streamed blocks (what the GPU has room for)."""
+    text encoder's blocks stream through the GPU, how many of the active expert's blocks stay
+    on it with streamed blocks (what the GPU has room for), and whether one GPU decodes frame by frame."""
 
     dims: ParallelDims
     placement: Placement
@@ -323,6 +334,7 @@ class Choice:
     fits: bool
     stream_text_encoder: bool = False
     kept_blocks: int = 0
+    decode_frame_by_frame: bool = False
 
 
 def choose_plan(
@@ -359,11 +371,13 @@ def choose_plan(
             dims = ParallelDims(cfg, u, placement.fsdp)
             # The text encoder visits whole (one copy up) unless only its blocks streamed through fit.
             visits = on_gpu and not dims.shards_text_encoder(bool(placement.offload)) and not text_encoder_kept(dims, placement.offload, shape.get("keep_text_encoder", False))
-            for stream_text in (False, True) if visits else (False,):
-                estimate = estimate_memory(dims, sizes, offload=placement.offload, stream_text_encoder=stream_text, **shape)
+            # Then the same with a frame-by-frame decode (one GPU; a split decode goes frame by frame anyway).
+            for stream_text, by_frame in product((False, True) if visits else (False,), (False, True) if on_gpu and dims.world == 1 else (False,)):
+                estimate = estimate_memory(dims, sizes, offload=placement.offload, stream_text_encoder=stream_text, decode_frame_by_frame=by_frame, **shape)
                 host = estimate_host_memory(dims, sizes, estimate, pixels=shape["pixels"], frames=frames, offload=placement.offload,
                                             on_gpu=on_gpu, spawned=spawned)  # fmt: skip
-                choice = Choice(dims, placement, estimate, host, estimate.fits(gpu_bytes if on_gpu else host_bytes) and host.fits(host_bytes), stream_text)
+                fits = estimate.fits(gpu_bytes if on_gpu else host_bytes) and host.fits(host_bytes)
+                choice = Choice(dims, placement, estimate, host, fits, stream_text, decode_frame_by_frame=by_frame)
                 if choice.fits:
                     return _keep_blocks(choice, sizes, gpu_bytes, shape) if placement.offload == "blocks" and on_gpu else choice
                 if best is None or (estimate.total, host.total) < (best.estimate.total, best.host.total):
@@ -381,7 +395,8 @@ def _keep_blocks(choice: Choice, sizes: ModelSizes, gpu_bytes: int | None, shape
     kept = max(0, min(sizes.blocks - 2, room // max(sizes.block, 1)))
     if kept == 0:
         return choice
-    estimate = estimate_memory(choice.dims, sizes, offload="blocks", stream_text_encoder=choice.stream_text_encoder, kept_blocks=kept, **shape)
+    estimate = estimate_memory(choice.dims, sizes, offload="blocks", stream_text_encoder=choice.stream_text_encoder, kept_blocks=kept,
+                               decode_frame_by_frame=choice.decode_frame_by_frame, **shape)  # fmt: skip
     return replace(choice, estimate=estimate, kept_blocks=kept)
 
 
@@ -462,6 +477,7 @@ def model_sizes(ckpt_dir, dtype_bytes: int = 2, fp8: bool = False, spec: ModelSp
         ffn_dim=dit.ffn_dim,
         num_heads=dit.num_heads,
         vae_dim=vae.full_resolution_channels,
+        vae_decode_units=vae.decode_units,
         stored_block=count(blocks[0]) * stored_bytes,
         blocks=len(blocks),
         experts=len(spec.experts),
