@@ -140,3 +140,39 @@ def test_streamed_blocks_and_fp8_make_ti2vs_video(ti2v):
     assert torch.isfinite(fp8).all()
     assert 1e-3 < relative_error(fp8, resident) < 0.1  # e4m3's 3 mantissa bits, averaged down by the dot products
     assert torch.equal(latents(fp8=True, offload="blocks"), fp8)
+
+
+def test_an_interrupted_ti2v_run_resumes_where_it_stopped(ti2v, tmp_path):
+    """With an image (its latent frame put back after every step): a run cut in its third step resumes
+    from the saved state to the unbroken run's latents, to the bit (the same operations in the same order)."""
+    from test_pipeline import Crash, crash_after
+
+    state = tmp_path / "run.state.pt"
+    run = dict(max_area=64 * 96, frame_num=5, steps=4, seed=3, progress=False)
+    with crash_after(ti2v, 5), pytest.raises(Crash):  # two guided forwards a step: two steps saved
+        ti2v.generate(demo_image(96, 64), "a boat", state_file=state, **run)
+    assert torch.load(state, weights_only=True)["step"] == 2
+    resumed = ti2v.generate(demo_image(96, 64), "a boat", state_file=state, **run)
+    assert len(resumed.experts_used) == 4 - 2 and resumed.experts_used[0] == "dit"
+    assert torch.equal(resumed.latents, ti2v.generate(demo_image(96, 64), "a boat", **run).latents)
+
+
+def test_a_lora_on_ti2vs_one_expert_equals_its_weights_merged_by_hand(ti2v, tmp_path):
+    """The spec names the dense DiT's one expert ``dit`` (its files at the checkpoint's top): a LoRA on
+    it gives the video of the checkpoint with the LoRA merged into those files by hand."""
+    from test_lora import expert_weights, lightx2v_lora, merge_by_hand
+
+    from wan_i2v import I2VPipeline
+
+    run = dict(max_area=64 * 96, frame_num=5, steps=2, seed=3, progress=False)
+    path = tmp_path / "lora.safetensors"
+    deltas = lightx2v_lora(path, expert_weights(ti2v.checkpoint, ""), seed=1)
+    merged = merge_by_hand(ti2v.checkpoint, tmp_path / "merged", "", [(deltas, 0.7)])
+
+    def latents(root, **options):
+        pipe = I2VPipeline.from_pretrained(root, device="cpu", dtype=torch.float32, **options)
+        return pipe.generate(demo_image(96, 64), "a boat", **run).latents
+
+    with_lora = latents(ti2v.checkpoint, loras={"dit": [(path, 0.7)]})
+    assert torch.equal(with_lora, latents(merged))
+    assert not torch.equal(with_lora, ti2v.generate(demo_image(96, 64), "a boat", **run).latents)
