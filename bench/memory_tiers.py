@@ -12,7 +12,8 @@ keeps of it (all of it only where it fits beside the run). It reports the wall t
 seconds per step after the first, the GPU peak against the estimate `--dry-run` prints, the host
 peak (the process tree's anonymous + shared memory, sampled every 0.1 s: what cannot be reclaimed,
 pinned memory included) against its estimate, and whether the latents equal the first row's (the
-JSON also has the cgroup's peak, which counts the page cache the row's warm-up read).
+JSON also has the cgroup's peak, which counts the page cache the row's warm-up read, and the page
+cache's counters: ``refaulted_gib``, what the run read again after the cache had let it go).
 
 Rows: ``default`` (80 GiB GPU, 32 GiB host), ``swap`` (48/40: one expert on the GPU), ``blocks``
 (24/32: blocks streamed; the page cache holds most of an expert), ``blocks-cached`` (the same with the
@@ -157,6 +158,17 @@ def cgroup_for(name: str, host_gib: float) -> Path | None:
     return group
 
 
+# The page cache's side of a row (cgroup v2 memory.stat): what the group's cache holds, and how many
+# of its pages were read again after the kernel had reclaimed them (a refault: the cache was too
+# small for what the run reads over and over, such as the streamed blocks each step).
+CACHE_STATS = ("file", "active_file", "inactive_file", "workingset_refault_file", "workingset_activate_file", "pgmajfault")
+
+
+def cgroup_stats(group: Path) -> dict[str, int]:
+    stats = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+    return {key: int(stats[key]) for key in CACHE_STATS if key in stats}
+
+
 def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     size, gpu, host, cold, options, env, _ = ROWS[name]
     out = args.work / f"{name}.mp4"
@@ -176,6 +188,7 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     drop_caches()
     if cold != "cold":  # the converted copies last: the ones read while the cache filled up are the ones it keeps
         warm(files + sorted((args.work / "home" / "converted").glob("*/*.safetensors")), group if cold == "group" else None)
+    cache_before = cgroup_stats(group) if group is not None else {}
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, preexec_fn=_joiner(group))
     sampler = Sampler(proc.pid)
@@ -189,6 +202,9 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
         row["cgroup_peak_gib"] = int((group / "memory.peak").read_text()) / 2**30 if (group / "memory.peak").is_file() else None
         events = (group / "memory.events").read_text()
         row["oom_kills"] = int(re.search(r"oom_kill (\d+)", events).group(1))
+        after = cgroup_stats(group)
+        row["page_cache"] = {"before": cache_before, "after": after,
+                             "refaulted_gib": (after.get("workingset_refault_file", 0) - cache_before.get("workingset_refault_file", 0)) * os.sysconf("SC_PAGE_SIZE") / 2**30}  # fmt: skip
     if proc.returncode != 0:
         row["error"] = stderr.strip().splitlines()[-3:]
         return row
