@@ -52,7 +52,7 @@ def quick_lightning(root: Path) -> int:
 
 def _lightning_by_label() -> dict[str, HubFile]:
     """The spec's distilled LoRAs by how messages call their experts ("high-noise")."""
-    labels = {expert.name: str(expert) for expert in SPEC.experts}
+    labels = {expert.name: expert.label or expert.name for expert in SPEC.experts}
     return {labels[name]: lora for name, lora in distilled_loras().items()}
 
 
