@@ -6,7 +6,9 @@ without an image its orientation (704*1280 is portrait, as the official --size).
 from __future__ import annotations
 
 import pytest
+import torch
 
+from wan_i2v.cli import main
 from wan_i2v.tiny import write_tiny_checkpoint
 
 
@@ -28,3 +30,20 @@ def test_the_converted_copys_warning_names_the_dit_once(ti2v_checkpoint, tmp_pat
     plan = ExecutionPlan.for_device("cpu", RunOptions(dtype="fp32", offload="blocks", fp8=True, model="ti2v-5b"), converted_dir=tmp_path / "converted")
     with pytest.warns(UserWarning, match=r"^the converted copy of the DiT \(.*\) does not fit in "):
         I2VPipeline.load(ti2v_checkpoint, plan)
+
+
+@pytest.mark.parametrize("size, video", [(["--size", "64*128"], "64x128"), (["--size", "128*64"], "128x64"), (["--height", "128", "--width", "64"], "64x128")])
+def test_a_text_to_video_dry_run_takes_the_sizes_orientation(ti2v_checkpoint, capsys, size, video):
+    assert main(["generate", "--ckpt-dir", str(ti2v_checkpoint), "--prompt", "a boat", "--device", "cpu", "--dry-run", "--frame-num", "5", *size]) == 0
+    assert f"video: {video}, 5 frames" in capsys.readouterr().out  # (width x height)
+
+
+def test_a_text_to_video_from_the_api_takes_the_sizes_orientation(ti2v_checkpoint):
+    from wan_i2v import I2VPipeline
+    from wan_i2v.config import GenerationSettings, SamplingDefaults
+
+    pipe = I2VPipeline.from_pretrained(ti2v_checkpoint, device="cpu", dtype=torch.float32)
+    for size, shape in (("64*128", (128, 64)), ("128*64", (64, 128))):
+        settings = GenerationSettings.of("a boat", defaults=SamplingDefaults.official("ti2v-5b"), size=size, frame_num=5, steps=1, seed=0)
+        result = pipe.generate(None, settings=settings, progress=False)
+        assert tuple(result.video.shape[-2:]) == shape and result.settings.fps == 24

@@ -47,10 +47,7 @@ def run(args) -> int:
     if is_main():
         check_writable(save_file)
         check_writable(latents_file)
-    if settings.height is not None:
-        height, width = settings.height, settings.width
-    else:
-        height, width = spec.video_size(*((image.height, image.width) if image is not None else spec.defaults.text_to_video_shape), settings.max_area)
+    height, width = settings.video_size(*(() if image is None else (image.height, image.width)), spec=spec)
     # A refused combination is one line, with no plan.
     session_plan = runs.plan(replace(options, loras=loras), height=height, width=width, frame_num=settings.frame_num, guided=settings.guided,
                              dry_run=args.dry_run)  # fmt: skip
