@@ -5,11 +5,21 @@ without an image its orientation (704*1280 is portrait, as the official --size).
 
 from __future__ import annotations
 
+import io
+import json
+
+import av
 import pytest
 import torch
 
+import server_process
+from server_process import Server, png_bytes
 from wan_i2v.cli import main
 from wan_i2v.tiny import write_tiny_checkpoint
+
+# The server's only job default: W*H, with an image its area, without one a portrait video 96 wide and
+# 160 high. The rest are the model's, which the tests check (the jobs take 2 steps, not 50, for time).
+SIZE = "96*160"
 
 
 @pytest.fixture(scope="module")
@@ -17,19 +27,62 @@ def ti2v_checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ti2v") / "tiny", spec="ti2v-5b")
 
 
-def test_the_converted_copys_warning_names_the_dit_once(ti2v_checkpoint, tmp_path, monkeypatch):
-    import shutil
-    from collections import namedtuple
+@pytest.fixture(scope="module")
+def server(ti2v_checkpoint, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(server_process, "JOB_OPTIONS", ["--size", SIZE])
+        running = Server(ti2v_checkpoint, tmp_path_factory.mktemp("serve-ti2v") / "state").start()
+    yield running
+    assert running.stop() == 0
 
-    from wan_i2v.execution import ExecutionPlan
-    from wan_i2v.options import RunOptions
-    from wan_i2v.pipeline import I2VPipeline
 
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))  # no room for the copy
-    plan = ExecutionPlan.for_device("cpu", RunOptions(dtype="fp32", offload="blocks", fp8=True, model="ti2v-5b"), converted_dir=tmp_path / "converted")
-    with pytest.warns(UserWarning, match=r"^the converted copy of the DiT \(.*\) does not fit in "):
-        I2VPipeline.load(ti2v_checkpoint, plan)
+@pytest.fixture()
+def client(server):
+    with server.client() as http:
+        yield http
+
+
+def video_of(client, job_id: str) -> tuple[tuple[int, ...], int, dict]:
+    """The mp4's (frames, height, width), its frame rate and its metadata."""
+    content = client.get(f"/v1/videos/{job_id}/content").content
+    with av.open(io.BytesIO(content)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        rate = container.streams.video[0].average_rate
+        metadata = json.loads(container.metadata["comment"])
+    return (len(frames), *frames[0].shape[:2]), rate, metadata
+
+
+def test_the_server_serves_the_models_card(client):
+    [card] = client.get("/v1/models").json()["data"]
+    assert (card["id"], card["default_frame_num"], card["fps"], card["text_to_video"]) == ("wan2.2-ti2v-5b", 121, 24, True)
+    defaults = client.get("/health").json()["defaults"]
+    assert (defaults["frame_num"], defaults["steps"], defaults["guide_scale"], defaults["size"]) == (121, 50, [5.0, 5.0], SIZE)
+
+
+def test_jobs_with_and_without_an_image_take_the_models_defaults(server, client):
+    with_image = server.submit(client, "a red boat", image=png_bytes(160, 96), seed=1, steps=2, model="ti2v-5b")  # (the model by its alias)
+    files = {"prompt": (None, "a red boat"), "seed": (None, "1"), "steps": (None, "2")}
+    text_only = client.post("/v1/videos", files=files)  # a multipart form without input_reference
+    assert with_image.status_code == 200 and text_only.status_code == 200, (with_image.text, text_only.text)
+    for job in (with_image.json(), text_only.json()):
+        assert job["model"] == "wan2.2-ti2v-5b" and job["seconds"] == "5"  # 120 frames' time at 24 frames a second
+        assert (job["settings"]["frame_num"], job["settings"]["fps"], job["settings"]["guide_scale"], job["settings"]["shift"]) == (121, 24, [5.0, 5.0], 5.0)
+    for job in (with_image.json(), text_only.json()):
+        assert server.wait_for(client, job["id"], timeout=300)["status"] == "completed"
+    shape, rate, metadata = video_of(client, with_image.json()["id"])
+    assert shape == (121, 96, 160) and rate == 24 and metadata["conditioning"] == "first frame"
+    shape, rate, metadata = video_of(client, text_only.json()["id"])
+    assert shape == (121, 160, 96) and rate == 24 and metadata["conditioning"] == "text only"  # 96*160 is 96 wide: portrait
+
+
+def test_a_job_naming_another_model_is_refused(server, client):
+    answer = server.submit(client, model="wan2.2-i2v-a14b")
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "model 'wan2.2-i2v-a14b' is not served here: only 'wan2.2-ti2v-5b' (or leave model out)"
+    last_alone = client.post("/v1/videos", files={"prompt": (None, "a boat"), "last_image": ("last.png", png_bytes(), "image/png")})
+    assert last_alone.status_code == 400 and "last_image needs input_reference" in last_alone.json()["error"]["message"]
+    seconds = server.submit(client, seconds=4)
+    assert seconds.status_code == 400 and "24 frames a second, 4n+1 frames: 121 is 5 s" in seconds.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("size, video", [(["--size", "64*128"], "64x128"), (["--size", "128*64"], "128x64"), (["--height", "128", "--width", "64"], "64x128")])
@@ -47,3 +100,18 @@ def test_a_text_to_video_from_the_api_takes_the_sizes_orientation(ti2v_checkpoin
         settings = GenerationSettings.of("a boat", defaults=SamplingDefaults.official("ti2v-5b"), size=size, frame_num=5, steps=1, seed=0)
         result = pipe.generate(None, settings=settings, progress=False)
         assert tuple(result.video.shape[-2:]) == shape and result.settings.fps == 24
+
+
+def test_the_converted_copys_warning_names_the_dit_once(ti2v_checkpoint, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from wan_i2v.execution import ExecutionPlan
+    from wan_i2v.options import RunOptions
+    from wan_i2v.pipeline import I2VPipeline
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))  # no room for the copy
+    plan = ExecutionPlan.for_device("cpu", RunOptions(dtype="fp32", offload="blocks", fp8=True, model="ti2v-5b"), converted_dir=tmp_path / "converted")
+    with pytest.warns(UserWarning, match=r"^the converted copy of the DiT \(.*\) does not fit in "):
+        I2VPipeline.load(ti2v_checkpoint, plan)

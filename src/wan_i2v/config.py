@@ -312,7 +312,7 @@ SAMPLING_FLAGS = (
     SamplingFlag(("--guide-scale", "--sample_guide_scale"),
                  f"one value for both experts, or the low-noise and high-noise expert's (default {per_model(lambda card: card.guide_scale[0])}; 1 with --distilled: "
                  "no guidance, one forward per step)",
-                 job_help="default 3.5; 1 with --distilled", arguments={"type": guide_scale_argument, "nargs": "+", "metavar": ("LOW", "HIGH")}),
+                 job_help=f"default {per_model(lambda card: card.guide_scale[0])}; 1 with --distilled", arguments={"type": guide_scale_argument, "nargs": "+", "metavar": ("LOW", "HIGH")}),
     SamplingFlag(("--shift", "--sample_shift"), "default: the preset's (5.0 for custom sizes and with --distilled)",
                  job_help="default: the size preset's (5.0 with --distilled)", arguments={"type": float}),
     SamplingFlag(("--seed", "--base_seed"), "default (or -1): random, printed and stored in the mp4",

@@ -234,6 +234,14 @@ class ModelSpec:
             )
         return height, width
 
+    def planned_size(self, max_area: int) -> tuple[int, int]:
+        """The (height, width) a server plans its GPUs for at ``max_area``: the video of a landscape 16:9
+        image, or for a model that makes videos without an image, the larger of that and its text-to-video one."""
+        sizes = [self.video_size(720, 1280, max_area)]
+        if not self.conditioning.target.needs_image:  # (imports the strategies, and torch: only a run plans)
+            sizes.append(self.video_size(*self.defaults.text_to_video_shape, max_area))
+        return max(sizes, key=lambda size: size[0] * size[1])
+
     def dit_tokens(self, frame_num: int, height: int, width: int) -> int:
         """The DiT's sequence length for a video of ``frame_num`` frames of ``height`` x ``width`` pixels."""
         return self.latent_frames(frame_num) * (height // self.size_multiple) * (width // self.size_multiple)

@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, first_line, is_out_of_memory
@@ -164,7 +165,7 @@ class Runner:
         try:
             with _JobWatch(self.store, job.id, self.stopping) as watch:
                 result = session.generate(
-                    self.store.image_path(job.id), settings=_generation_settings(settings), progress=False, state_file=self.store.state_path(job.id),
+                    None if settings.get("text_to_video") else self.store.image_path(job.id), settings=_generation_settings(settings), progress=False, state_file=self.store.state_path(job.id),
                     video_file=self.store.video_path(job.id), cancel=watch, on_step=on_step, step_cache=settings.get("step_cache"),
                     last_image=self.store.last_image_path(job.id) if settings.get("last_image_file_sha256") else None,
                 )  # fmt: skip
@@ -265,7 +266,8 @@ class Runner:
 def _generation_settings(stored: dict) -> GenerationSettings:
     """A job's settings as the queue stores them (its seed drawn at submission), for the session."""
     sampling = ("max_area", "frame_num", "steps", "shift", "guide_scale", "seed", "solver", "height", "width", "fps")
-    return GenerationSettings.of(stored["prompt"], stored["negative_prompt"], **{name: stored.get(name) for name in sampling})  # (a job queued before a setting existed: its default)
+    settings = GenerationSettings.of(stored["prompt"], stored["negative_prompt"], **{name: stored.get(name) for name in sampling})  # (a job queued before a setting existed: its default)
+    return replace(settings, text_to_video_shape=stored.get("text_to_video_shape"))
 
 
 def files_estimate(settings: dict) -> int:
