@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import av
 import pytest
@@ -115,3 +116,28 @@ def test_the_converted_copys_warning_names_the_dit_once(ti2v_checkpoint, tmp_pat
     plan = ExecutionPlan.for_device("cpu", RunOptions(dtype="fp32", offload="blocks", fp8=True, model="ti2v-5b"), converted_dir=tmp_path / "converted")
     with pytest.warns(UserWarning, match=r"^the converted copy of the DiT \(.*\) does not fit in "):
         I2VPipeline.load(ti2v_checkpoint, plan)
+
+
+def test_the_page_shows_the_models_defaults_and_makes_a_video_without_an_image(server):
+    from test_server_page import CHROMIUM, page_with_token
+
+    if CHROMIUM is None and not os.environ.get("CI"):
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = page_with_token(browser, server)
+            page.goto(server.url)
+            page.wait_for_function("() => document.querySelector('#model').textContent.includes('24 fps')")
+            assert page.locator("#model").inner_text() == f"wan2.2-ti2v-5b: {SIZE}, 121 frames at 24 fps, 50 steps"
+            assert page.locator("#frames").get_attribute("placeholder") == "121" and "optional" in page.locator("#drop-text").inner_text()
+            page.fill("#prompt", "a paper boat on a pond")
+            page.fill("#frames", "5")
+            page.fill("#steps", "1")
+            page.click("#submit")  # no image chosen
+            page.wait_for_selector(".job[data-status=completed] video", timeout=120_000)
+            assert "text_to_video: true" in page.locator(".job .settings").first.inner_text()
+        finally:
+            browser.close()

@@ -19,7 +19,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 from wan_i2v.config import GenerationSettings, SamplingDefaults, guide_pair
 from wan_i2v.errors import WanError, option
 from wan_i2v.server.context import Context, refuse
-from wan_i2v.models.spec import spec_for
 from wan_i2v.server.requests import (
     MAX_IDEMPOTENCY_KEY, TooLarge, check_image, check_openai_fields, check_text_fields, model_name, read_limited, replaying,
 )
@@ -155,7 +154,7 @@ async def job_request(request: Request, context: Context) -> JobRequest:
         form = await Request(request.scope, replaying(body)).form()
     except Exception as exc:  # not multipart, or cut short
         refuse(400, f"send a multipart form with input_reference (the image) and prompt: {exc}")
-    spec = spec_for(context.defaults.model)
+    spec = context.spec
     upload = form.get("input_reference")
     if isinstance(upload, str) or (upload is None and context.needs_image):
         refuse(400, "input_reference is required: the image file (PNG, JPEG or WebP)")

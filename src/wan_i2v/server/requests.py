@@ -15,9 +15,9 @@ from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
 MAX_IMAGE_PIXELS = 64_000_000  # phone photos reach 50 MP; a decoded 64 MP image is 192 MB of RGB
 
 
-def model_name(spec=None) -> str:
-    """The name the OpenAI API gives the served model (the default model's where None)."""
-    return spec_for(spec or DEFAULT_SPEC).name.lower()
+def model_name(spec=DEFAULT_SPEC) -> str:
+    """The name the OpenAI API gives a model (``spec``, or its name)."""
+    return spec_for(spec).name.lower()
 
 
 MODEL = model_name()  # a job's model where it names none (queued before servers served other models)
@@ -70,10 +70,10 @@ def check_text_fields(form) -> None:
             raise WanError(f"{name} must be a text field, not a file (with curl: -F {name}=VALUE, not -F {name}=@FILE)")
 
 
-def check_openai_fields(form, spec=None) -> None:
+def check_openai_fields(form, spec=DEFAULT_SPEC) -> None:
     """The OpenAI fields this server does not honour are refused rather than silently ignored; a
-    ``model`` other than the one served (``spec``: the default model where None), by any of its names, is refused."""
-    spec = spec_for(spec or DEFAULT_SPEC)
+    ``model`` other than the one served (``spec``), by any of its names, is refused."""
+    spec = spec_for(spec)
     if form.get("seconds") is not None:
         frames = spec.defaults.frame_num
         raise WanError(f"seconds is not read by this server: give frame_num instead ({spec.fps} frames a second, 4n+1 frames: "

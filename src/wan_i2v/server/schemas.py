@@ -22,7 +22,7 @@ class Video(BaseModel):
 
     id: str
     object: Literal["video"] = "video"
-    model: str = MODEL
+    model: str
     status: str
     progress: int  # percent
     created_at: int
@@ -90,7 +90,7 @@ class ErrorBody(BaseModel):
 
 
 class ModelCard(BaseModel):
-    id: str = MODEL
+    id: str
     object: Literal["model"] = "model"
     owned_by: str = "wan-i2v"
     default_size: str
