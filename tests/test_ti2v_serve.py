@@ -141,3 +141,29 @@ def test_the_page_shows_the_models_defaults_and_makes_a_video_without_an_image(s
             assert "text_to_video: true" in page.locator(".job .settings").first.inner_text()
         finally:
             browser.close()
+
+
+def test_a_server_of_another_model_fails_a_job_it_takes_from_a_shared_queue(tmp_path):
+    from server_process import wait_until
+    from wan_i2v.config import SamplingDefaults
+    from wan_i2v.server import Runner, job_settings
+    from wan_i2v.server.store import JobStore
+
+    class Unused:
+        def generate(self, *args, **kwargs):
+            raise AssertionError("the job ran")
+
+        def keep_alive(self):
+            pass
+
+        def close(self):
+            pass
+
+    store = JobStore(tmp_path / "state")
+    job = store.submit(png_bytes(), job_settings({"prompt": "a boat"}, SamplingDefaults()))[0]  # an A14B server's job
+    runner = Runner(store, Unused, model="wan2.2-ti2v-5b")
+    runner.start()
+    wait_until(lambda: store.get(job.id).status == "failed", timeout=30)
+    runner.stop()
+    assert store.get(job.id).error == ("the job is for wan2.2-i2v-a14b, and the server that took it runs wan2.2-ti2v-5b: "
+                                       "the servers sharing a queue must serve one model")  # fmt: skip

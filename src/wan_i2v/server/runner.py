@@ -14,6 +14,7 @@ from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, first_line, is_out_of_memory
 from wan_i2v.models.spec import spec_for
 from wan_i2v.server.queue import QueueUnreachable
+from wan_i2v.server.requests import MODEL
 from wan_i2v.server.store import Job, JobStore, exception_chain, is_disk_full
 
 log = logging.getLogger("wan_i2v.server")
@@ -76,11 +77,14 @@ class _JobWatch:
 
 
 class Runner:
-    """Runs jobs from ``store`` on the session ``open_session()`` returns, in a thread of its own."""
+    """Runs jobs from ``store`` on the session ``open_session()`` returns (of the model named ``model``,
+    as the API names it), in a thread of its own."""
 
-    def __init__(self, store: JobStore, open_session: Callable, *, on_failure: Callable[[BaseException], None] = lambda exc: None):
+    def __init__(self, store: JobStore, open_session: Callable, *, on_failure: Callable[[BaseException], None] = lambda exc: None,
+                 model: str = MODEL):  # fmt: skip
         self.store = store
         self.open_session = open_session
+        self.model = model
         self.on_failure = on_failure  # the session could not be opened: the server cannot run anything
         self.status = "loading"  # then "ready", or "failed"
         self.wake = threading.Event()
@@ -147,6 +151,11 @@ class Runner:
 
         if self.store.video_path(job.id).is_file():  # written before a kill, its completion not yet recorded
             self._recorded(lambda: self._record(job.id, "completed", error=None, peak_memory_gb=None))
+            return session
+        wanted = job.settings.get("model", MODEL)
+        if wanted != self.model:  # taken in by a server of another model sharing the queue
+            error = f"the job is for {wanted}, and the server that took it runs {self.model}: the servers sharing a queue must serve one model"
+            self._recorded(lambda: self._record(job.id, "failed", error=error, peak_memory_gb=None))
             return session
         log.info("running %s (%s)", job.id, "resuming" if self.store.state_path(job.id).is_file() else "new")
         started = time.monotonic()
