@@ -245,6 +245,8 @@ class GenerationSettings:
         """The settings as the video's metadata and the saved state record them."""
         settings = asdict(self)
         del settings["seed_drawn"]
+        if self.text_to_video_shape is None:  # (a video from an image, or of a preset's size: recorded as before the setting)
+            del settings["text_to_video_shape"]
         return settings
 
 

@@ -419,6 +419,8 @@ class I2VPipeline:
         timings = {} if timings is None else timings
         peaks = {} if peaks is None else peaks
         chosen = settings if self.parallel is None else self.parallel.agree(settings)
+        if image is not None:  # its aspect rules: the size's text-to-video shape is no setting of this video
+            chosen = replace(chosen, text_to_video_shape=None)
         if image is None and (self.conditioning.needs_image or last_image is not None):
             raise WanError(f"{self.spec.name} makes a video from an image" if last_image is None else "a last image needs a first",
                            f"give one with {option('image')}")  # fmt: skip

@@ -10,7 +10,7 @@ pydantic's own parsing would take ``1_7`` for 17 and ``1.0`` for 1."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Request
@@ -172,6 +172,8 @@ async def job_request(request: Request, context: Context) -> JobRequest:
         check_openai_fields(form, spec)
         fields = JobFields.of(form)
         generation = fields.generation_settings(context.defaults)
+        if image is not None:  # its aspect rules: the size's text-to-video shape is no setting of this video
+            generation = replace(generation, text_to_video_shape=None)
         settings = fields.stored(generation, context.defaults, context.step_cache)
         if image is None:
             height, width = generation.video_size(spec=spec)
