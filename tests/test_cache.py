@@ -24,6 +24,7 @@ from hub_server import COMMIT, HubServer
 from wan_i2v.cache import MANIFEST_NAME, SPEC, add_cache_parser, resolve_checkpoint_dir
 from wan_i2v.cache import commands, sources
 from wan_i2v.errors import Terminated, WanError
+from wan_i2v.models.spec import spec_for
 
 _noise = random.Random(0)
 
@@ -185,7 +186,7 @@ def test_status_is_complete_when_the_loader_has_every_file_it_reads(hub, tmp_pat
 
 @pytest.mark.parametrize("stop, code, said", [(KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "stopped by SIGTERM")])
 def test_a_stopped_download_says_quick_resumes_it(monkeypatch, capsys, stop, code, said):
-    def stopped(root, source):
+    def stopped(root, source, spec):
         raise stop
 
     monkeypatch.setattr(commands, "quick", stopped)
@@ -363,3 +364,62 @@ def test_errors_reach_the_user_as_one_line(tmp_path, capsys):
     assert main(["cache", "--cache-dir", str(tmp_path / "empty"), "path"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "wan-i2v cache quick" in error
+
+
+TI2V_SHARDS = ("diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors")
+TI2V_FILES = {  # Wan2.2-TI2V-5B's layout: one DiT at the top, the Wan2.2 VAE
+    "config.json": b'{"model_type": "ti2v", "dim": 16, "num_layers": 2}',
+    "diffusion_pytorch_model.safetensors.index.json": json.dumps({"weight_map": dict(zip("ab", TI2V_SHARDS))}).encode(),
+    TI2V_SHARDS[0]: safetensors_bytes(20_000),
+    TI2V_SHARDS[1]: safetensors_bytes(10_000),
+    "Wan2.2_VAE.pth": torch_zip_bytes(8_000),
+    T5: torch_zip_bytes(9_000),
+    "google/umt5-xxl/tokenizer.json": b'{"model": "unigram"}',
+    "google/umt5-xxl/tokenizer_config.json": b'{"model_max_length": 512}',
+    "assets/logo.png": _noise.randbytes(2_000),  # not needed: never downloaded
+    "README.md": b"# Wan2.2 TI2V",
+}
+TI2V = spec_for("ti2v-5b")
+
+
+def test_each_model_has_its_repository_in_the_cache_and_status_and_verify_check_each(hub, tmp_path, monkeypatch, capsys):
+    """quick --model fetches that model's files into its own repository folder; status and verify go
+    through every model the cache has (status without torch, as always), each by its own spec's files."""
+    assert cache("quick") == 0  # the default model, from the A14B hub
+    with HubServer(TI2V.repo_id, TI2V_FILES) as ti2v_hub:
+        monkeypatch.setenv("HF_ENDPOINT", ti2v_hub.url)
+        assert cache("quick", "--model", "ti2v-5b") == 0
+        assert "assets/logo.png" not in [path for _, path, _ in ti2v_hub.requests] and not ti2v_hub.content_gets("README.md")
+    folder = tmp_path / "cache" / TI2V.repo_folder / "snapshots" / COMMIT
+    for path in set(TI2V_FILES) - {"assets/logo.png", "README.md"}:
+        assert (folder / path).read_bytes() == TI2V_FILES[path], path
+    capsys.readouterr()
+    assert cache("path", "--model", "ti2v-5b") == 0
+    assert capsys.readouterr().out.strip() == str(folder)
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails: status must not need it
+    assert cache("status") == 0
+    out = capsys.readouterr().out
+    assert f"revision {COMMIT[:12]}): Wan2.2-I2V-A14B\n" in out and f"revision {COMMIT[:12]}): Wan2.2-TI2V-5B\n" in out
+    assert all(any(line.startswith(f"{path} ") and "verified" in line for line in out.splitlines()) for path in ("Wan2.2_VAE.pth", TI2V_SHARDS[1]))
+    assert cache("verify", "--full") == 0
+    assert cache("status", "--ckpt-dir", folder) == 0  # its config.json names its model
+
+    (folder / TI2V_SHARDS[1]).unlink()
+    capsys.readouterr()
+    assert cache("status", "--model", "i2v-a14b") == 0
+    assert "TI2V" not in capsys.readouterr().out
+    assert cache("status") == 1
+    assert "`wan-i2v cache quick --model ti2v-5b` fetches the files missing" in capsys.readouterr().out
+    assert cache("verify") == 1
+    assert f"missing: {TI2V_SHARDS[1]}" in capsys.readouterr().out
+
+
+def test_status_of_a_model_not_in_the_cache_says_how_to_fetch_it(hub, capsys):
+    assert cache("quick") == 0
+    capsys.readouterr()
+    assert cache("status", "--model", "ti2v-5b") == 1
+    out = capsys.readouterr().out
+    assert "No Wan-AI/Wan2.2-TI2V-5B checkpoint in" in out and "`wan-i2v cache quick --model ti2v-5b` downloads it" in out
+    with pytest.raises(WanError, match=r"no Wan-AI/Wan2.2-TI2V-5B checkpoint .*cache quick --model ti2v-5b"):
+        cache("path", "--model", "ti2v-5b")

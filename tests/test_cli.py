@@ -659,14 +659,15 @@ def test_every_sampling_flag_is_declared_once_and_sets_its_setting(command, caps
 
     monkeypatch.setenv("COLUMNS", "10000")  # the help unwrapped: argparse breaks lines at hyphens too
     dests = {flag.dest for flag in SAMPLING_FLAGS}
-    assert {field.name for field in fields(GenerationSettings)} - {"seed_drawn", "max_area"} <= dests and "size" in dests  # (--size sets max_area)
+    # (--size sets max_area, and text_to_video_shape)
+    assert {field.name for field in fields(GenerationSettings)} - {"seed_drawn", "max_area", "text_to_video_shape"} <= dests and "size" in dests
     assert dests - {"distilled"} <= set(inspect.signature(GenerationSettings.of).parameters)
     assert main([command, "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     own_defaults = {
         "demo": {"frame_num": 17, "steps": 12, "prompt": "A small paper boat drifts on a calm pond.", "seed": 0},
         "generate": {"frame_num": "the model's: 81 for i2v-a14b, 121 for ti2v-5b", "steps": "the model's: 40 for i2v-a14b, 50 for ti2v-5b"},
-        "serve": {"frame_num": 81, "steps": 40},
+        "serve": {"frame_num": "the model's: 81 for i2v-a14b, 121 for ti2v-5b", "steps": "the model's: 40 for i2v-a14b, 50 for ti2v-5b"},
     }[command]
     shown = {"generate": dests, "demo": dests - {"size", "shift", "height", "width"}, "serve": dests - {"prompt", "negative_prompt", "seed", "height", "width", "fps"}}[command]
     for flag in SAMPLING_FLAGS:

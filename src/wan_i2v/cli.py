@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=1000, help="jobs that may wait; more are refused with 429 (default 1000)")
     srv.add_argument("--max-upload-mb", type=float, default=50, help="the largest image accepted, in MiB (default 50)")
     jobs = srv.add_argument_group("each job's defaults (a request may set its own)")
-    add_sampling_flags(jobs, jobs=True, leave_out=("distilled",))
+    add_sampling_flags(jobs, jobs=True, frame_num=None, steps=None, leave_out=("distilled",))  # (None: the model's)
     srv.set_defaults(func=_command("serve"))
     add_options(srv)
 

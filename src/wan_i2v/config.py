@@ -40,7 +40,7 @@ def parse_size(size: str, spec: ModelSpec | str = DEFAULT_SPEC) -> tuple[int, fl
         return preset.max_area, preset.shift
     parts = size.replace("x", "*").split("*")
     if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
-        raise WanError(f"unknown size {size!r}", f"use {', '.join(spec_for(spec).presets)} or H*W such as 1280*720")
+        raise WanError(f"unknown size {size!r}", f"use {', '.join(spec_for(spec).presets)} or W*H such as 1280*720")
     sides = [int(p) for p in parts]
     if any(side % SPEC.size_multiple for side in sides):
         raise WanError(f"size {size} has a side that is not a multiple of {SPEC.size_multiple}", "e.g. 1280*720, 832*480, 1024*576")
@@ -49,6 +49,16 @@ def parse_size(size: str, spec: ModelSpec | str = DEFAULT_SPEC) -> tuple[int, fl
     if sides[0] * sides[1] > MAX_AREA:
         raise WanError(f"size {size} is too large", "at most 2048*2048 pixels (the model is trained for 1280*720)")
     return sides[0] * sides[1], None
+
+
+def size_shape(size: str, spec: ModelSpec | str = DEFAULT_SPEC) -> tuple[int, int] | None:
+    """The (height, width) a size written W*H names, as the official --size (704*1280: portrait); None
+    for a preset of ``spec``'s, which names an area alone."""
+    if size.upper() in spec_for(spec).presets:
+        return None
+    parse_size(size, spec)  # (refused in its words)
+    width, height = (int(part) for part in size.replace("x", "*").split("*"))
+    return height, width
 
 
 def check_exact_size(height, width) -> None:
@@ -143,6 +153,9 @@ class GenerationSettings:
     height: int | None = None
     width: int | None = None
     fps: int = SPEC.fps  # the mp4's frame rate (the output's only: a saved state is resumed whatever it is)
+    # The (height, width) of a W*H size: the aspect a video without an image takes (None: the model's
+    # text-to-video shape); a video from an image keeps the image's aspect (the official area rule).
+    text_to_video_shape: tuple[int, int] | None = None
     # The seed was drawn, not asked for: a saved state's seed is then taken instead (not a setting of the video).
     seed_drawn: bool = field(default=False, compare=False, repr=False)
 
@@ -154,9 +167,9 @@ class GenerationSettings:
         fps: int | None = None,
     ) -> "GenerationSettings":  # fmt: skip
         """The checked settings of a video from what was given (None: ``defaults``'): ``size`` (a
-        preset or H*W) or ``max_area``, or an exact ``height`` and ``width``; ``guide_scale`` one value
+        preset or W*H) or ``max_area``, or an exact ``height`` and ``width``; ``guide_scale`` one value
         or the (low-noise, high-noise) pair; ``seed`` None or -1 draws one; the negative prompt defaults
-        to the official one; ``fps``: the spec's unless given."""
+        to the official one; ``fps``: the model's unless given."""
         exact = height is not None or width is not None
         if exact and size is not None:
             raise WanError(f"{option('size')} and {option('height')}/{option('width')} both set the video's size", "give one of them")
@@ -172,7 +185,8 @@ class GenerationSettings:
             max_area=area if max_area is None else max_area,
             height=height,
             width=width,
-            fps=SPEC.fps if fps is None else fps,
+            fps=spec_for(chosen.model).fps if fps is None else fps,
+            text_to_video_shape=None if exact else size_shape(chosen.size, chosen.model),
             frame_num=chosen.frame_num,
             steps=chosen.steps,
             shift=chosen.shift if chosen.shift is not None else preset_shift or 5.0,
@@ -183,6 +197,8 @@ class GenerationSettings:
         )
 
     def __post_init__(self):
+        if self.text_to_video_shape is not None:  # (a list, from JSON)
+            object.__setattr__(self, "text_to_video_shape", tuple(self.text_to_video_shape))
         for name in ("frame_num", "steps", "max_area", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -209,12 +225,16 @@ class GenerationSettings:
         if isinstance(self.fps, bool) or not isinstance(self.fps, int) or not 1 <= self.fps <= MAX_FPS:
             raise WanError(f"{option('fps')} {self.fps!r} out of range", f"give a whole number of frames a second from 1 to {MAX_FPS} (the model's is {SPEC.fps})")
 
-    def video_size(self, image_height: int, image_width: int) -> tuple[int, int]:
+    def video_size(self, image_height: int | None = None, image_width: int | None = None, spec: ModelSpec | str = DEFAULT_SPEC) -> tuple[int, int]:
         """The video's pixel (height, width) for an image of this size: the exact size asked for, else
-        the official area rule (the image's aspect ratio within ``max_area``)."""
+        ``spec``'s area rule (the image's aspect ratio within ``max_area``). Without an image
+        (text-to-video), the aspect of the W*H size asked for, else the model's text-to-video shape."""
         if self.height is not None:
             return self.height, self.width
-        return SPEC.video_size(image_height, image_width, self.max_area)
+        model = spec_for(spec)
+        if image_height is None:
+            image_height, image_width = self.text_to_video_shape or model.defaults.text_to_video_shape
+        return model.video_size(image_height, image_width, self.max_area)
 
     @property
     def guided(self) -> bool:
@@ -225,6 +245,8 @@ class GenerationSettings:
         """The settings as the video's metadata and the saved state record them."""
         settings = asdict(self)
         del settings["seed_drawn"]
+        if self.text_to_video_shape is None:  # (a video from an image, or of a preset's size: recorded as before the setting)
+            del settings["text_to_video_shape"]
         return settings
 
 
@@ -277,8 +299,9 @@ class SamplingFlag:
 SAMPLING_FLAGS = (
     SamplingFlag(("--prompt",), "what happens in the video", given_help="default: {prompt!r}", required=True),
     SamplingFlag(("--negative-prompt",), "default: the official negative prompt"),
-    SamplingFlag(("--size",), "720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or H*W; the image's aspect ratio is kept",
-                 job_help="720P, 480P or H*W (default 720P; the GPUs' plan is made for it)"),
+    SamplingFlag(("--size",), "720P (1280*720, shift 5; the default), 480P (832*480, shift 3) or W*H; the image's aspect ratio is kept "
+                 "(without an image, the size's: 704*1280 is portrait)",
+                 job_help="720P, 480P or W*H (default 720P; the GPUs' plan is made for it)"),
     # An exact size and the mp4's rate: a video's own (a server's jobs give them in their requests).
     SamplingFlag(("--height",), f"with --width: exactly this size (each a multiple of {SPEC.size_multiple}), where --size's area rule would "
                  "round to the image's aspect ratio; the image is resized and center-cropped to it; not with --size", arguments={"type": int}),
@@ -291,7 +314,7 @@ SAMPLING_FLAGS = (
     SamplingFlag(("--guide-scale", "--sample_guide_scale"),
                  f"one value for both experts, or the low-noise and high-noise expert's (default {per_model(lambda card: card.guide_scale[0])}; 1 with --distilled: "
                  "no guidance, one forward per step)",
-                 job_help="default 3.5; 1 with --distilled", arguments={"type": guide_scale_argument, "nargs": "+", "metavar": ("LOW", "HIGH")}),
+                 job_help=f"default {per_model(lambda card: card.guide_scale[0])}; 1 with --distilled", arguments={"type": guide_scale_argument, "nargs": "+", "metavar": ("LOW", "HIGH")}),
     SamplingFlag(("--shift", "--sample_shift"), "default: the preset's (5.0 for custom sizes and with --distilled)",
                  job_help="default: the size preset's (5.0 with --distilled)", arguments={"type": float}),
     SamplingFlag(("--seed", "--base_seed"), "default (or -1): random, printed and stored in the mp4",

@@ -419,6 +419,8 @@ class I2VPipeline:
         timings = {} if timings is None else timings
         peaks = {} if peaks is None else peaks
         chosen = settings if self.parallel is None else self.parallel.agree(settings)
+        if image is not None:  # its aspect rules: the size's text-to-video shape is no setting of this video
+            chosen = replace(chosen, text_to_video_shape=None)
         if image is None and (self.conditioning.needs_image or last_image is not None):
             raise WanError(f"{self.spec.name} makes a video from an image" if last_image is None else "a last image needs a first",
                            f"give one with {option('image')}")  # fmt: skip
@@ -516,14 +518,11 @@ class I2VPipeline:
 
     def video_size(self, known: KnownFrames | torch.Tensor | None, settings: GenerationSettings) -> tuple[int, int]:
         """(height, width) of the video: the exact size asked for, that of ``known`` frames (already at
-        the video's size), else fitted by the spec to the [3, h, w] first image (None: the spec's
-        text-to-video shape) within the settings' area."""
+        the video's size), else fitted by the spec to the [3, h, w] first image (None: the aspect of the
+        W*H size asked for, else the spec's text-to-video shape) within the settings' area."""
         if isinstance(known, KnownFrames):
             return tuple(known.frames.shape[2:])
-        if settings.height is not None:
-            return settings.height, settings.width
-        shape = self.spec.defaults.text_to_video_shape if known is None else known.shape[1:]
-        return self.spec.video_size(*shape, settings.max_area)
+        return settings.video_size(*(() if known is None else known.shape[1:]), spec=self.spec)
 
     def known_frames(self, first: torch.Tensor | None, settings: GenerationSettings, *, last: torch.Tensor | None = None) -> KnownFrames | None:
         """The first frame, and the last if given ([3, h, w] images in [-1, 1]; no first: text-to-video),

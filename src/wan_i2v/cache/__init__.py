@@ -1,8 +1,9 @@
 """The model cache: download, manifest, verify, status, relocate (`wan-i2v cache`).
 
 Independent of the engine, but for the loader's file names: `status` checks the files it opens.
-The engine uses `resolve_checkpoint_dir()` for its default checkpoint; what a complete checkpoint is
-comes from the model's spec (`SPEC.hub_patterns()`, `models/spec.py`).
+The engine uses `resolve_checkpoint_dir()` for its default checkpoint; the cache keeps each model in
+its own hub repository folder, and what a complete checkpoint is comes from the model's spec
+(`hub_patterns()` and `needed_files()`, `models/spec.py`); `SPEC` is the default model's.
 """
 
 from wan_i2v.cache.cli import add_cache_parser

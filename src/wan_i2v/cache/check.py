@@ -14,6 +14,7 @@ from pathlib import Path
 
 from wan_i2v.cache.layout import MISSING, PARTIAL, PRESENT, SPEC, USABLE, inspect
 from wan_i2v.cache.manifest import Manifest
+from wan_i2v.models.spec import ModelSpec
 
 READS = "reads"
 NOT_ON_DISK = "-"
@@ -34,10 +35,10 @@ class FileCheck:
         return self.state in USABLE and self.header == READS
 
 
-def check_checkpoint(folder: Path, manifest: Manifest | None) -> list[FileCheck]:
-    """Every file the loader opens (the spec's ``needed_files``, the loader's own rule), and the manifest's
+def check_checkpoint(folder: Path, manifest: Manifest | None, spec: ModelSpec = SPEC) -> list[FileCheck]:
+    """Every file the loader opens (``spec``'s ``needed_files``, the loader's own rule), and the manifest's
     other files; a file the manifest lists is compared with its size there."""
-    needed = SPEC.needed_files(folder)
+    needed = spec.needed_files(folder)
     listed = {entry.path: entry for entry in manifest.files} if manifest is not None else {}
     found = [(e.path, e.size, *inspect(folder, e)) for e in listed.values()]
     found += [(p, None, *_presence(folder / p)) for p in needed if p not in listed]

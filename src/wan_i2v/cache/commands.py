@@ -15,45 +15,48 @@ from tqdm import tqdm
 
 from wan_i2v.cache.check import READS, check_checkpoint
 from wan_i2v.cache.layout import (
-    CORRUPT, MISSING, MODEL_FILES, PRESENT, SPEC, USABLE, VERIFIED, WRONG_SIZE, HubFiles,
-    cache_root_of, find_checkpoint_dir, hub_offline, inspect, repair_advice, repo_folder, resolve_checkpoint_dir,
+    CORRUPT, MISSING, PRESENT, SPEC, USABLE, VERIFIED, WRONG_SIZE, HubFiles,
+    cache_root_of, find_checkpoint_dir, hub_offline, inspect, model_files, model_option, repair_advice, repo_folder, resolve_checkpoint_dir,
 )
 from wan_i2v.cache.hub_files import LIGHTNING_COMMAND, HubFile, distilled_loras
 from wan_i2v.cache.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
 from wan_i2v.disk import check_space, human_size
 from wan_i2v.errors import WanError
+from wan_i2v.models.spec import SPECS, ModelSpec, spec_of_checkpoint
 
 
-def _bytes_bar(total: int, initial: int = 0, desc: str = SPEC.repo_id) -> tqdm:
+def _bytes_bar(total: int, initial: int = 0, *, desc: str) -> tqdm:
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
 
 
-def quick(root: Path, source_name: str) -> int:
+def quick(root: Path, source_name: str, spec: ModelSpec = SPEC) -> int:
     # Imported here so that status, verify and path never load the download stack.
     from wan_i2v.cache.sources import make_source
 
-    checkpoint_dir = fetch(root, MODEL_FILES, make_source(source_name))
-    print(f"{SPEC.repo_id} is complete in {checkpoint_dir}")
+    checkpoint_dir = fetch(root, model_files(spec), make_source(source_name))
+    print(f"{spec.repo_id} is complete in {checkpoint_dir}")
     return 0
 
 
-def quick_lightning(root: Path) -> int:
+def quick_lightning(root: Path, spec: ModelSpec = SPEC) -> int:
     """Fetch the model's 4-step LoRAs (the spec's ``distilled_loras``) into the cache, as ``quick`` fetches the model."""
+    if not spec.distilled_loras:
+        raise WanError(f"{spec.name} has no 4-step LoRAs", "leave out --lightning, or give --model a model that has them")
     by_repository: dict[tuple[str, str], list[str]] = {}
-    for lora in distilled_loras().values():
+    for lora in distilled_loras(spec).values():
         by_repository.setdefault((lora.repo_id, lora.revision), []).append(lora.path)
     for (repo_id, revision), paths in by_repository.items():
         fetch(root, HubFiles(repo_id, tuple(paths), revision, LIGHTNING_COMMAND))
-    for expert, lora in _lightning_by_label().items():
+    for expert, lora in _lightning_by_label(spec).items():
         print(f"{expert}: {lora.cached(root)}")
     print("the 4-step LoRAs are complete: `wan-i2v generate --distilled` uses them")
     return 0
 
 
-def _lightning_by_label() -> dict[str, HubFile]:
+def _lightning_by_label(spec: ModelSpec) -> dict[str, HubFile]:
     """The spec's distilled LoRAs by how messages call their experts ("high-noise")."""
-    labels = {expert.name: str(expert) for expert in SPEC.experts}
-    return {labels[name]: lora for name, lora in distilled_loras().items()}
+    labels = {expert.name: expert.label or expert.name for expert in spec.experts}
+    return {labels[name]: lora for name, lora in distilled_loras(spec).items()}
 
 
 def fetch(root: Path, files: HubFiles, source=None, *, wait: bool = False) -> Path:
@@ -110,7 +113,7 @@ def _check_space(directory: Path, needed: int) -> None:
 
 
 @contextmanager
-def _exclusive(root: Path, files: HubFiles = MODEL_FILES, wait: bool = False):
+def _exclusive(root: Path, files: HubFiles, wait: bool = False):
     """One writer per repository of a cache: two downloads appending to the same partial file would garble it."""
     lock_dir = root / ".locks" / files.folder  # beside huggingface_hub's own locks, outside what `move` moves
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -125,22 +128,40 @@ def _exclusive(root: Path, files: HubFiles = MODEL_FILES, wait: bool = False):
         lock.release()
 
 
-def status(root: Path, checkpoint_dir: Path | None) -> int:
-    """The table of the files image-to-video needs, from the disk alone: never the network, so it works offline."""
-    checkpoint_dir = checkpoint_dir or find_checkpoint_dir(root)
+def cached_models(root: Path, spec: ModelSpec | None) -> list[ModelSpec]:
+    """The models whose checkpoints a command without --ckpt-dir looks at: ``spec``, else every model with
+    a repository in the cache ``root`` (the default model where none has one)."""
+    if spec is not None:
+        return [spec]
+    present = [model for model in SPECS.values() if (root / model.repo_folder).exists()]
+    return present or [SPEC]
+
+
+def status(root: Path, checkpoint_dir: Path | None, spec: ModelSpec | None = None) -> int:
+    """The table of the files each model needs (``spec``, else each model the cache has; the checkpoint
+    directory's own with ``checkpoint_dir``), from the disk alone: never the network, so it works offline.
+    Exit code 0 only when every table is complete."""
+    if checkpoint_dir is not None:
+        return _status(root, checkpoint_dir, spec or spec_of_checkpoint(checkpoint_dir))
+    codes = [_status(root, find_checkpoint_dir(root, model), model) for model in cached_models(root, spec)]
+    return max(codes)
+
+
+def _status(root: Path, checkpoint_dir: Path | None, spec: ModelSpec) -> int:
+    """One model's table (``checkpoint_dir`` None: none in the cache)."""
     if checkpoint_dir is None:
-        print(f"No {SPEC.repo_id} checkpoint in {root}; `wan-i2v cache quick` downloads it.")
-        _lightning_status(root)
+        print(f"No {spec.repo_id} checkpoint in {root}; `wan-i2v cache quick{model_option(spec)}` downloads it.")
+        _lightning_status(root, spec)
         return 1
     if not checkpoint_dir.is_dir():
         raise WanError(f"{checkpoint_dir} is not a directory", hint="pass the checkpoint folder with --ckpt-dir")
     manifest = Manifest.load(checkpoint_dir)
-    checks = check_checkpoint(checkpoint_dir, manifest)
+    checks = check_checkpoint(checkpoint_dir, manifest, spec)
     if manifest is None:
         # A plain folder, or a snapshot another tool downloaded: the published sizes are on the hub only.
-        print(f"{checkpoint_dir}  (no {MANIFEST_NAME}: sizes not compared)")
+        print(f"{checkpoint_dir}  (no {MANIFEST_NAME}: sizes not compared): {spec.name}")
     else:
-        print(f"{checkpoint_dir}  (from {manifest.source}, revision {manifest.revision[:12]})")
+        print(f"{checkpoint_dir}  (from {manifest.source}, revision {manifest.revision[:12]}): {spec.name}")
     width = max(len(check.path) for check in checks)
     print(f"{'FILE':<{width}}  {'ON DISK':>10}  {'EXPECTED':>10}  {'STATE':<10}  HEADER")
     for check in checks:
@@ -156,7 +177,7 @@ def status(root: Path, checkpoint_dir: Path | None) -> int:
     else:
         verified = sum(check.state == VERIFIED for check in needed)
         print(f"total: {on_disk} of {human_size(sum(e.size for e in manifest.files))}; {usable} of {len(needed)} needed files usable, {verified} verified")
-    _lightning_status(root)
+    _lightning_status(root, spec)
     if usable < len(needed):
         print(f"incomplete: {repair_advice(checkpoint_dir)}")
         unreadable = [check.path for check in needed if check.state in USABLE and check.header != READS]
@@ -168,9 +189,9 @@ def status(root: Path, checkpoint_dir: Path | None) -> int:
     return 0
 
 
-def _lightning_status(root: Path) -> None:
-    """A line per 4-step LoRA (``--distilled``'s, from the cache ``root``): its state as the model's files show theirs."""
-    for expert, lora in _lightning_by_label().items():
+def _lightning_status(root: Path, spec: ModelSpec) -> None:
+    """A line per 4-step LoRA of ``spec`` (``--distilled``'s, from the cache ``root``): its state as the model's files show theirs."""
+    for expert, lora in _lightning_by_label(spec).items():
         state, on_disk = _hub_file_state(root, lora)
         print(f"4-step LoRA, {expert}: {lora}  {human_size(on_disk)}  {state}")
 
@@ -186,9 +207,16 @@ def _hub_file_state(root: Path, lora: HubFile) -> tuple[str, int]:
     return (PRESENT, cached.stat().st_size) if cached is not None else (MISSING, 0)
 
 
-def verify(root: Path, checkpoint_dir: Path | None, full: bool) -> int:
-    checkpoint_dir = checkpoint_dir or resolve_checkpoint_dir(root)
-    manifest = _manifest_for(checkpoint_dir)
+def verify(root: Path, checkpoint_dir: Path | None, full: bool, spec: ModelSpec | None = None) -> int:
+    """Check the checkpoint's files against its manifest (``spec``'s, else each model's the cache has; the
+    checkpoint directory's own with ``checkpoint_dir``). Exit code 0 only when every file of every one is whole."""
+    if checkpoint_dir is not None:
+        return _verify(checkpoint_dir, full, spec or spec_of_checkpoint(checkpoint_dir))
+    return max(_verify(resolve_checkpoint_dir(root, model), full, model) for model in cached_models(root, spec))
+
+
+def _verify(checkpoint_dir: Path, full: bool, spec: ModelSpec) -> int:
+    manifest = _manifest_for(checkpoint_dir, spec)
     states = {entry.path: inspect(checkpoint_dir, entry)[0] for entry in manifest.files}
     if full:
         # Files marked corrupt are hashed again: they may have been replaced by hand.
@@ -210,7 +238,7 @@ def verify(root: Path, checkpoint_dir: Path | None, full: bool) -> int:
     return 0
 
 
-def _manifest_for(checkpoint_dir: Path) -> Manifest:
+def _manifest_for(checkpoint_dir: Path, spec: ModelSpec) -> Manifest:
     """The checkpoint's manifest. A directory another tool downloaded gets one from the hub's listing."""
     manifest = Manifest.load(checkpoint_dir)
     if manifest is not None:
@@ -228,7 +256,7 @@ def _manifest_for(checkpoint_dir: Path) -> Manifest:
     # A hub snapshot folder is named after its commit: list exactly that one.
     revision = checkpoint_dir.name if re.fullmatch(r"[0-9a-f]{40}", checkpoint_dir.name) else "main"
     try:
-        manifest = HubSource().listing(replace(MODEL_FILES, revision=revision))
+        manifest = HubSource().listing(replace(model_files(spec), revision=revision))
     except WanError as err:
         raise WanError(f"{checkpoint_dir} has no {MANIFEST_NAME}, and {err.message}", hint=f"{err.hint}; {offline_check}") from err
     _save_if_possible(manifest, checkpoint_dir)
@@ -242,18 +270,19 @@ def _save_if_possible(manifest: Manifest, checkpoint_dir: Path) -> None:
         pass  # a read-only checkpoint can still be checked; the result is just not remembered
 
 
-def move(root: Path, dest: Path, link: bool) -> int:
-    old = repo_folder(root)
+def move(root: Path, dest: Path, link: bool, spec: ModelSpec = SPEC) -> int:
+    files = model_files(spec)
+    old = repo_folder(root, files)
     if not old.exists():
-        raise WanError(f"no {SPEC.repo_id} cache in {root}", hint="nothing to move; pass --cache-dir if it is elsewhere")
+        raise WanError(f"no {spec.repo_id} cache in {root}", hint="nothing to move; pass --cache-dir if it is elsewhere")
     source = old.resolve()  # an earlier `move --link` left a link here
-    target = repo_folder(dest.expanduser().resolve())
+    target = repo_folder(dest.expanduser().resolve(), files)
     if target.exists() or target.is_symlink():
         raise WanError(f"{target} already exists", hint="choose a destination without a copy of the checkpoint")
     if source == target or source in target.parents:
         raise WanError(f"{dest} is inside the cache being moved", hint="choose a destination on another path")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root):
+    with _exclusive(root, files):
         try:
             os.rename(source, target)
         except OSError as err:
@@ -264,7 +293,7 @@ def move(root: Path, dest: Path, link: bool) -> int:
             old.unlink()
         if link:
             old.symlink_to(target, target_is_directory=True)
-    print(f"Moved {SPEC.repo_id} to {target}")
+    print(f"Moved {spec.repo_id} to {target}")
     if not link:
         print(f"Set WAN_I2V_HOME={target.parent} (or pass --cache-dir {target.parent}) so later commands find it.")
     return 0

@@ -1,17 +1,18 @@
-"""Where the checkpoint lives, and what a complete one is.
+"""Where the checkpoints live, one hub repository per model, and what a complete one is.
 
 The cache root is found in this order: `--cache-dir`, then `WAN_I2V_HOME`, then the Hugging Face hub
 cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`). Every root uses the hub's
 cache layout, so a snapshot downloaded with `huggingface-cli` is found and completed, never fetched again:
 
-    <root>/models--Wan-AI--Wan2.2-I2V-A14B/
+    <root>/models--Wan-AI--Wan2.2-I2V-A14B/   (a model's repository: its spec's repo_id)
         blobs/<sha256 or git oid>[.incomplete]
         refs/main                        the commit of the newest listing
         snapshots/<commit>/...           files from the hub (links into blobs/)
         snapshots/modelscope/...         files from ModelScope
         snapshots/*/wan-i2v-manifest.json
 
-The checkpoint directory (what `--ckpt-dir` takes) is one snapshot folder.
+The checkpoint directory (what `--ckpt-dir` takes) is one snapshot folder. The commands take the
+model's spec (``models/spec.py``); the default model's where none is named.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from huggingface_hub.utils import filter_repo_objects
 
 from wan_i2v.cache.manifest import FileEntry, Manifest
 from wan_i2v.errors import WanError
-from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
+from wan_i2v.models.spec import DEFAULT_SPEC, SPECS, ModelSpec, spec_for
 
-# The model whose checkpoint the cache keeps: its hub repository and the files of it a run needs.
+# The model whose checkpoint the cache commands keep unless told another (--model).
 SPEC = spec_for(DEFAULT_SPEC)
 
 # File states, as `status` shows them.
@@ -55,8 +56,15 @@ class HubFiles:
         return repo_folder_name(repo_id=self.repo_id, repo_type="model")
 
 
-# The checkpoint the cache keeps.
-MODEL_FILES = HubFiles(SPEC.repo_id, SPEC.hub_patterns())
+def model_files(spec: ModelSpec | str = SPEC) -> HubFiles:
+    """The files of ``spec``'s hub repository a run of it needs (its ``hub_patterns``)."""
+    spec = spec_for(spec)
+    command = "`wan-i2v cache quick`" if spec is SPEC else f"`wan-i2v cache quick --model {spec.aliases[0]}`"
+    return HubFiles(spec.repo_id, spec.hub_patterns(), fetched_by=command)
+
+
+# The default model's checkpoint.
+MODEL_FILES = model_files(SPEC)
 
 
 def required_paths(repo_paths, files: HubFiles = MODEL_FILES) -> list[str]:
@@ -108,12 +116,13 @@ def is_complete(checkpoint_dir: Path, manifest: Manifest) -> bool:
     return all(inspect(checkpoint_dir, entry)[0] in USABLE for entry in manifest.files)
 
 
-def find_checkpoint_dir(root: Path) -> Path | None:
-    """The snapshot to use: the newest listing's (refs/main) unless only another one is complete."""
-    snapshots = repo_folder(root) / "snapshots"
+def find_checkpoint_dir(root: Path, spec: ModelSpec | str = SPEC) -> Path | None:
+    """``spec``'s snapshot to use: the newest listing's (refs/main) unless only another one is complete."""
+    repo = repo_folder(root, model_files(spec))
+    snapshots = repo / "snapshots"
     if not snapshots.is_dir():
         return None
-    ref = repo_folder(root) / "refs" / "main"
+    ref = repo / "refs" / "main"
     newest = snapshots / ref.read_text().strip() if ref.is_file() else None
     others = sorted((d for d in snapshots.iterdir() if d.is_dir() and d != newest), key=lambda d: d.stat().st_mtime, reverse=True)
     candidates = [d for d in [newest] if d is not None and d.is_dir()] + others
@@ -129,28 +138,39 @@ def hub_offline() -> bool:
     return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
 
 
+def cached_model(checkpoint_dir: Path) -> ModelSpec | None:
+    """The model whose repository in a cache this checkpoint directory is a snapshot of; None for a folder of the user's own."""
+    snapshots = checkpoint_dir.absolute().parent
+    if snapshots.name != "snapshots":
+        return None
+    return next((spec for spec in SPECS.values() if snapshots.parent.name == spec.repo_folder), None)
+
+
 def cache_root_of(checkpoint_dir: Path) -> Path | None:
     """The cache root this checkpoint directory is a snapshot of; None for a folder of the user's own."""
-    snapshots = checkpoint_dir.absolute().parent
-    if snapshots.name == "snapshots" and snapshots.parent.name == SPEC.repo_folder:
-        return snapshots.parent.parent
-    return None
+    return checkpoint_dir.absolute().parent.parent.parent if cached_model(checkpoint_dir) is not None else None
+
+
+def model_option(spec: ModelSpec | str) -> str:
+    """The cache commands' --model for ``spec`` ("" for the default model's)."""
+    spec = spec_for(spec)
+    return "" if spec is SPEC else f" --model {spec.aliases[0]}"
 
 
 def repair_advice(checkpoint_dir: Path) -> str:
     """What mends missing or cut-short files of this checkpoint directory."""
-    root = cache_root_of(checkpoint_dir)
+    root, spec = cache_root_of(checkpoint_dir), cached_model(checkpoint_dir)
     if root is None:
         # wan-i2v downloads only into its cache, and a 100 GB download is no answer for one file anyway.
         return f"copy complete files into {checkpoint_dir} again"
     when = ", once HF_HUB_OFFLINE is unset" if hub_offline() else ""
-    return f"`wan-i2v cache quick{_cache_dir_option(root)}` fetches the files missing or wrong, resuming partial ones{when}"
+    return f"`wan-i2v cache quick{model_option(spec)}{_cache_dir_option(root)}` fetches the files missing or wrong, resuming partial ones{when}"
 
 
 def loading_hint(checkpoint_dir: Path) -> str:
     """The hint of a loading error about one file of this checkpoint directory: where to see them all, what mends them."""
     root = cache_root_of(checkpoint_dir)
-    status = f"status{_cache_dir_option(root)}" if root is not None else f"status --ckpt-dir {checkpoint_dir}"
+    status = f"status{model_option(cached_model(checkpoint_dir))}{_cache_dir_option(root)}" if root is not None else f"status --ckpt-dir {checkpoint_dir}"
     return f"`wan-i2v cache {status}` lists every missing or unreadable file; {repair_advice(checkpoint_dir)}"
 
 
@@ -158,12 +178,12 @@ def _cache_dir_option(root: Path) -> str:
     return "" if root.resolve() == cache_root().resolve() else f" --cache-dir {root}"
 
 
-def resolve_checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The checkpoint directory `generate` uses by default (see the module docstring for the order)."""
+def resolve_checkpoint_dir(cache_dir: str | os.PathLike | None = None, spec: ModelSpec | str = SPEC) -> Path:
+    """``spec``'s checkpoint directory that `generate` uses by default (see the module docstring for the order)."""
     root = cache_root(cache_dir)
     if root.exists() and not root.is_dir():
         raise WanError(f"the cache {root} is a file, not a directory", hint="give the cache's directory with --cache-dir or WAN_I2V_HOME")
-    found = find_checkpoint_dir(root)
+    found = find_checkpoint_dir(root, spec)
     if found is None:
-        raise WanError(f"no {SPEC.repo_id} checkpoint in {root}", hint="run `wan-i2v cache quick`, or pass --ckpt-dir")
+        raise WanError(f"no {spec_for(spec).repo_id} checkpoint in {root}", hint=f"run `wan-i2v cache quick{model_option(spec)}`, or pass --ckpt-dir")
     return found

@@ -89,6 +89,18 @@ def generate_and_write(session, image, settings, *, progress: bool, save_file: P
     return result
 
 
+def run_model(options):
+    """The model a command runs: --model, else the checkpoint's, else the default's (where no checkpoint
+    is found, the run's planning says so, after everything typed has been checked)."""
+    from wan_i2v import session as runs
+
+    try:
+        ckpt_dir = runs.checkpoint_dir(options)
+    except WanError:
+        ckpt_dir = None
+    return runs.model_spec(options, ckpt_dir)
+
+
 def settings_from(args, spec=DEFAULT_SPEC, **fixed):
     """The video's settings from the sampling flags; those not given: ``spec``'s model card's defaults
     (the command's number of steps, if it has one), or the distilled recipe. ``fixed``: settings the command has no flag for."""

@@ -14,7 +14,7 @@ from wan_i2v import session as runs
 from wan_i2v.cache.hub_files import is_hub_file
 from wan_i2v.commands import is_main
 from wan_i2v.commands.common import (
-    check_fits, exclusive, fresh_output, generate_and_write, keep_compiled_code, loras_from, mp4_path, settings_from, tell,
+    check_fits, exclusive, fresh_output, generate_and_write, keep_compiled_code, loras_from, mp4_path, run_model, settings_from, tell,
 )
 from wan_i2v.disk import check_space
 from wan_i2v.errors import WanError
@@ -31,7 +31,7 @@ def run(args) -> int:
     _official_meanings(args)
     # Everything the user typed is checked before minutes of model loading.
     options = options_from(args)
-    spec = _model(options)
+    spec = run_model(options)
     settings = settings_from(args, spec)
     loras = loras_from(options.loras, spec)
     if args.image is None and spec.conditioning.target.needs_image:
@@ -47,10 +47,7 @@ def run(args) -> int:
     if is_main():
         check_writable(save_file)
         check_writable(latents_file)
-    if settings.height is not None:
-        height, width = settings.height, settings.width
-    else:
-        height, width = spec.video_size(*((image.height, image.width) if image is not None else spec.defaults.text_to_video_shape), settings.max_area)
+    height, width = settings.video_size(*(() if image is None else (image.height, image.width)), spec=spec)
     # A refused combination is one line, with no plan.
     session_plan = runs.plan(replace(options, loras=loras), height=height, width=width, frame_num=settings.frame_num, guided=settings.guided,
                              dry_run=args.dry_run)  # fmt: skip
@@ -80,16 +77,6 @@ def run(args) -> int:
                            keep_latents=bool(args.save_latents), loading_seconds=time.perf_counter() - loading_started,
                            state_file=state_file, last_image=last_image)  # fmt: skip
     return 0
-
-
-def _model(options):
-    """The model the command runs: --model, else the checkpoint's, else the default's (where no checkpoint
-    is found, the run's planning says so, after everything typed has been checked)."""
-    try:
-        ckpt_dir = runs.checkpoint_dir(options)
-    except WanError:
-        ckpt_dir = None
-    return runs.model_spec(options, ckpt_dir)
 
 
 def _official_meanings(args) -> None:

@@ -75,13 +75,13 @@ def converted_blocks(blocks: Sequence[nn.Module], source: TensorSource, ring: St
         free = shutil.disk_usage(copy_dir).free
         if free < converted_bytes + KEEP_FREE:
             warnings.warn(
-                f"the converted copy of the {what} expert ({human_size(converted_bytes)}) does not fit in {folder} ({human_size(free)} free): "
+                f"the converted copy of {what} ({human_size(converted_bytes)}) does not fit in {folder} ({human_size(free)} free): "
                 "its blocks convert as they stream, which reads more"
             )
             return source
         existing = _write_once(blocks, source, ring, Path(folder), copy_dir, tensors, dtype=dtype, keep_fp32=keep_fp32, what=what, progress=progress)
     except OSError as exc:  # a folder not ours to write, the disk filled meanwhile: the run goes on without the copy
-        warnings.warn(f"cannot write the converted copy of the {what} expert in {folder} ({exc.strerror or exc}): its blocks convert as they stream")
+        warnings.warn(f"cannot write the converted copy of {what} in {folder} ({exc.strerror or exc}): its blocks convert as they stream")
         return source
     return existing if existing is not None else source
 
@@ -97,7 +97,7 @@ def _write_once(blocks, source, ring, folder: Path, copy_dir: Path, tensors, *, 
             for stale in copy_dir.glob(f"{SAFETENSORS_FILE}.partial-*"):  # a writer killed half-way (we hold the lock)
                 stale.unlink()
             _write(blocks, source, ring, copy_dir / SAFETENSORS_FILE, dtype=dtype, keep_fp32=keep_fp32, tensors=tensors,
-                   label=f"converting the {what} expert (once)", progress=progress)  # fmt: skip
+                   label=f"converting {what} (once)", progress=progress)  # fmt: skip
             expert_dir = str(Path(next(iter(source.files.values()))).resolve().parent)
             (copy_dir / COPY_NOTE).write_text(json.dumps({"expert_dir": expert_dir, "expert": what}))
             _remove_older_copies(folder, copy_dir, expert_dir)

@@ -53,14 +53,16 @@ class ExpertSpec:
     name: str
     folder: str  # its folder in the checkpoint directory (config.json and safetensors); "" for the directory itself
     boundary: int
-    label: str = ""  # how messages call it ("the high-noise expert"); its name where empty
+    label: str = ""  # the word lists call it by, and "the <label> expert" ("high-noise"); its name where empty
+    phrase: str = ""  # how a sentence names it where "the <label> expert" does not fit ("the DiT")
 
     def file(self, name: str) -> str:
         """The "/"-separated path of its file ``name`` in the checkpoint directory."""
         return f"{self.folder}/{name}" if self.folder else name
 
     def __str__(self) -> str:
-        return self.label or self.name
+        """How a sentence names it: "the high-noise expert", "the DiT"."""
+        return self.phrase or f"the {self.label or self.name} expert"
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,14 @@ class ModelSpec:
             )
         return height, width
 
+    def planned_size(self, max_area: int) -> tuple[int, int]:
+        """The (height, width) a server plans its GPUs for at ``max_area``: the video of a landscape 16:9
+        image, or for a model that makes videos without an image, the larger of that and its text-to-video one."""
+        sizes = [self.video_size(720, 1280, max_area)]
+        if not self.conditioning.target.needs_image:  # (imports the strategies, and torch: only a run plans)
+            sizes.append(self.video_size(*self.defaults.text_to_video_shape, max_area))
+        return max(sizes, key=lambda size: size[0] * size[1])
+
     def dit_tokens(self, frame_num: int, height: int, width: int) -> int:
         """The DiT's sequence length for a video of ``frame_num`` frames of ``height`` x ``width`` pixels."""
         return self.latent_frames(frame_num) * (height // self.size_multiple) * (width // self.size_multiple)
@@ -343,7 +353,7 @@ WAN22_I2V_A14B = ModelSpec(
 WAN22_TI2V_5B = ModelSpec(
     name="Wan2.2-TI2V-5B",
     repo_id="Wan-AI/Wan2.2-TI2V-5B",
-    experts=(ExpertSpec("dit", "", 0, "the DiT"),),  # one dense DiT, its files at the top of the checkpoint
+    experts=(ExpertSpec("dit", "", 0, phrase="the DiT"),),  # one dense DiT, its files at the top of the checkpoint
     files=CheckpointFiles(
         vae="Wan2.2_VAE.pth",
         text_encoder="models_t5_umt5-xxl-enc-bf16.pth",

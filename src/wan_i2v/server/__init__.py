@@ -19,6 +19,7 @@ from wan_i2v.server.access import Tokens, server_tokens
 from wan_i2v.server.app import create_app
 from wan_i2v.config import SamplingDefaults
 from wan_i2v.server.job_form import job_settings
+from wan_i2v.server.requests import model_name
 from wan_i2v.server.runner import Runner
 from wan_i2v.server.store import JobStore
 
@@ -73,7 +74,7 @@ def serve(open_session, *, state_dir: Path, host: str, port: int, tokens: Tokens
         failure.append(exc)
         server.should_exit = True
 
-    runner = Runner(store, open_session, on_failure=failed)
+    runner = Runner(store, open_session, on_failure=failed, model=model_name(defaults.model))
     config.app = create_app(store, runner, tokens=tokens, max_upload_bytes=int(max_upload_mb * 2**20), defaults=defaults,
                             capacity=capacity, allowed_hosts=allowed_hosts, loopback=_loopback(host), step_cache=step_cache)  # fmt: skip
     counts = store.counts()

@@ -10,12 +10,12 @@ from fastapi import Depends, Request
 from fastapi.exceptions import HTTPException
 
 from wan_i2v.config import SamplingDefaults
+from wan_i2v.models.spec import ModelSpec, spec_for
 from wan_i2v.server.access import Client
 from wan_i2v.server.capacity import Capacity
 from wan_i2v.server.events import JobEvents
 from wan_i2v.server.store import Job, JobStore
 from wan_i2v.transforms.step_cache_config import StepCacheConfig
-
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,16 @@ class ServerContext:
     loopback: bool
     metrics: Any  # prometheus_client's registry, read from the queue at each scrape
     step_cache: StepCacheConfig | None = None  # the loaded pipeline's (its threshold: the jobs' default)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model served (the defaults are its own)."""
+        return spec_for(self.defaults.model)
+
+    @property
+    def needs_image(self) -> bool:
+        """The served model makes videos from an image only (its conditioning says): a job without one is refused."""
+        return self.spec.conditioning.target.needs_image
 
 
 def refuse(status: int, message: str):

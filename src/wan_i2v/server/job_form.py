@@ -10,7 +10,7 @@ pydantic's own parsing would take ``1_7`` for 17 and ``1.0`` for 1."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Request
@@ -19,7 +19,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 from wan_i2v.config import GenerationSettings, SamplingDefaults, guide_pair
 from wan_i2v.errors import WanError, option
 from wan_i2v.server.context import Context, refuse
-from wan_i2v.server.requests import MAX_IDEMPOTENCY_KEY, TooLarge, check_image, check_openai_fields, check_text_fields, read_limited, replaying
+from wan_i2v.server.requests import (
+    MAX_IDEMPOTENCY_KEY, TooLarge, check_image, check_openai_fields, check_text_fields, model_name, read_limited, replaying,
+)
 from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
 
@@ -99,9 +101,11 @@ class JobFields(BaseModel):
                                      solver=self.solver, height=self.height, width=self.width, fps=self.fps)  # fmt: skip
 
     def stored(self, settings: GenerationSettings, defaults: SamplingDefaults, step_cache: StepCacheConfig | None = None) -> dict:
-        """``settings`` as the queue stores them: with the size as asked (an exact one as WIDTH*HEIGHT) and the negative prompt as sent."""
+        """``settings`` as the queue stores them: with the size as asked (an exact one as WIDTH*HEIGHT), the negative prompt as sent
+        and the model that runs them (the server's)."""
         size = self.size or (f"{settings.width}*{settings.height}" if settings.height is not None else defaults.size)
-        return {**settings.as_dict(), "size": size, "negative_prompt": self.negative_prompt, **self._step_cache(step_cache)}
+        return {**settings.as_dict(), "size": size, "negative_prompt": self.negative_prompt, "model": model_name(defaults.model),
+                **self._step_cache(step_cache)}  # fmt: skip
 
     def _step_cache(self, server: StepCacheConfig | None) -> dict:
         loaded = server is not None and server.on
@@ -123,7 +127,7 @@ def job_settings(form, defaults: SamplingDefaults, step_cache: StepCacheConfig |
 class JobRequest:
     """A checked request for a video."""
 
-    image: bytes
+    image: bytes | None  # None: text-to-video (the settings say "text_to_video"), for a model that makes it
     settings: dict  # with "last_image_file_sha256", the SHA-256 of the last image's file, when one is given
     idempotency_key: str | None
     seed_given: bool  # (a seed drawn for the job is not part of the request)
@@ -150,25 +154,34 @@ async def job_request(request: Request, context: Context) -> JobRequest:
         form = await Request(request.scope, replaying(body)).form()
     except Exception as exc:  # not multipart, or cut short
         refuse(400, f"send a multipart form with input_reference (the image) and prompt: {exc}")
+    spec = context.spec
     upload = form.get("input_reference")
-    if upload is None or isinstance(upload, str):
+    if isinstance(upload, str) or (upload is None and context.needs_image):
         refuse(400, "input_reference is required: the image file (PNG, JPEG or WebP)")
     if form.get("prompt") is None:
         refuse(400, "prompt is required (it may be empty)")
     last_upload = form.get("last_image")
     if isinstance(last_upload, str):
         refuse(400, "last_image must be a file, the video's last frame (with curl: -F last_image=@FILE)")
-    image = await upload.read()
+    if last_upload is not None and upload is None:
+        refuse(400, "last_image needs input_reference, the first frame: give both, or neither for text-to-video")
+    image = None if upload is None else await upload.read()
     last_image = None if last_upload is None else await last_upload.read()
     try:
         check_text_fields(form)
-        check_openai_fields(form)
+        check_openai_fields(form, spec)
         fields = JobFields.of(form)
         generation = fields.generation_settings(context.defaults)
+        if image is not None:  # its aspect rules: the size's text-to-video shape is no setting of this video
+            generation = replace(generation, text_to_video_shape=None)
         settings = fields.stored(generation, context.defaults, context.step_cache)
-        height, width = await check_image(image, upload.filename, generation)
+        if image is None:
+            height, width = generation.video_size(spec=spec)
+            settings["text_to_video"] = True
+        else:
+            height, width = await check_image(image, upload.filename, generation, spec=spec)
         if last_image is not None:
-            await check_image(last_image, last_upload.filename, generation, "last_image")
+            await check_image(last_image, last_upload.filename, generation, "last_image", spec)
             settings["last_image_file_sha256"] = hashlib.sha256(last_image).hexdigest()
     except WanError as exc:
         refuse(400, str(exc))

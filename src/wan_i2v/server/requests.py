@@ -10,10 +10,17 @@ from concurrent.futures import ThreadPoolExecutor
 import warnings
 
 from wan_i2v.errors import WanError
-from wan_i2v.models.spec import spec_for
+from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
 
 MAX_IMAGE_PIXELS = 64_000_000  # phone photos reach 50 MP; a decoded 64 MP image is 192 MB of RGB
-MODEL = spec_for().name.lower()  # the name the OpenAI API gives the served model
+
+
+def model_name(spec=DEFAULT_SPEC) -> str:
+    """The name the OpenAI API gives a model (``spec``, or its name)."""
+    return spec_for(spec).name.lower()
+
+
+MODEL = model_name()  # a job's model where it names none (queued before servers served other models)
 MAX_IDEMPOTENCY_KEY = 255  # as Stripe's
 TEXT_FIELDS = ("model", "seconds", "prompt", "negative_prompt", "size", "height", "width", "frame_num", "steps", "guide_scale", "shift", "seed", "solver", "fps",
                "step_cache")
@@ -63,23 +70,28 @@ def check_text_fields(form) -> None:
             raise WanError(f"{name} must be a text field, not a file (with curl: -F {name}=VALUE, not -F {name}=@FILE)")
 
 
-def check_openai_fields(form) -> None:
-    """The OpenAI fields this server does not honour are refused rather than silently ignored."""
+def check_openai_fields(form, spec=DEFAULT_SPEC) -> None:
+    """The OpenAI fields this server does not honour are refused rather than silently ignored; a
+    ``model`` other than the one served (``spec``), by any of its names, is refused."""
+    spec = spec_for(spec)
     if form.get("seconds") is not None:
-        raise WanError(f"seconds is not read by this server: give frame_num instead ({spec_for().fps} frames a second, 4n+1 frames: 81 is 5 s)")
+        frames = spec.defaults.frame_num
+        raise WanError(f"seconds is not read by this server: give frame_num instead ({spec.fps} frames a second, 4n+1 frames: "
+                       f"{frames} is {(frames - 1) / spec.fps:g} s)")  # fmt: skip
     model = form.get("model")
-    if model is not None and model != MODEL:
-        raise WanError(f"model {model!r} is not served here: only {MODEL!r} (or leave model out)")
+    if model is not None and model.lower() not in (spec.name.lower(), *spec.aliases):
+        raise WanError(f"model {model!r} is not served here: only {model_name(spec)!r} (or leave model out)")
 
 
-async def check_image(image: bytes, filename: str | None, settings, field: str = "input_reference") -> tuple[int, int]:
+async def check_image(image: bytes, filename: str | None, settings, field: str = "input_reference", spec=DEFAULT_SPEC) -> tuple[int, int]:
     """Refuse an image too large to decode from its header's size alone, then decode it (two at a
     time at most) to check that it is a whole image of a usable shape; returns the video's (height,
-    width) for it as the first frame of ``settings``' video (a ``GenerationSettings``). ``field``: the form's field it came in."""
-    return await asyncio.get_running_loop().run_in_executor(_decoders, _check_image, image, filename, settings, field)
+    width) for it as the first frame of ``settings``' video (a ``GenerationSettings``) of the model
+    ``spec``. ``field``: the form's field it came in."""
+    return await asyncio.get_running_loop().run_in_executor(_decoders, _check_image, image, filename, settings, field, spec)
 
 
-def _check_image(image: bytes, filename: str | None, settings, field: str) -> tuple[int, int]:
+def _check_image(image: bytes, filename: str | None, settings, field: str, spec) -> tuple[int, int]:
     from PIL import Image
 
     from wan_i2v.video import load_image
@@ -99,7 +111,7 @@ def _check_image(image: bytes, filename: str | None, settings, field: str) -> tu
     if width * height > MAX_IMAGE_PIXELS:
         raise WanError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} MP), {limit}", hint)
     picture = load_image(image, name=name)
-    return settings.video_size(picture.height, picture.width)
+    return settings.video_size(picture.height, picture.width, spec)
 
 
 def same_request(known_settings: dict, known_image: bytes | None, settings: dict, image: bytes, seed_given: bool) -> bool:

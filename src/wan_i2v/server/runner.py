@@ -8,11 +8,13 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from wan_i2v.config import GenerationSettings
 from wan_i2v.errors import WanError, first_line, is_out_of_memory
 from wan_i2v.models.spec import spec_for
 from wan_i2v.server.queue import QueueUnreachable
+from wan_i2v.server.requests import MODEL
 from wan_i2v.server.store import Job, JobStore, exception_chain, is_disk_full
 
 log = logging.getLogger("wan_i2v.server")
@@ -75,11 +77,14 @@ class _JobWatch:
 
 
 class Runner:
-    """Runs jobs from ``store`` on the session ``open_session()`` returns, in a thread of its own."""
+    """Runs jobs from ``store`` on the session ``open_session()`` returns (of the model named ``model``,
+    as the API names it), in a thread of its own."""
 
-    def __init__(self, store: JobStore, open_session: Callable, *, on_failure: Callable[[BaseException], None] = lambda exc: None):
+    def __init__(self, store: JobStore, open_session: Callable, *, on_failure: Callable[[BaseException], None] = lambda exc: None,
+                 model: str = MODEL):  # fmt: skip
         self.store = store
         self.open_session = open_session
+        self.model = model
         self.on_failure = on_failure  # the session could not be opened: the server cannot run anything
         self.status = "loading"  # then "ready", or "failed"
         self.wake = threading.Event()
@@ -147,6 +152,11 @@ class Runner:
         if self.store.video_path(job.id).is_file():  # written before a kill, its completion not yet recorded
             self._recorded(lambda: self._record(job.id, "completed", error=None, peak_memory_gb=None))
             return session
+        wanted = job.settings.get("model", MODEL)
+        if wanted != self.model:  # taken in by a server of another model sharing the queue
+            error = f"the job is for {wanted}, and the server that took it runs {self.model}: the servers sharing a queue must serve one model"
+            self._recorded(lambda: self._record(job.id, "failed", error=error, peak_memory_gb=None))
+            return session
         log.info("running %s (%s)", job.id, "resuming" if self.store.state_path(job.id).is_file() else "new")
         started = time.monotonic()
         waited = time.time() - job.created_at
@@ -164,7 +174,7 @@ class Runner:
         try:
             with _JobWatch(self.store, job.id, self.stopping) as watch:
                 result = session.generate(
-                    self.store.image_path(job.id), settings=_generation_settings(settings), progress=False, state_file=self.store.state_path(job.id),
+                    None if settings.get("text_to_video") else self.store.image_path(job.id), settings=_generation_settings(settings), progress=False, state_file=self.store.state_path(job.id),
                     video_file=self.store.video_path(job.id), cancel=watch, on_step=on_step, step_cache=settings.get("step_cache"),
                     last_image=self.store.last_image_path(job.id) if settings.get("last_image_file_sha256") else None,
                 )  # fmt: skip
@@ -265,7 +275,8 @@ class Runner:
 def _generation_settings(stored: dict) -> GenerationSettings:
     """A job's settings as the queue stores them (its seed drawn at submission), for the session."""
     sampling = ("max_area", "frame_num", "steps", "shift", "guide_scale", "seed", "solver", "height", "width", "fps")
-    return GenerationSettings.of(stored["prompt"], stored["negative_prompt"], **{name: stored.get(name) for name in sampling})  # (a job queued before a setting existed: its default)
+    settings = GenerationSettings.of(stored["prompt"], stored["negative_prompt"], **{name: stored.get(name) for name in sampling})  # (a job queued before a setting existed: its default)
+    return replace(settings, text_to_video_shape=stored.get("text_to_video_shape"))
 
 
 def files_estimate(settings: dict) -> int:

@@ -22,7 +22,7 @@ class Video(BaseModel):
 
     id: str
     object: Literal["video"] = "video"
-    model: str = MODEL
+    model: str
     status: str
     progress: int  # percent
     created_at: int
@@ -52,7 +52,8 @@ class Video(BaseModel):
             completed_at=None if job.completed_at is None else int(job.completed_at),
             error=None if job.error is None else VideoError(message=job.error),
             prompt=settings["prompt"],
-            seconds=f"{(settings['frame_num'] - 1) / settings.get('fps', spec_for().fps):g}",  # (a job queued before the fps setting: the model's)
+            model=settings.get("model", MODEL),
+            seconds=f"{(settings['frame_num'] - 1) / settings.get('fps', spec_for(settings.get('model', MODEL)).fps):g}",  # (a job queued before the fps setting: the model's)
             size=settings["size"],
             seed=settings["seed"],
             step=settings["steps"] if completed else job.step,  # (its last step's write may have been missed)
@@ -89,11 +90,13 @@ class ErrorBody(BaseModel):
 
 
 class ModelCard(BaseModel):
-    id: str = MODEL
+    id: str
     object: Literal["model"] = "model"
     owned_by: str = "wan-i2v"
     default_size: str
     default_frame_num: int
+    fps: int  # the videos' frame rate unless a job gives its own
+    text_to_video: bool  # a job may leave out the image
     max_frame_num: dict[str, int] | None = None  # at the default size ("WIDTHxHEIGHT"), when the loaded plan limits it
 
 

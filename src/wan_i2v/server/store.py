@@ -327,9 +327,9 @@ class JobStore:
         values["settings"] = json.loads(values["settings"])
         return Job(**values)
 
-    def submit(self, image: bytes, settings: dict, idempotency_key: str | None = None, client: str | None = None,
+    def submit(self, image: bytes | None, settings: dict, idempotency_key: str | None = None, client: str | None = None,
                last_image: bytes | None = None) -> tuple[Job, bool]:  # fmt: skip
-        """Queue ``client``'s job (its image, and its last frame's if given, written first); returns
+        """Queue ``client``'s job (its image if given, and its last frame's, written first); returns
         (job, created). A key that client used before returns that key's job instead; a full queue is refused."""
         if idempotency_key is not None and (known := self.by_key(idempotency_key, client)) is not None:
             return known, False
@@ -339,7 +339,8 @@ class JobStore:
         directory = self.job_dir(job_id)
         directory.mkdir()
         try:
-            write_atomically(self.image_path(job_id), lambda tmp: tmp.write_bytes(image))
+            if image is not None:
+                write_atomically(self.image_path(job_id), lambda tmp: tmp.write_bytes(image))
             if last_image is not None:
                 write_atomically(self.last_image_path(job_id), lambda tmp: tmp.write_bytes(last_image))
             with self._db(write=True) as db:

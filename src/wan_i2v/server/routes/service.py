@@ -9,8 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily
 
 from wan_i2v.config import parse_size
-from wan_i2v.models.spec import spec_for
 from wan_i2v.server.context import Context, RequestClient, refuse
+from wan_i2v.server.requests import model_name
 from wan_i2v.server.schemas import Health, ModelCard, ModelList
 from wan_i2v.server.store import JobStore
 
@@ -19,9 +19,10 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model_exclude_none=True)
 def models(context: Context) -> ModelList:
-    defaults = context.defaults
-    height, width = spec_for().video_size(720, 1280, parse_size(defaults.size)[0])  # (the shape the server was planned for)
-    card = ModelCard(default_size=defaults.size, default_frame_num=defaults.frame_num)
+    defaults, spec = context.defaults, context.spec
+    height, width = spec.planned_size(parse_size(defaults.size, spec)[0])  # (the shape the server was planned for)
+    card = ModelCard(id=model_name(spec), default_size=defaults.size, default_frame_num=defaults.frame_num, fps=spec.fps,
+                     text_to_video=not context.needs_image)  # fmt: skip
     if context.capacity is not None:
         card.max_frame_num = {f"{width}x{height}": context.capacity.largest_frame_num(height, width)}
     return ModelList(data=[card])
