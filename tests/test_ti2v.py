@@ -5,6 +5,7 @@ import json
 import pytest
 
 from wan_i2v.config import OFFICIAL, GenerationSettings, SamplingDefaults
+from wan_i2v.errors import WanError
 from wan_i2v.models.spec import WAN22_I2V_A14B, WAN22_TI2V_5B, spec_for, spec_of_checkpoint
 
 
@@ -114,3 +115,13 @@ def test_a_checkpoint_of_another_model_than_asked_is_refused(tiny_checkpoint, ca
     assert main(["generate", "--model", "ti2v-5b", "--ckpt-dir", str(tiny_checkpoint), "--prompt", "a boat", "--dry-run"]) == 2
     assert capsys.readouterr().err.strip() == (f"wan-i2v: error: the checkpoint in {tiny_checkpoint} is Wan2.2-I2V-A14B, not Wan2.2-TI2V-5B "
                                                "(give --ckpt-dir a Wan2.2-TI2V-5B checkpoint, or leave out --model)")
+
+
+def test_generate_with_a_model_looks_for_that_models_checkpoint_in_the_cache(tmp_path):
+    from wan_i2v.options import RunOptions
+    from wan_i2v.session import checkpoint_dir
+
+    with pytest.raises(WanError, match=r"no Wan-AI/Wan2.2-TI2V-5B checkpoint in .*cache quick --model ti2v-5b"):
+        checkpoint_dir(RunOptions(model="ti2v-5b", cache_dir=str(tmp_path)))
+    with pytest.raises(WanError, match=r"no Wan-AI/Wan2.2-I2V-A14B checkpoint in "):
+        checkpoint_dir(RunOptions(cache_dir=str(tmp_path)))

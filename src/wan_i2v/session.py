@@ -70,9 +70,10 @@ def check_device(device: str) -> None:
 
 
 def checkpoint_dir(options: RunOptions) -> Path:
+    """``ckpt_dir``, else the model's checkpoint in the cache (``model``'s, else the default model's)."""
     if options.ckpt_dir:
         return Path(options.ckpt_dir)
-    return resolve_checkpoint_dir(options.cache_dir)
+    return resolve_checkpoint_dir(options.cache_dir, options.model or DEFAULT_SPEC)
 
 
 def model_spec(options: RunOptions, ckpt_dir: Path | None) -> ModelSpec:
