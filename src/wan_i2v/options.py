@@ -179,13 +179,14 @@ class RunOptions:
         help="experts (the default when given bare): only the active expert on the GPU, for 80 GB cards; "
              "blocks: each expert's blocks streamed from the checkpoint, for 24-48 GB cards (default: chosen to fit the GPU's and the host's memory)",
     )  # fmt: skip
-    # {"high": [path, (path, strength), ...], "low": [...]} or a Loras: merged into the experts as they load
+    # {expert name: [path, (path, strength), ...], ...} or a Loras: merged into the experts as they load
     loras: object = option(
         None, "--lora", action=_LoraFiles, const="both", metavar="PATH[:STRENGTH]",
         help="a LoRA .safetensors for both experts (strength 1 unless given): a file, or one on the Hugging Face hub as "
              "hf://OWNER/REPO/PATH or hf://OWNER/REPO@REVISION/PATH (fetched into the cache once); repeat for more, applied in order",
-        more=(Flag(("--lora-high",), "a LoRA for the high-noise expert only", {"action": _LoraFiles, "const": "high", "metavar": "PATH[:STRENGTH]"}),
-              Flag(("--lora-low",), "a LoRA for the low-noise expert only", {"action": _LoraFiles, "const": "low", "metavar": "PATH[:STRENGTH]"})),
+        # One flag per expert of the models with several (--lora-high, --lora-low for the A14B).
+        more=tuple(Flag((f"--lora-{name}",), f"a LoRA for {expert} only", {"action": _LoraFiles, "const": name, "metavar": "PATH[:STRENGTH]"})
+                   for name, expert in {expert.name: expert for spec in SPECS.values() if len(spec.experts) > 1 for expert in spec.experts}.items()),
         read=_lora_files,
     )  # fmt: skip
     distilled: bool = option(
