@@ -175,17 +175,16 @@ def main(argv=None) -> None:
 
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "command": " ".join(sys.argv), "frames": args.frames, "steps": args.steps, "tokens": forward_shapes(args.frames)["tokens"]}  # fmt: skip
-    if "forward" in args.parts:
-        report["forward"] = forward(args)
-    if "video" in args.parts:
-        report["video"] = video(args, None)
-    if "capped" in args.parts:
-        report["capped"] = video(args, args.cap_gb)
-        if "video" in report:
+    if args.json and args.json.is_file():  # a run split over several calls adds its parts
+        report = {**json.loads(args.json.read_text()), **{key: report[key] for key in ("date", "torch", "device")}}
+    runs = {"forward": lambda: forward(args), "video": lambda: video(args, None), "capped": lambda: video(args, args.cap_gb)}
+    for part in args.parts:
+        report[part] = runs[part]()
+        if part == "capped" and "video" in report:
             report["capped_over_uncapped"] = report["capped"]["seconds"] / report["video"]["seconds"]
             print(f"under {args.cap_gb:g} GiB: {report['capped_over_uncapped']:.2f}x the uncapped time (target <= 1.15)", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+        if args.json:  # after each part: a call cut by its time limit keeps the parts it finished
+            args.json.write_text(json.dumps(report, indent=2, default=str))
 
 
 if __name__ == "__main__":
