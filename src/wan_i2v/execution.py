@@ -222,9 +222,10 @@ class PlannedRun:
             have.append(f"{self.gpu_bytes / GiB:.0f} GiB per GPU")
         if self.host_bytes is not None:
             have.append(f"{self.host_bytes / GiB:.0f} GiB of host memory")
+        memory_flags = f"{option('gpu_memory')}/{option('host_memory')}" if self.plan.on_gpu else option("host_memory")  # the CPU has no GPU memory to give
         return WanError(f"this video needs a machine with at least {self.needed}; planned for {' and '.join(have) or 'no limit'}",
                         f"use a smaller {option('size')}, fewer {option('frame_num')}" + (f", more {option('gpus')}" if self.plan.on_gpu else "")
-                        + f", or give {option('gpu_memory')}/{option('host_memory')} if more is free")  # fmt: skip
+                        + f", or give {memory_flags} if more is free")  # fmt: skip
 
 
 def plan_run(
