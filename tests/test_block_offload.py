@@ -4,6 +4,7 @@ a shard that goes missing or short mid-run is one line."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,6 +241,30 @@ def test_kept_blocks_arrive_once_and_stay_while_the_others_stream_through(six_bl
                 assert ring.reads[key] in expected_reads, (key, ring.reads[key], forward)
     offload.release()
     assert offload.resident_blocks() == []
+
+
+def test_kept_blocks_can_leave_the_page_cache_once_they_arrived(six_blocks, monkeypatch):
+    """With ``forget_kept`` (a host whose page cache cannot hold what the run reads), each kept block's
+    file ranges are let go (POSIX_FADV_DONTNEED) once, after its reads; the streamed blocks' are never,
+    and the output is the same."""
+    plain, source = build_dit(six_blocks, dtype=torch.float32)
+    load_strict(plain, source, device="cpu", dtype=torch.float32, keep_fp32=keeps_fp32, ring=StagingRing(BlockStream.slot_bytes(plain.blocks, source), DEPTH, "cpu"))
+    model, source = build_dit(six_blocks, dtype=torch.float32)
+    ring = StagingRing(BlockStream.slot_bytes(model.blocks, source), DEPTH, "cpu")
+    load_outside_blocks(model, source, ring, torch.float32, keeps_fp32)
+    advised = []
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
+                        or real_fadvise(fd, offset, length, advice))  # fmt: skip
+    offload = BlockOffload(model, source, ring, dtype=torch.float32, keep_fp32=keeps_fp32, ahead=1, keep=[0, 3], forget_kept=True)
+    inputs = dit_inputs(model.config)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(*inputs), plain(*inputs))
+    kept_ranges = sorted((str(Path(fill.file.path).resolve()), fill.file.offset, fill.file.nbytes, os.POSIX_FADV_DONTNEED)
+                         for index in (0, 3) for fill in offload.fills[index])  # fmt: skip
+    assert sorted((str(Path(path).resolve()), *rest) for path, *rest in advised) == kept_ranges  # each once, over three forwards
+    offload.release()
 
 
 def test_a_text_encoder_that_streams_its_blocks_encodes_the_same_and_holds_two_of_them(tiny_checkpoint, tmp_path):

@@ -232,3 +232,27 @@ def test_the_decoders_free_memory_is_held_to_the_per_process_cap(monkeypatch, fr
     else:
         monkeypatch.delattr(cuda, "get_per_process_memory_fraction", raising=False)
         assert free_gpu_bytes(torch.device("cuda")) == 61 * GiB
+
+
+def test_kept_blocks_leave_the_page_cache_only_where_it_cannot_hold_what_the_run_reads():
+    """The bench's machine (bf16 checkpoint: two experts of 40 blocks of 0.65 GiB, umT5 of 10.6 GiB,
+    62.6 GiB read in all) at 24 GiB of GPU: with 32 GiB of host memory the kept blocks' pages make way
+    for the streamed ones'; with 128 GiB the cache holds everything and keeps them."""
+    from dataclasses import replace
+
+    from wan_i2v.execution import plan_run
+    from wan_i2v.parallel.plan import model_sizes
+
+    sizes = model_sizes(None)
+    sizes = replace(sizes, stored_block=sizes.block)  # stored in bf16, as the bench's checkpoint
+    read = sizes.text_encoder + 2 * 40 * sizes.block
+    assert 60 * GiB < read < 64 * GiB
+    base = ExecutionPlan(torch.device("cuda"), torch.bfloat16)
+    hd = dict(tokens=21 * 45 * 80, pixels=1280 * 720)
+    small = plan_run(base, sizes, gpus=1, gpu_bytes=24 * GiB, host_bytes=32 * GiB, guided=False, **hd)
+    assert small.plan.kept_blocks and small.plan.forget_kept_pages
+    assert "(their pages left out of the page cache)" in small.plan.describe()
+    large = plan_run(base, sizes, gpus=1, gpu_bytes=24 * GiB, host_bytes=128 * GiB, guided=False, **hd)
+    assert large.plan.kept_blocks == small.plan.kept_blocks and not large.plan.forget_kept_pages
+    resident = plan_run(base, sizes, gpus=1, gpu_bytes=80 * GiB, host_bytes=32 * GiB, guided=False, **hd)
+    assert not resident.plan.kept_blocks and not resident.plan.forget_kept_pages  # nothing streams

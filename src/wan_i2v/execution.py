@@ -56,6 +56,8 @@ class ExecutionPlan:
     keep_text_encoder: bool = False
     stream_text_encoder: bool = False  # a visiting text encoder's blocks stream through the GPU (it does not fit whole)
     kept_blocks: int = 0  # with --offload blocks: the active expert's blocks that stay on the GPU (what it has room for)
+    # ... and their file pages dropped from the page cache once there: the host's cache cannot hold a whole expert beside the run
+    forget_kept_pages: bool = False
     decode_frame_by_frame: bool = False  # one GPU decodes one output frame at a time: the whole latent frame's do not fit
     loras: Loras = Loras()
     model: ModelSpec | str = DEFAULT_SPEC  # the model's spec (``models/spec.py``), which the pipeline loads
@@ -135,7 +137,8 @@ class ExecutionPlan:
 
     def describe(self) -> str:
         where = ("GPUs" if self.dims.world > 1 else "a GPU") if self.on_gpu else "the CPU"
-        extras = [f"{self.kept_blocks} blocks of the active expert kept on the GPU"] if self.kept_blocks else []
+        kept = f"{self.kept_blocks} blocks of the active expert kept on the GPU" + (" (their pages left out of the page cache)" if self.forget_kept_pages else "")
+        extras = [kept] if self.kept_blocks else []
         extras += ["the text encoder's blocks streamed"] if self.stream_text_encoder and self.text_encoder_visits else []
         return "; ".join([self.dims.describe(self.on_gpu), self.placement.describe(self.dims, self.on_gpu, self.model), *extras, f"on {where}"])
 
@@ -257,8 +260,13 @@ def plan_run(
         encode_bytes=base.encode_dtype.itemsize, keep_text_encoder=base.keep_text_encoder, step_cache_bytes=base.step_cache_bytes, guided=guided,
         on_gpu=base.on_gpu, spawned=spawned,
     )  # fmt: skip
+    # Streamed blocks are read every step, the kept ones once an expert: where the page cache left
+    # beside the run cannot hold all the run reads (the text encoder, every expert's blocks), the
+    # kept blocks' pages give way to the streamed ones'.
+    read = sizes.text_encoder + sizes.experts * sizes.blocks * (sizes.stored_block or sizes.block)
+    forget_kept = choice.kept_blocks > 0 and host_bytes is not None and host_bytes - choice.host.total < read
     plan = replace(base, dims=choice.dims, offload=Offload.parse(choice.placement.offload), stream_text_encoder=choice.stream_text_encoder,
-                   kept_blocks=choice.kept_blocks, decode_frame_by_frame=choice.decode_frame_by_frame)  # fmt: skip
+                   kept_blocks=choice.kept_blocks, decode_frame_by_frame=choice.decode_frame_by_frame, forget_kept_pages=forget_kept)  # fmt: skip
     return PlannedRun(plan, choice.estimate, choice.fits, gpu_bytes, choice.host, host_bytes, machine_needed(choice, base.on_gpu), capped)
 
 

@@ -221,7 +221,8 @@ class I2VPipeline:
             experts = (
                 ExpertSwap(experts, sources, ring, spec.experts, dtype=plan.dtype, keep_fp32=keeps_fp32)
                 if plan.offload is Offload.EXPERTS
-                else StreamedExperts(experts, sources, ring, spec.experts, dtype=plan.dtype, keep_fp32=keeps_fp32, kept=plan.kept_blocks)
+                else StreamedExperts(experts, sources, ring, spec.experts, dtype=plan.dtype, keep_fp32=keeps_fp32, kept=plan.kept_blocks,
+                                     forget_kept=plan.forget_kept_pages)
             )
         else:
             experts = Experts(experts, spec.experts)

@@ -242,6 +242,14 @@ class StagingRing:
                 raise self._read_error(piece, f"the file ends before byte {position + len(view)} (it is {os.fstat(fd).st_size} bytes: truncated?)")
             done += count
 
+    def forget_pages(self, ranges: Sequence[FileRange]) -> None:
+        """Let the page cache drop these file ranges' pages now (``POSIX_FADV_DONTNEED``): their bytes
+        are on the device for as long as they are needed, and a machine whose cache cannot hold a
+        whole expert keeps the pages read every step (the streamed blocks') instead. Nothing is lost:
+        a dropped page is read from the file when asked for again."""
+        for file in ranges:
+            os.posix_fadvise(self._fd(file.path), file.offset, file.nbytes, os.POSIX_FADV_DONTNEED)
+
     def open(self, paths) -> None:
         """Open the files now (a file removed later is then still read as it was)."""
         for path in sorted(paths):

@@ -99,9 +99,10 @@ class BlockStream:
     """
 
     def __init__(self, blocks: Sequence[nn.Module], source: TensorSource, ring: StagingRing, *, dtype: torch.dtype,
-                 keep_fp32, ahead: int, keep: Collection[int]):  # fmt: skip
+                 keep_fp32, ahead: int, keep: Collection[int], forget_kept: bool = False):  # fmt: skip
         self.blocks = list(blocks)
         self.keep = frozenset(keep)
+        self.forget_kept = forget_kept  # the kept blocks' file pages are dropped from the page cache once they arrived
         self.ring = ring
         self.device = ring.device
         self.dtype, self.keep_fp32 = dtype, keep_fp32
@@ -193,6 +194,8 @@ class BlockStream:
         batch = self.requested.pop(index)
         with torch.no_grad():
             self.ready[index] = batch.complete(self.copy_stream)
+        if self.forget_kept and index in self.keep:  # its reads are done: complete waited for them
+            self.ring.forget_pages([fill.file for fill in self.fills[index] if fill.file is not None])
 
     def _wait(self, index: int) -> None:
         event = self.ready[index]
@@ -252,8 +255,9 @@ class BlockOffload(BlockStream):
     """A DiT whose embeddings and head stay on the device while its blocks stream through it; the
     blocks in ``keep`` (what the GPU has room for) stay once they arrived."""
 
-    def __init__(self, model: nn.Module, source: TensorSource, ring: StagingRing, *, dtype: torch.dtype, keep_fp32, ahead: int = 1, keep: Collection[int] = ()):
-        super().__init__(model.block_stack(), source, ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=keep)
+    def __init__(self, model: nn.Module, source: TensorSource, ring: StagingRing, *, dtype: torch.dtype, keep_fp32, ahead: int = 1, keep: Collection[int] = (),
+                 forget_kept: bool = False):  # fmt: skip
+        super().__init__(model.block_stack(), source, ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=keep, forget_kept=forget_kept)
 
 
 def spread(kept: int, count: int) -> list[int]:
@@ -265,12 +269,13 @@ def spread(kept: int, count: int) -> list[int]:
 class StreamedExperts(Experts):
     """Every expert's blocks stream through the device one or two at a time (``--offload blocks``);
     ``kept`` blocks of the active expert (what the GPU has room for, spread out) stay on it while
-    the expert runs."""
+    the expert runs; with ``forget_kept`` their file pages leave the page cache once they arrived."""
 
     def __init__(self, models: dict[str, nn.Module], sources: dict[str, TensorSource], ring: StagingRing, experts: Sequence[ExpertSpec], *,
-                 dtype: torch.dtype, keep_fp32, ahead: int = 1, kept: int = 0):  # fmt: skip
+                 dtype: torch.dtype, keep_fp32, ahead: int = 1, kept: int = 0, forget_kept: bool = False):  # fmt: skip
         super().__init__(models, experts)
-        self.streams = {name: BlockOffload(model, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead, keep=spread(kept, len(model.block_stack())))
+        self.streams = {name: BlockOffload(model, sources[name], ring, dtype=dtype, keep_fp32=keep_fp32, ahead=ahead,
+                                           keep=spread(kept, len(model.block_stack())), forget_kept=forget_kept)
                         for name, model in self.models.items()}  # fmt: skip
         self.active: str | None = None
 
