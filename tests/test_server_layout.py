@@ -131,3 +131,30 @@ def test_the_runner_runs_while_the_app_does(tmp_path):
         assert runner.thread.is_alive() and not session.closed
     store.close()
     assert not runner.thread.is_alive() and session.closed
+
+
+def test_a_runner_stopped_while_it_loads_closes_without_saying_ready(tmp_path, caplog):
+    """A stop (a pod going away) that arrives while the pipeline loads: the runner closes its session as
+    soon as it has one, and the log does not announce a server ready for jobs it will not take."""
+    from wan_i2v.server import JobStore, Runner
+
+    class LoadedSession:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    session = LoadedSession()
+    store = JobStore(tmp_path / "state")
+
+    def open_session():
+        runner.stopping.set()  # the stop arrives during the loading
+        return session
+
+    runner = Runner(store, open_session)
+    with caplog.at_level("INFO", logger="wan_i2v.server"):
+        runner.start()
+        runner.thread.join(timeout=10)
+    store.close()
+    assert not runner.thread.is_alive() and session.closed
+    assert "ready" not in [record.getMessage() for record in caplog.records]

@@ -115,7 +115,8 @@ class Runner:
             self.on_failure(exc)
             return
         self.status = "ready"
-        log.info("ready")
+        if not self.stopping.is_set():  # (a stop asked for while it loaded: it closes at once, never ready for a job)
+            log.info("ready")
         try:
             idle_since = time.monotonic()
             while not self.stopping.is_set():
