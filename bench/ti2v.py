@@ -176,7 +176,8 @@ def main(argv=None) -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "command": " ".join(sys.argv), "frames": args.frames, "steps": args.steps, "tokens": forward_shapes(args.frames)["tokens"]}  # fmt: skip
     if args.json and args.json.is_file():  # a run split over several calls adds its parts
-        report = {**json.loads(args.json.read_text()), **{key: report[key] for key in ("date", "torch", "device")}}
+        earlier = json.loads(args.json.read_text())
+        report = {**earlier, **{key: report[key] for key in ("date", "torch", "device")}, "command": f"{earlier['command']} ; {report['command']}"}
     runs = {"forward": lambda: forward(args), "video": lambda: video(args, None), "capped": lambda: video(args, args.cap_gb)}
     for part in args.parts:
         report[part] = runs[part]()

@@ -110,18 +110,21 @@ def test_the_videos_router_serves_alone_with_the_client_as_a_dependency(tmp_path
     assert hidden.status_code == 404
 
 
+class NoJobsSession:
+    """A runner's session that is given no job: it only records that it was closed."""
+
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
 def test_the_runner_runs_while_the_app_does(tmp_path):
     """The app's lifespan starts the runner (which opens its session) and stops it (which closes it)."""
     from fastapi.testclient import TestClient
 
     from server_process import wait_until
     from wan_i2v.server import JobStore, Runner, create_app
-
-    class NoJobsSession:
-        closed = False
-
-        def close(self):
-            self.closed = True
 
     session = NoJobsSession()
     store = JobStore(tmp_path / "state")
@@ -138,13 +141,7 @@ def test_a_runner_stopped_while_it_loads_closes_without_saying_ready(tmp_path, c
     soon as it has one, and the log does not announce a server ready for jobs it will not take."""
     from wan_i2v.server import JobStore, Runner
 
-    class LoadedSession:
-        closed = False
-
-        def close(self):
-            self.closed = True
-
-    session = LoadedSession()
+    session = NoJobsSession()
     store = JobStore(tmp_path / "state")
 
     def open_session():
