@@ -213,6 +213,8 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     row["loading_s"] = timings.get("loading")
     steps = re.search(r"first step ([\d.]+)s, then ([\d.]+)s a step", stderr)
     row["first_step_s"], row["step_s"] = (float(steps.group(1)), float(steps.group(2))) if steps else (None, None)
+    each = re.search(r"; each ([\d., ]+)s\)", stderr)
+    row["steps_s"] = [float(value) for value in each.group(1).split(", ")] if each else None
     first = re.search(r"first step done ([\d.]+)s after start", stderr)
     row["time_to_first_step_s"] = float(first.group(1)) if first else None
     row["gpu_peak_gib"] = _gib(_line(stderr, "peak GPU memory:"))

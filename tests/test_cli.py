@@ -833,3 +833,14 @@ def test_compare_prints_each_frame_and_the_whole_video_and_refuses_a_missing_one
     assert len(lines) == 2 + mp4_frames(out)[0].shape[0]
     assert main(["compare", str(out), str(tmp_path / "missing.mp4")]) == 2
     assert capsys.readouterr().err.strip() == f"wan-i2v: error: no video at {tmp_path / 'missing.mp4'} (check the path)"
+
+
+def test_the_step_summary_gives_each_step_of_a_short_run():
+    from wan_i2v.commands.common import StepClock
+
+    clock = StepClock()
+    clock.started, clock.ends = 100.0, [110.0, 112.0, 115.0]  # denoising begins after 1 + 2 s of encoding: at 103
+    line = clock.describe({"text encoding": 1.0, "image encoding": 2.0})
+    assert "first step 7.0s, then 2.50s a step; each 7.00, 2.00, 3.00s)" in line
+    clock.ends = [110.0 + step for step in range(11)]  # a long run: the pace alone
+    assert "each" not in clock.describe({}) and "then 1.00s a step" in clock.describe({})

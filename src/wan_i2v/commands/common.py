@@ -44,7 +44,7 @@ def _step_cache_line(skipped: dict) -> str:
 
 class StepClock:
     """When each denoising step ended: the time from the start to the first step, and the steps' pace
-    (the first step also compiles the blocks)."""
+    (the first step also compiles the blocks); each step's time in a run of a few steps."""
     def __init__(self):
         self.started = time.perf_counter()
         self.ends: list[float] = []
@@ -57,6 +57,8 @@ class StepClock:
         text = f"steps: first step done {self.ends[0] - STARTED:.1f}s after start (first step {self.ends[0] - denoising:.1f}s"
         if len(self.ends) > 1:
             text += f", then {(self.ends[-1] - self.ends[0]) / (len(self.ends) - 1):.2f}s a step"
+        if 1 < len(self.ends) <= 10:  # a few-step run: each step, so a slow one (the expert's arrival) shows
+            text += "; each " + ", ".join(f"{end - start:.2f}" for start, end in zip([denoising, *self.ends], self.ends)) + "s"
         return text + ")"
 
 
