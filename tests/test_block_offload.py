@@ -328,3 +328,42 @@ def test_a_visit_done_marks_the_text_encoders_pages_cold_so_the_kernel_gives_the
     mark_cold([weight])
     assert touched - referenced_kb() >= 0.7 * weight.nbytes / 1024  # (a few pages around the file's header stay referenced)
     assert torch.equal(weight, torch.load(path, weights_only=True)["weight"])  # nothing lost
+
+
+def test_a_streamed_run_reports_the_weights_it_streamed_and_its_wait_for_their_reads(tiny_checkpoint, monkeypatch, capsys):
+    from safetensors import safe_open
+
+    from wan_i2v.commands.common import _print_summary
+    from wan_i2v.pipeline import I2VPipeline
+    from wan_i2v.video import demo_image
+
+    run = dict(seed=3, progress=False, max_area=64 * 96, frame_num=5, steps=3)
+    assert I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32).generate(demo_image(), "a boat", **run).streaming is None
+    block_bytes = 0  # one expert's blocks as stored (the two experts have the same shapes)
+    for shard in (tiny_checkpoint / HIGH_DIR).glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            block_bytes += sum(handle.get_tensor(key).nbytes for key in handle.keys() if key.startswith("blocks."))
+
+    pipe = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, offload="blocks")
+    forwards = []
+    for model in pipe.experts.models.values():
+        model.register_forward_hook(lambda *args: forwards.append(1))
+    slow_read = StagingRing._read
+
+    def read_slowly(ring, *args):
+        import time
+
+        time.sleep(0.05)
+        slow_read(ring, *args)
+
+    monkeypatch.setattr(StagingRing, "_read", read_slowly)
+    result = pipe.generate(demo_image(), "a boat", **run)
+    # Every block is copied up once a forward; each expert's last forward may also have copied the first
+    # blocks of its next one (read ahead, dropped at the switch or the end).
+    assert len(forwards) * block_bytes <= result.streaming["gb"] * 1e9 <= (len(forwards) + 2) * block_bytes
+    # The tiny blocks compute in milliseconds and each read takes 50 ms: the compute waits for most of the run.
+    assert 0.5 * result.timings["denoising"] < result.streaming["waited_s"] <= result.timings["denoising"]
+    assert result.streaming["allocator_retries"] == 0  # the CPU has no such allocator
+    _print_summary(result, Path("out.mp4"), 0.0)
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("streamed while denoising: "))
+    assert f"{result.streaming['gb']:.1f} GB of weights; the compute waited {result.streaming['waited_s']:.1f}s for their reads" in line

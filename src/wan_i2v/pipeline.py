@@ -60,6 +60,9 @@ class GenerationResult:
     # With the step cache on: its setting and, per expert, the forwards it skipped of those run ("skipped": {expert: [skipped, total]})
     step_cache: dict | None = None
     given: dict = field(default_factory=dict)  # the frames given (``Prepared.given``): what conditions the video, each image's SHA-256
+    # Weights streamed while denoising (an offload plan): GB copied up through the staging ring, seconds
+    # the compute waited for their reads, and the GPU allocator's retries (each frees its cache: a device sync)
+    streaming: dict | None = None
 
     @property
     def metadata(self) -> dict:
@@ -335,8 +338,10 @@ class I2VPipeline:
         all_hooks = [*hooks, log]
         if callback_on_step_end is not None:
             all_hooks.append(StepEndCallback(self, callback_on_step_end, callback_on_step_end_tensor_inputs))
+        before = self._streaming_counters()
         with _timed(timings, peaks, "denoising", self.device):
             latents = self.sample(prepared, hooks=all_hooks, cancel=cancel, progress=progress)
+        streaming = None if before is None else {key: value - before[key] for key, value in self._streaming_counters().items()}
         latents_cpu = latents.float().cpu()
         if before_decode is not None and self.is_main:
             before_decode(latents_cpu, prepared.settings)
@@ -349,7 +354,15 @@ class I2VPipeline:
         if writing:  # what the encode adds after the decode: its last frames, and the file's sync to disk
             timings["mp4 after the decode"] = time.perf_counter() - decoded
         return GenerationResult(video, latents_cpu, prepared.settings, timings, stage_peaks_gb=peaks, experts_used=log.experts, loras=self.loras,
-                                step_cache=step_cache, given=prepared.given)  # fmt: skip
+                                step_cache=step_cache, given=prepared.given, streaming=streaming)  # fmt: skip
+
+    def _streaming_counters(self) -> dict | None:
+        """The staging ring's counters where the experts' blocks stream through it; None otherwise."""
+        if not isinstance(self.experts, (StreamedExperts, ExpertSwap)):
+            return None
+        ring = next(iter(self.experts.streams.values())).ring
+        retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) if self.device.type == "cuda" else 0
+        return {"gb": ring.copied_bytes / 1e9, "waited_s": ring.waited_s, "allocator_retries": retries}
 
     def extend(
         self,

@@ -30,6 +30,10 @@ def _print_summary(result, path: Path, loading_seconds: float, steps: "StepClock
     if result.peak_memory_gb is not None:
         stages = ", ".join(f"{stage} {peak:.1f}" for stage, peak in result.stage_peaks_gb.items())
         print(f"peak GPU memory: {result.peak_memory_gb:.1f} GiB ({stages} GiB)", file=sys.stderr)
+    if result.streaming is not None:
+        streaming = result.streaming
+        print(f"streamed while denoising: {streaming['gb']:.1f} GB of weights; the compute waited {streaming['waited_s']:.1f}s for their reads"
+              + (f"; {streaming['allocator_retries']} GPU allocator retries (each a device sync)" if streaming["allocator_retries"] else ""), file=sys.stderr)  # fmt: skip
     if result.step_cache is not None:
         print(_step_cache_line(result.step_cache["skipped"]), file=sys.stderr)
     print(f"seed: {result.settings.seed}", file=sys.stderr)

@@ -17,6 +17,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -158,6 +159,10 @@ class StagingRing:
         self.files: dict[str, int] = {}
         self.lock = threading.Lock()
         self.in_use_peak = 0
+        # What went up through the slots, and how long the callers waited for reads not yet done: a
+        # stall that shows whether the reads (disk, page cache) or something else sets a streamed run's pace.
+        self.copied_bytes = 0
+        self.waited_s = 0.0
         self.dispatcher = threading.Thread(target=self._dispatch, name="wan-i2v-staging", daemon=True)
         self.dispatcher.start()
 
@@ -179,7 +184,10 @@ class StagingRing:
     def copy_out(self, ticket: Ticket, targets: Sequence[torch.Tensor], stream: torch.cuda.Stream | None) -> None:
         """Wait for ``ticket``, copy each piece into the uint8 view ``targets[i]`` (on ``stream``, async,
         from pinned memory; at once on the CPU) and release the slot after the copies."""
+        waiting = time.perf_counter()
         views = ticket.wait()
+        self.waited_s += time.perf_counter() - waiting
+        self.copied_bytes += sum(piece.nbytes for piece in ticket.pieces)
         if stream is None:
             for target, view in zip(targets, views):
                 target.copy_(view)
