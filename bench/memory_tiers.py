@@ -26,7 +26,8 @@ cost that is not compiling), ``cold`` (the default row with nothing in the page 
 against the disk's sequential read time of the bytes read). With ``--fp8``: ``fp8`` (both experts
 on the GPU, the reference of the rows below), ``blocks-fp8-converting`` (the first streamed run,
 which writes the converted copy), ``blocks-fp8``, ``disk-fp8``, ``swap-fp8`` (streaming the copy).
-Each row's latents are compared with its reference row's (``default`` or ``fp8``).
+Each row's latents are compared with its reference row's (``default`` or ``fp8``), also one run by an
+earlier call on the same machine: the rows so far are kept in ``--work``'s ``report.json`` (remove it to start afresh).
 The disk's rate is measured with ``dd`` from a shard after dropping the caches.
 """
 
@@ -215,6 +216,9 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     row["first_step_s"], row["step_s"] = (float(steps.group(1)), float(steps.group(2))) if steps else (None, None)
     each = re.search(r"; each ([\d., ]+)s\)", stderr)
     row["steps_s"] = [float(value) for value in each.group(1).split(", ")] if each else None
+    streamed = re.search(r"streamed while denoising: ([\d.]+) GB of weights; the compute waited ([\d.]+)s for their reads(?:; (\d+) GPU allocator retries)?", stderr)
+    if streamed:
+        row["streamed_gb"], row["read_wait_s"], row["allocator_retries"] = float(streamed.group(1)), float(streamed.group(2)), int(streamed.group(3) or 0)
     first = re.search(r"first step done ([\d.]+)s after start", stderr)
     row["time_to_first_step_s"] = float(first.group(1)) if first else None
     row["gpu_peak_gib"] = _gib(_line(stderr, "peak GPU memory:"))
@@ -244,8 +248,12 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "torch": torch.__version__,
               "device": "cpu" if args.tiny else torch.cuda.get_device_name(), "rows": {}}  # fmt: skip
-    if args.json and args.json.is_file():
-        report = json.loads(args.json.read_text())  # a run split over several calls adds its rows
+    # A run split over several calls adds its rows to the earlier ones: from --json, or from the copy kept
+    # in --work (a device's output folder may be emptied between calls while the machine keeps /tmp).
+    kept = args.work / "report.json"
+    earlier = next((path for path in (args.json, kept) if path is not None and path.is_file()), None)
+    if earlier is not None:
+        report = json.loads(earlier.read_text())
         report["command"] += " ; " + " ".join(sys.argv)
     if args.tiny and not (args.ckpt / A14B.files.tokenizer_dir).is_dir():
         from wan_i2v.tiny import write_tiny_checkpoint
@@ -276,8 +284,8 @@ def main():
             row["disk_read_s"] = report["checkpoint_gb"] / report["disk_gb_s"]
         report["rows"][name] = row
         print(f"{name}: " + json.dumps({k: v for k, v in row.items() if k != "timings"}), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
+        for path in filter(None, (args.json, kept)):
+            path.write_text(json.dumps(report, indent=2))
     print("\nrow | plan | wall | loading | first step at | s/step (vs its reference) | GPU peak / est | host peak / est | latents")
     for name, row in report["rows"].items():
         reference_row = ROWS[name][-1] or name
