@@ -212,4 +212,8 @@ def test_two_processes_extend_as_one_does(tiny_checkpoint, source_file, twice, t
     clip after clip, and the video is the one process's."""
     out = tmp_path / "longer.mp4"
     assert extend(tiny_checkpoint, source_file, out, "--extend-times", "2", "--gpus", "2") == 0
-    assert torch.equal(decoded_frames(out), decoded_frames(write_mp4(twice.video, tmp_path / "one.mp4", fps=24)))
+    two, one = decoded_frames(out).float(), decoded_frames(write_mp4(twice.video, tmp_path / "one.mp4", fps=24)).float()
+    # Not to the bit: the ranks' fp32 differs from one process's in the last places on some CPUs (other
+    # vectorized paths for other shapes), which can move a pixel by a level and x264 by a few more
+    # (seen: at most 10 levels, 1.5e-4 on average); another clip's context moves every pixel.
+    assert (two - one).abs().mean() <= 1e-3 and (two - one).abs().max() <= 0.1

@@ -124,8 +124,8 @@ def test_parallel_run_equals_single_process(name, parallel_results, references):
     # gave its tokens the modulation of the first rank's frames differed by 0.12.
     assert relative(latents, reference.latents) <= 1e-5
     assert (video - reference.video).abs().max() <= 1e-4
-    if with_image:  # the image's latent frame stays as it was given
-        assert torch.equal(latents[:, 0], reference.latents[:, 0])
+    if with_image:  # the image's latent frame stays as it was given (its encode, fp32 rounding only): not denoised
+        assert relative(latents[:, 0], reference.latents[:, 0]) <= 1e-6
 
 
 @pytest.mark.parametrize("name", list(DECODES))

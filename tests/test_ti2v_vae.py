@@ -76,7 +76,9 @@ def test_decode_matches_diffusers_whole_and_frame_by_frame(pair):
     assert decoded.shape == (1, 3, 9, 32, 48) == model.video_shape(latents.shape)
     assert 0.05 < (decoded.abs() < 1).float().mean()  # not all clamped: the comparison means something
     assert relative_error(decoded, expected) <= 1e-5
-    assert torch.equal(model.decode(latents, frame_by_frame=True), decoded)
+    # Frame by frame the convolutions see other shapes, which take other vectorized paths on some CPUs:
+    # fp32 rounding only (a frame decoded without its cache would differ by far more).
+    assert relative_error(model.decode(latents, frame_by_frame=True), decoded) <= 1e-6
 
 
 def test_loads_from_the_official_key_layout(tmp_path):
