@@ -93,6 +93,20 @@ def test_exact_sizes_and_frame_rates_are_checked(given, message):
         GenerationSettings.of("a boat", **given)
 
 
+def test_an_exact_size_is_checked_against_the_model_s_latent_patch():
+    """TI2V-5B's patch is 32 pixels (VAE stride 16, patch 2), the A14B's 16: 48 pixels is one and a
+    half of TI2V's patches, which once reached the sampler as a shape mismatch."""
+    from wan_i2v.config import SamplingDefaults
+
+    assert GenerationSettings.of("a boat", height=48, width=80).video_size() == (48, 80)
+    ti2v = SamplingDefaults(model="Wan2.2-TI2V-5B")
+    with pytest.raises(WanError, match="height.48 is not a multiple of 32 .*TI2V-5B"):
+        GenerationSettings.of("a boat", defaults=ti2v, height=48, width=64)
+    with pytest.raises(WanError, match="width.80 is not a multiple of 32"):  # settings made without the model, then used with it
+        GenerationSettings.of("a boat", height=64, width=80).video_size(spec="ti2v-5b")
+    assert GenerationSettings.of("a boat", defaults=ti2v, height=64, width=96).video_size(spec="ti2v-5b") == (64, 96)
+
+
 def test_a_state_saved_with_another_last_image_is_not_resumed(tiny_pipeline, tmp_path):
     state = tmp_path / "run.state.pt"
     settings = dict(progress=False, seed=6, **FAST)
@@ -146,7 +160,7 @@ def test_generate_with_a_last_image_and_a_frame_rate(tiny_checkpoint, tmp_path, 
 @pytest.mark.parametrize("flags,message", [
     (["--last-image", "nowhere.png"], "last image not found: nowhere.png (check the --last-image path)"),
     (["--height", "64"], "--height and --width go together"),
-    (["--height", "64", "--width", "100"], "--width 100 is not a multiple of 16 of at least 32 (the VAE's stride times the patch size) (use 96 or 112)"),
+    (["--height", "64", "--width", "100"], "--width 100 is not a multiple of 16 of at least 32 (Wan2.2-I2V-A14B's VAE stride times its patch size) (use 96 or 112)"),
     (["--height", "64", "--width", "64", "--size", "480P"], "--size and --height/--width both set the video's size"),
     (["--fps", "0"], "--fps 0 out of range"),
 ])  # fmt: skip

@@ -61,17 +61,19 @@ def size_shape(size: str, spec: ModelSpec | str = DEFAULT_SPEC) -> tuple[int, in
     return height, width
 
 
-def check_exact_size(height, width) -> None:
-    """An exact video size (``--height``/``--width``): both given, each a whole number of latent patches."""
+def check_exact_size(height, width, spec: ModelSpec | str = DEFAULT_SPEC) -> None:
+    """An exact video size (``--height``/``--width``): both given, each a whole number of ``spec``'s latent patches."""
     if height is None or width is None:
         raise WanError(f"{option('height')} and {option('width')} go together", "give both for an exact size, or neither for the area rule")
+    model = spec_for(spec)
+    multiple = model.size_multiple
     for name, side in (("height", height), ("width", width)):
         if isinstance(side, bool) or not isinstance(side, int):
             raise WanError(f"{option(name)} must be a whole number, not {side!r}")
-        if side % SPEC.size_multiple or side < MIN_SIDE:
-            below = max(side // SPEC.size_multiple * SPEC.size_multiple, MIN_SIDE)
-            raise WanError(f"{option(name, side)} is not a multiple of {SPEC.size_multiple} of at least {MIN_SIDE} (the VAE's stride times the patch size)",
-                           f"use {below} or {below + SPEC.size_multiple}")  # fmt: skip
+        if side % multiple or side < MIN_SIDE:
+            below = max(side // multiple * multiple, MIN_SIDE)
+            raise WanError(f"{option(name, side)} is not a multiple of {multiple} of at least {MIN_SIDE} ({model.name}'s VAE stride times its patch size)",
+                           f"use {below} or {below + multiple}")  # fmt: skip
     if height * width > MAX_AREA:
         raise WanError(f"{option('height')} {height} by {option('width')} {width} is too large", "at most 2048*2048 pixels (the model is trained for 1280*720)")
 
@@ -176,7 +178,7 @@ class GenerationSettings:
         chosen = defaults.given(size=size, frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver)
         area, preset_shift = parse_size(chosen.size, chosen.model)
         if exact:
-            check_exact_size(height, width)
+            check_exact_size(height, width, chosen.model)
             area = height * width
         drawn = seed is None or seed == -1
         return cls(
@@ -230,6 +232,7 @@ class GenerationSettings:
         ``spec``'s area rule (the image's aspect ratio within ``max_area``). Without an image
         (text-to-video), the aspect of the W*H size asked for, else the model's text-to-video shape."""
         if self.height is not None:
+            check_exact_size(self.height, self.width, spec)  # (settings made for another model's patches)
             return self.height, self.width
         model = spec_for(spec)
         if image_height is None:
@@ -303,7 +306,8 @@ SAMPLING_FLAGS = (
                  "(without an image, the size's: 704*1280 is portrait)",
                  job_help="720P, 480P or W*H (default 720P; the GPUs' plan is made for it)"),
     # An exact size and the mp4's rate: a video's own (a server's jobs give them in their requests).
-    SamplingFlag(("--height",), f"with --width: exactly this size (each a multiple of {SPEC.size_multiple}), where --size's area rule would "
+    SamplingFlag(("--height",), f"with --width: exactly this size (each a multiple of "
+                 f"{' or '.join(f'{spec.size_multiple} for {spec.name}' for spec in SPECS.values())}), where --size's area rule would "
                  "round to the image's aspect ratio; the image is resized and center-cropped to it; not with --size", arguments={"type": int}),
     SamplingFlag(("--width",), "with --height: the video's exact width", arguments={"type": int}),
     SamplingFlag(("--fps",), f"the mp4's frame rate (default {SPEC.fps}, the model's); the frames made are the same", arguments={"type": int}),
