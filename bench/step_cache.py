@@ -167,7 +167,7 @@ def summarize(name: str, threshold: float, work: Path, steps: int, exact: dict |
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, default=Path("/tmp/wanckpt"), help="full-size random checkpoint (written if absent)")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[0.05, 0.1, 0.2], help="none: the exact row alone")
     parser.add_argument("--step-cache-blocks", type=lambda text: tuple(int(x) for x in text.split(",")), default=(1, 0), metavar="F,B")
     parser.add_argument("--step-cache-max", type=int, default=3)
     parser.add_argument("--size", default="720P", choices=["720P", "480P"])
