@@ -46,6 +46,11 @@ def test_the_model_cards_defaults_come_from_the_spec():
     a14b = GenerationSettings.of("a boat", seed=1)  # the default model's, as before
     assert (a14b.max_area, a14b.frame_num, a14b.steps, a14b.shift, a14b.guide_scale) == (1280 * 720, 81, 40, 5.0, (3.5, 3.5))
     assert OFFICIAL == SamplingDefaults() == SamplingDefaults.official()
+    # --distilled changes the sampling (lightx2v's 4 euler steps, no guidance), not the model's video:
+    # a TI2V server once took the A14B's 81 frames and 1280x720 with it.
+    fast = GenerationSettings.of("a boat", defaults=SamplingDefaults.recipe(True, "ti2v-5b"), seed=1)
+    assert (fast.max_area, fast.frame_num, fast.steps, fast.shift, fast.guide_scale, fast.solver) == (1280 * 704, 121, 4, 5.0, (1.0, 1.0), "euler")
+    assert SamplingDefaults.recipe(True) == SamplingDefaults(steps=4, guide_scale=(1.0, 1.0), shift=5.0, solver="euler")
 
 
 @pytest.mark.parametrize("image,expected", [((704, 1280), (704, 1280)), ((720, 1280), (704, 1248)), ((1280, 720), (1248, 704)),

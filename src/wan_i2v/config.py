@@ -121,8 +121,10 @@ class SamplingDefaults:
 
     @classmethod
     def recipe(cls, distilled: bool, spec: ModelSpec | str = DEFAULT_SPEC) -> "SamplingDefaults":
-        """``spec``'s model card's defaults, or with ``distilled`` lightx2v's recipe for the 4-step distilled models."""
-        return DISTILLED if distilled else cls.official(spec)
+        """``spec``'s model card's defaults, with ``distilled`` lightx2v's recipe for the 4-step distilled
+        models in place of its sampling (the size and frames stay the model's: TI2V-5B's 121 at 24 fps)."""
+        official = cls.official(spec)
+        return official.given(**DISTILLED_SAMPLING) if distilled else official
 
     def given(self, **values) -> "SamplingDefaults":
         """These defaults with the ``values`` that are not None in their place (``guide_scale`` as its pair)."""
@@ -133,7 +135,8 @@ class SamplingDefaults:
 
 
 OFFICIAL = SamplingDefaults.official()
-DISTILLED = SamplingDefaults(steps=4, guide_scale=(1.0, 1.0), shift=5.0, solver="euler")
+DISTILLED_SAMPLING = dict(steps=4, guide_scale=(1.0, 1.0), shift=5.0, solver="euler")
+DISTILLED = SamplingDefaults.recipe(True)
 
 
 @dataclass(frozen=True)

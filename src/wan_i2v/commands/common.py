@@ -13,7 +13,7 @@ from pathlib import Path
 from wan_i2v import locks
 from wan_i2v.cache.hub_files import is_hub_file
 from wan_i2v.commands import DEFAULT_OUTPUT, STARTED, home, is_main
-from wan_i2v.config import DISTILLED, GenerationSettings, SamplingDefaults, sampling_given
+from wan_i2v.config import GenerationSettings, SamplingDefaults, sampling_given
 from wan_i2v.errors import WanError
 from wan_i2v.loading.lora import Loras, LoraSpec
 from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
@@ -110,7 +110,7 @@ def run_model(options):
 def settings_from(args, spec=DEFAULT_SPEC, **fixed):
     """The video's settings from the sampling flags; those not given: ``spec``'s model card's defaults
     (the command's number of steps, if it has one), or the distilled recipe. ``fixed``: settings the command has no flag for."""
-    defaults = DISTILLED if args.distilled else SamplingDefaults.official(spec).given(steps=args.default_steps)
+    defaults = SamplingDefaults.recipe(True, spec) if args.distilled else SamplingDefaults.official(spec).given(steps=args.default_steps)
     return GenerationSettings.of(defaults=defaults, **{**sampling_given(args), **fixed})
 
 
