@@ -19,7 +19,7 @@ Rows: ``default`` (80 GiB GPU, 32 GiB host), ``swap`` (48/40: one expert on the 
 (24/32: blocks streamed; the page cache holds most of an expert), ``blocks-cached`` (the same with the
 whole checkpoint in the page cache: the streaming's own cost, without the disk), ``blocks-kept-pages``
 (the same planned for 64 GiB of host memory in the 32 GiB group: the kept blocks' file pages are not
-dropped once they arrived), ``blocks-expandable`` (PyTorch's allocator with expandable segments: no
+dropped once they arrived), ``blocks-eager`` (the same without torch.compile), ``blocks-expandable`` (PyTorch's allocator with expandable segments: no
 retries that free cached memory under the cap), ``disk`` (24/16: the page cache
 holds little of an expert, so most blocks come from the disk), ``480p`` (12/16: the text encoder's
 blocks stream too; its reference ``480p-resident`` at 80/32), ``second`` (the
@@ -65,6 +65,7 @@ ROWS = {
     "blocks-cached": ("720P", 24, 32, "machine", [], {}, "default"),
     # the blocks row planned for a 64 GiB host in the same 32 GiB group: its kept blocks' pages are not dropped
     "blocks-kept-pages": ("720P", 24, 32, "group", ["--host-memory", "64"], {}, "default"),
+    "blocks-eager": ("720P", 24, 32, "group", ["--no-compile"], {}, "default"),
     "blocks-expandable": ("720P", 24, 32, "group", [], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "default"),
     "480p-resident": ("480P", 80, 32, "group", [], {}, None),
     "480p": ("480P", 12, 16, "group", [], {}, "480p-resident"),
@@ -201,6 +202,7 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     sampler = Sampler(proc.pid)
     sampler.start()
     stdout, stderr = proc.communicate()
+    (args.work / f"{name}.log").write_text(stderr)  # the run's own words (its summary, warnings, TORCH_LOGS)
     wall = time.perf_counter() - started
     sampler.running = False
     row = {"size": size, "gpu_cap_gib": gpu, "host_cap_gib": host, "cgroup": group is not None, "returncode": proc.returncode, "wall_s": wall,
@@ -222,9 +224,11 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     row["first_step_s"], row["step_s"] = (float(steps.group(1)), float(steps.group(2))) if steps else (None, None)
     each = re.search(r"; each ([\d., ]+)s\)", stderr)
     row["steps_s"] = [float(value) for value in each.group(1).split(", ")] if each else None
-    streamed = re.search(r"streamed while denoising: ([\d.]+) GB of weights; the compute waited ([\d.]+)s for their reads(?:; (\d+) GPU allocator retries)?", stderr)
+    streamed = re.search(r"streamed while denoising: ([\d.]+) GB of weights; the host waited ([\d.]+)s for their reads, the GPU ([\d.]+)s for their copies"
+                         r"(?:; (\d+) GPU allocator retries)?", stderr)  # fmt: skip
     if streamed:
-        row["streamed_gb"], row["read_wait_s"], row["allocator_retries"] = float(streamed.group(1)), float(streamed.group(2)), int(streamed.group(3) or 0)
+        row["streamed_gb"], row["read_wait_s"], row["copy_wait_s"] = float(streamed.group(1)), float(streamed.group(2)), float(streamed.group(3))
+        row["allocator_retries"] = int(streamed.group(4) or 0)
     first = re.search(r"first step done ([\d.]+)s after start", stderr)
     row["time_to_first_step_s"] = float(first.group(1)) if first else None
     row["gpu_peak_gib"] = _gib(_line(stderr, "peak GPU memory:"))

@@ -844,3 +844,37 @@ def test_the_step_summary_gives_each_step_of_a_short_run():
     assert "first step 7.0s, then 2.50s a step; each 7.00, 2.00, 3.00s)" in line
     clock.ends = [110.0 + step for step in range(11)]  # a long run: the pace alone
     assert "each" not in clock.describe({}) and "then 1.00s a step" in clock.describe({})
+
+
+def test_on_a_gpu_the_steps_after_the_first_are_timed_by_the_gpu_s_events(monkeypatch):
+    """The host queues a step well before the GPU has run it: the host's clock at the callbacks put an
+    8 s step at 1.7 s and the next at 11.2 s. The events recorded at each step's end say when the GPU
+    got there (a fake of torch.cuda's events here: this machine has no GPU)."""
+    import torch
+
+    from wan_i2v.commands.common import StepClock
+
+    gpu_time = iter([10.0, 18.0, 26.5])  # when the GPU reaches each step's end, in seconds
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            self.at = next(gpu_time)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1000  # milliseconds, as CUDA's
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    clock = StepClock()
+    clock.started = 100.0
+    for host_time in (110.0, 111.7, 122.9):  # what the callbacks saw: the host ran ahead in step 2
+        clock(None)
+        clock.ends[-1] = host_time
+    assert "first step 10.0s, then 8.25s a step; each 10.00, 8.00, 8.50s)" in clock.describe({})

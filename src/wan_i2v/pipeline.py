@@ -61,7 +61,8 @@ class GenerationResult:
     step_cache: dict | None = None
     given: dict = field(default_factory=dict)  # the frames given (``Prepared.given``): what conditions the video, each image's SHA-256
     # Weights streamed while denoising (an offload plan): GB copied up through the staging ring, seconds
-    # the compute waited for their reads, and the GPU allocator's retries (each frees its cache: a device sync)
+    # the host waited for their reads, seconds the GPU's compute stood waiting for their copies, and the
+    # GPU allocator's retries (each frees its cache: a device sync)
     streaming: dict | None = None
 
     @property
@@ -362,7 +363,10 @@ class I2VPipeline:
             return None
         ring = next(iter(self.experts.streams.values())).ring
         retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) if self.device.type == "cuda" else 0
-        return {"gb": ring.copied_bytes / 1e9, "waited_s": ring.waited_s, "allocator_retries": retries}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # every wait so far has passed
+        device_waited = sum(stream.device_wait_seconds() for stream in self.experts.streams.values())
+        return {"gb": ring.copied_bytes / 1e9, "waited_s": ring.waited_s, "device_waited_s": device_waited, "allocator_retries": retries}
 
     def extend(
         self,

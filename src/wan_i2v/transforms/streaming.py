@@ -112,6 +112,11 @@ class BlockStream:
         # Resident blocks: index -> the end of its copy, None once the compute stream has waited for it.
         self.ready: dict[int, torch.cuda.Event | None] = {}
         self.requested: dict[int, Batch] = {}  # reads under way
+        # How long the compute stream stood waiting for the copies: event pairs around each wait, summed
+        # once they have passed. The host's waits for the reads cannot say it: the host waits while the
+        # GPU still computes what was queued before.
+        self.waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.device_waited_s = 0.0
         self.handles = []
         for index, block in enumerate(self.blocks):
             # The hooks run eagerly even when the block is compiled (Module.compile traces hooks
@@ -200,8 +205,24 @@ class BlockStream:
     def _wait(self, index: int) -> None:
         event = self.ready[index]
         if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+            stream = torch.cuda.current_stream(self.device)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record(stream)
+            stream.wait_event(event)
+            after.record(stream)
+            self.waits.append((before, after))
             self.ready[index] = None  # waited for once, in stream order, is enough for every later use
+
+    def device_wait_seconds(self) -> float:
+        """Seconds the compute stream has stood waiting for these blocks' copies (the waits passed so far)."""
+        pending = []
+        for before, after in self.waits:
+            if after.query():
+                self.device_waited_s += before.elapsed_time(after) / 1000
+            else:
+                pending.append((before, after))
+        self.waits = pending
+        return self.device_waited_s
 
     def _before(self, index: int) -> None:
         self.prefetch(index)
