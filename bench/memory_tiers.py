@@ -224,11 +224,12 @@ def run_row(name: str, args, image: Path, files: list[Path]) -> dict:
     row["first_step_s"], row["step_s"] = (float(steps.group(1)), float(steps.group(2))) if steps else (None, None)
     each = re.search(r"; each ([\d., ]+)s\)", stderr)
     row["steps_s"] = [float(value) for value in each.group(1).split(", ")] if each else None
-    streamed = re.search(r"streamed while denoising: ([\d.]+) GB of weights; the host waited ([\d.]+)s for their reads, the GPU ([\d.]+)s for their copies"
+    streamed = re.search(r"streamed while denoising: ([\d.]+) GB of weights, read in ([\d.]+)s \(the reads waited ([\d.]+)s for free slots\); "
+                         r"the host waited ([\d.]+)s for them(?:; the GPU waited ([\d.]+)s for their copies, the blocks computed for ([\d.]+)s)?"
                          r"(?:; (\d+) GPU allocator retries)?", stderr)  # fmt: skip
     if streamed:
-        row["streamed_gb"], row["read_wait_s"], row["copy_wait_s"] = float(streamed.group(1)), float(streamed.group(2)), float(streamed.group(3))
-        row["allocator_retries"] = int(streamed.group(4) or 0)
+        names = ("streamed_gb", "read_s", "slot_wait_s", "read_wait_s", "copy_wait_s", "blocks_computing_s")
+        row |= {name: float(value) for name, value in zip(names, streamed.groups()) if value is not None} | {"allocator_retries": int(streamed.group(7) or 0)}
     first = re.search(r"first step done ([\d.]+)s after start", stderr)
     row["time_to_first_step_s"] = float(first.group(1)) if first else None
     row["gpu_peak_gib"] = _gib(_line(stderr, "peak GPU memory:"))

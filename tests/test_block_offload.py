@@ -363,7 +363,11 @@ def test_a_streamed_run_reports_the_weights_it_streamed_and_its_wait_for_their_r
     assert len(forwards) * block_bytes <= result.streaming["gb"] * 1e9 <= (len(forwards) + 2) * block_bytes
     # The tiny blocks compute in milliseconds and each read takes 50 ms: the compute waits for most of the run.
     assert 0.5 * result.timings["denoising"] < result.streaming["waited_s"] <= result.timings["denoising"]
-    assert result.streaming["allocator_retries"] == 0 and result.streaming["device_waited_s"] == 0  # the CPU has neither allocator nor streams
+    # The readers' side: each block is a slot's fill of reads that take 50 ms, one after the other; no GPU timeline to report.
+    blocks = len(next(iter(pipe.experts.models.values())).block_stack())
+    assert 0.05 * len(forwards) * blocks <= result.streaming["read_s"] <= result.timings["denoising"] and result.streaming["slot_wait_s"] >= 0
+    assert "computing_s" not in result.streaming and "allocator_retries" not in result.streaming
     _print_summary(result, Path("out.mp4"), 0.0)
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("streamed while denoising: "))
-    assert f"{result.streaming['gb']:.1f} GB of weights; the host waited {result.streaming['waited_s']:.1f}s for their reads, the GPU 0.0s for their copies" in line
+    assert line == (f"streamed while denoising: {result.streaming['gb']:.1f} GB of weights, read in {result.streaming['read_s']:.1f}s (the reads "
+                    f"waited {result.streaming['slot_wait_s']:.1f}s for free slots); the host waited {result.streaming['waited_s']:.1f}s for them")

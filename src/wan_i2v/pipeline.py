@@ -60,9 +60,10 @@ class GenerationResult:
     # With the step cache on: its setting and, per expert, the forwards it skipped of those run ("skipped": {expert: [skipped, total]})
     step_cache: dict | None = None
     given: dict = field(default_factory=dict)  # the frames given (``Prepared.given``): what conditions the video, each image's SHA-256
-    # Weights streamed while denoising (an offload plan): GB copied up through the staging ring, seconds
-    # the host waited for their reads, seconds the GPU's compute stood waiting for their copies, and the
-    # GPU allocator's retries (each frees its cache: a device sync)
+    # Weights streamed while denoising (an offload plan): GB copied up through the staging ring, the
+    # readers' seconds reading them and waiting for free slots, the seconds the host waited for the reads,
+    # the GPU's seconds waiting for their copies and computing the blocks, and the GPU allocator's
+    # retries (each frees its cache: a device sync)
     streaming: dict | None = None
 
     @property
@@ -362,11 +363,15 @@ class I2VPipeline:
         if not isinstance(self.experts, (StreamedExperts, ExpertSwap)):
             return None
         ring = next(iter(self.experts.streams.values())).ring
-        retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) if self.device.type == "cuda" else 0
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # every wait so far has passed
-        device_waited = sum(stream.device_wait_seconds() for stream in self.experts.streams.values())
-        return {"gb": ring.copied_bytes / 1e9, "waited_s": ring.waited_s, "device_waited_s": device_waited, "allocator_retries": retries}
+            retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
+            torch.cuda.synchronize(self.device)  # every span so far has passed
+        counters = {"gb": ring.copied_bytes / 1e9, "read_s": ring.read_s, "slot_wait_s": ring.slot_wait_s, "waited_s": ring.waited_s}
+        if self.device.type == "cuda":  # the GPU's own timeline
+            streams = self.experts.streams.values()
+            counters |= {"device_waited_s": sum(stream.copy_waits.seconds() for stream in streams),
+                         "computing_s": sum(stream.computing.seconds() for stream in streams), "allocator_retries": retries}  # fmt: skip
+        return counters
 
     def extend(
         self,

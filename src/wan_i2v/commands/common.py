@@ -32,9 +32,12 @@ def _print_summary(result, path: Path, loading_seconds: float, steps: "StepClock
         print(f"peak GPU memory: {result.peak_memory_gb:.1f} GiB ({stages} GiB)", file=sys.stderr)
     if result.streaming is not None:
         streaming = result.streaming
-        print(f"streamed while denoising: {streaming['gb']:.1f} GB of weights; the host waited {streaming['waited_s']:.1f}s for their reads, "
-              f"the GPU {streaming['device_waited_s']:.1f}s for their copies"
-              + (f"; {streaming['allocator_retries']} GPU allocator retries (each a device sync)" if streaming["allocator_retries"] else ""), file=sys.stderr)  # fmt: skip
+        line = (f"streamed while denoising: {streaming['gb']:.1f} GB of weights, read in {streaming['read_s']:.1f}s (the reads waited "
+                f"{streaming['slot_wait_s']:.1f}s for free slots); the host waited {streaming['waited_s']:.1f}s for them")
+        if "computing_s" in streaming:
+            line += f"; the GPU waited {streaming['device_waited_s']:.1f}s for their copies, the blocks computed for {streaming['computing_s']:.1f}s"
+            line += f"; {streaming['allocator_retries']} GPU allocator retries (each a device sync)" if streaming["allocator_retries"] else ""
+        print(line, file=sys.stderr)
     if result.step_cache is not None:
         print(_step_cache_line(result.step_cache["skipped"]), file=sys.stderr)
     print(f"seed: {result.settings.seed}", file=sys.stderr)

@@ -163,6 +163,10 @@ class StagingRing:
         # stall that shows whether the reads (disk, page cache) or something else sets a streamed run's pace.
         self.copied_bytes = 0
         self.waited_s = 0.0
+        # The readers' side of it: seconds spent reading into the slots, and waiting for a slot to come
+        # free (the device copies out of it, which wait for the compute queued before them).
+        self.read_s = 0.0
+        self.slot_wait_s = 0.0
         self.dispatcher = threading.Thread(target=self._dispatch, name="wan-i2v-staging", daemon=True)
         self.dispatcher.start()
 
@@ -207,6 +211,7 @@ class StagingRing:
             slot_index = ticket.index % self.depth
             previous = self.submitted[slot_index]
             try:
+                waiting = time.perf_counter()
                 if previous is not None:
                     previous.released.wait()
                     if previous.copied is not None:
@@ -215,7 +220,10 @@ class StagingRing:
                 ticket.slot = self.slots[slot_index]
                 in_use = sum(1 for t in self.submitted if t is not None and not t.released.is_set())
                 self.in_use_peak = max(self.in_use_peak, in_use)
+                reading = time.perf_counter()
+                self.slot_wait_s += reading - waiting
                 self._fill(ticket)
+                self.read_s += time.perf_counter() - reading
             except BaseException as exc:  # reported to the caller that waits for the ticket
                 ticket.error = exc if isinstance(exc, WanError) else WanError(f"cannot stage weights: {first_line(exc)}")
             ticket.filled.set()

@@ -112,20 +112,20 @@ class BlockStream:
         # Resident blocks: index -> the end of its copy, None once the compute stream has waited for it.
         self.ready: dict[int, torch.cuda.Event | None] = {}
         self.requested: dict[int, Batch] = {}  # reads under way
-        # How long the compute stream stood waiting for the copies: event pairs around each wait, summed
-        # once they have passed. The host's waits for the reads cannot say it: the host waits while the
-        # GPU still computes what was queued before.
-        self.waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.device_waited_s = 0.0
+        # Where a streamed step's time goes on the GPU: how long the compute stream stood waiting for the
+        # copies, and how long the blocks computed (the rest of a step is the embeddings, the head, and
+        # the GPU idle while the host was late). The host's waits for the reads cannot say it: the host
+        # waits while the GPU still computes what was queued before.
+        self.copy_waits, self.computing = DeviceSpans(), DeviceSpans()
+        self.started: dict[int, torch.cuda.Event] = {}
         self.handles = []
         for index, block in enumerate(self.blocks):
             # The hooks run eagerly even when the block is compiled (Module.compile traces hooks
             # too): they move storage between devices and order streams, which is not graph material.
             before = torch.compiler.disable(lambda module, args, index=index: self._before(index))
             self.handles.append(block.register_forward_pre_hook(before))
-            if index not in self.keep:
-                after = torch.compiler.disable(lambda module, args, output, index=index: self._drop(index))
-                self.handles.append(block.register_forward_hook(after))
+            after = torch.compiler.disable(lambda module, args, output, index=index: self._after(index))
+            self.handles.append(block.register_forward_hook(after))
 
     def use_source(self, source: TensorSource) -> None:
         """Read the blocks from ``source`` from now on (other LoRAs); every block must be dropped."""
@@ -206,33 +206,57 @@ class BlockStream:
         event = self.ready[index]
         if event is not None:
             stream = torch.cuda.current_stream(self.device)
-            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            before.record(stream)
+            before = timing_event(stream)
             stream.wait_event(event)
-            after.record(stream)
-            self.waits.append((before, after))
+            self.copy_waits.add(before, timing_event(stream))
             self.ready[index] = None  # waited for once, in stream order, is enough for every later use
-
-    def device_wait_seconds(self) -> float:
-        """Seconds the compute stream has stood waiting for these blocks' copies (the waits passed so far)."""
-        pending = []
-        for before, after in self.waits:
-            if after.query():
-                self.device_waited_s += before.elapsed_time(after) / 1000
-            else:
-                pending.append((before, after))
-        self.waits = pending
-        return self.device_waited_s
 
     def _before(self, index: int) -> None:
         self.prefetch(index)
         self._wait(index)
+        if self.copy_stream is not None:
+            self.started[index] = timing_event(torch.cuda.current_stream(self.device))
+
+    def _after(self, index: int) -> None:
+        started = self.started.pop(index, None)
+        if started is not None:
+            self.computing.add(started, timing_event(torch.cuda.current_stream(self.device)))
+        if index not in self.keep:
+            self._drop(index)
 
     def _drop(self, index: int) -> None:
         self._wait(index)  # a copy still under way must not write into memory the compute stream reuses
         for owner, name, placeholder in self.placeholders[index]:
             getattr(owner, name).data = placeholder
         del self.ready[index]
+
+
+def timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+class DeviceSpans:
+    """Spans of a GPU stream's timeline, each between two of its events, summed once the GPU has passed them."""
+
+    def __init__(self):
+        self.pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.passed_s = 0.0
+
+    def add(self, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+        self.pending.append((start, end))
+
+    def seconds(self) -> float:
+        """The spans the GPU has passed so far, in seconds."""
+        waiting = []
+        for start, end in self.pending:
+            if end.query():
+                self.passed_s += start.elapsed_time(end) / 1000
+            else:
+                waiting.append((start, end))
+        self.pending = waiting
+        return self.passed_s
 
 
 def load_outside_blocks(model: nn.Module, source: TensorSource, ring: StagingRing, dtype: torch.dtype, keep_fp32) -> None:
