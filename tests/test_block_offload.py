@@ -371,3 +371,30 @@ def test_a_streamed_run_reports_the_weights_it_streamed_and_its_wait_for_their_r
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("streamed while denoising: "))
     assert line == (f"streamed while denoising: {result.streaming['gb']:.1f} GB of weights, read in {result.streaming['read_s']:.1f}s (the reads "
                     f"waited {result.streaming['slot_wait_s']:.1f}s for free slots); the host waited {result.streaming['waited_s']:.1f}s for them")
+
+
+def test_device_spans_sum_what_the_gpu_has_passed_and_hold_no_more_events_than_pending():
+    """The GPU's waits for copies and the blocks' compute are summed from event pairs once the GPU
+    has passed them (a fake of CUDA's events here: this machine has no GPU)."""
+    from wan_i2v.transforms.streaming import DeviceSpans
+
+    class Event:
+        def __init__(self, at_ms, done=True):
+            self.at_ms, self.done = at_ms, done
+
+        def query(self):
+            return self.done
+
+        def elapsed_time(self, end):
+            return end.at_ms - self.at_ms
+
+    spans = DeviceSpans()
+    spans.add(Event(0), Event(250))
+    later = Event(1000, done=False)
+    spans.add(Event(900), later)
+    assert spans.seconds() == 0.25 and len(spans.pending) == 1  # the second span is still ahead of the GPU
+    later.done = True
+    assert spans.seconds() == 0.35 and spans.pending == []
+    for start in range(300):  # a long run: the passed spans are summed as they pile up
+        spans.add(Event(start), Event(start + 1))
+    assert len(spans.pending) < 256 and abs(spans.seconds() - 0.65) < 1e-9

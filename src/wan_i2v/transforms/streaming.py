@@ -246,6 +246,8 @@ class DeviceSpans:
 
     def add(self, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
         self.pending.append((start, end))
+        if len(self.pending) >= 256:  # a long run holds no more events than the GPU has yet to pass
+            self.seconds()
 
     def seconds(self) -> float:
         """The spans the GPU has passed so far, in seconds."""
