@@ -16,7 +16,9 @@ Per row: forwards skipped of all, per expert, and the step pattern; the denoisin
 steps) against the exact row's; the prediction for that time, (forwards run) / (all forwards) of the
 exact time, and the measured time's ratio to it (the issue's 3%: a skipped forward still runs its
 first and last blocks); the latents' and the decoded video's relative error against the exact row's,
-and PSNR/SSIM of the mp4s (``wan-i2v compare``). Random weights do not behave like trained ones: the
+and PSNR/SSIM of the 8-bit frames (``wan-i2v compare``'s metrics; where scikit-image is not installed,
+as on a device call whose wheels cannot carry it beside PyAV's, the exact video is written as
+``exact.mp4`` beside the rows' and ``wan-i2v compare`` gives them from the mp4s afterwards). Random weights do not behave like trained ones: the
 skip pattern is reported with the figures, and nothing is claimed about quality on real weights.
 
 The video's error and PSNR/SSIM are computed in the row's process, against the exact row's latents
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import subprocess
 import sys
@@ -105,8 +108,12 @@ def run_row(args) -> None:
     exact_latents = work / "exact.latents.pt"
     if name != "exact" and exact_latents.exists():  # the exact video decoded again here: rows carried between machines hold latents only
         exact_video = pipe.decode(torch.load(exact_latents).to(pipe.device, torch.float32))
-        comparison = compare_frames(rgb24_frames(exact_video), rgb24_frames(result.video), ("exact", name))
-        done |= {"video_rel_error": relative_error(result.video, exact_video), "psnr_db": comparison.psnr, "ssim": comparison.ssim}
+        done["video_rel_error"] = relative_error(result.video, exact_video)
+        if importlib.util.find_spec("skimage") is not None:
+            comparison = compare_frames(rgb24_frames(exact_video), rgb24_frames(result.video), ("exact", name))
+            done |= {"psnr_db": comparison.psnr, "ssim": comparison.ssim}
+        elif not (work / "exact.mp4").exists():  # for `wan-i2v compare exact.mp4 ROW.mp4` afterwards, where scikit-image is
+            write_mp4(exact_video, work / "exact.mp4", fps=pipe.spec.fps)
     state.unlink(missing_ok=True)  # the step cache's part of it is GBs at 720P; a finished row never resumes
     (work / f"{name}.done").write_text(json.dumps(done))
 
@@ -210,7 +217,7 @@ def main():
         extra = "" if "time_vs_exact" not in row else (
             f"; {row['time_vs_exact']:.3f}x exact, {row['measured_vs_predicted']:.3f}x predicted "
             f"({row.get('measured_vs_own_prediction', float('nan')):.3f}x from its own whole steps); latents {row['latents_rel_error']:.2e}, "
-            f"video {row['video_rel_error']:.2e}, PSNR {row['psnr_db']:.1f} dB, SSIM {row['ssim']:.3f}")  # fmt: skip
+            f"video {row['video_rel_error']:.2e}" + ("" if row["psnr_db"] is None else f", PSNR {row['psnr_db']:.1f} dB, SSIM {row['ssim']:.3f}"))  # fmt: skip
         print(f"{row['row']:>16}: skipped {row['skipped']} of {row['forwards']} forwards {row['skipped_per_expert']}, "
               f"denoising {row['denoising_s']:.1f} s{extra}\n{'':>18}pattern {row['pattern']}")  # fmt: skip
     if args.json:
