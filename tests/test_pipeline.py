@@ -290,6 +290,48 @@ def test_a_cancelled_run_stops_within_a_step_and_resumes_exactly_with_its_hooks_
     assert resumed_hook.total == straight_hook.total != 0  # the sum carried over the resume
 
 
+def test_a_step_s_state_is_written_while_the_next_step_runs(tiny_pipeline, tmp_path, monkeypatch):
+    """With the step cache a state is GBs at 720P: the loop does not wait for its file. Here the write
+    of step 1's state holds until step 2 has begun, which a loop waiting for the write would never
+    reach (the write gives up after 10 s and says so)."""
+    from wan_i2v.sampling import resume
+
+    second_step = threading.Event()
+    overlapped, written = [], []
+    real_write = resume.write_atomically
+
+    def write_when_step_2_runs(path, write):
+        step = len(written) + 1
+        if step == 1:
+            overlapped.append(second_step.wait(timeout=10))
+        written.append(step)
+        return real_write(path, write)
+
+    class StepBegins(LoopHook):
+        def on_step_begin(self, step):
+            if step.index == 1:
+                second_step.set()
+
+    monkeypatch.setattr(resume, "write_atomically", write_when_step_2_runs)
+    state = tmp_path / "run.state.pt"
+    settings = dict(progress=False, seed=8, **{**SMALL, "steps": 3})
+    result = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, hooks=[StepBegins()], **settings)
+    assert overlapped == [True] and written == [1, 2, 3]
+    saved = torch.load(state, weights_only=True)  # the last step's, complete once the run returned
+    assert saved["step"] == 3 and torch.equal(saved["latent"][0], result.latents.to(saved["latent"].dtype))
+
+
+def test_a_state_write_that_fails_stops_the_run_with_its_error(tiny_pipeline, tmp_path, monkeypatch):
+    from wan_i2v.sampling import resume
+
+    def disk_full(path, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(resume, "write_atomically", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        tiny_pipeline.generate(demo_image(), "a boat", state_file=tmp_path / "run.state.pt", progress=False, seed=8, **{**SMALL, "steps": 3})
+
+
 def test_step_callback_sees_and_may_replace_the_latents(tiny_pipeline):
     seen = []
 

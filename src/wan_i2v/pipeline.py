@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
-from wan_i2v.sampling.resume import load_loop_state, map_tensors, run_identity, save_loop_state, state_to
+from wan_i2v.sampling.resume import StateWriter, load_loop_state, map_tensors, run_identity, state_to
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.transforms.step_cache import skipped_forwards
 from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
@@ -490,6 +490,7 @@ class I2VPipeline:
         if prepared.sampled:
             return resume.latent[0]
         bar = ProgressBar(settings.steps, resume.step if resume else 0, disable=not (progress and self.is_main))
+        writer = StateWriter()
         try:
             latents = denoise(
                 prepared.noise[None],
@@ -500,15 +501,20 @@ class I2VPipeline:
                 guide_scale=self.spec.guide_scales(settings.guide_scale),
                 hooks=[*hooks, bar],
                 resume=resume,
-                on_state=None if prepared.state_file is None else lambda state: self._save_state(prepared, state),
+                on_state=None if prepared.state_file is None else lambda state: self._save_state(prepared, state, writer),
                 stop_requested=self._stop_requested(cancel),
                 fixed=prepared.conditioning.fixed,
             )[0]
+        except BaseException:
+            with suppress(Exception):  # the last state on disk (a resume goes on from it), behind the run's own error
+                writer.finish()
+            raise
         finally:
             bar.close()
+        writer.finish()
         return latents
 
-    def _save_state(self, prepared: Prepared, state: LoopState) -> None:
+    def _save_state(self, prepared: Prepared, state: LoopState, writer: StateWriter) -> None:
         """Rank 0 writes the state after a step. Each rank holds its own block hooks' states (its
         tokens'): with any, every rank's go into the file, merged (each rank reads back its own)."""
         if self.parallel is not None and any(state.block_hooks.values()):
@@ -516,7 +522,7 @@ class I2VPipeline:
             dist.all_gather_object(every_rank, map_tensors(state.block_hooks, torch.Tensor.cpu), group=self.parallel.group)
             state = replace(state, block_hooks=merge_states(every_rank))
         if self.is_main:
-            save_loop_state(prepared.state_file, state, prepared.settings, prepared.run)
+            writer.save(prepared.state_file, state, prepared.settings, prepared.run)
 
     def _stop_requested(self, cancel) -> Callable[[], bool] | None:
         """Asked before each step. In a parallel run every rank asks (one tiny all-reduce per step),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -43,12 +44,51 @@ def run_identity(checkpoint: Path | None, plan_identity: dict, loras: list[dict]
     return {**identity, **(images or {})}
 
 
+def state_record(state: LoopState, settings: GenerationSettings, run: dict) -> dict:
+    """What a state file holds: a copy of the loop's state on the host (a copy on the CPU too: the
+    next step may change the tensors in place while the file is written), the settings and ``run``
+    (the checkpoint, precision and input image the state belongs to)."""
+    return {"format": STATE_FORMAT, "settings": settings.as_dict(), "run": run, **map_tensors(vars(state), lambda t: t.detach().to("cpu", copy=True))}
+
+
 def save_loop_state(path, state: LoopState, settings: GenerationSettings, run: dict) -> None:
-    """The denoising state after a step, written atomically (a killed write leaves the previous one).
-    ``run`` identifies the checkpoint, precision and input image the state belongs to."""
-    cpu = map_tensors(vars(state), torch.Tensor.cpu)
-    record = {"format": STATE_FORMAT, "settings": settings.as_dict(), "run": run, **cpu}
+    """The denoising state after a step, written atomically (a killed write leaves the previous one)."""
+    record = state_record(state, settings, run)
     write_atomically(Path(path), lambda tmp: torch.save(record, tmp))
+
+
+class StateWriter:
+    """Each step's state written while the next step runs. With the step cache the state holds its
+    cached tensors (3.2 GB at 720P), whose write and sync to disk took seconds of every step when the
+    loop waited for them. The host copy is taken at once, so the file holds the step it was saved
+    at; one write at a time (the host holds at most one state beside the run); a write that failed
+    is raised at the next save or at :meth:`finish`. A run killed mid-write leaves the state of the
+    step before (the write is atomic): a resume redoes one step more."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def save(self, path, state: LoopState, settings: GenerationSettings, run: dict) -> None:
+        self.finish()
+        record = state_record(state, settings, run)
+        self._thread = threading.Thread(target=self._write, args=(Path(path), record), name="wan-i2v-state", daemon=True)
+        self._thread.start()
+
+    def _write(self, path: Path, record: dict) -> None:
+        try:
+            write_atomically(path, lambda tmp: torch.save(record, tmp))
+        except BaseException as exc:  # raised in the run's thread, at the next save or the end
+            self._failure = exc
+
+    def finish(self) -> None:
+        """Wait for the write under way; raise its failure, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
 
 def load_loop_state(path, settings: GenerationSettings, run: dict, *, seed_given: bool):
