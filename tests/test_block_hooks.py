@@ -203,12 +203,14 @@ def test_hook_state_goes_with_the_loop_state_and_a_resumed_run_reuses_it():
 
 def test_block_hook_states_survive_the_state_file(tmp_path):
     from wan_i2v.config import GenerationSettings
-    from wan_i2v.sampling.resume import load_loop_state, save_loop_state
+    from wan_i2v.sampling.resume import StateWriter, load_loop_state
 
     settings = GenerationSettings(prompt="a boat", negative_prompt="", max_area=64 * 64, frame_num=5, steps=3, shift=3.0, guide_scale=(3.0, 3.0), seed=1, solver="unipc")
     cached = torch.randn(1, 12, CONFIG.dim)
     state = LoopState(1, torch.randn(1, 16, 2, 4, 6), {}, {}, {"high": {"whole": {"reuse": {"high/cond": {"calls": 1, "output": cached}}}}})
-    save_loop_state(tmp_path / "state.pt", state, settings, {"run": 1})
+    writer = StateWriter()
+    writer.save(tmp_path / "state.pt", state, settings, {"run": 1})
+    writer.finish()
     _, loaded = load_loop_state(tmp_path / "state.pt", settings, {"run": 1}, seed_given=True)
     assert loaded.block_hooks["high"]["whole"]["reuse"]["high/cond"]["calls"] == 1
     assert torch.equal(loaded.block_hooks["high"]["whole"]["reuse"]["high/cond"]["output"], cached)

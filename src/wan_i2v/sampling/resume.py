@@ -51,12 +51,6 @@ def state_record(state: LoopState, settings: GenerationSettings, run: dict) -> d
     return {"format": STATE_FORMAT, "settings": settings.as_dict(), "run": run, **map_tensors(vars(state), lambda t: t.detach().to("cpu", copy=True))}
 
 
-def save_loop_state(path, state: LoopState, settings: GenerationSettings, run: dict) -> None:
-    """The denoising state after a step, written atomically (a killed write leaves the previous one)."""
-    record = state_record(state, settings, run)
-    write_atomically(Path(path), lambda tmp: torch.save(record, tmp))
-
-
 class StateWriter:
     """Each step's state written while the next step runs. With the step cache the state holds its
     cached tensors (3.2 GB at 720P), whose write and sync to disk took seconds of every step when the
