@@ -365,7 +365,8 @@ def test_a_streamed_run_reports_the_weights_it_streamed_and_its_wait_for_their_r
     assert 0.5 * result.timings["denoising"] < result.streaming["waited_s"] <= result.timings["denoising"]
     # The readers' side: each block is a slot's fill of reads that take 50 ms, one after the other; no GPU timeline to report.
     blocks = len(next(iter(pipe.experts.models.values())).block_stack())
-    assert 0.05 * len(forwards) * blocks <= result.streaming["read_s"] <= result.timings["denoising"] and result.streaming["slot_wait_s"] >= 0
+    assert 0.05 * len(forwards) * blocks <= result.streaming["read_s"] <= result.timings["denoising"]
+    assert result.streaming["slot_wait_s"] <= result.timings["denoising"]
     assert "computing_s" not in result.streaming and "allocator_retries" not in result.streaming
     _print_summary(result, Path("out.mp4"), 0.0)
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("streamed while denoising: "))

@@ -860,7 +860,8 @@ def test_on_a_gpu_the_steps_after_the_first_are_timed_by_the_gpu_s_events(monkey
         def __init__(self, enable_timing=False):
             assert enable_timing
 
-        def record(self):
+        def record(self, stream):
+            assert stream == ("stream of", torch.device("cuda", 1))
             self.at = next(gpu_time)
 
         def synchronize(self):
@@ -869,12 +870,12 @@ def test_on_a_gpu_the_steps_after_the_first_are_timed_by_the_gpu_s_events(monkey
         def elapsed_time(self, end):
             return (end.at - self.at) * 1000  # milliseconds, as CUDA's
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    clock = StepClock()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: ("stream of", device))
+    clock = StepClock(torch.device("cuda", 1))  # the run's GPU, not the process's current one
     clock.started = 100.0
     for host_time in (110.0, 111.7, 122.9):  # what the callbacks saw: the host ran ahead in step 2
         clock(None)
         clock.ends[-1] = host_time
     assert "first step 10.0s, then 8.25s a step; each 10.00, 8.00, 8.50s)" in clock.describe({})
+    assert not StepClock(torch.device("cpu")).device_ends and StepClock(torch.device("cpu")).device is None  # the CPU: the host's clock

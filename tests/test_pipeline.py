@@ -332,6 +332,24 @@ def test_a_state_write_that_fails_stops_the_run_with_its_error(tiny_pipeline, tm
         tiny_pipeline.generate(demo_image(), "a boat", state_file=tmp_path / "run.state.pt", progress=False, seed=8, **{**SMALL, "steps": 3})
 
 
+def test_a_run_s_own_error_wins_over_a_failed_state_write_which_is_still_told(tiny_pipeline, tmp_path, monkeypatch):
+    from wan_i2v.sampling import resume
+
+    def disk_full(path, write):
+        raise OSError(28, "No space left on device")
+
+    class Breaks(LoopHook):
+        def on_step_begin(self, step):
+            if step.index == 1:  # while step 1's state is (not) being written
+                raise RuntimeError("the hook broke")
+
+    monkeypatch.setattr(resume, "write_atomically", disk_full)
+    with pytest.warns(UserWarning, match=r"the last step's state was not written \(.*No space left on device\): a resume goes on from the step before it"):
+        with pytest.raises(RuntimeError, match="the hook broke"):
+            tiny_pipeline.generate(demo_image(), "a boat", state_file=tmp_path / "run.state.pt", hooks=[Breaks()], progress=False, seed=8,
+                                   **{**SMALL, "steps": 3})  # fmt: skip
+
+
 def test_step_callback_sees_and_may_replace_the_latents(tiny_pipeline):
     seen = []
 

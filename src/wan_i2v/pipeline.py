@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from wan_i2v.config import GenerationSettings, SamplingDefaults
-from wan_i2v.errors import WanError, option
+from wan_i2v.errors import WanError, first_line, option
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.extend import CONTEXT_FRAMES, ExtensionResult, extend_video, read_source, source_settings
 from wan_i2v.options import RunOptions
@@ -506,23 +507,38 @@ class I2VPipeline:
                 fixed=prepared.conditioning.fixed,
             )[0]
         except BaseException:
-            with suppress(Exception):  # the last state on disk (a resume goes on from it), behind the run's own error
+            try:  # the last state on disk (a resume goes on from it), behind the run's own error
                 writer.finish()
+            except Exception as failure:
+                warnings.warn(f"the last step's state was not written ({first_line(failure)}): a resume goes on from the step before it")
             raise
         finally:
             bar.close()
-        writer.finish()
+        self._agreed(writer.finish)
         return latents
 
     def _save_state(self, prepared: Prepared, state: LoopState, writer: StateWriter) -> None:
-        """Rank 0 writes the state after a step. Each rank holds its own block hooks' states (its
-        tokens'): with any, every rank's go into the file, merged (each rank reads back its own)."""
+        """Rank 0 starts the state's write after a step (the last one's done first, or its failure
+        raised on every rank). Each rank holds its own block hooks' states (its tokens'): with any,
+        every rank's go into the file, merged (each rank reads back its own)."""
         if self.parallel is not None and any(state.block_hooks.values()):
             every_rank = [None] * dist.get_world_size(self.parallel.group)
             dist.all_gather_object(every_rank, map_tensors(state.block_hooks, torch.Tensor.cpu), group=self.parallel.group)
             state = replace(state, block_hooks=merge_states(every_rank))
-        if self.is_main:
-            writer.save(prepared.state_file, state, prepared.settings, prepared.run)
+        self._agreed(lambda: writer.save(prepared.state_file, state, prepared.settings, prepared.run) if self.is_main else None)
+
+    def _agreed(self, write: Callable[[], None]) -> None:
+        """Run rank 0's part of a state write; where it fails, every rank stops (rank 0 with its error),
+        rather than the others going on into a collective rank 0 never joins."""
+        failure = None
+        try:
+            write()
+        except Exception as exc:
+            failure = exc
+        if self.parallel is not None and self.parallel.any(failure is not None) and failure is None:
+            raise WanError("rank 0 could not write the run's state", "its error says why; the same command resumes from the last state written")
+        if failure is not None:
+            raise failure
 
     def _stop_requested(self, cancel) -> Callable[[], bool] | None:
         """Asked before each step. In a parallel run every rank asks (one tiny all-reduce per step),

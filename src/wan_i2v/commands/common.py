@@ -54,22 +54,25 @@ class StepClock:
     """When each denoising step ended: the time from the start to the first step, and the steps' pace
     (the first step also compiles the blocks); each step's time in a run of a few steps.
 
-    On a GPU the steps after the first are timed where they run: an event on the compute stream at each
-    step's end. The host's clock at the step callbacks only says when a step was queued, which the host
-    can do seconds ahead of the GPU (one step of 8 s once showed as 1.7 s, the next as 11.2 s)."""
+    On the GPU this process runs on (``device``) the steps after the first are timed where they run: an
+    event on its compute stream at each step's end. The host's clock at the step callbacks only says
+    when a step was queued, which the host can do seconds ahead of the GPU (one step of 8 s once showed
+    as 1.7 s, the next as 11.2 s). Ranks started by this process time their GPUs' steps themselves; here
+    (``device`` None) the host's clock stands in."""
 
-    def __init__(self):
+    def __init__(self, device=None):
+        self.device = device if device is not None and device.type == "cuda" else None
         self.started = time.perf_counter()
         self.ends: list[float] = []
-        self.device_ends: list = []  # torch.cuda.Event per step, on a GPU
+        self.device_ends: list = []  # torch.cuda.Event per step
 
     def __call__(self, step) -> None:
-        import torch  # (loaded by the run already; the commands' module stays quick to import)
-
         self.ends.append(time.perf_counter())
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self.device is not None:
+            import torch  # (loaded by the run already; the commands' module stays quick to import)
+
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             self.device_ends.append(event)
 
     def step_seconds(self) -> list[float]:
@@ -96,7 +99,8 @@ def generate_and_write(session, image, settings, *, progress: bool, save_file: P
     as the frames are decoded (after the decode, its encode took 4.9 s at 720P). With ``state_file`` the denoising state is saved after every step and the same command resumes
     a run that died. In a multi-process run only rank 0 writes and prints."""
     started = time.time()
-    clock = StepClock()
+    pipe = getattr(session, "pipe", None)  # a session in this process; one that started ranks has none here
+    clock = StepClock(None if pipe is None else pipe.device)
     try:
         result = session.generate(image, settings=settings, progress=progress, latents_file=latents_file, state_file=state_file, on_step=clock,
                                   last_image=last_image, video_file=save_file)  # fmt: skip

@@ -60,7 +60,7 @@ class HostCopy:
             source = TensorSource({key: (lambda rows, tensor=tensor: tensor if rows is None else tensor[rows]) for key, tensor in data.items()},
                                   dict.fromkeys(data, "host memory"), {key: (lambda tensor=tensor: tensor.shape) for key, tensor in data.items()},
                                   converted=True)  # fmt: skip
-            self.blocks = BlockStream(blocks_of, source, ring, dtype=torch.float32, keep_fp32=lambda key: False, ahead=1, keep=())
+            self.blocks = BlockStream(blocks_of, source, ring, dtype=torch.float32, keep_fp32=lambda key: False, ahead=1, keep=(), timed=False)
 
     def to_device(self) -> nn.Module:
         whole = [(owner, name, tensor) for owner, name, tensor, streamed in self.host if not streamed]
@@ -99,7 +99,7 @@ class BlockStream:
     """
 
     def __init__(self, blocks: Sequence[nn.Module], source: TensorSource, ring: StagingRing, *, dtype: torch.dtype,
-                 keep_fp32, ahead: int, keep: Collection[int], forget_kept: bool = False):  # fmt: skip
+                 keep_fp32, ahead: int, keep: Collection[int], forget_kept: bool = False, timed: bool = True):  # fmt: skip
         self.blocks = list(blocks)
         self.keep = frozenset(keep)
         self.forget_kept = forget_kept  # the kept blocks' file pages are dropped from the page cache once they arrived
@@ -116,6 +116,7 @@ class BlockStream:
         # copies, and how long the blocks computed (the rest of a step is the embeddings, the head, and
         # the GPU idle while the host was late). The host's waits for the reads cannot say it: the host
         # waits while the GPU still computes what was queued before.
+        self.timed = timed and self.copy_stream is not None
         self.copy_waits, self.computing = DeviceSpans(), DeviceSpans()
         self.started: dict[int, torch.cuda.Event] = {}
         self.handles = []
@@ -124,8 +125,9 @@ class BlockStream:
             # too): they move storage between devices and order streams, which is not graph material.
             before = torch.compiler.disable(lambda module, args, index=index: self._before(index))
             self.handles.append(block.register_forward_pre_hook(before))
-            after = torch.compiler.disable(lambda module, args, output, index=index: self._after(index))
-            self.handles.append(block.register_forward_hook(after))
+            if index not in self.keep or self.timed:
+                after = torch.compiler.disable(lambda module, args, output, index=index: self._after(index))
+                self.handles.append(block.register_forward_hook(after))
 
     def use_source(self, source: TensorSource) -> None:
         """Read the blocks from ``source`` from now on (other LoRAs); every block must be dropped."""
@@ -202,19 +204,21 @@ class BlockStream:
         if self.forget_kept and index in self.keep:  # its reads are done: complete waited for them
             self.ring.forget_pages([fill.file for fill in self.fills[index] if fill.file is not None])
 
-    def _wait(self, index: int) -> None:
+    def _wait(self, index: int, before_running: bool = False) -> None:
         event = self.ready[index]
         if event is not None:
             stream = torch.cuda.current_stream(self.device)
-            before = timing_event(stream)
+            timed = self.timed and before_running  # (a release's waits hold up no compute)
+            waiting = timing_event(stream) if timed else None
             stream.wait_event(event)
-            self.copy_waits.add(before, timing_event(stream))
+            if timed:
+                self.copy_waits.add(waiting, timing_event(stream))
             self.ready[index] = None  # waited for once, in stream order, is enough for every later use
 
     def _before(self, index: int) -> None:
         self.prefetch(index)
-        self._wait(index)
-        if self.copy_stream is not None:
+        self._wait(index, before_running=True)
+        if self.timed:
             self.started[index] = timing_event(torch.cuda.current_stream(self.device))
 
     def _after(self, index: int) -> None:
