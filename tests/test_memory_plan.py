@@ -132,6 +132,21 @@ def test_the_gpu_estimate_counts_the_step_caches_copies_of_the_stream():
     assert cached.estimate(sizes, **hd).stages["text encoding"] == exact.estimate(sizes, **hd).stages["text encoding"]
 
 
+def test_the_host_estimate_counts_the_step_caches_state_on_its_way_to_the_state_file():
+    """The state file holds the step cache's tensors: rank 0 copies both branches' two streams to the
+    host after every step (774 MB each at 720P x 81 frames in bf16), beside the rest of the run."""
+    from wan_i2v.session import RunOptions, plan_for
+    from wan_i2v.transforms.step_cache_config import StepCacheConfig
+
+    def planned(step_cache):
+        options = RunOptions(device="cuda", gpu_memory=80, host_memory=64, step_cache=step_cache, compile=False)
+        return plan_for(options, height=720, width=1280, frame_num=81, device="cuda", world=1, ckpt_dir=None, query_gpu=False)
+
+    exact, cached = planned(None), planned(StepCacheConfig(threshold=0.1))
+    added = {stage: cached.host.stages[stage] - exact.host.stages[stage] for stage in exact.host.stages}
+    assert added == {"text encoding": 0, "image encoding": 0, "denoising": 2 * 2 * 75600 * 5120 * 2, "decoding": 0}
+
+
 def test_counts_take_the_number_of_their_noun():
     from wan_i2v.parallel.plan import ParallelDims
     from wan_i2v.server.store import QueueFull

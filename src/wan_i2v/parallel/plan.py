@@ -213,12 +213,16 @@ def estimate_host_memory(
     offload: str | None = None,
     on_gpu: bool = True,
     spawned: bool = False,
+    tokens: int = 0,
+    step_cache_bytes: int = 0,
 ) -> MemoryEstimate:
     """The host memory of one machine at the peak of each stage: every rank's process, its staging ring
-    (one block per slot, as stored) or its FSDP shards pinned in host memory, and the frames on their way
-    in (the image encode's input) and out (the decoded video, its 8-bit copy for the mp4). On the CPU
-    everything the GPU estimate counts is in host memory. ``spawned``: a process of ours started the
-    ranks (``--gpus N``) and holds the video too."""
+    (one block per slot, as stored) or its FSDP shards pinned in host memory, the frames on their way
+    in (the image encode's input) and out (the decoded video, its 8-bit copy for the mp4), and with the
+    step cache on (``step_cache_bytes`` an element of its stream, ``tokens`` the DiT's sequence) the
+    host copy of its state in the resumable state file, every rank's gathered on rank 0 (3.1 GB at 720P
+    with guidance). On the CPU everything the GPU estimate counts is in host memory. ``spawned``: a
+    process of ours started the ranks (``--gpus N``) and holds the video too."""
     world, offloaded = dims.world, bool(offload)
     video = 3 * frames * pixels * 4  # a float32 video, on its way in (the encode) or out (the decode)
     if not on_gpu:
@@ -231,7 +235,8 @@ def estimate_host_memory(
         else:
             held = STAGING_DEPTH * (sizes.stored_block or sizes.block)
         per_rank = {stage: HOST_PROCESS + held for stage in gpu.stages}
-    main = {"text encoding": 0, "image encoding": video, "denoising": 0, "decoding": int(VIDEO_COPIES * video)}
+    cache_state = STEP_CACHE_COPIES * 2 * tokens * sizes.dim * step_cache_bytes if on_gpu else 0  # (on the CPU: the GPU estimate's)
+    main = {"text encoding": 0, "image encoding": video, "denoising": cache_state, "decoding": int(VIDEO_COPIES * video)}
     stages = {}
     for stage, value in per_rank.items():
         total = world * value + main.get(stage, 0)
@@ -375,7 +380,7 @@ def choose_plan(
             for stream_text, by_frame in product((False, True) if visits else (False,), (False, True) if on_gpu and dims.world == 1 else (False,)):
                 estimate = estimate_memory(dims, sizes, offload=placement.offload, stream_text_encoder=stream_text, decode_frame_by_frame=by_frame, **shape)
                 host = estimate_host_memory(dims, sizes, estimate, pixels=shape["pixels"], frames=frames, offload=placement.offload,
-                                            on_gpu=on_gpu, spawned=spawned)  # fmt: skip
+                                            on_gpu=on_gpu, spawned=spawned, tokens=shape["tokens"], step_cache_bytes=shape.get("step_cache_bytes", 0))  # fmt: skip
                 fits = estimate.fits(gpu_bytes if on_gpu else host_bytes) and host.fits(host_bytes)
                 choice = Choice(dims, placement, estimate, host, fits, stream_text, decode_frame_by_frame=by_frame)
                 if choice.fits:

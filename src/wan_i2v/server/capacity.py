@@ -21,9 +21,10 @@ class Capacity:
         from wan_i2v.parallel.plan import estimate_host_memory
 
         plan, pixels = self.planned.plan, height * width
-        gpu = plan.estimate(self.sizes, tokens=spec_for(plan.model).dit_tokens(frame_num, height, width), pixels=pixels)
+        tokens = spec_for(plan.model).dit_tokens(frame_num, height, width)
+        gpu = plan.estimate(self.sizes, tokens=tokens, pixels=pixels)
         host = estimate_host_memory(plan.dims, self.sizes, gpu, pixels=pixels, frames=frame_num, offload=plan.offload.flag,
-                                    on_gpu=plan.on_gpu, spawned=self.spawned)  # fmt: skip
+                                    on_gpu=plan.on_gpu, spawned=self.spawned, tokens=tokens, step_cache_bytes=plan.step_cache_bytes)  # fmt: skip
         return gpu.fits(self.planned.gpu_bytes if plan.on_gpu else self.planned.host_bytes) and host.fits(self.planned.host_bytes)
 
     def largest_frame_num(self, height: int, width: int) -> int | None:
