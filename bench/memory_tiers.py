@@ -17,9 +17,7 @@ cache's counters: ``refaulted_gib``, what the run read again after the cache had
 
 Rows: ``default`` (80 GiB GPU, 32 GiB host), ``swap`` (48/40: one expert on the GPU), ``blocks``
 (24/32: blocks streamed; the page cache holds most of an expert), ``blocks-cached`` (the same with the
-whole checkpoint in the page cache: the streaming's own cost, without the disk), ``blocks-kept-pages``
-(the same planned for 64 GiB of host memory in the 32 GiB group: the kept blocks' file pages are not
-dropped once they arrived), ``blocks-eager`` (the same without torch.compile), ``blocks-expandable`` (PyTorch's allocator with expandable segments: no
+whole checkpoint in the page cache: the streaming's own cost, without the disk), ``blocks-eager`` (the same without torch.compile), ``blocks-expandable`` (PyTorch's allocator with expandable segments: no
 retries that free cached memory under the cap), ``disk`` (24/16: the page cache
 holds little of an expert, so most blocks come from the disk), ``480p`` (12/16: the text encoder's
 blocks stream too; its reference ``480p-resident`` at 80/32), ``second`` (the
@@ -63,8 +61,6 @@ ROWS = {
     "blocks": ("720P", 24, 32, "group", [], {}, "default"),
     "disk": ("720P", 24, 16, "group", [], {}, "default"),
     "blocks-cached": ("720P", 24, 32, "machine", [], {}, "default"),
-    # the blocks row planned for a 64 GiB host in the same 32 GiB group: its kept blocks' pages are not dropped
-    "blocks-kept-pages": ("720P", 24, 32, "group", ["--host-memory", "64"], {}, "default"),
     "blocks-eager": ("720P", 24, 32, "group", ["--no-compile"], {}, "default"),
     "blocks-expandable": ("720P", 24, 32, "group", [], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "default"),
     "480p-resident": ("480P", 80, 32, "group", [], {}, None),

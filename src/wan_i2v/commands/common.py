@@ -71,9 +71,9 @@ class StepClock:
         if self.device is not None:
             import torch  # (loaded by the run already; the commands' module stays quick to import)
 
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(self.device))
-            self.device_ends.append(event)
+            from wan_i2v.transforms.streaming import timing_event
+
+            self.device_ends.append(timing_event(torch.cuda.current_stream(self.device)))
 
     def step_seconds(self) -> list[float]:
         """Each step after the first, the GPU's time where there is one."""
