@@ -59,6 +59,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="a check of this script on the CPU with the tiny checkpoint, not a measurement")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    for earlier in ("video.mp4", "video.state.pt"):  # a run left there would be resumed, not profiled
+        (args.out / earlier).unlink(missing_ok=True)
     size = dict(height=720, width=1280, frame_num=81)
     options = RunOptions(ckpt_dir=args.ckpt, gpu_memory=args.gpu_memory, host_memory=args.host_memory, distilled=True, lightning=False)
     if args.tiny:
@@ -98,6 +100,10 @@ def main():
     kernels = sum(e["dur"] for e in gpu if e["cat"] == "kernel")
     report = {"step_s": step_s, "gpu_span_s": (end - begin) / 1e6, "gpu_busy_s": busy / 1e6, "kernels_s": kernels / 1e6,
               "idle_gaps_over_1ms": sum(1 for gap in gaps if gap > 1000), "idle_s": sum(gaps) / 1e6, "longest_gap_ms": max(gaps, default=0) / 1e3}  # fmt: skip
+    kernel_time: dict[str, list[float]] = {}
+    for e in gpu:
+        kernel_time.setdefault(e["name"][:80], []).append(e["dur"])
+    report["kernels_by_total_ms"] = {name: [round(sum(d) / 1e3, 1), len(d)] for name, d in sorted(kernel_time.items(), key=lambda item: -sum(item[1]))[:25]}
     print(json.dumps(report, indent=1))
     by_name: dict[str, list[float]] = {}
     for e in host:
