@@ -33,6 +33,7 @@ from diffusers_names import diffusers_transformer_kwargs
 
 from wan_i2v.loading.names import official_to_diffusers
 from wan_i2v.execution import ExecutionPlan, apply_plan
+from wan_i2v.options import RunOptions
 from wan_i2v.models.dit import DiT, DiTConfig, NormRope, keeps_fp32
 
 LATENT_GRIDS = {"480P": (21, 60, 104), "720P": (21, 90, 160)}
@@ -222,7 +223,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-frames", type=int, default=5, help="latent frames of the 480P input for the fp32 comparison (0: skip it)")
     parser.add_argument("--modes", nargs="+", default=["ours", "ours+compile", "diffusers"],
-                        help="plan (the stack a one-GPU run executes: the default execution plan's transforms), or any of ours, ours+compile, ours+fused-residual+compile, ours+fused+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order; the FP8 modes cannot follow the GELU one: FP8 goes first), diffusers")
+                        help="plan (the stack a one-GPU run executes: the default execution plan's transforms), plan-eager (the same with --no-compile), or any of ours, ours+compile, ours+fused-residual+compile, ours+fused+compile, ours+persistent+compile, ours+gelu-epilogue+compile, ours+fp8+compile, ours+fp8+sage+compile (in that order; the FP8 modes cannot follow the GELU one: FP8 goes first), diffusers")
     parser.add_argument("--official-repo", type=Path, default=None,
                         help="a Wan2.2 checkout: adds the official WanModel (mode 'official') to the comparison")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per mode at the first size")
@@ -248,6 +249,9 @@ def main():
     if "plan" in args.modes:  # what a one-GPU run executes: the default execution plan, on weights of its own
         models["plan"] = build_ours(config, torch.bfloat16)
         apply_plan(models["plan"], ExecutionPlan.for_device("cuda"))
+    if "plan-eager" in args.modes:  # the same with --no-compile: the planner's activation estimate for it
+        models["plan-eager"] = build_ours(config, torch.bfloat16)
+        apply_plan(models["plan-eager"], ExecutionPlan.for_device("cuda", RunOptions(compile=False)))
     if "diffusers" in args.modes:
         models["diffusers"] = build_diffusers(ours)
     if args.official_repo:

@@ -2,6 +2,7 @@
 CI has no GPU, and the device index the API wants is what broke on the first GPU run)."""
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,24 @@ def test_streamed_blocks_keep_what_the_gpu_has_room_for_and_a_small_gpu_streams_
     assert not kept_whole.plan.stream_text_encoder and kept_whole.plan.kept_blocks == 0
     # 8 GiB is too small even so: refused, naming the machine it needs.
     assert not plan_run(base, sizes, gpus=1, gpu_bytes=8 * GiB, host_bytes=16 * GiB, guided=False, **sd).fits
+
+
+def test_without_compile_the_larger_activations_leave_room_for_fewer_kept_blocks():
+    """--no-compile at 24 GiB, 720P ran out of GPU memory on the device: the plan had kept as many
+    blocks as the compiled activations left room for."""
+    from wan_i2v.execution import plan_run
+    from wan_i2v.parallel.plan import HEADROOM, model_sizes
+
+    sizes = model_sizes(None)
+    hd = dict(tokens=21 * 45 * 80, pixels=1280 * 720)
+    compiled, eager = (plan_run(ExecutionPlan(torch.device("cuda"), torch.bfloat16, compile=on), sizes, gpus=1, gpu_bytes=24 * GiB,
+                                host_bytes=32 * GiB, guided=False, **hd) for on in (True, False))  # fmt: skip
+    assert compiled.fits and eager.fits
+    assert 0 < eager.plan.kept_blocks < compiled.plan.kept_blocks, (eager.plan.kept_blocks, compiled.plan.kept_blocks)
+    # With the same blocks kept the eager forward needs more; each plan fits its cap with the headroom.
+    same = replace(compiled.plan, compile=False).estimate(sizes, **hd).stages["denoising"]
+    assert same > compiled.estimate.stages["denoising"]
+    assert eager.estimate.stages["denoising"] <= 24 * GiB * HEADROOM
 
 
 def test_the_cli_compiles_without_inductors_pool_of_processes_unless_told(monkeypatch, tmp_path):

@@ -174,7 +174,7 @@ class ExecutionPlan:
             self.dims, sizes, tokens=tokens, pixels=pixels, offload=self.offload.flag,
             decode_bytes=self.decode_dtype.itemsize, encode_bytes=self.encode_dtype.itemsize, keep_text_encoder=self.keep_text_encoder,
             stream_text_encoder=self.stream_text_encoder and self.text_encoder_visits, kept_blocks=self.kept_blocks,
-            step_cache_bytes=self.step_cache_bytes, decode_frame_by_frame=self.decode_frame_by_frame,
+            step_cache_bytes=self.step_cache_bytes, decode_frame_by_frame=self.decode_frame_by_frame, compiled=self.compile,
         )  # fmt: skip
 
     @property
@@ -258,7 +258,7 @@ def plan_run(
         gpus, sizes, ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp, offload=None if offload is None else offload.flag,
         gpu_bytes=gpu_bytes, host_bytes=host_bytes, tokens=tokens, pixels=pixels, frames=frames, decode_bytes=base.decode_dtype.itemsize,
         encode_bytes=base.encode_dtype.itemsize, keep_text_encoder=base.keep_text_encoder, step_cache_bytes=base.step_cache_bytes, guided=guided,
-        on_gpu=base.on_gpu, spawned=spawned,
+        on_gpu=base.on_gpu, spawned=spawned, compiled=base.compile,
     )  # fmt: skip
     # Streamed blocks are read every step, the kept ones once an expert: where the page cache left
     # beside the run cannot hold all the run reads (the text encoder, every expert's blocks), the

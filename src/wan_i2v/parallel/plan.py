@@ -119,6 +119,7 @@ class ModelSizes:
 # full-resolution activations of 4 frames (x 4 x vae_dim x height x width x bytes per element; the
 # decode's units are its VAE's, ``ModelSizes.vae_decode_units``).
 DIT_STREAMS = 5.0  # one forward, compiled, fused norms: 7.2 GiB at 720P
+EAGER_EXTRA_STREAMS = 1.4  # without torch.compile (--no-compile): 7.7 against 5.8 GiB of activations at 720P (bench/dit_forward.py, plan-eager)
 ULYSSES_STREAMS = 6.0  # the same on 1/u of the tokens, with the all-to-all's buffers
 GATHER_STREAMS = 2.0  # the whole sequence gathered for the output head (Ulysses)
 VAE_ENCODE_UNITS = 10.0  # the first frame and 80 black ones, fp32, every rank encodes
@@ -260,6 +261,7 @@ def estimate_memory(
     kept_blocks: int = 0,
     step_cache_bytes: int = 0,
     decode_frame_by_frame: bool = False,
+    compiled: bool = True,
 ) -> MemoryEstimate:
     """The per-GPU peak of each stage: the weights on the GPU then, plus that stage's transients.
 
@@ -270,6 +272,7 @@ def estimate_memory(
     that stay on the GPU while it runs. ``step_cache_bytes``: with the step cache on, the bytes of an
     element of the stream it keeps (the compute dtype's); 0: no cache. ``decode_frame_by_frame``: one
     GPU decodes one output frame at a time (smaller, slower), as a split decode always does.
+    ``compiled``: the DiT runs compiled (its activations are smaller).
     """
     world, offloaded = dims.world, bool(offload)
     # Text encoder: sharded (gathering a block ahead and its embedding while it encodes), visiting the GPU, or kept.
@@ -299,6 +302,8 @@ def estimate_memory(
         activations = max(ULYSSES_STREAMS * local * stream, GATHER_STREAMS * tokens * stream)
     else:
         activations = DIT_STREAMS * tokens * stream
+    if not compiled:
+        activations += EAGER_EXTRA_STREAMS * local * stream
     # The step cache keeps two copies of this rank's stream (the first blocks' residual, the middle
     # blocks') per guidance branch of the active expert: both branches on a GPU but under CFG parallel
     # (a run without guidance has one, counted as two here: the estimate does not know the guide scale).
