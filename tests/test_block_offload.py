@@ -399,3 +399,42 @@ def test_device_spans_sum_what_the_gpu_has_passed_and_hold_no_more_events_than_p
     for start in range(300):  # a long run: the passed spans are summed as they pile up
         spans.add(Event(start), Event(start + 1))
     assert len(spans.pending) < 256 and abs(spans.seconds() - 0.65) < 1e-9
+
+
+@pytest.mark.parametrize("offload", [None, "blocks"])
+def test_a_pipeline_let_go_of_lets_its_staging_ring_go_with_its_threads_files_and_memory(tiny_checkpoint, monkeypatch, offload):
+    """A notebook that loads the pipeline again, or a server that plans again, must not keep the old
+    ring's pinned slots (2.1 GB at full size), its reader threads and the checkpoint's open files."""
+    import gc
+    import threading
+    import weakref
+
+    from wan_i2v.pipeline import I2VPipeline
+    from wan_i2v.video import demo_image
+
+    rings, opened = [], set()
+    made, open_file = StagingRing.__init__, StagingRing._fd
+
+    def recorded(ring, *args, **kwargs):
+        made(ring, *args, **kwargs)
+        rings.append(weakref.ref(ring))
+
+    monkeypatch.setattr(StagingRing, "__init__", recorded)
+    monkeypatch.setattr(StagingRing, "_fd", lambda ring, path: (fd := open_file(ring, path), opened.add(fd))[0])
+    earlier = set(threading.enumerate())
+    pipe = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, offload=offload)
+    pipe.generate(demo_image(), "a boat", seed=3, progress=False, max_area=64 * 96, frame_num=5, steps=2)
+    (ring,) = rings
+    threads = [thread for thread in set(threading.enumerate()) - earlier if thread.name.startswith("wan-i2v-")]
+    assert opened  # it read the checkpoint through its own files
+    if offload:  # the streamed experts read through it at every step: it lives as long as the pipeline
+        assert ring() is not None and threads
+    del pipe
+    gc.collect()
+    assert ring() is None
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive(), thread.name
+    for fd in opened:
+        with pytest.raises(OSError):
+            os.fstat(fd)

@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -167,8 +168,12 @@ class StagingRing:
         # free (the device copies out of it, which wait for the compute queued before them).
         self.read_s = 0.0
         self.slot_wait_s = 0.0
-        self.dispatcher = threading.Thread(target=self._dispatch, name="wan-i2v-staging", daemon=True)
+        # The dispatcher holds the ring only while it stages a ticket: whoever lets go of the ring lets
+        # go of its threads, its open files and its slots (a pipeline loaded again in a notebook).
+        self.dispatcher = threading.Thread(target=_dispatch, args=(weakref.ref(self), self.pending), name="wan-i2v-staging", daemon=True)
         self.dispatcher.start()
+        release = weakref.finalize(self, _release, self.pending, self.pool, self.files, self.lock, self.submitted, self.arena)
+        release.atexit = False  # an exiting process lets go of it all anyway, CUDA perhaps first
 
     # -- the caller's side ------------------------------------------------------------------------
 
@@ -206,27 +211,27 @@ class StagingRing:
 
     # -- the readers' side ------------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        while (ticket := self.pending.get()) is not None:
-            slot_index = ticket.index % self.depth
-            previous = self.submitted[slot_index]
-            try:
-                waiting = time.perf_counter()
-                if previous is not None:
-                    previous.released.wait()
-                    if previous.copied is not None:
-                        previous.copied.synchronize()
-                self.submitted[slot_index] = ticket
-                ticket.slot = self.slots[slot_index]
-                in_use = sum(1 for t in self.submitted if t is not None and not t.released.is_set())
-                self.in_use_peak = max(self.in_use_peak, in_use)
-                reading = time.perf_counter()
-                self.slot_wait_s += reading - waiting
-                self._fill(ticket)
-                self.read_s += time.perf_counter() - reading
-            except BaseException as exc:  # reported to the caller that waits for the ticket
-                ticket.error = exc if isinstance(exc, WanError) else WanError(f"cannot stage weights: {first_line(exc)}")
-            ticket.filled.set()
+    def _stage(self, ticket: Ticket) -> None:
+        """Fill ``ticket``'s slot once the ticket before it in that slot is copied out."""
+        slot_index = ticket.index % self.depth
+        previous = self.submitted[slot_index]
+        try:
+            waiting = time.perf_counter()
+            if previous is not None:
+                previous.released.wait()
+                if previous.copied is not None:
+                    previous.copied.synchronize()
+            self.submitted[slot_index] = ticket
+            ticket.slot = self.slots[slot_index]
+            in_use = sum(1 for t in self.submitted if t is not None and not t.released.is_set())
+            self.in_use_peak = max(self.in_use_peak, in_use)
+            reading = time.perf_counter()
+            self.slot_wait_s += reading - waiting
+            self._fill(ticket)
+            self.read_s += time.perf_counter() - reading
+        except BaseException as exc:  # reported to the caller that waits for the ticket
+            ticket.error = exc if isinstance(exc, WanError) else WanError(f"cannot stage weights: {first_line(exc)}")
+        ticket.filled.set()
 
     def _fill(self, ticket: Ticket) -> None:
         jobs: list[Callable[[], None]] = []
@@ -289,6 +294,31 @@ class StagingRing:
         from wan_i2v.loading.checkpoint import checkpoint_hint
 
         return WanError(f"cannot read tensor {piece.key!r} from {piece.file.path}: {why}", checkpoint_hint(piece.file.path))
+
+
+def _dispatch(ring_ref: weakref.ref, pending: queue.Queue) -> None:
+    """The ring's dispatcher thread: each ticket staged in turn, until it is told to stop or the ring is gone."""
+    while (ticket := pending.get()) is not None:
+        ring = ring_ref()
+        if ring is None:
+            return
+        ring._stage(ticket)
+        del ring
+
+
+def _release(pending: queue.Queue, pool: ThreadPoolExecutor, files: dict[str, int], lock: threading.Lock,
+             submitted: list[Ticket | None], arena: PinnedArena) -> None:  # fmt: skip
+    """A ring let go of: its dispatcher and readers stop, its files close, its slots are unpinned."""
+    pending.put(None)
+    pool.shutdown(wait=False, cancel_futures=True)
+    with lock:
+        for fd in files.values():
+            os.close(fd)
+        files.clear()
+    for ticket in submitted:  # a copy still reading a slot (a run that failed) ends before the slot goes
+        if ticket is not None and ticket.copied is not None:
+            ticket.copied.synchronize()
+    arena.close()
 
 
 class Fill:
