@@ -247,6 +247,13 @@ def test_a_decode_that_does_not_fit_whole_is_planned_frame_by_frame_with_its_vae
     assert smaller.fits and smaller.placement.offload == "experts" and not smaller.decode_frame_by_frame
     plan = ExecutionPlan(device=torch.device("cuda"), dtype=torch.bfloat16, decode_frame_by_frame=True)
     assert "fp32 decode frame by frame" in plan.describe_numerics()
+    # The decode's own check at run time (whole frames only where the GPU has room) asks for what the plan counts.
+    from wan_i2v.models.vae import VAEConfig, WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE(VAEConfig())
+    assert vae.whole_decode_bytes((1, 16, 21, 90, 160)) == 11.0 * 4 * 96 * 1280 * 720 * 4  # Wan2.1's VAE, fp32, 720P
+    assert vae.to(torch.bfloat16).whole_decode_bytes((1, 16, 21, 90, 160)) == 11.0 * 4 * 96 * 1280 * 720 * 2
 
 
 @pytest.mark.parametrize("fraction_api", [True, False], ids=["torch>=2.6", "older torch"])
@@ -254,7 +261,7 @@ def test_the_decoders_free_memory_is_held_to_the_per_process_cap(monkeypatch, fr
     """``--gpu-memory`` caps the allocator with ``set_per_process_memory_fraction``, which the GPU's
     free memory does not show: on an 80 GiB GPU capped at 24 GiB with 20 GiB allocated, the decoder
     has 4 GiB (plus nothing reserved), not the GPU's 60. Torch without the query sees only the GPU."""
-    from wan_i2v.models.vae import free_gpu_bytes
+    from wan_i2v.pipeline import free_gpu_bytes
 
     cuda = torch.cuda
     monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (60 * GiB, 80 * GiB))

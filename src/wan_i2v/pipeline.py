@@ -718,8 +718,10 @@ def decode_latents(
     ``group``, the decode is split over its ranks and only its rank 0 gets the video (None elsewhere).
     ``on_frames(frames)`` is handed the video in order, in runs of [3, n, H, W] frames, each as soon
     as it is decoded (on a ``group``'s rank 0); it must not modify them. ``frame_by_frame`` as
-    ``WanVAE.decode``'s (None: when memory is short)."""
+    ``WanVAE.decode``'s (None: where the GPU has no room for whole frames)."""
     inputs = latents[None].to(device)  # the decoder casts them to its dtype after de-normalizing in fp32
+    if frame_by_frame is None:
+        frame_by_frame = inputs.device.type == "cuda" and free_gpu_bytes(inputs.device) < vae.whole_decode_bytes(inputs.shape)
     bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
     advance = _advancing(bar)
 
@@ -737,6 +739,20 @@ def decode_latents(
     finally:
         bar.close()
     return None if video is None else video[0]
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """What the allocator can still hand out on ``device``: the GPU's free memory and the allocator's
+    unused reserve, within the per-process cap where one is set (``set_per_process_memory_fraction``,
+    as ``--gpu-memory`` does; the GPU's free memory does not see it). Torch before 2.6 cannot tell the
+    cap (no ``get_per_process_memory_fraction``): there only the GPU's free memory counts."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None:
+        free = min(free, int(get_fraction(device) * total) - allocated)
+    return free
 
 
 def _handing_on(advance, vae: WanVAE, latent_shape, video: torch.Tensor, on_frames) -> Callable[[int, int], None]:

@@ -424,7 +424,7 @@ class WanVAE(nn.Module):
         self,
         latents: torch.Tensor,
         progress: Callable[[int, int], None] | None = None,
-        frame_by_frame: bool | None = None,
+        frame_by_frame: bool = False,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalized latents [B, z_dim, f, h, w] -> video [B, 3, 4(f-1)+1, 8h, 8w] in [-1, 1], float32.
@@ -432,15 +432,13 @@ class WanVAE(nn.Module):
         ``progress(done, total)`` is called after each latent frame. ``frame_by_frame`` runs the
         stages after the last temporal upsampling one output frame at a time: the same result
         (the causal cache makes it exact) with the largest activations a quarter of the size,
-        ~20% slower. By default it is used only when the GPU's free memory is short. ``out``, a
+        ~20% slower (``whole_decode_bytes`` says what the whole frames need). ``out``, a
         float32 tensor of the video's shape on any device (host memory, say), receives the frames
         as they are decoded, so the whole video never has to fit beside the decoder's activations.
         """
         if out is not None and (tuple(out.shape) != self.video_shape(latents.shape) or out.dtype != torch.float32):
             raise ValueError(f"out is {out.dtype} {tuple(out.shape)}: want float32 {self.video_shape(latents.shape)}")
         x = self.decoder_input(latents)
-        if frame_by_frame is None:
-            frame_by_frame = self._memory_is_short(x)
         whole_frames, to_last_temporal, to_pixels = self.decoder_stages()
         cache: CausalCache = {}
         total = x.shape[2]
@@ -482,26 +480,12 @@ class WanVAE(nn.Module):
             CausalSequential(*upsamples[split:], self.decoder.head),
         )
 
-    def _memory_is_short(self, latents: torch.Tensor) -> bool:
-        if latents.device.type != "cuda":
-            return False
-        height, width = (side * self.config.pixels_per_latent for side in latents.shape[3:])
-        unit = self.config.frames_per_latent * self.config.full_resolution_channels * height * width * latents.element_size()
-        return free_gpu_bytes(latents.device) < self.config.decode_units[0] * unit
-
-
-def free_gpu_bytes(device: torch.device) -> int:
-    """What the allocator can still hand out on ``device``: the GPU's free memory and the allocator's
-    unused reserve, within the per-process cap where one is set (``set_per_process_memory_fraction``,
-    as ``--gpu-memory`` does; the GPU's free memory does not see it). Torch before 2.6 cannot tell the
-    cap (no ``get_per_process_memory_fraction``): there only the GPU's free memory counts."""
-    free, total = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    free += torch.cuda.memory_reserved(device) - allocated
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    if get_fraction is not None:
-        free = min(free, int(get_fraction(device) * total) - allocated)
-    return free
+    def whole_decode_bytes(self, latent_shape: tuple[int, ...]) -> int:
+        """The activations of a decode of whole frames (not ``frame_by_frame``) of ``latent_shape``
+        latents, in the decoder's dtype."""
+        height, width = (side * self.config.pixels_per_latent for side in latent_shape[3:])
+        unit = self.config.frames_per_latent * self.config.full_resolution_channels * height * width * self.conv2.weight.element_size()
+        return int(self.config.decode_units[0] * unit)
 
 
 def load_vae(path: Path, *, device: torch.device | str, dtype: torch.dtype, config_class=VAEConfig) -> WanVAE:
