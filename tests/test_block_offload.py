@@ -420,7 +420,7 @@ def test_a_pipeline_let_go_of_lets_its_staging_ring_go_with_its_threads_files_an
         rings.append(weakref.ref(ring))
 
     monkeypatch.setattr(StagingRing, "__init__", recorded)
-    monkeypatch.setattr(StagingRing, "_fd", lambda ring, path: (fd := open_file(ring, path), opened.add(fd))[0])
+    monkeypatch.setattr(StagingRing, "_fd", lambda ring, path: (fd := open_file(ring, path), opened.add((fd, os.fstat(fd).st_ino)))[0])
     earlier = set(threading.enumerate())
     pipe = I2VPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, offload=offload)
     pipe.generate(demo_image(), "a boat", seed=3, progress=False, max_area=64 * 96, frame_num=5, steps=2)
@@ -435,6 +435,51 @@ def test_a_pipeline_let_go_of_lets_its_staging_ring_go_with_its_threads_files_an
     for thread in threads:
         thread.join(timeout=10)
         assert not thread.is_alive(), thread.name
-    for fd in opened:
-        with pytest.raises(OSError):
-            os.fstat(fd)
+    for fd, inode in opened:  # closed (a descriptor opened since by another may have its number)
+        try:
+            assert os.fstat(fd).st_ino != inode
+        except OSError:
+            pass
+
+
+def test_a_ring_whose_read_failed_is_let_go_of_too(tmp_path):
+    """The failed read's error, kept for the caller, must not keep the ring (its traceback's frames hold it)."""
+    import gc
+    import weakref
+
+    from wan_i2v.loading.staging import FileRange, Piece
+
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(bytes(100))
+    ring = StagingRing(4096, DEPTH, "cpu")
+    ticket = ring.submit([Piece("weight", 0, 1000, FileRange(str(cut), 0, 1000))])
+    with pytest.raises(WanError, match="the file ends before byte 1000"):
+        ring.copy_out(ticket, [torch.empty(1000, dtype=torch.uint8)], None)
+    ring.release(ticket)  # as a batch that failed gives its slots back
+    dispatcher, gone = ring.dispatcher, weakref.ref(ring)
+    del ring, ticket
+    gc.collect()
+    assert gone() is None
+    dispatcher.join(timeout=10)
+    assert not dispatcher.is_alive()
+
+
+def test_out_of_memory_for_a_fills_tensors_gives_its_slots_back_and_the_ring_goes_on(tiny_checkpoint, monkeypatch):
+    """A batch that fails before its copies (no device memory for the values) must release its
+    tickets: a slot never released stops the ring's reads for good, and the next load would hang."""
+    from wan_i2v.loading.staging import Fill
+
+    model, source = build_dit(tiny_checkpoint / HIGH_DIR, dtype=torch.float32)
+    ring = StagingRing(BlockStream.slot_bytes(model.blocks, source), DEPTH, "cpu")
+    allocate = Fill.outputs
+
+    def out_of_memory(fill, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (a fake)")
+
+    monkeypatch.setattr(Fill, "outputs", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        load_strict(model, source, device="cpu", dtype=torch.float32, keep_fp32=keeps_fp32, ring=ring)
+    assert ring.count and all(ticket is None or ticket.released.is_set() for ticket in ring.submitted)
+    monkeypatch.setattr(Fill, "outputs", allocate)
+    loaded = load_strict(model, source, device="cpu", dtype=torch.float32, keep_fp32=keeps_fp32, ring=ring)
+    assert torch.equal(loaded.blocks[0].ffn[0].weight, resident(tiny_checkpoint, HIGH_DIR).blocks[0].ffn[0].weight)

@@ -155,6 +155,7 @@ class StagingRing:
         self.pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1), thread_name_prefix="wan-i2v-read")
         self.pending: queue.Queue[Ticket | None] = queue.Queue()
         self.submitted: list[Ticket | None] = [None] * depth  # the last ticket of each slot
+        self.copies: list[torch.cuda.Event | None] = [None] * depth  # the device copies out of each slot, last queued
         self.count = 0
         self.reads: dict[str, int] = {}
         self.files: dict[str, int] = {}
@@ -172,7 +173,7 @@ class StagingRing:
         # go of its threads, its open files and its slots (a pipeline loaded again in a notebook).
         self.dispatcher = threading.Thread(target=_dispatch, args=(weakref.ref(self), self.pending), name="wan-i2v-staging", daemon=True)
         self.dispatcher.start()
-        release = weakref.finalize(self, _release, self.pending, self.pool, self.files, self.lock, self.submitted, self.arena)
+        release = weakref.finalize(self, _release, self.pending, self.pool, self.files, self.lock, self.copies, self.arena, self.device)
         release.atexit = False  # an exiting process lets go of it all anyway, CUDA perhaps first
 
     # -- the caller's side ------------------------------------------------------------------------
@@ -187,7 +188,7 @@ class StagingRing:
 
     def release(self, ticket: Ticket, copied: torch.cuda.Event | None = None) -> None:
         """The slot may be filled again once ``copied`` (the device copies out of it) has happened."""
-        ticket.copied = copied
+        ticket.copied = self.copies[ticket.index % self.depth] = copied
         ticket.released.set()
 
     def copy_out(self, ticket: Ticket, targets: Sequence[torch.Tensor], stream: torch.cuda.Stream | None) -> None:
@@ -229,8 +230,8 @@ class StagingRing:
             self.slot_wait_s += reading - waiting
             self._fill(ticket)
             self.read_s += time.perf_counter() - reading
-        except BaseException as exc:  # reported to the caller that waits for the ticket
-            ticket.error = exc if isinstance(exc, WanError) else WanError(f"cannot stage weights: {first_line(exc)}")
+        except BaseException as exc:  # reported to the caller that waits for the ticket, without the frames that hold the ring
+            ticket.error = (exc if isinstance(exc, WanError) else WanError(f"cannot stage weights: {first_line(exc)}")).with_traceback(None)
         ticket.filled.set()
 
     def _fill(self, ticket: Ticket) -> None:
@@ -303,22 +304,24 @@ def _dispatch(ring_ref: weakref.ref, pending: queue.Queue) -> None:
         if ring is None:
             return
         ring._stage(ticket)
-        del ring
+        del ring, ticket  # nothing of the ring held while waiting for the next
 
 
 def _release(pending: queue.Queue, pool: ThreadPoolExecutor, files: dict[str, int], lock: threading.Lock,
-             submitted: list[Ticket | None], arena: PinnedArena) -> None:  # fmt: skip
-    """A ring let go of: its dispatcher and readers stop, its files close, its slots are unpinned."""
+             copies: list[torch.cuda.Event | None], arena: PinnedArena, device: torch.device) -> None:  # fmt: skip
+    """A ring let go of: its dispatcher and readers stop, its files close, its slots are unpinned
+    (on its own GPU: the collector may run this on any thread)."""
     pending.put(None)
     pool.shutdown(wait=False, cancel_futures=True)
     with lock:
         for fd in files.values():
             os.close(fd)
         files.clear()
-    for ticket in submitted:  # a copy still reading a slot (a run that failed) ends before the slot goes
-        if ticket is not None and ticket.copied is not None:
-            ticket.copied.synchronize()
-    arena.close()
+    with torch.cuda.device(device) if device.type == "cuda" else _nothing():
+        for copied in copies:  # a copy still reading a slot (a run that failed) ends before the slot goes
+            if copied is not None:
+                copied.synchronize()
+        arena.close()
 
 
 class Fill:
@@ -406,13 +409,13 @@ class Batch:
         event that ends it (None on the CPU). Device memory for the values is taken on the current
         stream, so it is reused in that stream's order once the module lets go of it."""
         device = self.ring.device
-        outputs = [fill.outputs(device) for fill in self.fills]
         arrived: dict[int, torch.Tensor] = {}
         seen: dict[int, int] = {}
         context = torch.cuda.stream(stream) if stream is not None else _nothing()
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(device))  # the memory handed out may be what queued kernels read
         try:
+            outputs = [fill.outputs(device) for fill in self.fills]  # (out of memory here gives the slots back too)
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(device))  # the memory handed out may be what queued kernels read
             for part, ticket in zip(self.parts, self.tickets):
                 with context:
                     targets = []
