@@ -162,7 +162,7 @@ def test_streamed_blocks_keep_what_the_gpu_has_room_for_and_a_small_gpu_streams_
     from wan_i2v.parallel.plan import HEADROOM, model_sizes
 
     sizes = model_sizes(None)  # the official model in bf16: blocks of 0.66 GiB, umT5-XXL of 10.6 GiB
-    base = ExecutionPlan(torch.device("cuda"), torch.bfloat16)
+    base = ExecutionPlan(torch.device("cuda"), torch.bfloat16, compile=True)  # as a GPU run compiles
     hd, sd = dict(tokens=21 * 45 * 80, pixels=1280 * 720), dict(tokens=21 * 30 * 52, pixels=832 * 480)
     # 24 GiB at 720P: the blocks stream, and as many as fit beside the activations stay while their expert runs.
     run = plan_run(base, sizes, gpus=1, gpu_bytes=24 * GiB, host_bytes=32 * GiB, guided=False, **hd)
@@ -179,7 +179,7 @@ def test_streamed_blocks_keep_what_the_gpu_has_room_for_and_a_small_gpu_streams_
     assert small.estimate.stages["text encoding"] < sizes.text_encoder  # less than the whole encoder alone
     assert "the text encoder's blocks streamed" in small.plan.describe()
     # Where the text encoder does not visit (kept by a server, or on the CPU), nothing of it streams.
-    kept_whole = plan_run(ExecutionPlan(torch.device("cuda"), torch.bfloat16, keep_text_encoder=True), sizes, gpus=1, gpu_bytes=80 * GiB, guided=False, **hd)
+    kept_whole = plan_run(ExecutionPlan(torch.device("cuda"), torch.bfloat16, compile=True, keep_text_encoder=True), sizes, gpus=1, gpu_bytes=80 * GiB, guided=False, **hd)
     assert not kept_whole.plan.stream_text_encoder and kept_whole.plan.kept_blocks == 0
     # 8 GiB is too small even so: refused, naming the machine it needs.
     assert not plan_run(base, sizes, gpus=1, gpu_bytes=8 * GiB, host_bytes=16 * GiB, guided=False, **sd).fits
@@ -288,7 +288,7 @@ def test_kept_blocks_leave_the_page_cache_only_where_it_cannot_hold_what_the_run
     sizes = replace(sizes, stored_block=sizes.block)  # stored in bf16, as the bench's checkpoint
     read = sizes.text_encoder + 2 * 40 * sizes.block
     assert 60 * GiB < read < 64 * GiB
-    base = ExecutionPlan(torch.device("cuda"), torch.bfloat16)
+    base = ExecutionPlan(torch.device("cuda"), torch.bfloat16, compile=True)  # as a GPU run compiles
     hd = dict(tokens=21 * 45 * 80, pixels=1280 * 720)
     small = plan_run(base, sizes, gpus=1, gpu_bytes=24 * GiB, host_bytes=32 * GiB, guided=False, **hd)
     assert small.plan.kept_blocks and small.plan.forget_kept_pages
