@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,9 +31,20 @@ def wait_until(condition, timeout: float = 120, every: float = 0.05):
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: a port from inside it (what binding port 0
+    gives) can be taken, before the server binds it, by any outgoing connection of the tests beside."""
+    try:
+        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest_ephemeral = 32768
+    while True:
+        port = random.randrange(10000, max(lowest_ephemeral, 10001))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def png_bytes(width: int = 160, height: int = 96, colour=(200, 120, 60)) -> bytes:
@@ -47,10 +59,14 @@ class Server:
     def __init__(self, ckpt: Path, state_dir: Path, *extra: str, token: str | None = TOKEN, port: int | None = None, env: dict | None = None):
         self.ckpt, self.state_dir, self.extra, self.token = ckpt, state_dir, extra, token
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = state_dir.parent / f"server-{self.port}.log"
+        self.moves_port = port is None  # until it first starts: then clients know its port
+        self._listen_on(port or free_port())
         self.process: subprocess.Popen | None = None
+
+    def _listen_on(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.state_dir.parent / f"server-{self.port}.log"
 
     @property
     def headers(self) -> dict:
@@ -70,9 +86,13 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if self.moves_port and "Address already in use" in self.log.read_text():  # taken since it was found free
+                    self._listen_on(free_port())
+                    return self.start(max(1.0, deadline - time.monotonic()))
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
             try:
                 if httpx2.get(f"{self.url}/health", timeout=2).json()["status"] == "ready":
+                    self.moves_port = False
                     return self
             except (httpx2.HTTPError, ValueError):
                 pass
