@@ -24,7 +24,7 @@ from common import GB, free, measure, random_on_gpu
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
 from wan_i2v.models.vae import VAEConfig, WanVAE
-from wan_i2v.pipeline import free_gpu_bytes
+from wan_i2v.pipeline import no_room_for_whole_frames
 
 GRID = (21, 60, 104)  # 480P, 81 frames
 
@@ -73,8 +73,7 @@ def main():
     for dtype in (torch.float32, torch.bfloat16):
         vae = random_on_gpu(lambda: WanVAE(VAEConfig()), dtype)
         torch.cuda.reset_peak_memory_stats()
-        by_frame = free_gpu_bytes(latents.device) < vae.whole_decode_bytes(latents.shape)  # as a run decides under the cap
-        seconds, _ = measure(lambda: vae.decode(latents, frame_by_frame=by_frame), 1, 1)
+        seconds, _ = measure(lambda: vae.decode(latents, frame_by_frame=no_room_for_whole_frames(vae, latents)), 1, 1)  # as a run decides under the cap
         peak = torch.cuda.max_memory_allocated() / GB
         report[f"vae_decode_{str(dtype).removeprefix('torch.')}"] = {"seconds": seconds, "peak_gb": peak}
         print(f"VAE decode 480P {dtype}: {seconds:.2f} s, peak {peak:.1f} GiB (all allocations)", flush=True)

@@ -721,7 +721,7 @@ def decode_latents(
     ``WanVAE.decode``'s (None: where the GPU has no room for whole frames)."""
     inputs = latents[None].to(device)  # the decoder casts them to its dtype after de-normalizing in fp32
     if frame_by_frame is None:
-        frame_by_frame = inputs.device.type == "cuda" and free_gpu_bytes(inputs.device) < vae.whole_decode_bytes(inputs.shape)
+        frame_by_frame = no_room_for_whole_frames(vae, inputs)
     bar = tqdm(total=latents.shape[1], desc="decoding", unit="latent frame", disable=not progress)
     advance = _advancing(bar)
 
@@ -739,6 +739,12 @@ def decode_latents(
     finally:
         bar.close()
     return None if video is None else video[0]
+
+
+def no_room_for_whole_frames(vae: WanVAE, latents: torch.Tensor) -> bool:
+    """Whether ``vae`` must decode the [B, z_dim, f, h, w] ``latents`` frame by frame: on a GPU
+    whose memory left (within the run's cap) cannot hold a decode of whole frames."""
+    return latents.device.type == "cuda" and free_gpu_bytes(latents.device) < vae.whole_decode_bytes(latents.shape)
 
 
 def free_gpu_bytes(device: torch.device) -> int:

@@ -129,7 +129,6 @@ class Ticket:
         self.released = threading.Event()
         self.error: BaseException | None = None
         self.slot: torch.Tensor | None = None
-        self.copied: torch.cuda.Event | None = None  # the device copies out of the slot
 
     def wait(self) -> list[torch.Tensor]:
         """The pieces' bytes in the slot (uint8 views), once read; a read that failed raises here."""
@@ -188,7 +187,7 @@ class StagingRing:
 
     def release(self, ticket: Ticket, copied: torch.cuda.Event | None = None) -> None:
         """The slot may be filled again once ``copied`` (the device copies out of it) has happened."""
-        ticket.copied = self.copies[ticket.index % self.depth] = copied
+        self.copies[ticket.index % self.depth] = copied
         ticket.released.set()
 
     def copy_out(self, ticket: Ticket, targets: Sequence[torch.Tensor], stream: torch.cuda.Stream | None) -> None:
@@ -220,8 +219,8 @@ class StagingRing:
             waiting = time.perf_counter()
             if previous is not None:
                 previous.released.wait()
-                if previous.copied is not None:
-                    previous.copied.synchronize()
+                if self.copies[slot_index] is not None:  # (the previous ticket's copies, recorded before its release)
+                    self.copies[slot_index].synchronize()
             self.submitted[slot_index] = ticket
             ticket.slot = self.slots[slot_index]
             in_use = sum(1 for t in self.submitted if t is not None and not t.released.is_set())
