@@ -321,6 +321,43 @@ def test_a_step_s_state_is_written_while_the_next_step_runs(tiny_pipeline, tmp_p
     assert saved["step"] == 3 and torch.equal(saved["latent"][0], result.latents.to(saved["latent"].dtype))
 
 
+def test_a_large_state_is_not_waited_for_and_a_run_resumed_from_the_last_one_written_equals_the_unbroken_one(tiny_pipeline, tmp_path,
+                                                                                                               monkeypatch):  # fmt: skip
+    """The step cache's state is GBs at 720P and a step that skips takes under a second: the steps
+    that end while such a state is written go on unsaved. Here every state counts as large, and step
+    1's write holds until the fourth step has begun, which a loop waiting for it would never reach (the
+    write gives up after 10 s and says so); that step crashes. Steps 2 and 3 were not saved, the file
+    holds step 1's, and the run resumed from it makes the unbroken run's video."""
+    from wan_i2v.sampling import resume
+
+    fourth_step = threading.Event()
+    overlapped, writes = [], []
+    real_write = resume.write_atomically
+
+    def write_when_step_4_runs(path, write):
+        if not writes:
+            overlapped.append(fourth_step.wait(timeout=10))
+        writes.append(path)
+        return real_write(path, write)
+
+    class StepBegins(LoopHook):
+        def on_step_begin(self, step):
+            if step.index == 3:
+                fourth_step.set()
+
+    monkeypatch.setattr(resume, "write_atomically", write_when_step_4_runs)
+    monkeypatch.setattr(resume, "LARGE_STATE_BYTES", 1)
+    state = tmp_path / "run.state.pt"
+    settings = dict(progress=False, seed=8, **{**SMALL, "steps": 5})
+    with crash_after(tiny_pipeline, 7), pytest.raises(Crash):  # two guided forwards a step: in the fourth step
+        tiny_pipeline.generate(demo_image(), "a boat", state_file=state, hooks=[StepBegins()], **settings)
+    assert overlapped == [True] and len(writes) == 1
+    assert torch.load(state, weights_only=True)["step"] == 1
+    resumed = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, **settings)
+    assert len(resumed.experts_used) == 5 - 1
+    assert torch.equal(resumed.latents, tiny_pipeline.generate(demo_image(), "a boat", **settings).latents)
+
+
 def test_a_state_write_that_fails_stops_the_run_with_its_error(tiny_pipeline, tmp_path, monkeypatch):
     from wan_i2v.sampling import resume
 

@@ -36,7 +36,7 @@ from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
-from wan_i2v.sampling.resume import StateWriter, load_loop_state, map_tensors, run_identity, state_to
+from wan_i2v.sampling.resume import StateWriter, load_loop_state, map_tensors, run_identity, state_bytes, state_to
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.transforms.step_cache import skipped_forwards
 from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
@@ -518,11 +518,15 @@ class I2VPipeline:
         return latents
 
     def _save_state(self, prepared: Prepared, state: LoopState, writer: StateWriter) -> None:
-        """Rank 0 starts the state's write after a step (the last one's done first, or its failure
-        raised on every rank). Each rank holds its own block hooks' states (its tokens'): with any,
-        every rank's go into the file, merged (each rank reads back its own)."""
+        """Rank 0 starts the state's write after a step (the last one's failure raised on every rank;
+        see ``StateWriter`` for the large states it does not wait for). Each rank holds its own block
+        hooks' states (its tokens'): with any, every rank's go into the file, merged (each rank reads
+        back its own), gathered only for a state rank 0 will write."""
         if self.parallel is not None and any(state.block_hooks.values()):
-            every_rank = [None] * dist.get_world_size(self.parallel.group)
+            world = dist.get_world_size(self.parallel.group)
+            if self.parallel.any(self.is_main and writer.skips(state_bytes(state) * world)):  # each rank holds about its share
+                return
+            every_rank = [None] * world
             dist.all_gather_object(every_rank, map_tensors(state.block_hooks, torch.Tensor.cpu), group=self.parallel.group)
             state = replace(state, block_hooks=merge_states(every_rank))
         self._agreed(lambda: writer.save(prepared.state_file, state, prepared.settings, prepared.run) if self.is_main else None)
