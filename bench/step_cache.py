@@ -3,33 +3,34 @@
     python bench/step_cache.py [--ckpt /tmp/wanckpt] [--thresholds 0.05 0.1 0.2] [--size 720P --frames 81 --steps 40] [--json FILE]
     python bench/step_cache.py --tiny            # a check of this script on the CPU (tiny checkpoint, small video)
 
-Each row (``exact``: no cache; then one per threshold, with ``--step-cache-blocks``/``--step-cache-max``
-as given) runs in a process of its own on one GPU, with the stack ``wan-i2v generate`` runs (the plan's
-default, guidance on: two forwards a step) on a full-size random checkpoint (``multi_gpu.py``'s,
-written once). A process loads the pipeline, runs one untimed step of the same video (compile, kernel
-autotuning), then samples the video with its state saved after each step, timing each step (the GPU
-synchronized) and noting which of its forwards the cache skipped. A row cut short (the device's call
-limit) resumes from its state in the next run of the same command: rows and steps already measured
-are kept in ``--work``, so the table fills over several calls.
+The stack ``wan-i2v generate`` runs (the plan's default, guidance on: two forwards a step, the state
+saved after each step) on one GPU, on a full-size random checkpoint (``multi_gpu.py``'s, written
+once). The exact row (no cache) runs in a process of its own; the threshold rows (``--step-cache-blocks``
+and ``--step-cache-max`` as given) share one, as a server's jobs share its loaded pipeline: each
+video runs with its row's threshold (``session.job_step_cache``, what a job's ``step_cache`` does).
+A process loads the pipeline, runs one untimed step of the same video (compile, kernel autotuning),
+then samples each video timing each step (the GPU synchronized) and noting which of its forwards the
+cache skipped and the change each measured (``StepCache.last_change``).
 
-Per row: forwards skipped of all, per expert, and the step pattern; the denoising time (the sum of its
-steps) against the exact row's; the prediction for that time, (forwards run) / (all forwards) of the
-exact time, and the measured time's ratio to it (the issue's 3%: a skipped forward still runs its
-first and last blocks); the latents' and the decoded video's relative error against the exact row's,
-and PSNR/SSIM of the 8-bit frames (``wan-i2v compare``'s metrics; where scikit-image is not installed,
-as on a device call whose wheels cannot carry it beside PyAV's, the exact video is written as
-``exact.mp4`` beside the rows' and ``wan-i2v compare`` gives them from the mp4s afterwards). Random weights do not behave like trained ones: the
-skip pattern is reported with the figures, and nothing is claimed about quality on real weights.
+Per row: forwards skipped of all, per expert, and the step pattern; the change the forwards measured
+(random weights do not behave like trained ones: their first block's residual changes by much more
+from one step to the next, so the thresholds that skip differ; the pattern and the changes are
+reported with the figures, and nothing is claimed about quality on real weights); the denoising time
+(the sum of its steps, and the stage's wall time, which also holds the state saves) against the exact
+row's; the prediction for it, (forwards run) / (all forwards) of the exact time, and the measured
+time's ratio to it (the issue's 3%: a skipped forward still runs its first and last blocks); the
+latents' and the decoded video's relative error against the exact row's, and PSNR/SSIM of the 8-bit
+frames (``wan-i2v compare``'s metrics; where scikit-image is not installed, the exact video is written
+as ``exact.mp4`` beside the rows' and ``wan-i2v compare`` gives them from the mp4s afterwards).
 
-The video's error and PSNR/SSIM are computed in the row's process, against the exact row's latents
-decoded again there (the 8-bit frames, as the mp4 would hold them, for PSNR/SSIM): a finished row
-keeps only its latents (19 MB at 720P), its steps and its figures in ``--work``, so the folder can be
-carried from one machine to the next (the exact row measured on one, the thresholds on another: the
-times are then of two machines of one kind, as the table says, and each row's time is also compared
-with the prediction from its own steps that skipped nothing). A device returns files of up to 16 MiB,
-so the exact latents (19 MB in fp32 at 720P) may be carried in half precision: they are read back as
-fp32, and the errors against them then carry fp16's rounding (about 3e-4 of the latents' norm).
+Rows finished are kept in ``--work`` (their latents, steps and figures) and not run again; a row cut
+short resumes from its state. The folder can be carried from one machine to the next (the exact row
+measured on one, the thresholds on another: the times are then of two machines of one kind, and each
+row's time is also compared with the prediction from its own steps that skipped nothing). A device
+returns files of up to 16 MiB: the exact latents (19 MB at 720P) travel as two halves of their
+channels, which ``--work`` may hold instead (``exact.latents.0.pt`` and ``.1.pt``).
 """
+
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -51,14 +53,16 @@ from wan_i2v.sampling.loop import LoopHook  # noqa: E402
 
 PROMPT = "A white cat wearing sunglasses sits on a surfboard, relaxed posture, slight head movements, beach, natural sunlight."
 SEED = 0
+FORWARDS_PER_STEP = 2  # guidance: the conditional and the unconditional forward
 
 
 class StepTimer(LoopHook):
-    """Each step's seconds (the device synchronized at both ends) and its forwards skipped, appended to
-    a JSON-lines file as the step ends, so that a killed run keeps every finished step."""
+    """Each step's seconds (the device synchronized at both ends), its forwards skipped and the change
+    each forward measured (None: the rules that need no statistic decided), appended to a JSON-lines
+    file as the step ends, so that a killed run keeps every finished step."""
 
-    def __init__(self, path: Path, device: torch.device, skipped_so_far):
-        self.path, self.device, self.skipped_so_far = path, device, skipped_so_far
+    def __init__(self, path: Path, device: torch.device, caches: dict):
+        self.path, self.device, self.caches = path, device, caches  # caches: expert -> its StepCache (none for the exact row)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -66,56 +70,76 @@ class StepTimer(LoopHook):
 
     def on_step_begin(self, step):
         self._sync()
-        self.begun, self.skipped_before = time.perf_counter(), self.skipped_so_far()
+        self.begun, self.skipped_before, self.changes = time.perf_counter(), self._skipped(), {}
+
+    def around_model(self, step, branch, run):
+        output = run()
+        if step.expert in self.caches:
+            self.changes[branch] = self.caches[step.expert].last_change
+        return output
 
     def on_step_end(self, step, latent):
         self._sync()
         record = {"step": step.index, "expert": step.expert, "seconds": time.perf_counter() - self.begun,
-                  "skipped": self.skipped_so_far() - self.skipped_before}  # fmt: skip
+                  "skipped": self._skipped() - self.skipped_before, "changes": self.changes}  # fmt: skip
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
 
+    def _skipped(self) -> int:
+        return sum(skipped for cache in self.caches.values() for skipped, _ in cache.skipped().values())
 
-def run_row(args) -> None:
-    """One row, in this process: load, warm up, sample (resuming), decode; everything into ``--work``."""
+
+def run_rows(args, rows: list[tuple[str, float]]) -> None:
+    """The rows ``rows`` (the exact one, or threshold rows) in this process: load, warm up, and per
+    row sample (resuming), decode and compare with the exact row; everything into ``--work``."""
     from wan_i2v.compare import compare_frames
     from wan_i2v.pipeline import I2VPipeline
-    from wan_i2v.transforms.step_cache import skipped_forwards
+    from wan_i2v.session import job_step_cache
+    from wan_i2v.transforms.step_cache import StepCache
     from wan_i2v.transforms.step_cache_config import StepCacheConfig
     from wan_i2v.video import demo_image, rgb24_frames, write_mp4
 
     work = Path(args.work)
-    threshold = float(args.row_threshold)
     first, last = args.step_cache_blocks
-    step_cache = StepCacheConfig(threshold, first_blocks=first, last_blocks=last, max_reuses=args.step_cache_max) if threshold > 0 else None
+    cached = rows[0][1] > 0  # the exact row runs without the cache's hooks at all
+    step_cache = StepCacheConfig(rows[0][1], first_blocks=first, last_blocks=last, max_reuses=args.step_cache_max) if cached else None
     options = {"device": "cpu"} if args.tiny else {}
     pipe = I2VPipeline.from_pretrained(args.ckpt, step_cache=step_cache, **options)
+    caches = {name: hook for name, model in pipe.experts.models.items() for hook in model.block_stack().hooks if isinstance(hook, StepCache)}
     image = demo_image(1280, 720)
     settings = dict(prompt=PROMPT, max_area=args.max_area, frame_num=args.frames, seed=SEED)
 
-    warm = pipe.prepare(image, _settings(settings, steps=1))
-    pipe.sample(warm)  # the loop resets the cache's state and counts before each video
+    pipe.sample(pipe.prepare(image, _settings(settings, steps=1)))  # the loop resets the cache's state and counts before each video
+    exact_latents = read_latents(work, "exact") if cached else None
+    exact_video = None
+    for name, threshold in rows:
+        state = work / f"{name}.state.pt"
+        timer = StepTimer(work / f"{name}.steps.jsonl", pipe.device, caches)
+        with job_step_cache(pipe, threshold if cached else None):
+            result = pipe.generate(image, steps=args.steps, state_file=state, hooks=[timer], **settings)
+        torch.save(result.latents, work / f"{name}.latents.pt")
+        write_mp4(result.video, work / f"{name}.mp4", fps=pipe.spec.fps)
+        done = {"step_cache": result.step_cache, "timings": result.timings}
+        if exact_latents is not None:
+            if exact_video is None:  # decoded here: rows carried between machines hold latents only
+                exact_video = pipe.decode(exact_latents.to(pipe.device, torch.float32))
+            done |= {"latents_rel_error": relative_error(result.latents, exact_latents), "video_rel_error": relative_error(result.video, exact_video)}
+            if importlib.util.find_spec("skimage") is not None:
+                comparison = compare_frames(rgb24_frames(exact_video), rgb24_frames(result.video), ("exact", name))
+                done |= {"psnr_db": comparison.psnr, "ssim": comparison.ssim}
+            elif not (work / "exact.mp4").exists():  # for `wan-i2v compare exact.mp4 ROW.mp4` afterwards, where scikit-image is
+                write_mp4(exact_video, work / "exact.mp4", fps=pipe.spec.fps)
+        state.unlink(missing_ok=True)  # the step cache's part of it is GBs at 720P; a finished row never resumes
+        (work / f"{name}.done").write_text(json.dumps(done))
+        print(f"{name}: done", flush=True)
 
-    name = args.row
-    steps_file = work / f"{name}.steps.jsonl"
-    skipped_total = lambda: sum(skipped for skipped, _ in skipped_forwards(pipe.experts.models).values())  # noqa: E731
-    timer = StepTimer(steps_file, pipe.device, skipped_total)
-    state = work / f"{name}.state.pt"
-    result = pipe.generate(image, steps=args.steps, state_file=state, hooks=[timer], **settings)
-    torch.save(result.latents, work / f"{name}.latents.pt")
-    write_mp4(result.video, work / f"{name}.mp4", fps=pipe.spec.fps)
-    done = {"step_cache": result.step_cache, "timings": result.timings}
-    exact_latents = work / "exact.latents.pt"
-    if name != "exact" and exact_latents.exists():  # the exact video decoded again here: rows carried between machines hold latents only
-        exact_video = pipe.decode(torch.load(exact_latents).to(pipe.device, torch.float32))
-        done["video_rel_error"] = relative_error(result.video, exact_video)
-        if importlib.util.find_spec("skimage") is not None:
-            comparison = compare_frames(rgb24_frames(exact_video), rgb24_frames(result.video), ("exact", name))
-            done |= {"psnr_db": comparison.psnr, "ssim": comparison.ssim}
-        elif not (work / "exact.mp4").exists():  # for `wan-i2v compare exact.mp4 ROW.mp4` afterwards, where scikit-image is
-            write_mp4(exact_video, work / "exact.mp4", fps=pipe.spec.fps)
-    state.unlink(missing_ok=True)  # the step cache's part of it is GBs at 720P; a finished row never resumes
-    (work / f"{name}.done").write_text(json.dumps(done))
+
+def read_latents(work: Path, name: str) -> torch.Tensor:
+    """A row's latents, whole or as the two halves of their channels a device returns."""
+    whole = work / f"{name}.latents.pt"
+    if whole.exists():
+        return torch.load(whole)
+    return torch.cat([torch.load(work / f"{name}.latents.{half}.pt") for half in (0, 1)])
 
 
 def _settings(fields: dict, steps: int):
@@ -137,38 +161,47 @@ def step_records(path: Path) -> dict[int, dict]:
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
+    a, b = a.float().cpu(), b.float().cpu()
     return ((a - b).norm() / b.norm()).item()
 
 
 def summarize(name: str, threshold: float, work: Path, steps: int, exact: dict | None) -> dict:
     records = step_records(work / f"{name}.steps.jsonl")
-    forwards_per_step = 2  # guidance: the conditional and the unconditional forward
     row = {
         "row": name, "threshold": threshold, "steps_measured": len(records),
         "denoising_s": sum(r["seconds"] for r in records.values()),
-        "skipped": sum(r["skipped"] for r in records.values()), "forwards": forwards_per_step * len(records),
+        "skipped": sum(r["skipped"] for r in records.values()), "forwards": FORWARDS_PER_STEP * len(records),
         "pattern": "".join(str(records[i]["skipped"]) if i in records else "?" for i in range(steps)),
     }  # fmt: skip
-    row["skipped_per_expert"] = {}
+    row["skipped_per_expert"], row["changes_per_expert"] = {}, {}
     for record in records.values():
         counts = row["skipped_per_expert"].setdefault(record["expert"], [0, 0])
         counts[0] += record["skipped"]
-        counts[1] += forwards_per_step
+        counts[1] += FORWARDS_PER_STEP
+        row["changes_per_expert"].setdefault(record["expert"], []).extend(c for c in record.get("changes", {}).values() if c is not None)
+    row["changes_per_expert"] = {expert: _spread(changes) for expert, changes in row["changes_per_expert"].items() if changes}
+    done_file = work / f"{name}.done"
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    if "timings" in done:
+        row["denoising_wall_s"] = done["timings"]["denoising"]  # the stage: its steps and the state saves between them
     # The prediction again from this run's own steps that skipped nothing: free of the difference
     # between two machines of one kind when the exact row was measured on another.
     whole = sorted(r["seconds"] for r in records.values() if r["skipped"] == 0)
     if whole:
         median = whole[len(whole) // 2]
-        row["predicted_from_own_steps_s"] = sum(median * (forwards_per_step - r["skipped"]) / forwards_per_step for r in records.values())
+        row["predicted_from_own_steps_s"] = sum(median * (FORWARDS_PER_STEP - r["skipped"]) / FORWARDS_PER_STEP for r in records.values())
         row["measured_vs_own_prediction"] = row["denoising_s"] / row["predicted_from_own_steps_s"]
-    if exact is not None and (work / f"{name}.done").exists() and len(records) == steps:
+    if exact is not None and done and len(records) == steps:
         predicted = exact["denoising_s"] * (row["forwards"] - row["skipped"]) / row["forwards"]
         row |= {"time_vs_exact": row["denoising_s"] / exact["denoising_s"], "predicted_s": predicted, "measured_vs_predicted": row["denoising_s"] / predicted}
-        row["latents_rel_error"] = relative_error(torch.load(work / f"{name}.latents.pt"), torch.load(work / "exact.latents.pt"))
-        done = json.loads((work / f"{name}.done").read_text())
-        row |= {key: done.get(key) for key in ("video_rel_error", "psnr_db", "ssim")}
+        if "denoising_wall_s" in row and "denoising_wall_s" in exact:
+            row["wall_vs_predicted"] = row["denoising_wall_s"] / (exact["denoising_wall_s"] * (row["forwards"] - row["skipped"]) / row["forwards"])
+        row |= {key: done.get(key) for key in ("latents_rel_error", "video_rel_error", "psnr_db", "ssim")}
     return row
+
+
+def _spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "measured": len(values)}
 
 
 def main():
@@ -183,8 +216,7 @@ def main():
     parser.add_argument("--work", type=Path, default=Path("/tmp/step-cache-bench"), help="rows and steps measured so far (kept across runs)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint on the CPU: a check of this script")
-    parser.add_argument("--row", help=argparse.SUPPRESS)
-    parser.add_argument("--row-threshold", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)  # run these rows ("name=threshold,...") in this process
     args = parser.parse_args()
     args.max_area = {"720P": 1280 * 720, "480P": 832 * 480}[args.size]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -193,35 +225,45 @@ def main():
 
         args.max_area, args.frames, args.steps = 96 * 160, 9, 6
         args.ckpt = ensure_tiny_checkpoint(args.work / "tiny-checkpoint")
-    if args.row is not None:
-        return run_row(args)
+    if args.rows is not None:
+        return run_rows(args, [(name, float(threshold)) for name, threshold in (row.split("=") for row in args.rows.split(","))])
 
     if not args.ckpt.exists():
         from multi_gpu import write_random_checkpoint
 
         write_random_checkpoint(args.ckpt, 40)
-    rows = [("exact", 0.0)] + [(f"threshold-{t:g}", t) for t in args.thresholds]
-    for name, threshold in rows:
-        if (args.work / f"{name}.done").exists():
-            print(f"{name}: measured earlier", flush=True)
-            continue
-        print(f"{name}: running", flush=True)
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--row", name, "--row-threshold", str(threshold)], check=True)
+    exact_row, threshold_rows = ("exact", 0.0), [(f"threshold-{t:g}", t) for t in args.thresholds]
+    for group in ([exact_row], threshold_rows):
+        pending = [(name, threshold) for name, threshold in group if not (args.work / f"{name}.done").exists()]
+        for name, _ in group:
+            print(f"{name}: {'running' if (name, _) in pending else 'measured earlier'}", flush=True)
+        if pending:
+            rows = ",".join(f"{name}={threshold}" for name, threshold in pending)
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--rows", rows], check=True)
 
-    exact = summarize("exact", 0.0, args.work, args.steps, None)
-    table = [exact] + [summarize(name, threshold, args.work, args.steps, exact) for name, threshold in rows[1:]]
+    exact = summarize(*exact_row, args.work, args.steps, None)
+    table = [exact] + [summarize(name, threshold, args.work, args.steps, exact) for name, threshold in threshold_rows]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "CPU"
     report = {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__, "command": " ".join(sys.argv),
               "size": args.size, "frames": args.frames, "steps": args.steps, "rows": table}  # fmt: skip
     for row in table:
-        extra = "" if "time_vs_exact" not in row else (
-            f"; {row['time_vs_exact']:.3f}x exact, {row['measured_vs_predicted']:.3f}x predicted "
-            f"({row.get('measured_vs_own_prediction', float('nan')):.3f}x from its own whole steps); latents {row['latents_rel_error']:.2e}, "
-            f"video {row['video_rel_error']:.2e}" + ("" if row["psnr_db"] is None else f", PSNR {row['psnr_db']:.1f} dB, SSIM {row['ssim']:.3f}"))  # fmt: skip
-        print(f"{row['row']:>16}: skipped {row['skipped']} of {row['forwards']} forwards {row['skipped_per_expert']}, "
-              f"denoising {row['denoising_s']:.1f} s{extra}\n{'':>18}pattern {row['pattern']}")  # fmt: skip
+        print(describe(row))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+
+
+def describe(row: dict) -> str:
+    line = f"{row['row']:>16}: skipped {row['skipped']} of {row['forwards']} forwards {row['skipped_per_expert']}, denoising {row['denoising_s']:.1f} s"
+    if "denoising_wall_s" in row:
+        line += f" ({row['denoising_wall_s']:.1f} s wall)"
+    if "time_vs_exact" in row:
+        line += (f"; {row['time_vs_exact']:.3f}x exact, {row['measured_vs_predicted']:.3f}x predicted"
+                 f" ({row.get('wall_vs_predicted', float('nan')):.3f}x in wall time, {row.get('measured_vs_own_prediction', float('nan')):.3f}x from"
+                 f" its own whole steps); latents {row['latents_rel_error']:.2e}, video {row['video_rel_error']:.2e}")  # fmt: skip
+        if row["psnr_db"] is not None:
+            line += f", PSNR {row['psnr_db']:.1f} dB, SSIM {row['ssim']:.3f}"
+    changes = ", ".join(f"{expert} {c['min']:.3f}-{c['median']:.3f}-{c['max']:.3f}" for expert, c in row["changes_per_expert"].items())
+    return line + f"\n{'':>18}pattern {row['pattern']}" + (f"\n{'':>18}change measured (min-median-max) {changes}" if changes else "")
 
 
 if __name__ == "__main__":

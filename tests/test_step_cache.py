@@ -123,6 +123,29 @@ def test_below_the_threshold_a_forward_skips_above_it_runs():
     assert skipped_forwards(experts.models) == counts_of(MEASURED_SKIPS) == {"high": (4, 10), "low": (0, 6)}
 
 
+def test_each_forward_tells_the_change_it_measured_which_decided_it():
+    """``last_change`` after each forward: None where the rules that need no statistic decided (a
+    context's first forward has nothing to compare with; the last step always runs), else the
+    relative L1 change of block 0's residual, measured here by hand for each branch's second forward,
+    and below the threshold exactly at the forwards that skipped."""
+    experts = make_experts()
+    caches = with_caches(experts, MEASURED)
+    told, residuals = {name: [] for name in caches}, {name: [] for name in caches}
+    for name, model in experts.models.items():
+        model.block_stack()[0].register_forward_hook(
+            lambda module, args, output, name=name: residuals[name].append(settle(*output) - settle(args[0], args[1])))  # fmt: skip
+        model.register_forward_hook(lambda module, args, output, name=name: told[name].append(caches[name].last_change))
+    sample(experts)
+    measured = {"high": [False, False] + [True] * 8, "low": [False, False, True, True, False, False]}
+    assert {name: [change is not None for change in changes] for name, changes in told.items()} == measured
+    for name, changes in told.items():
+        assert [change is not None and change < MEASURED.threshold for change in changes] == MEASURED_SKIPS[name]
+        for branch in (0, 1):
+            first, second = residuals[name][branch], residuals[name][2 + branch]
+            by_hand = ((second - first).abs().sum() / first.abs().sum()).item()
+            assert changes[2 + branch] == pytest.approx(by_hand, rel=1e-5)  # summed in another order
+
+
 def test_fp8_blocks_skip_as_the_rules_say_with_the_same_arithmetic():
     # FP8 changes the weights, not the stack: the cache's reuse under it is the substitution by hand under it.
     by_hand, experts = make_experts(), make_experts()
@@ -245,3 +268,28 @@ def test_with_compiled_blocks_the_cache_breaks_no_graph_and_compiles_nothing_aga
         assert counters["stats"]["unique_graphs"] == 0  # the skips of a second video need no new graph
     finally:
         torch._dynamo.reset()  # these blocks' graphs are of no use to later tests
+
+
+def test_the_benchmark_measures_its_rows_on_the_tiny_checkpoint(tmp_path):
+    """``bench/step_cache.py --tiny``: the exact row in its process and two threshold rows sharing one.
+    A threshold below every change skips nothing and gives the exact latents to the bit; one above
+    every change skips what the rules allow: at the steps after the first two, before the last, and
+    not at an expert's first step, both forwards."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "step_cache.py"
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, str(script), "--tiny", "--work", str(tmp_path / "work"), "--thresholds", "1e-9", "1e9", "--json", str(report)],
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    exact, none, most = json.loads(report.read_text())["rows"]
+    records = [json.loads(line) for line in (tmp_path / "work" / "threshold-1e+09.steps.jsonl").read_text().splitlines()]
+    experts = [record["expert"] for record in records]
+    allowed = ["2" if 2 <= i < len(experts) - 1 and experts[i - 1] == experts[i] else "0" for i in range(len(experts))]
+    assert exact["pattern"] == none["pattern"] == "0" * len(experts) and most["pattern"] == "".join(allowed) != none["pattern"]
+    assert none["latents_rel_error"] == 0 and none["psnr_db"] == math.inf
+    assert 0 < most["latents_rel_error"] < 1 and math.isfinite(most["psnr_db"])
+    assert most["skipped"] == sum(map(int, allowed)) and most["forwards"] == exact["forwards"] == 2 * len(experts)
+    assert all(0 < change["median"] for change in most["changes_per_expert"].values())

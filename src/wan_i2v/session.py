@@ -358,7 +358,7 @@ def _run_job(pipe, job: Job, *, cancel=None, on_step=None):
             save_latents(Path(job.latents_file), latents, settings.as_dict())
 
     hooks = [StepEvents()] if on_step is not None and pipe.is_main else []
-    with _job_step_cache(pipe, job.step_cache):
+    with job_step_cache(pipe, job.step_cache):
         result = pipe.generate(job.image, settings=job.settings, state_file=job.state_file, progress=job.progress, before_decode=before_decode,
                                cancel=cancel, hooks=hooks, video_file=job.video_file, last_image=job.last_image)  # fmt: skip
     # Written to its file, the video does not travel back (0.9 GB of float frames at 720P, through shared memory from a spawned rank).
@@ -366,7 +366,7 @@ def _run_job(pipe, job: Job, *, cancel=None, on_step=None):
 
 
 @contextmanager
-def _job_step_cache(pipe, threshold: float | None):
+def job_step_cache(pipe, threshold: float | None):
     """A job's own step cache threshold, for its run only: the loaded cache decides with it, and the
     plan the run records (the video's metadata, the saved state's identity) says it."""
     cache = pipe.plan.step_cache

@@ -72,6 +72,9 @@ class StepCache(BlockHook):
         self.contexts: PerContext[ContextCache] = PerContext(ContextCache, _save, _load)
         self.in_flight: Forward | None = None
         self.counts: dict[str, list[int]] = {}  # expert -> [skipped, total] forwards since the last reset
+        # The relative change the last forward measured, against the threshold; None where the rules that
+        # need no statistic decided (to choose a threshold: the change's scale depends on the weights).
+        self.last_change: float | None = None
 
     def _may_reuse(self, call: StackCall, cache: ContextCache) -> bool:
         """The rules that need no statistic: a cache to reuse, not too many reuses, not a warm-up or final step."""
@@ -87,10 +90,12 @@ class StepCache(BlockHook):
         stream = settle(tokens, pending)
         first_residual = (stream - call.tokens).to(call.tokens.dtype)  # kept as it will be cached: less memory while the middle runs
         self.in_flight = Forward(stream, first_residual)
+        self.last_change = None
         if not self._may_reuse(call, cache):
             return None
         per_token = torch.stack([(first_residual - cache.reference).abs().sum(-1), cache.reference.abs().sum(-1)]).float()
         change, scale = call.sum_over_tokens(per_token).tolist()
+        self.last_change = change / scale if scale > 0 else float("inf")
         if not change < self.config.threshold * scale:
             return None
         return self.end, stream + cache.middle, None
