@@ -228,16 +228,16 @@ def main():
     if args.rows is not None:
         return run_rows(args, [(name, float(threshold)) for name, threshold in (row.split("=") for row in args.rows.split(","))])
 
-    if not args.ckpt.exists():
-        from multi_gpu import write_random_checkpoint
-
-        write_random_checkpoint(args.ckpt, 40)
     exact_row, threshold_rows = ("exact", 0.0), [(f"threshold-{t:g}", t) for t in args.thresholds]
     for group in ([exact_row], threshold_rows):
         pending = [(name, threshold) for name, threshold in group if not (args.work / f"{name}.done").exists()]
         for name, _ in group:
             print(f"{name}: {'running' if (name, _) in pending else 'measured earlier'}", flush=True)
         if pending:
+            if not args.ckpt.exists():
+                from multi_gpu import write_random_checkpoint
+
+                write_random_checkpoint(args.ckpt, 40)
             rows = ",".join(f"{name}={threshold}" for name, threshold in pending)
             subprocess.run([sys.executable, __file__, *sys.argv[1:], "--rows", rows], check=True)
 
