@@ -358,6 +358,40 @@ def test_a_large_state_is_not_waited_for_and_a_run_resumed_from_the_last_one_wri
     assert torch.equal(resumed.latents, tiny_pipeline.generate(demo_image(), "a boat", **settings).latents)
 
 
+def test_the_last_step_s_large_state_is_written_whatever_is_under_way(tiny_pipeline, tmp_path, monkeypatch):
+    """Every state counts as large, and step 1's write holds until the writer is waited for (each
+    write starts with a wait for the one before, step 1's too: the second wait): steps 2 to 4 go
+    unsaved, but the last step's state waits for that write and is written, so the file holds every
+    step and the same call goes straight to the decode."""
+    from wan_i2v.sampling import resume
+
+    waited_for = threading.Event()
+    writes, waits = [], []
+    real_write, real_finish = resume.write_atomically, resume.StateWriter.finish
+
+    def write_once_waited_for(path, write):
+        if not writes:
+            assert waited_for.wait(timeout=10)
+        writes.append(torch.load(path, weights_only=True)["step"] if path.exists() else None)
+        return real_write(path, write)
+
+    def finish(writer):
+        waits.append(None)
+        if len(waits) == 2:
+            waited_for.set()
+        return real_finish(writer)
+
+    monkeypatch.setattr(resume, "write_atomically", write_once_waited_for)
+    monkeypatch.setattr(resume.StateWriter, "finish", finish)
+    monkeypatch.setattr(resume, "LARGE_STATE_BYTES", 1)
+    state = tmp_path / "run.state.pt"
+    settings = dict(progress=False, seed=8, **{**SMALL, "steps": 5})
+    result = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, **settings)
+    assert writes == [None, 1] and torch.load(state, weights_only=True)["step"] == 5  # step 1's, then the last's over it
+    again = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, **settings)
+    assert again.experts_used == [] and torch.equal(again.latents, result.latents)
+
+
 def test_a_state_write_that_fails_stops_the_run_with_its_error(tiny_pipeline, tmp_path, monkeypatch):
     from wan_i2v.sampling import resume
 
@@ -381,7 +415,7 @@ def test_a_run_s_own_error_wins_over_a_failed_state_write_which_is_still_told(ti
                 raise RuntimeError("the hook broke")
 
     monkeypatch.setattr(resume, "write_atomically", disk_full)
-    with pytest.warns(UserWarning, match=r"the last step's state was not written \(.*No space left on device\): a resume goes on from the step before it"):
+    with pytest.warns(UserWarning, match=r"the last step's state was not written \(.*No space left on device\): a resume goes on from the state written before it"):
         with pytest.raises(RuntimeError, match="the hook broke"):
             tiny_pipeline.generate(demo_image(), "a boat", state_file=tmp_path / "run.state.pt", hooks=[Breaks()], progress=False, seed=8,
                                    **{**SMALL, "steps": 3})  # fmt: skip

@@ -510,7 +510,7 @@ class I2VPipeline:
             try:  # the last state on disk (a resume goes on from it), behind the run's own error
                 writer.finish()
             except Exception as failure:
-                warnings.warn(f"the last step's state was not written ({first_line(failure)}): a resume goes on from the step before it")
+                warnings.warn(f"the last step's state was not written ({first_line(failure)}): a resume goes on from the state written before it")
             raise
         finally:
             bar.close()
@@ -524,7 +524,8 @@ class I2VPipeline:
         back its own), gathered only for a state rank 0 will write."""
         if self.parallel is not None and any(state.block_hooks.values()):
             world = dist.get_world_size(self.parallel.group)
-            if self.parallel.any(self.is_main and writer.skips(state_bytes(state) * world)):  # each rank holds about its share
+            skipped = self.is_main and writer.skips(state_bytes(state) * world, last_step=state.step >= prepared.settings.steps)  # each rank holds about its share
+            if self.parallel.any(skipped):
                 return
             every_rank = [None] * world
             dist.all_gather_object(every_rank, map_tensors(state.block_hooks, torch.Tensor.cpu), group=self.parallel.group)

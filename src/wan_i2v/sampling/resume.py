@@ -68,23 +68,24 @@ class StateWriter:
     """Each step's state written while the next step runs. The host copy is taken at once, so the file
     holds the step it was saved at; the host holds at most one state beside the run; a write that
     failed is raised at the next save or at :meth:`finish`. A run killed mid-write leaves the state
-    written before it (the write is atomic): a resume redoes one step more.
+    written before it (the write is atomic): a resume redoes one step more (a few, below).
 
     A save waits for the write before it, but for a large state (``LARGE_STATE_BYTES``: the step
     cache's), whose steps go on unsaved while it is written, so the run never waits for the disk; a
-    run killed then resumes from the last state written, a few steps before, to the same video."""
+    run killed then resumes from the last state written, a few steps before, to the same video. The
+    last step's state is always saved: a run stopped while decoding has every step."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
 
-    def skips(self, nbytes: int) -> bool:
-        """A state of ``nbytes`` saved now would not be written: it is large and a write is under way."""
-        return nbytes >= LARGE_STATE_BYTES and self._thread is not None and self._thread.is_alive()
+    def skips(self, nbytes: int, last_step: bool) -> bool:
+        """A state of ``nbytes`` saved now would not be written: it is large, not the last step's, and a write is under way."""
+        return nbytes >= LARGE_STATE_BYTES and not last_step and self._thread is not None and self._thread.is_alive()
 
     def save(self, path, state: LoopState, settings: GenerationSettings, run: dict) -> bool:
         """Start writing ``state``; returns whether it was started (see :meth:`skips`)."""
-        if self.skips(state_bytes(state)):
+        if self.skips(state_bytes(state), last_step=state.step >= settings.steps):
             return False
         self.finish()
         record = state_record(state, settings, run)
