@@ -2,6 +2,7 @@
 
     python bench/step_cache.py [--ckpt /tmp/wanckpt] [--thresholds 0.05 0.1 0.2] [--size 720P --frames 81 --steps 40] [--json FILE]
     python bench/step_cache.py --tiny            # a check of this script on the CPU (tiny checkpoint, small video)
+    python bench/step_cache.py --cpu-probe --thresholds 0.7 0.8   # the changes random weights make, on the CPU (minutes)
 
 The stack ``wan-i2v generate`` runs (the plan's default, guidance on: two forwards a step, the state
 saved after each step) on one GPU, on a full-size random checkpoint (``multi_gpu.py``'s, written
@@ -29,6 +30,12 @@ measured on one, the thresholds on another: the times are then of two machines o
 row's time is also compared with the prediction from its own steps that skipped nothing). A device
 returns files of up to 16 MiB: the exact latents (19 MB at 720P) travel as two halves of their
 channels, which ``--work`` may hold instead (``exact.latents.0.pt`` and ``.1.pt``).
+
+``--cpu-probe`` runs the same rows on the CPU with a full-width random DiT of 2 blocks (and a
+2-layer text encoder) at 160x96, 9 frames, 40 steps: the first block's change is of the width's
+and the weights' making, so the probe tells the thresholds at which random weights skip, before any
+GPU time is spent. It also prints how much the blocks' modulation, made from the timestep alone,
+changes from one step to the next.
 """
 
 
@@ -80,7 +87,7 @@ class StepTimer(LoopHook):
 
     def on_step_end(self, step, latent):
         self._sync()
-        record = {"step": step.index, "expert": step.expert, "seconds": time.perf_counter() - self.begun,
+        record = {"step": step.index, "expert": step.expert, "timestep": step.timestep, "seconds": time.perf_counter() - self.begun,
                   "skipped": self._skipped() - self.skipped_before, "changes": self.changes}  # fmt: skip
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
@@ -103,7 +110,7 @@ def run_rows(args, rows: list[tuple[str, float]]) -> None:
     first, last = args.step_cache_blocks
     cached = rows[0][1] > 0  # the exact row runs without the cache's hooks at all
     step_cache = StepCacheConfig(rows[0][1], first_blocks=first, last_blocks=last, max_reuses=args.step_cache_max) if cached else None
-    options = {"device": "cpu"} if args.tiny else {}
+    options = {"device": "cpu"} if args.tiny or args.cpu_probe else {}
     pipe = I2VPipeline.from_pretrained(args.ckpt, step_cache=step_cache, **options)
     caches = {name: hook for name, model in pipe.experts.models.items() for hook in model.block_stack().hooks if isinstance(hook, StepCache)}
     image = demo_image(1280, 720)
@@ -119,7 +126,7 @@ def run_rows(args, rows: list[tuple[str, float]]) -> None:
             result = pipe.generate(image, steps=args.steps, state_file=state, hooks=[timer], **settings)
         torch.save(result.latents, work / f"{name}.latents.pt")
         write_mp4(result.video, work / f"{name}.mp4", fps=pipe.spec.fps)
-        done = {"step_cache": result.step_cache, "timings": result.timings}
+        done = {"step_cache": result.step_cache, "timings": result.timings, "steps_run": len(result.experts_used)}  # fewer: resumed
         if exact_latents is not None:
             if exact_video is None:  # decoded here: rows carried between machines hold latents only
                 exact_video = pipe.decode(exact_latents.to(pipe.device, torch.float32))
@@ -182,8 +189,8 @@ def summarize(name: str, threshold: float, work: Path, steps: int, exact: dict |
     row["changes_per_expert"] = {expert: _spread(changes) for expert, changes in row["changes_per_expert"].items() if changes}
     done_file = work / f"{name}.done"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    if "timings" in done:
-        row["denoising_wall_s"] = done["timings"]["denoising"]  # the stage: its steps and the state saves between them
+    if done.get("steps_run") == steps:  # the stage unbroken: its steps and the state saves between them
+        row["denoising_wall_s"] = done["timings"]["denoising"]
     # The prediction again from this run's own steps that skipped nothing: free of the difference
     # between two machines of one kind when the exact row was measured on another.
     whole = sorted(r["seconds"] for r in records.values() if r["skipped"] == 0)
@@ -216,6 +223,7 @@ def main():
     parser.add_argument("--work", type=Path, default=Path("/tmp/step-cache-bench"), help="rows and steps measured so far (kept across runs)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint on the CPU: a check of this script")
+    parser.add_argument("--cpu-probe", action="store_true", help="a full-width random DiT of 2 blocks on the CPU, a small video")
     parser.add_argument("--rows", help=argparse.SUPPRESS)  # run these rows ("name=threshold,...") in this process
     args = parser.parse_args()
     args.max_area = {"720P": 1280 * 720, "480P": 832 * 480}[args.size]
@@ -225,6 +233,11 @@ def main():
 
         args.max_area, args.frames, args.steps = 96 * 160, 9, 6
         args.ckpt = ensure_tiny_checkpoint(args.work / "tiny-checkpoint")
+    if args.cpu_probe:
+        args.max_area, args.frames = 160 * 96, 9
+        args.ckpt = args.work / "probe-checkpoint"
+        if args.rows is None and not args.ckpt.exists():
+            write_probe_checkpoint(args.ckpt)
     if args.rows is not None:
         return run_rows(args, [(name, float(threshold)) for name, threshold in (row.split("=") for row in args.rows.split(","))])
 
@@ -243,13 +256,55 @@ def main():
 
     exact = summarize(*exact_row, args.work, args.steps, None)
     table = [exact] + [summarize(name, threshold, args.work, args.steps, exact) for name, threshold in threshold_rows]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "CPU"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not (args.tiny or args.cpu_probe) else "CPU"
     report = {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__, "command": " ".join(sys.argv),
               "size": args.size, "frames": args.frames, "steps": args.steps, "rows": table}  # fmt: skip
     for row in table:
         print(describe(row))
+    if args.cpu_probe:
+        exact_steps = step_records(args.work / "exact.steps.jsonl")
+        print_modulation_changes(args.ckpt, [exact_steps[i]["timestep"] for i in sorted(exact_steps)])
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+
+
+def write_probe_checkpoint(directory: Path) -> None:
+    """The official layout with random weights (``randomize_``, as the GPU's checkpoint): the DiT at
+    full width with 2 blocks (both experts the same), umT5-XXL's width with 2 layers, the full VAE."""
+    from dataclasses import asdict, replace
+
+    from wan_i2v.models.dit import DiT, DiTConfig
+    from wan_i2v.models.spec import DEFAULT_SPEC, T5_CONFIG_FILE, spec_for
+    from wan_i2v.models.text_encoder import T5Config, build_umt5
+    from wan_i2v.models.vae import VAEConfig, WanVAE
+    from wan_i2v.tiny import TINY_T5, randomize_, save_dit, save_text_encoder, write_tiny_tokenizer
+
+    spec = spec_for(DEFAULT_SPEC)
+    staging = directory.with_name(directory.name + ".partial")
+    expert = randomize_(DiT(replace(DiTConfig(), num_layers=2)), 0)
+    for folder in (expert_spec.folder for expert_spec in spec.experts):
+        save_dit(expert, staging / folder, shards=1)
+    text_config = T5Config(vocab_size=TINY_T5.vocab_size, encoder_layers=2)
+    save_text_encoder(randomize_(build_umt5(text_config), 2), staging / spec.files.text_encoder)
+    (staging / T5_CONFIG_FILE).write_text(json.dumps(asdict(text_config)))
+    torch.save(randomize_(WanVAE(VAEConfig()), 3).state_dict(), staging / spec.files.vae)
+    write_tiny_tokenizer(staging / spec.files.tokenizer_dir, text_config.vocab_size)
+    staging.rename(directory)
+
+
+@torch.no_grad()
+def print_modulation_changes(ckpt: Path, timesteps: list[float]) -> None:
+    """The relative L1 change of the blocks' modulation (shift, scale, gate: made from the timestep
+    alone) between the successive ``timesteps`` of a run."""
+    from wan_i2v.models.dit import load_dit, sinusoidal_embedding
+    from wan_i2v.models.spec import DEFAULT_SPEC, spec_for
+
+    model = load_dit(ckpt / spec_for(DEFAULT_SPEC).experts[0].folder, device=torch.device("cpu"), dtype=torch.float32)
+    embed = lambda t: model.time_projection(model.time_embedding(sinusoidal_embedding(torch.tensor([t]), model.config.freq_dim)))  # noqa: E731
+    modulation = [embed(t) for t in timesteps]
+    changes = [((b - a).abs().sum() / a.abs().sum()).item() for a, b in zip(modulation, modulation[1:])]
+    print(f"the modulation's change from one step to the next: {min(changes):.2f}-{max(changes):.2f} ({timesteps[0]:.0f} to "
+          f"{timesteps[1]:.0f}: {changes[0]:.2f}; {timesteps[-2]:.0f} to {timesteps[-1]:.0f}: {changes[-1]:.2f})")  # fmt: skip
 
 
 def describe(row: dict) -> str:
@@ -259,7 +314,9 @@ def describe(row: dict) -> str:
     if "time_vs_exact" in row:
         line += (f"; {row['time_vs_exact']:.3f}x exact, {row['measured_vs_predicted']:.3f}x predicted"
                  f" ({row.get('wall_vs_predicted', float('nan')):.3f}x in wall time, {row.get('measured_vs_own_prediction', float('nan')):.3f}x from"
-                 f" its own whole steps); latents {row['latents_rel_error']:.2e}, video {row['video_rel_error']:.2e}")  # fmt: skip
+                 f" its own whole steps)")  # fmt: skip
+        if row["latents_rel_error"] is not None:
+            line += f"; latents {row['latents_rel_error']:.2e}, video {row['video_rel_error']:.2e}"
         if row["psnr_db"] is not None:
             line += f", PSNR {row['psnr_db']:.1f} dB, SSIM {row['ssim']:.3f}"
     changes = ", ".join(f"{expert} {c['min']:.3f}-{c['median']:.3f}-{c['max']:.3f}" for expert, c in row["changes_per_expert"].items())
