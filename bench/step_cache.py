@@ -102,7 +102,7 @@ def run_rows(args, rows: list[tuple[str, float]]) -> None:
     from wan_i2v.compare import compare_frames
     from wan_i2v.pipeline import I2VPipeline
     from wan_i2v.session import job_step_cache
-    from wan_i2v.transforms.step_cache import StepCache
+    from wan_i2v.transforms.step_cache import step_caches
     from wan_i2v.transforms.step_cache_config import StepCacheConfig
     from wan_i2v.video import demo_image, rgb24_frames, write_mp4
 
@@ -112,7 +112,7 @@ def run_rows(args, rows: list[tuple[str, float]]) -> None:
     step_cache = StepCacheConfig(rows[0][1], first_blocks=first, last_blocks=last, max_reuses=args.step_cache_max) if cached else None
     options = {"device": "cpu"} if args.tiny or args.cpu_probe else {}
     pipe = I2VPipeline.from_pretrained(args.ckpt, step_cache=step_cache, **options)
-    caches = {name: hook for name, model in pipe.experts.models.items() for hook in model.block_stack().hooks if isinstance(hook, StepCache)}
+    caches = step_caches(pipe.experts.models)
     image = demo_image(1280, 720)
     settings = dict(prompt=PROMPT, max_area=args.max_area, frame_num=args.frames, seed=SEED)
 
@@ -199,10 +199,11 @@ def summarize(name: str, threshold: float, work: Path, steps: int, exact: dict |
         row["predicted_from_own_steps_s"] = sum(median * (FORWARDS_PER_STEP - r["skipped"]) / FORWARDS_PER_STEP for r in records.values())
         row["measured_vs_own_prediction"] = row["denoising_s"] / row["predicted_from_own_steps_s"]
     if exact is not None and done and len(records) == steps:
-        predicted = exact["denoising_s"] * (row["forwards"] - row["skipped"]) / row["forwards"]
+        run = (row["forwards"] - row["skipped"]) / row["forwards"]  # the share of the forwards that ran
+        predicted = exact["denoising_s"] * run
         row |= {"time_vs_exact": row["denoising_s"] / exact["denoising_s"], "predicted_s": predicted, "measured_vs_predicted": row["denoising_s"] / predicted}
         if "denoising_wall_s" in row and "denoising_wall_s" in exact:
-            row["wall_vs_predicted"] = row["denoising_wall_s"] / (exact["denoising_wall_s"] * (row["forwards"] - row["skipped"]) / row["forwards"])
+            row["wall_vs_predicted"] = row["denoising_wall_s"] / (exact["denoising_wall_s"] * run)
         row |= {key: done.get(key) for key in ("latents_rel_error", "video_rel_error", "psnr_db", "ssim")}
     return row
 

@@ -290,33 +290,43 @@ def test_a_cancelled_run_stops_within_a_step_and_resumes_exactly_with_its_hooks_
     assert resumed_hook.total == straight_hook.total != 0  # the sum carried over the resume
 
 
+def hold_the_first_state_write(monkeypatch, until: threading.Event) -> tuple[list[int], list[bool]]:
+    """State writes that note the step each wrote; the first holds until ``until`` is set, giving up
+    after 10 s (False in the second list: a loop that waited for the write never set it)."""
+    from wan_i2v.sampling import resume
+
+    real_write = resume.write_atomically
+    written, released = [], []
+
+    def write(path, write_to):
+        if not released:
+            released.append(until.wait(timeout=10))
+        real_write(path, write_to)
+        written.append(torch.load(path, weights_only=True)["step"])
+
+    monkeypatch.setattr(resume, "write_atomically", write)
+    return written, released
+
+
+class SetsWhenStepBegins(LoopHook):
+    def __init__(self, index: int, event: threading.Event):
+        self.index, self.event = index, event
+
+    def on_step_begin(self, step):
+        if step.index == self.index:
+            self.event.set()
+
+
 def test_a_step_s_state_is_written_while_the_next_step_runs(tiny_pipeline, tmp_path, monkeypatch):
     """With the step cache a state is GBs at 720P: the loop does not wait for its file. Here the write
     of step 1's state holds until step 2 has begun, which a loop waiting for the write would never
-    reach (the write gives up after 10 s and says so)."""
-    from wan_i2v.sampling import resume
-
+    reach."""
     second_step = threading.Event()
-    overlapped, written = [], []
-    real_write = resume.write_atomically
-
-    def write_when_step_2_runs(path, write):
-        step = len(written) + 1
-        if step == 1:
-            overlapped.append(second_step.wait(timeout=10))
-        written.append(step)
-        return real_write(path, write)
-
-    class StepBegins(LoopHook):
-        def on_step_begin(self, step):
-            if step.index == 1:
-                second_step.set()
-
-    monkeypatch.setattr(resume, "write_atomically", write_when_step_2_runs)
+    written, released = hold_the_first_state_write(monkeypatch, until=second_step)
     state = tmp_path / "run.state.pt"
     settings = dict(progress=False, seed=8, **{**SMALL, "steps": 3})
-    result = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, hooks=[StepBegins()], **settings)
-    assert overlapped == [True] and written == [1, 2, 3]
+    result = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, hooks=[SetsWhenStepBegins(1, second_step)], **settings)
+    assert released == [True] and written == [1, 2, 3]
     saved = torch.load(state, weights_only=True)  # the last step's, complete once the run returned
     assert saved["step"] == 3 and torch.equal(saved["latent"][0], result.latents.to(saved["latent"].dtype))
 
@@ -325,33 +335,19 @@ def test_a_large_state_is_not_waited_for_and_a_run_resumed_from_the_last_one_wri
                                                                                                                monkeypatch):  # fmt: skip
     """The step cache's state is GBs at 720P and a step that skips takes under a second: the steps
     that end while such a state is written go on unsaved. Here every state counts as large, and step
-    1's write holds until the fourth step has begun, which a loop waiting for it would never reach (the
-    write gives up after 10 s and says so); that step crashes. Steps 2 and 3 were not saved, the file
-    holds step 1's, and the run resumed from it makes the unbroken run's video."""
+    1's write holds until the fourth step has begun, which a loop waiting for it would never reach;
+    that step crashes. Steps 2 and 3 were not saved, the file holds step 1's, and the run resumed
+    from it makes the unbroken run's video."""
     from wan_i2v.sampling import resume
 
     fourth_step = threading.Event()
-    overlapped, writes = [], []
-    real_write = resume.write_atomically
-
-    def write_when_step_4_runs(path, write):
-        if not writes:
-            overlapped.append(fourth_step.wait(timeout=10))
-        writes.append(path)
-        return real_write(path, write)
-
-    class StepBegins(LoopHook):
-        def on_step_begin(self, step):
-            if step.index == 3:
-                fourth_step.set()
-
-    monkeypatch.setattr(resume, "write_atomically", write_when_step_4_runs)
+    written, released = hold_the_first_state_write(monkeypatch, until=fourth_step)
     monkeypatch.setattr(resume, "LARGE_STATE_BYTES", 1)
     state = tmp_path / "run.state.pt"
     settings = dict(progress=False, seed=8, **{**SMALL, "steps": 5})
     with crash_after(tiny_pipeline, 7), pytest.raises(Crash):  # two guided forwards a step: in the fourth step
-        tiny_pipeline.generate(demo_image(), "a boat", state_file=state, hooks=[StepBegins()], **settings)
-    assert overlapped == [True] and len(writes) == 1
+        tiny_pipeline.generate(demo_image(), "a boat", state_file=state, hooks=[SetsWhenStepBegins(3, fourth_step)], **settings)
+    assert released == [True] and written == [1]
     assert torch.load(state, weights_only=True)["step"] == 1
     resumed = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, **settings)
     assert len(resumed.experts_used) == 5 - 1
@@ -365,29 +361,22 @@ def test_the_last_step_s_large_state_is_written_whatever_is_under_way(tiny_pipel
     step and the same call goes straight to the decode."""
     from wan_i2v.sampling import resume
 
-    waited_for = threading.Event()
-    writes, waits = [], []
-    real_write, real_finish = resume.write_atomically, resume.StateWriter.finish
-
-    def write_once_waited_for(path, write):
-        if not writes:
-            assert waited_for.wait(timeout=10)
-        writes.append(torch.load(path, weights_only=True)["step"] if path.exists() else None)
-        return real_write(path, write)
+    second_wait = threading.Event()
+    written, _ = hold_the_first_state_write(monkeypatch, until=second_wait)
+    waits, real_finish = [], resume.StateWriter.finish
 
     def finish(writer):
         waits.append(None)
         if len(waits) == 2:
-            waited_for.set()
+            second_wait.set()
         return real_finish(writer)
 
-    monkeypatch.setattr(resume, "write_atomically", write_once_waited_for)
     monkeypatch.setattr(resume.StateWriter, "finish", finish)
     monkeypatch.setattr(resume, "LARGE_STATE_BYTES", 1)
     state = tmp_path / "run.state.pt"
     settings = dict(progress=False, seed=8, **{**SMALL, "steps": 5})
     result = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, **settings)
-    assert writes == [None, 1] and torch.load(state, weights_only=True)["step"] == 5  # step 1's, then the last's over it
+    assert written == [1, 5]
     again = tiny_pipeline.generate(demo_image(), "a boat", state_file=state, **settings)
     assert again.experts_used == [] and torch.equal(again.latents, result.latents)
 

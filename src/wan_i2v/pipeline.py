@@ -36,7 +36,7 @@ from wan_i2v.models.text_encoder import TextEncoder
 from wan_i2v.models.vae import WanVAE
 from wan_i2v.sampling.guidance import ClassifierFreeGuidance, Conditioning
 from wan_i2v.sampling.loop import Cancelled, Experts, LoopHook, LoopState, StepInfo, denoise
-from wan_i2v.sampling.resume import StateWriter, load_loop_state, map_tensors, run_identity, state_bytes, state_to
+from wan_i2v.sampling.resume import StateWriter, load_loop_state, map_tensors, run_identity, state_to
 from wan_i2v.sampling.schedulers import official_schedule
 from wan_i2v.transforms.step_cache import skipped_forwards
 from wan_i2v.transforms.streaming import BlockStream, ExpertSwap, HostCopy, StreamedExperts, load_outside_blocks
@@ -524,8 +524,7 @@ class I2VPipeline:
         back its own), gathered only for a state rank 0 will write."""
         if self.parallel is not None and any(state.block_hooks.values()):
             world = dist.get_world_size(self.parallel.group)
-            skipped = self.is_main and writer.skips(state_bytes(state) * world, last_step=state.step >= prepared.settings.steps)  # each rank holds about its share
-            if self.parallel.any(skipped):
+            if self.parallel.any(self.is_main and writer.skips(state, prepared.settings, ranks=world)):  # each rank holds about its share
                 return
             every_rank = [None] * world
             dist.all_gather_object(every_rank, map_tensors(state.block_hooks, torch.Tensor.cpu), group=self.parallel.group)

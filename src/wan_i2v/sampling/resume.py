@@ -79,13 +79,15 @@ class StateWriter:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
 
-    def skips(self, nbytes: int, last_step: bool) -> bool:
-        """A state of ``nbytes`` saved now would not be written: it is large, not the last step's, and a write is under way."""
-        return nbytes >= LARGE_STATE_BYTES and not last_step and self._thread is not None and self._thread.is_alive()
+    def skips(self, state: LoopState, settings: GenerationSettings, ranks: int = 1) -> bool:
+        """``state``, saved now, would not be written: it is large (with as much again from each of
+        ``ranks`` - 1 other ranks), not the last step's, and a write is under way."""
+        large = state_bytes(state) * ranks >= LARGE_STATE_BYTES
+        return large and state.step < settings.steps and self._thread is not None and self._thread.is_alive()
 
     def save(self, path, state: LoopState, settings: GenerationSettings, run: dict) -> bool:
         """Start writing ``state``; returns whether it was started (see :meth:`skips`)."""
-        if self.skips(state_bytes(state), last_step=state.step >= settings.steps):
+        if self.skips(state, settings):
             return False
         self.finish()
         record = state_record(state, settings, run)

@@ -29,7 +29,7 @@ import torch
 from wan_i2v.models.hooks import BlockHook, PerContext, Pending, StackCall, settle
 from wan_i2v.transforms.step_cache_config import StepCacheConfig
 
-__all__ = ["StepCache", "StepCacheConfig", "apply_step_cache", "skipped_forwards", "step_cache_threshold"]
+__all__ = ["StepCache", "StepCacheConfig", "apply_step_cache", "skipped_forwards", "step_cache_threshold", "step_caches"]
 
 
 @dataclass
@@ -148,14 +148,17 @@ def apply_step_cache(model, config: StepCacheConfig) -> StepCache:
     return stack.hooks.register(StepCache(config, len(stack)))
 
 
+def step_caches(models: dict) -> dict[str, StepCache]:
+    """The step cache on each of ``models`` (name -> DiT) that has one, by the model's name."""
+    return {name: hook for name, model in models.items() for hook in model.block_stack().hooks if isinstance(hook, StepCache)}
+
+
 def skipped_forwards(models: dict) -> dict[str, tuple[int, int]]:
     """Per expert, the forwards its step cache skipped and those it saw, of the last video (empty
     without a cache): for the summary and the video's metadata. ``models``: name -> DiT."""
     counts: dict[str, tuple[int, int]] = {}
-    for model in models.values():
-        for hook in model.block_stack().hooks:
-            if isinstance(hook, StepCache):
-                counts.update(hook.skipped())
+    for cache in step_caches(models).values():
+        counts.update(cache.skipped())
     return counts
 
 
@@ -163,7 +166,7 @@ def skipped_forwards(models: dict) -> dict[str, tuple[int, int]]:
 def step_cache_threshold(models: dict, threshold: float):
     """The step caches on ``models`` (name -> DiT) decide with ``threshold`` for what runs inside (a
     job of its own setting on a loaded pipeline), then with their own again."""
-    caches = [hook for model in models.values() for hook in model.block_stack().hooks if isinstance(hook, StepCache)]
+    caches = list(step_caches(models).values())
     configs = [cache.config for cache in caches]
     for cache in caches:
         cache.config = replace(cache.config, threshold=threshold)
