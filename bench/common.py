@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: full-size models with random weights built straight on the GPU, and timing."""
+"""Shared by the benchmarks: full-size models with random weights built straight on the GPU (or the CPU), and timing."""
 
 from __future__ import annotations
 
@@ -19,15 +19,16 @@ GB = 2**30
 SEED = 1234
 
 
-def random_on_gpu(build, dtype: torch.dtype, keep_fp32=lambda name: False, seed: int = SEED) -> nn.Module:
-    """``build()`` on the meta device, then random weights allocated on the GPU in ``dtype``
-    (fp32 where ``keep_fp32(name)``). The same seed gives the same values before rounding."""
+def random_model(build, dtype: torch.dtype, keep_fp32=lambda name: False, seed: int = SEED, device: str = "cuda") -> nn.Module:
+    """``build()`` on the meta device, then random weights allocated on ``device`` (the GPU: fast) in
+    ``dtype`` (fp32 where ``keep_fp32(name)``). The same seed on one device gives the same values
+    before rounding."""
     with torch.device("meta"):
         model = build()
     for module_name, module in model.named_modules():
         for name, param in list(module.named_parameters(recurse=False)):
             param_dtype = torch.float32 if keep_fp32(f"{module_name}.{name}") else dtype
-            module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param_dtype, device="cuda"), requires_grad=False)
+            module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param_dtype, device=device), requires_grad=False)
     return randomize_(model, seed).eval()
 
 

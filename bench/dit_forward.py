@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import GB, free, measure, random_on_gpu
+from common import GB, free, measure, random_model
 from torch._dynamo.utils import counters
 
 from wan_i2v.transforms.compile import apply_compile
@@ -40,7 +40,7 @@ LATENT_GRIDS = {"480P": (21, 60, 104), "720P": (21, 90, 160)}
 
 
 def build_ours(config: DiTConfig, dtype: torch.dtype) -> DiT:
-    return random_on_gpu(lambda: DiT(config), dtype, keeps_fp32)
+    return random_model(lambda: DiT(config), dtype, keeps_fp32)
 
 
 def build_diffusers(ours: DiT):

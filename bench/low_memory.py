@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import GB, free, measure, random_on_gpu
+from common import GB, free, measure, random_model
 
 from wan_i2v.execution import ExecutionPlan, Offload, apply_plan
 from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
@@ -39,7 +39,7 @@ def main():
 
     config = DiTConfig()
     plan = ExecutionPlan.for_device("cuda")
-    expert = random_on_gpu(lambda: DiT(config), torch.bfloat16, keeps_fp32)
+    expert = random_model(lambda: DiT(config), torch.bfloat16, keeps_fp32)
     apply_plan(expert, plan)
     g = torch.Generator(device="cuda").manual_seed(0)
     inputs = (torch.randn(1, 16, *GRID, generator=g, device="cuda"), torch.tensor([900.0], device="cuda"),
@@ -52,7 +52,7 @@ def main():
 
     del expert
     free()
-    expert = random_on_gpu(lambda: DiT(config), torch.bfloat16, keeps_fp32)  # the same seed: the same weights
+    expert = random_model(lambda: DiT(config), torch.bfloat16, keeps_fp32)  # the same seed: the same weights
     apply_plan(expert, replace(plan, offload=Offload.BLOCKS))
     free()
     total = torch.cuda.get_device_properties(0).total_memory
@@ -71,7 +71,7 @@ def main():
 
     latents = torch.randn(1, 16, *GRID, device="cuda")
     for dtype in (torch.float32, torch.bfloat16):
-        vae = random_on_gpu(lambda: WanVAE(VAEConfig()), dtype)
+        vae = random_model(lambda: WanVAE(VAEConfig()), dtype)
         torch.cuda.reset_peak_memory_stats()
         seconds, _ = measure(lambda: vae.decode(latents, frame_by_frame=no_room_for_whole_frames(vae, latents)), 1, 1)  # as a run decides under the cap
         peak = torch.cuda.max_memory_allocated() / GB

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import GB, free, random_on_gpu
+from common import GB, free, random_model
 
 from wan_i2v import pipeline
 from wan_i2v.models.spec import WAN22_I2V_A14B as A14B
@@ -51,13 +51,13 @@ def random_loaders(tokenizer_dir: Path) -> None:
 
     def load_dit(model_dir, *, device, dtype):
         seed = 0 if "high" in model_dir.name else 1
-        return random_on_gpu(lambda: DiT(DiTConfig()), dtype, keeps_fp32, seed=seed).to(device)
+        return random_model(lambda: DiT(DiTConfig()), dtype, keeps_fp32, seed=seed).to(device)
 
     def load_text_encoder(t5_path, tokenizer_dir, *, text_len, device, dtype):
-        return TextEncoder(random_on_gpu(lambda: build_umt5(t5_config), dtype, seed=2).to(device), tokenizer, text_len)
+        return TextEncoder(random_model(lambda: build_umt5(t5_config), dtype, seed=2).to(device), tokenizer, text_len)
 
     def load_vae(path, *, device, dtype):
-        return random_on_gpu(lambda: WanVAE(VAEConfig()), dtype, seed=3).to(device)
+        return random_model(lambda: WanVAE(VAEConfig()), dtype, seed=3).to(device)
 
     pipeline.load_dit = load_dit
     pipeline.TextEncoder.load = staticmethod(load_text_encoder)

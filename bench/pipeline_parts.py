@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import GB, free, measure, random_on_gpu
+from common import GB, free, measure, random_model
 
 from wan_i2v.models.spec import WAN22_I2V_A14B as A14B
 from wan_i2v.execution import ExecutionPlan, apply_plan
@@ -60,7 +60,7 @@ def main():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    encoder = TextEncoder(random_on_gpu(lambda: build_umt5(t5_config), torch.bfloat16), tokenizer, text_len=512)
+    encoder = TextEncoder(random_model(lambda: build_umt5(t5_config), torch.bfloat16), tokenizer, text_len=512)
     resident = torch.cuda.memory_allocated() / GB
     seconds, peak = measure(lambda: encoder.encode([PROMPT, "blurry, static"]), 1, 3)
     record("text encoder (2 prompts)", seconds, peak, resident)
@@ -69,7 +69,7 @@ def main():
 
     # VAE, fp32 as official, then the decoder in bf16; set up as the pipeline does on a GPU
     # (channels-last weights, the frames written to host memory as they are decoded).
-    vae = random_on_gpu(lambda: WanVAE(VAEConfig()), torch.float32).to_channels_last()
+    vae = random_model(lambda: WanVAE(VAEConfig()), torch.float32).to_channels_last()
     resident = torch.cuda.memory_allocated() / GB
     video = torch.zeros(1, 3, args.frames, height, width, device="cuda")
     video[:, :, 0].uniform_(-1, 1)
@@ -103,7 +103,7 @@ def main():
     report["plan"] = f"{plan.describe()}; {plan.describe_numerics()}"
     experts = {}
     for index, name in enumerate(("high", "low")):
-        experts[name] = random_on_gpu(lambda: DiT(config), torch.bfloat16, keeps_fp32, seed=index)
+        experts[name] = random_model(lambda: DiT(config), torch.bfloat16, keeps_fp32, seed=index)
         apply_plan(experts[name], plan)
     resident = torch.cuda.memory_allocated() / GB
     grid = (latent_frames, height // 8, width // 8)

@@ -238,7 +238,9 @@ def main():
         args.max_area, args.frames = 160 * 96, 9
         args.ckpt = args.work / "probe-checkpoint"
         if args.rows is None and not args.ckpt.exists():
-            write_probe_checkpoint(args.ckpt)
+            from multi_gpu import write_random_checkpoint
+
+            write_random_checkpoint(args.ckpt, 2, text_layers=2, device="cpu")
     if args.rows is not None:
         return run_rows(args, [(name, float(threshold)) for name, threshold in (row.split("=") for row in args.rows.split(","))])
 
@@ -267,30 +269,6 @@ def main():
         print_modulation_changes(args.ckpt, [exact_steps[i]["timestep"] for i in sorted(exact_steps)])
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-
-
-def write_probe_checkpoint(directory: Path) -> None:
-    """The official layout with random weights (``randomize_``, as the GPU's checkpoint): the DiT at
-    full width with 2 blocks (both experts the same), umT5-XXL's width with 2 layers, the full VAE."""
-    from dataclasses import asdict, replace
-
-    from wan_i2v.models.dit import DiT, DiTConfig
-    from wan_i2v.models.spec import DEFAULT_SPEC, T5_CONFIG_FILE, spec_for
-    from wan_i2v.models.text_encoder import T5Config, build_umt5
-    from wan_i2v.models.vae import VAEConfig, WanVAE
-    from wan_i2v.tiny import TINY_T5, randomize_, save_dit, save_text_encoder, write_tiny_tokenizer
-
-    spec = spec_for(DEFAULT_SPEC)
-    staging = directory.with_name(directory.name + ".partial")
-    expert = randomize_(DiT(replace(DiTConfig(), num_layers=2)), 0)
-    for folder in (expert_spec.folder for expert_spec in spec.experts):
-        save_dit(expert, staging / folder, shards=1)
-    text_config = T5Config(vocab_size=TINY_T5.vocab_size, encoder_layers=2)
-    save_text_encoder(randomize_(build_umt5(text_config), 2), staging / spec.files.text_encoder)
-    (staging / T5_CONFIG_FILE).write_text(json.dumps(asdict(text_config)))
-    torch.save(randomize_(WanVAE(VAEConfig()), 3).state_dict(), staging / spec.files.vae)
-    write_tiny_tokenizer(staging / spec.files.tokenizer_dir, text_config.vocab_size)
-    staging.rename(directory)
 
 
 @torch.no_grad()

@@ -101,7 +101,7 @@ def forward(args) -> dict:
 def write_random_checkpoint(root: Path, layers: int | None) -> Path:
     """A full-size TI2V-5B checkpoint of random bf16 weights in the official layout (once)."""
     import torch
-    from common import random_on_gpu
+    from common import random_model
     from safetensors.torch import save_file
 
     from wan_i2v.models.dit import DiT, keeps_fp32
@@ -113,13 +113,13 @@ def write_random_checkpoint(root: Path, layers: int | None) -> Path:
         return root
     root.mkdir(parents=True, exist_ok=True)
     files = WAN22_TI2V_5B.files
-    dit = random_on_gpu(lambda: DiT(dit_config(layers)), torch.bfloat16, keeps_fp32, seed=0)
+    dit = random_model(lambda: DiT(dit_config(layers)), torch.bfloat16, keeps_fp32, seed=0)
     save_file({k: v.contiguous().cpu() for k, v in dit.state_dict().items()}, str(root / "diffusion_pytorch_model.safetensors"))
     del dit
-    vae = random_on_gpu(lambda: VAE22Config().build(), torch.float32, seed=1)
+    vae = random_model(lambda: VAE22Config().build(), torch.float32, seed=1)
     torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, root / files.vae)
     del vae
-    save_text_encoder(random_on_gpu(lambda: build_umt5(T5Config()), torch.bfloat16, seed=2), root / files.text_encoder)
+    save_text_encoder(random_model(lambda: build_umt5(T5Config()), torch.bfloat16, seed=2), root / files.text_encoder)
     write_tiny_tokenizer(root / files.tokenizer_dir, 256)  # a stand-in vocabulary (the weights are random anyway)
     config = {"_class_name": "WanModel", "model_type": WAN22_TI2V_5B.model_type, **dit_config(layers).__dict__}
     (root / "config.json").write_text(json.dumps(config, indent=2))

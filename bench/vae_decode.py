@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import GB, free, measure, random_on_gpu
+from common import GB, free, measure, random_model
 
 from wan_i2v.models.vae import VAEConfig, WanVAE
 
@@ -38,7 +38,7 @@ def main():
         (torch.bfloat16, frame_by_frame, layout) for layout in (False, True) for frame_by_frame in (False, True)
     ]
     for dtype, frame_by_frame, layout in ways:
-        vae = random_on_gpu(lambda: WanVAE(VAEConfig()), torch.float32, seed=3).decode_in(dtype)
+        vae = random_model(lambda: WanVAE(VAEConfig()), torch.float32, seed=3).decode_in(dtype)
         if layout:
             vae.to_channels_last()
         out = torch.empty(vae.video_shape(latents.shape))  # pageable host memory, as the pipeline uses
