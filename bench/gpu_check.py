@@ -8,7 +8,8 @@ Runs generate() in fp32 without compile (the reference), then bf16 with the defa
 and its time (both offload modes must give the default's latents bit for bit); then block
 offload on a DiT of its own, streaming two blocks ahead: the same output as the resident
 model, and while a block computes only it and the two after it on the GPU, in allocated
-memory too; then the CLI end to end, writing an mp4. CI has no GPU: this is the check of
+memory too; a state's host copy queued on the stream, as it was when saved, into the same
+page-locked buffer each save; then the CLI end to end, writing an mp4. CI has no GPU: this is the check of
 the CUDA-only code paths (pinned copies, side streams, torch._scaled_mm, compile).
 Exits 1 if any check failed.
 """
@@ -81,6 +82,36 @@ def check_block_streaming(ahead: int = 2) -> bool:
     return ok
 
 
+def check_state_host_copy() -> bool:
+    """A run's state copied to the host (``HostBuffers``, behind the resumable state file): the copy is
+    queued on the stream, so the next step changing the tensor in place changes neither the copy nor
+    waits for it; the buffer is page-locked, and the same one at the next save."""
+    from wan_i2v.sampling.resume import HostBuffers
+
+    source = torch.randn(64, 2**20, device="cuda")  # 256 MiB
+    kept = source.cpu()
+    buffers = HostBuffers()
+    buffers.copy({"latent": source})  # the first copy makes and page-locks the buffer
+    buffers.wait()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    copied = buffers.copy({"latent": source})
+    queued = time.perf_counter() - start
+    source.mul_(2)  # the next step, on the same stream
+    buffers.wait()
+    waited = time.perf_counter() - start
+    first = copied["latent"].data_ptr()
+    same, pinned = torch.equal(copied["latent"], kept), copied["latent"].is_pinned()
+    again = buffers.copy({"latent": source})
+    buffers.wait()
+    reused = again["latent"].data_ptr() == first and torch.equal(again["latent"], source.cpu())
+    buffers.release()
+    ok = same and pinned and reused
+    print(f"state host copy: 256 MiB queued in {queued * 1e3:.2f} ms, copied in {waited * 1e3:.1f} ms; as it was when saved: {same}, "
+          f"page-locked: {pinned}, the same buffer at the next save: {reused}, {'ok' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -113,6 +144,8 @@ def main():
         del pipe
     if not check_block_streaming():
         failed.append("block streaming")
+    if not check_state_host_copy():
+        failed.append("state host copy")
     image = args.out / "input.png"
     demo_image().save(image)
     cli = [sys.executable, "-m", "wan_i2v.cli", "generate", "--ckpt-dir", str(ckpt), "--image", str(image), "--prompt", "a boat",

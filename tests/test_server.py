@@ -874,6 +874,8 @@ def test_a_job_the_full_disk_stopped_waits_in_the_queue_and_resumes_once_space_r
                 on_step(info)
                 runs[-1][1].append(info.index)
                 if prompt == "state" and info.index == 1:
+                    # Step 1's state is written while this step runs: the disk fills once it is whole.
+                    wait_until(lambda: store.state_path(ids["state"]).exists(), timeout=10)
                     fill_once("state")
 
             return self.session.generate(image, settings=settings, on_step=step, **options)

@@ -174,6 +174,8 @@ def test_a_run_resumed_mid_run_equals_the_unbroken_one():
     # A state saved after the switch holds the low-noise expert's cache only (the high-noise one's was dropped).
     assert states[5].block_hooks["high"]["whole"]["step cache"] == {}
     assert set(states[5].block_hooks["low"]["whole"]["step cache"]) == {"low/cond", "low/uncond"}
+    # After the last step nothing runs (a resume goes straight to the decode): no hook's state is kept.
+    assert states[-1].step == STEPS and states[-1].block_hooks == {} and states[-1].hooks == {}
 
 
 def test_a_pipeline_with_the_cache_skips_and_writes_a_finite_playable_video(tiny_checkpoint, tmp_path):
@@ -183,8 +185,13 @@ def test_a_pipeline_with_the_cache_skips_and_writes_a_finite_playable_video(tiny
     plan = ExecutionPlan.for_device("cpu", RunOptions(dtype="fp32", step_cache=StepCacheConfig(threshold=1e9, warmup_steps=1, final_steps=1)))
     pipe = I2VPipeline.load(tiny_checkpoint, plan)
     settings = dict(progress=False, seed=3, max_area=64 * 96, frame_num=5, steps=6, shift=5.0)
-    result = pipe.generate(demo_image(), "a boat", video_file=tmp_path / "cached.mp4", **settings)
+    state = tmp_path / "cached.state.pt"
+    result = pipe.generate(demo_image(), "a boat", video_file=tmp_path / "cached.mp4", state_file=state, **settings)
     counts = skipped_forwards(pipe.experts.models)
+    saved = torch.load(state, weights_only=True)  # the last step's: the latents without the cache's residuals
+    assert saved["step"] == 6 and saved["block_hooks"] == {}
+    again = pipe.generate(demo_image(), "a boat", state_file=state, **settings)
+    assert again.experts_used == [] and torch.equal(again.latents, result.latents)
     assert sum(skipped for skipped, _ in counts.values()) > 0 and sum(total for _, total in counts.values()) == 12
     assert torch.isfinite(result.latents).all()
     assert not torch.equal(result.latents, pipe_without_cache(tiny_checkpoint).generate(demo_image(), "a boat", **settings).latents)

@@ -491,30 +491,30 @@ class I2VPipeline:
         if prepared.sampled:
             return resume.latent[0]
         bar = ProgressBar(settings.steps, resume.step if resume else 0, disable=not (progress and self.is_main))
-        writer = StateWriter()
-        try:
-            latents = denoise(
-                prepared.noise[None],
-                experts=self.experts,
-                guidance=self._guidance(prepared.conditioning),
-                schedule=official_schedule(settings.solver, settings.steps, settings.shift),
-                solver=settings.solver,
-                guide_scale=self.spec.guide_scales(settings.guide_scale),
-                hooks=[*hooks, bar],
-                resume=resume,
-                on_state=None if prepared.state_file is None else lambda state: self._save_state(prepared, state, writer),
-                stop_requested=self._stop_requested(cancel),
-                fixed=prepared.conditioning.fixed,
-            )[0]
-        except BaseException:
-            try:  # the last state on disk (a resume goes on from it), behind the run's own error
-                writer.finish()
-            except Exception as failure:
-                warnings.warn(f"the last step's state was not written ({first_line(failure)}): a resume goes on from the state written before it")
-            raise
-        finally:
-            bar.close()
-        self._agreed(writer.finish)
+        with StateWriter() as writer:
+            try:
+                latents = denoise(
+                    prepared.noise[None],
+                    experts=self.experts,
+                    guidance=self._guidance(prepared.conditioning),
+                    schedule=official_schedule(settings.solver, settings.steps, settings.shift),
+                    solver=settings.solver,
+                    guide_scale=self.spec.guide_scales(settings.guide_scale),
+                    hooks=[*hooks, bar],
+                    resume=resume,
+                    on_state=None if prepared.state_file is None else lambda state: self._save_state(prepared, state, writer),
+                    stop_requested=self._stop_requested(cancel),
+                    fixed=prepared.conditioning.fixed,
+                )[0]
+            except BaseException:
+                try:  # the last state on disk (a resume goes on from it), behind the run's own error
+                    writer.finish()
+                except Exception as failure:
+                    warnings.warn(f"the last step's state was not written ({first_line(failure)}): a resume goes on from the state written before it")
+                raise
+            finally:
+                bar.close()
+            self._agreed(writer.finish)
         return latents
 
     def _save_state(self, prepared: Prepared, state: LoopState, writer: StateWriter) -> None:

@@ -82,6 +82,15 @@ class PinnedArena:
     def nbytes(self) -> int:
         return self.data.numel()
 
+    def holding(self, like: torch.Tensor) -> torch.Tensor:
+        """The arena (made for ``like``'s bytes) as a contiguous tensor of ``like``'s shape and dtype,
+        every other byte of its allocation zeroed: ``torch.save`` writes a view's whole allocation, so
+        a file it goes into gets no stray bytes."""
+        start = self.data.storage_offset()
+        self.buffer[:start].zero_()
+        self.buffer[start + like.nbytes :].zero_()
+        return self.data[: like.nbytes].view(like.dtype).view(like.shape)
+
     def close(self) -> None:
         if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())

@@ -173,8 +173,11 @@ def denoise(
                 replaced = hook.on_step_end(step, latent)
                 latent = latent if replaced is None else replaced
             if on_state is not None:
-                states = {hook.name: hook.state_dict() for hook in hooks if hook.name is not None}
-                block_states = {name: registry.state_dict() for name, registry in registries.items()}
+                # After the last step nothing runs (a resume goes straight to the decode): its state
+                # needs no hook's, and the step cache's GBs are not written.
+                last = index + 1 == len(timesteps)
+                states = {} if last else {hook.name: hook.state_dict() for hook in hooks if hook.name is not None}
+                block_states = {} if last else {name: registry.state_dict() for name, registry in registries.items()}
                 on_state(LoopState(index + 1, latent, stepper.state_dict(), states, block_states))
     finally:
         # Also after an error or Ctrl-C: an offloaded expert must not stay on the GPU.

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from wan_i2v.config import GenerationSettings
-from wan_i2v.errors import WanError
+from wan_i2v.errors import WanError, first_line
+from wan_i2v.loading.staging import PinnedArena
 from wan_i2v.sampling.loop import LoopState
 from wan_i2v.video import write_atomically
 
@@ -44,11 +45,92 @@ def run_identity(checkpoint: Path | None, plan_identity: dict, loras: list[dict]
     return {**identity, **(images or {})}
 
 
-def state_record(state: LoopState, settings: GenerationSettings, run: dict) -> dict:
-    """What a state file holds: a copy of the loop's state on the host (a copy on the CPU too: the
-    next step may change the tensors in place while the file is written), the settings and ``run``
-    (the checkpoint, precision and input image the state belongs to)."""
-    return {"format": STATE_FORMAT, "settings": settings.as_dict(), "run": run, **map_tensors(vars(state), lambda t: t.detach().to("cpu", copy=True))}
+def state_record(host_state: dict, settings: GenerationSettings, run: dict) -> dict:
+    """What a state file holds: the loop's state in host tensors (``HostBuffers.copy``), the settings
+    and ``run`` (the checkpoint, precision and input image the state belongs to)."""
+    return {"format": STATE_FORMAT, "settings": settings.as_dict(), "run": run, **host_state}
+
+
+class HostBuffers:
+    """Host tensors the states are copied into, kept from one save to the next: a copy even on the CPU
+    (the next step may change the tensors in place while the file is written), page-locked for a GPU's
+    tensors so that the copy is queued on the device's stream and the run goes on at once. A fresh
+    pageable copy of each state (3.2 GB at 720P with the step cache: its pages faulted in, then filled
+    at pageable speed) took about 2.9 s, five steps that skip: 39 s of a 337 s denoising stage went to
+    saving the state (docs/benchmarks.md)."""
+
+    def __init__(self):
+        self._held: list[tuple[torch.Tensor, PinnedArena | None]] = []
+        self._copied: list[torch.cuda.Event] = []
+        self._unpinned_told = False
+
+    def copy(self, tree):
+        """``tree`` (a dict, a list or a tensor, nested) with its tensors copied into the buffers; the
+        copies from a GPU are queued on its current stream (:meth:`wait` for them)."""
+        tensors: list[torch.Tensor] = []
+        map_tensors(tree, tensors.append)
+        self._fit(tensors)
+        buffers = iter(held for held, _ in self._held)
+        devices = {tensor.device for tensor in tensors if tensor.device.type == "cuda"}
+
+        def copy_one(tensor: torch.Tensor) -> torch.Tensor:
+            buffer = next(buffers)
+            buffer.copy_(tensor.detach(), non_blocking=tensor.device.type == "cuda")
+            return buffer
+
+        copied = map_tensors(tree, copy_one)
+        self._copied = []
+        for device in devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._copied.append(event)
+        return copied
+
+    def wait(self) -> None:
+        """Until the copies queued by the last :meth:`copy` are in the buffers."""
+        for event in self._copied:
+            event.synchronize()
+
+    def _fit(self, tensors: list[torch.Tensor]) -> None:
+        """A buffer of each tensor's shape and dtype, in order: those that fit kept, the others made anew."""
+        for index, tensor in enumerate(tensors):
+            if index < len(self._held):
+                buffer, _ = self._held[index]
+                if buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
+                    continue
+            made = self._buffer_for(tensor)
+            if index < len(self._held):
+                self._release(index)
+                self._held[index] = made
+            else:
+                self._held.append(made)
+        for index in range(len(tensors), len(self._held)):
+            self._release(index)
+        del self._held[len(tensors) :]
+
+    def _buffer_for(self, tensor: torch.Tensor) -> tuple[torch.Tensor, PinnedArena | None]:
+        if tensor.device.type != "cuda" or tensor.nbytes == 0:
+            return torch.empty(tensor.shape, dtype=tensor.dtype), None
+        try:
+            arena = PinnedArena(tensor.nbytes, pin=True)
+        except WanError as exc:
+            if not self._unpinned_told:
+                warnings.warn(f"the run's state is copied to pageable host memory, each save waiting for its copy: {first_line(exc)}")
+                self._unpinned_told = True
+            arena = PinnedArena(tensor.nbytes, pin=False)
+        return arena.holding(tensor), arena
+
+    def _release(self, index: int) -> None:
+        _, arena = self._held[index]
+        if arena is not None:
+            arena.close()
+
+    def release(self) -> None:
+        """Give the buffers back (unpinning them): the run is over."""
+        self.wait()
+        for index in range(len(self._held)):
+            self._release(index)
+        self._held, self._copied = [], []
 
 
 # A state this large is not waited for: its steps go on unsaved while it is written. The step cache's
@@ -73,11 +155,22 @@ class StateWriter:
     A save waits for the write before it, but for a large state (``LARGE_STATE_BYTES``: the step
     cache's), whose steps go on unsaved while it is written, so the run never waits for the disk; a
     run killed then resumes from the last state written, a few steps before, to the same video. The
-    last step's state is always saved: a run stopped while decoding has every step."""
+    last step's state is always saved: a run stopped while decoding has every step.
+
+    Used as a context manager, it waits for the last write and gives its host buffers back on leaving."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._host = HostBuffers()
+
+    def __enter__(self) -> "StateWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._thread is not None:  # left before finish(), with an error: the write ends before its buffers go
+            self._thread.join()
+        self._host.release()
 
     def skips(self, state: LoopState, settings: GenerationSettings, ranks: int = 1) -> bool:
         """``state``, saved now, would not be written: it is large (with as much again from each of
@@ -90,13 +183,14 @@ class StateWriter:
         if self.skips(state, settings):
             return False
         self.finish()
-        record = state_record(state, settings, run)
+        record = state_record(self._host.copy(vars(state)), settings, run)
         self._thread = threading.Thread(target=self._write, args=(Path(path), record), name="wan-i2v-state", daemon=True)
         self._thread.start()
         return True
 
     def _write(self, path: Path, record: dict) -> None:
         try:
+            self._host.wait()
             write_atomically(path, lambda tmp: torch.save(record, tmp))
         except BaseException as exc:  # raised in the run's thread, at the next save or the end
             self._failure = exc
