@@ -19,7 +19,8 @@ from one step to the next, so the thresholds that skip differ; the pattern and t
 reported with the figures, and nothing is claimed about quality on real weights); the denoising time
 (the sum of its steps, and the stage's wall time, which also holds the state saves) against the exact
 row's; the prediction for it, (forwards run) / (all forwards) of the exact time, and the measured
-time's ratio to it (the issue's 3%: a skipped forward still runs its first and last blocks); the
+time's ratio to it (the issue's 3%); the same with the share of a forward that a skipped one still
+runs, its first and last blocks (1 of 40 at the defaults: 2.5% of a forward for each one skipped); the
 latents' and the decoded video's relative error against the exact row's, and PSNR/SSIM of the 8-bit
 frames (``wan-i2v compare``'s metrics; where scikit-image is not installed, the exact video is written
 as ``exact.mp4`` beside the rows' and ``wan-i2v compare`` gives them from the mp4s afterwards).
@@ -29,7 +30,9 @@ short resumes from its state. The folder can be carried from one machine to the 
 measured on one, the thresholds on another: the times are then of two machines of one kind, and each
 row's time is also compared with the prediction from its own steps that skipped nothing). A device
 returns files of up to 16 MiB: the exact latents (19 MB at 720P) travel as two halves of their
-channels, which ``--work`` may hold instead (``exact.latents.0.pt`` and ``.1.pt``).
+channels, which ``--work`` may hold instead (``exact.latents.0.pt`` and ``.1.pt``). The 720P rows
+measured so far are kept in ``bench/measured/step-cache-720p`` (the exact latents in fp16: 2.1e-4 from
+the fp32 ones): ``--work`` a copy of it to measure the thresholds not there against them.
 
 ``--cpu-probe`` runs the same rows on the CPU with a full-width random DiT of 2 blocks (and a
 2-layer text encoder) at 160x96, 9 frames, 40 steps: the first block's change is of the width's
@@ -126,7 +129,8 @@ def run_rows(args, rows: list[tuple[str, float]]) -> None:
             result = pipe.generate(image, steps=args.steps, state_file=state, hooks=[timer], **settings)
         torch.save(result.latents, work / f"{name}.latents.pt")
         write_mp4(result.video, work / f"{name}.mp4", fps=pipe.spec.fps)
-        done = {"step_cache": result.step_cache, "timings": result.timings, "steps_run": len(result.experts_used)}  # fewer: resumed
+        done = {"step_cache": result.step_cache, "timings": result.timings, "steps_run": len(result.experts_used),  # fewer: resumed
+                "layers": len(next(iter(pipe.experts.models.values())).block_stack())}  # fmt: skip
         if exact_latents is not None:
             if exact_video is None:  # decoded here: rows carried between machines hold latents only
                 exact_video = pipe.decode(exact_latents.to(pipe.device, torch.float32))
@@ -204,6 +208,13 @@ def summarize(name: str, threshold: float, work: Path, steps: int, exact: dict |
         row |= {"time_vs_exact": row["denoising_s"] / exact["denoising_s"], "predicted_s": predicted, "measured_vs_predicted": row["denoising_s"] / predicted}
         if "denoising_wall_s" in row and "denoising_wall_s" in exact:
             row["wall_vs_predicted"] = row["denoising_wall_s"] / (exact["denoising_wall_s"] * run)
+        if "layers" in done:  # a skipped forward still runs its first and last blocks: that share of a forward
+            kept = (done["step_cache"]["first_blocks"] + done["step_cache"]["last_blocks"]) / done["layers"]
+            with_kept = run + (1 - run) * kept
+            row |= {"predicted_with_kept_blocks_s": exact["denoising_s"] * with_kept,
+                    "measured_vs_predicted_with_kept_blocks": row["denoising_s"] / (exact["denoising_s"] * with_kept)}  # fmt: skip
+            if "denoising_wall_s" in row and "denoising_wall_s" in exact:
+                row["wall_vs_predicted_with_kept_blocks"] = row["denoising_wall_s"] / (exact["denoising_wall_s"] * with_kept)
         row |= {key: done.get(key) for key in ("latents_rel_error", "video_rel_error", "psnr_db", "ssim")}
     return row
 
@@ -294,6 +305,9 @@ def describe(row: dict) -> str:
         line += (f"; {row['time_vs_exact']:.3f}x exact, {row['measured_vs_predicted']:.3f}x predicted"
                  f" ({row.get('wall_vs_predicted', float('nan')):.3f}x in wall time, {row.get('measured_vs_own_prediction', float('nan')):.3f}x from"
                  f" its own whole steps)")  # fmt: skip
+        if "measured_vs_predicted_with_kept_blocks" in row:
+            line += (f", {row['measured_vs_predicted_with_kept_blocks']:.3f}x predicted with the blocks a skip runs"
+                     f" ({row.get('wall_vs_predicted_with_kept_blocks', float('nan')):.3f}x in wall time)")  # fmt: skip
         if row["latents_rel_error"] is not None:
             line += f"; latents {row['latents_rel_error']:.2e}, video {row['video_rel_error']:.2e}"
         if row["psnr_db"] is not None:
