@@ -403,6 +403,44 @@ def test_each_state_is_copied_as_it_was_saved_into_host_buffers_kept_from_save_t
     buffers.release()
 
 
+def test_where_page_locking_fails_a_gpu_state_goes_to_pageable_buffers_said_once(monkeypatch):
+    """A GPU's state goes to page-locked buffers; a machine that refuses to lock them (a low locked-memory
+    limit) still saves its runs, each save then waiting for its copy. CI has no GPU: a stand-in with a
+    GPU's device, and the arena refusing to pin as cudaHostRegister does."""
+    from types import SimpleNamespace
+
+    from wan_i2v.sampling import resume
+
+    real_arena = resume.PinnedArena
+
+    def arena(nbytes, pin):
+        if pin:
+            raise WanError("cannot page-lock 0.0 GiB of host memory for the GPU copies (CUDA error 2)", "ulimit -l")
+        return real_arena(nbytes, pin)
+
+    monkeypatch.setattr(resume, "PinnedArena", arena)
+    on_gpu = SimpleNamespace(device=torch.device("cuda"), nbytes=24, shape=torch.Size([2, 3]), dtype=torch.float32)
+    buffers = resume.HostBuffers()
+    with pytest.warns(UserWarning, match=r"pageable host memory, each save waiting for its copy: cannot page-lock") as told:
+        made = [buffers._buffer_for(on_gpu) for _ in range(2)]
+    assert len(told) == 1
+    assert all(buffer.shape == (2, 3) and buffer.dtype == torch.float32 and not held.registered for buffer, held in made)
+
+
+def test_an_arena_holding_a_tensor_leaves_no_stray_bytes_for_the_file(tmp_path):
+    """``torch.save`` writes a view's whole allocation: the arena's bytes beside the tensor are zeroed."""
+    from wan_i2v.loading.staging import PinnedArena
+
+    arena = PinnedArena(6, pin=False)
+    arena.buffer.fill_(7)  # what the allocation held before
+    held = arena.holding(torch.zeros(3, dtype=torch.int16))
+    held.copy_(torch.tensor([1, 2, 3], dtype=torch.int16))
+    start = arena.data.storage_offset()
+    assert arena.buffer[:start].eq(0).all() and arena.buffer[start + 6 :].eq(0).all()
+    torch.save(held, tmp_path / "held.pt")
+    assert torch.equal(torch.load(tmp_path / "held.pt", weights_only=True), torch.tensor([1, 2, 3], dtype=torch.int16))
+
+
 def test_a_state_write_that_fails_stops_the_run_with_its_error(tiny_pipeline, tmp_path, monkeypatch):
     from wan_i2v.sampling import resume
 
