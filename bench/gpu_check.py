@@ -85,7 +85,9 @@ def check_block_streaming(ahead: int = 2) -> bool:
 def check_state_host_copy() -> bool:
     """A run's state copied to the host (``HostBuffers``, behind the resumable state file): the copy is
     queued on the stream, so the next step changing the tensor in place changes neither the copy nor
-    waits for it; the buffer is page-locked, and the same one at the next save."""
+    waits for it; the buffer is page-locked, and the same one at the next save; a page-lock that
+    fails leaves no CUDA error for the next kernel."""
+    from wan_i2v.loading.staging import PinnedArena, page_lock
     from wan_i2v.sampling.resume import HostBuffers
 
     source = torch.randn(64, 2**20, device="cuda")  # 256 MiB
@@ -106,9 +108,18 @@ def check_state_host_copy() -> bool:
     buffers.wait()
     reused = again["latent"].data_ptr() == first and torch.equal(again["latent"], source.cpu())
     buffers.release()
-    ok = same and pinned and reused
+    # A page-lock that fails (this range is locked already) leaves no CUDA error for this thread's next kernel.
+    arena = PinnedArena(2**20, pin_for=source.device)
+    refused = page_lock(arena.data, source.device) != 0
+    try:
+        clean = (torch.ones(4, device=source.device) * 2).sum().item() == 8
+    except RuntimeError:
+        clean = False
+    arena.close()
+    ok = same and pinned and reused and refused and clean
     print(f"state host copy: 256 MiB queued in {queued * 1e3:.2f} ms, copied in {waited * 1e3:.1f} ms; as it was when saved: {same}, "
-          f"page-locked: {pinned}, the same buffer at the next save: {reused}, {'ok' if ok else 'FAILED'}", flush=True)
+          f"page-locked: {pinned}, the same buffer at the next save: {reused}; a page-lock refused ({refused}) leaves no error behind: "
+          f"{clean}, {'ok' if ok else 'FAILED'}", flush=True)
     return ok
 
 

@@ -383,23 +383,27 @@ def test_the_last_step_s_large_state_is_written_whatever_is_under_way(tiny_pipel
 
 def test_each_state_is_copied_as_it_was_saved_into_host_buffers_kept_from_save_to_save():
     """A state is written while the next step runs and may change its tensors in place; a fresh host
-    copy of each state (3.2 GB at 720P with the step cache) took seconds, so the buffers are kept."""
+    copy of each state (3.2 GB at 720P with the step cache) took seconds, so the buffers are kept: a
+    tensor takes one of its shape and dtype wherever it now is in the state (the solver's history grows
+    at the second step, the cache's tensors move to the other expert)."""
     from wan_i2v.sampling.resume import HostBuffers
 
     buffers = HostBuffers()
-    latent, residuals = torch.randn(2, 3), [torch.randn(4, 5), torch.randn(5)]
+    latent, history, residuals = torch.randn(2, 3), torch.randn(3), [torch.randn(4, 5), torch.randn(5)]
     saved_latent, saved_residual = latent.clone(), residuals[0].clone()
-    first = buffers.copy({"latent": latent, "block_hooks": {"high": residuals}, "step": 1})
+    first = buffers.copy({"latent": latent, "solver": [history], "block_hooks": {"high": residuals}, "step": 1})
     latent.add_(1)
     residuals[0].mul_(2)
     assert torch.equal(first["latent"], saved_latent) and torch.equal(first["block_hooks"]["high"][0], saved_residual)
     assert first["step"] == 1 and first["latent"].data_ptr() != latent.data_ptr()
 
-    second = buffers.copy({"latent": latent, "block_hooks": {"high": [residuals[0], torch.randn(6)]}})
-    assert torch.equal(second["latent"], latent) and torch.equal(second["block_hooks"]["high"][0], residuals[0])
-    assert second["latent"].data_ptr() == first["latent"].data_ptr()  # the same shape and dtype: the same buffer
-    assert second["block_hooks"]["high"][0].data_ptr() == first["block_hooks"]["high"][0].data_ptr()
-    assert second["block_hooks"]["high"][1].shape == (6,)  # another shape: a buffer of its own
+    second = buffers.copy({"latent": latent, "solver": [torch.randn(3), history], "block_hooks": {"low": [residuals[0], torch.randn(6)]}})
+    assert torch.equal(second["latent"], latent) and torch.equal(second["block_hooks"]["low"][0], residuals[0])
+    assert second["latent"].data_ptr() == first["latent"].data_ptr()
+    assert second["block_hooks"]["low"][0].data_ptr() == first["block_hooks"]["high"][0].data_ptr()
+    assert second["solver"][0].data_ptr() == first["solver"][0].data_ptr()  # the first of its shape takes the buffer
+    assert second["solver"][1].data_ptr() not in (first["solver"][0].data_ptr(), first["latent"].data_ptr())
+    assert second["block_hooks"]["low"][1].shape == (6,)  # another shape: a buffer of its own
     buffers.release()
 
 
@@ -413,25 +417,25 @@ def test_where_page_locking_fails_a_gpu_state_goes_to_pageable_buffers_said_once
 
     real_arena = resume.PinnedArena
 
-    def arena(nbytes, pin):
-        if pin:
+    def arena(nbytes, pin_for=None):
+        if pin_for is not None:
             raise WanError("cannot page-lock 0.0 GiB of host memory for the GPU copies (CUDA error 2)", "ulimit -l")
-        return real_arena(nbytes, pin)
+        return real_arena(nbytes)
 
     monkeypatch.setattr(resume, "PinnedArena", arena)
     on_gpu = SimpleNamespace(device=torch.device("cuda"), nbytes=24, shape=torch.Size([2, 3]), dtype=torch.float32)
     buffers = resume.HostBuffers()
     with pytest.warns(UserWarning, match=r"pageable host memory, each save waiting for its copy: cannot page-lock") as told:
-        made = [buffers._buffer_for(on_gpu) for _ in range(2)]
+        made = [buffers._buffer_for(on_gpu, on_gpu=True) for _ in range(2)]
     assert len(told) == 1
-    assert all(buffer.shape == (2, 3) and buffer.dtype == torch.float32 and not held.registered for buffer, held in made)
+    assert all(held.tensor.shape == (2, 3) and held.tensor.dtype == torch.float32 and not held.arena.registered for held in made)
 
 
 def test_an_arena_holding_a_tensor_leaves_no_stray_bytes_for_the_file(tmp_path):
     """``torch.save`` writes a view's whole allocation: the arena's bytes beside the tensor are zeroed."""
     from wan_i2v.loading.staging import PinnedArena
 
-    arena = PinnedArena(6, pin=False)
+    arena = PinnedArena(6)
     arena.buffer.fill_(7)  # what the allocation held before
     held = arena.holding(torch.zeros(3, dtype=torch.int16))
     held.copy_(torch.tensor([1, 2, 3], dtype=torch.int16))

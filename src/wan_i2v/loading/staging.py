@@ -61,20 +61,22 @@ def aligned(nbytes: int) -> int:
 
 
 class PinnedArena:
-    """One host buffer of exactly ``nbytes`` (rounded to a page), page-locked for the GPU when ``pin``."""
+    """One host buffer of exactly ``nbytes`` (rounded to a page), page-locked for ``pin_for``'s GPU
+    when given."""
 
-    def __init__(self, nbytes: int, pin: bool):
+    def __init__(self, nbytes: int, pin_for: torch.device | None = None):
         page = os.sysconf("SC_PAGE_SIZE")
         pages = -(-nbytes // page) * page
         self.buffer = torch.empty(pages + page, dtype=torch.uint8)
         # cudaHostRegister takes any range, but a page-aligned start keeps the pinned pages the buffer's own.
         skip = (-self.buffer.data_ptr()) % page
         self.data = self.buffer[skip : skip + pages]
+        self.device = pin_for
         self.registered = False
-        if pin:
-            result = torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), self.data.numel(), 0)
-            if int(result) != 0:
-                raise WanError(f"cannot page-lock {self.data.numel() / 2**30:.1f} GiB of host memory for the GPU copies (CUDA error {int(result)})",
+        if pin_for is not None:
+            result = page_lock(self.data, pin_for)
+            if result != 0:
+                raise WanError(f"cannot page-lock {self.data.numel() / 2**30:.1f} GiB of host memory for the GPU copies (CUDA error {result})",
                                "the machine's locked-memory limit may be low (ulimit -l); give --host-memory less, or free host memory")  # fmt: skip
             self.registered = True
 
@@ -93,8 +95,31 @@ class PinnedArena:
 
     def close(self) -> None:
         if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
+            with torch.cuda.device(self.device):
+                torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
             self.registered = False
+
+
+def page_lock(data: torch.Tensor, device: torch.device) -> int:
+    """cudaHostRegister of ``data``'s bytes for ``device``'s context; its CUDA error code (0: done).
+    It runs in a thread of its own: the runtime keeps each thread's last error, which a failed call
+    leaves behind, and the caller's next kernel launch would raise it as its own (a run that goes on
+    without the pinning would fail at its next step)."""
+    outcome: list = []
+
+    def register():
+        try:
+            with torch.cuda.device(device):
+                outcome.append(int(torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel(), 0)))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=register, name="wan-i2v-page-lock")
+    thread.start()
+    thread.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
     def __del__(self):
         try:
@@ -158,7 +183,7 @@ class StagingRing:
         self.device = torch.device(device)
         self.slot_bytes = aligned(slot_bytes)
         self.depth = depth
-        self.arena = PinnedArena(self.slot_bytes * depth, pin=self.device.type == "cuda")
+        self.arena = PinnedArena(self.slot_bytes * depth, pin_for=self.device if self.device.type == "cuda" else None)
         self.slots = [self.arena.data[i * self.slot_bytes : (i + 1) * self.slot_bytes] for i in range(depth)]
         self.pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1), thread_name_prefix="wan-i2v-read")
         self.pending: queue.Queue[Ticket | None] = queue.Queue()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,80 +57,85 @@ class HostBuffers:
     tensors so that the copy is queued on the device's stream and the run goes on at once. A fresh
     pageable copy of each state (3.2 GB at 720P with the step cache: its pages faulted in, then filled
     at pageable speed) took about 2.9 s, five steps that skip: 39 s of a 337 s denoising stage went to
-    saving the state (docs/benchmarks.md)."""
+    saving the state (docs/benchmarks.md).
+
+    A tensor takes a buffer of its shape and dtype made for its kind of device, wherever it is in the
+    state: the solver's history grows at the second step and the cache's tensors change expert, but
+    their buffers stay."""
 
     def __init__(self):
-        self._held: list[tuple[torch.Tensor, PinnedArena | None]] = []
+        self._held: list[_HostBuffer] = []
         self._copied: list[torch.cuda.Event] = []
         self._unpinned_told = False
 
     def copy(self, tree):
         """``tree`` (a dict, a list or a tensor, nested) with its tensors copied into the buffers; the
-        copies from a GPU are queued on its current stream (:meth:`wait` for them)."""
-        tensors: list[torch.Tensor] = []
-        map_tensors(tree, tensors.append)
-        self._fit(tensors)
-        buffers = iter(held for held, _ in self._held)
-        devices = {tensor.device for tensor in tensors if tensor.device.type == "cuda"}
+        copies from a GPU are queued on its current stream (:meth:`wait` for them). Buffers no tensor
+        took this time are given back."""
+        free, self._held = self._held, []
+        devices = set()
 
         def copy_one(tensor: torch.Tensor) -> torch.Tensor:
-            buffer = next(buffers)
-            buffer.copy_(tensor.detach(), non_blocking=tensor.device.type == "cuda")
-            return buffer
+            on_gpu = tensor.device.type == "cuda"
+            held = next((held for held in free if held.fits(tensor, on_gpu)), None)
+            if held is None:
+                held = self._buffer_for(tensor, on_gpu)
+            else:
+                free.remove(held)
+            self._held.append(held)
+            held.tensor.copy_(tensor.detach(), non_blocking=on_gpu)
+            if on_gpu:
+                devices.add(tensor.device)
+            return held.tensor
 
-        copied = map_tensors(tree, copy_one)
-        self._copied = []
-        for device in devices:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            self._copied.append(event)
-        return copied
+        try:
+            return map_tensors(tree, copy_one)
+        finally:  # also where a copy failed or was interrupted: what was queued is waited for before its buffer goes
+            self._copied = [torch.cuda.Event() for _ in devices]
+            for event, device in zip(self._copied, devices):
+                event.record(torch.cuda.current_stream(device))
+            for held in free:
+                held.close()
 
     def wait(self) -> None:
         """Until the copies queued by the last :meth:`copy` are in the buffers."""
         for event in self._copied:
             event.synchronize()
 
-    def _fit(self, tensors: list[torch.Tensor]) -> None:
-        """A buffer of each tensor's shape and dtype, in order: those that fit kept, the others made anew."""
-        for index, tensor in enumerate(tensors):
-            if index < len(self._held):
-                buffer, _ = self._held[index]
-                if buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
-                    continue
-            made = self._buffer_for(tensor)
-            if index < len(self._held):
-                self._release(index)
-                self._held[index] = made
-            else:
-                self._held.append(made)
-        for index in range(len(tensors), len(self._held)):
-            self._release(index)
-        del self._held[len(tensors) :]
-
-    def _buffer_for(self, tensor: torch.Tensor) -> tuple[torch.Tensor, PinnedArena | None]:
-        if tensor.device.type != "cuda" or tensor.nbytes == 0:
-            return torch.empty(tensor.shape, dtype=tensor.dtype), None
+    def _buffer_for(self, tensor: torch.Tensor, on_gpu: bool) -> _HostBuffer:
+        if not on_gpu or tensor.nbytes == 0:
+            return _HostBuffer(torch.empty(tensor.shape, dtype=tensor.dtype), None, on_gpu)
         try:
-            arena = PinnedArena(tensor.nbytes, pin=True)
+            arena = PinnedArena(tensor.nbytes, pin_for=tensor.device)
         except WanError as exc:
             if not self._unpinned_told:
                 warnings.warn(f"the run's state is copied to pageable host memory, each save waiting for its copy: {first_line(exc)}")
                 self._unpinned_told = True
-            arena = PinnedArena(tensor.nbytes, pin=False)
-        return arena.holding(tensor), arena
-
-    def _release(self, index: int) -> None:
-        _, arena = self._held[index]
-        if arena is not None:
-            arena.close()
+            arena = PinnedArena(tensor.nbytes)
+        return _HostBuffer(arena.holding(tensor), arena, on_gpu)
 
     def release(self) -> None:
         """Give the buffers back (unpinning them): the run is over."""
-        self.wait()
-        for index in range(len(self._held)):
-            self._release(index)
-        self._held, self._copied = [], []
+        try:
+            self.wait()
+        finally:
+            for held in self._held:
+                held.close()
+            self._held, self._copied = [], []
+
+
+@dataclass
+class _HostBuffer:
+    tensor: torch.Tensor
+    arena: PinnedArena | None  # a GPU's tensor's: page-locked where that could be done
+    for_gpu: bool
+
+    def fits(self, tensor: torch.Tensor, on_gpu: bool) -> bool:
+        return self.for_gpu == on_gpu and self.tensor.shape == tensor.shape and self.tensor.dtype == tensor.dtype
+
+    def close(self) -> None:
+        if self.arena is not None:
+            self.arena.close()
 
 
 # A state this large is not waited for: its steps go on unsaved while it is written. The step cache's
@@ -167,10 +172,15 @@ class StateWriter:
     def __enter__(self) -> "StateWriter":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         if self._thread is not None:  # left before finish(), with an error: the write ends before its buffers go
             self._thread.join()
-        self._host.release()
+        try:
+            self._host.release()
+        except Exception as failure:
+            if exc is None:
+                raise
+            warnings.warn(f"the state's host buffers were given back without waiting for their copies ({first_line(failure)})")
 
     def skips(self, state: LoopState, settings: GenerationSettings, ranks: int = 1) -> bool:
         """``state``, saved now, would not be written: it is large (with as much again from each of
