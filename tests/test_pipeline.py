@@ -445,6 +445,19 @@ def test_an_arena_holding_a_tensor_leaves_no_stray_bytes_for_the_file(tmp_path):
     assert torch.equal(torch.load(tmp_path / "held.pt", weights_only=True), torch.tensor([1, 2, 3], dtype=torch.int16))
 
 
+def test_an_arena_for_a_gpu_without_an_index_is_page_locked_for_the_callers_gpu(monkeypatch):
+    """The page-lock runs in a thread of its own, which starts on GPU 0: a rank on GPU 1 must not lock
+    its buffers for GPU 0 (a context there). CI has no GPU: the lock and the current device stood in."""
+    from wan_i2v.loading import staging
+
+    locked = []
+    monkeypatch.setattr(staging, "page_lock", lambda data, device: locked.append(device) or 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    arena = staging.PinnedArena(4096, pin_for=torch.device("cuda"))
+    assert locked == [torch.device("cuda", 1)] and arena.device == torch.device("cuda", 1) and arena.registered
+    arena.registered = False  # nothing was locked: no unlock on a machine without CUDA
+
+
 def test_a_state_write_that_fails_stops_the_run_with_its_error(tiny_pipeline, tmp_path, monkeypatch):
     from wan_i2v.sampling import resume
 

@@ -71,6 +71,8 @@ class PinnedArena:
         # cudaHostRegister takes any range, but a page-aligned start keeps the pinned pages the buffer's own.
         skip = (-self.buffer.data_ptr()) % page
         self.data = self.buffer[skip : skip + pages]
+        if pin_for is not None and pin_for.index is None:  # the caller's GPU: the registering thread starts on GPU 0
+            pin_for = torch.device("cuda", torch.cuda.current_device())
         self.device = pin_for
         self.registered = False
         if pin_for is not None:
