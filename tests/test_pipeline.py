@@ -458,6 +458,21 @@ def test_an_arena_for_a_gpu_without_an_index_is_page_locked_for_the_callers_gpu(
     arena.registered = False  # nothing was locked: no unlock on a machine without CUDA
 
 
+def test_an_arena_let_go_without_closing_is_closed(monkeypatch):
+    """A ring or a run that fails may drop its arena unclosed: its pages must not stay locked."""
+    import gc
+
+    from wan_i2v.loading import staging
+
+    closed = []
+    monkeypatch.setattr(staging.PinnedArena, "close", lambda arena: closed.append(arena.data.data_ptr()))
+    arena = staging.PinnedArena(4096)
+    start = arena.data.data_ptr()
+    del arena
+    gc.collect()  # (other tests' arenas may go too)
+    assert start in closed
+
+
 def test_a_state_write_that_fails_stops_the_run_with_its_error(tiny_pipeline, tmp_path, monkeypatch):
     from wan_i2v.sampling import resume
 

@@ -101,6 +101,12 @@ class PinnedArena:
                 torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
             self.registered = False
 
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: CUDA may be gone
+            pass
+
 
 def page_lock(data: torch.Tensor, device: torch.device) -> int:
     """cudaHostRegister of ``data``'s bytes for ``device``'s context; its CUDA error code (0: done).
@@ -122,12 +128,6 @@ def page_lock(data: torch.Tensor, device: torch.device) -> int:
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: CUDA may be gone
-            pass
 
 
 MADV_COLD = 20  # Linux >= 5.4
