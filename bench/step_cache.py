@@ -28,9 +28,9 @@ as ``exact.mp4`` beside the rows' and ``wan-i2v compare`` gives them from the mp
 Rows finished are kept in ``--work`` (their latents, steps and figures) and not run again; a row cut
 short resumes from its state. The folder can be carried from one machine to the next (the exact row
 measured on one, the thresholds on another: the times are then of two machines of one kind, and each
-row's time is also compared with the prediction from its own steps that skipped nothing). A device
-returns files of up to 16 MiB: the exact latents (19 MB at 720P) travel as two halves of their
-channels, which ``--work`` may hold instead (``exact.latents.0.pt`` and ``.1.pt``). The 720P rows
+row's time is also compared with the prediction from its own steps that skipped nothing, counting
+the blocks a skip runs). A device returns files of up to 16 MiB: the exact latents (19 MB at 720P)
+travel as two halves of their channels, which ``--work`` may hold instead (``exact.latents.0.pt`` and ``.1.pt``). The 720P rows
 measured so far are kept in ``bench/measured/step-cache-720p`` (the exact latents in fp16: 2.1e-4 from
 the fp32 ones): ``--work`` a copy of it to measure the thresholds not there against them.
 
@@ -195,12 +195,17 @@ def summarize(name: str, threshold: float, work: Path, steps: int, exact: dict |
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
     if done.get("steps_run") == steps:  # the stage unbroken: its steps and the state saves between them
         row["denoising_wall_s"] = done["timings"]["denoising"]
+    # A skipped forward still runs its first and last blocks: that share of a forward (none for the
+    # exact row; unknown for rows measured before the blocks were recorded).
+    cache = done.get("step_cache")
+    kept = (cache["first_blocks"] + cache["last_blocks"]) / done["layers"] if cache and "layers" in done else None
     # The prediction again from this run's own steps that skipped nothing: free of the difference
     # between two machines of one kind when the exact row was measured on another.
     whole = sorted(r["seconds"] for r in records.values() if r["skipped"] == 0)
     if whole:
         median = whole[len(whole) // 2]
-        row["predicted_from_own_steps_s"] = sum(median * (FORWARDS_PER_STEP - r["skipped"]) / FORWARDS_PER_STEP for r in records.values())
+        forwards_run = sum(FORWARDS_PER_STEP - r["skipped"] + r["skipped"] * (kept or 0) for r in records.values())
+        row["predicted_from_own_steps_s"] = median * forwards_run / FORWARDS_PER_STEP
         row["measured_vs_own_prediction"] = row["denoising_s"] / row["predicted_from_own_steps_s"]
     if exact is not None and done and len(records) == steps:
         run = (row["forwards"] - row["skipped"]) / row["forwards"]  # the share of the forwards that ran
@@ -208,8 +213,7 @@ def summarize(name: str, threshold: float, work: Path, steps: int, exact: dict |
         row |= {"time_vs_exact": row["denoising_s"] / exact["denoising_s"], "predicted_s": predicted, "measured_vs_predicted": row["denoising_s"] / predicted}
         if "denoising_wall_s" in row and "denoising_wall_s" in exact:
             row["wall_vs_predicted"] = row["denoising_wall_s"] / (exact["denoising_wall_s"] * run)
-        if "layers" in done:  # a skipped forward still runs its first and last blocks: that share of a forward
-            kept = (done["step_cache"]["first_blocks"] + done["step_cache"]["last_blocks"]) / done["layers"]
+        if kept is not None:
             with_kept = run + (1 - run) * kept
             row |= {"predicted_with_kept_blocks_s": exact["denoising_s"] * with_kept,
                     "measured_vs_predicted_with_kept_blocks": row["denoising_s"] / (exact["denoising_s"] * with_kept)}  # fmt: skip
@@ -303,11 +307,11 @@ def describe(row: dict) -> str:
         line += f" ({row['denoising_wall_s']:.1f} s wall)"
     if "time_vs_exact" in row:
         line += (f"; {row['time_vs_exact']:.3f}x exact, {row['measured_vs_predicted']:.3f}x predicted"
-                 f" ({row.get('wall_vs_predicted', float('nan')):.3f}x in wall time, {row.get('measured_vs_own_prediction', float('nan')):.3f}x from"
-                 f" its own whole steps)")  # fmt: skip
+                 f" ({row.get('wall_vs_predicted', float('nan')):.3f}x in wall time)")  # fmt: skip
         if "measured_vs_predicted_with_kept_blocks" in row:
             line += (f", {row['measured_vs_predicted_with_kept_blocks']:.3f}x predicted with the blocks a skip runs"
                      f" ({row.get('wall_vs_predicted_with_kept_blocks', float('nan')):.3f}x in wall time)")  # fmt: skip
+        line += f", {row.get('measured_vs_own_prediction', float('nan')):.3f}x the prediction from its own whole steps"
         if row["latents_rel_error"] is not None:
             line += f"; latents {row['latents_rel_error']:.2e}, video {row['video_rel_error']:.2e}"
         if row["psnr_db"] is not None:
