@@ -30,9 +30,10 @@ short resumes from its state. The folder can be carried from one machine to the 
 measured on one, the thresholds on another: the times are then of two machines of one kind, and each
 row's time is also compared with the prediction from its own steps that skipped nothing, counting
 the blocks a skip runs). A device returns files of up to 16 MiB: the exact latents (19 MB at 720P)
-travel as two halves of their channels, which ``--work`` may hold instead (``exact.latents.0.pt`` and ``.1.pt``). The 720P rows
-measured so far are kept in ``bench/measured/step-cache-720p`` (the exact latents in fp16: 2.1e-4 from
-the fp32 ones): ``--work`` a copy of it to measure the thresholds not there against them.
+travel as two halves of their channels, which ``--work`` may hold instead (``exact.latents.0.pt``
+and ``.1.pt``). The 720P rows measured so far are kept in ``bench/measured/step-cache-720p`` (the
+exact latents in fp16: 2.1e-4 from the fp32 ones): ``--work`` a copy of it to measure the thresholds
+not there against them.
 
 ``--cpu-probe`` runs the same rows on the CPU with a full-width random DiT of 2 blocks (and a
 2-layer text encoder) at 160x96, 9 frames, 40 steps: the first block's change is of the width's
