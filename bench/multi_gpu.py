@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -59,33 +60,36 @@ PLANS = {
 def write_random_checkpoint(directory: Path, layers: int, text_layers: int | None = None, device: str = "cuda") -> Path:
     """The official layout at full width with random weights, made on ``device`` (the GPU: fast) and
     saved: the DiT with ``layers`` blocks (both experts the same), umT5-XXL (with ``text_layers``
-    layers, its config then saved beside it), the Wan2.1 VAE."""
+    layers, its config then saved beside it), the Wan2.1 VAE. It is written beside ``directory`` and
+    renamed to it once whole: the benches reuse a checkpoint that exists, and one cut short is none."""
     from common import random_model
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from wan_i2v.models.dit import DiT, DiTConfig, keeps_fp32
     from wan_i2v.models.spec import T5_CONFIG_FILE
     from wan_i2v.models.text_encoder import T5Config, build_umt5
-    from wan_i2v.tiny import write_tiny_tokenizer
     from wan_i2v.models.vae import VAEConfig, WanVAE
-    from wan_i2v.tiny import save_dit, save_text_encoder
+    from wan_i2v.tiny import save_dit, save_text_encoder, write_tiny_tokenizer
 
     started = time.perf_counter()
-    directory.mkdir(parents=True)
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run cut short
+    partial.mkdir(parents=True)
     expert = random_model(lambda: DiT(replace(DiTConfig(), num_layers=layers)), torch.bfloat16, keeps_fp32, seed=0, device=device).cpu()
-    save_dit(expert, directory / A14B.experts[0].folder, shards=4)
+    save_dit(expert, partial / A14B.experts[0].folder, shards=4)
     del expert
-    low = directory / A14B.experts[1].folder
+    low = partial / A14B.experts[1].folder
     low.mkdir()
-    for path in (directory / A14B.experts[0].folder).iterdir():
+    for path in (partial / A14B.experts[0].folder).iterdir():
         os.link(path, low / path.name)
     t5_config = T5Config() if text_layers is None else T5Config(encoder_layers=text_layers)
-    save_text_encoder(random_model(lambda: build_umt5(t5_config), torch.bfloat16, seed=2, device=device), directory / A14B.files.text_encoder)
+    save_text_encoder(random_model(lambda: build_umt5(t5_config), torch.bfloat16, seed=2, device=device), partial / A14B.files.text_encoder)
     if text_layers is not None:
-        (directory / T5_CONFIG_FILE).write_text(json.dumps(asdict(t5_config)))
+        (partial / T5_CONFIG_FILE).write_text(json.dumps(asdict(t5_config)))
     torch.save({k: v.cpu() for k, v in random_model(lambda: WanVAE(VAEConfig()), torch.float32, seed=3, device=device).state_dict().items()},
-               directory / A14B.files.vae)  # fmt: skip
-    write_tiny_tokenizer(directory / A14B.files.tokenizer_dir, t5_config.vocab_size)
+               partial / A14B.files.vae)  # fmt: skip
+    write_tiny_tokenizer(partial / A14B.files.tokenizer_dir, t5_config.vocab_size)
+    partial.rename(directory)
     if device == "cuda":
         torch.cuda.empty_cache()
     print(f"checkpoint with {layers} blocks written in {time.perf_counter() - started:.0f} s: {directory}", flush=True)
